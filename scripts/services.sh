@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# services.sh: make sure the local Postgres the tests, demos and benchmarks use is up.
+#
+# Idempotent and non-interactive; run as root on Debian (12). It:
+#   - installs postgresql with apt-get if it is missing, creates/starts the newest cluster;
+#   - waits (bounded) until 127.0.0.1:5432 accepts connections;
+#   - makes sure user postgres can connect over TCP to 127.0.0.1 without a password (trust);
+#   - puts `host all bf_pwtest 127.0.0.1/32 scram-sha-256` at the top of pg_hba.conf and creates
+#     role bf_pwtest (password 'right-password'), so a test can check that a wrong password is
+#     refused even though everything else on 127.0.0.1 is trust.
+# Progress goes to stderr; nothing is printed on stdout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PGHOST_ADDR=127.0.0.1
+PGPORT_NUM=5432
+PWTEST_ROLE=bf_pwtest
+PWTEST_PASSWORD=right-password
+PWTEST_RULE="host all ${PWTEST_ROLE} ${PGHOST_ADDR}/32 scram-sha-256"
+TRUST_RULE="host all postgres ${PGHOST_ADDR}/32 trust"
+
+log() { echo "services: $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# psql as user postgres over TCP, never prompting for a password.
+tcp_psql() {
+    psql -X -q -A -t -w -v ON_ERROR_STOP=1 -h "$PGHOST_ADDR" -p "$PGPORT_NUM" -U postgres -d postgres "$@"
+}
+# psql as OS user postgres over the Unix socket (peer auth on a stock Debian install).
+local_psql() {
+    runuser -u postgres -- psql -X -q -A -t -w -v ON_ERROR_STOP=1 -p "$PGPORT_NUM" -d postgres "$@"
+}
+
+# Put a line at the very top of a file, keeping its owner and mode (rewrite in place).
+prepend_line() {
+    local file=$1 line=$2 tmp
+    [ -e "$file.orig" ] || cp -p "$file" "$file.orig"   # one-time backup of the untouched file
+    tmp=$(mktemp)
+    { printf '%s\n' "$line"; cat "$file"; } >"$tmp"
+    cat "$tmp" >"$file"
+    rm -f "$tmp"
+}
+
+# True if the file has this rule as an active line (whitespace-insensitive).
+has_rule() {
+    local file=$1 rule=$2
+    awk -v want="$rule" '
+        BEGIN { n = split(want, w, /[ \t]+/); want = w[1]; for (i = 2; i <= n; i++) want = want " " w[i] }
+        { sub(/#.*/, ""); $1 = $1; if ($0 == want) found = 1 }
+        END { exit found ? 0 : 1 }' "$file"
+}
+
+# --- 1. PostgreSQL installed -------------------------------------------------------------------
+if ! command -v pg_lsclusters >/dev/null 2>&1 || ! command -v psql >/dev/null 2>&1 \
+    || [ -z "$(ls /usr/lib/postgresql 2>/dev/null)" ]; then
+    log "postgresql is not installed: installing it with apt-get"
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql
+else
+    log "postgresql is installed"
+fi
+
+# Newest cluster version (as the brief: the newest directory in /etc/postgresql); if there is
+# no cluster at all yet, the newest installed server version.
+newest_subdir() { find "$1" -mindepth 1 -maxdepth 1 -type d -printf '%f\n' 2>/dev/null | sort -V | tail -1; }
+PGVER=$(newest_subdir /etc/postgresql || true)
+[ -n "$PGVER" ] || PGVER=$(newest_subdir /usr/lib/postgresql || true)
+[ -n "$PGVER" ] || die "cannot find an installed PostgreSQL version"
+
+if ! pg_lsclusters -h | awk -v v="$PGVER" '$1 == v && $2 == "main" { found = 1 } END { exit !found }'; then
+    log "creating cluster $PGVER/main"
+    pg_createcluster --port "$PGPORT_NUM" "$PGVER" main >&2
+fi
+
+# --- 2. Cluster running ------------------------------------------------------------------------
+cluster_status() {
+    pg_lsclusters -h | awk -v v="$PGVER" '$1 == v && $2 == "main" { print $4 }'
+}
+if [ "$(cluster_status)" != "online" ]; then
+    log "cluster $PGVER/main is $(cluster_status): starting it"
+    if ! pg_ctlcluster --skip-systemctl-redirect "$PGVER" main start >&2; then
+        log "pg_ctlcluster refused --skip-systemctl-redirect (or failed): retrying without it"
+        pg_ctlcluster "$PGVER" main start >&2
+    fi
+else
+    log "cluster $PGVER/main is online"
+fi
+
+log "waiting for $PGHOST_ADDR:$PGPORT_NUM to accept connections"
+ready=0
+for _ in $(seq 1 60); do
+    if pg_isready -q -h "$PGHOST_ADDR" -p "$PGPORT_NUM"; then
+        ready=1
+        break
+    fi
+    sleep 1
+done
+[ "$ready" = 1 ] || die "postgres on $PGHOST_ADDR:$PGPORT_NUM not ready after 60 s"
+
+# --- 3. Where pg_hba.conf is -------------------------------------------------------------------
+HBA_FILE=$(tcp_psql -c 'SHOW hba_file' 2>/dev/null || local_psql -c 'SHOW hba_file' 2>/dev/null || true)
+[ -n "$HBA_FILE" ] || HBA_FILE=/etc/postgresql/$PGVER/main/pg_hba.conf
+[ -f "$HBA_FILE" ] || die "pg_hba.conf not found at $HBA_FILE"
+log "pg_hba.conf is $HBA_FILE"
+
+reload_conf() {
+    if ! tcp_psql -c 'SELECT pg_reload_conf()' >/dev/null 2>&1; then
+        local_psql -c 'SELECT pg_reload_conf()' >/dev/null 2>&1 \
+            || pg_ctlcluster "$PGVER" main reload >&2
+    fi
+}
+
+# --- 4. Trust for user postgres over TCP -------------------------------------------------------
+if tcp_psql -c 'SELECT 1' >/dev/null 2>&1; then
+    log "user postgres can connect to $PGHOST_ADDR:$PGPORT_NUM without a password"
+else
+    log "user postgres needs a password on $PGHOST_ADDR: adding '$TRUST_RULE' to the top of pg_hba.conf"
+    has_rule "$HBA_FILE" "$TRUST_RULE" || prepend_line "$HBA_FILE" "$TRUST_RULE"
+    reload_conf
+    tcp_psql -c 'SELECT 1' >/dev/null || die "user postgres still cannot connect over TCP without a password"
+fi
+
+# --- 5. Password-checked rule for bf_pwtest, first in the file ---------------------------------
+if has_rule "$HBA_FILE" "$PWTEST_RULE"; then
+    log "pg_hba.conf already has '$PWTEST_RULE'"
+else
+    log "adding '$PWTEST_RULE' to the top of pg_hba.conf"
+    prepend_line "$HBA_FILE" "$PWTEST_RULE"
+fi
+tcp_psql -c 'SELECT pg_reload_conf()' >/dev/null
+
+hba_errors=$(tcp_psql -c "SELECT line_number || ': ' || error FROM pg_hba_file_rules WHERE error IS NOT NULL")
+[ -z "$hba_errors" ] || die "pg_hba.conf has errors (the server keeps its previous rules):
+$hba_errors"
+# Verify the server loaded it, and that no earlier host rule would match bf_pwtest first.
+first_rule=$(tcp_psql -c "
+    SELECT auth_method || ' ' || array_to_string(user_name, ',') || ' ' || coalesce(error, 'ok')
+      FROM pg_hba_file_rules
+     WHERE type IN ('host', 'hostssl', 'hostnossl')
+       AND user_name && ARRAY['all', '${PWTEST_ROLE}']
+     ORDER BY line_number
+     LIMIT 1")
+[ "$first_rule" = "scram-sha-256 ${PWTEST_ROLE} ok" ] \
+    || die "first host rule for ${PWTEST_ROLE} in pg_hba_file_rules is '$first_rule', want 'scram-sha-256 ${PWTEST_ROLE} ok'"
+log "pg_hba_file_rules: '$PWTEST_RULE' is loaded and comes first"
+
+# --- 6. Role bf_pwtest -------------------------------------------------------------------------
+if [ "$(tcp_psql -c "SELECT 1 FROM pg_roles WHERE rolname = '${PWTEST_ROLE}'")" = 1 ]; then
+    log "role ${PWTEST_ROLE} exists"
+else
+    log "creating role ${PWTEST_ROLE}"
+    tcp_psql -c "SET password_encryption = 'scram-sha-256'" \
+        -c "CREATE ROLE ${PWTEST_ROLE} LOGIN PASSWORD '${PWTEST_PASSWORD}'"
+fi
+
+# Check the behaviour the tests rely on: right password accepted, wrong password refused.
+if ! PGPASSWORD=$PWTEST_PASSWORD psql -X -q -A -t -w -h "$PGHOST_ADDR" -p "$PGPORT_NUM" \
+    -U "$PWTEST_ROLE" -d postgres -c 'SELECT 1' >/dev/null 2>&1; then
+    die "${PWTEST_ROLE} cannot log in with its password (role changed by hand? ALTER ROLE ${PWTEST_ROLE} LOGIN PASSWORD '${PWTEST_PASSWORD}')"
+fi
+if PGPASSWORD=wrong-password psql -X -q -A -t -w -h "$PGHOST_ADDR" -p "$PGPORT_NUM" \
+    -U "$PWTEST_ROLE" -d postgres -c 'SELECT 1' >/dev/null 2>&1; then
+    die "${PWTEST_ROLE} logged in with a wrong password"
+fi
+log "${PWTEST_ROLE}: right password accepted, wrong password refused"
+log "ready: postgres://postgres@${PGHOST_ADDR}:${PGPORT_NUM}/postgres"

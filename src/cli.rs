@@ -1,0 +1,79 @@
+//! Command-line definitions (clap). No behaviour lives here.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "backfill",
+    version,
+    about = "Resumable batched backfills: small committed batches, checkpoints, resume after a kill.",
+    after_help = "Exit codes: 0 all done; 1 failed; 2 bad spec or usage; 75 stopped early with \
+                  progress saved (run again to resume)."
+)]
+pub struct Cli {
+    /// Log format: text on a terminal and json otherwise, unless set.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Auto,
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run jobs; a directory runs its *.yaml in file-name order, skipping finished jobs.
+    Run {
+        #[arg(required = true, value_name = "SPEC_OR_DIR")]
+        specs: Vec<PathBuf>,
+        /// Stop at a batch boundary after this long (e.g. 45m) and exit 75; run again to resume.
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        max_runtime: Option<Duration>,
+        /// Run finished jobs again from the start (their checkpoint is reset first).
+        #[arg(long)]
+        rerun: bool,
+    },
+    /// Dry run: pending rows, batch count, where it would resume, estimated duration. No writes.
+    Plan {
+        #[arg(required = true, value_name = "SPEC_OR_DIR")]
+        specs: Vec<PathBuf>,
+        /// Count pending rows exactly (a full scan) instead of the planner's estimate.
+        #[arg(long)]
+        exact: bool,
+        /// Sample batches to time (run in a transaction that is rolled back); 0 skips timing.
+        #[arg(long, default_value_t = 3, value_name = "N")]
+        samples: u32,
+    },
+    /// Show what the checkpoint store says about each job.
+    Status {
+        #[arg(required = true, value_name = "SPEC_OR_DIR")]
+        specs: Vec<PathBuf>,
+        /// One JSON document for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Parse and check specs without touching a database.
+    Validate {
+        #[arg(required = true, value_name = "SPEC_OR_DIR")]
+        specs: Vec<PathBuf>,
+    },
+    /// Forget a job's checkpoint so the next run starts from the beginning.
+    Reset {
+        #[arg(value_name = "SPEC")]
+        spec: PathBuf,
+        /// Required: confirms that the checkpoint should be deleted.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    crate::spec::parse_duration(s)
+}

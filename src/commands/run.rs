@@ -1,0 +1,42 @@
+//! `backfill run`: jobs in order; stops at the first job that fails or stops early.
+
+use crate::engine::{Ran, RunOptions, Stop, run_with};
+use crate::error::Result;
+use crate::spec::{Source, Spec};
+use std::time::Duration;
+
+pub async fn run(specs: &[Spec], max_runtime: Option<Duration>, rerun: bool) -> Result<()> {
+    let stop = Stop::install().with_deadline(max_runtime);
+    let opts = RunOptions { rerun };
+    let (mut ran, mut skipped) = (0, 0);
+    for spec in specs {
+        let report = match &spec.source {
+            Source::Postgres(pg) => {
+                let (mut backend, store) = crate::postgres::open(spec, pg).await?;
+                run_with(spec, &mut backend, &store, &opts, &stop).await
+            }
+        };
+        let report = match report {
+            Ok(r) => r,
+            Err(e) => {
+                println!("{}: not started", spec.name);
+                println!("{ran} run, {skipped} skipped");
+                return Err(e);
+            }
+        };
+        println!("{}", report.summary());
+        match &report.ran {
+            Ran::Skipped { .. } => skipped += 1,
+            Ran::Worked { .. } => ran += 1,
+        }
+        if let Ran::Worked { error: Some(_), .. } = &report.ran {
+            println!("{ran} run, {skipped} skipped");
+            let Ran::Worked { error: Some(e), .. } = report.ran else {
+                unreachable!("matched above")
+            };
+            return Err(e);
+        }
+    }
+    println!("{ran} run, {skipped} skipped");
+    Ok(())
+}

@@ -1,0 +1,36 @@
+//! `backfill validate`: parse and check specs, no database. Unset `${VAR}`s are reported, not
+//! fatal: CI lints specs without production secrets.
+
+use crate::error::{Error, Result};
+use crate::spec::{Env, expand_paths, load_file};
+use std::path::PathBuf;
+
+pub fn validate(paths: &[PathBuf]) -> Result<()> {
+    let lookup = |name: &str| std::env::var(name).ok();
+    let env = Env {
+        lookup: &lookup,
+        allow_unset: true,
+    };
+    let mut failed = Vec::new();
+    for path in expand_paths(paths)? {
+        match load_file(&path, &env) {
+            Ok(spec) => {
+                let note = if spec.unresolved.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (not set here: {})", spec.unresolved.join(", "))
+                };
+                println!("ok  {} (job {}){note}", path.display(), spec.name);
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                failed.push(path.display().to_string());
+            }
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Spec(format!("{} invalid spec(s): {}", failed.len(), failed.join(", "))))
+    }
+}

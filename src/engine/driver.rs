@@ -1,0 +1,98 @@
+//! The driver loop: (stop check -> unit -> progress -> pause)* until the backend is done.
+//! It owns sizing, retries with backoff, and stopping; the backend runs one unit at a time.
+
+use super::{Backend, Sizer, Stop};
+use crate::error::{DbErrorKind, Error, Result};
+use crate::progress::Progress;
+use crate::spec::Batch;
+use backon::{BackoffBuilder, ExponentialBuilder};
+use std::time::{Duration, Instant};
+
+/// How transient failures of one unit are retried before the job fails.
+fn backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .with_max_times(8)
+        .with_jitter()
+        .build()
+}
+
+/// Run units from `cursor` until the backend reports done, a stop is requested, or a unit
+/// fails for good. Every committed unit already carries its checkpoint.
+pub async fn drive<B: Backend>(
+    backend: &mut B,
+    batch: &Batch,
+    mut cursor: Option<String>,
+    progress: &mut Progress,
+    stop: &Stop,
+) -> Result<()> {
+    let mut sizer = Sizer::new(batch);
+    let mut retries: Option<Box<dyn Iterator<Item = Duration>>> = None;
+    loop {
+        if let Some(reason) = stop.check() {
+            return Err(Error::Stopped(reason));
+        }
+        if progress.needs_refresh() {
+            // A planner estimate: cheap, and off the path of the batch's transaction.
+            match backend.estimate(cursor.as_deref(), false).await {
+                Ok(e) => progress.refresh(e),
+                Err(e) => tracing::debug!(error = %e, "could not refresh the estimate"),
+            }
+        }
+        let size = sizer.size();
+        let started = Instant::now();
+        match backend.run_unit(cursor.as_deref(), size).await {
+            Ok(out) => {
+                retries = None;
+                let took = started.elapsed();
+                sizer.observe(out.keys + out.retried, took);
+                progress.record(&out, took, size);
+                if let Some(c) = &out.cursor {
+                    cursor = Some(c.clone());
+                }
+                if out.done {
+                    return Ok(());
+                }
+                let pause = out.backoff.unwrap_or(batch.pause);
+                if !pause.is_zero()
+                    && let Some(reason) = stop.sleep(pause).await
+                {
+                    return Err(Error::Stopped(reason));
+                }
+            }
+            Err(e) => {
+                let kind = match &e {
+                    // Preflight connected once already: a failed reconnect is worth retrying.
+                    Error::Connect(_) => Some(DbErrorKind::ConnectionLost),
+                    other => other.db_kind(),
+                };
+                match kind {
+                    Some(DbErrorKind::StatementTimeout) if sizer.halve() => {
+                        tracing::warn!(
+                            size, next = sizer.size(),
+                            "batch hit statement_timeout; retrying at half the size: {e}"
+                        );
+                    }
+                    Some(DbErrorKind::Transient | DbErrorKind::ConnectionLost) => {
+                        if kind == Some(DbErrorKind::ConnectionLost) {
+                            backend.reset_connection();
+                        }
+                        let delay = retries.get_or_insert_with(|| Box::new(backoff())).next();
+                        let Some(delay) = delay else {
+                            return Err(e);
+                        };
+                        tracing::warn!(
+                            "batch failed, retrying in {}ms: {e}",
+                            delay.as_millis()
+                        );
+                        if let Some(reason) = stop.sleep(delay).await {
+                            return Err(Error::Stopped(reason));
+                        }
+                    }
+                    _ => return Err(e),
+                }
+            }
+        }
+    }
+}

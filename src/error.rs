@@ -1,0 +1,107 @@
+//! Typed errors: what went wrong, whether a retry can help, and which exit code it maps to.
+
+use std::time::Duration;
+
+/// Exit code: every job finished.
+pub const EXIT_DONE: i32 = 0;
+/// Exit code: a job failed; its checkpoint and error are kept.
+pub const EXIT_FAILED: i32 = 1;
+/// Exit code: bad spec or usage; nothing was touched.
+pub const EXIT_USAGE: i32 = 2;
+/// Exit code: stopped early with progress saved; run again to resume.
+pub const EXIT_STOPPED: i32 = 75;
+
+/// Why a run stopped before its job was done (always resumable).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    Deadline(Duration),
+    Signal(&'static str),
+    LockHeld(String),
+    RowsStillLocked(u64),
+    Preflight(String),
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopReason::Deadline(d) => write!(
+                f,
+                "max runtime of {} reached",
+                humantime::format_duration(*d)
+            ),
+            StopReason::Signal(s) => write!(f, "received {s}"),
+            StopReason::LockHeld(who) => write!(f, "job is already being run by {who}"),
+            StopReason::RowsStillLocked(n) => write!(
+                f,
+                "{n} row(s) skipped because other transactions held their locks are still locked \
+                 after every retry; they stay recorded and are retried first on the next run"
+            ),
+            StopReason::Preflight(why) => write!(f, "preflight refused to start: {why}"),
+        }
+    }
+}
+
+/// Every error the library returns.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A spec that cannot be run as written: the message names file, line and field.
+    #[error("{0}")]
+    Spec(String),
+    /// Wrong command-line use.
+    #[error("{0}")]
+    Usage(String),
+    /// Cannot reach or log in to a database. The URL in the message is redacted.
+    #[error("{0}")]
+    Connect(String),
+    /// The database rejected what the spec asks for (missing table, bad SQL) before any write.
+    #[error("{0}")]
+    Preflight(String),
+    /// A statement failed while the job ran.
+    #[error("{message}")]
+    Db {
+        message: String,
+        kind: DbErrorKind,
+    },
+    /// The run stopped early; progress is saved.
+    #[error("stopped: {0}")]
+    Stopped(StopReason),
+    /// Local I/O (reading a spec file, a directory).
+    #[error("{0}")]
+    Io(String),
+}
+
+/// How a database error should be handled by the driver loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbErrorKind {
+    /// The statement ran over `statement_timeout`: retry with a smaller batch.
+    StatementTimeout,
+    /// Lock timeout, serialization failure, deadlock: retry the same batch after a pause.
+    Transient,
+    /// The connection was lost: reconnect, then retry.
+    ConnectionLost,
+    /// Anything else: the job fails.
+    Fatal,
+}
+
+impl Error {
+    /// The process exit code this error maps to (see DESIGN.md).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Spec(_) | Error::Usage(_) => EXIT_USAGE,
+            Error::Stopped(_) => EXIT_STOPPED,
+            Error::Connect(_) | Error::Preflight(_) | Error::Db { .. } | Error::Io(_) => {
+                EXIT_FAILED
+            }
+        }
+    }
+
+    /// The retry class of a database error; `None` for errors that are never retried.
+    pub fn db_kind(&self) -> Option<DbErrorKind> {
+        match self {
+            Error::Db { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,49 @@
+//! The `backfill` binary: parse arguments, set up logging, run the command, map the outcome to
+//! an exit code (0 done, 1 failed, 2 bad spec or usage, 75 stopped early with progress saved).
+
+use backfill::cli::{Cli, LogFormat};
+use clap::Parser;
+use std::io::IsTerminal;
+use tracing_subscriber::EnvFilter;
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("BACKFILL_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let code = runtime.block_on(async {
+        match backfill::commands::execute(cli.command).await {
+            Ok(()) => backfill::error::EXIT_DONE,
+            Err(e) => {
+                eprintln!("error: {e}");
+                e.exit_code()
+            }
+        }
+    });
+    // Do not wait for background tasks (signal listener, pooled connections) to wind down.
+    runtime.shutdown_background();
+    std::process::exit(code);
+}

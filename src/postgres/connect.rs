@@ -1,0 +1,77 @@
+//! Connection pool for a job's database: bounded size and wait, fixed session settings, and
+//! connection errors that say what to fix without ever showing the password.
+
+use super::errors::describe;
+use crate::error::{Error, Result};
+use crate::redact::redact_url;
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
+use std::time::Duration;
+use tokio_postgres::NoTls;
+
+/// How long to wait for a TCP connection or a free pooled connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A pool for `url`. Sessions get UTC/ISO date settings so key values round-trip through text,
+/// and `application_name` = `backfill:<job>` so DBAs can see who is working.
+pub fn pool(url: &str, job: &str) -> Result<Pool> {
+    let mut cfg: tokio_postgres::Config = url.parse().map_err(|e| {
+        Error::Connect(format!("{}: invalid URL: {e}", redact_url(url)))
+    })?;
+    if cfg.get_application_name().is_none() {
+        cfg.application_name(format!("backfill:{job}"));
+    }
+    let options = format!(
+        "{} -c TimeZone=UTC -c DateStyle=ISO,YMD -c extra_float_digits=3",
+        cfg.get_options().unwrap_or("")
+    );
+    cfg.options(options.trim());
+    if cfg.get_connect_timeout().is_none() {
+        cfg.connect_timeout(CONNECT_TIMEOUT);
+    }
+    let manager = Manager::from_config(
+        cfg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(4)
+        .wait_timeout(Some(CONNECT_TIMEOUT * 3))
+        .create_timeout(Some(CONNECT_TIMEOUT))
+        .recycle_timeout(Some(CONNECT_TIMEOUT))
+        .runtime(Runtime::Tokio1)
+        .build()
+        .map_err(|e| Error::Connect(format!("{}: {e}", redact_url(url))))
+}
+
+/// A connection from the pool, or an error naming the (redacted) URL and what to check.
+pub async fn get(pool: &Pool, url: &str) -> Result<Object> {
+    pool.get().await.map_err(|e| {
+        let target = redact_url(url);
+        let why = match &e {
+            PoolError::Backend(pg) => with_hint(pg),
+            PoolError::Timeout(_) => format!(
+                "timed out after {}s (is the host reachable and the port right?)",
+                CONNECT_TIMEOUT.as_secs()
+            ),
+            other => other.to_string(),
+        };
+        Error::Connect(format!("cannot connect to {target}: {why}"))
+    })
+}
+
+fn with_hint(e: &tokio_postgres::Error) -> String {
+    let text = describe(e);
+    let hint = match e.code().map(|c| c.code()) {
+        Some("28P01") | Some("28000") => {
+            " — check the user and password in postgres.url (the password is not shown)"
+        }
+        Some("3D000") => " — check the database name in postgres.url",
+        _ if text.contains("Connection refused") => {
+            " — is Postgres running and listening on that host and port?"
+        }
+        _ => "",
+    };
+    format!("{text}{hint}")
+}

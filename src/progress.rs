@@ -1,0 +1,148 @@
+//! Counters, rate and ETA for a running job: an indicatif bar on a TTY, otherwise a log line
+//! every few seconds (`batch N: M rows, total K, remaining ~R, ETA T`).
+
+use crate::engine::{Estimate, Outcome};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+const LOG_EVERY: Duration = Duration::from_secs(5);
+/// How often the remaining-work estimate is refreshed (a planner estimate: cheap).
+pub const REFRESH_EVERY: Duration = Duration::from_secs(30);
+
+/// Totals of one run of one job.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Totals {
+    pub keys: u64,
+    pub rows: u64,
+    pub batches: u64,
+    pub retried: u64,
+    pub skipped: u64,
+}
+
+pub struct Progress {
+    job: String,
+    started: Instant,
+    pub totals: Totals,
+    /// Estimate of what was left when it was last refreshed, and the keys done by then.
+    estimate: Estimate,
+    at_estimate: Totals,
+    estimated_at: Instant,
+    /// Keys per second, smoothed.
+    rate: Option<f64>,
+    last_log: Instant,
+    bar: Option<ProgressBar>,
+}
+
+impl Progress {
+    pub fn new(job: &str, estimate: Estimate) -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = ProgressBar::new(estimate.rows + estimate.pending_retry);
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {human_pos}/~{human_len} rows  {per_sec}  ETA {eta}  {msg}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            b.set_prefix(job.to_string());
+            b
+        });
+        Progress {
+            job: job.to_string(),
+            started: Instant::now(),
+            totals: Totals::default(),
+            estimate,
+            at_estimate: Totals::default(),
+            estimated_at: Instant::now(),
+            rate: None,
+            last_log: Instant::now(),
+            bar,
+        }
+    }
+
+    pub fn needs_refresh(&self) -> bool {
+        self.estimated_at.elapsed() >= REFRESH_EVERY
+    }
+
+    pub fn refresh(&mut self, estimate: Estimate) {
+        self.estimate = estimate;
+        self.at_estimate = self.totals;
+        self.estimated_at = Instant::now();
+    }
+
+    /// Rows left, by the last estimate less what was done since.
+    pub fn remaining(&self) -> u64 {
+        let (now, then) = (&self.totals, &self.at_estimate);
+        let pending = (self.estimate.pending_retry + now.skipped - then.skipped)
+            .saturating_sub(now.retried - then.retried);
+        self.estimate.rows.saturating_sub(now.keys - then.keys) + pending
+    }
+
+    pub fn eta(&self) -> Option<Duration> {
+        let rate = self.rate.filter(|r| *r > 0.0)?;
+        Some(Duration::from_secs_f64(self.remaining() as f64 / rate))
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Account for one unit of `size` that took `took`.
+    pub fn record(&mut self, out: &Outcome, took: Duration, size: u64) {
+        let t = &mut self.totals;
+        t.keys += out.keys;
+        t.rows += out.rows;
+        t.retried += out.retried;
+        t.skipped += out.skipped;
+        if out.keys + out.retried > 0 {
+            t.batches += 1;
+        }
+        let work = (out.keys + out.retried) as f64;
+        if work > 0.0 {
+            let r = work / took.as_secs_f64().max(1e-4);
+            self.rate = Some(self.rate.map_or(r, |p| 0.2 * r + 0.8 * p));
+        }
+        tracing::debug!(
+            job = %self.job, batch = t.batches, size, keys = out.keys, rows = out.rows,
+            retried = out.retried, skipped = out.skipped,
+            select_ms = out.timings.select.as_millis() as u64,
+            statement_ms = out.timings.statement.as_millis() as u64,
+            commit_ms = out.timings.commit.as_millis() as u64,
+            "batch done"
+        );
+        let (keys, batches) = (t.keys, t.batches);
+        let eta = self.eta();
+        if let Some(bar) = &self.bar {
+            bar.set_length(keys + self.remaining());
+            bar.set_position(keys);
+            bar.set_message(format!("batch {batches} size {size}"));
+        } else if self.last_log.elapsed() >= LOG_EVERY {
+            self.last_log = Instant::now();
+            tracing::info!(
+                job = %self.job, batch = batches, rows = out.keys, total = keys,
+                remaining = self.remaining(),
+                "batch {batches}: {} rows, total {keys}, remaining ~{}, ETA {}",
+                out.keys,
+                self.remaining(),
+                eta.map(fmt_duration).unwrap_or_else(|| "unknown".into())
+            );
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// `1h02m`, `3m10s`, `12s`: rounded to seconds.
+pub fn fmt_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{}s", d.as_secs_f64().round() as u64),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}

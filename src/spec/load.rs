@@ -1,0 +1,119 @@
+//! Reading spec files and directories, and turning YAML errors into `file:line:col: field: why`.
+
+use super::raw::RawSpec;
+use super::{Spec, validate};
+use crate::error::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// Where `${VAR}` values come from, and whether an unset one is an error.
+pub struct Env<'a> {
+    pub lookup: &'a dyn Fn(&str) -> Option<String>,
+    /// `validate` runs without secrets: unset variables are reported, not fatal.
+    pub allow_unset: bool,
+}
+
+impl Env<'static> {
+    /// The process environment, strict about unset variables.
+    pub fn process() -> Self {
+        Env {
+            lookup: &|name| std::env::var(name).ok(),
+            allow_unset: false,
+        }
+    }
+}
+
+/// Expand the command line's files and directories into spec files: a directory contributes
+/// its `*.yaml` / `*.yml` in file-name order, like migrations.
+pub fn expand_paths(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for arg in args {
+        let meta = std::fs::metadata(arg)
+            .map_err(|e| Error::Usage(format!("{}: {e}", arg.display())))?;
+        if meta.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(arg)
+                .map_err(|e| Error::Io(format!("{}: {e}", arg.display())))?
+                .filter_map(|entry| entry.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.is_file()
+                        && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+                })
+                .collect();
+            found.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+            if found.is_empty() {
+                return Err(Error::Usage(format!(
+                    "{}: no *.yaml specs in this directory",
+                    arg.display()
+                )));
+            }
+            files.extend(found);
+        } else {
+            files.push(arg.clone());
+        }
+    }
+    Ok(files)
+}
+
+/// Read, parse and validate one spec file.
+pub fn load_file(path: &Path, env: &Env) -> Result<Spec> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Spec(format!("{}: cannot read spec: {e}", path.display())))?;
+    let raw = parse_yaml(path, &text)?;
+    validate::validate(path, raw, env)
+}
+
+fn parse_yaml(path: &Path, text: &str) -> Result<RawSpec> {
+    if text.trim().is_empty() {
+        return Err(Error::Spec(format!(
+            "{}:1:1: the spec is empty: it needs at least a `postgres:` section",
+            path.display()
+        )));
+    }
+    let mut field = String::new();
+    let parsed = serde_saphyr::with_deserializer_from_str(text, |de| {
+        serde_path_to_error::deserialize::<_, RawSpec>(de).map_err(|e| {
+            field = e.path().to_string();
+            e.into_inner()
+        })
+    });
+    parsed.map_err(|e| Error::Spec(describe_yaml_error(path, &field, &e)))
+}
+
+/// `file:line:col: field `a.b`: message`, followed by the parser's snippet of the spot.
+fn describe_yaml_error(path: &Path, field: &str, e: &serde_saphyr::Error) -> String {
+    let bare = e.without_snippet().to_string();
+    // The bare text is "error: line L column C: message" (or "message at line L, column C").
+    let message = bare
+        .strip_prefix("error: ")
+        .unwrap_or(&bare)
+        .split_once(": ")
+        .filter(|(head, _)| head.starts_with("line "))
+        .map(|(_, m)| m.to_string())
+        .unwrap_or_else(|| bare.clone());
+    let mut field = field.trim_matches('.').replace(".?", "");
+    if let Some(missing) = message
+        .strip_prefix("missing field `")
+        .and_then(|m| m.split('`').next())
+    {
+        field = if field.is_empty() {
+            missing.to_string()
+        } else {
+            format!("{field}.{missing}")
+        };
+    }
+    let place = match e.location() {
+        Some(l) if l.line() > 0 => format!("{}:{}:{}", path.display(), l.line(), l.column()),
+        _ => path.display().to_string(),
+    };
+    let field = if field.is_empty() {
+        String::new()
+    } else {
+        format!("field `{field}`: ")
+    };
+    let snippet: String = e
+        .to_string()
+        .lines()
+        .skip(1)
+        .map(|l| format!("\n{l}"))
+        .collect();
+    format!("{place}: {field}{message}{snippet}")
+}

@@ -1,0 +1,85 @@
+//! Job specs: the validated types the engine runs, and loading them from files and directories.
+//! Every spec error is raised here, naming file, line and field.
+
+mod duration;
+mod env;
+mod load;
+mod raw;
+mod validate;
+
+pub use duration::parse as parse_duration;
+pub use load::{Env, expand_paths, load_file};
+pub use raw::LockMode;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// One validated job.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// Keys the checkpoint: `name:` or the file stem.
+    pub name: String,
+    pub file: PathBuf,
+    pub source: Source,
+    pub batch: Batch,
+    pub limits: Limits,
+    /// Schema of the checkpoint tables in the target database.
+    pub state_schema: String,
+    /// Hash of what the job does (backend, table, key, where, statement): a change is reported.
+    pub hash: String,
+    /// Unset environment variables (only tolerated by `validate`).
+    pub unresolved: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Source {
+    Postgres(PostgresSpec),
+}
+
+#[derive(Clone)]
+pub struct PostgresSpec {
+    /// Connection URL with the password in it: never print this, print `redacted_url()`.
+    pub url: String,
+    pub table: String,
+    pub key: String,
+    pub where_: Option<String>,
+    pub lock: LockMode,
+    pub statement: String,
+}
+
+impl PostgresSpec {
+    pub fn redacted_url(&self) -> String {
+        crate::redact::redact_url(&self.url)
+    }
+}
+
+impl std::fmt::Debug for PostgresSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresSpec")
+            .field("url", &self.redacted_url())
+            .field("table", &self.table)
+            .field("key", &self.key)
+            .field("where", &self.where_)
+            .field("lock", &self.lock)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub size: u64,
+    /// Target duration of one batch; zero keeps the size fixed.
+    pub target: Duration,
+    pub min: u64,
+    pub max: u64,
+    pub pause: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Zero means no limit (the server default).
+    pub statement_timeout: Duration,
+    pub lock_timeout: Duration,
+    pub idle_in_transaction_session_timeout: Duration,
+    pub max_runtime: Option<Duration>,
+}

@@ -1,0 +1,67 @@
+//! The YAML shape of a spec, exactly as written (serde types). `validate.rs` turns it into `Spec`.
+
+use super::duration::Dur;
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSpec {
+    pub name: Option<Spanned<String>>,
+    pub postgres: Option<Spanned<RawPostgres>>,
+    #[serde(default)]
+    pub batch: Option<Spanned<RawBatch>>,
+    #[serde(default)]
+    pub limits: Option<RawLimits>,
+    #[serde(default)]
+    pub state: Option<RawState>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPostgres {
+    pub url: Spanned<String>,
+    pub table: Spanned<String>,
+    pub key: Spanned<String>,
+    #[serde(rename = "where")]
+    pub where_: Option<Spanned<String>>,
+    #[serde(default)]
+    pub lock: LockMode,
+    pub statement: Spanned<String>,
+}
+
+/// How a batch's keys are locked before `statement` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LockMode {
+    /// `FOR UPDATE SKIP LOCKED`; skipped rows are recorded and retried before the job is done.
+    #[default]
+    SkipLocked,
+    /// No row locks taken by the engine (the statement's own locks still apply).
+    None,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBatch {
+    pub size: Option<u64>,
+    pub target: Option<Dur>,
+    pub min: Option<u64>,
+    pub max: Option<u64>,
+    pub pause: Option<Dur>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub statement_timeout: Option<Dur>,
+    pub lock_timeout: Option<Dur>,
+    pub idle_in_transaction_session_timeout: Option<Dur>,
+    pub max_runtime: Option<Dur>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawState {
+    pub schema: Option<Spanned<String>>,
+}
