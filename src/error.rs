@@ -58,10 +58,7 @@ pub enum Error {
     Preflight(String),
     /// A statement failed while the job ran.
     #[error("{message}")]
-    Db {
-        message: String,
-        kind: DbErrorKind,
-    },
+    Db { message: String, kind: DbErrorKind },
     /// The run stopped early; progress is saved.
     #[error("stopped: {0}")]
     Stopped(StopReason),

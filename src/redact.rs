@@ -13,7 +13,10 @@ pub fn redact_url(raw: &str) -> String {
                 .query_pairs()
                 .map(|(k, v)| {
                     let secret = matches!(k.as_ref(), "password" | "sslpassword");
-                    (k.into_owned(), if secret { "***".into() } else { v.into_owned() })
+                    (
+                        k.into_owned(),
+                        if secret { "***".into() } else { v.into_owned() },
+                    )
                 })
                 .collect();
             if pairs.iter().any(|(_, v)| v == "***") {
@@ -63,7 +66,10 @@ mod tests {
             redact_url("postgres://db/prod?user=a&password=s3cr3t"),
             "postgres://db/prod?user=a&password=***"
         );
-        assert_eq!(redact_url("postgres://app@db/prod"), "postgres://app@db/prod");
+        assert_eq!(
+            redact_url("postgres://app@db/prod"),
+            "postgres://app@db/prod"
+        );
         assert_eq!(redact_url("not a url://u:pw@h"), "not a url://u:***@h");
     }
 }

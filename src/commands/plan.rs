@@ -44,9 +44,16 @@ async fn plan_with<B: Backend, S: StateStore>(
         "  pending rows: {}{} ({}){}",
         if est.exact { "" } else { "~" },
         est.rows,
-        if est.exact { "counted" } else { "planner estimate; --exact counts" },
+        if est.exact {
+            "counted"
+        } else {
+            "planner estimate; --exact counts"
+        },
         if est.pending_retry > 0 {
-            format!(" + {} skipped earlier, waiting for retry", est.pending_retry)
+            format!(
+                " + {} skipped earlier, waiting for retry",
+                est.pending_retry
+            )
         } else {
             String::new()
         }
@@ -100,7 +107,9 @@ fn resume_point(state: Option<&JobState>) -> String {
         None => "the start (no checkpoint yet)".into(),
         Some(s) => format!(
             "{} (status {}, {} keys and {} batches done)",
-            s.cursor.as_deref().map_or("the start".into(), |c| format!("after key {c}")),
+            s.cursor
+                .as_deref()
+                .map_or("the start".into(), |c| format!("after key {c}")),
             s.status.as_str(),
             s.keys_done,
             s.batches_done

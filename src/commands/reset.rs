@@ -23,7 +23,10 @@ pub async fn reset(path: &Path, yes: bool) -> Result<()> {
         }
     };
     if existed {
-        println!("{}: checkpoint deleted; the next run starts from the beginning", spec.name);
+        println!(
+            "{}: checkpoint deleted; the next run starts from the beginning",
+            spec.name
+        );
     } else {
         println!("{}: no checkpoint to delete", spec.name);
     }

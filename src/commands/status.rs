@@ -44,7 +44,10 @@ pub async fn status(specs: &[Spec], json: bool) -> Result<()> {
         .collect();
     if json {
         let doc = serde_json::json!({ "jobs": entries });
-        println!("{}", serde_json::to_string_pretty(&doc).expect("serializable"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&doc).expect("serializable")
+        );
         return Ok(());
     }
     for e in &entries {
@@ -63,7 +66,9 @@ pub async fn status(specs: &[Spec], json: bool) -> Result<()> {
             s.rows_pending_retry
         );
         let t = |v: &Option<chrono::DateTime<chrono::Utc>>| {
-            v.map_or("-".to_string(), |d| d.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+            v.map_or("-".to_string(), |d| {
+                d.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+            })
         };
         println!(
             "    started {}  updated {}  finished {}  runner {}",

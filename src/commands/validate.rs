@@ -31,6 +31,10 @@ pub fn validate(paths: &[PathBuf]) -> Result<()> {
     if failed.is_empty() {
         Ok(())
     } else {
-        Err(Error::Spec(format!("{} invalid spec(s): {}", failed.len(), failed.join(", "))))
+        Err(Error::Spec(format!(
+            "{} invalid spec(s): {}",
+            failed.len(),
+            failed.join(", ")
+        )))
     }
 }

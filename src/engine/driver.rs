@@ -70,7 +70,8 @@ pub async fn drive<B: Backend>(
                 match kind {
                     Some(DbErrorKind::StatementTimeout) if sizer.halve() => {
                         tracing::warn!(
-                            size, next = sizer.size(),
+                            size,
+                            next = sizer.size(),
                             "batch hit statement_timeout; retrying at half the size: {e}"
                         );
                     }
@@ -82,10 +83,7 @@ pub async fn drive<B: Backend>(
                         let Some(delay) = delay else {
                             return Err(e);
                         };
-                        tracing::warn!(
-                            "batch failed, retrying in {}ms: {e}",
-                            delay.as_millis()
-                        );
+                        tracing::warn!("batch failed, retrying in {}ms: {e}", delay.as_millis());
                         if let Some(reason) = stop.sleep(delay).await {
                             return Err(Error::Stopped(reason));
                         }

@@ -93,7 +93,10 @@ pub async fn run_with<B: Backend, S: StateStore>(
         if s.status == Status::Done {
             if !opts.rerun {
                 if changed {
-                    tracing::warn!(job, "finished job's spec changed since it ran; left alone (use --rerun)");
+                    tracing::warn!(
+                        job,
+                        "finished job's spec changed since it ran; left alone (use --rerun)"
+                    );
                 }
                 return Ok(JobReport {
                     job: job.into(),
@@ -118,7 +121,10 @@ pub async fn run_with<B: Backend, S: StateStore>(
         cursor = state.cursor.as_deref().unwrap_or("start"),
         remaining = estimate.rows + estimate.pending_retry,
         "starting at {} (~{} rows to go by the planner's estimate)",
-        state.cursor.as_deref().map_or("the start".into(), |c| format!("key {c}")),
+        state
+            .cursor
+            .as_deref()
+            .map_or("the start".into(), |c| format!("key {c}")),
         estimate.rows + estimate.pending_retry
     );
     let mut progress = Progress::new(job, estimate);
@@ -132,7 +138,11 @@ pub async fn run_with<B: Backend, S: StateStore>(
     };
     if let Err(e) = store.finish(job, status, message.as_deref()).await {
         // The work's checkpoints are committed; only the final status could not be written.
-        tracing::error!(job, "could not record the job's status ({}): {e}", status.as_str());
+        tracing::error!(
+            job,
+            "could not record the job's status ({}): {e}",
+            status.as_str()
+        );
         if result.is_ok() {
             return Err(e);
         }

@@ -47,7 +47,9 @@ impl Stop {
                     eprintln!("{name} again: exiting now; the open batch is rolled back");
                     std::process::exit(EXIT_STOPPED);
                 }
-                tracing::warn!("{name} received: stopping after the current batch (send it again to exit now)");
+                tracing::warn!(
+                    "{name} received: stopping after the current batch (send it again to exit now)"
+                );
                 *shared.0.lock().expect("stop lock") = Some(name);
                 shared.1.notify_waiters();
             }

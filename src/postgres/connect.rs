@@ -4,7 +4,9 @@
 use super::errors::describe;
 use crate::error::{Error, Result};
 use crate::redact::redact_url;
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+};
 use std::time::Duration;
 use tokio_postgres::NoTls;
 
@@ -14,9 +16,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A pool for `url`. Sessions get UTC/ISO date settings so key values round-trip through text,
 /// and `application_name` = `backfill:<job>` so DBAs can see who is working.
 pub fn pool(url: &str, job: &str) -> Result<Pool> {
-    let mut cfg: tokio_postgres::Config = url.parse().map_err(|e| {
-        Error::Connect(format!("{}: invalid URL: {e}", redact_url(url)))
-    })?;
+    let mut cfg: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| Error::Connect(format!("{}: invalid URL: {e}", redact_url(url))))?;
     if cfg.get_application_name().is_none() {
         cfg.application_name(format!("backfill:{job}"));
     }

@@ -37,7 +37,13 @@ pub struct PgBackend {
 }
 
 impl PgBackend {
-    pub fn new(pool: Pool, spec: PostgresSpec, limits: Limits, job: &str, state_schema: &str) -> Self {
+    pub fn new(
+        pool: Pool,
+        spec: PostgresSpec,
+        limits: Limits,
+        job: &str,
+        state_schema: &str,
+    ) -> Self {
         PgBackend {
             pool,
             spec,
@@ -86,7 +92,11 @@ impl PgBackend {
             if let Some(c) = &cursor {
                 params.push(c);
             }
-            let text = if cursor.is_some() { &sql.after } else { &sql.first };
+            let text = if cursor.is_some() {
+                &sql.after
+            } else {
+                &sql.first
+            };
             let select = client
                 .prepare_cached(text)
                 .await
@@ -169,7 +179,10 @@ impl Backend for PgBackend {
         let job = self.job.clone();
         let client = self.conn().await?;
         let pred = match cursor {
-            Some(_) => format!("{} > CAST($1::text AS {}) AND ({})", info.key, info.key_type, info.filter),
+            Some(_) => format!(
+                "{} > CAST($1::text AS {}) AND ({})",
+                info.key, info.key_type, info.filter
+            ),
             None => format!("({}) AND $1::text IS NULL", info.filter),
         };
         let rows = if exact {
@@ -180,7 +193,10 @@ impl Backend for PgBackend {
                 .map_err(|e| db_error("counting pending rows", &e))?
                 .get::<_, i64>(0) as u64
         } else {
-            let sql = format!("EXPLAIN (FORMAT JSON) SELECT 1 FROM {} WHERE {pred}", info.rel);
+            let sql = format!(
+                "EXPLAIN (FORMAT JSON) SELECT 1 FROM {} WHERE {pred}",
+                info.rel
+            );
             let plan: serde_json::Value = client
                 .query_one(&sql, &[&cursor])
                 .await
@@ -300,6 +316,12 @@ pub async fn open(
     let pool = connect::pool(&pg.url, &spec.name)?;
     let store_conn = connect::get(&pool, &pg.url).await?;
     let store = crate::state::postgres::PgStateStore::new(store_conn, &spec.state_schema);
-    let backend = PgBackend::new(pool, pg.clone(), spec.limits.clone(), &spec.name, &spec.state_schema);
+    let backend = PgBackend::new(
+        pool,
+        pg.clone(),
+        spec.limits.clone(),
+        &spec.name,
+        &spec.state_schema,
+    );
     Ok((backend, store))
 }

@@ -26,7 +26,11 @@ impl<'a> FromSql<'a> for RawValue {
 }
 
 impl ToSql for RawValue {
-    fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn Error + Sync + Send>> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn Error + Sync + Send>> {
         if ty.oid() != self.ty.oid() {
             return Err(format!(
                 "parameter is {} but the keys are {}",

@@ -91,7 +91,11 @@ impl RetryPass {
         if self.round >= ROUNDS {
             return Err(Error::Stopped(StopReason::RowsStillLocked(left)));
         }
-        tracing::info!(rows = left, round = self.round, "skipped rows still locked; retrying after a pause");
+        tracing::info!(
+            rows = left,
+            round = self.round,
+            "skipped rows still locked; retrying after a pause"
+        );
         Ok(Outcome {
             backoff: Some(round_backoff(self.round, lock_timeout)),
             ..Outcome::default()
@@ -115,7 +119,11 @@ async fn process(
         (db_error(what, &e), lock)
     };
     let t0 = Instant::now();
-    let relock = if wait { &sql.relock_wait } else { &sql.relock_skip };
+    let relock = if wait {
+        &sql.relock_wait
+    } else {
+        &sql.relock_skip
+    };
     let row = client
         .query_one(relock, &[&pending])
         .await
@@ -145,7 +153,14 @@ async fn process(
     client
         .execute(
             &sql.advance,
-            &[&job, &None::<String>, &0i64, &(rows as i64), &retried, &1i64],
+            &[
+                &job,
+                &None::<String>,
+                &0i64,
+                &(rows as i64),
+                &retried,
+                &1i64,
+            ],
         )
         .await
         .map_err(|e| fail("writing the checkpoint", e))?;

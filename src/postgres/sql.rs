@@ -62,7 +62,7 @@ impl BatchSql {
                      ON CONFLICT DO NOTHING RETURNING 1
                  )
                  SELECT (SELECT array_agg(k ORDER BY k) FROM locked),
-                        (SELECT k::text FROM range ORDER BY k DESC LIMIT 1),
+                        (SELECT k::text AS last_key FROM range ORDER BY range.k DESC LIMIT 1),
                         (SELECT count(*) FROM range),
                         (SELECT count(*) FROM skipped)"
             ),
@@ -71,7 +71,7 @@ impl BatchSql {
                      SELECT {key} AS k FROM {rel} WHERE {cursor} ({filter}) ORDER BY {key} LIMIT $1
                  )
                  SELECT (SELECT array_agg(k ORDER BY k) FROM range),
-                        (SELECT k::text FROM range ORDER BY k DESC LIMIT 1),
+                        (SELECT k::text AS last_key FROM range ORDER BY range.k DESC LIMIT 1),
                         (SELECT count(*) FROM range),
                         0::bigint"
             ),

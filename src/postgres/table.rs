@@ -27,10 +27,25 @@ fn fail(field: &str, why: impl std::fmt::Display) -> Error {
 /// Resolve the table and key, and check `where` and `statement` against the database.
 pub async fn inspect(client: &Client, spec: &PostgresSpec) -> Result<TableInfo> {
     let rel = client
-        .query_one("SELECT to_regclass($1)::oid, to_regclass($1)::text", &[&spec.table])
+        .query_one(
+            "SELECT to_regclass($1)::oid, to_regclass($1)::text",
+            &[&spec.table],
+        )
         .await
-        .map_err(|e| fail("postgres.table", format!("{:?} is not a valid table name: {}", spec.table, describe(&e))))?;
-    let (Some(oid), Some(rel_text)) = (rel.get::<_, Option<u32>>(0), rel.get::<_, Option<String>>(1)) else {
+        .map_err(|e| {
+            fail(
+                "postgres.table",
+                format!(
+                    "{:?} is not a valid table name: {}",
+                    spec.table,
+                    describe(&e)
+                ),
+            )
+        })?;
+    let (Some(oid), Some(rel_text)) = (
+        rel.get::<_, Option<u32>>(0),
+        rel.get::<_, Option<String>>(1),
+    ) else {
         return Err(fail(
             "postgres.table",
             format!(
@@ -77,10 +92,12 @@ pub async fn inspect(client: &Client, spec: &PostgresSpec) -> Result<TableInfo> 
         .await
         .map_err(|e| fail("postgres.where", describe(&e)))?;
 
-    let stmt = client
-        .prepare(&spec.statement)
-        .await
-        .map_err(|e| fail("postgres.statement", format!("does not prepare: {}", describe(&e))))?;
+    let stmt = client.prepare(&spec.statement).await.map_err(|e| {
+        fail(
+            "postgres.statement",
+            format!("does not prepare: {}", describe(&e)),
+        )
+    })?;
     let array_type: String = client
         .query_one(
             "SELECT format_type(t.typarray, NULL) FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
@@ -110,7 +127,10 @@ pub async fn inspect(client: &Client, spec: &PostgresSpec) -> Result<TableInfo> 
         ps => {
             return Err(fail(
                 "postgres.statement",
-                format!("must take exactly one parameter ($1 = the batch's keys), found {}", ps.len()),
+                format!(
+                    "must take exactly one parameter ($1 = the batch's keys), found {}",
+                    ps.len()
+                ),
             ));
         }
     }

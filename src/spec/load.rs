@@ -27,8 +27,8 @@ impl Env<'static> {
 pub fn expand_paths(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for arg in args {
-        let meta = std::fs::metadata(arg)
-            .map_err(|e| Error::Usage(format!("{}: {e}", arg.display())))?;
+        let meta =
+            std::fs::metadata(arg).map_err(|e| Error::Usage(format!("{}: {e}", arg.display())))?;
         if meta.is_dir() {
             let mut found: Vec<PathBuf> = std::fs::read_dir(arg)
                 .map_err(|e| Error::Io(format!("{}: {e}", arg.display())))?
@@ -81,25 +81,36 @@ fn parse_yaml(path: &Path, text: &str) -> Result<RawSpec> {
 /// `file:line:col: field `a.b`: message`, followed by the parser's snippet of the spot.
 fn describe_yaml_error(path: &Path, field: &str, e: &serde_saphyr::Error) -> String {
     let bare = e.without_snippet().to_string();
-    // The bare text is "error: line L column C: message" (or "message at line L, column C").
-    let message = bare
+    // The bare text is "error: line L column C: message at line L, column C".
+    let mut message = bare
         .strip_prefix("error: ")
         .unwrap_or(&bare)
         .split_once(": ")
         .filter(|(head, _)| head.starts_with("line "))
         .map(|(_, m)| m.to_string())
         .unwrap_or_else(|| bare.clone());
-    let mut field = field.trim_matches('.').replace(".?", "");
-    if let Some(missing) = message
-        .strip_prefix("missing field `")
-        .and_then(|m| m.split('`').next())
-    {
-        field = if field.is_empty() {
-            missing.to_string()
-        } else {
-            format!("{field}.{missing}")
-        };
+    if let Some(i) = message.rfind(" at line ") {
+        message.truncate(i);
     }
+    // `Spanned<T>` shows up as a `value` step in the path; it is not a spec field.
+    let mut field: Vec<&str> = field
+        .split('.')
+        .filter(|p| !p.is_empty() && *p != "value" && *p != "?")
+        .collect();
+    let named = |prefix: &str| {
+        message
+            .strip_prefix(prefix)
+            .map(|m| m.split(['`', ',']).next().unwrap_or("").trim().to_string())
+    };
+    let missing = named("missing field `");
+    let duplicate = named("duplicate mapping key: ");
+    if let Some(name) = missing.as_deref().or(duplicate.as_deref()) {
+        field.push(name);
+    }
+    if let Some(name) = &duplicate {
+        message = format!("duplicate key `{name}`: each key may appear only once");
+    }
+    let field = field.join(".");
     let place = match e.location() {
         Some(l) if l.line() > 0 => format!("{}:{}:{}", path.display(), l.line(), l.column()),
         _ => path.display().to_string(),

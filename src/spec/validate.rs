@@ -80,7 +80,12 @@ pub(super) fn validate(path: &Path, raw: RawSpec, env: &Env) -> Result<Spec> {
         };
     }
     let Some(pg) = &raw.postgres else {
-        return cx.err(1, 1, "postgres", "missing section: a job needs a `postgres:` section");
+        return cx.err(
+            1,
+            1,
+            "postgres",
+            "missing section: a job needs a `postgres:` section",
+        );
     };
     let postgres = postgres(&mut cx, pg)?;
     let batch = batch(&cx, raw.batch.as_ref())?;
@@ -89,7 +94,11 @@ pub(super) fn validate(path: &Path, raw: RawSpec, env: &Env) -> Result<Spec> {
         Some(s) => {
             let v = cx.text(&s, "state.schema")?;
             if !is_identifier(&v) {
-                return cx.at(&s, "state.schema", format!("{v:?} is not a plain identifier"));
+                return cx.at(
+                    &s,
+                    "state.schema",
+                    format!("{v:?} is not a plain identifier"),
+                );
             }
             v
         }
@@ -211,7 +220,10 @@ fn limits(raw: RawLimits) -> Limits {
         .unwrap_or(Duration::from_secs(30));
     Limits {
         statement_timeout,
-        lock_timeout: raw.lock_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(3)),
+        lock_timeout: raw
+            .lock_timeout
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(3)),
         idle_in_transaction_session_timeout: raw
             .idle_in_transaction_session_timeout
             .map(|d| d.0)

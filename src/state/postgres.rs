@@ -161,9 +161,9 @@ impl StateStore for PgStateStore {
             .execute(&sql, &[&job, &spec_hash, &runner_id()])
             .await
             .map_err(|e| db_error("writing the checkpoint store", &e))?;
-        self.load(job)
-            .await?
-            .ok_or_else(|| crate::error::Error::Preflight(format!("job {job} vanished from the store")))
+        self.load(job).await?.ok_or_else(|| {
+            crate::error::Error::Preflight(format!("job {job} vanished from the store"))
+        })
     }
 
     async fn finish(&self, job: &str, status: Status, error: Option<&str>) -> Result<()> {
@@ -203,7 +203,10 @@ impl StateStore for PgStateStore {
         let key = format!("backfill:{}:{job}", self.schema);
         let got: bool = self
             .client
-            .query_one("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &[&key])
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+                &[&key],
+            )
             .await
             .map_err(|e| db_error("taking the job's runner lock", &e))?
             .get(0);
@@ -235,7 +238,9 @@ impl StateStore for PgStateStore {
             ),
             None => "another runner".to_string(),
         };
-        Err(crate::error::Error::Stopped(crate::error::StopReason::LockHeld(who)))
+        Err(crate::error::Error::Stopped(
+            crate::error::StopReason::LockHeld(who),
+        ))
     }
 }
 

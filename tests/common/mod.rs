@@ -1,0 +1,126 @@
+//! Shared test harness: a fresh Postgres database per test, spec files, and the real binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use tokio_postgres::{Client, NoTls};
+
+/// Admin connection URL for the local test server (override with BACKFILL_TEST_PG).
+pub fn admin_url() -> String {
+    std::env::var("BACKFILL_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+pub async fn connect(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e} (run scripts/services.sh)"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// A database of its own for one test, dropped by `drop_db` (left behind if the test panics).
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestDb {
+    pub async fn new(hint: &str) -> TestDb {
+        let name = format!(
+            "bf_{}_{}_{}",
+            hint,
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        let admin = connect(&admin_url()).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        let base = admin_url();
+        let url = match base.rfind('/') {
+            Some(i) => format!("{}/{name}", &base[..i]),
+            None => panic!("admin url without database: {base}"),
+        };
+        TestDb {
+            name,
+            url,
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(&self.url).await
+    }
+
+    /// Write a spec file into this test's directory; `$URL` in the text becomes the db URL.
+    pub fn spec(&self, file: &str, yaml: &str) -> PathBuf {
+        let path = self.dir.path().join(file);
+        std::fs::write(&path, yaml.replace("$URL", &self.url)).expect("write spec");
+        path
+    }
+
+    pub async fn drop_db(self) {
+        let admin = connect(&admin_url()).await;
+        let _ = admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await;
+    }
+}
+
+/// The real binary, with logs as text so assertions can read them.
+pub fn backfill() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_backfill"));
+    c.arg("--log-format").arg("text");
+    c.env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .env_remove("BACKFILL_LOG");
+    c.stdin(Stdio::null());
+    c
+}
+
+/// Run to completion; returns (exit code, stdout, stderr).
+pub fn run(args: &[&dyn AsRef<std::ffi::OsStr>]) -> (i32, String, String) {
+    let mut c = backfill();
+    for a in args {
+        c.arg(a);
+    }
+    let out: Output = c.output().expect("run backfill");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// A count from a query returning one bigint.
+pub async fn count(c: &Client, sql: &str) -> i64 {
+    c.query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
+/// A stable checksum of a table's contents (order-independent).
+pub async fn checksum(c: &Client, table: &str) -> String {
+    c.query_one(
+        &format!(
+            "SELECT coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {table} t"
+        ),
+        &[],
+    )
+    .await
+    .expect("checksum")
+    .get(0)
+}

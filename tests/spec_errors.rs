@@ -1,0 +1,232 @@
+//! Bad specs exit 2 and name file, line and field; `validate` needs no database.
+
+mod common;
+use common::run;
+
+fn check(yaml: &str, want_line: Option<u32>, want_field: &str, want_text: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let (code, _out, err) = run(&[&"validate", &path]);
+    assert_eq!(code, 2, "exit code for:\n{yaml}\nstderr:\n{err}");
+    let place = match want_line {
+        Some(l) => format!("{}:{l}:", path.display()),
+        None => path.display().to_string(),
+    };
+    assert!(err.contains(&place), "want {place:?} in:\n{err}");
+    if !want_field.is_empty() {
+        assert!(
+            err.contains(&format!("field `{want_field}`")),
+            "want field {want_field:?} in:\n{err}"
+        );
+    }
+    assert!(err.contains(want_text), "want {want_text:?} in:\n{err}");
+}
+
+const GOOD: &str = "postgres:
+  url: postgres://u:pw@localhost/db
+  table: t
+  key: id
+  statement: UPDATE t SET x = 1 WHERE id = ANY($1)
+";
+
+#[test]
+fn good_spec_validates_without_a_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("0001_good.yaml");
+    std::fs::write(&path, GOOD).unwrap();
+    let (code, out, err) = run(&[&"validate", &dir.path()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("job 0001_good"), "{out}");
+}
+
+#[test]
+fn unknown_field() {
+    check(
+        &GOOD.replace("  key: id\n", "  key: id\n  tabel: x\n"),
+        Some(5),
+        "postgres.tabel",
+        "unknown field",
+    );
+}
+
+#[test]
+fn missing_key_table_statement() {
+    check(
+        &GOOD.replace("  key: id\n", ""),
+        None,
+        "postgres.key",
+        "missing field",
+    );
+    check(
+        &GOOD.replace("  table: t\n", ""),
+        None,
+        "postgres.table",
+        "missing field",
+    );
+    check(
+        "postgres:\n  url: postgres://h/db\n  table: t\n  key: id\n",
+        None,
+        "postgres.statement",
+        "missing field",
+    );
+}
+
+#[test]
+fn wrong_type() {
+    check(
+        &format!("{GOOD}batch:\n  size: lots\n"),
+        Some(7),
+        "batch.size",
+        "u64",
+    );
+}
+
+#[test]
+fn bad_duration() {
+    check(
+        &format!("{GOOD}limits:\n  max_runtime: 5 minutes\n"),
+        Some(7),
+        "limits.max_runtime",
+        "invalid duration",
+    );
+    check(
+        &format!("{GOOD}batch:\n  pause: 250\n"),
+        Some(7),
+        "batch.pause",
+        "unit is required",
+    );
+}
+
+#[test]
+fn duplicate_key() {
+    check(
+        &GOOD.replace("  key: id\n", "  key: id\n  key: uid\n"),
+        Some(5),
+        "postgres.key",
+        "duplicate key",
+    );
+}
+
+#[test]
+fn bad_lock_mode() {
+    check(
+        &GOOD.replace("  key: id\n", "  key: id\n  lock: nowait\n"),
+        Some(5),
+        "postgres.lock",
+        "skip_locked",
+    );
+}
+
+#[test]
+fn statement_without_param() {
+    check(
+        &GOOD.replace("ANY($1)", "ANY('{1}')"),
+        Some(5),
+        "postgres.statement",
+        "must use $1",
+    );
+}
+
+#[test]
+fn min_above_max() {
+    check(
+        &format!("{GOOD}batch:\n  min: 500\n  max: 100\n  size: 200\n"),
+        Some(7),
+        "batch.min",
+        "larger than batch.max",
+    );
+}
+
+#[test]
+fn size_zero() {
+    check(
+        &format!("{GOOD}batch:\n  size: 0\n"),
+        Some(7),
+        "batch.size",
+        "at least 1",
+    );
+}
+
+#[test]
+fn not_a_postgres_url() {
+    check(
+        &GOOD.replace("postgres://u:pw@localhost/db", "mysql://u:pw@localhost/db"),
+        Some(2),
+        "postgres.url",
+        "not a postgres:// URL",
+    );
+}
+
+#[test]
+fn unset_variable_is_fatal_for_run_but_not_validate() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.yaml");
+    std::fs::write(
+        &path,
+        GOOD.replace("postgres://u:pw@localhost/db", "${BF_TEST_SURELY_UNSET}"),
+    )
+    .unwrap();
+    let (code, out, err) = run(&[&"validate", &path]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("BF_TEST_SURELY_UNSET"), "{out}");
+    let (code, _, err) = run(&[&"run", &path]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("{}:2:", path.display()))
+            && err.contains("BF_TEST_SURELY_UNSET is not set"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_job_name() {
+    check(
+        &format!("name: 'my job!'\n{GOOD}"),
+        Some(1),
+        "name",
+        "may only use",
+    );
+}
+
+#[test]
+fn not_yaml_mapping() {
+    check("postgres: [\n", Some(1), "postgres", "");
+}
+
+#[test]
+fn empty_file() {
+    check("", Some(1), "", "empty");
+}
+
+#[test]
+fn passwords_never_echoed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.yaml");
+    std::fs::write(
+        &path,
+        GOOD.replace(
+            "postgres://u:pw@localhost/db",
+            "mysql://u:hunter2@localhost/db",
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = run(&[&"validate", &path]);
+    assert_eq!(code, 2);
+    assert!(
+        !out.contains("hunter2") && !err.contains("hunter2"),
+        "{out}{err}"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let (code, _, _) = run(&[&"run"]);
+    assert_eq!(code, 2);
+    let (code, _, _) = run(&[&"frobnicate"]);
+    assert_eq!(code, 2);
+    let (code, _, err) = run(&[&"run", &"/nonexistent/spec.yaml"]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, _) = run(&[&"run", &"--max-runtime", &"5 minutes", &"x.yaml"]);
+    assert_eq!(code, 2);
+}
