@@ -64,4 +64,7 @@ pub trait Backend {
     async fn sample(&mut self, cursor: Option<&str>, size: u64, count: u32) -> Result<Vec<Sample>>;
     /// Drop the working connection after it was lost; the next unit opens a new one.
     fn reset_connection(&mut self);
+    /// The cursor as last committed. Called after a lost connection: a unit whose COMMIT was
+    /// sent but not acknowledged may have landed, and must not be run again.
+    async fn committed_cursor(&mut self) -> Result<Option<String>>;
 }

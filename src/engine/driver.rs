@@ -29,9 +29,34 @@ pub async fn drive<B: Backend>(
 ) -> Result<()> {
     let mut sizer = Sizer::new(batch);
     let mut retries: Option<Box<dyn Iterator<Item = Duration>>> = None;
+    let mut resync = false;
     loop {
         if let Some(reason) = stop.check() {
             return Err(Error::Stopped(reason));
+        }
+        if resync {
+            match backend.committed_cursor().await {
+                Ok(c) => {
+                    if c != cursor {
+                        tracing::warn!(
+                            "the last batch committed before the connection was lost; continuing after it"
+                        );
+                    }
+                    cursor = c;
+                    resync = false;
+                }
+                Err(e) => {
+                    let Some(delay) = retries.get_or_insert_with(|| Box::new(backoff())).next()
+                    else {
+                        return Err(e);
+                    };
+                    tracing::warn!("cannot reconnect, retrying in {}ms: {e}", delay.as_millis());
+                    if let Some(reason) = stop.sleep(delay).await {
+                        return Err(Error::Stopped(reason));
+                    }
+                    continue;
+                }
+            }
         }
         if progress.needs_refresh() {
             // A planner estimate: cheap, and off the path of the batch's transaction.
@@ -78,6 +103,7 @@ pub async fn drive<B: Backend>(
                     Some(DbErrorKind::Transient | DbErrorKind::ConnectionLost) => {
                         if kind == Some(DbErrorKind::ConnectionLost) {
                             backend.reset_connection();
+                            resync = true;
                         }
                         let delay = retries.get_or_insert_with(|| Box::new(backoff())).next();
                         let Some(delay) = delay else {

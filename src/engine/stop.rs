@@ -25,17 +25,18 @@ impl Stop {
     /// Listen for SIGTERM and SIGINT. The first asks for a stop at the next batch boundary;
     /// the second exits the process right away (exit 75).
     pub fn install() -> Stop {
+        use tokio::signal::unix::{SignalKind, signal};
         let stop = Stop::never();
+        // Registered before returning, so a signal that arrives early is not the default kill.
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::warn!("cannot listen for signals; SIGTERM will kill the run mid-batch");
+            return stop;
+        };
         let shared = stop.signal.clone();
         tokio::spawn(async move {
-            use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                tracing::warn!("cannot listen for signals; SIGTERM will kill the run mid-batch");
-                return;
-            };
             let mut seen = 0;
             loop {
                 let name = tokio::select! {

@@ -299,6 +299,20 @@ impl Backend for PgBackend {
     fn reset_connection(&mut self) {
         self.conn = None;
     }
+
+    async fn committed_cursor(&mut self) -> Result<Option<String>> {
+        let sql = format!(
+            "SELECT cursor FROM {}.jobs WHERE job = $1",
+            self.state_schema
+        );
+        let job = self.job.clone();
+        let client = self.conn().await?;
+        let row = client
+            .query_opt(&sql, &[&job])
+            .await
+            .map_err(|e| db_error("reading the checkpoint", &e))?;
+        Ok(row.and_then(|r| r.get(0)))
+    }
 }
 
 /// Pause between rounds of the retry pass: doubles from 100ms, capped at `cap`.

@@ -143,7 +143,8 @@ fn postgres(cx: &mut Ctx, pg: &Spanned<RawPostgres>) -> Result<PostgresSpec> {
     }
     let table = cx.text(&p.table, "postgres.table")?;
     let key = cx.text(&p.key, "postgres.key")?;
-    if !is_identifier(&key) && !(key.starts_with('"') && key.ends_with('"') && key.len() > 2) {
+    let quoted = key.len() > 2 && key.starts_with('"') && key.ends_with('"');
+    if !(is_identifier(&key) || quoted) {
         return cx.at(
             &p.key,
             "postgres.key",
