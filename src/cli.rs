@@ -39,6 +39,10 @@ pub enum Command {
         /// Run finished jobs again from the start (their checkpoint is reset first).
         #[arg(long)]
         rerun: bool,
+        /// Start even when another session holds or waits for an ACCESS EXCLUSIVE lock on the
+        /// table, or a transaction is older than limits.max_transaction_age.
+        #[arg(long)]
+        ignore_preflight: bool,
     },
     /// Dry run: pending rows, batch count, where it would resume, estimated duration. No writes.
     Plan {

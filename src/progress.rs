@@ -18,6 +18,8 @@ pub struct Totals {
     pub batches: u64,
     pub retried: u64,
     pub skipped: u64,
+    /// Time spent paused by the throttle.
+    pub throttled: Duration,
 }
 
 pub struct Progress {
@@ -127,6 +129,13 @@ impl Progress {
                 self.remaining(),
                 eta.map(fmt_duration).unwrap_or_else(|| "unknown".into())
             );
+        }
+    }
+
+    pub fn add_throttled(&mut self, d: Duration) {
+        self.totals.throttled += d;
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!("throttled {}", fmt_duration(self.totals.throttled)));
         }
     }
 

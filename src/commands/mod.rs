@@ -18,7 +18,14 @@ pub async fn execute(command: Command) -> Result<()> {
             specs,
             max_runtime,
             rerun,
-        } => run::run(&load_all(&specs)?, max_runtime, rerun).await,
+            ignore_preflight,
+        } => {
+            let opts = crate::engine::RunOptions {
+                rerun,
+                ignore_preflight,
+            };
+            run::run(&load_all(&specs)?, max_runtime, &opts).await
+        }
         Command::Plan {
             specs,
             exact,

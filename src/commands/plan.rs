@@ -35,6 +35,9 @@ async fn plan_with<B: Backend, S: StateStore>(
     samples: u32,
 ) -> Result<()> {
     let state = store.load(&spec.name).await?;
+    for b in backend.blockers().await? {
+        println!("  WARNING:      run would refuse to start: {b}");
+    }
     backend.preflight().await?;
     let cursor = state.as_ref().and_then(|s| s.cursor.clone());
     println!("  resume at:    {}", resume_point(state.as_ref()));

@@ -1,19 +1,24 @@
 //! `backfill run`: jobs in order; stops at the first job that fails or stops early.
 
-use crate::engine::{Ran, RunOptions, Stop, run_with};
+use crate::engine::{Gate, Ran, RunOptions, Stop, run_with};
 use crate::error::Result;
 use crate::spec::{Source, Spec};
 use std::time::Duration;
 
-pub async fn run(specs: &[Spec], max_runtime: Option<Duration>, rerun: bool) -> Result<()> {
+pub async fn run(specs: &[Spec], max_runtime: Option<Duration>, opts: &RunOptions) -> Result<()> {
     let stop = Stop::install().with_deadline(max_runtime);
-    let opts = RunOptions { rerun };
     let (mut ran, mut skipped) = (0, 0);
     for spec in specs {
         let report = match &spec.source {
             Source::Postgres(pg) => {
                 let (mut backend, store) = crate::postgres::open(spec, pg).await?;
-                run_with(spec, &mut backend, &store, &opts, &stop).await
+                let gate = match &spec.throttle {
+                    Some(t) => {
+                        Some(Gate::start(backend.throttle_probe(t.clone()), t.interval).await?)
+                    }
+                    None => None,
+                };
+                run_with(spec, &mut backend, &store, opts, &stop, gate.as_ref()).await
             }
         };
         let report = match report {

@@ -56,6 +56,9 @@ pub struct Sample {
 pub trait Backend {
     /// Check that everything the spec names exists and prepares, before any write.
     async fn preflight(&mut self) -> Result<()>;
+    /// Sessions that would wedge the job or that the job would pile onto (lock holders, old
+    /// transactions), one line each. `run` refuses to start while there are any.
+    async fn blockers(&mut self) -> Result<Vec<String>>;
     /// Cheap estimate of the work after `cursor`; `exact` counts instead.
     async fn estimate(&mut self, cursor: Option<&str>, exact: bool) -> Result<Estimate>;
     /// Run one unit of up to `size` keys after `cursor` and commit it with its checkpoint.

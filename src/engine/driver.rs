@@ -1,7 +1,7 @@
 //! The driver loop: (stop check -> unit -> progress -> pause)* until the backend is done.
 //! It owns sizing, retries with backoff, and stopping; the backend runs one unit at a time.
 
-use super::{Backend, Sizer, Stop};
+use super::{Backend, Gate, Sizer, Stop};
 use crate::error::{DbErrorKind, Error, Result};
 use crate::progress::Progress;
 use crate::spec::Batch;
@@ -26,6 +26,7 @@ pub async fn drive<B: Backend>(
     mut cursor: Option<String>,
     progress: &mut Progress,
     stop: &Stop,
+    gate: Option<&Gate>,
 ) -> Result<()> {
     let mut sizer = Sizer::new(batch);
     let mut retries: Option<Box<dyn Iterator<Item = Duration>>> = None;
@@ -57,6 +58,12 @@ pub async fn drive<B: Backend>(
                     continue;
                 }
             }
+        }
+        if let Some(gate) = gate
+            && let Some(why) = gate.closed()
+        {
+            wait_for_gate(gate, &why, progress, stop).await?;
+            continue;
         }
         if progress.needs_refresh() {
             // A planner estimate: cheap, and off the path of the batch's transaction.
@@ -117,6 +124,32 @@ pub async fn drive<B: Backend>(
                     _ => return Err(e),
                 }
             }
+        }
+    }
+}
+
+/// Pause while the throttle gate is closed; the deadline and signals still apply.
+async fn wait_for_gate(gate: &Gate, why: &str, progress: &mut Progress, stop: &Stop) -> Result<()> {
+    let started = Instant::now();
+    tracing::info!(reason = why, "throttled: pausing ({why})");
+    let mut stopped = None;
+    while gate.closed().is_some() {
+        if let Some(reason) = stop.sleep(gate.interval).await {
+            stopped = Some(reason);
+            break;
+        }
+    }
+    let waited = started.elapsed();
+    progress.add_throttled(waited);
+    match stopped {
+        Some(reason) => Err(Error::Stopped(reason)),
+        None => {
+            tracing::info!(
+                throttled_ms = waited.as_millis() as u64,
+                "throttle cleared after {}ms; resuming",
+                waited.as_millis()
+            );
+            Ok(())
         }
     }
 }

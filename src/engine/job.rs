@@ -1,8 +1,8 @@
 //! One job from start to end: one-runner lock, skip-if-done, preflight, checkpoint store, the
 //! driver loop, and the final status written back to the store.
 
-use super::{Backend, Stop, drive};
-use crate::error::{Error, Result};
+use super::{Backend, Gate, Stop, drive};
+use crate::error::{Error, Result, StopReason};
 use crate::progress::{Progress, Totals, fmt_duration};
 use crate::spec::Spec;
 use crate::state::{StateStore, Status};
@@ -12,6 +12,8 @@ use std::time::Duration;
 pub struct RunOptions {
     /// Run finished jobs again from the start.
     pub rerun: bool,
+    /// Start even when preflight finds lock holders or old transactions.
+    pub ignore_preflight: bool,
 }
 
 /// What happened to one job in this run.
@@ -60,9 +62,14 @@ impl JobReport {
                     Some(Error::Stopped(r)) => format!("stopped ({r}); run again to resume"),
                     Some(_) => "FAILED".to_string(),
                 };
+                let throttled = if t.throttled.is_zero() {
+                    String::new()
+                } else {
+                    format!(", throttled {}", fmt_duration(t.throttled))
+                };
                 format!(
                     "{}: {head} — {} keys, {} rows changed, {} batches, {} rows retried after \
-                     being locked, in {}",
+                     being locked, in {}{throttled}",
                     self.job,
                     t.keys,
                     t.rows,
@@ -83,6 +90,7 @@ pub async fn run_with<B: Backend, S: StateStore>(
     store: &S,
     opts: &RunOptions,
     stop: &Stop,
+    gate: Option<&Gate>,
 ) -> Result<JobReport> {
     let job = spec.name.as_str();
     store.lock(job).await?;
@@ -112,6 +120,18 @@ pub async fn run_with<B: Backend, S: StateStore>(
             );
         }
     }
+    // Blockers first: the schema checks take the table's ACCESS SHARE lock, which would queue
+    // behind the very lock holder this is meant to report.
+    let blockers = backend.blockers().await?;
+    if !blockers.is_empty() {
+        let list = blockers.join("\n  ");
+        if !opts.ignore_preflight {
+            return Err(Error::Stopped(StopReason::Preflight(format!(
+                "\n  {list}\nwait for them or end them (pg_terminate_backend), or pass --ignore-preflight"
+            ))));
+        }
+        tracing::warn!("starting despite --ignore-preflight:\n  {list}");
+    }
     backend.preflight().await?;
     store.ensure().await?;
     let state = store.start(job, &spec.hash, restart).await?;
@@ -129,7 +149,15 @@ pub async fn run_with<B: Backend, S: StateStore>(
     );
     let mut progress = Progress::new(job, estimate);
     let stop = stop.with_deadline(spec.limits.max_runtime);
-    let result = drive(backend, &spec.batch, state.cursor, &mut progress, &stop).await;
+    let result = drive(
+        backend,
+        &spec.batch,
+        state.cursor,
+        &mut progress,
+        &stop,
+        gate,
+    )
+    .await;
     progress.finish();
     let (status, message) = match &result {
         Ok(()) => (Status::Done, None),

@@ -6,9 +6,11 @@ mod driver;
 mod job;
 mod sizer;
 mod stop;
+mod throttle;
 
 pub use backend::{Backend, Estimate, Outcome, Sample, Timings};
 pub use driver::drive;
 pub use job::{JobReport, Ran, RunOptions, run_with};
 pub use sizer::Sizer;
 pub use stop::Stop;
+pub use throttle::{Gate, Probe};

@@ -1,12 +1,14 @@
 //! Postgres backend: keyset batches under `FOR UPDATE SKIP LOCKED`, one transaction per batch
 //! with its checkpoint, and a retry pass for rows that were skipped because they were locked.
 
+mod blockers;
 pub mod connect;
 pub mod errors;
 mod raw;
 mod retry_pass;
 mod sql;
 pub mod table;
+pub mod throttle;
 
 use crate::engine::{Backend, Estimate, Outcome, Sample, Timings};
 use crate::error::{Error, Result};
@@ -55,6 +57,11 @@ impl PgBackend {
             walk_done: false,
             retry: RetryPass::default(),
         }
+    }
+
+    /// A throttle probe on this job's database (its own connection).
+    pub fn throttle_probe(&self, spec: crate::spec::Throttle) -> throttle::PgProbe {
+        throttle::PgProbe::new(self.pool.clone(), &self.spec.url, spec)
     }
 
     async fn conn(&mut self) -> Result<&Object> {
@@ -165,8 +172,14 @@ impl PgBackend {
 
 impl Backend for PgBackend {
     async fn preflight(&mut self) -> Result<()> {
+        let lock_timeout = self.limits.lock_timeout.as_millis().max(1);
         self.conn().await?;
         let client = self.conn.as_ref().expect("connected above");
+        // Checking the statement takes the table's ACCESS SHARE lock: never queue for it forever.
+        client
+            .batch_execute(&format!("SET lock_timeout = {lock_timeout}"))
+            .await
+            .map_err(|e| db_error("preflight", &e))?;
         let info = table::inspect(client, &self.spec).await?;
         let sql = BatchSql::new(&info, self.spec.lock, &self.limits, &self.state_schema);
         self.ready = Some((info, sql));
@@ -294,6 +307,13 @@ impl Backend for PgBackend {
         let samples = result?;
         rollback.map_err(|e| db_error("rolling back the sample batches", &e))?;
         Ok(samples)
+    }
+
+    async fn blockers(&mut self) -> Result<Vec<String>> {
+        let max_age = self.limits.max_transaction_age;
+        let table = self.spec.table.clone();
+        let client = self.conn().await?;
+        blockers::find(client, &table, max_age).await
     }
 
     fn reset_connection(&mut self) {

@@ -25,6 +25,8 @@ pub struct Spec {
     pub limits: Limits,
     /// Schema of the checkpoint tables in the target database.
     pub state_schema: String,
+    /// When to pause between batches; `None` never pauses.
+    pub throttle: Option<Throttle>,
     /// Hash of what the job does (backend, table, key, where, statement): a change is reported.
     pub hash: String,
     /// Unset environment variables (only tolerated by `validate`).
@@ -82,4 +84,16 @@ pub struct Limits {
     pub lock_timeout: Duration,
     pub idle_in_transaction_session_timeout: Duration,
     pub max_runtime: Option<Duration>,
+    /// Preflight refuses to start while a transaction in the database is older than this.
+    pub max_transaction_age: Duration,
+}
+
+/// Pause the job while any of these holds; checked every `interval` off the batch path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Throttle {
+    pub max_replication_lag: Option<Duration>,
+    pub max_active_backends: Option<u32>,
+    /// SQL returning one boolean: true = pause.
+    pub query: Option<String>,
+    pub interval: Duration,
 }

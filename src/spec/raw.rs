@@ -15,6 +15,17 @@ pub struct RawSpec {
     pub limits: Option<RawLimits>,
     #[serde(default)]
     pub state: Option<RawState>,
+    #[serde(default)]
+    pub throttle: Option<RawThrottle>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawThrottle {
+    pub max_replication_lag: Option<Dur>,
+    pub max_active_backends: Option<u32>,
+    pub query: Option<Spanned<String>>,
+    pub interval: Option<Dur>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -58,6 +69,7 @@ pub struct RawLimits {
     pub lock_timeout: Option<Dur>,
     pub idle_in_transaction_session_timeout: Option<Dur>,
     pub max_runtime: Option<Dur>,
+    pub max_transaction_age: Option<Dur>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -2,8 +2,8 @@
 
 use super::env::expand;
 use super::load::Env;
-use super::raw::{RawBatch, RawLimits, RawPostgres, RawSpec};
-use super::{Batch, Limits, PostgresSpec, Source, Spec};
+use super::raw::{RawBatch, RawLimits, RawPostgres, RawSpec, RawThrottle};
+use super::{Batch, Limits, PostgresSpec, Source, Spec, Throttle};
 use crate::error::{Error, Result};
 use serde_saphyr::Spanned;
 use sha2::{Digest, Sha256};
@@ -104,6 +104,10 @@ pub(super) fn validate(path: &Path, raw: RawSpec, env: &Env) -> Result<Spec> {
         }
         None => "backfill".to_string(),
     };
+    let throttle = match raw.throttle {
+        Some(t) => Some(throttle(&mut cx, t)?),
+        None => None,
+    };
     let hash = hash(&postgres);
     Ok(Spec {
         name,
@@ -112,6 +116,7 @@ pub(super) fn validate(path: &Path, raw: RawSpec, env: &Env) -> Result<Spec> {
         batch,
         limits,
         state_schema,
+        throttle,
         hash,
         unresolved: cx.unresolved,
     })
@@ -230,7 +235,28 @@ fn limits(raw: RawLimits) -> Limits {
             .map(|d| d.0)
             .unwrap_or(Duration::from_secs(60)),
         max_runtime: raw.max_runtime.map(|d| d.0).filter(|d| !d.is_zero()),
+        max_transaction_age: raw
+            .max_transaction_age
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(600)),
     }
+}
+
+fn throttle(cx: &mut Ctx, t: RawThrottle) -> Result<Throttle> {
+    let query = match &t.query {
+        Some(q) => Some(cx.text(q, "throttle.query")?),
+        None => None,
+    };
+    let interval = t.interval.map(|d| d.0).unwrap_or(Duration::from_secs(1));
+    if interval.is_zero() {
+        return cx.err(0, 0, "throttle.interval", "must be more than 0");
+    }
+    Ok(Throttle {
+        max_replication_lag: t.max_replication_lag.map(|d| d.0).filter(|d| !d.is_zero()),
+        max_active_backends: t.max_active_backends,
+        query,
+        interval,
+    })
 }
 
 fn is_identifier(s: &str) -> bool {
