@@ -1,5 +1,7 @@
 //! Batch size: follows an EWMA of keys/second toward `batch.target` (at most x1.5 up, x0.5
 //! down per batch, clamped to min/max); halves after a statement timeout. Target 0 = fixed.
+//! The average falls at once when a batch is slower than it (a table that gets expensive must
+//! not see several oversized batches while the average catches up) and rises gradually.
 
 use crate::spec::Batch;
 use std::time::Duration;
@@ -39,8 +41,8 @@ impl Sizer {
         }
         let rate = keys as f64 / took.as_secs_f64().max(1e-4);
         let avg = match self.rate {
-            Some(prev) => ALPHA * rate + (1.0 - ALPHA) * prev,
-            None => rate,
+            Some(prev) if rate > prev => ALPHA * rate + (1.0 - ALPHA) * prev,
+            _ => rate,
         };
         self.rate = Some(avg);
         let want = avg * self.target.as_secs_f64();
@@ -97,6 +99,25 @@ mod tests {
         assert!(s.halve() && s.halve());
         assert_eq!(s.size(), 100);
         assert!(!s.halve());
+    }
+
+    #[test]
+    fn slows_down_at_once_after_a_fast_history() {
+        let mut s = Sizer::new(&batch(100));
+        for _ in 0..20 {
+            let n = s.size();
+            s.observe(n, Duration::from_millis(1));
+        }
+        assert_eq!(s.size(), 100_000);
+        // Suddenly 2ms a row: every following batch halves until it fits the target.
+        let mut seen = vec![];
+        for _ in 0..15 {
+            let n = s.size();
+            s.observe(n, Duration::from_millis(2 * n));
+            seen.push(s.size());
+        }
+        assert_eq!(seen[0], 50_000);
+        assert_eq!(*seen.last().unwrap(), 100, "{seen:?}");
     }
 
     #[test]

@@ -1,0 +1,325 @@
+//! Behaviour under production conditions: throttling, preflight refusals, adaptive batch size,
+//! and surviving a statement timeout by halving the batch.
+
+mod common;
+use common::{TestDb, backfill, count, run};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+async fn keys_done(c: &tokio_postgres::Client) -> i64 {
+    c.query_opt("SELECT keys_done FROM backfill.jobs", &[])
+        .await
+        .ok()
+        .flatten()
+        .map_or(0, |r| r.get(0))
+}
+
+async fn wait_until<F: AsyncFn() -> bool>(what: &str, f: F) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_throttle_query_pauses_and_resumes() {
+    let db = TestDb::new("throttle").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT generate_series(1, 6000);
+         CREATE TABLE control (paused bool NOT NULL);
+         INSERT INTO control VALUES (false);",
+    )
+    .await
+    .unwrap();
+    let spec = db.spec(
+        "throttled.yaml",
+        "postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: UPDATE t SET n = n + 1 WHERE id = ANY($1)
+batch: {size: 100, target: 0, pause: 30ms}
+throttle:
+  query: SELECT paused FROM control
+  interval: 100ms
+",
+    );
+    let child = backfill()
+        .arg("run")
+        .arg(&spec)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the first batches", async || keys_done(&c).await >= 300).await;
+    c.batch_execute("UPDATE control SET paused = true")
+        .await
+        .unwrap();
+    // The gate refreshes every 100ms; after that, at most the batch in flight commits.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let paused_at = keys_done(&c).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        keys_done(&c).await,
+        paused_at,
+        "batches ran while the throttle query said pause"
+    );
+    assert!(
+        paused_at < 6000,
+        "the job finished before it could be paused"
+    );
+    c.batch_execute("UPDATE control SET paused = false")
+        .await
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("throttled "),
+        "report says time throttled: {stdout}"
+    );
+    assert!(stderr.contains("throttle.query returned true"), "{stderr}");
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 6000);
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn broken_throttle_query_fails_before_any_write() {
+    let db = TestDb::new("throttlebad").await;
+    let c = db.client().await;
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0); INSERT INTO t (id) VALUES (1)")
+        .await
+        .unwrap();
+    let spec = db.spec(
+        "bad.yaml",
+        "postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: UPDATE t SET n = n + 1 WHERE id = ANY($1)
+throttle:
+  query: SELECT 'yes'
+",
+    );
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("throttle.query"), "{err}");
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 0);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_exclusive_holder_blocks_start_and_is_named() {
+    let db = TestDb::new("preflight").await;
+    let c = db.client().await;
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0); INSERT INTO t (id) SELECT generate_series(1, 100)")
+        .await
+        .unwrap();
+    let spec = db.spec(
+        "job.yaml",
+        "postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: UPDATE t SET n = n + 1 WHERE id = ANY($1)
+",
+    );
+    let holder = db.client().await;
+    let pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    holder
+        .batch_execute("BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 75, "{out}{err}");
+    assert!(
+        err.contains(&format!("pid {pid} holds an AccessExclusiveLock")),
+        "{err}"
+    );
+    assert!(
+        err.contains("LOCK TABLE t IN ACCESS EXCLUSIVE MODE"),
+        "query shown: {err}"
+    );
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'backfill'"
+        )
+        .await,
+        0,
+        "nothing written"
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 100);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_transaction_blocks_start_unless_ignored() {
+    let db = TestDb::new("oldxact").await;
+    let c = db.client().await;
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0); INSERT INTO t (id) SELECT generate_series(1, 100)")
+        .await
+        .unwrap();
+    let spec = db.spec(
+        "job.yaml",
+        "postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: UPDATE t SET n = n + 1 WHERE id = ANY($1)
+limits: {max_transaction_age: 1s}
+",
+    );
+    let old = db.client().await;
+    let pid: i32 = old
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    old.batch_execute("BEGIN; SELECT txid_current()")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 75, "{out}{err}");
+    assert!(
+        err.contains(&format!("pid {pid} has had a transaction open")),
+        "{err}"
+    );
+    let (code, out, err) = run(&[&"run", &"--ignore-preflight", &spec]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 100);
+    old.batch_execute("COMMIT").await.unwrap();
+    db.drop_db().await;
+}
+
+/// Batch sizes from the debug log lines `batch done ... size=N ... keys=K`.
+fn sizes(stderr: &str) -> Vec<u64> {
+    stderr
+        .lines()
+        .filter(|l| l.contains("batch done"))
+        .filter_map(|l| {
+            let keys = l
+                .split("keys=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()?;
+            let size = l
+                .split("size=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()?;
+            (keys > 0).then_some(size)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn adaptive_size_grows_when_cheap_and_shrinks_when_costly() {
+    let db = TestDb::new("adaptive").await;
+    let c = db.client().await;
+    // Rows up to 6000 cost nothing; rows above cost 2ms each.
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT generate_series(1, 8500);",
+    )
+    .await
+    .unwrap();
+    let spec = db.spec(
+        "adaptive.yaml",
+        "postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: |
+    UPDATE t SET n = n + 1
+      FROM (SELECT pg_sleep(0.002 * count(*)) FROM unnest($1::int[]) k WHERE k > 6000) cost
+     WHERE id = ANY($1)
+batch: {size: 200, target: 100ms, min: 10, max: 1000}
+",
+    );
+    let out = backfill()
+        .arg("run")
+        .arg(&spec)
+        .env("BACKFILL_LOG", "debug")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let s = sizes(&stderr);
+    assert!(s.len() > 5, "batch sizes: {s:?}");
+    assert_eq!(
+        *s.iter().max().unwrap(),
+        1000,
+        "cheap rows grow the size to max: {s:?}"
+    );
+    let last = *s.last().unwrap();
+    assert!(
+        last <= 100,
+        "costly rows shrink the size toward ~50 (100ms / 2ms): {s:?}"
+    );
+    for w in s.windows(2) {
+        assert!(
+            w[1] * 2 >= w[0] && w[1] * 2 <= w[0] * 3,
+            "steps bounded to x0.5..x1.5: {s:?}"
+        );
+    }
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 8500);
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn statement_timeout_halves_the_batch() {
+    let db = TestDb::new("halving").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT generate_series(1, 1200);",
+    )
+    .await
+    .unwrap();
+    // 1ms per key: a batch of 800 takes 0.8s, over the 300ms statement_timeout; 200 fits.
+    let spec = db.spec(
+        "halving.yaml",
+        "postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: |
+    UPDATE t SET n = n + 1
+      FROM (SELECT pg_sleep(0.001 * cardinality($1::int[]))) cost
+     WHERE id = ANY($1)
+batch: {size: 800, target: 0, min: 50}
+limits: {statement_timeout: 300ms}
+",
+    );
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("statement_timeout; retrying at half the size"),
+        "{err}"
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM t WHERE n = 1").await,
+        1200,
+        "each row once"
+    );
+    db.drop_db().await;
+}
