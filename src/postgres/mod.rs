@@ -61,7 +61,7 @@ impl PgBackend {
 
     /// A throttle probe on this job's database (its own connection).
     pub fn throttle_probe(&self, spec: crate::spec::Throttle) -> throttle::PgProbe {
-        throttle::PgProbe::new(self.pool.clone(), &self.spec.url, spec)
+        throttle::PgProbe::new(self.pool.clone(), &self.spec.url, &self.job, spec)
     }
 
     async fn conn(&mut self) -> Result<&Object> {

@@ -11,15 +11,18 @@ use deadpool_postgres::{Object, Pool};
 pub struct PgProbe {
     pool: Pool,
     url: String,
+    /// The job's application_name: its own connections are not load to throttle on.
+    app: String,
     spec: Throttle,
     conn: Option<Object>,
 }
 
 impl PgProbe {
-    pub fn new(pool: Pool, url: &str, spec: Throttle) -> PgProbe {
+    pub fn new(pool: Pool, url: &str, job: &str, spec: Throttle) -> PgProbe {
         PgProbe {
             pool,
             url: url.to_string(),
+            app: format!("backfill:{job}"),
             spec,
             conn: None,
         }
@@ -55,8 +58,8 @@ impl PgProbe {
                 .query_one(
                     "SELECT count(*) FROM pg_stat_activity
                       WHERE state = 'active' AND backend_type = 'client backend'
-                        AND pid <> pg_backend_pid()",
-                    &[],
+                        AND pid <> pg_backend_pid() AND application_name <> $1",
+                    &[&self.app],
                 )
                 .await
                 .map_err(|e| db_error("throttle: counting active backends", &e))?
