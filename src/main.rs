@@ -7,9 +7,13 @@ use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("BACKFILL_LOG")
-        .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    // A bare level (BACKFILL_LOG=debug) applies to backfill only: the database drivers' debug
+    // output would log every batch's key array byte by byte. Full directives pass through.
+    let filter = match std::env::var("BACKFILL_LOG").or_else(|_| std::env::var("RUST_LOG")) {
+        Ok(v) if !v.contains(['=', ',']) => EnvFilter::new(format!("info,backfill={v}")),
+        Ok(v) => EnvFilter::new(v),
+        Err(_) => EnvFilter::new("info"),
+    };
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Text => false,

@@ -39,9 +39,12 @@ fn ms(d: Duration) -> u128 {
 impl BatchSql {
     pub fn new(t: &TableInfo, lock: LockMode, limits: &Limits, state_schema: &str) -> BatchSql {
         let (rel, key, ty, filter) = (&t.rel, &t.key, &t.key_type, &t.filter);
+        // plan_cache_mode: `statement` is prepared once; after five runs Postgres would switch to
+        // a generic plan that cannot see how many keys $1 holds (nested loops over 30k keys).
         let begin = format!(
             "BEGIN; SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}; \
-             SET LOCAL idle_in_transaction_session_timeout = {}",
+             SET LOCAL idle_in_transaction_session_timeout = {}; \
+             SET LOCAL plan_cache_mode = force_custom_plan",
             ms(limits.statement_timeout),
             ms(limits.lock_timeout),
             ms(limits.idle_in_transaction_session_timeout)
@@ -49,21 +52,30 @@ impl BatchSql {
         // Params: $1 size, then (skip_locked only) $2 job, then the cursor.
         let cursor_param = if lock == LockMode::SkipLocked { 3 } else { 2 };
         let select = |cursor: &str| match lock {
+            // Lock first: the next `size` rows that can be locked, in one index range scan.
+            // Then one unlocked scan up to the last locked key finds what SKIP LOCKED passed
+            // over; those keys are recorded for the retry pass (only computed when some were).
+            // If nothing could be locked, every remaining row is held by others: `seen` then
+            // covers all of them, so the cursor never moves past a row nobody recorded.
             LockMode::SkipLocked => format!(
-                "WITH range AS (
-                     SELECT {key} AS k FROM {rel} WHERE {cursor} ({filter}) ORDER BY {key} LIMIT $1
-                 ), locked AS (
-                     SELECT {key} AS k FROM {rel}
-                      WHERE {key} = ANY(ARRAY(SELECT k FROM range)) AND ({filter})
-                      ORDER BY {key} FOR UPDATE SKIP LOCKED
+                "WITH locked AS (
+                     SELECT {key} AS k FROM {rel} WHERE {cursor} ({filter})
+                      ORDER BY {key} LIMIT $1 FOR UPDATE SKIP LOCKED
+                 ), seen AS (
+                     SELECT {key} AS k FROM {rel} WHERE {cursor} ({filter})
+                        AND {key} <= coalesce(
+                            (SELECT l.k FROM locked l ORDER BY l.k DESC LIMIT 1),
+                            (SELECT {key} FROM {rel} ORDER BY {key} DESC LIMIT 1))
                  ), skipped AS (
                      INSERT INTO {state_schema}.skipped_keys (job, key)
-                     SELECT $2, k::text FROM range WHERE k NOT IN (SELECT k FROM locked)
+                     SELECT $2, s.k::text FROM seen s
+                      WHERE (SELECT count(*) FROM seen) > (SELECT count(*) FROM locked)
+                        AND s.k NOT IN (SELECT l.k FROM locked l)
                      ON CONFLICT DO NOTHING RETURNING 1
                  )
                  SELECT (SELECT array_agg(k ORDER BY k) FROM locked),
-                        (SELECT k::text AS last_key FROM range ORDER BY range.k DESC LIMIT 1),
-                        (SELECT count(*) FROM range),
+                        (SELECT s.k::text AS last_key FROM seen s ORDER BY s.k DESC LIMIT 1),
+                        (SELECT count(*) FROM seen),
                         (SELECT count(*) FROM skipped)"
             ),
             LockMode::None => format!(
