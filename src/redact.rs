@@ -44,14 +44,6 @@ fn mask_userinfo(raw: &str) -> String {
     }
 }
 
-/// Remove every occurrence of `secret` from `text` (for messages that echo a URL back).
-pub fn scrub(text: &str, secret: Option<&str>) -> String {
-    match secret {
-        Some(s) if !s.is_empty() => text.replace(s, "***"),
-        _ => text.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

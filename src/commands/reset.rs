@@ -19,7 +19,9 @@ pub async fn reset(path: &Path, yes: bool) -> Result<()> {
             let (_, store) = crate::postgres::open(&spec, pg).await?;
             // Never reset under a running job.
             store.lock(&spec.name).await?;
-            store.reset(&spec.name).await?
+            let existed = store.reset(&spec.name).await;
+            store.unlock(&spec.name).await?;
+            existed?
         }
     };
     if existed {

@@ -10,38 +10,42 @@ pub async fn run(specs: &[Spec], max_runtime: Option<Duration>, opts: &RunOption
     let (mut ran, mut skipped) = (0, 0);
     for spec in specs {
         let report = match &spec.source {
-            Source::Postgres(pg) => {
-                let (mut backend, store) = crate::postgres::open(spec, pg).await?;
-                let gate = match &spec.throttle {
-                    Some(t) => {
-                        Some(Gate::start(backend.throttle_probe(t.clone()), t.interval).await?)
-                    }
-                    None => None,
-                };
-                run_with(spec, &mut backend, &store, opts, &stop, gate.as_ref()).await
-            }
+            Source::Postgres(pg) => run_postgres(spec, pg, opts, &stop).await,
         };
         let report = match report {
             Ok(r) => r,
             Err(e) => {
-                println!("{}: not started", spec.name);
+                println!("{}: not started ({})", spec.name, spec.file.display());
                 println!("{ran} run, {skipped} skipped");
                 return Err(e);
             }
         };
         println!("{}", report.summary());
-        match &report.ran {
+        match report.ran {
             Ran::Skipped { .. } => skipped += 1,
-            Ran::Worked { .. } => ran += 1,
-        }
-        if let Ran::Worked { error: Some(_), .. } = &report.ran {
-            println!("{ran} run, {skipped} skipped");
-            let Ran::Worked { error: Some(e), .. } = report.ran else {
-                unreachable!("matched above")
-            };
-            return Err(e);
+            Ran::Worked { error, .. } => {
+                ran += 1;
+                if let Some(e) = error {
+                    println!("{ran} run, {skipped} skipped");
+                    return Err(e);
+                }
+            }
         }
     }
     println!("{ran} run, {skipped} skipped");
     Ok(())
+}
+
+async fn run_postgres(
+    spec: &Spec,
+    pg: &crate::spec::PostgresSpec,
+    opts: &RunOptions,
+    stop: &Stop,
+) -> Result<crate::engine::JobReport> {
+    let (mut backend, store) = crate::postgres::open(spec, pg).await?;
+    let gate = match &spec.throttle {
+        Some(t) => Some(Gate::start(backend.throttle_probe(t.clone()), t.interval).await?),
+        None => None,
+    };
+    run_with(spec, &mut backend, &store, opts, stop, gate.as_ref()).await
 }

@@ -36,14 +36,6 @@ pub struct JobReport {
 }
 
 impl JobReport {
-    /// The error that ended this job's run, if any.
-    pub fn error(&self) -> Option<&Error> {
-        match &self.ran {
-            Ran::Worked { error, .. } => error.as_ref(),
-            Ran::Skipped { .. } => None,
-        }
-    }
-
     /// One line for the run summary.
     pub fn summary(&self) -> String {
         match &self.ran {
@@ -94,6 +86,25 @@ pub async fn run_with<B: Backend, S: StateStore>(
 ) -> Result<JobReport> {
     let job = spec.name.as_str();
     store.lock(job).await?;
+    let result = run_locked(spec, backend, store, opts, stop, gate).await;
+    if let Err(e) = store.unlock(job).await {
+        tracing::debug!(
+            job,
+            "runner lock not released explicitly (it goes with the connection): {e}"
+        );
+    }
+    result
+}
+
+async fn run_locked<B: Backend, S: StateStore>(
+    spec: &Spec,
+    backend: &mut B,
+    store: &S,
+    opts: &RunOptions,
+    stop: &Stop,
+    gate: Option<&Gate>,
+) -> Result<JobReport> {
+    let job = spec.name.as_str();
     let existing = store.load(job).await?;
     let mut restart = false;
     if let Some(s) = &existing {

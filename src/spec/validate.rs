@@ -137,13 +137,26 @@ fn postgres(cx: &mut Ctx, pg: &Spanned<RawPostgres>) -> Result<PostgresSpec> {
                 ),
             );
         }
-        if let Err(e) = url.parse::<tokio_postgres::Config>() {
-            let why = crate::redact::scrub(&e.to_string(), None);
-            return cx.at(
-                &p.url,
-                "postgres.url",
-                format!("{} does not parse: {why}", crate::redact::redact_url(&url)),
-            );
+        match url.parse::<tokio_postgres::Config>() {
+            Err(e) => {
+                return cx.at(
+                    &p.url,
+                    "postgres.url",
+                    format!("{} does not parse: {e}", crate::redact::redact_url(&url)),
+                );
+            }
+            // libpq would quietly use the user's name as the database: say which one instead.
+            Ok(cfg) if cfg.get_dbname().is_none_or(str::is_empty) => {
+                return cx.at(
+                    &p.url,
+                    "postgres.url",
+                    format!(
+                        "{} has no database name (postgres://user@host:5432/DATABASE)",
+                        crate::redact::redact_url(&url)
+                    ),
+                );
+            }
+            Ok(_) => {}
         }
     }
     let table = cx.text(&p.table, "postgres.table")?;

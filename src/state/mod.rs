@@ -84,6 +84,8 @@ pub trait StateStore {
     /// Become the job's only runner for as long as this store lives, or fail with
     /// `Error::Stopped(LockHeld)` naming the runner that holds it.
     async fn lock(&self, job: &str) -> Result<()>;
+    /// Give the runner lock back (also released when the process dies).
+    async fn unlock(&self, job: &str) -> Result<()>;
 }
 
 /// `host:pid` of this process, recorded as the runner.

@@ -198,20 +198,26 @@ impl StateStore for PgStateStore {
     }
 
     async fn lock(&self, job: &str) -> Result<()> {
-        // A session-level advisory lock keyed by the job: released when this connection closes,
-        // so a killed runner never leaves it behind.
-        let key = format!("backfill:{}:{job}", self.schema);
-        let got: bool = self
-            .client
-            .query_one(
-                "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
-                &[&key],
-            )
-            .await
-            .map_err(|e| db_error("taking the job's runner lock", &e))?
-            .get(0);
-        if got {
-            return Ok(());
+        // A session-level advisory lock keyed by the job: released by `unlock`, or when this
+        // connection closes, so a killed runner never leaves it behind. A runner that has just
+        // exited may still hold it for a moment while the server notices: retry briefly.
+        let key = lock_key(&self.schema, job);
+        for attempt in 0..LOCK_ATTEMPTS {
+            let got: bool = self
+                .client
+                .query_one(
+                    "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+                    &[&key],
+                )
+                .await
+                .map_err(|e| db_error("taking the job's runner lock", &e))?
+                .get(0);
+            if got {
+                return Ok(());
+            }
+            if attempt + 1 < LOCK_ATTEMPTS {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
         }
         let holder = self
             .client
@@ -220,6 +226,7 @@ impl StateStore for PgStateStore {
                         extract(epoch FROM now() - a.backend_start)::bigint
                    FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
                   WHERE l.locktype = 'advisory' AND l.granted
+                    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                     AND l.classid = ((hashtextextended($1, 0) >> 32) & 4294967295)::bigint::oid
                     AND l.objid = (hashtextextended($1, 0) & 4294967295)::bigint::oid
                     AND l.objsubid = 1
@@ -242,6 +249,24 @@ impl StateStore for PgStateStore {
             crate::error::StopReason::LockHeld(who),
         ))
     }
+
+    async fn unlock(&self, job: &str) -> Result<()> {
+        self.client
+            .execute(
+                "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
+                &[&lock_key(&self.schema, job)],
+            )
+            .await
+            .map_err(|e| db_error("releasing the job's runner lock", &e))?;
+        Ok(())
+    }
+}
+
+/// How many times `lock` tries (100ms apart) before reporting the holder.
+const LOCK_ATTEMPTS: u32 = 10;
+
+fn lock_key(schema: &str, job: &str) -> String {
+    format!("backfill:{schema}:{job}")
 }
 
 /// SQL that advances a job's checkpoint inside a batch's transaction.

@@ -1,0 +1,654 @@
+//! A job's life across runs: skipped once done, a changed spec reported and left alone until
+//! `--rerun`, directories in file-name order, `status --json`, `reset`, and one runner at a time.
+
+mod common;
+use common::{TestDb, checksum, count, run};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+
+/// `t (id bigint PRIMARY KEY, n int)` with ids 1..=rows.
+async fn make_table(c: &Client, rows: i64) {
+    c.batch_execute(&format!(
+        "CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT i FROM generate_series(1, {rows}) i;
+         ANALYZE t;"
+    ))
+    .await
+    .expect("create t");
+}
+
+fn spec_text(statement: &str, batch: &str) -> String {
+    format!(
+        "postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: {statement}
+batch: {batch}
+"
+    )
+}
+
+async fn store_row(c: &Client, job: &str) -> Option<String> {
+    c.query_opt(
+        "SELECT j::text FROM backfill.jobs j WHERE job = $1",
+        &[&job],
+    )
+    .await
+    .expect("read backfill.jobs")
+    .map(|r| r.get(0))
+}
+
+/// keys_done of job `job` while its status is `running` (0 before the store exists).
+async fn running_keys(c: &Client) -> i64 {
+    let store: bool = c
+        .query_one("SELECT to_regclass('backfill.jobs') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    if !store {
+        return 0;
+    }
+    count(
+        c,
+        "SELECT coalesce(max(keys_done), 0) FROM backfill.jobs WHERE job = 'job' AND status = 'running'",
+    )
+    .await
+}
+
+/// A `backfill run` of a slow job in the background, logging to files in the test's dir.
+struct SlowRunner {
+    child: Child,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl SlowRunner {
+    /// Start `run spec` and wait (bounded) until its job shows as running with a few batches
+    /// committed.
+    async fn start(db: &TestDb, spec: &Path, c: &Client) -> SlowRunner {
+        let out = db.dir.path().join("runner.out");
+        let err = db.dir.path().join("runner.err");
+        let child = common::backfill()
+            .arg("run")
+            .arg(spec)
+            .stdout(Stdio::from(std::fs::File::create(&out).unwrap()))
+            .stderr(Stdio::from(std::fs::File::create(&err).unwrap()))
+            .spawn()
+            .expect("start a runner");
+        let mut runner = SlowRunner { child, out, err };
+        for _ in 0..300 {
+            if let Some(s) = runner.child.try_wait().unwrap() {
+                panic!(
+                    "runner exited early ({s}):\n{}",
+                    std::fs::read_to_string(&runner.err).unwrap_or_default()
+                );
+            }
+            if running_keys(c).await >= 30 {
+                return runner;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        runner.stop();
+        panic!("the runner never showed as running");
+    }
+
+    /// SIGTERM (to the process we started), then wait for it; (exit code, stdout, stderr).
+    fn stop(&mut self) -> (i32, String, String) {
+        let killed = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill -TERM");
+        assert!(killed.success());
+        let code = wait_bounded(&mut self.child, Duration::from_secs(30));
+        (
+            code,
+            std::fs::read_to_string(&self.out).unwrap(),
+            std::fs::read_to_string(&self.err).unwrap(),
+        )
+    }
+}
+
+impl Drop for SlowRunner {
+    /// A test that fails midway must not leave its runner behind.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Backends of this database (not the whole server) working for job `job`.
+async fn job_backends(c: &Client) -> Vec<i32> {
+    c.query(
+        "SELECT pid FROM pg_stat_activity
+          WHERE application_name = 'backfill:job' AND datname = current_database()",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// Whether backend `pid` holds an advisory lock in this database.
+async fn holds_advisory_lock_here(c: &Client, pid: i32) -> bool {
+    count(
+        c,
+        &format!(
+            "SELECT count(*) FROM pg_locks
+              WHERE locktype = 'advisory' AND granted AND pid = {pid}
+                AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        ),
+    )
+    .await
+        > 0
+}
+
+/// The pid in "... already being run by backend pid N ...".
+fn holder_pid(err: &str) -> i32 {
+    err.split("backend pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(|ch: char| !ch.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no holder pid in:\n{err}"))
+}
+
+fn status_json(path: &dyn AsRef<std::ffi::OsStr>) -> serde_json::Value {
+    let (code, out, err) = run(&[&"status", &"--json", path]);
+    assert_eq!(code, 0, "status --json\nstdout:\n{out}\nstderr:\n{err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json is not JSON ({e}):\n{out}"))
+}
+
+/// Wait for a child we started, at most `limit`; kill it (by its pid) and fail if it overruns.
+fn wait_bounded(child: &mut Child, limit: Duration) -> i32 {
+    let until = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status.code().unwrap_or(-1);
+        }
+        if Instant::now() >= until {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("backfill did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test]
+async fn finished_job_is_skipped_changed_spec_left_alone_until_rerun() {
+    let db = TestDb::new("lc_skip").await;
+    let c = db.client().await;
+    make_table(&c, 1000).await;
+    let batch = "{size: 100, target: 0}";
+    let spec = db.spec(
+        "job.yaml",
+        &spec_text("UPDATE t SET n = n + 1 WHERE id = ANY($1)", batch),
+    );
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("1 run, 0 skipped"), "{out}");
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 1000);
+    let table = checksum(&c, "t").await;
+    let record = store_row(&c, "job").await;
+
+    // Done: skipped, nothing touched, not even the checkpoint.
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("0 run, 1 skipped"), "{out}");
+    assert!(out.contains("job: skipped (already done)"), "{out}");
+    assert!(!out.contains("spec changed"), "{out}");
+    assert_eq!(checksum(&c, "t").await, table);
+    assert_eq!(store_row(&c, "job").await, record);
+
+    // Batch settings are how, not what: changing them is not a changed spec.
+    db.spec(
+        "job.yaml",
+        &spec_text(
+            "UPDATE t SET n = n + 1 WHERE id = ANY($1)",
+            "{size: 7, target: 0}",
+        ),
+    );
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("0 run, 1 skipped") && !out.contains("spec changed"),
+        "{out}\n{err}"
+    );
+
+    // A changed statement is reported, and the finished job is left alone.
+    db.spec(
+        "job.yaml",
+        &spec_text("UPDATE t SET n = n + 10 WHERE id = ANY($1)", batch),
+    );
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("spec changed"),
+        "want the change reported on stdout:\n{out}"
+    );
+    assert!(out.contains("--rerun"), "want the way out named:\n{out}");
+    assert!(out.contains("0 run, 1 skipped"), "{out}");
+    assert_eq!(
+        checksum(&c, "t").await,
+        table,
+        "a finished job with a changed spec ran"
+    );
+    assert_eq!(store_row(&c, "job").await, record);
+    let doc = status_json(&spec);
+    assert_eq!(
+        doc["jobs"][0]["spec_changed"],
+        serde_json::json!(true),
+        "{doc}"
+    );
+    let (code, out, _) = run(&[&"status", &spec]);
+    assert_eq!(code, 0);
+    assert!(out.contains("spec changed"), "{out}");
+
+    // --rerun runs it again from the start, with fresh counters.
+    let (code, out, err) = run(&[&"run", &"--rerun", &spec]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("1 run, 0 skipped"), "{out}");
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 11").await, 1000);
+    let row = c
+        .query_one(
+            "SELECT status, cursor, keys_done, rows_done, batches_done FROM backfill.jobs WHERE job = 'job'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, &str>(0), "done");
+    assert_eq!(row.get::<_, Option<&str>>(1), Some("1000"));
+    assert_eq!(row.get::<_, i64>(2), 1000);
+    assert_eq!(row.get::<_, i64>(3), 1000);
+    assert_eq!(row.get::<_, i64>(4), 10);
+
+    // The new spec is now the finished one: skipped without a warning.
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("0 run, 1 skipped") && !out.contains("spec changed"),
+        "{out}"
+    );
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 11").await, 1000);
+    drop(c);
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn directory_runs_in_file_name_order_and_status_json() {
+    let db = TestDb::new("lc_dir").await;
+    let c = db.client().await;
+    // a fills `filled` from `src`; b marks what a filled; c handles only what b marked.
+    c.batch_execute(
+        "CREATE TABLE src (id int PRIMARY KEY);
+         INSERT INTO src SELECT generate_series(1, 450);
+         CREATE TABLE filled (id int PRIMARY KEY, b_done bool NOT NULL DEFAULT false,
+                              c_done bool NOT NULL DEFAULT false);",
+    )
+    .await
+    .unwrap();
+    let dir = db.dir.path().join("jobs");
+    std::fs::create_dir(&dir).unwrap();
+    let write = |file: &str, table: &str, extra: &str, statement: &str| {
+        let yaml = format!(
+            "postgres:
+  url: {}
+  table: {table}
+  key: id
+{extra}  statement: {statement}
+batch: {{size: 100, target: 0}}
+",
+            db.url
+        );
+        std::fs::write(dir.join(file), yaml).unwrap();
+    };
+    // Written out of order, and with a name (0010) that sorts wrongly as a number of digits.
+    write(
+        "0002_b.yaml",
+        "filled",
+        "",
+        "UPDATE filled SET b_done = true WHERE id = ANY($1)",
+    );
+    write(
+        "0010_c.yaml",
+        "filled",
+        "  where: b_done\n",
+        "UPDATE filled SET c_done = true WHERE id = ANY($1)",
+    );
+    write(
+        "0001_a.yaml",
+        "src",
+        "",
+        "INSERT INTO filled (id) SELECT id FROM src WHERE id = ANY($1)",
+    );
+    std::fs::write(dir.join("README.txt"), "not a spec").unwrap();
+
+    // Never run: every job pending, in file-name order.
+    let doc = status_json(&dir);
+    let jobs = doc["jobs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no jobs array: {doc}"));
+    let names: Vec<&str> = jobs.iter().map(|j| j["job"].as_str().unwrap()).collect();
+    assert_eq!(names, ["0001_a", "0002_b", "0010_c"], "{doc}");
+    for j in jobs {
+        assert_eq!(j["status"], "pending", "{j}");
+        assert!(j["cursor"].is_null(), "{j}");
+        assert!(j["spec"].as_str().unwrap().ends_with(".yaml"), "{j}");
+        assert!(j["database"].as_str().unwrap().ends_with(&db.name), "{j}");
+    }
+
+    let (code, out, err) = run(&[&"run", &dir]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    let pos = |job: &str| {
+        out.find(&format!("{job}: done"))
+            .unwrap_or_else(|| panic!("no summary line for {job}:\n{out}"))
+    };
+    assert!(
+        pos("0001_a") < pos("0002_b") && pos("0002_b") < pos("0010_c"),
+        "order:\n{out}"
+    );
+    assert!(out.contains("3 run, 0 skipped"), "{out}");
+    assert_eq!(count(&c, "SELECT count(*) FROM filled").await, 450);
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM filled WHERE b_done AND c_done").await,
+        450,
+        "b or c ran too early"
+    );
+
+    let doc = status_json(&dir);
+    let jobs = doc["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 3, "{doc}");
+    for j in jobs {
+        assert_eq!(j["status"], "done", "{j}");
+        assert_eq!(j["cursor"], "450", "{j}");
+        assert_eq!(j["keys_done"], 450, "{j}");
+        assert_eq!(j["rows_done"], 450, "{j}");
+        assert_eq!(j["batches_done"], 5, "{j}");
+        assert_eq!(j["rows_pending_retry"], 0, "{j}");
+        assert_eq!(j["spec_changed"], false, "{j}");
+        assert!(j["finished_at"].is_string(), "{j}");
+    }
+    // The document names every key once per object (a duplicate would be read differently
+    // by different JSON parsers).
+    let (_, raw, _) = run(&[&"status", &"--json", &dir]);
+    for key in ["\"job\":", "\"status\":"] {
+        assert_eq!(raw.matches(key).count(), 3, "{key} repeated in:\n{raw}");
+    }
+
+    // All done: the whole directory is skipped.
+    let (code, out, err) = run(&[&"run", &dir]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("0 run, 3 skipped"), "{out}");
+    assert_eq!(count(&c, "SELECT count(*) FROM filled").await, 450);
+    drop(c);
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn reset_asks_for_yes_and_then_forgets_the_checkpoint() {
+    let db = TestDb::new("lc_reset").await;
+    let c = db.client().await;
+    make_table(&c, 500).await;
+    let spec = db.spec(
+        "job.yaml",
+        &spec_text(
+            "UPDATE t SET n = n + 1 WHERE id = ANY($1)",
+            "{size: 100, target: 0}",
+        ),
+    );
+    // Nothing to forget yet, and nothing created by looking.
+    let (code, out, err) = run(&[&"reset", &"--yes", &spec]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("no checkpoint to delete"), "{out}");
+    let store: bool = c
+        .query_one("SELECT to_regnamespace('backfill') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!store, "reset created the checkpoint store");
+
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let record = store_row(&c, "job").await;
+    assert!(record.is_some());
+
+    let (code, out, err) = run(&[&"reset", &spec]);
+    assert_eq!(code, 2, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(err.contains("--yes"), "{err}");
+    assert_eq!(
+        store_row(&c, "job").await,
+        record,
+        "reset without --yes changed the checkpoint"
+    );
+    let (code, out, _) = run(&[&"run", &spec]);
+    assert_eq!(code, 0);
+    assert!(out.contains("0 run, 1 skipped"), "{out}");
+
+    let (code, out, err) = run(&[&"reset", &"--yes", &spec]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("checkpoint deleted"), "{out}");
+    assert_eq!(store_row(&c, "job").await, None);
+    assert_eq!(status_json(&spec)["jobs"][0]["status"], "pending");
+
+    // The next run starts from the beginning: every row gets its second update.
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("1 run, 0 skipped"), "{out}");
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 2").await, 500);
+    assert_eq!(
+        count(&c, "SELECT keys_done FROM backfill.jobs WHERE job = 'job'").await,
+        500
+    );
+    drop(c);
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn back_to_back_commands_are_not_refused_by_a_runner_that_has_exited() {
+    // Scripts run `backfill run` and `backfill reset` one after the other. Once a command has
+    // exited it holds nothing: the next one must never be told the job "is already being run".
+    let db = TestDb::new("lc_b2b").await;
+    let c = db.client().await;
+    make_table(&c, 100).await;
+    let spec = db.spec(
+        "job.yaml",
+        &spec_text(
+            "UPDATE t SET n = n + 1 WHERE id = ANY($1)",
+            "{size: 100, target: 0}",
+        ),
+    );
+    const ROUNDS: i64 = 40;
+    for round in 1..=ROUNDS {
+        let (code, out, err) = run(&[&"run", &spec]);
+        assert_eq!(
+            code, 0,
+            "round {round}: run\nstdout:\n{out}\nstderr:\n{err}"
+        );
+        assert!(out.contains("1 run, 0 skipped"), "round {round}: {out}");
+        let (code, out, err) = run(&[&"run", &spec]);
+        assert_eq!(
+            code, 0,
+            "round {round}: second run\nstdout:\n{out}\nstderr:\n{err}"
+        );
+        assert!(out.contains("0 run, 1 skipped"), "round {round}: {out}");
+        let (code, out, err) = run(&[&"reset", &"--yes", &spec]);
+        assert_eq!(
+            code, 0,
+            "round {round}: reset\nstdout:\n{out}\nstderr:\n{err}"
+        );
+    }
+    assert_eq!(
+        count(&c, &format!("SELECT count(*) FROM t WHERE n = {ROUNDS}")).await,
+        100
+    );
+    drop(c);
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn second_runner_is_refused_while_the_first_holds_the_job() {
+    let db = TestDb::new("lc_lock").await;
+    let c = db.client().await;
+    make_table(&c, 2000).await;
+    // 200 batches with a 100ms pause: the first runner is busy for 20s unless stopped.
+    let spec = db.spec(
+        "job.yaml",
+        &spec_text(
+            "UPDATE t SET n = n + 1 WHERE id = ANY($1)",
+            "{size: 10, target: 0, pause: 100ms}",
+        ),
+    );
+    let mut first = SlowRunner::start(&db, &spec, &c).await;
+    let pids = job_backends(&c).await;
+    assert!(
+        !pids.is_empty(),
+        "no backend of this database with application_name backfill:job"
+    );
+
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 75, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("job: not started"), "{out}");
+    let pid = holder_pid(&err);
+    assert!(
+        pids.contains(&pid),
+        "pid {pid} is not one of this database's backfill:job backends {pids:?}"
+    );
+    assert!(
+        holds_advisory_lock_here(&c, pid).await,
+        "pid {pid} holds no advisory lock in the job's database"
+    );
+    assert!(
+        err.contains("backfill:job"),
+        "want the holder's application_name in:\n{err}"
+    );
+
+    // reset is refused as well while the job runs.
+    let (code, out, err) = run(&[&"reset", &"--yes", &spec]);
+    assert_eq!(
+        code, 75,
+        "reset under a running job\nstdout:\n{out}\nstderr:\n{err}"
+    );
+    assert!(
+        store_row(&c, "job").await.is_some(),
+        "reset deleted a running job's checkpoint"
+    );
+
+    // Stop the first runner (SIGTERM to the process we started): it ends at a batch boundary.
+    let (code, first_out, first_err) = first.stop();
+    assert_eq!(
+        code, 75,
+        "first runner after SIGTERM\nstdout:\n{first_out}\nstderr:\n{first_err}"
+    );
+    assert!(first_out.contains("SIGTERM"), "{first_out}");
+    let row = c
+        .query_one(
+            "SELECT status, cursor, keys_done FROM backfill.jobs WHERE job = 'job'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, &str>(0), "stopped");
+    let cursor: i64 = row
+        .get::<_, Option<&str>>(1)
+        .expect("cursor")
+        .parse()
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(2), cursor);
+    assert!(
+        cursor < 2000,
+        "SIGTERM should have stopped it early (cursor {cursor})"
+    );
+    assert_eq!(
+        count(
+            &c,
+            &format!("SELECT count(*) FROM t WHERE id <= {cursor} AND n = 1")
+        )
+        .await,
+        cursor
+    );
+    assert_eq!(
+        count(
+            &c,
+            &format!("SELECT count(*) FROM t WHERE id > {cursor} AND n <> 0")
+        )
+        .await,
+        0
+    );
+
+    // Nobody holds the job now: the next run resumes and finishes.
+    db.spec(
+        "job.yaml",
+        &spec_text(
+            "UPDATE t SET n = n + 1 WHERE id = ANY($1)",
+            "{size: 100, target: 0}",
+        ),
+    );
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(err.contains(&format!("starting at key {cursor}")), "{err}");
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 2000);
+    assert_eq!(
+        count(&c, "SELECT keys_done FROM backfill.jobs WHERE job = 'job'").await,
+        2000
+    );
+    drop(c);
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn lock_holder_named_is_in_the_jobs_own_database() {
+    // Jobs with the same name run in other databases of the same server: their runners hold
+    // the "same" advisory lock, each in its own database. A refused runner must name the
+    // holder in its own database, not one of theirs.
+    let spec_yaml = spec_text(
+        "UPDATE t SET n = n + 1 WHERE id = ANY($1)",
+        "{size: 10, target: 0, pause: 100ms}",
+    );
+    let mut others = Vec::new();
+    for i in 0..3 {
+        let other = TestDb::new(&format!("lc_holder_o{i}")).await;
+        let oc = other.client().await;
+        make_table(&oc, 2000).await;
+        let spec = other.spec("job.yaml", &spec_yaml);
+        let runner = SlowRunner::start(&other, &spec, &oc).await;
+        others.push((other, oc, runner));
+    }
+    let db = TestDb::new("lc_holder").await;
+    let c = db.client().await;
+    make_table(&c, 2000).await;
+    let spec = db.spec("job.yaml", &spec_yaml);
+    let mut mine = SlowRunner::start(&db, &spec, &c).await;
+    let pids = job_backends(&c).await;
+
+    for attempt in 0..3 {
+        let (code, out, err) = run(&[&"run", &spec]);
+        assert_eq!(
+            code, 75,
+            "attempt {attempt}\nstdout:\n{out}\nstderr:\n{err}"
+        );
+        let pid = holder_pid(&err);
+        assert!(
+            pids.contains(&pid) && holds_advisory_lock_here(&c, pid).await,
+            "attempt {attempt}: named pid {pid}, but the job's runner in this database is one of \
+             {pids:?}:\n{err}"
+        );
+    }
+
+    let (code, _, err) = mine.stop();
+    assert_eq!(code, 75, "{err}");
+    for (other, oc, mut runner) in others {
+        let (code, _, err) = runner.stop();
+        assert_eq!(code, 75, "{err}");
+        drop(oc);
+        other.drop_db().await;
+    }
+    drop(c);
+    db.drop_db().await;
+}
