@@ -1,0 +1,450 @@
+//! `lock: skip_locked` under concurrent row locks: rows locked when the walk passes them are
+//! recorded, retried, and done exactly once; rows locked for good stop the run with 75 and stay
+//! recorded; a statement that leaves rows in `where` does not loop.
+
+mod common;
+use common::{TestDb, backfill, count};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+
+#[derive(Debug, Clone, PartialEq)]
+struct JobRow {
+    status: String,
+    cursor: Option<String>,
+    keys_done: i64,
+    rows_done: i64,
+    rows_retried: i64,
+}
+
+async fn job_row(c: &Client, job: &str) -> Option<JobRow> {
+    let r = c
+        .query_opt(
+            "SELECT status, cursor, keys_done, rows_done, rows_retried FROM backfill.jobs
+              WHERE job = $1",
+            &[&job],
+        )
+        .await
+        .ok()??;
+    Some(JobRow {
+        status: r.get(0),
+        cursor: r.get(1),
+        keys_done: r.get(2),
+        rows_done: r.get(3),
+        rows_retried: r.get(4),
+    })
+}
+
+async fn skipped_keys(c: &Client, job: &str) -> Vec<String> {
+    c.query(
+        "SELECT key FROM backfill.skipped_keys WHERE job = $1 ORDER BY key",
+        &[&job],
+    )
+    .await
+    .expect("read skipped_keys")
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// A running `backfill run` whose output goes to files.
+struct Running {
+    child: Child,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+fn spawn(dir: &Path, tag: &str, spec: &Path) -> Running {
+    let out = dir.join(format!("{tag}.out"));
+    let err = dir.join(format!("{tag}.err"));
+    let child = backfill()
+        .arg("run")
+        .arg(spec)
+        .stdout(Stdio::from(std::fs::File::create(&out).unwrap()))
+        .stderr(Stdio::from(std::fs::File::create(&err).unwrap()))
+        .spawn()
+        .expect("spawn backfill run");
+    Running { child, out, err }
+}
+
+impl Running {
+    fn exited(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_some()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+
+    /// Wait for the exit, bounded; returns (code, stdout, stderr).
+    async fn finish(mut self, limit: Duration) -> (i32, String, String) {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                break s;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "runner did not exit within {limit:?}; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        (
+            status.code().unwrap_or(-1),
+            std::fs::read_to_string(&self.out).unwrap(),
+            self.stderr(),
+        )
+    }
+}
+
+/// Wait (bounded) until the walk's cursor is past `key` (the rows up to it have been walked).
+async fn wait_cursor_past(c: &Client, job: &str, key: i64, r: &mut Running) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let cur = job_row(c, job)
+            .await
+            .and_then(|j| j.cursor)
+            .map(|s| s.parse::<i64>().expect("bigint cursor"));
+        if cur.is_some_and(|k| k >= key) {
+            return;
+        }
+        assert!(
+            !r.exited(),
+            "runner exited before its cursor passed {key} (cursor {cur:?}):\n{}",
+            r.stderr()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "cursor did not pass {key} in 30s (at {cur:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The number N in the summary's "N rows retried after being locked".
+fn retried_in_summary(out: &str) -> u64 {
+    let (head, _) = out
+        .split_once(" rows retried after being locked")
+        .unwrap_or_else(|| panic!("no retried count in the summary:\n{out}"));
+    let n = head.rsplit(' ').next().unwrap_or("");
+    n.parse()
+        .unwrap_or_else(|_| panic!("retried count {n:?} is not a number:\n{out}"))
+}
+
+/// Hold row locks on `ids` in a transaction of its own; dropping the `Client` or calling
+/// `commit` releases them.
+async fn lock_rows(db: &TestDb, ids: &[i64]) -> Client {
+    let c = db.client().await;
+    c.batch_execute("BEGIN").await.unwrap();
+    let got = c
+        .query(
+            "SELECT id FROM t WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+            &[&ids],
+        )
+        .await
+        .unwrap();
+    assert_eq!(got.len(), ids.len(), "could not lock {ids:?}");
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_locked_by_other_transactions_are_retried_and_done_exactly_once() {
+    const ROWS: i64 = 20_000;
+    let db = TestDb::new("skiplocked").await;
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "CREATE TABLE t (id bigint PRIMARY KEY, done boolean, n int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT g FROM generate_series(1, {ROWS}) g;
+         ANALYZE t;"
+    ))
+    .await
+    .unwrap();
+    let spec = db.spec(
+        "skiplocked.yaml",
+        "name: skip-locked
+postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: UPDATE t SET done = true, n = n + 1 WHERE id = ANY($1)
+batch: {size: 200, target: 0, pause: 20ms}
+limits: {lock_timeout: 3s}
+",
+    );
+
+    // Three transactions each lock five rows spread over the table before the run starts, and
+    // let go only once the walk has passed the last of them: those 15 rows are certainly skipped.
+    // Fifteen segments of the table, one random row in each; holder h takes segments h, h+3, ..
+    // so each holder's rows are spread over the table. No row is the last key, so the cursor can
+    // always move past each of them.
+    let seg = ROWS / 15;
+    let mut holders = Vec::new();
+    for h in 0..3i64 {
+        let ids: Vec<i64> = (0..5i64)
+            .map(|s| (h + 3 * s) * seg + rand::random_range(1..=seg))
+            .collect();
+        let client = lock_rows(&db, &ids).await;
+        holders.push((client, ids));
+    }
+    let guaranteed: BTreeSet<i64> = holders.iter().flat_map(|(_, ids)| ids.clone()).collect();
+
+    // Meanwhile, another session keeps locking a few random rows for short moments.
+    let stop = Arc::new(AtomicBool::new(false));
+    let bg_locks = Arc::new(AtomicU64::new(0));
+    let bg = {
+        let (stop, bg_locks) = (stop.clone(), bg_locks.clone());
+        let bc = db.client().await;
+        tokio::spawn(async move {
+            for _ in 0..100_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let ids: Vec<i64> = (0..3).map(|_| rand::random_range(1..=ROWS)).collect();
+                bc.batch_execute("BEGIN").await.unwrap();
+                let got = bc
+                    .query(
+                        "SELECT id FROM t WHERE id = ANY($1) ORDER BY id FOR UPDATE SKIP LOCKED",
+                        &[&ids],
+                    )
+                    .await
+                    .unwrap();
+                bg_locks.fetch_add(got.len() as u64, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(rand::random_range(20..150))).await;
+                bc.batch_execute("COMMIT").await.unwrap();
+                tokio::time::sleep(Duration::from_millis(rand::random_range(0..30))).await;
+            }
+        })
+    };
+
+    let mut r = spawn(db.dir.path(), "run", &spec);
+    for (client, ids) in holders {
+        let last = *ids.iter().max().unwrap();
+        wait_cursor_past(&c, "skip-locked", last, &mut r).await;
+        client.batch_execute("COMMIT").await.unwrap();
+    }
+    let (code, out, err) = r.finish(Duration::from_secs(60)).await;
+    stop.store(true, Ordering::Relaxed);
+    bg.await.unwrap();
+    assert_eq!(code, 0, "run under concurrent locks:\n{out}\n{err}");
+    assert!(
+        bg_locks.load(Ordering::Relaxed) > 0,
+        "background locker never locked a row"
+    );
+
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM t WHERE done IS NOT TRUE").await,
+        0,
+        "rows lost"
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM t WHERE n <> 1").await,
+        0,
+        "rows done twice or never"
+    );
+    let unlocked = count(
+        &c,
+        &format!(
+            "SELECT count(*) FROM t WHERE id IN ({}) AND n = 1",
+            guaranteed
+                .iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+    )
+    .await;
+    assert_eq!(
+        unlocked as usize,
+        guaranteed.len(),
+        "held rows not done once"
+    );
+
+    let j = job_row(&c, "skip-locked").await.expect("job recorded");
+    assert_eq!(j.status, "done", "{j:?}");
+    assert_eq!(j.keys_done, ROWS, "{j:?}");
+    assert_eq!(
+        j.rows_done, ROWS,
+        "every row is updated once, walked or retried: {j:?}"
+    );
+    assert!(
+        j.rows_retried >= guaranteed.len() as i64,
+        "{} rows were locked when the walk passed them, {} retried: {j:?}",
+        guaranteed.len(),
+        j.rows_retried
+    );
+    let said = retried_in_summary(&out);
+    assert!(said > 0, "{out}");
+    assert_eq!(
+        said as i64, j.rows_retried,
+        "summary and store disagree:\n{out}"
+    );
+    assert!(
+        skipped_keys(&c, "skip-locked").await.is_empty(),
+        "keys left waiting for retry"
+    );
+
+    drop(c);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_locked_for_the_whole_run_stops_with_75_and_is_done_on_the_next_run() {
+    const ROWS: i64 = 2_000;
+    const HELD: i64 = 1_234;
+    let db = TestDb::new("heldrow").await;
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "CREATE TABLE t (id bigint PRIMARY KEY, done boolean, n int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT g FROM generate_series(1, {ROWS}) g;
+         ANALYZE t;"
+    ))
+    .await
+    .unwrap();
+    let spec = db.spec(
+        "heldrow.yaml",
+        "name: held-row
+postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: UPDATE t SET done = true, n = n + 1 WHERE id = ANY($1)
+batch: {size: 200, target: 0}
+limits: {lock_timeout: 200ms}
+",
+    );
+
+    let holder = lock_rows(&db, &[HELD]).await;
+    let r = spawn(db.dir.path(), "first", &spec);
+    let (code, out, err) = r.finish(Duration::from_secs(60)).await;
+    let all = format!("{out}\n{err}");
+    assert_eq!(
+        code, 75,
+        "a row locked throughout must stop the run:\n{all}"
+    );
+    assert!(
+        all.contains("still locked"),
+        "output does not say rows are still locked:\n{all}"
+    );
+    assert!(all.contains("held-row: stopped"), "{out}");
+    assert_eq!(
+        skipped_keys(&c, "held-row").await,
+        vec![HELD.to_string()],
+        "the held key is not kept"
+    );
+    let j = job_row(&c, "held-row").await.expect("job recorded");
+    assert_eq!(j.status, "stopped", "{j:?}");
+    assert_eq!(j.keys_done, ROWS, "{j:?}");
+    assert_eq!(j.rows_done, ROWS - 1, "{j:?}");
+    assert_eq!(
+        count(&c, &format!("SELECT n::bigint FROM t WHERE id = {HELD}")).await,
+        0
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM t WHERE n = 1").await,
+        ROWS - 1
+    );
+
+    // The status command shows it waiting.
+    let (code, sout, serr) = common::run(&[&"status", &"--json", &spec]);
+    assert_eq!(code, 0, "{sout}{serr}");
+    let doc: serde_json::Value =
+        serde_json::from_str(&sout).unwrap_or_else(|e| panic!("{e}:\n{sout}"));
+    assert_eq!(
+        doc["jobs"][0]["rows_pending_retry"].as_i64(),
+        Some(1),
+        "{doc:#}"
+    );
+
+    holder.batch_execute("COMMIT").await.unwrap();
+    let r = spawn(db.dir.path(), "second", &spec);
+    let (code, out, err) = r.finish(Duration::from_secs(60)).await;
+    assert_eq!(code, 0, "after the lock is gone:\n{out}\n{err}");
+    assert!(out.contains("held-row: done"), "{out}");
+    assert_eq!(retried_in_summary(&out), 1, "{out}");
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM t WHERE n = 1 AND done").await,
+        ROWS
+    );
+    assert!(skipped_keys(&c, "held-row").await.is_empty());
+    let j = job_row(&c, "held-row").await.expect("job recorded");
+    assert_eq!(j.status, "done", "{j:?}");
+    assert_eq!(j.keys_done, ROWS, "{j:?}");
+    assert_eq!(j.rows_done, ROWS, "{j:?}");
+    assert_eq!(j.rows_retried, 1, "{j:?}");
+
+    drop(c);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_that_leaves_rows_in_where_does_not_loop() {
+    const ROWS: i64 = 3_000;
+    let db = TestDb::new("staysinwhere").await;
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "CREATE TABLE t (id bigint PRIMARY KEY, flag boolean, touched int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT g FROM generate_series(1, {ROWS}) g;
+         ANALYZE t;"
+    ))
+    .await
+    .unwrap();
+    let spec = db.spec(
+        "stays.yaml",
+        "name: stays-in-where
+postgres:
+  url: $URL
+  table: t
+  key: id
+  where: flag IS NULL
+  statement: UPDATE t SET touched = touched + 1 WHERE id = ANY($1)
+batch: {size: 100, target: 0, pause: 10ms}
+limits: {lock_timeout: 1s}
+",
+    );
+
+    // Some rows are locked when the walk passes them, so the retry pass sees rows that still
+    // match `where` after the statement ran on them.
+    let held = [700i64, 1_500, 2_300];
+    let holder = lock_rows(&db, &held).await;
+    let mut r = spawn(db.dir.path(), "run", &spec);
+    wait_cursor_past(&c, "stays-in-where", 2_300, &mut r).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    let (code, out, err) = r.finish(Duration::from_secs(60)).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("stays-in-where: done"), "{out}");
+
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM t WHERE touched = 1").await,
+        ROWS
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM t WHERE touched <> 1").await,
+        0
+    );
+    let j = job_row(&c, "stays-in-where").await.expect("job recorded");
+    assert_eq!(j.status, "done", "{j:?}");
+    assert_eq!(j.keys_done, ROWS, "{j:?}");
+    assert_eq!(j.rows_done, ROWS, "{j:?}");
+    assert_eq!(j.rows_retried, held.len() as i64, "{j:?}");
+    assert!(skipped_keys(&c, "stays-in-where").await.is_empty());
+
+    // Done means done, even though every row still matches `where`.
+    let (code, out, err) = common::run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("0 run, 1 skipped"), "{out}");
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM t WHERE touched <> 1").await,
+        0
+    );
+
+    drop(c);
+    db.drop_db().await;
+}

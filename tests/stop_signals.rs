@@ -1,0 +1,474 @@
+//! Stopping early at a batch boundary: SIGTERM, `--max-runtime`, `limits.max_runtime`. Each exits
+//! 75 with the checkpoint matching the data exactly, says how to resume, and a later run finishes
+//! with every row done exactly once.
+
+mod common;
+use common::{TestDb, backfill, checksum, count, path_str};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+
+#[derive(Debug, Clone, PartialEq)]
+struct JobRow {
+    status: String,
+    cursor: Option<String>,
+    keys_done: i64,
+    rows_done: i64,
+    batches_done: i64,
+    last_error: Option<String>,
+}
+
+async fn job_row(c: &Client, job: &str) -> Option<JobRow> {
+    let r = c
+        .query_opt(
+            "SELECT status, cursor, keys_done, rows_done, batches_done, last_error
+               FROM backfill.jobs WHERE job = $1",
+            &[&job],
+        )
+        .await
+        .ok()??;
+    Some(JobRow {
+        status: r.get(0),
+        cursor: r.get(1),
+        keys_done: r.get(2),
+        rows_done: r.get(3),
+        batches_done: r.get(4),
+        last_error: r.get(5),
+    })
+}
+
+/// `src(id, v)` with `rows` rows and an empty, unconstrained `dst(id, v)`: a batch applied twice
+/// shows as duplicate ids in `dst`.
+async fn copy_tables(c: &Client, rows: i64) {
+    c.batch_execute(&format!(
+        "CREATE TABLE src (id bigint PRIMARY KEY, v int);
+         INSERT INTO src SELECT g, (g * 13) % 997 FROM generate_series(1, {rows}) g;
+         CREATE TABLE dst (id bigint, v int);
+         ANALYZE src;"
+    ))
+    .await
+    .unwrap();
+}
+
+fn copy_spec(name: &str, batch: &str, extra: &str) -> String {
+    format!(
+        "name: {name}
+postgres:
+  url: $URL
+  table: src
+  key: id
+  statement: INSERT INTO dst SELECT id, v FROM src WHERE id = ANY($1)
+batch: {batch}
+{extra}"
+    )
+}
+
+/// A running `backfill run` whose output goes to files (no pipe to fill up).
+struct Running {
+    child: Child,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+fn spawn(dir: &Path, tag: &str, args: &[&str], spec: &Path) -> Running {
+    let out = dir.join(format!("{tag}.out"));
+    let err = dir.join(format!("{tag}.err"));
+    let child = backfill()
+        .arg("run")
+        .args(args)
+        .arg(spec)
+        .stdout(Stdio::from(std::fs::File::create(&out).unwrap()))
+        .stderr(Stdio::from(std::fs::File::create(&err).unwrap()))
+        .spawn()
+        .expect("spawn backfill run");
+    Running { child, out, err }
+}
+
+impl Running {
+    /// Wait for the exit, bounded; returns (code, stdout, stderr).
+    async fn finish(mut self, limit: Duration) -> (i32, String, String) {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                break s;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "runner did not exit within {limit:?}; stderr:\n{}",
+                    std::fs::read_to_string(&self.err).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        (
+            status.code().unwrap_or(-1),
+            std::fs::read_to_string(&self.out).unwrap(),
+            std::fs::read_to_string(&self.err).unwrap(),
+        )
+    }
+}
+
+/// Wait (bounded) until the job has committed at least `n` batches.
+async fn wait_batches(c: &Client, job: &str, n: i64, r: &mut Running) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(s) = r.child.try_wait().expect("try_wait") {
+            panic!(
+                "runner exited ({s}) before {n} batches:\n{}",
+                std::fs::read_to_string(&r.err).unwrap_or_default()
+            );
+        }
+        if job_row(c, job).await.is_some_and(|j| j.batches_done >= n) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {n} batches committed in 30s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn sigterm(child: &Child) {
+    let st = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(st.success(), "kill -TERM failed");
+}
+
+/// The state after a stop: `stopped`, not finished, and exactly the checkpointed keys in `dst`.
+async fn assert_stopped_consistent(c: &Client, job: &str, total: i64) -> JobRow {
+    let j = job_row(c, job).await.expect("job recorded");
+    assert_eq!(j.status, "stopped", "{j:?}");
+    assert!(j.keys_done < total, "the run was not stopped early: {j:?}");
+    assert_eq!(
+        count(c, "SELECT count(*) FROM dst").await,
+        j.keys_done,
+        "rows in dst differ from the checkpoint: a batch was half-applied or lost ({j:?})"
+    );
+    assert_eq!(j.rows_done, j.keys_done, "{j:?}");
+    assert_eq!(
+        count(c, "SELECT count(*) - count(DISTINCT id) FROM dst").await,
+        0,
+        "duplicates"
+    );
+    j
+}
+
+/// Exactly once: `dst` is a copy of `src` and the job is done with every key counted once.
+async fn assert_exactly_once(c: &Client, job: &str, total: i64) {
+    assert_eq!(
+        count(c, "SELECT count(*) FROM dst").await,
+        total,
+        "rows lost or doubled"
+    );
+    assert_eq!(
+        count(c, "SELECT count(DISTINCT id) FROM dst").await,
+        total,
+        "duplicates"
+    );
+    assert_eq!(checksum(c, "dst").await, checksum(c, "src").await);
+    let j = job_row(c, job).await.expect("job recorded");
+    assert_eq!(j.status, "done", "{j:?}");
+    assert_eq!(j.keys_done, total, "{j:?}");
+    assert_eq!(j.rows_done, total, "{j:?}");
+    assert_eq!(j.last_error, None, "{j:?}");
+}
+
+fn run_to_end(spec: &Path) -> String {
+    let out = backfill()
+        .arg("run")
+        .arg(spec)
+        .output()
+        .expect("run backfill");
+    let (o, e) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "resume of {}:\n{o}\n{e}",
+        path_str(spec)
+    );
+    o
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_at_a_batch_boundary_and_resumes() {
+    const ROWS: i64 = 20_000;
+    let db = TestDb::new("sigterm").await;
+    let c = db.client().await;
+    copy_tables(&c, ROWS).await;
+    let spec = db.spec(
+        "sigterm.yaml",
+        &copy_spec("sigterm-job", "{size: 100, target: 0, pause: 20ms}", ""),
+    );
+
+    let mut r = spawn(db.dir.path(), "first", &[], &spec);
+    wait_batches(&c, "sigterm-job", 3, &mut r).await;
+    sigterm(&r.child);
+    let (code, out, err) = r.finish(Duration::from_secs(30)).await;
+    let all = format!("{out}\n{err}");
+    assert_eq!(code, 75, "exit code after SIGTERM:\n{all}");
+    assert!(
+        all.contains("SIGTERM"),
+        "output does not say why it stopped:\n{all}"
+    );
+    assert!(
+        all.contains("stop"),
+        "output does not say it stopped:\n{all}"
+    );
+    assert!(
+        all.contains("run again"),
+        "output does not say how to resume:\n{all}"
+    );
+    assert!(
+        out.contains("sigterm-job: stopped"),
+        "summary on stdout:\n{out}"
+    );
+    let j = assert_stopped_consistent(&c, "sigterm-job", ROWS).await;
+    assert!(j.batches_done >= 3, "{j:?}");
+    assert!(
+        j.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("SIGTERM")),
+        "store does not say why it stopped: {j:?}"
+    );
+
+    let out = run_to_end(&spec);
+    assert!(out.contains("sigterm-job: done"), "{out}");
+    assert_exactly_once(&c, "sigterm-job", ROWS).await;
+
+    drop(c);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_sigterm_exits_at_once_and_rolls_the_open_batch_back() {
+    const ROWS: i64 = 3_000;
+    let db = TestDb::new("sigterm2").await;
+    let c = db.client().await;
+    copy_tables(&c, ROWS).await;
+    // Each batch's statement runs for a while, so the second signal arrives mid-batch.
+    let spec = db.spec(
+        "sigterm2.yaml",
+        "name: sigterm-twice
+postgres:
+  url: $URL
+  table: src
+  key: id
+  statement: INSERT INTO dst SELECT s.id, s.v FROM src s, pg_sleep(0.3) WHERE s.id = ANY($1)
+batch: {size: 100, target: 0}
+",
+    );
+    let mut r = spawn(db.dir.path(), "first", &[], &spec);
+    wait_batches(&c, "sigterm-twice", 1, &mut r).await;
+    sigterm(&r.child);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    if r.child.try_wait().expect("try_wait").is_none() {
+        sigterm(&r.child);
+    }
+    let (code, out, err) = r.finish(Duration::from_secs(30)).await;
+    assert_eq!(code, 75, "exit code after two SIGTERMs:\n{out}\n{err}");
+
+    // Wait for the server to notice the client is gone and roll back whatever was open.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count(
+        &c,
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND application_name LIKE 'backfill:%'",
+    )
+    .await
+        > 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "runner sessions still open after 60s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let j = job_row(&c, "sigterm-twice").await.expect("job recorded");
+    assert!(j.keys_done < ROWS, "{j:?}");
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM dst").await,
+        j.keys_done,
+        "{j:?}"
+    );
+
+    let out = run_to_end(&spec);
+    assert!(out.contains("sigterm-twice: done"), "{out}");
+    assert_exactly_once(&c, "sigterm-twice", ROWS).await;
+
+    drop(c);
+    db.drop_db().await;
+}
+
+/// Slow enough to take well over 3 s: 100 batches, each followed by a 50 ms pause.
+const SLOW_ROWS: i64 = 2_000;
+const SLOW_BATCH: &str = "{size: 20, target: 0, pause: 50ms}";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_runtime_flag_stops_with_75_and_a_plain_run_finishes() {
+    let db = TestDb::new("maxrt_flag").await;
+    let c = db.client().await;
+    copy_tables(&c, SLOW_ROWS).await;
+    let spec = db.spec("maxrt.yaml", &copy_spec("maxrt-flag", SLOW_BATCH, ""));
+
+    let r = spawn(db.dir.path(), "first", &["--max-runtime", "1s"], &spec);
+    let (code, out, err) = r.finish(Duration::from_secs(30)).await;
+    let all = format!("{out}\n{err}");
+    assert_eq!(code, 75, "exit code at the deadline:\n{all}");
+    assert!(
+        all.contains("max runtime"),
+        "output does not say why it stopped:\n{all}"
+    );
+    assert!(
+        all.contains("run again"),
+        "output does not say how to resume:\n{all}"
+    );
+    assert_stopped_consistent(&c, "maxrt-flag", SLOW_ROWS).await;
+
+    let out = run_to_end(&spec);
+    assert!(out.contains("maxrt-flag: done"), "{out}");
+    assert_exactly_once(&c, "maxrt-flag", SLOW_ROWS).await;
+
+    drop(c);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_runtime_in_spec_stops_each_run_and_runs_resume_to_the_end() {
+    let db = TestDb::new("maxrt_spec").await;
+    let c = db.client().await;
+    copy_tables(&c, SLOW_ROWS).await;
+    let spec = db.spec(
+        "maxrt_spec.yaml",
+        &copy_spec("maxrt-spec", SLOW_BATCH, "limits: {max_runtime: 1s}\n"),
+    );
+
+    let r = spawn(db.dir.path(), "first", &[], &spec);
+    let (code, out, err) = r.finish(Duration::from_secs(30)).await;
+    let all = format!("{out}\n{err}");
+    assert_eq!(code, 75, "exit code at the spec's deadline:\n{all}");
+    assert!(
+        all.contains("max runtime"),
+        "output does not say why it stopped:\n{all}"
+    );
+    assert!(
+        all.contains("run again"),
+        "output does not say how to resume:\n{all}"
+    );
+    let mut last = assert_stopped_consistent(&c, "maxrt-spec", SLOW_ROWS).await;
+
+    // Each later run also stops after about a second; together they finish the job.
+    let mut runs = 1;
+    loop {
+        runs += 1;
+        assert!(
+            runs <= 40,
+            "job not done after 40 runs of 1s each: {last:?}"
+        );
+        let r = spawn(db.dir.path(), &format!("run{runs}"), &[], &spec);
+        let (code, out, err) = r.finish(Duration::from_secs(30)).await;
+        match code {
+            0 => {
+                assert!(out.contains("maxrt-spec: done"), "{out}");
+                break;
+            }
+            75 => {
+                let j = assert_stopped_consistent(&c, "maxrt-spec", SLOW_ROWS).await;
+                assert!(
+                    j.keys_done >= last.keys_done,
+                    "checkpoint went back: {last:?} -> {j:?}"
+                );
+                last = j;
+            }
+            other => panic!("run {runs} exited {other}:\n{out}\n{err}"),
+        }
+    }
+    assert!(
+        runs >= 3,
+        "the 1s limit did not stop a later run: finished on run {runs}"
+    );
+    assert_exactly_once(&c, "maxrt-spec", SLOW_ROWS).await;
+
+    drop(c);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_json_after_a_stopped_run() {
+    let db = TestDb::new("status_json").await;
+    let c = db.client().await;
+    copy_tables(&c, SLOW_ROWS).await;
+    let spec = db.spec(
+        "status_json.yaml",
+        &copy_spec("status-json", SLOW_BATCH, ""),
+    );
+
+    // Before any run: no record yet.
+    let (code, out, err) = common::run(&[&"status", &"--json", &spec]);
+    assert_eq!(code, 0, "{out}{err}");
+    let doc: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}:\n{out}"));
+    assert_eq!(doc["jobs"][0]["status"], "pending", "{doc:#}");
+
+    let mut r = spawn(db.dir.path(), "first", &["--max-runtime", "20s"], &spec);
+    wait_batches(&c, "status-json", 2, &mut r).await;
+    sigterm(&r.child);
+    let (code, out, err) = r.finish(Duration::from_secs(30)).await;
+    assert_eq!(code, 75, "{out}\n{err}");
+    let j = assert_stopped_consistent(&c, "status-json", SLOW_ROWS).await;
+
+    let (code, out, err) = common::run(&[&"status", &"--json", &spec]);
+    assert_eq!(code, 0, "{out}{err}");
+    let doc: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}:\n{out}"));
+    let jobs = doc["jobs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no jobs array:\n{doc:#}"));
+    assert_eq!(jobs.len(), 1, "{doc:#}");
+    let e = &jobs[0];
+    assert_eq!(e["job"], "status-json", "{doc:#}");
+    assert_eq!(e["status"], "stopped", "{doc:#}");
+    let cursor = e["cursor"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no cursor:\n{doc:#}"));
+    assert_eq!(Some(cursor), j.cursor.as_deref(), "{doc:#}");
+    let cursor: i64 = cursor
+        .parse()
+        .unwrap_or_else(|_| panic!("cursor is not a key: {cursor}"));
+    assert_eq!(
+        cursor, j.keys_done,
+        "cursor of a gap-free 1..N key after {j:?}"
+    );
+    assert_eq!(e["keys_done"].as_i64(), Some(j.keys_done), "{doc:#}");
+    assert_eq!(e["batches_done"].as_i64(), Some(j.batches_done), "{doc:#}");
+    assert!(e["database"].is_string(), "{doc:#}");
+    // Every key of one job's object appears once (duplicate JSON keys are ambiguous to parsers).
+    let text_keys: Vec<&str> = out
+        .lines()
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix('"')?
+                .split_once("\":")
+                .map(|(k, _)| k)
+        })
+        .collect();
+    let mut dedup = text_keys.clone();
+    dedup.sort();
+    dedup.dedup();
+    assert_eq!(
+        dedup.len(),
+        text_keys.len(),
+        "duplicate keys in status --json:\n{out}"
+    );
+
+    drop(c);
+    db.drop_db().await;
+}
