@@ -2,32 +2,11 @@
 //! password, and leave the checkpoint as it was.
 
 mod common;
+use common::store::{has_store, job_record};
 use common::{TestDb, admin_url, connect, count, run};
 use tokio_postgres::Client;
 
 const SECRET: &str = "wrong-secret-123";
-
-/// Whether the `backfill` schema (the checkpoint store) exists.
-async fn has_store(c: &Client) -> bool {
-    c.query_one("SELECT to_regnamespace('backfill') IS NOT NULL", &[])
-        .await
-        .expect("to_regnamespace")
-        .get(0)
-}
-
-/// The job's checkpoint row as text (None when there is none), to compare before and after.
-async fn checkpoint(c: &Client, job: &str) -> Option<String> {
-    if !has_store(c).await {
-        return None;
-    }
-    c.query_opt(
-        "SELECT j::text FROM backfill.jobs j WHERE job = $1",
-        &[&job],
-    )
-    .await
-    .expect("read checkpoint")
-    .map(|r| r.get(0))
-}
 
 /// `t (id bigint PRIMARY KEY, name text, x int, n int)` with ids 1..=rows.
 async fn make_table(c: &Client, rows: i64) {
@@ -86,7 +65,7 @@ async fn wrong_password_is_refused_and_never_shown() {
     );
     let (code, out, err) = run(&[&"run", &good]);
     assert_eq!(code, 0, "{out}\n{err}");
-    let before = checkpoint(&c, "job").await;
+    let before = job_record(&c, "job").await;
     assert!(before.is_some());
     let table_before = common::checksum(&c, "t").await;
 
@@ -125,7 +104,7 @@ async fn wrong_password_is_refused_and_never_shown() {
         "{out}\n{err}"
     );
 
-    assert_eq!(checkpoint(&c, "job").await, before, "checkpoint changed");
+    assert_eq!(job_record(&c, "job").await, before, "checkpoint changed");
     assert_eq!(common::checksum(&c, "t").await, table_before);
     drop(c);
     db.drop_db().await;
@@ -396,7 +375,7 @@ batch: {{size: 1000, target: 0}}
     );
 
     // A spec that is refused by preflight leaves the failed checkpoint exactly as it was.
-    let failed = checkpoint(&c, "job").await;
+    let failed = job_record(&c, "job").await;
     db.spec(
         "job.yaml",
         &yaml("UPDATE t SET x = 100 / NULLIF(id - 5000, 0), n = n + 1 WHERE idd = ANY($1)"),
@@ -405,7 +384,7 @@ batch: {{size: 1000, target: 0}}
     assert_eq!(code, 1, "{out}\n{err}");
     assert!(err.contains("postgres.statement"), "{err}");
     assert_eq!(
-        checkpoint(&c, "job").await,
+        job_record(&c, "job").await,
         failed,
         "refused run changed the checkpoint"
     );

@@ -2,113 +2,46 @@
 //! after every kill the checkpoint agrees with the data (no batch lost, none applied twice).
 
 mod common;
-use common::{TestDb, backfill, checksum, count, path_str};
+use common::runner::{run_to_end, spawn, wait_runner_sessions_gone};
+use common::store::job_row;
+use common::{TestDb, checksum, count};
 use std::path::Path;
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_postgres::Client;
 
 const ROWS: i64 = 20_000;
 const KILLS: usize = 6;
 
-/// The job's counters in the store, or `None` while the store or the record does not exist yet.
-#[derive(Debug, Clone, PartialEq)]
-struct JobRow {
-    status: String,
-    keys_done: i64,
-    rows_done: i64,
-    batches_done: i64,
-}
-
-async fn job_row(c: &Client, job: &str) -> Option<JobRow> {
-    let r = c
-        .query_opt(
-            "SELECT status, keys_done, rows_done, batches_done FROM backfill.jobs WHERE job = $1",
-            &[&job],
-        )
-        .await
-        .ok()??;
-    Some(JobRow {
-        status: r.get(0),
-        keys_done: r.get(1),
-        rows_done: r.get(2),
-        batches_done: r.get(3),
-    })
-}
-
-/// Wait (bounded) until no session of a `backfill` process is left on this database: a killed
-/// runner's open transaction has then been rolled back (or committed whole) and its runner lock
-/// released.
-async fn wait_runner_sessions_gone(c: &Client) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let n = count(
-            c,
-            "SELECT count(*) FROM pg_stat_activity
-              WHERE datname = current_database() AND application_name LIKE 'backfill:%'",
-        )
-        .await;
-        if n == 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "sessions of a killed runner still open after 60s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn spawn_run(spec: &Path) -> Child {
-    backfill()
-        .arg("run")
-        .arg(spec)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn backfill run")
-}
-
 /// Kill the runner `KILLS` times at random moments, each time after some progress (the first
 /// time possibly before any), checking after each kill that what is committed in the target
 /// matches the checkpoint exactly (`committed_rows` counts what the job's batches committed).
-async fn kill_repeatedly(c: &Client, spec: &Path, job: &str, committed_rows: &str) {
+/// Each run's output goes to files in `dir`.
+async fn kill_repeatedly(c: &Client, dir: &Path, spec: &Path, job: &str, committed_rows: &str) {
     let mut last_batches = 0i64;
     let mut killed_mid_run = 0;
     for round in 0..KILLS {
-        let mut child = spawn_run(spec);
+        let mut r = spawn(dir, &format!("round{round}"), &[], spec);
         if round == 0 {
             // Anywhere in start-up or the first batches, even before the store exists.
             tokio::time::sleep(Duration::from_millis(rand::random_range(0..400))).await;
         } else {
             // Wait for at least one new committed batch, then a random moment more, so kills land
             // inside batches, between them, and in the pause.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                if let Some(status) = child.try_wait().expect("try_wait") {
-                    panic!(
-                        "round {round}: runner exited on its own ({status}) before being killed"
-                    );
-                }
-                let b = job_row(c, job).await.map_or(0, |j| j.batches_done);
-                if b > last_batches {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "round {round}: no batch committed in 30s"
-                );
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            r.wait_until(
+                &format!("round {round}: a batch committed after batch {last_batches}"),
+                Duration::from_secs(30),
+                Duration::from_millis(10),
+                async || job_row(c, job).await.map_or(0, |j| j.batches_done) > last_batches,
+            )
+            .await;
             tokio::time::sleep(Duration::from_millis(rand::random_range(0..250))).await;
         }
-        let exited_on_its_own = child.try_wait().expect("try_wait").is_some();
+        let exited_on_its_own = r.exited();
         assert!(
             !exited_on_its_own,
             "round {round}: runner finished before it could be killed"
         );
-        child.kill().expect("SIGKILL the runner");
-        let status = child.wait().expect("wait for killed runner");
+        let status = r.kill();
         assert_eq!(
             status.code(),
             None,
@@ -145,26 +78,6 @@ async fn kill_repeatedly(c: &Client, spec: &Path, job: &str, committed_rows: &st
     );
 }
 
-/// Run to completion (exit 0), bounded.
-fn finish(spec: &Path) -> String {
-    let out = backfill()
-        .arg("run")
-        .arg(spec)
-        .output()
-        .expect("run backfill");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "final run of {}:\n{stdout}\n{stderr}",
-        path_str(spec)
-    );
-    stdout.into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insert_job_survives_repeated_kill_9_exactly_once() {
     let db = TestDb::new("kill_insert").await;
@@ -189,7 +102,14 @@ postgres:
 batch: {size: 100, target: 0, pause: 10ms}
 ",
     );
-    kill_repeatedly(&c, &spec, "kill-insert", "SELECT count(*) FROM dst").await;
+    kill_repeatedly(
+        &c,
+        db.dir.path(),
+        &spec,
+        "kill-insert",
+        "SELECT count(*) FROM dst",
+    )
+    .await;
 
     let before = job_row(&c, "kill-insert")
         .await
@@ -198,7 +118,7 @@ batch: {size: 100, target: 0, pause: 10ms}
         before.keys_done < ROWS,
         "nothing left for the resume to do: {before:?}"
     );
-    let out = finish(&spec);
+    let out = run_to_end(&spec, "final run");
     assert!(out.contains("kill-insert: done"), "{out}");
 
     assert_eq!(
@@ -226,7 +146,7 @@ batch: {size: 100, target: 0, pause: 10ms}
         "no other transaction locked rows, so nothing should wait for a retry"
     );
     // Done means done: another run skips it and changes nothing.
-    let out = finish(&spec);
+    let out = run_to_end(&spec, "final run");
     assert!(out.contains("0 run, 1 skipped"), "{out}");
     assert_eq!(count(&c, "SELECT count(*) FROM dst").await, ROWS);
 
@@ -259,6 +179,7 @@ batch: {size: 100, target: 0, pause: 10ms}
     );
     kill_repeatedly(
         &c,
+        db.dir.path(),
         &spec,
         "kill-update",
         "SELECT count(*) FROM t WHERE n > 0",
@@ -277,7 +198,7 @@ batch: {size: 100, target: 0, pause: 10ms}
         before.keys_done < ROWS,
         "nothing left for the resume to do: {before:?}"
     );
-    let out = finish(&spec);
+    let out = run_to_end(&spec, "final run");
     assert!(out.contains("kill-update: done"), "{out}");
 
     assert_eq!(count(&c, "SELECT count(*) FROM t").await, ROWS);

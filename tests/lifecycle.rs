@@ -2,22 +2,12 @@
 //! `--rerun`, directories in file-name order, `status --json`, `reset`, and one runner at a time.
 
 mod common;
-use common::{TestDb, checksum, count, run};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use common::runner::{Running, spawn};
+use common::store::{has_store, job_record, job_row};
+use common::{TestDb, checksum, count, make_table, run};
+use std::path::Path;
+use std::time::Duration;
 use tokio_postgres::Client;
-
-/// `t (id bigint PRIMARY KEY, n int)` with ids 1..=rows.
-async fn make_table(c: &Client, rows: i64) {
-    c.batch_execute(&format!(
-        "CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
-         INSERT INTO t (id) SELECT i FROM generate_series(1, {rows}) i;
-         ANALYZE t;"
-    ))
-    .await
-    .expect("create t");
-}
 
 fn spec_text(statement: &str, batch: &str) -> String {
     format!(
@@ -31,95 +21,27 @@ batch: {batch}
     )
 }
 
-async fn store_row(c: &Client, job: &str) -> Option<String> {
-    c.query_opt(
-        "SELECT j::text FROM backfill.jobs j WHERE job = $1",
-        &[&job],
-    )
-    .await
-    .expect("read backfill.jobs")
-    .map(|r| r.get(0))
-}
-
 /// keys_done of job `job` while its status is `running` (0 before the store exists).
 async fn running_keys(c: &Client) -> i64 {
-    let store: bool = c
-        .query_one("SELECT to_regclass('backfill.jobs') IS NOT NULL", &[])
+    job_row(c, "job")
         .await
-        .unwrap()
-        .get(0);
-    if !store {
-        return 0;
-    }
-    count(
-        c,
-        "SELECT coalesce(max(keys_done), 0) FROM backfill.jobs WHERE job = 'job' AND status = 'running'",
-    )
-    .await
+        .filter(|j| j.status == "running")
+        .map_or(0, |j| j.keys_done)
 }
 
-/// A `backfill run` of a slow job in the background, logging to files in the test's dir.
-struct SlowRunner {
-    child: Child,
-    out: PathBuf,
-    err: PathBuf,
-}
-
-impl SlowRunner {
-    /// Start `run spec` and wait (bounded) until its job shows as running with a few batches
-    /// committed.
-    async fn start(db: &TestDb, spec: &Path, c: &Client) -> SlowRunner {
-        let out = db.dir.path().join("runner.out");
-        let err = db.dir.path().join("runner.err");
-        let child = common::backfill()
-            .arg("run")
-            .arg(spec)
-            .stdout(Stdio::from(std::fs::File::create(&out).unwrap()))
-            .stderr(Stdio::from(std::fs::File::create(&err).unwrap()))
-            .spawn()
-            .expect("start a runner");
-        let mut runner = SlowRunner { child, out, err };
-        for _ in 0..300 {
-            if let Some(s) = runner.child.try_wait().unwrap() {
-                panic!(
-                    "runner exited early ({s}):\n{}",
-                    std::fs::read_to_string(&runner.err).unwrap_or_default()
-                );
-            }
-            if running_keys(c).await >= 30 {
-                return runner;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        runner.stop();
-        panic!("the runner never showed as running");
-    }
-
-    /// SIGTERM (to the process we started), then wait for it; (exit code, stdout, stderr).
-    fn stop(&mut self) -> (i32, String, String) {
-        let killed = std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill -TERM");
-        assert!(killed.success());
-        let code = wait_bounded(&mut self.child, Duration::from_secs(30));
-        (
-            code,
-            std::fs::read_to_string(&self.out).unwrap(),
-            std::fs::read_to_string(&self.err).unwrap(),
+/// Start `run spec` of a slow job in the background, logging to files in the test's dir, and
+/// wait (bounded) until its job shows as running with a few batches committed.
+async fn start_slow(db: &TestDb, spec: &Path, c: &Client) -> Running {
+    let mut runner = spawn(db.dir.path(), "runner", &[], spec);
+    runner
+        .wait_until(
+            "the job to show as running",
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+            async || running_keys(c).await >= 30,
         )
-    }
-}
-
-impl Drop for SlowRunner {
-    /// A test that fails midway must not leave its runner behind.
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+        .await;
+    runner
 }
 
 /// Backends of this database (not the whole server) working for job `job`.
@@ -165,22 +87,6 @@ fn status_json(path: &dyn AsRef<std::ffi::OsStr>) -> serde_json::Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json is not JSON ({e}):\n{out}"))
 }
 
-/// Wait for a child we started, at most `limit`; kill it (by its pid) and fail if it overruns.
-fn wait_bounded(child: &mut Child, limit: Duration) -> i32 {
-    let until = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status.code().unwrap_or(-1);
-        }
-        if Instant::now() >= until {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("backfill did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[tokio::test]
 async fn finished_job_is_skipped_changed_spec_left_alone_until_rerun() {
     let db = TestDb::new("lc_skip").await;
@@ -196,7 +102,7 @@ async fn finished_job_is_skipped_changed_spec_left_alone_until_rerun() {
     assert!(out.contains("1 run, 0 skipped"), "{out}");
     assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 1000);
     let table = checksum(&c, "t").await;
-    let record = store_row(&c, "job").await;
+    let record = job_record(&c, "job").await;
 
     // Done: skipped, nothing touched, not even the checkpoint.
     let (code, out, err) = run(&[&"run", &spec]);
@@ -205,7 +111,7 @@ async fn finished_job_is_skipped_changed_spec_left_alone_until_rerun() {
     assert!(out.contains("job: skipped (already done)"), "{out}");
     assert!(!out.contains("spec changed"), "{out}");
     assert_eq!(checksum(&c, "t").await, table);
-    assert_eq!(store_row(&c, "job").await, record);
+    assert_eq!(job_record(&c, "job").await, record);
 
     // Batch settings are how, not what: changing them is not a changed spec.
     db.spec(
@@ -240,7 +146,7 @@ async fn finished_job_is_skipped_changed_spec_left_alone_until_rerun() {
         table,
         "a finished job with a changed spec ran"
     );
-    assert_eq!(store_row(&c, "job").await, record);
+    assert_eq!(job_record(&c, "job").await, record);
     let doc = status_json(&spec);
     assert_eq!(
         doc["jobs"][0]["spec_changed"],
@@ -407,23 +313,18 @@ async fn reset_asks_for_yes_and_then_forgets_the_checkpoint() {
     let (code, out, err) = run(&[&"reset", &"--yes", &spec]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("no checkpoint to delete"), "{out}");
-    let store: bool = c
-        .query_one("SELECT to_regnamespace('backfill') IS NOT NULL", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert!(!store, "reset created the checkpoint store");
+    assert!(!has_store(&c).await, "reset created the checkpoint store");
 
     let (code, out, err) = run(&[&"run", &spec]);
     assert_eq!(code, 0, "{out}\n{err}");
-    let record = store_row(&c, "job").await;
+    let record = job_record(&c, "job").await;
     assert!(record.is_some());
 
     let (code, out, err) = run(&[&"reset", &spec]);
     assert_eq!(code, 2, "stdout:\n{out}\nstderr:\n{err}");
     assert!(err.contains("--yes"), "{err}");
     assert_eq!(
-        store_row(&c, "job").await,
+        job_record(&c, "job").await,
         record,
         "reset without --yes changed the checkpoint"
     );
@@ -434,7 +335,7 @@ async fn reset_asks_for_yes_and_then_forgets_the_checkpoint() {
     let (code, out, err) = run(&[&"reset", &"--yes", &spec]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("checkpoint deleted"), "{out}");
-    assert_eq!(store_row(&c, "job").await, None);
+    assert_eq!(job_record(&c, "job").await, None);
     assert_eq!(status_json(&spec)["jobs"][0]["status"], "pending");
 
     // The next run starts from the beginning: every row gets its second update.
@@ -505,7 +406,7 @@ async fn second_runner_is_refused_while_the_first_holds_the_job() {
             "{size: 10, target: 0, pause: 100ms}",
         ),
     );
-    let mut first = SlowRunner::start(&db, &spec, &c).await;
+    let first = start_slow(&db, &spec, &c).await;
     let pids = job_backends(&c).await;
     assert!(
         !pids.is_empty(),
@@ -536,12 +437,12 @@ async fn second_runner_is_refused_while_the_first_holds_the_job() {
         "reset under a running job\nstdout:\n{out}\nstderr:\n{err}"
     );
     assert!(
-        store_row(&c, "job").await.is_some(),
+        job_record(&c, "job").await.is_some(),
         "reset deleted a running job's checkpoint"
     );
 
     // Stop the first runner (SIGTERM to the process we started): it ends at a batch boundary.
-    let (code, first_out, first_err) = first.stop();
+    let (code, first_out, first_err) = first.stop(Duration::from_secs(30)).await;
     assert_eq!(
         code, 75,
         "first runner after SIGTERM\nstdout:\n{first_out}\nstderr:\n{first_err}"
@@ -617,14 +518,14 @@ async fn lock_holder_named_is_in_the_jobs_own_database() {
         let oc = other.client().await;
         make_table(&oc, 2000).await;
         let spec = other.spec("job.yaml", &spec_yaml);
-        let runner = SlowRunner::start(&other, &spec, &oc).await;
+        let runner = start_slow(&other, &spec, &oc).await;
         others.push((other, oc, runner));
     }
     let db = TestDb::new("lc_holder").await;
     let c = db.client().await;
     make_table(&c, 2000).await;
     let spec = db.spec("job.yaml", &spec_yaml);
-    let mut mine = SlowRunner::start(&db, &spec, &c).await;
+    let mine = start_slow(&db, &spec, &c).await;
     let pids = job_backends(&c).await;
 
     for attempt in 0..3 {
@@ -641,10 +542,10 @@ async fn lock_holder_named_is_in_the_jobs_own_database() {
         );
     }
 
-    let (code, _, err) = mine.stop();
+    let (code, _, err) = mine.stop(Duration::from_secs(30)).await;
     assert_eq!(code, 75, "{err}");
-    for (other, oc, mut runner) in others {
-        let (code, _, err) = runner.stop();
+    for (other, oc, runner) in others {
+        let (code, _, err) = runner.stop(Duration::from_secs(30)).await;
         assert_eq!(code, 75, "{err}");
         drop(oc);
         other.drop_db().await;

@@ -2,15 +2,9 @@
 //! and says where a run would resume.
 
 mod common;
-use common::{TestDb, checksum, count, run};
+use common::store::has_store;
+use common::{TestDb, checksum, count, make_table, run};
 use tokio_postgres::Client;
-
-async fn has_store(c: &Client) -> bool {
-    c.query_one("SELECT to_regnamespace('backfill') IS NOT NULL", &[])
-        .await
-        .unwrap()
-        .get(0)
-}
 
 /// The value after `label` on the line of stdout that contains it.
 fn line_with<'a>(out: &'a str, label: &str) -> &'a str {
@@ -222,13 +216,7 @@ batch: {size: 500, target: 0}
 async fn plan_after_a_run_stopped_by_max_runtime() {
     let db = TestDb::new("plan_stopped").await;
     let c = db.client().await;
-    c.batch_execute(
-        "CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
-         INSERT INTO t (id) SELECT i FROM generate_series(1, 3000) i;
-         ANALYZE t;",
-    )
-    .await
-    .unwrap();
+    make_table(&c, 3000).await;
     // 300 batches with a 100ms pause each: far longer than the 2s allowed.
     let spec = db.spec(
         "job.yaml",

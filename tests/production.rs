@@ -2,24 +2,15 @@
 //! and surviving a statement timeout by halving the batch.
 
 mod common;
+use common::runner::wait_until;
+use common::store::job_row;
 use common::{TestDb, backfill, count, run};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+/// keys_done of the job (0 before the store or its record exists).
 async fn keys_done(c: &tokio_postgres::Client) -> i64 {
-    c.query_opt("SELECT keys_done FROM backfill.jobs", &[])
-        .await
-        .ok()
-        .flatten()
-        .map_or(0, |r| r.get(0))
-}
-
-async fn wait_until<F: AsyncFn() -> bool>(what: &str, f: F) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    job_row(c, "throttled").await.map_or(0, |j| j.keys_done)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,7 +45,13 @@ throttle:
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_until("the first batches", async || keys_done(&c).await >= 300).await;
+    wait_until(
+        "the first batches",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        async || keys_done(&c).await >= 300,
+    )
+    .await;
     c.batch_execute("UPDATE control SET paused = true")
         .await
         .unwrap();

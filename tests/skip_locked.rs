@@ -3,41 +3,14 @@
 //! recorded; a statement that leaves rows in `where` does not loop.
 
 mod common;
-use common::{TestDb, backfill, count};
+use common::runner::{Running, spawn};
+use common::store::job_row;
+use common::{TestDb, count};
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_postgres::Client;
-
-#[derive(Debug, Clone, PartialEq)]
-struct JobRow {
-    status: String,
-    cursor: Option<String>,
-    keys_done: i64,
-    rows_done: i64,
-    rows_retried: i64,
-}
-
-async fn job_row(c: &Client, job: &str) -> Option<JobRow> {
-    let r = c
-        .query_opt(
-            "SELECT status, cursor, keys_done, rows_done, rows_retried FROM backfill.jobs
-              WHERE job = $1",
-            &[&job],
-        )
-        .await
-        .ok()??;
-    Some(JobRow {
-        status: r.get(0),
-        cursor: r.get(1),
-        keys_done: r.get(2),
-        rows_done: r.get(3),
-        rows_retried: r.get(4),
-    })
-}
 
 async fn skipped_keys(c: &Client, job: &str) -> Vec<String> {
     c.query(
@@ -51,82 +24,21 @@ async fn skipped_keys(c: &Client, job: &str) -> Vec<String> {
     .collect()
 }
 
-/// A running `backfill run` whose output goes to files.
-struct Running {
-    child: Child,
-    out: PathBuf,
-    err: PathBuf,
-}
-
-fn spawn(dir: &Path, tag: &str, spec: &Path) -> Running {
-    let out = dir.join(format!("{tag}.out"));
-    let err = dir.join(format!("{tag}.err"));
-    let child = backfill()
-        .arg("run")
-        .arg(spec)
-        .stdout(Stdio::from(std::fs::File::create(&out).unwrap()))
-        .stderr(Stdio::from(std::fs::File::create(&err).unwrap()))
-        .spawn()
-        .expect("spawn backfill run");
-    Running { child, out, err }
-}
-
-impl Running {
-    fn exited(&mut self) -> bool {
-        self.child.try_wait().expect("try_wait").is_some()
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.err).unwrap_or_default()
-    }
-
-    /// Wait for the exit, bounded; returns (code, stdout, stderr).
-    async fn finish(mut self, limit: Duration) -> (i32, String, String) {
-        let deadline = Instant::now() + limit;
-        let status = loop {
-            if let Some(s) = self.child.try_wait().expect("try_wait") {
-                break s;
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "runner did not exit within {limit:?}; stderr:\n{}",
-                    self.stderr()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        (
-            status.code().unwrap_or(-1),
-            std::fs::read_to_string(&self.out).unwrap(),
-            self.stderr(),
-        )
-    }
-}
-
 /// Wait (bounded) until the walk's cursor is past `key` (the rows up to it have been walked).
 async fn wait_cursor_past(c: &Client, job: &str, key: i64, r: &mut Running) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let cur = job_row(c, job)
-            .await
-            .and_then(|j| j.cursor)
-            .map(|s| s.parse::<i64>().expect("bigint cursor"));
-        if cur.is_some_and(|k| k >= key) {
-            return;
-        }
-        assert!(
-            !r.exited(),
-            "runner exited before its cursor passed {key} (cursor {cur:?}):\n{}",
-            r.stderr()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "cursor did not pass {key} in 30s (at {cur:?})"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    r.wait_until(
+        &format!("the cursor to pass {key}"),
+        Duration::from_secs(30),
+        Duration::from_millis(10),
+        async || {
+            job_row(c, job)
+                .await
+                .and_then(|j| j.cursor)
+                .map(|s| s.parse::<i64>().expect("bigint cursor"))
+                .is_some_and(|k| k >= key)
+        },
+    )
+    .await;
 }
 
 /// The number N in the summary's "N rows retried after being locked".
@@ -224,7 +136,7 @@ limits: {lock_timeout: 3s}
         })
     };
 
-    let mut r = spawn(db.dir.path(), "run", &spec);
+    let mut r = spawn(db.dir.path(), "run", &[], &spec);
     for (client, ids) in holders {
         let last = *ids.iter().max().unwrap();
         wait_cursor_past(&c, "skip-locked", last, &mut r).await;
@@ -322,7 +234,7 @@ limits: {lock_timeout: 200ms}
     );
 
     let holder = lock_rows(&db, &[HELD]).await;
-    let r = spawn(db.dir.path(), "first", &spec);
+    let r = spawn(db.dir.path(), "first", &[], &spec);
     let (code, out, err) = r.finish(Duration::from_secs(60)).await;
     let all = format!("{out}\n{err}");
     assert_eq!(
@@ -364,7 +276,7 @@ limits: {lock_timeout: 200ms}
     );
 
     holder.batch_execute("COMMIT").await.unwrap();
-    let r = spawn(db.dir.path(), "second", &spec);
+    let r = spawn(db.dir.path(), "second", &[], &spec);
     let (code, out, err) = r.finish(Duration::from_secs(60)).await;
     assert_eq!(code, 0, "after the lock is gone:\n{out}\n{err}");
     assert!(out.contains("held-row: done"), "{out}");
@@ -414,7 +326,7 @@ limits: {lock_timeout: 1s}
     // match `where` after the statement ran on them.
     let held = [700i64, 1_500, 2_300];
     let holder = lock_rows(&db, &held).await;
-    let mut r = spawn(db.dir.path(), "run", &spec);
+    let mut r = spawn(db.dir.path(), "run", &[], &spec);
     wait_cursor_past(&c, "stays-in-where", 2_300, &mut r).await;
     holder.batch_execute("COMMIT").await.unwrap();
     let (code, out, err) = r.finish(Duration::from_secs(60)).await;

@@ -2,9 +2,10 @@
 //! nothing can be locked, yet they must be recorded and retried, not walked past and lost.
 
 mod common;
+use common::runner::wait_until;
 use common::{TestDb, backfill, count};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn locked_tail_rows_are_recorded_and_retried() {
@@ -40,23 +41,20 @@ limits: {lock_timeout: 2s}
         .spawn()
         .unwrap();
     // Wait until the walk is over and both tail rows wait for their retry.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let waiting = c
-            .query_opt("SELECT count(*) FROM backfill.skipped_keys", &[])
-            .await
-            .ok()
-            .flatten()
-            .map_or(0, |r| r.get::<_, i64>(0));
-        if waiting == 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "tail rows were never recorded as skipped"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "the tail rows to be recorded as skipped",
+        Duration::from_secs(30),
+        Duration::from_millis(20),
+        async || {
+            c.query_opt("SELECT count(*) FROM backfill.skipped_keys", &[])
+                .await
+                .ok()
+                .flatten()
+                .map_or(0, |r| r.get::<_, i64>(0))
+                == 2
+        },
+    )
+    .await;
     holder.batch_execute("COMMIT").await.unwrap();
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -3,40 +3,11 @@
 //! with every row done exactly once.
 
 mod common;
-use common::{TestDb, backfill, checksum, count, path_str};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use common::runner::{Running, run_to_end, spawn, wait_runner_sessions_gone};
+use common::store::{JobRow, job_row};
+use common::{TestDb, checksum, count};
+use std::time::Duration;
 use tokio_postgres::Client;
-
-#[derive(Debug, Clone, PartialEq)]
-struct JobRow {
-    status: String,
-    cursor: Option<String>,
-    keys_done: i64,
-    rows_done: i64,
-    batches_done: i64,
-    last_error: Option<String>,
-}
-
-async fn job_row(c: &Client, job: &str) -> Option<JobRow> {
-    let r = c
-        .query_opt(
-            "SELECT status, cursor, keys_done, rows_done, batches_done, last_error
-               FROM backfill.jobs WHERE job = $1",
-            &[&job],
-        )
-        .await
-        .ok()??;
-    Some(JobRow {
-        status: r.get(0),
-        cursor: r.get(1),
-        keys_done: r.get(2),
-        rows_done: r.get(3),
-        batches_done: r.get(4),
-        last_error: r.get(5),
-    })
-}
 
 /// `src(id, v)` with `rows` rows and an empty, unconstrained `dst(id, v)`: a batch applied twice
 /// shows as duplicate ids in `dst`.
@@ -64,80 +35,15 @@ batch: {batch}
     )
 }
 
-/// A running `backfill run` whose output goes to files (no pipe to fill up).
-struct Running {
-    child: Child,
-    out: PathBuf,
-    err: PathBuf,
-}
-
-fn spawn(dir: &Path, tag: &str, args: &[&str], spec: &Path) -> Running {
-    let out = dir.join(format!("{tag}.out"));
-    let err = dir.join(format!("{tag}.err"));
-    let child = backfill()
-        .arg("run")
-        .args(args)
-        .arg(spec)
-        .stdout(Stdio::from(std::fs::File::create(&out).unwrap()))
-        .stderr(Stdio::from(std::fs::File::create(&err).unwrap()))
-        .spawn()
-        .expect("spawn backfill run");
-    Running { child, out, err }
-}
-
-impl Running {
-    /// Wait for the exit, bounded; returns (code, stdout, stderr).
-    async fn finish(mut self, limit: Duration) -> (i32, String, String) {
-        let deadline = Instant::now() + limit;
-        let status = loop {
-            if let Some(s) = self.child.try_wait().expect("try_wait") {
-                break s;
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "runner did not exit within {limit:?}; stderr:\n{}",
-                    std::fs::read_to_string(&self.err).unwrap_or_default()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        (
-            status.code().unwrap_or(-1),
-            std::fs::read_to_string(&self.out).unwrap(),
-            std::fs::read_to_string(&self.err).unwrap(),
-        )
-    }
-}
-
 /// Wait (bounded) until the job has committed at least `n` batches.
 async fn wait_batches(c: &Client, job: &str, n: i64, r: &mut Running) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(s) = r.child.try_wait().expect("try_wait") {
-            panic!(
-                "runner exited ({s}) before {n} batches:\n{}",
-                std::fs::read_to_string(&r.err).unwrap_or_default()
-            );
-        }
-        if job_row(c, job).await.is_some_and(|j| j.batches_done >= n) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "fewer than {n} batches committed in 30s"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-fn sigterm(child: &Child) {
-    let st = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(st.success(), "kill -TERM failed");
+    r.wait_until(
+        &format!("{n} batches"),
+        Duration::from_secs(30),
+        Duration::from_millis(10),
+        async || job_row(c, job).await.is_some_and(|j| j.batches_done >= n),
+    )
+    .await;
 }
 
 /// The state after a stop: `stopped`, not finished, and exactly the checkpointed keys in `dst`.
@@ -179,25 +85,6 @@ async fn assert_exactly_once(c: &Client, job: &str, total: i64) {
     assert_eq!(j.last_error, None, "{j:?}");
 }
 
-fn run_to_end(spec: &Path) -> String {
-    let out = backfill()
-        .arg("run")
-        .arg(spec)
-        .output()
-        .expect("run backfill");
-    let (o, e) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "resume of {}:\n{o}\n{e}",
-        path_str(spec)
-    );
-    o
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_at_a_batch_boundary_and_resumes() {
     const ROWS: i64 = 20_000;
@@ -211,8 +98,7 @@ async fn sigterm_stops_at_a_batch_boundary_and_resumes() {
 
     let mut r = spawn(db.dir.path(), "first", &[], &spec);
     wait_batches(&c, "sigterm-job", 3, &mut r).await;
-    sigterm(&r.child);
-    let (code, out, err) = r.finish(Duration::from_secs(30)).await;
+    let (code, out, err) = r.stop(Duration::from_secs(30)).await;
     let all = format!("{out}\n{err}");
     assert_eq!(code, 75, "exit code after SIGTERM:\n{all}");
     assert!(
@@ -240,7 +126,7 @@ async fn sigterm_stops_at_a_batch_boundary_and_resumes() {
         "store does not say why it stopped: {j:?}"
     );
 
-    let out = run_to_end(&spec);
+    let out = run_to_end(&spec, "resume");
     assert!(out.contains("sigterm-job: done"), "{out}");
     assert_exactly_once(&c, "sigterm-job", ROWS).await;
 
@@ -268,30 +154,16 @@ batch: {size: 100, target: 0}
     );
     let mut r = spawn(db.dir.path(), "first", &[], &spec);
     wait_batches(&c, "sigterm-twice", 1, &mut r).await;
-    sigterm(&r.child);
+    r.sigterm();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    if r.child.try_wait().expect("try_wait").is_none() {
-        sigterm(&r.child);
+    if !r.exited() {
+        r.sigterm();
     }
     let (code, out, err) = r.finish(Duration::from_secs(30)).await;
     assert_eq!(code, 75, "exit code after two SIGTERMs:\n{out}\n{err}");
 
     // Wait for the server to notice the client is gone and roll back whatever was open.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while count(
-        &c,
-        "SELECT count(*) FROM pg_stat_activity
-          WHERE datname = current_database() AND application_name LIKE 'backfill:%'",
-    )
-    .await
-        > 0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "runner sessions still open after 60s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_runner_sessions_gone(&c).await;
     let j = job_row(&c, "sigterm-twice").await.expect("job recorded");
     assert!(j.keys_done < ROWS, "{j:?}");
     assert_eq!(
@@ -300,7 +172,7 @@ batch: {size: 100, target: 0}
         "{j:?}"
     );
 
-    let out = run_to_end(&spec);
+    let out = run_to_end(&spec, "resume");
     assert!(out.contains("sigterm-twice: done"), "{out}");
     assert_exactly_once(&c, "sigterm-twice", ROWS).await;
 
@@ -333,7 +205,7 @@ async fn max_runtime_flag_stops_with_75_and_a_plain_run_finishes() {
     );
     assert_stopped_consistent(&c, "maxrt-flag", SLOW_ROWS).await;
 
-    let out = run_to_end(&spec);
+    let out = run_to_end(&spec, "resume");
     assert!(out.contains("maxrt-flag: done"), "{out}");
     assert_exactly_once(&c, "maxrt-flag", SLOW_ROWS).await;
 
@@ -420,8 +292,7 @@ async fn status_json_after_a_stopped_run() {
 
     let mut r = spawn(db.dir.path(), "first", &["--max-runtime", "20s"], &spec);
     wait_batches(&c, "status-json", 2, &mut r).await;
-    sigterm(&r.child);
-    let (code, out, err) = r.finish(Duration::from_secs(30)).await;
+    let (code, out, err) = r.stop(Duration::from_secs(30)).await;
     assert_eq!(code, 75, "{out}\n{err}");
     let j = assert_stopped_consistent(&c, "status-json", SLOW_ROWS).await;
 

@@ -1,6 +1,9 @@
 //! Shared test harness: a fresh Postgres database per test, spec files, and the real binary.
 #![allow(dead_code)]
 
+pub mod runner;
+pub mod store;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use tokio_postgres::{Client, NoTls};
@@ -123,4 +126,15 @@ pub async fn checksum(c: &Client, table: &str) -> String {
     .await
     .expect("checksum")
     .get(0)
+}
+
+/// `t (id bigint PRIMARY KEY, n int)` with ids 1..=rows.
+pub async fn make_table(c: &Client, rows: i64) {
+    c.batch_execute(&format!(
+        "CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT i FROM generate_series(1, {rows}) i;
+         ANALYZE t;"
+    ))
+    .await
+    .expect("create t");
 }
