@@ -14,7 +14,7 @@
 #   single UPDATE   one UPDATE ... FROM of every track row, in one transaction
 #   keyset loop     a server-side DO loop of fixed 5000-row keyset batches (FOR UPDATE SKIP
 #                   LOCKED), one COMMIT per batch; it reports its longest batch itself
-#   backfill        `$BACKFILL run bench/flowsheet-dj-name.yaml` (no batch.target: the default
+#   backfill        `$BACKFILL run bench/flowsheet-dj-name.yaml` (batch.target TARGET_MS, default 500: the default
 #                   500ms adaptive size), with BACKFILL_LOG=info,backfill=debug --log-format json;
 #                   its "batch done" lines give the longest batch and the per-batch breakdown, and
 #                   /usr/bin/time -v its peak RSS. BACKFILL defaults to target/release/backfill,
@@ -72,7 +72,7 @@ RUN_TIMEOUT=${RUN_TIMEOUT:-1800}
 KEEP_TEMPLATE=${KEEP_TEMPLATE:-0}
 KEEP_WORK=${KEEP_WORK:-0}
 BATCH=5000          # the keyset loop's fixed batch
-TARGET_MS=500       # backfill's batch.target: the spec sets none, so the default applies
+TARGET_MS=${TARGET_MS:-500}   # backfill's batch.target (500 = the engine's default)
 TPL=backfill_oltp_tpl
 export LOG_TAG=oltp
 
@@ -80,7 +80,7 @@ export LOG_TAG=oltp
 # shellcheck source-path=SCRIPTDIR/..
 source bench/lib.sh
 
-for v in ROWS RATE CLIENTS THREADS LATENCY_LIMIT_MS IDLE_SECS WARMUP_SECS TAIL_SECS RUN_TIMEOUT; do
+for v in TARGET_MS ROWS RATE CLIENTS THREADS LATENCY_LIMIT_MS IDLE_SECS WARMUP_SECS TAIL_SECS RUN_TIMEOUT; do
     case ${!v} in '' | *[!0-9]*) die "$v must be a whole number, got '${!v}'" ;; esac
 done
 [ -f "$SPEC" ] || die "$SPEC is missing"
@@ -95,6 +95,10 @@ PSQL=(psql -X -q -w -v ON_ERROR_STOP=1 -h 127.0.0.1 -p 5432 -U postgres)
 NSHOWS=$(( ROWS / 50 > 0 ? ROWS / 50 : 1 ))   # as in scripts/demo-data.sql
 
 WORK=$(mktemp -d)
+# The job as written, with batch.target set to TARGET_MS.
+RUN_SPEC=$WORK/flowsheet-dj-name.yaml
+sed "s/^  size: 5000$/  size: 5000\n  target: ${TARGET_MS}ms/" "$SPEC" >"$RUN_SPEC"
+grep -q "target: ${TARGET_MS}ms" "$RUN_SPEC" || die "could not set batch.target in a copy of $SPEC"
 PGB_PID=
 SAMPLER_PID=
 cleanup() {
@@ -252,7 +256,7 @@ run_backfill() { # db tag
     C_NOTE='' C_RSS=n/a
     if have_gnu_time; then timer=(/usr/bin/time -v -o "$WORK/time.$2"); fi
     DATABASE_URL="${PG_BASE_URL}/$1" BACKFILL_LOG=info,backfill=debug \
-        timeout -k 10 "$RUN_TIMEOUT" "${timer[@]}" "$BACKFILL" run --log-format json "$SPEC" \
+        timeout -k 10 "$RUN_TIMEOUT" "${timer[@]}" "$BACKFILL" run --log-format json "$RUN_SPEC" \
         >"$WORK/$2.out" 2>"$WORK/$2.log" || status=$?
     C_RSS=$(peak_rss "$WORK/time.$2")
     # One "batch done" line per batch: size keys retried select_ms statement_ms commit_ms.

@@ -7,7 +7,10 @@
 #   - makes sure user postgres can connect over TCP to 127.0.0.1 without a password (trust);
 #   - puts `host all bf_pwtest 127.0.0.1/32 scram-sha-256` at the top of pg_hba.conf and creates
 #     role bf_pwtest (password 'right-password'), so a test can check that a wrong password is
-#     refused even though everything else on 127.0.0.1 is trust.
+#     refused even though everything else on 127.0.0.1 is trust;
+#   - turns TLS on with a test CA and a server certificate for 127.0.0.1 and localhost that it
+#     generates into /var/lib/postgresql/backfill-test-tls/ (kept while valid; tests trust
+#     ca.crt there for sslmode=verify-ca/verify-full).
 # Progress goes to stderr; nothing is printed on stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +21,7 @@ PWTEST_ROLE=bf_pwtest
 PWTEST_PASSWORD=right-password
 PWTEST_RULE="host all ${PWTEST_ROLE} ${PGHOST_ADDR}/32 scram-sha-256"
 TRUST_RULE="host all postgres ${PGHOST_ADDR}/32 trust"
+TLS_DIR=/var/lib/postgresql/backfill-test-tls   # tests/tls.rs reads $TLS_DIR/ca.crt
 
 log() { echo "services: $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -163,4 +167,81 @@ if PGPASSWORD=wrong-password psql -X -q -A -t -w -h "$PGHOST_ADDR" -p "$PGPORT_N
     die "${PWTEST_ROLE} logged in with a wrong password"
 fi
 log "${PWTEST_ROLE}: right password accepted, wrong password refused"
+
+# --- 7. TLS with a test CA ---------------------------------------------------------------------
+# True if the server certificate chains to our CA, names 127.0.0.1 and localhost, and is valid
+# for at least another week.
+tls_files_ok() {
+    [ -s "$TLS_DIR/ca.crt" ] && [ -s "$TLS_DIR/server.crt" ] && [ -s "$TLS_DIR/server.key" ] \
+        && openssl verify -CAfile "$TLS_DIR/ca.crt" "$TLS_DIR/server.crt" >/dev/null 2>&1 \
+        && openssl x509 -in "$TLS_DIR/server.crt" -noout -checkend 604800 >/dev/null 2>&1 \
+        && openssl x509 -in "$TLS_DIR/server.crt" -noout -ext subjectAltName 2>/dev/null \
+            | grep -q 'IP Address:127.0.0.1' \
+        && openssl x509 -in "$TLS_DIR/server.crt" -noout -ext subjectAltName 2>/dev/null \
+            | grep -q 'DNS:localhost'
+}
+
+# A new CA (its key is thrown away after signing) and a server key and certificate signed by it.
+make_tls_files() {
+    local tmp
+    tmp=$(mktemp -d)
+    openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -sha256 \
+        -days 3650 -subj "/CN=backfill test CA" -keyout "$tmp/ca.key" -out "$tmp/ca.crt" \
+        -addext "basicConstraints=critical,CA:TRUE" \
+        -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -sha256 \
+        -subj "/CN=127.0.0.1" -keyout "$tmp/server.key" -out "$tmp/server.csr" 2>/dev/null
+    printf '%s\n' "basicConstraints=critical,CA:FALSE" \
+        "keyUsage=critical,digitalSignature" \
+        "extendedKeyUsage=serverAuth" \
+        "subjectAltName=IP:127.0.0.1,DNS:localhost" >"$tmp/server.ext"
+    openssl x509 -req -sha256 -days 3650 -in "$tmp/server.csr" -CA "$tmp/ca.crt" \
+        -CAkey "$tmp/ca.key" -CAcreateserial -extfile "$tmp/server.ext" -out "$tmp/server.crt" 2>/dev/null
+    install -d -m 0755 -o postgres -g postgres "$TLS_DIR"
+    install -m 0644 -o postgres -g postgres "$tmp/ca.crt" "$TLS_DIR/ca.crt"
+    install -m 0644 -o postgres -g postgres "$tmp/server.crt" "$TLS_DIR/server.crt"
+    install -m 0600 -o postgres -g postgres "$tmp/server.key" "$TLS_DIR/server.key"
+    rm -rf "$tmp"
+}
+
+if ! command -v openssl >/dev/null 2>&1; then
+    log "openssl is not installed: installing it with apt-get"
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y openssl
+fi
+tls_reload=0
+if tls_files_ok; then
+    log "test TLS certificate in $TLS_DIR is valid"
+else
+    log "generating a test CA and server certificate (127.0.0.1, localhost) in $TLS_DIR"
+    make_tls_files
+    tls_files_ok || die "the generated certificate in $TLS_DIR does not verify against its CA"
+    tls_reload=1
+fi
+for setting in "ssl=on" "ssl_cert_file=$TLS_DIR/server.crt" "ssl_key_file=$TLS_DIR/server.key"; do
+    name=${setting%%=*}
+    want=${setting#*=}
+    if [ "$(tcp_psql -c "SHOW $name")" != "$want" ]; then
+        log "ALTER SYSTEM SET $name = '$want'"
+        tcp_psql -c "ALTER SYSTEM SET $name = '$want'"
+        tls_reload=1
+    fi
+done
+if [ "$tls_reload" = 1 ]; then
+    tcp_psql -c 'SELECT pg_reload_conf()' >/dev/null
+    sleep 1   # the postmaster re-reads its configuration asynchronously
+fi
+# The check tests rely on, with libpq itself: TLS on, certificate signed by our CA, for 127.0.0.1.
+tls_ok=0
+for _ in $(seq 1 10); do
+    if [ "$(psql -X -q -A -t -w -v ON_ERROR_STOP=1 \
+        "host=$PGHOST_ADDR port=$PGPORT_NUM user=postgres dbname=postgres sslmode=verify-full sslrootcert=$TLS_DIR/ca.crt" \
+        -c 'SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()' 2>/dev/null)" = t ]; then
+        tls_ok=1
+        break
+    fi
+    sleep 1
+done
+[ "$tls_ok" = 1 ] || die "postgres does not serve the test certificate over TLS (sslmode=verify-full with $TLS_DIR/ca.crt fails); see the server log"
+log "TLS: on, with the certificate in $TLS_DIR (CA: $TLS_DIR/ca.crt)"
 log "ready: postgres://postgres@${PGHOST_ADDR}:${PGPORT_NUM}/postgres"

@@ -43,6 +43,19 @@ pub enum Command {
         /// table, or a transaction is older than limits.max_transaction_age.
         #[arg(long)]
         ignore_preflight: bool,
+        /// Serve Prometheus metrics on this address while the job runs (e.g. 0.0.0.0:9464).
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
+        /// Push metrics to this Prometheus push gateway URL periodically and once at exit
+        /// (e.g. http://pushgateway:9091/metrics/job/backfill).
+        #[arg(long, value_name = "URL")]
+        pushgateway: Option<String>,
+        /// How often to log a progress line when stderr is not a terminal.
+        #[arg(long, value_parser = parse_duration, default_value = "5s", value_name = "DURATION")]
+        progress_interval: Duration,
+        /// How often to push to the push gateway.
+        #[arg(long, value_parser = parse_duration, default_value = "15s", value_name = "DURATION")]
+        push_interval: Duration,
     },
     /// Dry run: pending rows, batch count, where it would resume, estimated duration. No writes.
     Plan {

@@ -92,6 +92,21 @@ impl Error {
         }
     }
 
+    /// A short label for metrics: why a unit was retried.
+    pub fn retry_reason(&self) -> &'static str {
+        let code = |c: &str| matches!(self, Error::Db { message, .. } if message.contains(c));
+        match self.db_kind() {
+            Some(DbErrorKind::StatementTimeout) => "statement_timeout",
+            Some(DbErrorKind::ConnectionLost) => "connection_lost",
+            _ if code("SQLSTATE 55P03") => "lock_timeout",
+            _ if code("SQLSTATE 40001") => "serialization_failure",
+            _ if code("SQLSTATE 40P01") => "deadlock",
+            Some(DbErrorKind::Transient) => "transient",
+            _ if matches!(self, Error::Connect(_)) => "connection_lost",
+            _ => "other",
+        }
+    }
+
     /// The retry class of a database error; `None` for errors that are never retried.
     pub fn db_kind(&self) -> Option<DbErrorKind> {
         match self {

@@ -6,7 +6,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-const LOG_EVERY: Duration = Duration::from_secs(5);
 /// How often the remaining-work estimate is refreshed (a planner estimate: cheap).
 pub const REFRESH_EVERY: Duration = Duration::from_secs(30);
 
@@ -33,11 +32,12 @@ pub struct Progress {
     /// Keys per second, smoothed.
     rate: Option<f64>,
     last_log: Instant,
+    log_every: Duration,
     bar: Option<ProgressBar>,
 }
 
 impl Progress {
-    pub fn new(job: &str, estimate: Estimate) -> Progress {
+    pub fn new(job: &str, estimate: Estimate, log_every: Duration) -> Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let b = ProgressBar::new(estimate.rows + estimate.pending_retry);
             b.set_style(
@@ -59,8 +59,13 @@ impl Progress {
             estimated_at: Instant::now(),
             rate: None,
             last_log: Instant::now(),
+            log_every,
             bar,
         }
+    }
+
+    pub fn job(&self) -> &str {
+        &self.job
     }
 
     pub fn needs_refresh(&self) -> bool {
@@ -115,11 +120,21 @@ impl Progress {
         );
         let (keys, batches) = (t.keys, t.batches);
         let eta = self.eta();
+        crate::metrics::unit(
+            &self.job,
+            out.keys,
+            out.rows,
+            out.retried,
+            out.skipped,
+            took,
+            size,
+        );
+        crate::metrics::estimate(&self.job, self.remaining(), eta);
         if let Some(bar) = &self.bar {
             bar.set_length(keys + self.remaining());
             bar.set_position(keys);
             bar.set_message(format!("batch {batches} size {size}"));
-        } else if self.last_log.elapsed() >= LOG_EVERY {
+        } else if self.last_log.elapsed() >= self.log_every {
             self.last_log = Instant::now();
             tracing::info!(
                 job = %self.job, batch = batches, rows = out.keys, total = keys,
@@ -134,6 +149,7 @@ impl Progress {
 
     pub fn add_throttled(&mut self, d: Duration) {
         self.totals.throttled += d;
+        crate::metrics::throttled(&self.job, d);
         if let Some(bar) = &self.bar {
             bar.set_message(format!("throttled {}", fmt_duration(self.totals.throttled)));
         }

@@ -19,12 +19,22 @@ pub async fn execute(command: Command) -> Result<()> {
             max_runtime,
             rerun,
             ignore_preflight,
+            metrics_addr,
+            pushgateway,
+            push_interval,
+            progress_interval,
         } => {
             let opts = crate::engine::RunOptions {
                 rerun,
                 ignore_preflight,
+                progress_every: progress_interval,
             };
-            run::run(&load_all(&specs)?, max_runtime, &opts).await
+            let specs = load_all(&specs)?;
+            let exporter =
+                crate::metrics::install(metrics_addr, pushgateway.as_deref(), push_interval)?;
+            let result = run::run(&specs, max_runtime, &opts).await;
+            exporter.finish().await;
+            result
         }
         Command::Plan {
             specs,

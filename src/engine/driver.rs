@@ -101,6 +101,7 @@ pub async fn drive<B: Backend>(
                 };
                 match kind {
                     Some(DbErrorKind::StatementTimeout) if sizer.halve() => {
+                        crate::metrics::retry(progress.job(), e.retry_reason());
                         tracing::warn!(
                             size,
                             next = sizer.size(),
@@ -112,6 +113,7 @@ pub async fn drive<B: Backend>(
                             backend.reset_connection();
                             resync = true;
                         }
+                        crate::metrics::retry(progress.job(), e.retry_reason());
                         let delay = retries.get_or_insert_with(|| Box::new(backoff())).next();
                         let Some(delay) = delay else {
                             return Err(e);

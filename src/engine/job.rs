@@ -8,12 +8,14 @@ use crate::spec::Spec;
 use crate::state::{StateStore, Status};
 use std::time::Duration;
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct RunOptions {
     /// Run finished jobs again from the start.
     pub rerun: bool,
     /// Start even when preflight finds lock holders or old transactions.
     pub ignore_preflight: bool,
+    /// Interval of the progress log line (when stderr is not a terminal).
+    pub progress_every: Duration,
 }
 
 /// What happened to one job in this run.
@@ -117,6 +119,7 @@ async fn run_locked<B: Backend, S: StateStore>(
                         "finished job's spec changed since it ran; left alone (use --rerun)"
                     );
                 }
+                crate::metrics::status(job, "skipped");
                 return Ok(JobReport {
                     job: job.into(),
                     ran: Ran::Skipped { changed },
@@ -146,6 +149,7 @@ async fn run_locked<B: Backend, S: StateStore>(
     backend.preflight().await?;
     store.ensure().await?;
     let state = store.start(job, &spec.hash, restart).await?;
+    crate::metrics::status(job, "running");
     let estimate = backend.estimate(state.cursor.as_deref(), false).await?;
     tracing::info!(
         job,
@@ -158,7 +162,7 @@ async fn run_locked<B: Backend, S: StateStore>(
             .map_or("the start".into(), |c| format!("key {c}")),
         estimate.rows + estimate.pending_retry
     );
-    let mut progress = Progress::new(job, estimate);
+    let mut progress = Progress::new(job, estimate, opts.progress_every);
     let stop = stop.with_deadline(spec.limits.max_runtime);
     let result = drive(
         backend,
@@ -175,6 +179,7 @@ async fn run_locked<B: Backend, S: StateStore>(
         Err(Error::Stopped(r)) => (Status::Stopped, Some(r.to_string())),
         Err(e) => (Status::Failed, Some(e.to_string())),
     };
+    crate::metrics::status(job, status.as_str());
     if let Err(e) = store.finish(job, status, message.as_deref()).await {
         // The work's checkpoints are committed; only the final status could not be written.
         tracing::error!(

@@ -1,24 +1,30 @@
-//! Connection pool for a job's database: bounded size and wait, fixed session settings, and
-//! connection errors that say what to fix without ever showing the password.
+//! Connection pool for a job's database: bounded size and wait, fixed session settings, TLS as
+//! the URL's `sslmode` asks, and connection errors that say what to fix without ever showing the
+//! password.
 
 use super::errors::describe;
+use super::tls::{self, Tls};
 use crate::error::{Error, Result};
 use crate::redact::redact_url;
 use deadpool_postgres::{
     Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
 };
 use std::time::Duration;
-use tokio_postgres::NoTls;
 
 /// How long to wait for a TCP connection or a free pooled connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A pool for `url`. Sessions get UTC/ISO date settings so key values round-trip through text,
-/// and `application_name` = `backfill:<job>` so DBAs can see who is working.
+/// and `application_name` = `backfill:<job>` so DBAs can see who is working. TLS follows the
+/// URL's `sslmode` and `sslrootcert` (see `tls`); the CA file is read here.
 pub fn pool(url: &str, job: &str) -> Result<Pool> {
-    let mut cfg: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e| Error::Connect(format!("{}: invalid URL: {e}", redact_url(url))))?;
+    let invalid = |e: String| Error::Connect(format!("{}: invalid URL: {e}", redact_url(url)));
+    let (rest, tls) = tls::split_url(url).map_err(invalid)?;
+    let mut cfg: tokio_postgres::Config = rest.parse().map_err(|e| invalid(format!("{e}")))?;
+    let connector = tls
+        .connector()
+        .map_err(|e| Error::Connect(format!("cannot connect to {}: {e}", redact_url(url))))?;
+    cfg.ssl_mode(tls.ssl_mode());
     if cfg.get_application_name().is_none() {
         cfg.application_name(format!("backfill:{job}"));
     }
@@ -32,7 +38,7 @@ pub fn pool(url: &str, job: &str) -> Result<Pool> {
     }
     let manager = Manager::from_config(
         cfg,
-        NoTls,
+        connector,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -51,8 +57,9 @@ pub fn pool(url: &str, job: &str) -> Result<Pool> {
 pub async fn get(pool: &Pool, url: &str) -> Result<Object> {
     pool.get().await.map_err(|e| {
         let target = redact_url(url);
+        let tls = tls::split_url(url).map(|(_, t)| t).unwrap_or_default();
         let why = match &e {
-            PoolError::Backend(pg) => with_hint(pg),
+            PoolError::Backend(pg) => with_hint(pg, &tls),
             PoolError::Timeout(_) => format!(
                 "timed out after {}s (is the host reachable and the port right?)",
                 CONNECT_TIMEOUT.as_secs()
@@ -63,7 +70,10 @@ pub async fn get(pool: &Pool, url: &str) -> Result<Object> {
     })
 }
 
-fn with_hint(e: &tokio_postgres::Error) -> String {
+fn with_hint(e: &tokio_postgres::Error, tls: &Tls) -> String {
+    if let Some(why) = tls::explain(e, tls) {
+        return why;
+    }
     let text = describe(e);
     let hint = match e.code().map(|c| c.code()) {
         Some("28P01") | Some("28000") => {

@@ -9,6 +9,7 @@ mod retry_pass;
 mod sql;
 pub mod table;
 pub mod throttle;
+pub mod tls;
 
 use crate::engine::{Backend, Estimate, Outcome, Sample, Timings};
 use crate::error::{Error, Result};

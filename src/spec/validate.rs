@@ -137,7 +137,12 @@ fn postgres(cx: &mut Ctx, pg: &Spanned<RawPostgres>) -> Result<PostgresSpec> {
                 ),
             );
         }
-        match url.parse::<tokio_postgres::Config>() {
+        // sslmode/sslrootcert are ours (tokio-postgres knows no verify-ca/verify-full).
+        let parsed = crate::postgres::tls::split_url(&url).and_then(|(rest, _)| {
+            rest.parse::<tokio_postgres::Config>()
+                .map_err(|e| e.to_string())
+        });
+        match parsed {
             Err(e) => {
                 return cx.at(
                     &p.url,

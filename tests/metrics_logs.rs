@@ -1,0 +1,266 @@
+//! Prometheus metrics (scraped during a real run, pushed at exit) and JSON log lines.
+
+mod common;
+use common::{TestDb, backfill, count};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn scrape(port: u16) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
+/// The value of `name{backfill_job="..."}` in a Prometheus text payload.
+fn value(payload: &str, name: &str, job: &str) -> Option<f64> {
+    let prefix = format!("{name}{{backfill_job=\"{job}\"}} ");
+    payload
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+async fn table(db: &TestDb, rows: i64) -> tokio_postgres::Client {
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT generate_series(1, {rows});"
+    ))
+    .await
+    .unwrap();
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoint_moves_with_the_run_and_matches_rows_done() {
+    let db = TestDb::new("metrics").await;
+    let c = table(&db, 3000).await;
+    let spec = db.spec(
+        "scraped.yaml",
+        "postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: UPDATE t SET n = n + 1 WHERE id = ANY($1)
+batch: {size: 100, target: 0, pause: 40ms}
+",
+    );
+    let port = free_port();
+    let mut child = backfill()
+        .args(["run", "--metrics-addr", &format!("127.0.0.1:{port}")])
+        .arg(&spec)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    while seen.len() < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let Some(body) = scrape(port) else { continue };
+        let Some(keys) = value(&body, "backfill_keys_total", "scraped") else {
+            continue;
+        };
+        // The counter moves after the commit: the store is never behind it.
+        let stored = count(&c, "SELECT keys_done FROM backfill.jobs").await as f64;
+        assert!(keys <= stored, "metric {keys} ahead of the store {stored}");
+        assert_eq!(value(&body, "backfill_rows_total", "scraped"), Some(keys));
+        assert!(
+            body.contains("backfill_job_status{backfill_job=\"scraped\",status=\"running\"} 1"),
+            "{body}"
+        );
+        assert!(
+            body.contains("backfill_batch_duration_seconds_bucket{backfill_job=\"scraped\""),
+            "{body}"
+        );
+        assert_eq!(value(&body, "backfill_batch_size", "scraped"), Some(100.0));
+        if seen.last().is_none_or(|last| keys > *last) {
+            seen.push(keys);
+        }
+    }
+    assert!(
+        seen.len() >= 3,
+        "counter did not move across scrapes: {seen:?}"
+    );
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    db.drop_db().await;
+}
+
+/// One request the push gateway received: request line, headers, body.
+type Received = Arc<Mutex<Vec<(String, String, String)>>>;
+
+/// A tiny push gateway: records every request, answers 200.
+fn receiver() -> (u16, Received) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let sink = got.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut r = BufReader::new(stream);
+            let mut line = String::new();
+            if r.read_line(&mut line).is_err() {
+                continue;
+            }
+            let (mut headers, mut len) = (String::new(), 0usize);
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                    break;
+                }
+                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                headers.push_str(&h);
+            }
+            let mut body = vec![0; len];
+            let _ = r.read_exact(&mut body);
+            sink.lock().unwrap().push((
+                line.trim().to_string(),
+                headers,
+                String::from_utf8_lossy(&body).into_owned(),
+            ));
+            let _ = r
+                .get_mut()
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        }
+    });
+    (port, got)
+}
+
+#[tokio::test]
+async fn pushgateway_gets_the_final_numbers_at_exit() {
+    let db = TestDb::new("push").await;
+    let c = table(&db, 1500).await;
+    let spec = db.spec(
+        "pushed.yaml",
+        "postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: UPDATE t SET n = n + 1 WHERE id = ANY($1)
+batch: {size: 100, target: 0, pause: 20ms}
+",
+    );
+    let (port, got) = receiver();
+    let url = format!("http://pusher:s3cret-push@127.0.0.1:{port}/metrics/job/backfill");
+    let out = backfill()
+        .args(["run", "--pushgateway", &url, "--push-interval", "100ms"])
+        .arg(&spec)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        !stderr.contains("s3cret-push"),
+        "push password logged: {stderr}"
+    );
+    let got = got.lock().unwrap().clone();
+    assert!(
+        got.len() >= 2,
+        "periodic pushes and a final one: {}",
+        got.len()
+    );
+    let (line, headers, body) = got.last().unwrap();
+    assert!(line.starts_with("PUT /metrics/job/backfill "), "{line}");
+    assert!(
+        headers
+            .to_ascii_lowercase()
+            .contains("authorization: basic "),
+        "{headers}"
+    );
+    assert_eq!(
+        value(body, "backfill_keys_total", "pushed"),
+        Some(1500.0),
+        "{body}"
+    );
+    assert_eq!(value(body, "backfill_rows_total", "pushed"), Some(1500.0));
+    assert_eq!(value(body, "backfill_batches_total", "pushed"), Some(15.0));
+    assert!(
+        body.contains("backfill_job_status{backfill_job=\"pushed\",status=\"done\"} 1"),
+        "{body}"
+    );
+    assert!(value(body, "backfill_last_success_timestamp_seconds", "pushed").is_some());
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 1500);
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn json_log_lines_parse_and_carry_job_batch_and_rows() {
+    let db = TestDb::new("jsonlog").await;
+    table(&db, 600).await;
+    let spec = db.spec(
+        "logged.yaml",
+        "postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: UPDATE t SET n = n + 1 WHERE id = ANY($1)
+batch: {size: 100, target: 0, pause: 20ms}
+",
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_backfill"))
+        .args(["--log-format", "json", "run", "--progress-interval", "10ms"])
+        .arg(&spec)
+        .env("BACKFILL_LOG", "debug")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let batches: Vec<_> = lines
+        .iter()
+        .filter(|l| l["message"] == "batch done")
+        .collect();
+    assert_eq!(
+        batches.len(),
+        7,
+        "one debug event per batch (6 + the empty last one)"
+    );
+    for (i, b) in batches.iter().take(6).enumerate() {
+        assert_eq!(b["job"], "logged");
+        assert_eq!(b["level"], "DEBUG");
+        assert_eq!(b["batch"], i as u64 + 1);
+        assert_eq!(b["rows"], 100);
+    }
+    let progress: Vec<_> = lines
+        .iter()
+        .filter(|l| {
+            l["level"] == "INFO" && l["message"].as_str().unwrap_or("").starts_with("batch ")
+        })
+        .collect();
+    assert!(!progress.is_empty(), "info progress lines: {stderr}");
+    let p = progress.last().unwrap();
+    assert_eq!(p["job"], "logged");
+    assert!(
+        p["batch"].is_u64() && p["total"].is_u64() && p["rows"].is_u64(),
+        "{p}"
+    );
+    let m = p["message"].as_str().unwrap();
+    assert!(
+        m.contains(" rows, total ") && m.contains("remaining ~") && m.contains("ETA "),
+        "{m}"
+    );
+    db.drop_db().await;
+}
