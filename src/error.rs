@@ -76,6 +76,8 @@ pub enum DbErrorKind {
     Transient,
     /// The connection was lost: reconnect, then retry.
     ConnectionLost,
+    /// ClickHouse MEMORY_LIMIT_EXCEEDED (241): the chunk is split, never retried as it is.
+    MemoryLimit,
     /// Anything else: the job fails.
     Fatal,
 }
@@ -98,6 +100,7 @@ impl Error {
         match self.db_kind() {
             Some(DbErrorKind::StatementTimeout) => "statement_timeout",
             Some(DbErrorKind::ConnectionLost) => "connection_lost",
+            Some(DbErrorKind::MemoryLimit) => "memory_limit",
             _ if code("SQLSTATE 55P03") => "lock_timeout",
             _ if code("SQLSTATE 40001") => "serialization_failure",
             _ if code("SQLSTATE 40P01") => "deadlock",

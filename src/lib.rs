@@ -2,6 +2,7 @@
 //! arguments and calls `commands::execute`; everything else is reachable for tests and embedding.
 
 pub mod cli;
+pub mod clickhouse;
 pub mod commands;
 pub mod engine;
 pub mod error;

@@ -22,6 +22,18 @@ pub async fn plan(specs: &[Spec], exact: bool, samples: u32) -> Result<()> {
                 );
                 plan_with(spec, &mut backend, &store, exact, samples).await?;
             }
+            Source::Clickhouse(ch) => {
+                let (mut backend, store) = crate::clickhouse::open(spec, ch).await?;
+                println!(
+                    "{}  ({}, {} -> {} by {})",
+                    spec.name,
+                    ch.redacted_url(),
+                    ch.source,
+                    ch.target,
+                    ch.time_column
+                );
+                plan_clickhouse(spec, &mut backend, &store).await?;
+            }
         }
     }
     Ok(())
@@ -118,4 +130,30 @@ fn resume_point(state: Option<&JobState>) -> String {
             s.batches_done
         ),
     }
+}
+
+async fn plan_clickhouse(
+    spec: &Spec,
+    backend: &mut crate::clickhouse::ChBackend,
+    store: &crate::state::clickhouse::ChStateStore,
+) -> Result<()> {
+    let state = store.load(&spec.name).await?;
+    backend.check().await?;
+    println!("  resume at:    {}", resume_point(state.as_ref()));
+    let lines = backend.plan().await?;
+    let pending: Vec<_> = lines.iter().filter(|l| l.status != "done").collect();
+    let rows: u64 = pending.iter().filter_map(|l| l.rows).sum();
+    println!(
+        "  chunks:       {} top-level, {} to do ({rows} source rows)",
+        lines.len(),
+        pending.len()
+    );
+    for l in &lines {
+        let rows = l.rows.map_or("?".to_string(), |r| r.to_string());
+        println!(
+            "    {:<10} {:>12} rows  {:<8} {}",
+            l.label, rows, l.status, l.note
+        );
+    }
+    Ok(())
 }

@@ -17,11 +17,11 @@ pub async fn reset(path: &Path, yes: bool) -> Result<()> {
     let existed = match &spec.source {
         Source::Postgres(pg) => {
             let (_, store) = crate::postgres::open(&spec, pg).await?;
-            // Never reset under a running job.
-            store.lock(&spec.name).await?;
-            let existed = store.reset(&spec.name).await;
-            store.unlock(&spec.name).await?;
-            existed?
+            forget(&store, &spec.name).await?
+        }
+        Source::Clickhouse(ch) => {
+            let (_, store) = crate::clickhouse::open(&spec, ch).await?;
+            forget(&store, &spec.name).await?
         }
     };
     if existed {
@@ -33,4 +33,12 @@ pub async fn reset(path: &Path, yes: bool) -> Result<()> {
         println!("{}: no checkpoint to delete", spec.name);
     }
     Ok(())
+}
+
+/// Delete the checkpoint under the job's runner lock: never under a running job.
+async fn forget<S: StateStore>(store: &S, job: &str) -> Result<bool> {
+    store.lock(job).await?;
+    let existed = store.reset(job).await;
+    store.unlock(job).await?;
+    existed
 }

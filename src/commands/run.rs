@@ -11,6 +11,7 @@ pub async fn run(specs: &[Spec], max_runtime: Option<Duration>, opts: &RunOption
     for spec in specs {
         let report = match &spec.source {
             Source::Postgres(pg) => run_postgres(spec, pg, opts, &stop).await,
+            Source::Clickhouse(ch) => run_clickhouse(spec, ch, opts, &stop).await,
         };
         let report = match report {
             Ok(r) => r,
@@ -48,4 +49,14 @@ async fn run_postgres(
         None => None,
     };
     run_with(spec, &mut backend, &store, opts, stop, gate.as_ref()).await
+}
+
+async fn run_clickhouse(
+    spec: &Spec,
+    ch: &crate::spec::ClickhouseSpec,
+    opts: &RunOptions,
+    stop: &Stop,
+) -> Result<crate::engine::JobReport> {
+    let (mut backend, store) = crate::clickhouse::open(spec, ch).await?;
+    run_with(spec, &mut backend, &store, opts, stop, None).await
 }

@@ -25,6 +25,10 @@ pub async fn status(specs: &[Spec], json: bool) -> Result<()> {
                 let (_, store) = crate::postgres::open(spec, pg).await?;
                 store.load(&spec.name).await?
             }
+            Source::Clickhouse(ch) => {
+                let (_, store) = crate::clickhouse::open(spec, ch).await?;
+                store.load(&spec.name).await?
+            }
         };
         states.push(state);
     }
@@ -34,9 +38,7 @@ pub async fn status(specs: &[Spec], json: bool) -> Result<()> {
         .map(|(spec, state)| Entry {
             job: &spec.name,
             spec: spec.file.display().to_string(),
-            database: match &spec.source {
-                Source::Postgres(pg) => pg.redacted_url(),
-            },
+            database: spec.source.redacted_url(),
             status: state.as_ref().map_or("pending", |s| s.status.as_str()),
             spec_changed: state.as_ref().is_some_and(|s| s.spec_hash != spec.hash),
             state: state.as_ref(),

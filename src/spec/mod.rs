@@ -1,6 +1,7 @@
 //! Job specs: the validated types the engine runs, and loading them from files and directories.
 //! Every spec error is raised here, naming file, line and field.
 
+mod clickhouse;
 mod duration;
 mod env;
 mod load;
@@ -9,7 +10,7 @@ mod validate;
 
 pub use duration::parse as parse_duration;
 pub use load::{Env, expand_paths, load_file};
-pub use raw::LockMode;
+pub use raw::{ChunkLevel, LockMode};
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -36,6 +37,64 @@ pub struct Spec {
 #[derive(Debug, Clone)]
 pub enum Source {
     Postgres(PostgresSpec),
+    Clickhouse(ClickhouseSpec),
+}
+
+impl Source {
+    /// The database URL with its password hidden, for anything printed.
+    pub fn redacted_url(&self) -> String {
+        match self {
+            Source::Postgres(p) => p.redacted_url(),
+            Source::Clickhouse(c) => c.redacted_url(),
+        }
+    }
+}
+
+/// A ClickHouse job: `source`'s time range cut into chunks, each inserted by `statement`.
+#[derive(Clone)]
+pub struct ClickhouseSpec {
+    /// `http(s)://host:port` without credentials or path.
+    pub endpoint: String,
+    pub database: String,
+    pub user: Option<String>,
+    /// Never print this.
+    pub password: Option<String>,
+    pub source: String,
+    pub time_column: String,
+    pub split_column: Option<String>,
+    pub from: Option<chrono::NaiveDate>,
+    /// Exclusive.
+    pub to: Option<chrono::NaiveDate>,
+    pub chunks: Vec<ChunkLevel>,
+    pub target: String,
+    /// Sent with every chunk query.
+    pub settings: Vec<(String, String)>,
+    pub statement: String,
+}
+
+impl ClickhouseSpec {
+    pub fn redacted_url(&self) -> String {
+        let user = match (&self.user, &self.password) {
+            (Some(u), Some(_)) => format!("{u}:***@"),
+            (Some(u), None) => format!("{u}@"),
+            _ => String::new(),
+        };
+        match self.endpoint.split_once("://") {
+            Some((scheme, host)) => format!("{scheme}://{user}{host}/{}", self.database),
+            None => self.endpoint.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for ClickhouseSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClickhouseSpec")
+            .field("url", &self.redacted_url())
+            .field("source", &self.source)
+            .field("target", &self.target)
+            .field("chunks", &self.chunks)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Clone)]

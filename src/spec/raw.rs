@@ -9,6 +9,7 @@ use serde_saphyr::Spanned;
 pub struct RawSpec {
     pub name: Option<Spanned<String>>,
     pub postgres: Option<Spanned<RawPostgres>>,
+    pub clickhouse: Option<Spanned<RawClickhouse>>,
     #[serde(default)]
     pub batch: Option<Spanned<RawBatch>>,
     #[serde(default)]
@@ -39,6 +40,54 @@ pub struct RawPostgres {
     #[serde(default)]
     pub lock: LockMode,
     pub statement: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClickhouse {
+    pub url: Spanned<String>,
+    pub user: Option<Spanned<String>>,
+    pub password: Option<Spanned<String>>,
+    pub source: Spanned<String>,
+    pub time_column: Spanned<String>,
+    pub split_column: Option<Spanned<String>>,
+    pub from: Option<Spanned<String>>,
+    pub to: Option<Spanned<String>>,
+    pub chunks: Option<Spanned<Vec<ChunkLevel>>>,
+    pub target: Spanned<String>,
+    #[serde(default)]
+    pub settings: std::collections::BTreeMap<String, SettingValue>,
+    pub statement: Spanned<String>,
+}
+
+/// One rung of the ClickHouse fallback ladder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChunkLevel {
+    Month,
+    Day,
+    Split,
+}
+
+/// A ClickHouse setting's value as written (sent as text).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SettingValue {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Text(String),
+}
+
+impl SettingValue {
+    pub fn as_text(&self) -> String {
+        match self {
+            SettingValue::Int(v) => v.to_string(),
+            SettingValue::Float(v) => v.to_string(),
+            SettingValue::Bool(v) => u8::from(*v).to_string(),
+            SettingValue::Text(v) => v.clone(),
+        }
+    }
 }
 
 /// How a batch's keys are locked before `statement` runs.

@@ -10,14 +10,20 @@ use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::time::Duration;
 
-struct Ctx<'a> {
+pub(super) struct Ctx<'a> {
     path: &'a Path,
     env: &'a Env<'a>,
     unresolved: Vec<String>,
 }
 
 impl Ctx<'_> {
-    fn err<T>(&self, line: u64, col: u64, field: &str, why: impl std::fmt::Display) -> Result<T> {
+    pub(super) fn err<T>(
+        &self,
+        line: u64,
+        col: u64,
+        field: &str,
+        why: impl std::fmt::Display,
+    ) -> Result<T> {
         let place = if line > 0 {
             format!("{}:{line}:{col}", self.path.display())
         } else {
@@ -26,12 +32,17 @@ impl Ctx<'_> {
         Err(Error::Spec(format!("{place}: field `{field}`: {why}")))
     }
 
-    fn at<T, U>(&self, s: &Spanned<U>, field: &str, why: impl std::fmt::Display) -> Result<T> {
+    pub(super) fn at<T, U>(
+        &self,
+        s: &Spanned<U>,
+        field: &str,
+        why: impl std::fmt::Display,
+    ) -> Result<T> {
         self.err(s.referenced.line(), s.referenced.column(), field, why)
     }
 
     /// Expand `${VAR}`s in a string field; reject it if empty afterwards.
-    fn text(&mut self, s: &Spanned<String>, field: &str) -> Result<String> {
+    pub(super) fn text(&mut self, s: &Spanned<String>, field: &str) -> Result<String> {
         let value = match expand(&s.value, self.env.lookup) {
             Ok(v) => v,
             Err(var) if self.env.allow_unset => {
@@ -79,15 +90,25 @@ pub(super) fn validate(path: &Path, raw: RawSpec, env: &Env) -> Result<Spec> {
             None => cx.err(0, 0, "name", why),
         };
     }
-    let Some(pg) = &raw.postgres else {
-        return cx.err(
-            1,
-            1,
-            "postgres",
-            "missing section: a job needs a `postgres:` section",
-        );
+    let source = match (&raw.postgres, &raw.clickhouse) {
+        (Some(pg), None) => Source::Postgres(postgres(&mut cx, pg)?),
+        (None, Some(ch)) => Source::Clickhouse(super::clickhouse::validate(&mut cx, ch)?),
+        (Some(_), Some(ch)) => {
+            return cx.at(
+                ch,
+                "clickhouse",
+                "a job has either a `postgres:` or a `clickhouse:` section, not both",
+            );
+        }
+        (None, None) => {
+            return cx.err(
+                1,
+                1,
+                "postgres",
+                "missing section: a job needs a `postgres:` or a `clickhouse:` section",
+            );
+        }
     };
-    let postgres = postgres(&mut cx, pg)?;
     let batch = batch(&cx, raw.batch.as_ref())?;
     let limits = limits(raw.limits.unwrap_or_default());
     let state_schema = match raw.state.and_then(|s| s.schema) {
@@ -102,17 +123,37 @@ pub(super) fn validate(path: &Path, raw: RawSpec, env: &Env) -> Result<Spec> {
             }
             v
         }
-        None => "backfill".to_string(),
+        None => match &source {
+            Source::Postgres(_) => "backfill".to_string(),
+            // ClickHouse keeps its state table in the job's database unless told otherwise.
+            Source::Clickhouse(ch) => ch.database.clone(),
+        },
     };
     let throttle = match raw.throttle {
+        Some(_) if matches!(source, Source::Clickhouse(_)) => {
+            return cx.err(0, 0, "throttle", "throttling is for postgres jobs only");
+        }
         Some(t) => Some(throttle(&mut cx, t)?),
         None => None,
     };
-    let hash = hash(&postgres);
+    let hash = match &source {
+        Source::Postgres(pg) => hash(&[
+            "postgres",
+            &pg.table,
+            &pg.key,
+            pg.where_.as_deref().unwrap_or(""),
+            pg.statement.trim(),
+            match pg.lock {
+                super::LockMode::SkipLocked => "skip_locked",
+                super::LockMode::None => "none",
+            },
+        ]),
+        Source::Clickhouse(ch) => super::clickhouse::hash(ch),
+    };
     Ok(Spec {
         name,
         file: path.to_path_buf(),
-        source: Source::Postgres(postgres),
+        source,
         batch,
         limits,
         state_schema,
@@ -277,7 +318,7 @@ fn throttle(cx: &mut Ctx, t: RawThrottle) -> Result<Throttle> {
     })
 }
 
-fn is_identifier(s: &str) -> bool {
+pub(super) fn is_identifier(s: &str) -> bool {
     !s.is_empty()
         && s.chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
@@ -285,19 +326,9 @@ fn is_identifier(s: &str) -> bool {
 }
 
 /// What the job does, not how fast: batch sizes, limits and the URL's host may change freely.
-fn hash(pg: &PostgresSpec) -> String {
+pub(super) fn hash(parts: &[&str]) -> String {
     let mut h = Sha256::new();
-    for part in [
-        "postgres",
-        pg.table.as_str(),
-        pg.key.as_str(),
-        pg.where_.as_deref().unwrap_or(""),
-        pg.statement.trim(),
-        match pg.lock {
-            super::LockMode::SkipLocked => "skip_locked",
-            super::LockMode::None => "none",
-        },
-    ] {
+    for part in parts {
         h.update(part.as_bytes());
         h.update([0u8]);
     }

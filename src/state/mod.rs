@@ -2,6 +2,7 @@
 //! The trait is what the driver loop and the commands use; backends that can commit a checkpoint
 //! in the same transaction as their unit of work do so through their store's own API.
 
+pub mod clickhouse;
 pub mod postgres;
 
 use crate::error::Result;

@@ -1,0 +1,163 @@
+//! Validation of a spec's `clickhouse:` section (no server needed).
+
+use super::ClickhouseSpec;
+use super::raw::{ChunkLevel, RawClickhouse};
+use super::validate::{Ctx, hash as hash_parts};
+use crate::error::Result;
+use chrono::NaiveDate;
+use serde_saphyr::Spanned;
+
+pub(super) fn validate(cx: &mut Ctx, ch: &Spanned<RawClickhouse>) -> Result<ClickhouseSpec> {
+    let c = &ch.value;
+    let raw_url = cx.text(&c.url, "clickhouse.url")?;
+    let (endpoint, database, url_user, url_password) = if raw_url.contains("${") {
+        // `validate` without the secret: keep going to check the rest.
+        (raw_url.clone(), "default".to_string(), None, None)
+    } else {
+        split_url(&raw_url).or_else(|why| cx.at(&c.url, "clickhouse.url", why))?
+    };
+    let user = match &c.user {
+        Some(u) => Some(cx.text(u, "clickhouse.user")?),
+        None => url_user,
+    };
+    let password = match &c.password {
+        Some(p) => Some(cx.text(p, "clickhouse.password")?),
+        None => url_password,
+    };
+    let source = cx.text(&c.source, "clickhouse.source")?;
+    let time_column = cx.text(&c.time_column, "clickhouse.time_column")?;
+    let split_column = match &c.split_column {
+        Some(s) => Some(cx.text(s, "clickhouse.split_column")?),
+        None => None,
+    };
+    let from = date(cx, c.from.as_ref(), "clickhouse.from")?;
+    let to = date(cx, c.to.as_ref(), "clickhouse.to")?;
+    if let (Some(f), Some(t), Some(span)) = (from, to, c.to.as_ref())
+        && f >= t
+    {
+        return cx.at(
+            span,
+            "clickhouse.to",
+            format!("{t} is not after clickhouse.from {f} (to is exclusive)"),
+        );
+    }
+    let chunks = match &c.chunks {
+        Some(l) => {
+            let levels = l.value.clone();
+            let ordered = levels.windows(2).all(|w| w[0] < w[1]);
+            if levels.is_empty() || !ordered {
+                return cx.at(
+                    l,
+                    "clickhouse.chunks",
+                    "list the levels coarse to fine, each once, e.g. [month, day, split]",
+                );
+            }
+            levels
+        }
+        None if split_column.is_some() => {
+            vec![ChunkLevel::Month, ChunkLevel::Day, ChunkLevel::Split]
+        }
+        None => vec![ChunkLevel::Month, ChunkLevel::Day],
+    };
+    if chunks.contains(&ChunkLevel::Split) && split_column.is_none() {
+        let at = c.chunks.as_ref().map_or(&ch.referenced, |l| &l.referenced);
+        return cx.err(
+            at.line(),
+            at.column(),
+            "clickhouse.split_column",
+            "the chunks ladder has `split`, so split_column must name the column to split by",
+        );
+    }
+    let target = cx.text(&c.target, "clickhouse.target")?;
+    let statement = cx.text(&c.statement, "clickhouse.statement")?;
+    for placeholder in ["{chunk}", "{target}"] {
+        if !statement.contains(placeholder) {
+            return cx.at(
+                &c.statement,
+                "clickhouse.statement",
+                format!(
+                    "must use {placeholder} (the chunk's predicate and the table to insert into)"
+                ),
+            );
+        }
+    }
+    let settings = c
+        .settings
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_text()))
+        .collect();
+    Ok(ClickhouseSpec {
+        endpoint,
+        database,
+        user,
+        password,
+        source,
+        time_column,
+        split_column,
+        from,
+        to,
+        chunks,
+        target,
+        settings,
+        statement,
+    })
+}
+
+fn date(cx: &mut Ctx, v: Option<&Spanned<String>>, field: &str) -> Result<Option<NaiveDate>> {
+    let Some(v) = v else { return Ok(None) };
+    let text = cx.text(v, field)?;
+    match NaiveDate::parse_from_str(text.trim(), "%Y-%m-%d") {
+        Ok(d) => Ok(Some(d)),
+        Err(e) => cx.at(
+            v,
+            field,
+            format!("{text:?} is not a date like 2025-11-01: {e}"),
+        ),
+    }
+}
+
+/// `http(s)://user:password@host:port/database` → (endpoint, database, user, password).
+type UrlParts = (String, String, Option<String>, Option<String>);
+
+fn split_url(raw: &str) -> std::result::Result<UrlParts, String> {
+    let shown = crate::redact::redact_url(raw);
+    let u = url::Url::parse(raw).map_err(|e| format!("{shown} is not a URL: {e}"))?;
+    if !matches!(u.scheme(), "http" | "https") {
+        return Err(format!(
+            "{shown}: ClickHouse is reached over http:// or https://"
+        ));
+    }
+    let host = u.host_str().ok_or_else(|| format!("{shown} has no host"))?;
+    let port = u.port_or_known_default().unwrap_or(8123);
+    let endpoint = format!("{}://{host}:{port}", u.scheme());
+    let database = u.path().trim_matches('/').to_string();
+    let database = if database.is_empty() {
+        "default".to_string()
+    } else {
+        database
+    };
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let user = (!u.username().is_empty()).then(|| decode(u.username()));
+    let password = u.password().map(decode);
+    Ok((endpoint, database, user, password))
+}
+
+/// What the job does: source, columns, range, ladder, target and statement (not settings).
+pub(super) fn hash(ch: &ClickhouseSpec) -> String {
+    let range = format!("{:?}..{:?}", ch.from, ch.to);
+    let ladder = format!("{:?}", ch.chunks);
+    hash_parts(&[
+        "clickhouse",
+        &ch.source,
+        &ch.time_column,
+        ch.split_column.as_deref().unwrap_or(""),
+        &range,
+        &ladder,
+        &ch.target,
+        ch.statement.trim(),
+    ])
+}
