@@ -64,6 +64,16 @@ pub async fn open(spec: &Spec, ch: &ClickhouseSpec) -> Result<(ChBackend, ChStat
     Ok((backend, ChStateStore::new(base, &spec.state_schema)))
 }
 
+/// Why a chunk is split.
+enum Cause {
+    /// Its attempt exceeded the memory limit (the server's message, bytes it would have used).
+    Failed(String, Option<u64>),
+    /// It is not smaller than a chunk that failed: split without an attempt.
+    Predicted(String),
+    /// An earlier run split it; its record stands.
+    Resumed,
+}
+
 /// One line of `plan` for a top-level chunk.
 pub struct PlanLine {
     pub label: String,
@@ -190,12 +200,24 @@ impl ChBackend {
 
     /// Record a split and queue the children in front, in order. A chunk that cannot be cut
     /// any smaller (one day with one `split_column` value) fails the job: never skip its rows.
-    async fn split(&mut self, c: &Chunk, why: String, memory: Option<u64>) -> Result<()> {
+    async fn split(&mut self, c: &Chunk, cause: Cause) -> Result<()> {
         let id = c.id(&self.spec);
         let kids = self.children(c).await?;
+        let why = match &cause {
+            Cause::Failed(w, _) | Cause::Predicted(w) => w.clone(),
+            Cause::Resumed => self
+                .records
+                .get(&id)
+                .map_or(String::new(), |r| r.error.clone()),
+        };
         if kids.is_empty() {
             let t = why.clone();
-            self.record(c, FAILED, |r| r.error = t).await?;
+            let attempted = matches!(cause, Cause::Failed(..));
+            self.record(c, FAILED, |r| {
+                r.attempts += u32::from(attempted);
+                r.error = t;
+            })
+            .await?;
             return Err(Error::Db {
                 message: format!(
                     "chunk {id} cannot be split any further (it holds a single {} value) and {why}",
@@ -228,13 +250,18 @@ impl ChBackend {
             job = %self.job, chunk = %c.id(&self.spec), children = kids.len(),
             "splitting chunk {} into {} {level} chunk(s): {why}", c.id(&self.spec), kids.len()
         );
-        self.record(c, SPLIT, |r| {
-            r.error = why;
-            if let Some(m) = memory {
-                r.memory_bytes = m;
+        match cause {
+            Cause::Failed(why, memory) => {
+                self.record(c, SPLIT, |r| {
+                    r.attempts += 1;
+                    r.error = why;
+                    r.memory_bytes = memory.unwrap_or(r.memory_bytes);
+                })
+                .await?
             }
-        })
-        .await?;
+            Cause::Predicted(why) => self.record(c, SPLIT, |r| r.error = why).await?,
+            Cause::Resumed => {}
+        }
         let queue = self.queue.as_mut().expect("queue built");
         for k in kids.into_iter().rev() {
             queue.push_front(k);
@@ -427,8 +454,7 @@ impl Backend for ChBackend {
             match self.records.get(&id).map(|r| r.status.clone()).as_deref() {
                 Some(DONE) => continue,
                 Some(SPLIT) => {
-                    let why = self.records[&id].error.clone();
-                    self.split(&c, why, None).await?;
+                    self.split(&c, Cause::Resumed).await?;
                     continue;
                 }
                 Some(STAGED) => {
@@ -447,7 +473,7 @@ impl Backend for ChBackend {
                 let why = format!(
                     "{n} rows, not below the {limit} rows of a chunk that exceeded the memory limit"
                 );
-                self.split(&c, why, None).await?;
+                self.split(&c, Cause::Predicted(why)).await?;
                 continue;
             }
             let attempt = self.attempt(&c).await;
@@ -465,12 +491,16 @@ impl Backend for ChBackend {
                         self.fail_rows = Some(self.fail_rows.map_or(n, |f| f.min(n)));
                     }
                     if self.splittable(&c) {
-                        self.split(&c, text.clone(), errors::memory_hint(&text))
-                            .await?;
+                        let hint = errors::memory_hint(&text);
+                        self.split(&c, Cause::Failed(text, hint)).await?;
                         Ok(Outcome::default())
                     } else {
                         let t = text.clone();
-                        self.record(&c, FAILED, |r| r.error = t).await?;
+                        self.record(&c, FAILED, |r| {
+                            r.attempts += 1;
+                            r.error = t;
+                        })
+                        .await?;
                         Err(Error::Db {
                             message: format!(
                                 "chunk {id} exceeds the memory limit even as the smallest chunk \

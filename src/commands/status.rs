@@ -15,33 +15,74 @@ struct Entry<'a> {
     spec_changed: bool,
     #[serde(flatten)]
     state: Option<&'a JobState>,
+    /// ClickHouse jobs: one entry per chunk attempted (months, days, split groups).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chunks: Option<Vec<Chunk>>,
+}
+
+#[derive(Serialize)]
+struct Chunk {
+    chunk: String,
+    level: String,
+    status: String,
+    rows: u64,
+    source_rows: u64,
+    attempts: u32,
+    memory_bytes: u64,
+    error: String,
+}
+
+impl From<crate::state::clickhouse::Record> for Chunk {
+    fn from(r: crate::state::clickhouse::Record) -> Chunk {
+        Chunk {
+            chunk: r.chunk,
+            level: r.level,
+            status: r.status,
+            rows: r.rows,
+            source_rows: r.source_rows,
+            attempts: r.attempts,
+            memory_bytes: r.memory_bytes,
+            error: r.error,
+        }
+    }
 }
 
 pub async fn status(specs: &[Spec], json: bool) -> Result<()> {
     let mut states = Vec::new();
+    let mut chunks = Vec::new();
     for spec in specs {
-        let state = match &spec.source {
+        let (state, chunk_list) = match &spec.source {
             Source::Postgres(pg) => {
                 let (_, store) = crate::postgres::open(spec, pg).await?;
-                store.load(&spec.name).await?
+                (store.load(&spec.name).await?, None)
             }
             Source::Clickhouse(ch) => {
                 let (_, store) = crate::clickhouse::open(spec, ch).await?;
-                store.load(&spec.name).await?
+                let list = store
+                    .records(&spec.name)
+                    .await?
+                    .into_iter()
+                    .filter(|r| !r.chunk.is_empty() && !r.chunk.starts_with('#'))
+                    .map(Chunk::from)
+                    .collect();
+                (store.load(&spec.name).await?, Some(list))
             }
         };
         states.push(state);
+        chunks.push(chunk_list);
     }
     let entries: Vec<Entry> = specs
         .iter()
         .zip(&states)
-        .map(|(spec, state)| Entry {
+        .zip(chunks)
+        .map(|((spec, state), chunks)| Entry {
             job: &spec.name,
             spec: spec.file.display().to_string(),
             database: spec.source.redacted_url(),
             status: state.as_ref().map_or("pending", |s| s.status.as_str()),
             spec_changed: state.as_ref().is_some_and(|s| s.spec_hash != spec.hash),
             state: state.as_ref(),
+            chunks,
         })
         .collect();
     if json {
@@ -85,6 +126,26 @@ pub async fn status(specs: &[Spec], json: bool) -> Result<()> {
         if let Some(err) = &s.last_error {
             println!("    last error: {err}");
         }
+        if let Some(chunks) = &e.chunks {
+            print_chunks(chunks);
+        }
     }
     Ok(())
+}
+
+/// Counts by status, then every chunk that was split, failed or is staged, with its reason.
+fn print_chunks(chunks: &[Chunk]) {
+    let mut by_status = std::collections::BTreeMap::<&str, usize>::new();
+    for c in chunks {
+        *by_status.entry(c.status.as_str()).or_default() += 1;
+    }
+    let counts: Vec<String> = by_status.iter().map(|(s, n)| format!("{n} {s}")).collect();
+    println!("    chunks: {}", counts.join(", "));
+    for c in chunks.iter().filter(|c| c.status != "done") {
+        let why: String = c.error.chars().take(160).collect();
+        println!(
+            "      {:<28} {:<6} {:<7} attempts {}  {}",
+            c.chunk, c.level, c.status, c.attempts, why
+        );
+    }
 }
