@@ -2,12 +2,43 @@
 //! every few seconds (`batch N: M rows, total K, remaining ~R, ETA T`).
 
 use crate::engine::{Estimate, Outcome};
-use indicatif::{ProgressBar, ProgressStyle};
-use std::io::IsTerminal;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use std::io::{IsTerminal, Write};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// How often the remaining-work estimate is refreshed (a planner estimate: cheap).
 pub const REFRESH_EVERY: Duration = Duration::from_secs(30);
+
+/// Every bar of the process is drawn through this, so log lines can be printed above it.
+fn bars() -> &'static MultiProgress {
+    static BARS: OnceLock<MultiProgress> = OnceLock::new();
+    BARS.get_or_init(MultiProgress::new)
+}
+
+/// A stderr writer for logs that hides the progress bar while a line is written, so a log line
+/// never lands in the middle of the bar (tracing's `MakeWriter`).
+#[derive(Clone, Copy, Default)]
+pub struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        bars().suspend(|| std::io::stderr().write_all(buf))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
+    type Writer = LogWriter;
+
+    fn make_writer(&'a self) -> LogWriter {
+        LogWriter
+    }
+}
 
 /// Totals of one run of one job.
 #[derive(Debug, Clone, Copy, Default)]
@@ -48,7 +79,7 @@ impl Progress {
                 .progress_chars("=> "),
             );
             b.set_prefix(job.to_string());
-            b
+            bars().add(b)
         });
         Progress {
             job: job.to_string(),
