@@ -19,12 +19,14 @@ echo "demo: building backfill (release)" >&2
 cargo build --release --locked --quiet
 bf=target/release/backfill
 
+# The Postgres jobs of jobs/ (0003 is a ClickHouse job; see README "ClickHouse jobs").
+pg_jobs=(jobs/0001_flowsheet-dj-name.yaml jobs/0002_ci-pending-builds.yaml)
 step() { printf '\n$ %s\n' "$*"; "$@"; }
 step "$bf" validate jobs
-step "$bf" plan jobs
-step "$bf" --log-format text run jobs
-step "$bf" --log-format text run jobs
-step "$bf" status jobs
+step "$bf" plan "${pg_jobs[@]}"
+step "$bf" --log-format text run "${pg_jobs[@]}"
+step "$bf" --log-format text run "${pg_jobs[@]}"
+step "$bf" status "${pg_jobs[@]}"
 
 wrong=$(psql -X -A -t -w -h 127.0.0.1 -U postgres -d backfill_demo -c "
     SELECT count(*) FROM wxyc_schema.flowsheet f
