@@ -43,8 +43,8 @@ impl Chunk {
     }
 
     /// The predicate substituted for `{chunk}`.
-    pub fn predicate(&self, spec: &ClickhouseSpec) -> String {
-        let time = time_predicate(spec, self.from, self.to);
+    pub fn predicate(&self, spec: &ClickhouseSpec, kind: TimeKind) -> String {
+        let time = time_predicate(spec, kind, self.from, self.to);
         match (self.group, &spec.split_column) {
             (Some(g), Some(col)) => format!(
                 "{time} AND {c} IN (SELECT DISTINCT {c} FROM {src} WHERE {time} ORDER BY {c} LIMIT {}, {})",
@@ -58,15 +58,46 @@ impl Chunk {
     }
 }
 
-/// `toDate(col) >= toDate('from') AND toDate(col) < toDate('to')`: works for Date and DateTime
-/// columns, and ClickHouse still prunes partitions and the primary key through toDate.
-pub fn time_predicate(spec: &ClickhouseSpec, from: NaiveDate, to: NaiveDate) -> String {
+/// What `time_column` holds, read from the server: it decides how boundaries are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TimeKind {
+    Date,
+    #[default]
+    DateTime,
+}
+
+impl TimeKind {
+    /// From a ClickHouse type name (`Date`, `DateTime('UTC')`, `Nullable(DateTime64(3))`, ...).
+    pub fn of(type_name: &str) -> TimeKind {
+        let t = type_name
+            .trim_start_matches("Nullable(")
+            .trim_start_matches("LowCardinality(");
+        if t.starts_with("DateTime") {
+            TimeKind::DateTime
+        } else if t.starts_with("Date") {
+            TimeKind::Date
+        } else {
+            TimeKind::DateTime
+        }
+    }
+}
+
+/// `col >= '2025-11-01 00:00:00' AND col < '2025-12-01 00:00:00'`: the column compared with
+/// string literals, which ClickHouse parses in the column's own time zone (so boundaries agree
+/// with `toDate(col)`), and which prune partitions and the primary key. Wrapping the column in
+/// `toDate()` instead reads the whole table on 18.16 (measured: 30M of 30M rows per day chunk).
+pub fn time_predicate(
+    spec: &ClickhouseSpec,
+    kind: TimeKind,
+    from: NaiveDate,
+    to: NaiveDate,
+) -> String {
     let col = ident(&spec.time_column);
-    format!(
-        "toDate({col}) >= toDate({}) AND toDate({col}) < toDate({})",
-        literal(&from.to_string()),
-        literal(&to.to_string())
-    )
+    let at = |d: NaiveDate| match kind {
+        TimeKind::Date => literal(&d.to_string()),
+        TimeKind::DateTime => literal(&format!("{d} 00:00:00")),
+    };
+    format!("{col} >= {} AND {col} < {}", at(from), at(to))
 }
 
 fn month_start(d: NaiveDate) -> NaiveDate {
@@ -183,6 +214,48 @@ mod tests {
         assert_eq!((m[0].from, m[0].to), (d("2025-11-15"), d("2025-12-01")));
         assert_eq!((m[3].from, m[3].to), (d("2026-02-01"), d("2026-02-03")));
         assert_eq!(days(m[3].from, m[3].to).len(), 2);
+    }
+
+    #[test]
+    fn boundaries_compare_the_column_itself() {
+        assert_eq!(TimeKind::of("DateTime('UTC')"), TimeKind::DateTime);
+        assert_eq!(TimeKind::of("Nullable(DateTime64(3))"), TimeKind::DateTime);
+        assert_eq!(TimeKind::of("Date"), TimeKind::Date);
+        assert_eq!(TimeKind::of("Date32"), TimeKind::Date);
+        let spec = crate::spec::ClickhouseSpec {
+            endpoint: "http://h:8123".into(),
+            database: "db".into(),
+            user: None,
+            password: None,
+            source: "runs".into(),
+            time_column: "ran_at".into(),
+            split_column: Some("project_id".into()),
+            from: None,
+            to: None,
+            chunks: vec![ChunkLevel::Month, ChunkLevel::Day, ChunkLevel::Split],
+            target: "agg".into(),
+            settings: vec![],
+            statement: String::new(),
+        };
+        let (f, t) = (d("2025-11-01"), d("2025-12-01"));
+        assert_eq!(
+            time_predicate(&spec, TimeKind::DateTime, f, t),
+            "`ran_at` >= '2025-11-01 00:00:00' AND `ran_at` < '2025-12-01 00:00:00'"
+        );
+        assert_eq!(
+            time_predicate(&spec, TimeKind::Date, f, t),
+            "`ran_at` >= '2025-11-01' AND `ran_at` < '2025-12-01'"
+        );
+        let half = Chunk {
+            group: Some(Group {
+                offset: 2,
+                count: 3,
+            }),
+            ..months(f, t)[0].clone()
+        };
+        assert!(half
+            .predicate(&spec, TimeKind::Date)
+            .ends_with("IN (SELECT DISTINCT `project_id` FROM `runs` WHERE `ran_at` >= '2025-11-01' AND `ran_at` < '2025-12-01' ORDER BY `project_id` LIMIT 2, 3)"));
     }
 
     #[test]

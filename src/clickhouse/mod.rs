@@ -15,7 +15,7 @@ use crate::spec::{ChunkLevel, ClickhouseSpec, Spec};
 use crate::state::clickhouse::{ChStateStore, Record};
 use atomic::Staging;
 use chrono::NaiveDate;
-use chunks::Chunk;
+use chunks::{Chunk, TimeKind};
 use std::collections::{HashMap, VecDeque};
 
 /// A chunk's status in the state table.
@@ -34,12 +34,17 @@ pub struct ChBackend {
     state: ChStateStore,
     staging: Staging,
     range: Option<(NaiveDate, NaiveDate)>,
+    /// What `time_column` holds (read at `check`): how chunk boundaries are written.
+    time: TimeKind,
     month_rows: Option<HashMap<String, u64>>,
     /// Chunks still to do, in order; built from the plan and the state table.
     queue: Option<VecDeque<Chunk>>,
     records: HashMap<String, Record>,
-    /// Rows of the smallest chunk that ran out of memory: larger ones start a rung lower.
-    fail_rows: Option<u64>,
+    /// Per level (`month`, `day`, `split`): rows of the smallest chunk of that level that ran out
+    /// of memory. Chunks of the same level at least that large start a rung lower. Levels are
+    /// not compared with each other: memory follows distinct keys more than rows, and a day of
+    /// an oversized month says little about an ordinary month.
+    fail_rows: HashMap<String, u64>,
 }
 
 /// The backend and checkpoint store of a ClickHouse job.
@@ -56,10 +61,11 @@ pub async fn open(spec: &Spec, ch: &ClickhouseSpec) -> Result<(ChBackend, ChStat
         staging: Staging::new(base.clone(), &ch.database, &ch.target, &spec.name),
         client: base.clone(),
         range: None,
+        time: TimeKind::default(),
         month_rows: None,
         queue: None,
         records: HashMap::new(),
-        fail_rows: None,
+        fail_rows: HashMap::new(),
     };
     Ok((backend, ChStateStore::new(base, &spec.state_schema)))
 }
@@ -86,7 +92,9 @@ impl ChBackend {
     async fn month_rows(&mut self) -> Result<&HashMap<String, u64>> {
         if self.month_rows.is_none() {
             let rows = match self.range {
-                Some((f, t)) => planner::month_rows(&self.client, &self.spec, f, t).await?,
+                Some((f, t)) => {
+                    planner::month_rows(&self.client, &self.spec, self.time, f, t).await?
+                }
                 None => HashMap::new(),
             };
             self.month_rows = Some(rows);
@@ -117,14 +125,17 @@ impl ChBackend {
             .into_iter()
             .map(|r| (r.chunk.clone(), r))
             .collect();
-        // What earlier runs learned: the smallest chunk that ran out of memory.
-        self.fail_rows = self
-            .records
-            .values()
-            .filter(|r| r.status == SPLIT && r.error.contains("Code: 241"))
-            .map(|r| r.source_rows)
-            .filter(|n| *n > 0)
-            .min();
+        // What earlier runs learned: per level, the smallest chunk that ran out of memory.
+        self.fail_rows.clear();
+        for r in self.records.values() {
+            if r.status == SPLIT && r.error.contains("Code: 241") && r.source_rows > 0 {
+                let e = self
+                    .fail_rows
+                    .entry(r.level.clone())
+                    .or_insert(r.source_rows);
+                *e = (*e).min(r.source_rows);
+            }
+        }
         Ok(())
     }
 
@@ -152,22 +163,21 @@ impl ChBackend {
         let mut kids = match below {
             ChunkLevel::Month => Vec::new(),
             ChunkLevel::Day => {
-                let rows = planner::day_rows(&self.client, &self.spec, c).await?;
+                let rows = planner::day_rows(&self.client, &self.spec, self.time, c).await?;
                 let mut days = chunks::days(c.from, c.to);
                 for d in &mut days {
                     d.rows = Some(rows.get(&d.label).copied().unwrap_or(0));
                 }
-                days.retain(|d| d.rows != Some(0));
                 days
             }
             ChunkLevel::Split => {
                 let distinct = match c.group {
                     Some(g) => g.count,
-                    None => planner::distinct(&self.client, &self.spec, c).await?,
+                    None => planner::distinct(&self.client, &self.spec, self.time, c).await?,
                 };
                 let mut groups = chunks::groups(c, distinct);
                 for g in &mut groups {
-                    g.rows = Some(planner::rows(&self.client, &self.spec, g).await?);
+                    g.rows = Some(planner::rows(&self.client, &self.spec, self.time, g).await?);
                 }
                 groups
             }
@@ -276,7 +286,7 @@ impl ChBackend {
             .spec
             .statement
             .replace("{target}", &self.staging.qualified())
-            .replace("{chunk}", &c.predicate(&self.spec));
+            .replace("{chunk}", &c.predicate(&self.spec, self.time));
         self.staging.create().await?;
         let attempts = self
             .records
@@ -358,8 +368,23 @@ impl ChBackend {
 
     /// Read-only checks of the source and target (for `plan`, which must not write).
     pub async fn check(&mut self) -> Result<()> {
-        planner::check_source(&self.client, &self.spec).await?;
+        self.time = planner::check_source(&self.client, &self.spec).await?;
         self.staging.check_target().await
+    }
+
+    /// The learning key of a chunk's level.
+    fn level_key(c: &Chunk) -> String {
+        let level = if c.group.is_some() {
+            ChunkLevel::Split
+        } else {
+            c.level
+        };
+        format!("{level:?}").to_lowercase()
+    }
+
+    /// The learned limit for chunks of `c`'s level.
+    fn limit_for(&self, c: &Chunk) -> Option<u64> {
+        self.fail_rows.get(&Self::level_key(c)).copied()
     }
 
     /// What `plan` shows: each top-level chunk, its rows, its state, and how it would run.
@@ -372,7 +397,7 @@ impl ChBackend {
                 let id = c.id(&self.spec);
                 let rec = self.records.get(&id);
                 let status = rec.map_or("pending".to_string(), |r| r.status.clone());
-                let note = match (rec.map(|r| r.status.as_str()), c.rows, self.fail_rows) {
+                let note = match (rec.map(|r| r.status.as_str()), c.rows, self.limit_for(c)) {
                     (Some(DONE), _, _) => String::new(),
                     (Some(SPLIT), _, _) => "split earlier: resumes with its smaller chunks".into(),
                     (_, Some(n), Some(limit)) if n >= limit && self.splittable(c) => format!(
@@ -466,7 +491,7 @@ impl Backend for ChBackend {
                 }
                 _ => {}
             }
-            if let (Some(n), Some(limit)) = (c.rows, self.fail_rows)
+            if let (Some(n), Some(limit)) = (c.rows, self.limit_for(&c))
                 && n >= limit
                 && self.splittable(&c)
             {
@@ -488,7 +513,8 @@ impl Backend for ChBackend {
                 Err(e) if e.db_kind() == Some(DbErrorKind::MemoryLimit) => {
                     let text = e.to_string();
                     if let Some(n) = c.rows.filter(|n| *n > 0) {
-                        self.fail_rows = Some(self.fail_rows.map_or(n, |f| f.min(n)));
+                        let e = self.fail_rows.entry(Self::level_key(&c)).or_insert(n);
+                        *e = (*e).min(n);
                     }
                     if self.splittable(&c) {
                         let hint = errors::memory_hint(&text);

@@ -2,7 +2,7 @@
 //! when the source is partitioned by month, else one GROUP BY), rows per day of a month, and
 //! the distinct `split_column` values of a chunk.
 
-use super::chunks::{Chunk, time_predicate};
+use super::chunks::{Chunk, TimeKind, time_predicate};
 use super::client::{ident, literal};
 use super::errors::ch_error;
 use crate::error::{Error, Result};
@@ -55,6 +55,7 @@ pub async fn range(c: &Client, spec: &ClickhouseSpec) -> Result<Option<(NaiveDat
 pub async fn month_rows(
     c: &Client,
     spec: &ClickhouseSpec,
+    kind: TimeKind,
     from: NaiveDate,
     to: NaiveDate,
 ) -> Result<HashMap<String, u64>> {
@@ -84,7 +85,7 @@ pub async fn month_rows(
         "SELECT substring(toString(toDate({col})), 1, 7) AS label, count() AS rows FROM {}
           WHERE {} GROUP BY label",
         ident(&spec.source),
-        time_predicate(spec, from, to)
+        time_predicate(spec, kind, from, to)
     );
     counts(c, &sql, "counting the source's rows per month").await
 }
@@ -93,23 +94,24 @@ pub async fn month_rows(
 pub async fn day_rows(
     c: &Client,
     spec: &ClickhouseSpec,
+    kind: TimeKind,
     chunk: &Chunk,
 ) -> Result<HashMap<String, u64>> {
     let sql = format!(
         "SELECT toString(toDate({})) AS label, count() AS rows FROM {} WHERE {} GROUP BY label",
         ident(&spec.time_column),
         ident(&spec.source),
-        chunk.predicate(spec)
+        chunk.predicate(spec, kind)
     );
     counts(c, &sql, "counting the source's rows per day").await
 }
 
 /// Source rows inside a chunk.
-pub async fn rows(c: &Client, spec: &ClickhouseSpec, chunk: &Chunk) -> Result<u64> {
+pub async fn rows(c: &Client, spec: &ClickhouseSpec, kind: TimeKind, chunk: &Chunk) -> Result<u64> {
     let sql = format!(
         "SELECT count() FROM {} WHERE {}",
         ident(&spec.source),
-        chunk.predicate(spec)
+        chunk.predicate(spec, kind)
     );
     c.query(&sql)
         .fetch_one()
@@ -118,13 +120,18 @@ pub async fn rows(c: &Client, spec: &ClickhouseSpec, chunk: &Chunk) -> Result<u6
 }
 
 /// Distinct `split_column` values in a chunk's time range.
-pub async fn distinct(c: &Client, spec: &ClickhouseSpec, chunk: &Chunk) -> Result<u64> {
+pub async fn distinct(
+    c: &Client,
+    spec: &ClickhouseSpec,
+    kind: TimeKind,
+    chunk: &Chunk,
+) -> Result<u64> {
     let col = spec.split_column.as_deref().unwrap_or_default();
     let sql = format!(
         "SELECT uniqExact({}) FROM {} WHERE {}",
         ident(col),
         ident(&spec.source),
-        time_predicate(spec, chunk.from, chunk.to)
+        time_predicate(spec, kind, chunk.from, chunk.to)
     );
     c.query(&sql)
         .fetch_one()
@@ -161,16 +168,23 @@ async fn partitioned_by_month(c: &Client, spec: &ClickhouseSpec) -> Result<bool>
     Ok(keys.first().is_some_and(|k| k.replace(' ', "") == want))
 }
 
-/// Check that the source has the columns the spec names.
-pub async fn check_source(c: &Client, spec: &ClickhouseSpec) -> Result<()> {
+/// Check that the source has the columns the spec names; returns what `time_column` holds.
+pub async fn check_source(c: &Client, spec: &ClickhouseSpec) -> Result<TimeKind> {
+    #[derive(Row, Deserialize)]
+    struct Column {
+        name: String,
+        #[serde(rename = "type")]
+        ty: String,
+    }
     let (db, table) = qualified(spec);
-    let cols: Vec<String> = c
-        .query("SELECT name FROM system.columns WHERE database = ? AND table = ?")
+    let columns: Vec<Column> = c
+        .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
         .bind(&db)
         .bind(&table)
         .fetch_all()
         .await
         .map_err(|e| ch_error("reading the source table", &e))?;
+    let cols: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
     if cols.is_empty() {
         return Err(Error::Preflight(format!(
             "clickhouse.source: table {db}.{table} does not exist"
@@ -181,7 +195,7 @@ pub async fn check_source(c: &Client, spec: &ClickhouseSpec) -> Result<()> {
         ("clickhouse.split_column", spec.split_column.as_ref()),
     ] {
         if let Some(col) = col
-            && !cols.iter().any(|c| c == col.trim_matches('`'))
+            && !cols.contains(&col.trim_matches('`'))
         {
             return Err(Error::Preflight(format!(
                 "{field}: column {} does not exist in {db}.{table} (columns: {})",
@@ -190,5 +204,10 @@ pub async fn check_source(c: &Client, spec: &ClickhouseSpec) -> Result<()> {
             )));
         }
     }
-    Ok(())
+    let time = columns
+        .iter()
+        .find(|c| c.name == spec.time_column.trim_matches('`'))
+        .map(|c| TimeKind::of(&c.ty))
+        .unwrap_or_default();
+    Ok(time)
 }
