@@ -11,6 +11,10 @@
 #   - turns TLS on with a test CA and a server certificate for 127.0.0.1 and localhost that it
 #     generates into /var/lib/postgresql/backfill-test-tls/ (kept while valid; tests trust
 #     ca.crt there for sslmode=verify-ca/verify-full).
+#   - installs clickhouse-server and clickhouse-client (Debian 12 ships 18.16) if missing and,
+#     unless 127.0.0.1:8123 already answers `SELECT 1`, starts the server in the background
+#     (log: /var/log/clickhouse-server/backfill-ci.log) and waits (bounded) for it; the tests use
+#     its HTTP interface as user default without a password (tests/common/ch.rs).
 # Progress goes to stderr; nothing is printed on stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -245,3 +249,50 @@ done
 [ "$tls_ok" = 1 ] || die "postgres does not serve the test certificate over TLS (sslmode=verify-full with $TLS_DIR/ca.crt fails); see the server log"
 log "TLS: on, with the certificate in $TLS_DIR (CA: $TLS_DIR/ca.crt)"
 log "ready: postgres://postgres@${PGHOST_ADDR}:${PGPORT_NUM}/postgres"
+
+# --- 8. ClickHouse -----------------------------------------------------------------------------
+CH_HTTP=http://127.0.0.1:8123
+CH_CONFIG=/etc/clickhouse-server/config.xml
+CH_LOG=/var/log/clickhouse-server/backfill-ci.log
+
+ch_answers() { [ "$(curl -s --max-time 5 "$CH_HTTP/?query=SELECT%201" 2>/dev/null)" = 1 ]; }
+
+if ! command -v clickhouse-server >/dev/null 2>&1 || ! command -v curl >/dev/null 2>&1; then
+    log "clickhouse-server (or curl) is not installed: installing it with apt-get"
+    apt-get update >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y clickhouse-server clickhouse-client curl >&2
+else
+    log "clickhouse-server is installed"
+fi
+
+if ch_answers; then
+    log "clickhouse answers on $CH_HTTP"
+else
+    # Debian's unit runs the server as user clickhouse, and a fresh install leaves
+    # /var/lib/clickhouse to that user. A server started as root before (as on the machines
+    # these scripts were written on) leaves root-owned files there that user clickhouse cannot
+    # open: then it has to run as root again (18.16 allows that). Decide by ownership.
+    run_as=(runuser -u clickhouse --)
+    if ! id clickhouse >/dev/null 2>&1 \
+        || [ -n "$(find /var/lib/clickhouse /var/log/clickhouse-server ! -user clickhouse \
+            ! -path "$CH_LOG" -print -quit 2>/dev/null)" ]; then
+        run_as=()
+    fi
+    install -d -m 0755 /var/log/clickhouse-server
+    log "clickhouse does not answer on $CH_HTTP: starting it as ${run_as[2]:-root} (log: $CH_LOG)"
+    (cd / && setsid "${run_as[@]}" clickhouse-server --config-file="$CH_CONFIG" \
+        >"$CH_LOG" 2>&1 </dev/null &)
+    ready=0
+    for _ in $(seq 1 60); do
+        if ch_answers; then
+            ready=1
+            break
+        fi
+        sleep 1
+    done
+    if [ "$ready" != 1 ]; then
+        tail -n 30 "$CH_LOG" >&2 || true
+        die "clickhouse does not answer on $CH_HTTP after 60 s (log above: $CH_LOG)"
+    fi
+fi
+log "ready: clickhouse $(curl -s "$CH_HTTP/?query=SELECT%20version()") on $CH_HTTP (user default)"

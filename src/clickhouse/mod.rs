@@ -86,6 +86,8 @@ pub struct PlanLine {
     pub rows: Option<u64>,
     pub status: String,
     pub note: String,
+    /// Source rows still to do (rows less those of its finished smaller chunks).
+    pub rows_left: u64,
 }
 
 impl ChBackend {
@@ -108,8 +110,22 @@ impl ChBackend {
             return Ok(Vec::new());
         };
         let mut top = chunks::top(&self.spec, from, to);
-        if top.iter().all(|c| c.level == ChunkLevel::Month) {
-            let rows = self.month_rows().await?.clone();
+        let rows = match self.spec.chunks.first() {
+            Some(ChunkLevel::Month) => self.month_rows().await?.clone(),
+            Some(ChunkLevel::Day) => {
+                let all = Chunk {
+                    level: ChunkLevel::Month,
+                    from,
+                    to,
+                    label: String::new(),
+                    group: None,
+                    rows: None,
+                };
+                planner::day_rows(&self.client, &self.spec, self.time, &all).await?
+            }
+            _ => HashMap::new(),
+        };
+        if !rows.is_empty() {
             for c in &mut top {
                 c.rows = Some(rows.get(&c.label).copied().unwrap_or(0));
             }
@@ -391,15 +407,39 @@ impl ChBackend {
     pub async fn plan(&mut self) -> Result<Vec<PlanLine>> {
         self.build_queue().await?;
         let top: Vec<Chunk> = self.queue.clone().unwrap_or_default().into();
+        let job_done = self.records.get("").is_some_and(|r| r.status == DONE);
         Ok(top
             .iter()
             .map(|c| {
                 let id = c.id(&self.spec);
                 let rec = self.records.get(&id);
-                let status = rec.map_or("pending".to_string(), |r| r.status.clone());
+                // Pieces of a split chunk: ids under it (`2026-01-15`, `2026-01/project_id[..]`).
+                let (pieces, pieces_rows) = self
+                    .records
+                    .values()
+                    .filter(|r| r.status == DONE && r.level != Self::level_key(c))
+                    .filter(|r| {
+                        r.chunk.starts_with(&format!("{id}-")) || r.chunk.starts_with(&format!("{id}/"))
+                    })
+                    .fold((0u64, 0u64), |(n, rows), r| (n + 1, rows + r.source_rows));
+                let split_done = job_done && rec.is_some_and(|r| r.status == SPLIT);
+                let status = match rec {
+                    _ if split_done => "done".to_string(),
+                    Some(r) => r.status.clone(),
+                    None => "pending".to_string(),
+                };
+                let rows_left = match status.as_str() {
+                    "done" => 0,
+                    _ => c.rows.unwrap_or(0).saturating_sub(pieces_rows),
+                };
                 let note = match (rec.map(|r| r.status.as_str()), c.rows, self.limit_for(c)) {
                     (Some(DONE), _, _) => String::new(),
-                    (Some(SPLIT), _, _) => "split earlier: resumes with its smaller chunks".into(),
+                    (Some(SPLIT), _, _) if split_done => {
+                        format!("split; its {pieces} smaller chunks are done")
+                    }
+                    (Some(SPLIT), _, _) => format!(
+                        "split earlier: {pieces} smaller chunks done, resumes with the rest"
+                    ),
                     (_, Some(n), Some(limit)) if n >= limit && self.splittable(c) => format!(
                         "{n} rows >= {limit} rows of a chunk that ran out of memory: starts a rung lower"
                     ),
@@ -410,6 +450,7 @@ impl ChBackend {
                     rows: c.rows,
                     status,
                     note,
+                    rows_left,
                 }
             })
             .collect())
@@ -421,15 +462,22 @@ impl Backend for ChBackend {
         self.check().await?;
         // A run killed while landing a chunk leaves the target's merges stopped.
         self.staging.resume_target_merges().await?;
-        // The statement must run: insert nothing (`{chunk}` = 0) into a throwaway staging table.
+        // The statement must run: insert nothing (`{chunk}` = 0) into a throwaway table of its
+        // own. Never the job's staging table: it may hold a staged chunk waiting to land.
+        let probe = Staging::new(
+            self.client.clone(),
+            &self.spec.database,
+            &self.spec.target,
+            &format!("{}_check", self.job),
+        );
         let sql = self
             .spec
             .statement
-            .replace("{target}", &self.staging.qualified())
+            .replace("{target}", &probe.qualified())
             .replace("{chunk}", "0");
-        self.staging.create().await?;
+        probe.create().await?;
         let checked = self.chunk_client.query(&sql).execute().await;
-        self.staging.drop().await?;
+        probe.drop().await?;
         checked.map_err(|e| {
             Error::Preflight(format!(
                 "clickhouse.statement does not run: {}",
@@ -450,7 +498,10 @@ impl Backend for ChBackend {
         if self.range.is_none() {
             self.range = planner::range(&self.client, &self.spec).await?;
         }
-        let total: u64 = self.month_rows().await?.values().sum();
+        let total: u64 = match self.spec.chunks.first() {
+            Some(ChunkLevel::Month) => self.month_rows().await?.values().sum(),
+            _ => self.top().await?.iter().filter_map(|c| c.rows).sum(),
+        };
         let done: u64 = self
             .state
             .records(&self.job)

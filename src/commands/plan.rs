@@ -142,7 +142,7 @@ async fn plan_clickhouse(
     println!("  resume at:    {}", resume_point(state.as_ref()));
     let lines = backend.plan().await?;
     let pending: Vec<_> = lines.iter().filter(|l| l.status != "done").collect();
-    let rows: u64 = pending.iter().filter_map(|l| l.rows).sum();
+    let rows: u64 = pending.iter().map(|l| l.rows_left).sum();
     println!(
         "  chunks:       {} top-level, {} to do ({rows} source rows)",
         lines.len(),

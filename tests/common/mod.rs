@@ -1,7 +1,9 @@
 //! Shared test harness: a fresh Postgres database per test, spec files, and the real binary.
 #![allow(dead_code)]
 
+pub mod ch;
 pub mod runner;
+pub mod skew;
 pub mod store;
 
 use std::path::{Path, PathBuf};

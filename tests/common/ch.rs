@@ -1,0 +1,236 @@
+//! ClickHouse test harness: a database of its own per test on the local server, queries over
+//! plain HTTP (std::net, no client library: results are TSV text), spec files, and readers of
+//! the checkpoint table `backfill_state`.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The test server's HTTP interface (override with BACKFILL_TEST_CH), user default, no password.
+pub fn server_url() -> String {
+    std::env::var("BACKFILL_TEST_CH").unwrap_or_else(|_| "http://127.0.0.1:8123".to_string())
+}
+
+fn host_port() -> String {
+    let url = server_url();
+    let rest = url.strip_prefix("http://").unwrap_or(&url);
+    rest.split('/').next().unwrap_or(rest).to_string()
+}
+
+/// Run one statement in `database` with extra `settings` (URL parameters). Returns the body, or
+/// the server's message. `wait_end_of_query=1` makes the server buffer the result, so a failure
+/// is always an HTTP error and never a 200 with the exception appended to a half-sent body.
+pub fn try_query_with(
+    database: Option<&str>,
+    sql: &str,
+    settings: &[(&str, &str)],
+) -> Result<String, String> {
+    let mut path = String::from("/?wait_end_of_query=1");
+    if let Some(db) = database {
+        path.push_str(&format!("&database={db}"));
+    }
+    for (k, v) in settings {
+        path.push_str(&format!("&{k}={v}"));
+    }
+    let addr = host_port();
+    let mut s = TcpStream::connect(&addr).unwrap_or_else(|e| {
+        panic!("cannot connect to ClickHouse at {addr}: {e} (run scripts/services.sh)")
+    });
+    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    // HTTP/1.0: the server closes the connection after the response, never chunks it.
+    let head = format!(
+        "POST {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        sql.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(sql.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)
+        .unwrap_or_else(|e| panic!("reading ClickHouse's answer to {sql}: {e}"));
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head.split_whitespace().nth(1).unwrap_or("");
+    if status == "200" {
+        Ok(body.to_string())
+    } else {
+        Err(format!("HTTP {status}: {}", body.trim()))
+    }
+}
+
+pub fn try_query(database: Option<&str>, sql: &str) -> Result<String, String> {
+    try_query_with(database, sql, &[])
+}
+
+/// Run one statement; panics with the server's message if it fails.
+pub fn query(database: Option<&str>, sql: &str) -> String {
+    try_query(database, sql).unwrap_or_else(|e| panic!("{sql}\n-> {e}"))
+}
+
+/// One row of `backfill_state` (a chunk, the job row `''`, or the lease `#lease`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Record {
+    pub chunk: String,
+    pub level: String,
+    pub status: String,
+    pub rows: u64,
+    pub source_rows: u64,
+    pub attempts: u32,
+    pub memory_bytes: u64,
+    pub error: String,
+    pub staging: String,
+    pub runner: String,
+}
+
+/// Undo TSV escaping (`\t`, `\n`, `\\`, `\'`).
+fn unescape(field: &str) -> String {
+    let mut out = String::with_capacity(field.len());
+    let mut it = field.chars();
+    while let Some(c) = it.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match it.next() {
+            Some('t') => out.push('\t'),
+            Some('n') => out.push('\n'),
+            Some('r') => out.push('\r'),
+            Some('0') => out.push('\0'),
+            Some(o) => out.push(o),
+            None => out.push('\\'),
+        }
+    }
+    out
+}
+
+/// A database of its own for one test, dropped when this value is dropped (also when the test
+/// panics; set BACKFILL_TEST_KEEP_CH=1 to keep it for a look).
+pub struct ChDb {
+    pub name: String,
+    /// `http://127.0.0.1:8123/<name>`: the spec's `clickhouse.url`.
+    pub url: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl ChDb {
+    pub fn new(hint: &str) -> ChDb {
+        let name = format!(
+            "bf_ch_{}_{}_{}",
+            hint,
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        query(None, &format!("CREATE DATABASE {name}"));
+        ChDb {
+            url: format!("{}/{name}", server_url().trim_end_matches('/')),
+            name,
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// Run a statement in this database; panics if it fails.
+    pub fn q(&self, sql: &str) -> String {
+        query(Some(&self.name), sql)
+    }
+
+    pub fn try_q(&self, sql: &str) -> Result<String, String> {
+        try_query(Some(&self.name), sql)
+    }
+
+    /// The rows of a query, fields split on tabs (TSV, unescaped).
+    pub fn rows(&self, sql: &str) -> Vec<Vec<String>> {
+        self.q(sql)
+            .lines()
+            .map(|l| l.split('\t').map(unescape).collect())
+            .collect()
+    }
+
+    /// The one number a query returns.
+    pub fn num(&self, sql: &str) -> u64 {
+        let out = self.q(sql);
+        out.trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{sql}: {out:?} is not a number: {e}"))
+    }
+
+    /// Tables in this database, sorted.
+    pub fn tables(&self) -> Vec<String> {
+        self.q(&format!(
+            "SELECT name FROM system.tables WHERE database = '{}' ORDER BY name",
+            self.name
+        ))
+        .lines()
+        .map(str::to_string)
+        .collect()
+    }
+
+    pub fn has_table(&self, table: &str) -> bool {
+        self.tables().iter().any(|t| t == table)
+    }
+
+    /// Write a spec file into this test's directory; `$URL` in the text becomes the db URL.
+    pub fn spec(&self, file: &str, yaml: &str) -> PathBuf {
+        let path = self.dir.path().join(file);
+        std::fs::write(&path, yaml.replace("$URL", &self.url)).expect("write spec");
+        path
+    }
+
+    /// Every record of a job in `backfill_state FINAL` (empty while the table does not exist).
+    pub fn records(&self, job: &str) -> Vec<Record> {
+        if !self.has_table("backfill_state") {
+            return Vec::new();
+        }
+        self.rows(&format!(
+            "SELECT chunk, level, status, rows, source_rows, attempts, memory_bytes, error, \
+                    staging, runner
+               FROM backfill_state FINAL WHERE job = '{job}' ORDER BY chunk FORMAT TSV"
+        ))
+        .into_iter()
+        .map(|f| Record {
+            chunk: f[0].clone(),
+            level: f[1].clone(),
+            status: f[2].clone(),
+            rows: f[3].parse().unwrap(),
+            source_rows: f[4].parse().unwrap(),
+            attempts: f[5].parse().unwrap(),
+            memory_bytes: f[6].parse().unwrap(),
+            error: f[7].clone(),
+            staging: f[8].clone(),
+            runner: f[9].clone(),
+        })
+        .collect()
+    }
+
+    /// The chunk records of a job (without the job row and the lease).
+    pub fn chunks(&self, job: &str) -> Vec<Record> {
+        self.records(job)
+            .into_iter()
+            .filter(|r| !r.chunk.is_empty() && !r.chunk.starts_with('#'))
+            .collect()
+    }
+
+    /// One record by chunk id (`""` = the job's own row).
+    pub fn record(&self, job: &str, chunk: &str) -> Option<Record> {
+        self.records(job).into_iter().find(|r| r.chunk == chunk)
+    }
+
+    /// Release a dead runner's lease the way `unlock` does (a newer lease row with no runner),
+    /// instead of waiting the 30 s it takes to expire.
+    pub fn release_lease(&self, job: &str) {
+        let version = chrono::Utc::now().timestamp_nanos_opt().unwrap() as u64;
+        self.q(&format!(
+            "INSERT INTO backfill_state (job, chunk, runner, updated, version)
+             VALUES ('{job}', '#lease', '', now(), {version})"
+        ));
+    }
+}
+
+impl Drop for ChDb {
+    fn drop(&mut self) {
+        if std::env::var_os("BACKFILL_TEST_KEEP_CH").is_some() {
+            eprintln!("keeping ClickHouse database {}", self.name);
+            return;
+        }
+        let _ = try_query(None, &format!("DROP DATABASE IF EXISTS {}", self.name));
+    }
+}
