@@ -19,9 +19,18 @@ use errors::db_error;
 use raw::RawValue;
 use retry_pass::RetryPass;
 use sql::BatchSql;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use table::TableInfo;
 use tokio_postgres::types::ToSql;
+
+/// What a batch needs, resolved once per job by `preflight`.
+struct Prepared {
+    info: TableInfo,
+    sql: BatchSql,
+    job: String,
+    statement: String,
+}
 
 /// One Postgres job's working state.
 pub struct PgBackend {
@@ -32,8 +41,8 @@ pub struct PgBackend {
     state_schema: String,
     /// Connection the batches run on; replaced after it is lost.
     conn: Option<Object>,
-    /// Set by `preflight`.
-    ready: Option<(TableInfo, BatchSql)>,
+    /// Set by `preflight`; shared so a batch borrows it while the connection is borrowed too.
+    ready: Option<Arc<Prepared>>,
     /// The keyset walk reached the end of the table.
     walk_done: bool,
     retry: RetryPass,
@@ -72,19 +81,18 @@ impl PgBackend {
         Ok(self.conn.as_ref().expect("connection was just set"))
     }
 
-    fn ready(&self) -> Result<&(TableInfo, BatchSql)> {
+    fn ready(&self) -> Result<Arc<Prepared>> {
         self.ready
-            .as_ref()
+            .clone()
             .ok_or_else(|| Error::Preflight("internal: preflight has not run".into()))
     }
 
     /// One keyset batch: select and lock the next keys, run the statement, advance the
     /// checkpoint, commit. Any failure rolls the whole batch back.
     async fn walk(&mut self, cursor: Option<&str>, size: u64) -> Result<Outcome> {
-        let sql = self.ready()?.1.clone();
+        let p = self.ready()?;
+        let (sql, job, statement) = (&p.sql, &p.job, &p.statement);
         let skip_locked = self.spec.lock == LockMode::SkipLocked;
-        let job = self.job.clone();
-        let statement = self.spec.statement.clone();
         let client = self.conn().await?;
         client
             .batch_execute(&sql.begin)
@@ -95,7 +103,7 @@ impl PgBackend {
             let size = size as i64;
             let mut params: Vec<&(dyn ToSql + Sync)> = vec![&size];
             if skip_locked {
-                params.push(&job);
+                params.push(job);
             }
             if let Some(c) = &cursor {
                 params.push(c);
@@ -121,7 +129,7 @@ impl PgBackend {
             let rows = match &keys {
                 Some(k) => {
                     let stmt = client
-                        .prepare_cached(&statement)
+                        .prepare_cached(statement)
                         .await
                         .map_err(|e| db_error("preparing statement", &e))?;
                     client
@@ -140,7 +148,7 @@ impl PgBackend {
                 client
                     .execute(
                         &advance,
-                        &[&job, &last, &(walked as i64), &(rows as i64), &0i64, &1i64],
+                        &[job, &last, &(walked as i64), &(rows as i64), &0i64, &1i64],
                     )
                     .await
                     .map_err(|e| db_error("writing the checkpoint", &e))?;
@@ -183,14 +191,19 @@ impl Backend for PgBackend {
             .map_err(|e| db_error("preflight", &e))?;
         let info = table::inspect(client, &self.spec).await?;
         let sql = BatchSql::new(&info, self.spec.lock, &self.limits, &self.state_schema);
-        self.ready = Some((info, sql));
+        self.ready = Some(Arc::new(Prepared {
+            info,
+            sql,
+            job: self.job.clone(),
+            statement: self.spec.statement.clone(),
+        }));
         Ok(())
     }
 
     async fn estimate(&mut self, cursor: Option<&str>, exact: bool) -> Result<Estimate> {
-        let (info, _) = self.ready()?.clone();
+        let p = self.ready()?;
+        let (info, job) = (&p.info, &p.job);
         let schema = self.state_schema.clone();
-        let job = self.job.clone();
         let client = self.conn().await?;
         let pred = match cursor {
             Some(_) => format!(
@@ -255,22 +268,20 @@ impl Backend for PgBackend {
                 ..Outcome::default()
             });
         }
-        let sql = self.ready()?.1.clone();
-        let job = self.job.clone();
-        let statement = self.spec.statement.clone();
+        let p = self.ready()?;
         let lock_timeout = self.limits.lock_timeout;
         let mut retry = std::mem::take(&mut self.retry);
         let client = self.conn().await?;
         let out = retry
-            .step(client, &sql, &job, &statement, size, lock_timeout)
+            .step(client, &p.sql, &p.job, &p.statement, size, lock_timeout)
             .await;
         self.retry = retry;
         out
     }
 
     async fn sample(&mut self, cursor: Option<&str>, size: u64, count: u32) -> Result<Vec<Sample>> {
-        let sql = self.ready()?.1.clone();
-        let statement = self.spec.statement.clone();
+        let p = self.ready()?;
+        let (sql, statement) = (&p.sql, &p.statement);
         let client = self.conn().await?;
         client
             .batch_execute(&sql.begin)
@@ -291,7 +302,7 @@ impl Backend for PgBackend {
                 let Some(keys) = keys else { break };
                 cursor = row.get(1);
                 let rows = client
-                    .execute(&statement, &[&keys])
+                    .execute(statement.as_str(), &[&keys])
                     .await
                     .map_err(|e| db_error("running statement on a sample batch", &e))?;
                 samples.push(Sample {
