@@ -1051,7 +1051,7 @@ fn spec_error_bad_date() {
 fn spec_error_throttle_on_a_clickhouse_job() {
     spec_error(
         &format!("{GOOD_CH}throttle:\n  max_active_backends: 3\n"),
-        None,
+        Some(10),
         "throttle",
         "postgres jobs only",
     );

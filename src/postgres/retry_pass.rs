@@ -144,7 +144,11 @@ async fn process(
         None => 0,
     };
     let t2 = Instant::now();
-    let resolved: Vec<&String> = pending.iter().filter(|k| !still.contains(k)).collect();
+    let still_set: std::collections::HashSet<&str> = still.iter().map(String::as_str).collect();
+    let resolved: Vec<&String> = pending
+        .iter()
+        .filter(|k| !still_set.contains(k.as_str()))
+        .collect();
     client
         .execute(&sql.forget, &[&job, &resolved])
         .await

@@ -17,7 +17,7 @@ pub struct RawSpec {
     #[serde(default)]
     pub state: Option<RawState>,
     #[serde(default)]
-    pub throttle: Option<RawThrottle>,
+    pub throttle: Option<Spanned<RawThrottle>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

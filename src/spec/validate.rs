@@ -129,9 +129,9 @@ pub(super) fn validate(path: &Path, raw: RawSpec, env: &Env) -> Result<Spec> {
             Source::Clickhouse(ch) => ch.database.clone(),
         },
     };
-    let throttle = match raw.throttle {
-        Some(_) if matches!(source, Source::Clickhouse(_)) => {
-            return cx.err(0, 0, "throttle", "throttling is for postgres jobs only");
+    let throttle = match &raw.throttle {
+        Some(t) if matches!(source, Source::Clickhouse(_)) => {
+            return cx.at(t, "throttle", "throttling is for postgres jobs only");
         }
         Some(t) => Some(throttle(&mut cx, t)?),
         None => None,
@@ -301,14 +301,15 @@ fn limits(raw: RawLimits) -> Limits {
     }
 }
 
-fn throttle(cx: &mut Ctx, t: RawThrottle) -> Result<Throttle> {
+fn throttle(cx: &mut Ctx, section: &Spanned<RawThrottle>) -> Result<Throttle> {
+    let t = &section.value;
     let query = match &t.query {
         Some(q) => Some(cx.text(q, "throttle.query")?),
         None => None,
     };
     let interval = t.interval.map(|d| d.0).unwrap_or(Duration::from_secs(1));
     if interval.is_zero() {
-        return cx.err(0, 0, "throttle.interval", "must be more than 0");
+        return cx.at(section, "throttle.interval", "must be more than 0");
     }
     Ok(Throttle {
         max_replication_lag: t.max_replication_lag.map(|d| d.0).filter(|d| !d.is_zero()),

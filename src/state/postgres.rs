@@ -32,20 +32,6 @@ impl PgStateStore {
             .map_err(|e| db_error("reading the checkpoint store", &e))?;
         Ok(row.get(0))
     }
-
-    /// Records of all jobs in the store.
-    pub async fn all(&self) -> Result<Vec<JobState>> {
-        if !self.exists().await? {
-            return Ok(Vec::new());
-        }
-        let sql = format!("{} ORDER BY j.job", select_sql(&self.schema));
-        let rows = self
-            .client
-            .query(&sql, &[])
-            .await
-            .map_err(|e| db_error("reading the checkpoint store", &e))?;
-        Ok(rows.iter().map(from_row).collect())
-    }
 }
 
 fn select_sql(schema: &str) -> String {
