@@ -56,6 +56,10 @@ pub enum Command {
         /// How often to push to the push gateway.
         #[arg(long, value_parser = parse_duration, default_value = "15s", value_name = "DURATION")]
         push_interval: Duration,
+        /// Worker threads of this process (default: the spec's `workers`); more processes on
+        /// the same spec join until `workers` are active.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
+        workers: Option<u32>,
     },
     /// Dry run: pending rows, batch count, where it would resume, estimated duration. No writes.
     Plan {
@@ -67,6 +71,9 @@ pub enum Command {
         /// Sample batches to time (run in a transaction that is rolled back); 0 skips timing.
         #[arg(long, default_value_t = 3, value_name = "N")]
         samples: u32,
+        /// One JSON document for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Show what the checkpoint store says about each job.
     Status {
@@ -75,6 +82,27 @@ pub enum Command {
         /// One JSON document for scripts.
         #[arg(long)]
         json: bool,
+        /// Redraw every few seconds (workers, rate, ETA, paused or throttled) until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// How often `--watch` redraws.
+        #[arg(long, value_parser = parse_duration, default_value = "2s", value_name = "DURATION")]
+        interval: Duration,
+    },
+    /// Run the spec's `verify:` check alone (read-only): exit 0 when it returns 0.
+    Verify {
+        #[arg(required = true, value_name = "SPEC")]
+        specs: Vec<PathBuf>,
+    },
+    /// Pause running workers after their open batch (they wait; started jobs wait too).
+    Pause {
+        #[arg(required = true, value_name = "SPEC")]
+        specs: Vec<PathBuf>,
+    },
+    /// Let paused workers go on.
+    Unpause {
+        #[arg(required = true, value_name = "SPEC")]
+        specs: Vec<PathBuf>,
     },
     /// Parse and check specs without touching a database.
     Validate {

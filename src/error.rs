@@ -16,9 +16,14 @@ pub const EXIT_STOPPED: i32 = 75;
 pub enum StopReason {
     Deadline(Duration),
     Signal(&'static str),
+    /// Another runner holds the job (or all `workers` slots are taken).
     LockHeld(String),
     RowsStillLocked(u64),
     Preflight(String),
+    /// Started outside the spec's window (nothing was written), or the window closed.
+    Window(String),
+    /// Another worker of this job failed; the others stop at their next boundary.
+    Aborted,
 }
 
 impl std::fmt::Display for StopReason {
@@ -37,6 +42,8 @@ impl std::fmt::Display for StopReason {
                  after every retry; they stay recorded and are retried first on the next run"
             ),
             StopReason::Preflight(why) => write!(f, "preflight refused to start: {why}"),
+            StopReason::Window(why) => write!(f, "{why}"),
+            StopReason::Aborted => write!(f, "another worker of this job failed"),
         }
     }
 }
@@ -59,6 +66,13 @@ pub enum Error {
     /// A statement failed while the job ran.
     #[error("{message}")]
     Db { message: String, kind: DbErrorKind },
+    /// This worker no longer owns the unit it was working on (its claim was taken over after
+    /// its connection was lost): nothing was written; it must claim again.
+    #[error("{0}")]
+    Lost(String),
+    /// The spec's `verify:` query says the job is not done.
+    #[error("{0}")]
+    Verify(String),
     /// The run stopped early; progress is saved.
     #[error("stopped: {0}")]
     Stopped(StopReason),
@@ -72,7 +86,13 @@ pub enum Error {
 pub enum DbErrorKind {
     /// The statement ran over `statement_timeout`: retry with a smaller batch.
     StatementTimeout,
-    /// Lock timeout, serialization failure, deadlock: retry the same batch after a pause.
+    /// `lock_timeout` (SQLSTATE 55P03): retry the same batch after a pause.
+    LockTimeout,
+    /// Serialization failure (40001): retry after a pause.
+    Serialization,
+    /// Deadlock (40P01): retry after a pause.
+    Deadlock,
+    /// Other errors that a retry at the same size can cure (ClickHouse 159, 202, 252...).
     Transient,
     /// The connection was lost: reconnect, then retry.
     ConnectionLost,
@@ -82,30 +102,49 @@ pub enum DbErrorKind {
     Fatal,
 }
 
+impl DbErrorKind {
+    /// Worth retrying the same unit after a pause.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            DbErrorKind::LockTimeout
+                | DbErrorKind::Serialization
+                | DbErrorKind::Deadlock
+                | DbErrorKind::Transient
+                | DbErrorKind::ConnectionLost
+        )
+    }
+}
+
 impl Error {
     /// The process exit code this error maps to (see DESIGN.md).
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Spec(_) | Error::Usage(_) => EXIT_USAGE,
-            Error::Stopped(_) => EXIT_STOPPED,
-            Error::Connect(_) | Error::Preflight(_) | Error::Db { .. } | Error::Io(_) => {
-                EXIT_FAILED
-            }
+            Error::Stopped(_) | Error::Lost(_) => EXIT_STOPPED,
+            Error::Connect(_)
+            | Error::Preflight(_)
+            | Error::Db { .. }
+            | Error::Verify(_)
+            | Error::Io(_) => EXIT_FAILED,
         }
     }
 
     /// A short label for metrics: why a unit was retried.
     pub fn retry_reason(&self) -> &'static str {
-        let code = |c: &str| matches!(self, Error::Db { message, .. } if message.contains(c));
-        match self.db_kind() {
-            Some(DbErrorKind::StatementTimeout) => "statement_timeout",
-            Some(DbErrorKind::ConnectionLost) => "connection_lost",
-            Some(DbErrorKind::MemoryLimit) => "memory_limit",
-            _ if code("SQLSTATE 55P03") => "lock_timeout",
-            _ if code("SQLSTATE 40001") => "serialization_failure",
-            _ if code("SQLSTATE 40P01") => "deadlock",
-            Some(DbErrorKind::Transient) => "transient",
-            _ if matches!(self, Error::Connect(_)) => "connection_lost",
+        match self {
+            Error::Connect(_) => "connection_lost",
+            Error::Lost(_) => "claim_lost",
+            Error::Db { kind, .. } => match kind {
+                DbErrorKind::StatementTimeout => "statement_timeout",
+                DbErrorKind::LockTimeout => "lock_timeout",
+                DbErrorKind::Serialization => "serialization_failure",
+                DbErrorKind::Deadlock => "deadlock",
+                DbErrorKind::Transient => "transient",
+                DbErrorKind::ConnectionLost => "connection_lost",
+                DbErrorKind::MemoryLimit => "memory_limit",
+                DbErrorKind::Fatal => "other",
+            },
             _ => "other",
         }
     }
@@ -114,7 +153,17 @@ impl Error {
     pub fn db_kind(&self) -> Option<DbErrorKind> {
         match self {
             Error::Db { kind, .. } => Some(*kind),
+            // Reaching the server failed after it had been reached once: worth retrying.
+            Error::Connect(_) => Some(DbErrorKind::ConnectionLost),
             _ => None,
+        }
+    }
+
+    /// A fatal database error with this message.
+    pub fn fatal(message: impl Into<String>) -> Error {
+        Error::Db {
+            message: message.into(),
+            kind: DbErrorKind::Fatal,
         }
     }
 }

@@ -43,7 +43,12 @@ fn main() {
         match backfill::commands::execute(cli.command).await {
             Ok(()) => backfill::error::EXIT_DONE,
             Err(e) => {
-                eprintln!("error: {e}");
+                let text = backfill::redact::redact(&e.to_string()).into_owned();
+                match &e {
+                    // Not a failure: progress is saved and a later run resumes.
+                    backfill::Error::Stopped(_) => eprintln!("{text}; run again to resume"),
+                    _ => eprintln!("error: {text}"),
+                }
                 e.exit_code()
             }
         }

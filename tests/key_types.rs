@@ -56,7 +56,7 @@ batch: {{size: {SIZE}, target: 0}}
 
     let job = c
         .query_one(
-            "SELECT status, keys_done, rows_done, batches_done, cursor FROM backfill.jobs WHERE job = 'job'",
+            &format!("SELECT status, keys_done, rows_done, batches_done, cursor FROM {} WHERE job = 'job'", common::store::JOB_VIEW),
             &[],
         )
         .await

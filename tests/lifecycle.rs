@@ -164,7 +164,7 @@ async fn finished_job_is_skipped_changed_spec_left_alone_until_rerun() {
     assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 11").await, 1000);
     let row = c
         .query_one(
-            "SELECT status, cursor, keys_done, rows_done, batches_done FROM backfill.jobs WHERE job = 'job'",
+            &format!("SELECT status, cursor, keys_done, rows_done, batches_done FROM {} WHERE job = 'job'", common::store::JOB_VIEW),
             &[],
         )
         .await
@@ -344,7 +344,14 @@ async fn reset_asks_for_yes_and_then_forgets_the_checkpoint() {
     assert!(out.contains("1 run, 0 skipped"), "{out}");
     assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 2").await, 500);
     assert_eq!(
-        count(&c, "SELECT keys_done FROM backfill.jobs WHERE job = 'job'").await,
+        count(
+            &c,
+            &format!(
+                "SELECT keys_done FROM {} WHERE job = 'job'",
+                common::store::JOB_VIEW
+            )
+        )
+        .await,
         500
     );
     drop(c);
@@ -450,7 +457,10 @@ async fn second_runner_is_refused_while_the_first_holds_the_job() {
     assert!(first_out.contains("SIGTERM"), "{first_out}");
     let row = c
         .query_one(
-            "SELECT status, cursor, keys_done FROM backfill.jobs WHERE job = 'job'",
+            &format!(
+                "SELECT status, cursor, keys_done FROM {} WHERE job = 'job'",
+                common::store::JOB_VIEW
+            ),
             &[],
         )
         .await
@@ -496,7 +506,14 @@ async fn second_runner_is_refused_while_the_first_holds_the_job() {
     assert!(err.contains(&format!("starting at key {cursor}")), "{err}");
     assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 2000);
     assert_eq!(
-        count(&c, "SELECT keys_done FROM backfill.jobs WHERE job = 'job'").await,
+        count(
+            &c,
+            &format!(
+                "SELECT keys_done FROM {} WHERE job = 'job'",
+                common::store::JOB_VIEW
+            )
+        )
+        .await,
         2000
     );
     drop(c);

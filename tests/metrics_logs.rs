@@ -80,7 +80,11 @@ batch: {size: 100, target: 0, pause: 40ms}
             continue;
         };
         // The counter moves after the commit: the store is never behind it.
-        let stored = count(&c, "SELECT keys_done FROM backfill.jobs").await as f64;
+        let stored = count(
+            &c,
+            &format!("SELECT keys_done FROM {}", common::store::JOB_VIEW),
+        )
+        .await as f64;
         assert!(keys <= stored, "metric {keys} ahead of the store {stored}");
         assert_eq!(value(&body, "backfill_rows_total", "scraped"), Some(keys));
         assert!(

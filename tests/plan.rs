@@ -158,7 +158,13 @@ batch: {size: 500, target: 0}
     assert_eq!(code, 1, "stdout:\n{out}\nstderr:\n{err}");
     assert!(err.contains("division by zero"), "{err}");
     let cursor: Option<String> = c
-        .query_one("SELECT cursor FROM backfill.jobs WHERE job = 'job'", &[])
+        .query_one(
+            &format!(
+                "SELECT cursor FROM {} WHERE job = 'job'",
+                common::store::JOB_VIEW
+            ),
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -238,7 +244,10 @@ batch: {size: 10, target: 0, pause: 100ms}
         assert!(out.contains("max runtime"), "{out}");
         let r = c
             .query_one(
-                "SELECT status, cursor, keys_done FROM backfill.jobs WHERE job = 'job'",
+                &format!(
+                    "SELECT status, cursor, keys_done FROM {} WHERE job = 'job'",
+                    common::store::JOB_VIEW
+                ),
                 &[],
             )
             .await

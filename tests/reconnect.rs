@@ -65,7 +65,10 @@ batch: {size: 200, target: 0, pause: 30ms}
     assert_eq!(
         count(
             &c,
-            "SELECT keys_done FROM backfill.jobs WHERE job = 'copy' AND status = 'done'"
+            &format!(
+                "SELECT keys_done FROM {} WHERE job = 'copy' AND status = 'done'",
+                common::store::JOB_VIEW
+            )
         )
         .await,
         12000

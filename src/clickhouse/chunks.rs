@@ -236,6 +236,7 @@ mod tests {
             target: "agg".into(),
             settings: vec![],
             statement: String::new(),
+            verify: None,
         };
         let (f, t) = (d("2025-11-01"), d("2025-12-01"));
         assert_eq!(

@@ -7,16 +7,20 @@ mod atomic;
 mod chunks;
 pub mod client;
 pub mod errors;
+mod job;
 mod planner;
+pub mod store;
 
-use crate::engine::{Backend, Estimate, Outcome, Sample};
+pub use job::{ChJob, ChWorker};
+
+use crate::engine::{Estimate, Outcome};
 use crate::error::{DbErrorKind, Error, Result};
 use crate::spec::{ChunkLevel, ClickhouseSpec, Spec};
-use crate::state::clickhouse::{ChStateStore, Record};
 use atomic::Staging;
 use chrono::NaiveDate;
 use chunks::{Chunk, TimeKind};
 use std::collections::{HashMap, VecDeque};
+use store::{ChStateStore, Record};
 
 /// A chunk's status in the state table.
 const DONE: &str = "done";
@@ -457,8 +461,8 @@ impl ChBackend {
     }
 }
 
-impl Backend for ChBackend {
-    async fn preflight(&mut self) -> Result<()> {
+impl ChBackend {
+    pub async fn preflight(&mut self) -> Result<()> {
         self.check().await?;
         // A run killed while landing a chunk leaves the target's merges stopped.
         self.staging.resume_target_merges().await?;
@@ -490,11 +494,7 @@ impl Backend for ChBackend {
         Ok(())
     }
 
-    async fn blockers(&mut self) -> Result<Vec<String>> {
-        Ok(Vec::new())
-    }
-
-    async fn estimate(&mut self, _cursor: Option<&str>, _exact: bool) -> Result<Estimate> {
+    pub async fn estimate(&mut self) -> Result<Estimate> {
         if self.range.is_none() {
             self.range = planner::range(&self.client, &self.spec).await?;
         }
@@ -517,12 +517,12 @@ impl Backend for ChBackend {
         })
     }
 
-    async fn run_unit(&mut self, _cursor: Option<&str>, _size: u64) -> Result<Outcome> {
+    pub async fn run_unit(&mut self) -> Result<Outcome> {
         self.build_queue().await?;
         loop {
             let Some(c) = self.queue.as_mut().expect("queue built").pop_front() else {
                 return Ok(Outcome {
-                    done: true,
+                    unit_done: true,
                     ..Outcome::default()
                 });
             };
@@ -596,20 +596,33 @@ impl Backend for ChBackend {
         }
     }
 
-    async fn sample(
-        &mut self,
-        _cursor: Option<&str>,
-        _size: u64,
-        _count: u32,
-    ) -> Result<Vec<Sample>> {
-        Ok(Vec::new())
-    }
-
-    fn reset_connection(&mut self) {}
-
-    async fn committed_cursor(&mut self) -> Result<Option<String>> {
-        // Chunks are checkpointed individually; the queue is rebuilt from the state table.
+    /// Forget the queue after a failure: it is rebuilt from the state table.
+    pub fn forget_queue(&mut self) {
         self.queue = None;
-        Ok(None)
+    }
+}
+
+/// Run a `verify:` query read-only (`readonly=2`: settings may change, nothing may be
+/// written): one integer, 0 = the job is done. The SQL is sent as written (no `?` binding).
+pub async fn verify(client: &clickhouse::Client, sql: &str) -> Result<i64> {
+    let text = client
+        .query_raw(sql)
+        .with_setting("readonly", "2")
+        .fetch_bytes("TabSeparated")
+        .map_err(|e| errors::ch_error("clickhouse.verify", &e))?
+        .collect()
+        .await
+        .map_err(|e| errors::ch_error("clickhouse.verify", &e))?;
+    let text = String::from_utf8_lossy(&text);
+    let mut lines = text.lines();
+    match (lines.next().map(str::trim), lines.next()) {
+        (Some(v), None) if !v.contains('\t') => v.parse::<i64>().map_err(|_| {
+            Error::Preflight(format!(
+                "clickhouse.verify must return one integer (0 = the job is done), got {v:?}"
+            ))
+        }),
+        _ => Err(Error::Preflight(
+            "clickhouse.verify must return one row with one integer (0 = the job is done)".into(),
+        )),
     }
 }

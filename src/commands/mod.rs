@@ -1,6 +1,8 @@
 //! The subcommands: each loads its specs (any bad spec stops everything with exit 2 before a
-//! database is touched) and then does its one thing.
+//! database is touched) and then does its one thing. The one place that chooses a backend by
+//! the spec's database is `with_backend`; commands only see the `Backend` trait.
 
+mod control;
 mod plan;
 mod reset;
 mod run;
@@ -8,8 +10,10 @@ mod status;
 mod validate;
 
 use crate::cli::Command;
+use crate::engine::Backend;
 use crate::error::Result;
-use crate::spec::{Env, Spec, expand_paths, load_file};
+use crate::postgres::Access;
+use crate::spec::{Env, Source, Spec, expand_paths, load_file};
 use std::path::PathBuf;
 
 pub async fn execute(command: Command) -> Result<()> {
@@ -23,11 +27,13 @@ pub async fn execute(command: Command) -> Result<()> {
             pushgateway,
             push_interval,
             progress_interval,
+            workers,
         } => {
             let opts = crate::engine::RunOptions {
                 rerun,
                 ignore_preflight,
                 progress_every: progress_interval,
+                workers,
             };
             let specs = load_all(&specs)?;
             let exporter =
@@ -40,10 +46,46 @@ pub async fn execute(command: Command) -> Result<()> {
             specs,
             exact,
             samples,
-        } => plan::plan(&load_all(&specs)?, exact, samples).await,
-        Command::Status { specs, json } => status::status(&load_all(&specs)?, json).await,
+            json,
+        } => plan::plan(&load_all(&specs)?, exact, samples, json).await,
+        Command::Status {
+            specs,
+            json,
+            watch,
+            interval,
+        } => status::status(&load_all(&specs)?, json, watch, interval).await,
+        Command::Verify { specs } => control::verify(&load_all(&specs)?).await,
+        Command::Pause { specs } => control::pause(&load_all(&specs)?, true).await,
+        Command::Unpause { specs } => control::pause(&load_all(&specs)?, false).await,
         Command::Validate { specs } => validate::validate(&specs),
         Command::Reset { spec, yes } => reset::reset(&spec, yes).await,
+    }
+}
+
+/// Something a command does with one job's backend, whatever its database.
+#[allow(async_fn_in_trait)]
+pub(crate) trait OnJob {
+    type Out;
+    async fn call<B: Backend>(self, spec: &Spec, backend: B) -> Result<Self::Out>;
+}
+
+/// Open the spec's backend (read-only sessions unless `access` allows writing) and hand it to
+/// `cmd`. `workers` sizes the connection pool.
+pub(crate) async fn with_backend<C: OnJob>(
+    spec: &Spec,
+    access: Access,
+    workers: u32,
+    cmd: C,
+) -> Result<C::Out> {
+    match &spec.source {
+        Source::Postgres(pg) => {
+            let backend = crate::postgres::open(spec, pg, access, workers)?;
+            cmd.call(spec, backend).await
+        }
+        Source::Clickhouse(ch) => {
+            let backend = crate::clickhouse::ChJob::open(spec, ch).await?;
+            cmd.call(spec, backend).await
+        }
     }
 }
 

@@ -1,159 +1,128 @@
-//! `backfill plan`: a dry run. Pending rows, batch count, where it would resume, and an ETA from
-//! sample batches run in a transaction that is rolled back. Writes nothing, creates nothing.
+//! `backfill plan`: a dry run. Pending rows, batches, where it would resume, an ETA and the WAL
+//! it would write from sample batches that are rolled back, whether the statement converges,
+//! and the sessions that would stop `run`. Writes nothing, creates nothing.
 
-use crate::engine::{Backend, Sizer};
+use super::{OnJob, with_backend};
+use crate::engine::Backend;
+use crate::engine::plan::{Plan, PlanOptions};
 use crate::error::Result;
-use crate::progress::fmt_duration;
-use crate::spec::{Source, Spec};
-use crate::state::{JobState, StateStore};
+use crate::outln;
+use crate::postgres::Access;
+use crate::progress::{fmt_bytes, fmt_duration};
+use crate::spec::Spec;
 use std::time::Duration;
 
-pub async fn plan(specs: &[Spec], exact: bool, samples: u32) -> Result<()> {
+struct PlanJob(PlanOptions);
+
+impl OnJob for PlanJob {
+    type Out = Plan;
+
+    async fn call<B: Backend>(self, _spec: &Spec, backend: B) -> Result<Plan> {
+        backend.plan(self.0).await
+    }
+}
+
+pub async fn plan(specs: &[Spec], exact: bool, samples: u32, json: bool) -> Result<()> {
+    let opts = PlanOptions { exact, samples };
+    let mut plans = Vec::new();
     for spec in specs {
-        match &spec.source {
-            Source::Postgres(pg) => {
-                let (mut backend, store) = crate::postgres::open(spec, pg).await?;
-                println!(
-                    "{}  ({}, table {} by {})",
-                    spec.name,
-                    pg.redacted_url(),
-                    pg.table,
-                    pg.key
-                );
-                plan_with(spec, &mut backend, &store, exact, samples).await?;
-            }
-            Source::Clickhouse(ch) => {
-                let (mut backend, store) = crate::clickhouse::open(spec, ch).await?;
-                println!(
-                    "{}  ({}, {} -> {} by {})",
-                    spec.name,
-                    ch.redacted_url(),
-                    ch.source,
-                    ch.target,
-                    ch.time_column
-                );
-                plan_clickhouse(spec, &mut backend, &store).await?;
-            }
+        let p = with_backend(spec, Access::ReadOnly, 1, PlanJob(opts)).await?;
+        if !json {
+            print(&p);
         }
+        plans.push(p);
+    }
+    if json {
+        let doc = serde_json::json!({ "jobs": plans });
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&doc).expect("serializable")
+        );
     }
     Ok(())
 }
 
-async fn plan_with<B: Backend, S: StateStore>(
-    spec: &Spec,
-    backend: &mut B,
-    store: &S,
-    exact: bool,
-    samples: u32,
-) -> Result<()> {
-    let state = store.load(&spec.name).await?;
-    for b in backend.blockers().await? {
-        println!("  WARNING:      run would refuse to start: {b}");
+fn print(p: &Plan) {
+    outln!("{}  ({}, {})", p.job, p.database, p.target);
+    if let Some(skip) = &p.skip {
+        outln!("  status:       {skip}");
+        return;
     }
-    backend.preflight().await?;
-    let cursor = state.as_ref().and_then(|s| s.cursor.clone());
-    println!("  resume at:    {}", resume_point(state.as_ref()));
-    let est = backend.estimate(cursor.as_deref(), exact).await?;
-    let pending = est.rows + est.pending_retry;
-    println!(
+    for b in &p.blockers {
+        outln!("  WARNING:      run would refuse to start: {b}");
+    }
+    outln!("  resume at:    {}", p.resume);
+    outln!(
         "  pending rows: {}{} ({}){}",
-        if est.exact { "" } else { "~" },
-        est.rows,
-        if est.exact {
+        if p.pending_exact { "" } else { "~" },
+        p.pending_rows,
+        if p.pending_exact {
             "counted"
         } else {
-            "planner estimate; --exact counts"
+            "estimate; --exact counts"
         },
-        if est.pending_retry > 0 {
-            format!(
-                " + {} skipped earlier, waiting for retry",
-                est.pending_retry
-            )
+        if p.pending_retry > 0 {
+            format!(" + {} skipped earlier, waiting for retry", p.pending_retry)
         } else {
             String::new()
         }
     );
-    let size = spec.batch.size;
-    println!("  batches:      {} of {size}", pending.div_ceil(size));
-    if samples == 0 || pending == 0 {
-        return Ok(());
+    if p.batch_size > 0 {
+        outln!("  batches:      {} of {}", p.batches, p.batch_size);
     }
-    let sampled = backend.sample(cursor.as_deref(), size, samples).await?;
-    let keys: u64 = sampled.iter().map(|s| s.keys).sum();
-    let took: Duration = sampled.iter().map(|s| s.elapsed).sum();
-    if keys == 0 {
-        println!("  sample:       no rows to sample");
-        return Ok(());
-    }
-    let rate = keys as f64 / took.as_secs_f64().max(1e-6);
-    println!(
-        "  sample:       {} batch(es), {keys} keys in {:.0}ms (rolled back): ~{:.0} rows/s",
-        sampled.len(),
-        took.as_secs_f64() * 1000.0,
-        rate
-    );
-    let mut sizer = Sizer::new(&spec.batch);
-    for s in &sampled {
-        sizer.observe(s.keys, s.elapsed);
-    }
-    // Let the sizer settle on the sampled rate, as it would after a few batches of the run.
-    let per_key = took.as_secs_f64() / keys as f64;
-    for _ in 0..20 {
-        let n = sizer.size();
-        sizer.observe(n, Duration::from_secs_f64(per_key * n as f64));
-    }
-    let settled = sizer.size();
-    let batches = pending.div_ceil(settled);
-    let eta = Duration::from_secs_f64(per_key * pending as f64) + spec.batch.pause * batches as u32;
-    if spec.batch.target.is_zero() {
-        println!("  estimate:     ~{} (fixed size {size})", fmt_duration(eta));
-    } else {
-        println!(
-            "  estimate:     ~{}; with target {}ms the size should settle near {settled} (~{batches} batches)",
-            fmt_duration(eta),
-            spec.batch.target.as_millis()
+    if let Some(s) = &p.sample {
+        outln!(
+            "  sample:       {} batch(es), {} keys in {:.0}ms (rolled back): ~{:.0} rows/s",
+            s.batches,
+            s.keys,
+            s.seconds * 1000.0,
+            s.rows_per_second
         );
     }
-    Ok(())
-}
-
-fn resume_point(state: Option<&JobState>) -> String {
-    match state {
-        None => "the start (no checkpoint yet)".into(),
-        Some(s) => format!(
-            "{} (status {}, {} keys and {} batches done)",
-            s.cursor
-                .as_deref()
-                .map_or("the start".into(), |c| format!("after key {c}")),
-            s.status.as_str(),
-            s.keys_done,
-            s.batches_done
-        ),
-    }
-}
-
-async fn plan_clickhouse(
-    spec: &Spec,
-    backend: &mut crate::clickhouse::ChBackend,
-    store: &crate::state::clickhouse::ChStateStore,
-) -> Result<()> {
-    let state = store.load(&spec.name).await?;
-    backend.check().await?;
-    println!("  resume at:    {}", resume_point(state.as_ref()));
-    let lines = backend.plan().await?;
-    let pending: Vec<_> = lines.iter().filter(|l| l.status != "done").collect();
-    let rows: u64 = pending.iter().map(|l| l.rows_left).sum();
-    println!(
-        "  chunks:       {} top-level, {} to do ({rows} source rows)",
-        lines.len(),
-        pending.len()
-    );
-    for l in &lines {
-        let rows = l.rows.map_or("?".to_string(), |r| r.to_string());
-        println!(
-            "    {:<10} {:>12} rows  {:<8} {}",
-            l.label, rows, l.status, l.note
+    if let Some(eta) = p.estimate_seconds {
+        let settled = p
+            .settled_batch_size
+            .map(|n| format!("; batches should settle near {n} keys"))
+            .unwrap_or_default();
+        outln!(
+            "  estimate:     ~{}{settled}",
+            fmt_duration(Duration::from_secs_f64(eta.max(0.0)))
         );
     }
-    Ok(())
+    if let Some(w) = &p.wal {
+        outln!(
+            "  WAL:          ~{:.0} bytes/row, ~{} in all, ~{}/s while running (standbys must absorb it)",
+            w.bytes_per_row,
+            fmt_bytes(w.total_bytes),
+            fmt_bytes(w.bytes_per_second as u64)
+        );
+    }
+    if let Some(i) = &p.idempotency {
+        if i.converges {
+            outln!("  idempotent:   yes ({})", i.reason);
+        } else {
+            outln!("  WARNING:      statement is NOT idempotent: {}", i.reason);
+        }
+    }
+    for n in &p.notes {
+        outln!("  {n}");
+    }
+    if !p.units.is_empty() {
+        let done = p.units.iter().filter(|u| u.status == "done").count();
+        outln!("  units:        {} ({done} done)", p.units.len());
+        for u in p
+            .units
+            .iter()
+            .filter(|u| u.status != "done" || p.units.len() <= 24)
+        {
+            let rows = u.rows.map_or("?".to_string(), |r| r.to_string());
+            outln!(
+                "    {:<28} {:>12} rows  {:<8} {}",
+                u.unit,
+                rows,
+                u.status,
+                u.note
+            );
+        }
+    }
 }

@@ -1,9 +1,22 @@
-//! `backfill reset`: forget one job's checkpoint (refuses without `--yes`).
+//! `backfill reset`: forget one job's checkpoint (refuses without `--yes`, and while it runs).
 
+use super::{OnJob, with_backend};
+use crate::engine::Backend;
 use crate::error::{Error, Result};
-use crate::spec::{Env, Source, load_file};
-use crate::state::StateStore;
+use crate::outln;
+use crate::postgres::Access;
+use crate::spec::{Env, Spec, load_file};
 use std::path::Path;
+
+struct Reset;
+
+impl OnJob for Reset {
+    type Out = Option<String>;
+
+    async fn call<B: Backend>(self, _spec: &Spec, backend: B) -> Result<Option<String>> {
+        backend.reset().await
+    }
+}
 
 pub async fn reset(path: &Path, yes: bool) -> Result<()> {
     let spec = load_file(path, &Env::process())?;
@@ -14,31 +27,9 @@ pub async fn reset(path: &Path, yes: bool) -> Result<()> {
             spec.name
         )));
     }
-    let existed = match &spec.source {
-        Source::Postgres(pg) => {
-            let (_, store) = crate::postgres::open(&spec, pg).await?;
-            forget(&store, &spec.name).await?
-        }
-        Source::Clickhouse(ch) => {
-            let (_, store) = crate::clickhouse::open(&spec, ch).await?;
-            forget(&store, &spec.name).await?
-        }
-    };
-    if existed {
-        println!(
-            "{}: checkpoint deleted; the next run starts from the beginning",
-            spec.name
-        );
-    } else {
-        println!("{}: no checkpoint to delete", spec.name);
+    match with_backend(&spec, Access::ReadWrite, 1, Reset).await? {
+        Some(what) => outln!("{}: {what}", spec.name),
+        None => outln!("{}: no checkpoint to delete", spec.name),
     }
     Ok(())
-}
-
-/// Delete the checkpoint under the job's runner lock: never under a running job.
-async fn forget<S: StateStore>(store: &S, job: &str) -> Result<bool> {
-    store.lock(job).await?;
-    let existed = store.reset(job).await;
-    store.unlock(job).await?;
-    existed
 }

@@ -1,62 +1,96 @@
-//! `backfill run`: jobs in order; stops at the first job that fails or stops early.
+//! `backfill run`: jobs in order; stops at the first job that fails or stops early, and says
+//! which jobs it did not get to.
 
-use crate::engine::{Gate, Ran, RunOptions, Stop, run_with};
-use crate::error::Result;
-use crate::spec::{Source, Spec};
+use super::{OnJob, with_backend};
+use crate::engine::{Backend, JobReport, Ran, RunOptions, Stop, run_job};
+use crate::error::{Error, Result};
+use crate::postgres::Access;
+use crate::spec::Spec;
+use std::sync::Arc;
 use std::time::Duration;
+
+struct RunJob<'a> {
+    opts: &'a RunOptions,
+    stop: &'a Stop,
+}
+
+impl OnJob for RunJob<'_> {
+    type Out = JobReport;
+
+    async fn call<B: Backend>(self, spec: &Spec, backend: B) -> Result<JobReport> {
+        let gate = match &spec.throttle {
+            Some(t) => backend.throttle(t).await?,
+            None => None,
+        };
+        run_job(spec, Arc::new(backend), self.opts, self.stop, gate).await
+    }
+}
 
 pub async fn run(specs: &[Spec], max_runtime: Option<Duration>, opts: &RunOptions) -> Result<()> {
     let stop = Stop::install().with_deadline(max_runtime);
     let (mut ran, mut skipped) = (0, 0);
-    for spec in specs {
-        let report = match &spec.source {
-            Source::Postgres(pg) => run_postgres(spec, pg, opts, &stop).await,
-            Source::Clickhouse(ch) => run_clickhouse(spec, ch, opts, &stop).await,
+    let tally = |ran: usize, skipped: usize, last: &str| {
+        let mut line = format!("{ran} run, {skipped} skipped");
+        if !last.is_empty() {
+            line.push_str(&format!(", 1 {last}"));
+        }
+        line
+    };
+    for (i, spec) in specs.iter().enumerate() {
+        let threads = opts.workers.unwrap_or(spec.workers).max(spec.workers);
+        let report = with_backend(
+            spec,
+            Access::ReadWrite,
+            threads,
+            RunJob { opts, stop: &stop },
+        )
+        .await;
+        let untried = || {
+            let rest: Vec<String> = specs[i + 1..]
+                .iter()
+                .map(|s| s.file.display().to_string())
+                .collect();
+            if !rest.is_empty() {
+                crate::outln!("not tried: {}", rest.join(", "));
+            }
         };
         let report = match report {
             Ok(r) => r,
             Err(e) => {
-                println!("{}: not started ({})", spec.name, spec.file.display());
-                println!("{ran} run, {skipped} skipped");
+                let what = if matches!(e, Error::Stopped(_)) {
+                    "stopped before starting"
+                } else {
+                    "not started"
+                };
+                crate::outln!("{}: {what} ({})", spec.name, spec.file.display());
+                let last = if matches!(e, Error::Stopped(_)) {
+                    "stopped"
+                } else {
+                    "failed"
+                };
+                crate::outln!("{}", tally(ran, skipped, last));
+                untried();
                 return Err(e);
             }
         };
-        println!("{}", report.summary());
+        crate::outln!("{}", report.summary());
         match report.ran {
             Ran::Skipped { .. } => skipped += 1,
             Ran::Worked { error, .. } => {
-                ran += 1;
                 if let Some(e) = error {
-                    println!("{ran} run, {skipped} skipped");
+                    let last = if matches!(e, Error::Stopped(_)) {
+                        "stopped"
+                    } else {
+                        "failed"
+                    };
+                    crate::outln!("{}", tally(ran, skipped, last));
+                    untried();
                     return Err(e);
                 }
+                ran += 1;
             }
         }
     }
-    println!("{ran} run, {skipped} skipped");
+    crate::outln!("{}", tally(ran, skipped, ""));
     Ok(())
-}
-
-async fn run_postgres(
-    spec: &Spec,
-    pg: &crate::spec::PostgresSpec,
-    opts: &RunOptions,
-    stop: &Stop,
-) -> Result<crate::engine::JobReport> {
-    let (mut backend, store) = crate::postgres::open(spec, pg).await?;
-    let gate = match &spec.throttle {
-        Some(t) => Some(Gate::start(backend.throttle_probe(t.clone()), t.interval).await?),
-        None => None,
-    };
-    run_with(spec, &mut backend, &store, opts, stop, gate.as_ref()).await
-}
-
-async fn run_clickhouse(
-    spec: &Spec,
-    ch: &crate::spec::ClickhouseSpec,
-    opts: &RunOptions,
-    stop: &Stop,
-) -> Result<crate::engine::JobReport> {
-    let (mut backend, store) = crate::clickhouse::open(spec, ch).await?;
-    run_with(spec, &mut backend, &store, opts, stop, None).await
 }

@@ -1,151 +1,256 @@
-//! `backfill status`: what the checkpoint store says about each job, as text or JSON.
+//! `backfill status`: what each job's store says (status, counters, units, live workers), as
+//! text or JSON; `--watch` redraws it with the rate and ETA seen between refreshes. A job
+//! whose database cannot be reached is reported as such; the others are still shown.
 
-use crate::error::Result;
-use crate::spec::{Source, Spec};
-use crate::state::{JobState, StateStore};
+use super::{OnJob, with_backend};
+use crate::engine::{Backend, Estimate};
+use crate::error::{Error, Result};
+use crate::outln;
+use crate::postgres::Access;
+use crate::progress::fmt_duration;
+use crate::spec::Spec;
+use crate::state::{JobState, UnitState};
 use serde::Serialize;
+use std::time::{Duration, Instant};
 
 #[derive(Serialize)]
-struct Entry<'a> {
-    job: &'a str,
+struct Entry {
+    job: String,
     spec: String,
     database: String,
-    /// `pending` when the store has no record yet.
-    status: &'a str,
+    /// `pending` when the store has no record yet, `paused`, or the stored status.
+    status: String,
     spec_changed: bool,
     #[serde(flatten)]
-    state: Option<&'a JobState>,
-    /// ClickHouse jobs: one entry per chunk attempted (months, days, split groups).
+    state: Option<JobState>,
+    units: Vec<UnitState>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    chunks: Option<Vec<Chunk>>,
+    remaining_rows: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
 }
 
-#[derive(Serialize)]
-struct Chunk {
-    chunk: String,
-    level: String,
-    status: String,
-    rows: u64,
-    source_rows: u64,
-    attempts: u32,
-    memory_bytes: u64,
-    error: String,
+struct Look {
+    estimate: bool,
 }
 
-impl From<crate::state::clickhouse::Record> for Chunk {
-    fn from(r: crate::state::clickhouse::Record) -> Chunk {
-        Chunk {
-            chunk: r.chunk,
-            level: r.level,
-            status: r.status,
-            rows: r.rows,
-            source_rows: r.source_rows,
-            attempts: r.attempts,
-            memory_bytes: r.memory_bytes,
-            error: r.error,
-        }
-    }
-}
+impl OnJob for Look {
+    type Out = (Option<JobState>, Vec<UnitState>, Option<Estimate>, String);
 
-pub async fn status(specs: &[Spec], json: bool) -> Result<()> {
-    let mut states = Vec::new();
-    let mut chunks = Vec::new();
-    for spec in specs {
-        let (state, chunk_list) = match &spec.source {
-            Source::Postgres(pg) => {
-                let (_, store) = crate::postgres::open(spec, pg).await?;
-                (store.load(&spec.name).await?, None)
+    async fn call<B: Backend>(self, _spec: &Spec, backend: B) -> Result<Self::Out> {
+        let state = backend.load().await?;
+        let units = backend.units().await?;
+        let est = if self.estimate && state.is_some() {
+            match backend.preflight().await {
+                Ok(()) => backend.estimate().await.ok(),
+                Err(_) => None,
             }
-            Source::Clickhouse(ch) => {
-                let (_, store) = crate::clickhouse::open(spec, ch).await?;
-                let list = store
-                    .records(&spec.name)
-                    .await?
-                    .into_iter()
-                    .filter(|r| !r.chunk.is_empty() && !r.chunk.starts_with('#'))
-                    .map(Chunk::from)
-                    .collect();
-                (store.load(&spec.name).await?, Some(list))
-            }
+        } else {
+            None
         };
-        states.push(state);
-        chunks.push(chunk_list);
+        Ok((state, units, est, backend.describe().0))
     }
-    let entries: Vec<Entry> = specs
-        .iter()
-        .zip(&states)
-        .zip(chunks)
-        .map(|((spec, state), chunks)| Entry {
-            job: &spec.name,
-            spec: spec.file.display().to_string(),
-            database: spec.source.redacted_url(),
-            status: state.as_ref().map_or("pending", |s| s.status.as_str()),
+}
+
+async fn entry(spec: &Spec, estimate: bool) -> Entry {
+    let base = Entry {
+        job: spec.name.clone(),
+        spec: spec.file.display().to_string(),
+        database: spec.source.redacted_url(),
+        status: "unknown".into(),
+        spec_changed: false,
+        state: None,
+        units: Vec::new(),
+        remaining_rows: None,
+        error: None,
+    };
+    match with_backend(spec, Access::ReadOnly, 1, Look { estimate }).await {
+        Ok((state, units, est, database)) => Entry {
+            status: match &state {
+                None => "pending".into(),
+                Some(s) if s.paused && s.status != crate::state::Status::Done => "paused".into(),
+                Some(s) => s.status.as_str().into(),
+            },
             spec_changed: state.as_ref().is_some_and(|s| s.spec_hash != spec.hash),
-            state: state.as_ref(),
-            chunks,
-        })
-        .collect();
-    if json {
-        let doc = serde_json::json!({ "jobs": entries });
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&doc).expect("serializable")
-        );
-        return Ok(());
+            state,
+            units,
+            remaining_rows: est.map(|e| e.rows + e.pending_retry),
+            database,
+            ..base
+        },
+        Err(e) => Entry {
+            error: Some(crate::redact::redact(&e.to_string()).into_owned()),
+            ..base
+        },
     }
-    for e in &entries {
-        println!("{}  [{}]  {}", e.job, e.status, e.database);
-        let Some(s) = e.state else {
-            println!("    no checkpoint yet");
-            continue;
-        };
-        println!(
-            "    cursor {}  keys {}  rows {}  batches {}  retried {}  waiting for retry {}",
-            s.cursor.as_deref().unwrap_or("(start)"),
-            s.keys_done,
-            s.rows_done,
-            s.batches_done,
-            s.rows_retried,
-            s.rows_pending_retry
-        );
-        let t = |v: &Option<chrono::DateTime<chrono::Utc>>| {
-            v.map_or("-".to_string(), |d| {
-                d.format("%Y-%m-%d %H:%M:%S UTC").to_string()
-            })
-        };
-        println!(
-            "    started {}  updated {}  finished {}  runner {}",
-            t(&s.started_at),
-            t(&s.updated_at),
-            t(&s.finished_at),
-            s.runner.as_deref().unwrap_or("-")
-        );
-        if e.spec_changed {
-            println!("    spec changed since the checkpoint was written");
-        }
-        if let Some(err) = &s.last_error {
-            println!("    last error: {err}");
-        }
-        if let Some(chunks) = &e.chunks {
-            print_chunks(chunks);
-        }
-    }
-    Ok(())
 }
 
-/// Counts by status, then every chunk that was split, failed or is staged, with its reason.
-fn print_chunks(chunks: &[Chunk]) {
+pub async fn status(specs: &[Spec], json: bool, watch: bool, every: Duration) -> Result<()> {
+    if !watch {
+        let mut entries = Vec::new();
+        for spec in specs {
+            entries.push(entry(spec, false).await);
+        }
+        let failed = entries.iter().filter(|e| e.error.is_some()).count();
+        if json {
+            let doc = serde_json::json!({ "jobs": entries });
+            outln!(
+                "{}",
+                serde_json::to_string_pretty(&doc).expect("serializable")
+            );
+        } else {
+            for e in &entries {
+                print(e, None);
+            }
+        }
+        return if failed == 0 {
+            Ok(())
+        } else {
+            Err(Error::Connect(format!(
+                "{failed} of {} job(s) could not be read (see above)",
+                entries.len()
+            )))
+        };
+    }
+    watch_loop(specs, json, every).await
+}
+
+/// Redraw until interrupted, with the rate seen between two looks.
+async fn watch_loop(specs: &[Spec], json: bool, every: Duration) -> Result<()> {
+    use std::io::IsTerminal;
+    let tty = std::io::stdout().is_terminal();
+    let mut last: Vec<Option<(Instant, i64)>> = vec![None; specs.len()];
+    loop {
+        let mut frame = Vec::new();
+        for (i, spec) in specs.iter().enumerate() {
+            let e = entry(spec, true).await;
+            let now = Instant::now();
+            let keys = e.state.as_ref().map(|s| s.keys_done);
+            let rate = match (last[i], keys) {
+                (Some((t, k0)), Some(k1)) if now > t => {
+                    Some((k1 - k0).max(0) as f64 / (now - t).as_secs_f64())
+                }
+                _ => None,
+            };
+            if let Some(k) = keys {
+                last[i] = Some((now, k));
+            }
+            frame.push((e, rate));
+        }
+        if tty && !json {
+            print!("\x1b[2J\x1b[H");
+        }
+        if json {
+            let docs: Vec<_> = frame.iter().map(|(e, _)| e).collect();
+            outln!("{}", serde_json::json!({ "jobs": docs }));
+        } else {
+            outln!(
+                "backfill status — {} (every {}; Ctrl-C to quit)",
+                chrono::Utc::now().format("%H:%M:%S UTC"),
+                fmt_duration(every)
+            );
+            for (e, rate) in &frame {
+                print(e, *rate);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+fn print(e: &Entry, rate: Option<f64>) {
+    outln!("{}  [{}]  {}", e.job, e.status, e.database);
+    if let Some(err) = &e.error {
+        outln!("    cannot read its store: {err}");
+        return;
+    }
+    let Some(s) = &e.state else {
+        outln!("    no checkpoint yet");
+        return;
+    };
+    outln!(
+        "    {}  keys {}  rows {}  batches {}  retried {}  waiting for retry {}",
+        s.resume.as_deref().unwrap_or("-"),
+        s.keys_done,
+        s.rows_done,
+        s.batches_done,
+        s.rows_retried,
+        s.rows_pending_retry
+    );
+    outln!(
+        "    units {} of {} done  workers active {}{}",
+        s.units_done,
+        s.units_total,
+        s.workers_active,
+        if s.paused {
+            "  PAUSED (backfill unpause)"
+        } else {
+            ""
+        }
+    );
+    if let Some(r) = rate {
+        let eta = match (e.remaining_rows, r > 0.0) {
+            (Some(left), true) => fmt_duration(Duration::from_secs_f64(left as f64 / r)),
+            _ => "unknown".into(),
+        };
+        outln!(
+            "    rate {:.0} rows/s  remaining ~{}  ETA {eta}",
+            r,
+            e.remaining_rows.map_or("?".to_string(), |n| n.to_string())
+        );
+    }
+    let t = |v: &Option<chrono::DateTime<chrono::Utc>>| {
+        v.map_or("-".to_string(), |d| {
+            d.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+        })
+    };
+    outln!(
+        "    started {}  updated {}  finished {}  runner {}",
+        t(&s.started_at),
+        t(&s.updated_at),
+        t(&s.finished_at),
+        s.runner.as_deref().unwrap_or("-")
+    );
+    if e.spec_changed {
+        outln!("    spec changed since the checkpoint was written");
+    }
+    if let Some(err) = &s.last_error {
+        outln!("    last error: {err}");
+    }
+    print_units(&e.units);
+}
+
+/// Counts by status, then every unit not done (ranges being walked, chunks split or failed).
+fn print_units(units: &[UnitState]) {
+    if units.len() <= 1 {
+        return;
+    }
     let mut by_status = std::collections::BTreeMap::<&str, usize>::new();
-    for c in chunks {
-        *by_status.entry(c.status.as_str()).or_default() += 1;
+    for u in units {
+        *by_status.entry(u.status.as_str()).or_default() += 1;
     }
     let counts: Vec<String> = by_status.iter().map(|(s, n)| format!("{n} {s}")).collect();
-    println!("    chunks: {}", counts.join(", "));
-    for c in chunks.iter().filter(|c| c.status != "done") {
-        let why: String = c.error.chars().take(160).collect();
-        println!(
-            "      {:<28} {:<6} {:<7} attempts {}  {}",
-            c.chunk, c.level, c.status, c.attempts, why
+    outln!("    units: {}", counts.join(", "));
+    for u in units.iter().filter(|u| u.status != "done") {
+        let why: String = u.note.chars().take(160).collect();
+        let at = u
+            .cursor
+            .as_deref()
+            .map(|c| format!("at {c}  "))
+            .unwrap_or_default();
+        outln!(
+            "      {:<36} {:<8} {}keys {}  {}{}",
+            u.unit,
+            u.status,
+            at,
+            u.keys_done,
+            u.owner
+                .as_deref()
+                .map(|o| format!("worker {o}  "))
+                .unwrap_or_default(),
+            why
         );
     }
 }

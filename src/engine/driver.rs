@@ -1,15 +1,23 @@
-//! The driver loop: (stop check -> unit -> progress -> pause)* until the backend is done.
-//! It owns sizing, retries with backoff, and stopping; the backend runs one unit at a time.
+//! The driver loop, one per worker: claim a unit -> (stop, pause and throttle checks -> batch ->
+//! progress)* -> claim the next, until no unit is left. It owns sizing, retries with backoff and
+//! stopping; the backend's worker runs one fenced batch at a time.
 
-use super::{Backend, Gate, Sizer, Stop};
-use crate::error::{DbErrorKind, Error, Result};
+use super::{Claim, Gate, Sizer, Stop, Worker};
+use crate::error::{DbErrorKind, Error, Result, StopReason};
 use crate::progress::Progress;
 use crate::spec::Batch;
 use backon::{BackoffBuilder, ExponentialBuilder};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// How transient failures of one unit are retried before the job fails.
-fn backoff() -> impl Iterator<Item = Duration> {
+/// How often an idle worker looks for a unit again (others hold the rest).
+const IDLE_POLL: Duration = Duration::from_secs(2);
+/// How often a paused worker asks whether the job is still paused.
+const PAUSE_POLL: Duration = Duration::from_secs(1);
+
+/// How transient failures are retried before the job fails.
+fn backoff() -> impl Iterator<Item = Duration> + Send {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
         .with_max_delay(Duration::from_secs(10))
@@ -18,138 +26,218 @@ fn backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
-/// Run units from `cursor` until the backend reports done, a stop is requested, or a unit
-/// fails for good. Every committed unit already carries its checkpoint.
-pub async fn drive<B: Backend>(
-    backend: &mut B,
-    batch: &Batch,
-    mut cursor: Option<String>,
-    progress: &mut Progress,
-    stop: &Stop,
-    gate: Option<&Gate>,
-) -> Result<()> {
-    let mut sizer = Sizer::new(batch);
-    let mut retries: Option<Box<dyn Iterator<Item = Duration>>> = None;
-    let mut resync = false;
-    loop {
-        if let Some(reason) = stop.check() {
-            return Err(Error::Stopped(reason));
+/// What the workers of one job in this process share.
+pub struct Shared {
+    pub job: String,
+    pub batch: Batch,
+    pub stop: Stop,
+    pub gate: Option<Gate>,
+    pub progress: Mutex<Progress>,
+    /// Rows still locked in units this process gave up on for this run.
+    pub still_locked: AtomicU64,
+}
+
+/// Run one worker until the job is done (`Ok`), a stop is requested, or it fails for good.
+pub async fn drive<W: Worker>(w: &mut W, sh: &Shared) -> Result<()> {
+    let mut sizer = Sizer::new(&sh.batch);
+    let mut retries: Option<Box<dyn Iterator<Item = Duration> + Send>> = None;
+    let mut claimed = false;
+    let result = loop {
+        if let Some(reason) = sh.stop.check() {
+            break Err(Error::Stopped(reason));
         }
-        if resync {
-            match backend.committed_cursor().await {
-                Ok(c) => {
-                    if c != cursor {
-                        tracing::warn!(
-                            "the last batch committed before the connection was lost; continuing after it"
-                        );
-                    }
-                    cursor = c;
-                    resync = false;
-                }
-                Err(e) => {
-                    let Some(delay) = retries.get_or_insert_with(|| Box::new(backoff())).next()
-                    else {
-                        return Err(e);
-                    };
-                    tracing::warn!("cannot reconnect, retrying in {}ms: {e}", delay.as_millis());
-                    if let Some(reason) = stop.sleep(delay).await {
-                        return Err(Error::Stopped(reason));
-                    }
-                    continue;
-                }
-            }
-        }
-        if let Some(gate) = gate
-            && let Some(why) = gate.closed()
-        {
-            wait_for_gate(gate, &why, progress, stop).await?;
-            continue;
-        }
-        if progress.needs_refresh() {
-            // A planner estimate: cheap, and off the path of the batch's transaction.
-            match backend.estimate(cursor.as_deref(), false).await {
-                Ok(e) => progress.refresh(e),
-                Err(e) => tracing::debug!(error = %e, "could not refresh the estimate"),
-            }
-        }
-        let size = sizer.size();
-        let started = Instant::now();
-        match backend.run_unit(cursor.as_deref(), size).await {
-            Ok(out) => {
+        let step = if claimed {
+            work(w, sh, &mut sizer).await
+        } else {
+            find(w, sh).await
+        };
+        match step {
+            Ok(Step::Claimed) => {
+                claimed = true;
                 retries = None;
-                let took = started.elapsed();
-                sizer.observe(out.keys + out.retried, took);
-                progress.record(&out, took, size);
-                if let Some(c) = &out.cursor {
-                    cursor = Some(c.clone());
+            }
+            Ok(Step::Batch { unit_done, pause }) => {
+                retries = None;
+                if unit_done {
+                    claimed = false;
                 }
-                if out.done {
-                    return Ok(());
-                }
-                let pause = out.backoff.unwrap_or(batch.pause);
                 if !pause.is_zero()
-                    && let Some(reason) = stop.sleep(pause).await
+                    && let Some(reason) = sh.stop.sleep(pause).await
                 {
-                    return Err(Error::Stopped(reason));
+                    break Err(Error::Stopped(reason));
                 }
+            }
+            Ok(Step::Idle) => {
+                if let Some(reason) = sh.stop.sleep(IDLE_POLL).await {
+                    break Err(Error::Stopped(reason));
+                }
+            }
+            Ok(Step::Waited) => {}
+            Ok(Step::JobDone) => break Ok(()),
+            Ok(Step::End(reason)) => break Err(Error::Stopped(reason)),
+            Err(Error::Lost(why)) => {
+                tracing::warn!(job = %sh.job, worker = w.name(), "{why}; claiming again");
+                crate::metrics::retry(&sh.job, "claim_lost");
+                claimed = false;
+            }
+            Err(Error::Stopped(StopReason::RowsStillLocked(n))) => {
+                // This unit's last rows are held by other transactions: leave it for the next
+                // run and go on with the others.
+                sh.still_locked.fetch_add(n, Ordering::SeqCst);
+                if let Err(e) = w.give_up().await {
+                    tracing::debug!(job = %sh.job, "giving up the unit: {e}");
+                    w.reset_connection();
+                }
+                claimed = false;
             }
             Err(e) => {
-                let kind = match &e {
-                    // Preflight connected once already: a failed reconnect is worth retrying.
-                    Error::Connect(_) => Some(DbErrorKind::ConnectionLost),
-                    other => other.db_kind(),
-                };
+                let kind = e.db_kind();
                 match kind {
-                    Some(DbErrorKind::StatementTimeout) if sizer.halve() => {
-                        crate::metrics::retry(progress.job(), e.retry_reason());
+                    Some(DbErrorKind::StatementTimeout) if claimed && sizer.halve() => {
+                        crate::metrics::retry(&sh.job, e.retry_reason());
                         tracing::warn!(
-                            size,
-                            next = sizer.size(),
+                            job = %sh.job, worker = w.name(), next = sizer.size(),
                             "batch hit statement_timeout; retrying at half the size: {e}"
                         );
                     }
-                    Some(DbErrorKind::Transient | DbErrorKind::ConnectionLost) => {
-                        if kind == Some(DbErrorKind::ConnectionLost) {
-                            backend.reset_connection();
-                            resync = true;
+                    Some(k) if k.retryable() => {
+                        if k == DbErrorKind::ConnectionLost {
+                            w.reset_connection();
+                            claimed = false;
                         }
-                        crate::metrics::retry(progress.job(), e.retry_reason());
+                        crate::metrics::retry(&sh.job, e.retry_reason());
                         let delay = retries.get_or_insert_with(|| Box::new(backoff())).next();
-                        let Some(delay) = delay else {
-                            return Err(e);
-                        };
-                        tracing::warn!("batch failed, retrying in {}ms: {e}", delay.as_millis());
-                        if let Some(reason) = stop.sleep(delay).await {
-                            return Err(Error::Stopped(reason));
+                        let Some(delay) = delay else { break Err(e) };
+                        tracing::warn!(
+                            job = %sh.job, worker = w.name(),
+                            "batch failed, retrying in {}ms: {e}", delay.as_millis()
+                        );
+                        if let Some(reason) = sh.stop.sleep(delay).await {
+                            break Err(Error::Stopped(reason));
                         }
                     }
-                    _ => return Err(e),
+                    _ => break Err(e),
                 }
             }
         }
+    };
+    if claimed && let Err(e) = w.release().await {
+        // The claim also ends with the connection; nothing more to do.
+        tracing::debug!(job = %sh.job, "releasing the unit: {e}");
+    }
+    result
+}
+
+enum Step {
+    Claimed,
+    Batch {
+        unit_done: bool,
+        pause: Duration,
+    },
+    /// Nothing to claim now; others are working.
+    Idle,
+    /// Waited for the pause or the throttle; check the stop conditions again.
+    Waited,
+    JobDone,
+    /// Nothing left this worker can do in this run.
+    End(StopReason),
+}
+
+async fn find<W: Worker>(w: &mut W, sh: &Shared) -> Result<Step> {
+    match w.claim().await? {
+        Claim::Got(label) => {
+            tracing::debug!(job = %sh.job, worker = w.name(), "claimed {label}");
+            Ok(Step::Claimed)
+        }
+        Claim::Nothing { all_done: true, .. } => Ok(Step::JobDone),
+        Claim::Nothing {
+            held: 0,
+            blocked: 1..,
+            ..
+        } => Ok(Step::End(StopReason::RowsStillLocked(
+            sh.still_locked.load(Ordering::SeqCst),
+        ))),
+        Claim::Nothing { .. } => Ok(Step::Idle),
     }
 }
 
-/// Pause while the throttle gate is closed; the deadline and signals still apply.
-async fn wait_for_gate(gate: &Gate, why: &str, progress: &mut Progress, stop: &Stop) -> Result<()> {
+async fn work<W: Worker>(w: &mut W, sh: &Shared, sizer: &mut Sizer) -> Result<Step> {
+    if w.paused().await? {
+        wait_paused(w, sh).await?;
+        return Ok(Step::Waited);
+    }
+    if let Some(gate) = &sh.gate
+        && let Some(why) = gate.closed()
+    {
+        wait_for_gate(gate, &why, sh).await?;
+        return Ok(Step::Waited);
+    }
+    let size = sizer.size();
     let started = Instant::now();
-    tracing::info!(reason = why, "throttled: pausing ({why})");
+    let out = w.step(size).await?;
+    let took = started.elapsed();
+    sizer.observe(out.keys + out.retried, took);
+    if let Some(cap) = out.size_hint {
+        sizer.cap(cap);
+    }
+    sh.progress
+        .lock()
+        .expect("progress lock")
+        .record(&out, took, size, w.name());
+    let pause = out.backoff.unwrap_or(sh.batch.pause);
+    Ok(Step::Batch {
+        unit_done: out.unit_done,
+        pause,
+    })
+}
+
+/// Wait while the job is paused; stop conditions still apply.
+async fn wait_paused<W: Worker>(w: &mut W, sh: &Shared) -> Result<()> {
+    tracing::info!(job = %sh.job, worker = w.name(), "paused (backfill pause); waiting for unpause");
+    crate::metrics::paused(&sh.job, true);
+    let started = Instant::now();
+    let result = loop {
+        if let Some(reason) = sh.stop.sleep(PAUSE_POLL).await {
+            break Err(Error::Stopped(reason));
+        }
+        match w.paused().await {
+            Ok(true) => {}
+            Ok(false) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    crate::metrics::paused(&sh.job, false);
+    if result.is_ok() {
+        tracing::info!(
+            job = %sh.job, worker = w.name(),
+            "unpaused after {}; going on", crate::progress::fmt_duration(started.elapsed())
+        );
+    }
+    result
+}
+
+/// Pause while the throttle gate is closed; the deadline and signals still apply.
+async fn wait_for_gate(gate: &Gate, why: &str, sh: &Shared) -> Result<()> {
+    let started = Instant::now();
+    tracing::info!(job = %sh.job, reason = why, "throttled: pausing ({why})");
     let mut stopped = None;
     while gate.closed().is_some() {
-        if let Some(reason) = stop.sleep(gate.interval).await {
+        if let Some(reason) = sh.stop.sleep(gate.interval).await {
             stopped = Some(reason);
             break;
         }
     }
     let waited = started.elapsed();
-    progress.add_throttled(waited);
+    sh.progress
+        .lock()
+        .expect("progress lock")
+        .add_throttled(waited);
     match stopped {
         Some(reason) => Err(Error::Stopped(reason)),
         None => {
             tracing::info!(
-                throttled_ms = waited.as_millis() as u64,
-                "throttle cleared after {}ms; resuming",
-                waited.as_millis()
+                job = %sh.job, throttled_ms = waited.as_millis() as u64,
+                "throttle cleared after {}ms; resuming", waited.as_millis()
             );
             Ok(())
         }

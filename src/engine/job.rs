@@ -1,12 +1,16 @@
-//! One job from start to end: one-runner lock, skip-if-done, preflight, checkpoint store, the
-//! driver loop, and the final status written back to the store.
+//! One job from start to end in this process: run window, worker slots, skip-if-done,
+//! preflight, the store, the workers' driver loops, verify, and the status written back.
 
-use super::{Backend, Gate, Stop, drive};
+use super::driver::{Shared, drive};
+use super::window::Position;
+use super::{Backend, Gate, Stop};
 use crate::error::{Error, Result, StopReason};
 use crate::progress::{Progress, Totals, fmt_duration};
 use crate::spec::Spec;
-use crate::state::{StateStore, Status};
-use std::time::Duration;
+use crate::state::Status;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -16,6 +20,8 @@ pub struct RunOptions {
     pub ignore_preflight: bool,
     /// Interval of the progress log line (when stderr is not a terminal).
     pub progress_every: Duration,
+    /// Worker threads of this process (`--workers`); default: the spec's `workers`.
+    pub workers: Option<u32>,
 }
 
 /// What happened to one job in this run.
@@ -25,6 +31,7 @@ pub enum Ran {
     Worked {
         totals: Totals,
         elapsed: Duration,
+        workers: u32,
         error: Option<Error>,
     },
     /// Already done; nothing to do. `changed` when its spec differs from the one that finished.
@@ -49,6 +56,7 @@ impl JobReport {
             Ran::Worked {
                 totals: t,
                 elapsed,
+                workers,
                 error,
             } => {
                 let head = match error {
@@ -61,9 +69,14 @@ impl JobReport {
                 } else {
                     format!(", throttled {}", fmt_duration(t.throttled))
                 };
+                let by = if *workers > 1 {
+                    format!(" by {workers} workers")
+                } else {
+                    String::new()
+                };
                 format!(
                     "{}: {head} — {} keys, {} rows changed, {} batches, {} rows retried after \
-                     being locked, in {}{throttled}",
+                     being locked, in {}{by}{throttled}",
                     self.job,
                     t.keys,
                     t.rows,
@@ -74,40 +87,48 @@ impl JobReport {
             }
         }
     }
-}
 
-/// Run one job. Errors before any work (lock held, preflight) come back as `Err`; errors during
-/// the work come back inside the report, after the store has recorded them.
-pub async fn run_with<B: Backend, S: StateStore>(
-    spec: &Spec,
-    backend: &mut B,
-    store: &S,
-    opts: &RunOptions,
-    stop: &Stop,
-    gate: Option<&Gate>,
-) -> Result<JobReport> {
-    let job = spec.name.as_str();
-    store.lock(job).await?;
-    let result = run_locked(spec, backend, store, opts, stop, gate).await;
-    if let Err(e) = store.unlock(job).await {
-        tracing::debug!(
-            job,
-            "runner lock not released explicitly (it goes with the connection): {e}"
-        );
+    /// Whether the job failed (not stopped, not skipped).
+    pub fn failed(&self) -> bool {
+        matches!(&self.ran, Ran::Worked { error: Some(e), .. } if !matches!(e, Error::Stopped(_)))
     }
-    result
 }
 
-async fn run_locked<B: Backend, S: StateStore>(
+/// Run one job. Errors before any work (window, slots taken, preflight) come back as `Err`;
+/// errors during the work come back inside the report, after the store has recorded them.
+pub async fn run_job<B: Backend>(
     spec: &Spec,
-    backend: &mut B,
-    store: &S,
+    backend: Arc<B>,
     opts: &RunOptions,
     stop: &Stop,
-    gate: Option<&Gate>,
+    gate: Option<Gate>,
 ) -> Result<JobReport> {
     let job = spec.name.as_str();
-    let existing = store.load(job).await?;
+    let stop = stop.with_deadline(spec.limits.max_runtime);
+    // The window first: started outside it, nothing is touched.
+    let stop = match &spec.window {
+        None => stop,
+        Some(w) => match w.position(jiff::Timestamp::now()) {
+            Position::Outside { opens } => {
+                return Err(Error::Stopped(StopReason::Window(format!(
+                    "outside the run window {} (opens next at {})",
+                    w.text(),
+                    opens.strftime("%Y-%m-%d %H:%M %Z")
+                ))));
+            }
+            Position::Inside { ends } => {
+                let left =
+                    ends.timestamp().as_millisecond() - jiff::Timestamp::now().as_millisecond();
+                let left =
+                    Duration::from_millis(left.max(0) as u64).min(Duration::from_secs(366 * 86400));
+                stop.with_window_end(
+                    Instant::now() + left,
+                    format!("the run window {} closed", w.text()),
+                )
+            }
+        },
+    };
+    let existing = backend.load().await?;
     let mut restart = false;
     if let Some(s) = &existing {
         let changed = s.spec_hash != spec.hash;
@@ -129,10 +150,33 @@ async fn run_locked<B: Backend, S: StateStore>(
         } else if changed {
             tracing::warn!(
                 job,
-                cursor = s.cursor.as_deref().unwrap_or("start"),
                 "spec changed since the last checkpoint; resuming at the checkpoint with the new spec"
             );
         }
+    }
+    // Slots before anything is written: a runner beyond `workers` exits 75 touching nothing.
+    let threads = opts.workers.unwrap_or(spec.workers).max(1);
+    let cap = spec.workers.max(threads);
+    let mut workers = Vec::new();
+    let mut held_by = String::new();
+    for i in 0..threads {
+        match backend.join(i, cap).await? {
+            Ok(w) => workers.push(w),
+            Err(who) => {
+                held_by = who;
+                break;
+            }
+        }
+    }
+    if workers.is_empty() {
+        return Err(Error::Stopped(StopReason::LockHeld(held_by)));
+    }
+    if workers.len() < threads as usize {
+        tracing::warn!(
+            job,
+            "only {} of {threads} worker(s) could join: {held_by}",
+            workers.len()
+        );
     }
     // Blockers first: the schema checks take the table's ACCESS SHARE lock, which would queue
     // behind the very lock holder this is meant to report.
@@ -147,56 +191,139 @@ async fn run_locked<B: Backend, S: StateStore>(
         tracing::warn!("starting despite --ignore-preflight:\n  {list}");
     }
     backend.preflight().await?;
-    store.ensure().await?;
-    let state = store.start(job, &spec.hash, restart).await?;
+    let state = backend.start(&spec.hash, restart).await?;
     crate::metrics::status(job, "running");
-    let estimate = backend.estimate(state.cursor.as_deref(), false).await?;
+    let estimate = backend.estimate().await?;
+    let remaining = estimate.rows + estimate.pending_retry;
     tracing::info!(
         job,
-        cursor = state.cursor.as_deref().unwrap_or("start"),
-        remaining = estimate.rows + estimate.pending_retry,
-        "starting at {} (~{} rows to go by the planner's estimate)",
-        state
-            .cursor
-            .as_deref()
-            .map_or("the start".into(), |c| format!("key {c}")),
-        estimate.rows + estimate.pending_retry
+        remaining,
+        workers = workers.len(),
+        "starting {} (~{remaining} rows to go by the estimate) with {} worker(s)",
+        state.resume.as_deref().unwrap_or("at the start"),
+        workers.len()
     );
-    let mut progress = Progress::new(job, estimate, opts.progress_every);
-    let stop = stop.with_deadline(spec.limits.max_runtime);
-    let result = drive(
-        backend,
-        &spec.batch,
-        state.cursor,
-        &mut progress,
-        &stop,
+    let shared = Arc::new(Shared {
+        job: job.to_string(),
+        batch: spec.batch.clone(),
+        stop: stop.for_job(),
         gate,
-    )
-    .await;
-    progress.finish();
+        progress: std::sync::Mutex::new(Progress::new(job, estimate, opts.progress_every)),
+        still_locked: AtomicU64::new(0),
+    });
+    let count = workers.len() as u32;
+    let result = run_workers(backend.as_ref(), workers, &shared).await;
+    shared.progress.lock().expect("progress lock").finish();
+    let result = match result {
+        Ok(()) => conclude(spec, backend.as_ref()).await,
+        Err(e) => Err(e),
+    };
     let (status, message) = match &result {
         Ok(()) => (Status::Done, None),
         Err(Error::Stopped(r)) => (Status::Stopped, Some(r.to_string())),
         Err(e) => (Status::Failed, Some(e.to_string())),
     };
     crate::metrics::status(job, status.as_str());
-    if let Err(e) = store.finish(job, status, message.as_deref()).await {
+    let message = message.map(|m| crate::redact::redact(&m).into_owned());
+    if let Err(e) = backend.finish(status, message.as_deref()).await {
         // The work's checkpoints are committed; only the final status could not be written.
         tracing::error!(
             job,
             "could not record the job's status ({}): {e}",
             status.as_str()
         );
-        if result.is_ok() {
-            return Err(e);
-        }
     }
+    let progress = shared.progress.lock().expect("progress lock");
     Ok(JobReport {
         job: job.into(),
         ran: Ran::Worked {
             totals: progress.totals,
             elapsed: progress.elapsed(),
+            workers: count,
             error: result.err(),
         },
     })
+}
+
+/// Every unit is finished: the job is done if its `verify:` query agrees.
+async fn conclude<B: Backend>(spec: &Spec, backend: &B) -> Result<()> {
+    if !backend.all_done().await? {
+        // Workers only end without an error when no unit is left; another process may have
+        // reopened work (a --rerun) in between.
+        return Err(Error::Stopped(StopReason::LockHeld(
+            "another runner (the job was restarted while this one finished)".into(),
+        )));
+    }
+    match backend.verify().await? {
+        None | Some(0) => Ok(()),
+        Some(n) => Err(Error::Verify(format!(
+            "{}: verify returned {n}, not 0: the job is not done although every unit ran; \
+             fix the cause, then run again (the check runs again)",
+            spec.name
+        ))),
+    }
+}
+
+/// Run the workers to the end; the first failure stops the others at their next boundary.
+async fn run_workers<B: Backend>(
+    backend: &B,
+    workers: Vec<B::Worker>,
+    shared: &Arc<Shared>,
+) -> Result<()> {
+    let mut set = tokio::task::JoinSet::new();
+    for mut w in workers {
+        let sh = shared.clone();
+        set.spawn(async move {
+            let r = drive(&mut w, &sh).await;
+            if let Err(e) = &r
+                && !matches!(e, Error::Stopped(_))
+            {
+                sh.stop.abort(StopReason::Aborted);
+            }
+            drop(w);
+            r
+        });
+    }
+    crate::metrics::workers(&shared.job, set.len());
+    let mut failure: Option<Error> = None;
+    let mut stopped: Option<StopReason> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            joined = set.join_next() => {
+                let Some(joined) = joined else { break };
+                crate::metrics::workers(&shared.job, set.len());
+                match joined {
+                    Ok(Ok(())) => {}
+                    Ok(Err(Error::Stopped(r))) => {
+                        if stopped.is_none() || stopped == Some(StopReason::Aborted) {
+                            stopped = Some(r);
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        failure.get_or_insert(e);
+                    }
+                    Err(panic) => {
+                        failure.get_or_insert(Error::fatal(format!("a worker panicked: {panic}")));
+                        shared.stop.abort(StopReason::Aborted);
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                let due = shared.progress.lock().expect("progress lock").needs_refresh();
+                if due {
+                    match backend.estimate().await {
+                        Ok(e) => shared.progress.lock().expect("progress lock").refresh(e),
+                        Err(e) => tracing::debug!(error = %e, "could not refresh the estimate"),
+                    }
+                }
+            }
+        }
+    }
+    match (failure, stopped) {
+        (Some(e), _) => Err(e),
+        (None, Some(r)) => Err(Error::Stopped(r)),
+        (None, None) => Ok(()),
+    }
 }

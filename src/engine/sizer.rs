@@ -51,6 +51,12 @@ impl Sizer {
         self.size = next.clamp(self.min, self.max);
     }
 
+    /// Never go above `max` from now on (a unit that learned its limit).
+    pub fn cap(&mut self, max: u64) {
+        self.max = self.max.min(max).max(self.min);
+        self.size = self.size.min(self.max);
+    }
+
     /// Halve after a statement timeout. Returns false when already at `min`.
     pub fn halve(&mut self) -> bool {
         if self.size <= self.min {

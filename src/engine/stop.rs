@@ -1,24 +1,53 @@
-//! Stopping at a batch boundary: deadlines and SIGTERM/SIGINT. A second signal exits at once;
-//! the server then rolls the open batch back, and the checkpoint is still the last commit.
+//! Stopping at a batch boundary: deadlines, the end of the run window, SIGTERM/SIGINT, and a job
+//! aborted because one of its workers failed. A second signal exits at once; the server then
+//! rolls the open batch back, and the checkpoint is still the last commit.
 
 use crate::error::{EXIT_STOPPED, StopReason};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
-/// Shared stop state: a signal seen by the process, plus this job's deadline.
+/// Why to stop, shared by everyone who should see it, with a wake-up for sleepers.
+#[derive(Default)]
+struct Flag {
+    reason: Mutex<Option<StopReason>>,
+    wake: Notify,
+}
+
+impl Flag {
+    fn set(&self, reason: StopReason) {
+        let mut r = self.reason.lock().expect("stop lock");
+        if r.is_none() {
+            *r = Some(reason);
+        }
+        drop(r);
+        self.wake.notify_waiters();
+    }
+
+    fn get(&self) -> Option<StopReason> {
+        self.reason.lock().expect("stop lock").clone()
+    }
+}
+
+/// Shared stop state: a signal seen by the process, this job's abort flag, and its deadlines.
 #[derive(Clone)]
 pub struct Stop {
-    signal: Arc<(Mutex<Option<&'static str>>, Notify)>,
+    signal: Arc<Flag>,
+    /// Set when the job must end now (a worker failed); `None` outside a job.
+    abort: Option<Arc<Flag>>,
     deadline: Option<(Instant, Duration)>,
+    /// The end of the spec's run window, and how to say it.
+    window_end: Option<(Instant, String)>,
 }
 
 impl Stop {
     /// A stop that only a deadline can trigger (for tests and `plan`).
     pub fn never() -> Stop {
         Stop {
-            signal: Arc::new((Mutex::new(None), Notify::new())),
+            signal: Arc::new(Flag::default()),
+            abort: None,
             deadline: None,
+            window_end: None,
         }
     }
 
@@ -51,8 +80,7 @@ impl Stop {
                 tracing::warn!(
                     "{name} received: stopping after the current batch (send it again to exit now)"
                 );
-                *shared.0.lock().expect("stop lock") = Some(name);
-                shared.1.notify_waiters();
+                shared.set(StopReason::Signal(name));
             }
         });
         stop
@@ -70,28 +98,106 @@ impl Stop {
         s
     }
 
+    /// The same, also stopping at `at` (the end of the run window), described by `why`.
+    pub fn with_window_end(&self, at: Instant, why: String) -> Stop {
+        let mut s = self.clone();
+        s.window_end = Some((at, why));
+        s
+    }
+
+    /// The same, with an abort flag of its own: `abort` on any clone stops all of them.
+    pub fn for_job(&self) -> Stop {
+        let mut s = self.clone();
+        s.abort = Some(Arc::new(Flag::default()));
+        s
+    }
+
+    /// Stop every worker of this job at its next boundary (one of them failed).
+    pub fn abort(&self, reason: StopReason) {
+        if let Some(a) = &self.abort {
+            a.set(reason);
+        }
+    }
+
     /// Why to stop now, if at all.
     pub fn check(&self) -> Option<StopReason> {
-        if let Some(name) = *self.signal.0.lock().expect("stop lock") {
-            return Some(StopReason::Signal(name));
+        if let Some(r) = self.signal.get() {
+            return Some(r);
         }
-        match self.deadline {
-            Some((at, limit)) if Instant::now() >= at => Some(StopReason::Deadline(limit)),
+        if let Some(r) = self.abort.as_ref().and_then(|a| a.get()) {
+            return Some(r);
+        }
+        if let Some((at, limit)) = self.deadline
+            && Instant::now() >= at
+        {
+            return Some(StopReason::Deadline(limit));
+        }
+        match &self.window_end {
+            Some((at, why)) if Instant::now() >= *at => Some(StopReason::Window(why.clone())),
             _ => None,
         }
     }
 
-    /// Sleep for `d`, waking early on a signal or the deadline. Returns why it woke early.
+    /// Sleep for `d`, waking early on a signal, an abort, the deadline or the window's end.
+    /// Returns why it woke early.
     pub async fn sleep(&self, d: Duration) -> Option<StopReason> {
-        let until = match self.deadline {
-            Some((at, _)) => (Instant::now() + d).min(at),
-            None => Instant::now() + d,
+        let mut until = Instant::now() + d;
+        if let Some((at, _)) = self.deadline {
+            until = until.min(at);
+        }
+        if let Some((at, _)) = &self.window_end {
+            until = until.min(*at);
+        }
+        let signalled = self.signal.wake.notified();
+        let aborted = async {
+            match &self.abort {
+                Some(a) => a.wake.notified().await,
+                None => std::future::pending().await,
+            }
         };
-        let notified = self.signal.1.notified();
         tokio::select! {
             _ = tokio::time::sleep_until(until.into()) => {}
-            _ = notified => {}
+            _ = signalled => {}
+            _ = aborted => {}
         }
         self.check()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn abort_reaches_every_clone_of_the_job_only() {
+        let process = Stop::never();
+        let job = process.for_job();
+        let worker = job.clone();
+        let other_job = process.for_job();
+        let sleeper = tokio::spawn({
+            let w = worker.clone();
+            async move { w.sleep(Duration::from_secs(30)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        job.abort(StopReason::Signal("test"));
+        let woke = tokio::time::timeout(Duration::from_secs(5), sleeper)
+            .await
+            .expect("sleeper woke")
+            .unwrap();
+        assert_eq!(woke, Some(StopReason::Signal("test")));
+        assert_eq!(worker.check(), Some(StopReason::Signal("test")));
+        assert_eq!(other_job.check(), None);
+        assert_eq!(process.check(), None);
+    }
+
+    #[tokio::test]
+    async fn window_end_stops() {
+        let s = Stop::never().with_window_end(
+            Instant::now() + Duration::from_millis(30),
+            "window closed".into(),
+        );
+        assert_eq!(s.check(), None);
+        let r = s.sleep(Duration::from_secs(10)).await;
+        assert_eq!(r, Some(StopReason::Window("window closed".into())));
     }
 }

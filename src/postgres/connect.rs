@@ -17,7 +17,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A pool for `url`. Sessions get UTC/ISO date settings so key values round-trip through text,
 /// and `application_name` = `backfill:<job>` so DBAs can see who is working. TLS follows the
 /// URL's `sslmode` and `sslrootcert` (see `tls`); the CA file is read here.
-pub fn pool(url: &str, job: &str) -> Result<Pool> {
+/// `read_only` sessions default to read-only transactions (`plan`, `status`, `verify`).
+pub fn pool(url: &str, job: &str, read_only: bool, size: usize) -> Result<Pool> {
     let invalid = |e: String| Error::Connect(format!("{}: invalid URL: {e}", redact_url(url)));
     let (rest, tls) = tls::split_url(url).map_err(invalid)?;
     let mut cfg: tokio_postgres::Config = rest.parse().map_err(|e| invalid(format!("{e}")))?;
@@ -29,8 +30,13 @@ pub fn pool(url: &str, job: &str) -> Result<Pool> {
         cfg.application_name(format!("backfill:{job}"));
     }
     let options = format!(
-        "{} -c TimeZone=UTC -c DateStyle=ISO,YMD -c extra_float_digits=3",
-        cfg.get_options().unwrap_or("")
+        "{} -c TimeZone=UTC -c DateStyle=ISO,YMD -c extra_float_digits=3{}",
+        cfg.get_options().unwrap_or(""),
+        if read_only {
+            " -c default_transaction_read_only=on"
+        } else {
+            ""
+        }
     );
     cfg.options(options.trim());
     if cfg.get_connect_timeout().is_none() {
@@ -44,7 +50,7 @@ pub fn pool(url: &str, job: &str) -> Result<Pool> {
         },
     );
     Pool::builder(manager)
-        .max_size(4)
+        .max_size(size.max(2))
         .wait_timeout(Some(CONNECT_TIMEOUT * 3))
         .create_timeout(Some(CONNECT_TIMEOUT))
         .recycle_timeout(Some(CONNECT_TIMEOUT))

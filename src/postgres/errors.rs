@@ -10,13 +10,9 @@ pub fn classify(e: &tokio_postgres::Error) -> DbErrorKind {
     }
     match e.code() {
         Some(c) if *c == SqlState::QUERY_CANCELED => DbErrorKind::StatementTimeout,
-        Some(c)
-            if *c == SqlState::LOCK_NOT_AVAILABLE
-                || *c == SqlState::T_R_SERIALIZATION_FAILURE
-                || *c == SqlState::T_R_DEADLOCK_DETECTED =>
-        {
-            DbErrorKind::Transient
-        }
+        Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE => DbErrorKind::LockTimeout,
+        Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE => DbErrorKind::Serialization,
+        Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED => DbErrorKind::Deadlock,
         Some(c)
             if c.code().starts_with("08")
                 || *c == SqlState::ADMIN_SHUTDOWN

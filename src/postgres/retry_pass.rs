@@ -1,16 +1,18 @@
-//! The retry pass: rows passed over by `SKIP LOCKED` were recorded in `skipped_keys`; once the
-//! keyset walk is over they are locked again and processed, in rounds with growing pauses, the
-//! last rounds waiting for the lock (up to `lock_timeout`). Rows still locked after every round
-//! stay recorded and the run stops with exit 75, so nothing is ever silently lost.
+//! The retry pass of one range: rows passed over by `SKIP LOCKED` were recorded in
+//! `skipped_keys`; once the range's keyset walk is over they are locked again and processed, in
+//! rounds with growing pauses, the last rounds waiting for the lock (up to `lock_timeout`).
+//! Rows still locked after every round stay recorded and the range stays unfinished (the run
+//! ends with exit 75), so nothing is ever silently lost. Every page commits with the range's
+//! checkpoint, fenced by the claim like a walk batch.
 
 use super::errors::{db_error, sqlstate};
+use super::job::Prepared;
 use super::raw::RawValue;
-use super::round_backoff;
-use super::sql::BatchSql;
 use crate::engine::{Outcome, Timings};
 use crate::error::{Error, Result, StopReason};
-use deadpool_postgres::Object;
+use deadpool_postgres::ClientWrapper;
 use std::time::{Duration, Instant};
+use tokio_postgres::types::ToSql;
 
 /// Rounds over the skipped keys before giving up; the last `WAITING_ROUNDS` wait for locks.
 const ROUNDS: u32 = 8;
@@ -26,19 +28,29 @@ pub struct RetryPass {
     still_locked: u64,
 }
 
+/// Pause between rounds: doubles from 100ms, capped at `cap`.
+fn round_backoff(round: u32, cap: Duration) -> Duration {
+    let d = Duration::from_millis(100u64.saturating_mul(1 << round.min(10)));
+    d.min(cap.max(Duration::from_millis(100)))
+}
+
 impl RetryPass {
-    /// One page of skipped keys, in its own transaction with the checkpoint.
+    /// One page of the range's skipped keys, in its own transaction with the checkpoint.
+    /// `Ok(None)`: every skipped key of the range is resolved.
+    #[allow(clippy::too_many_arguments)]
     pub async fn step(
         &mut self,
-        client: &Object,
-        sql: &BatchSql,
+        c: &mut ClientWrapper,
+        p: &Prepared,
         job: &str,
-        statement: &str,
+        range_no: i32,
+        epoch: i64,
         size: u64,
         lock_timeout: Duration,
-    ) -> Result<Outcome> {
-        let pending: Vec<String> = client
-            .query(&sql.pending, &[&job, &self.after, &(size as i64)])
+    ) -> Result<Option<Outcome>> {
+        let limit = size.min(i64::MAX as u64) as i64;
+        let pending: Vec<String> = c
+            .query(&p.sql.pending, &[&job, &range_no, &self.after, &limit])
             .await
             .map_err(|e| db_error("reading skipped rows", &e))?
             .iter()
@@ -48,41 +60,31 @@ impl RetryPass {
             return self.end_round(lock_timeout);
         }
         let wait = self.round >= ROUNDS - WAITING_ROUNDS;
-        client
-            .batch_execute(&sql.begin)
-            .await
-            .map_err(|e| db_error("starting the retry transaction", &e))?;
-        let result = process(client, sql, job, statement, &pending, wait).await;
-        if result.is_err() {
-            let _ = client.batch_execute("ROLLBACK").await;
-        }
+        let result = process(c, p, job, range_no, epoch, &pending, wait).await;
         self.after = pending.last().cloned();
         match result {
             Ok((out, still)) => {
                 self.still_locked += still;
-                Ok(out)
+                Ok(Some(out))
             }
             // Waiting for a lock timed out: these keys are still locked; the next page goes on.
             Err((e, true)) if wait => {
                 tracing::debug!(job, error = %e, "skipped rows still locked");
                 self.still_locked += pending.len() as u64;
-                Ok(Outcome::default())
+                Ok(Some(Outcome::default()))
             }
             Err((e, _)) => Err(e),
         }
     }
 
-    fn end_round(&mut self, lock_timeout: Duration) -> Result<Outcome> {
+    fn end_round(&mut self, lock_timeout: Duration) -> Result<Option<Outcome>> {
         if self.after.is_none() || self.still_locked == 0 {
-            // A round that started empty, or that left nothing behind: the job is done.
+            // A round that started empty, or that left nothing behind: the range is done.
             if self.after.is_none() {
-                return Ok(Outcome {
-                    done: true,
-                    ..Outcome::default()
-                });
+                return Ok(None);
             }
             self.after = None;
-            return Ok(Outcome::default());
+            return Ok(Some(Outcome::default()));
         }
         let left = self.still_locked;
         self.round += 1;
@@ -96,21 +98,22 @@ impl RetryPass {
             round = self.round,
             "skipped rows still locked; retrying after a pause"
         );
-        Ok(Outcome {
+        Ok(Some(Outcome {
             backoff: Some(round_backoff(self.round, lock_timeout)),
             ..Outcome::default()
-        })
+        }))
     }
 }
 
 /// Lock what can be locked of `pending`, run the statement on it, forget every key that needs
-/// no more work, advance the checkpoint, commit. Returns the outcome and how many keys are still
-/// locked by others. The error's flag says whether it was a lock timeout.
+/// no more work, advance the checkpoint (fenced), commit. Returns the outcome and how many keys
+/// are still locked by others. The error's flag says whether it was a lock timeout.
 async fn process(
-    client: &Object,
-    sql: &BatchSql,
+    c: &mut ClientWrapper,
+    p: &Prepared,
     job: &str,
-    statement: &str,
+    range_no: i32,
+    epoch: i64,
     pending: &[String],
     wait: bool,
 ) -> std::result::Result<(Outcome, u64), (Error, bool)> {
@@ -118,29 +121,47 @@ async fn process(
         let lock = sqlstate(&e) == Some("55P03");
         (db_error(what, &e), lock)
     };
+    let tx = c
+        .transaction()
+        .await
+        .map_err(|e| fail("starting the retry transaction", e))?;
+    tx.batch_execute(&p.sql.begin_locals)
+        .await
+        .map_err(|e| fail("starting the retry transaction", e))?;
     let t0 = Instant::now();
     let relock = if wait {
-        &sql.relock_wait
+        &p.sql.relock_wait
     } else {
-        &sql.relock_skip
+        &p.sql.relock_skip
     };
-    let row = client
+    let row = tx
         .query_one(relock, &[&pending])
         .await
         .map_err(|e| fail("locking skipped rows", e))?;
     let keys: Option<RawValue> = row.get(0);
     let locked: Vec<String> = row.get::<_, Option<Vec<String>>>(1).unwrap_or_default();
-    let still: Vec<String> = client
-        .query_one(&sql.still_needed, &[&pending, &locked])
+    let (first, last): (Option<RawValue>, Option<RawValue>) = (row.get(2), row.get(3));
+    let still: Vec<String> = tx
+        .query_one(&p.sql.still_needed, &[&pending, &locked])
         .await
         .map_err(|e| fail("checking skipped rows", e))?
         .get(0);
     let t1 = Instant::now();
     let rows = match &keys {
-        Some(k) => client
-            .execute(statement, &[k])
-            .await
-            .map_err(|e| fail("running statement on skipped rows", e))?,
+        Some(k) => {
+            let st = tx
+                .prepare_cached(&p.statement)
+                .await
+                .map_err(|e| fail("preparing statement", e))?;
+            let params: Vec<&(dyn ToSql + Sync)> = if p.info.statement_params == 3 {
+                vec![k, &first, &last]
+            } else {
+                vec![k]
+            };
+            tx.execute(&st, &params)
+                .await
+                .map_err(|e| fail("running statement on skipped rows", e))?
+        }
         None => 0,
     };
     let t2 = Instant::now();
@@ -149,27 +170,35 @@ async fn process(
         .iter()
         .filter(|k| !still_set.contains(k.as_str()))
         .collect();
-    client
-        .execute(&sql.forget, &[&job, &resolved])
+    tx.execute(&p.sql.forget, &[&job, &resolved])
         .await
         .map_err(|e| fail("forgetting retried rows", e))?;
     let retried = locked.len() as i64;
-    client
-        .execute(
-            &sql.advance,
+    let fenced = tx
+        .query_opt(
+            &p.sql.advance,
             &[
                 &job,
+                &range_no,
+                &epoch,
                 &None::<String>,
                 &0i64,
                 &(rows as i64),
                 &retried,
                 &1i64,
+                &None::<&str>,
             ],
         )
         .await
         .map_err(|e| fail("writing the checkpoint", e))?;
-    client
-        .batch_execute("COMMIT")
+    if fenced.is_none() {
+        drop(tx);
+        return Err((
+            Error::Lost(format!("range {range_no} was claimed by another worker")),
+            false,
+        ));
+    }
+    tx.commit()
         .await
         .map_err(|e| fail("committing retried rows", e))?;
     Ok((

@@ -1,26 +1,29 @@
-//! The SQL of one batch, built once per job from the resolved table and spec.
+//! The SQL of one job's batches and claims, built once per job from the resolved table, the
+//! spec and the store. Every value travels as a parameter; only identifiers resolved by the
+//! database and the `where` expression checked by a parser are spliced in.
 
+use super::store::Store;
 use super::table::TableInfo;
 use crate::spec::{Limits, LockMode};
 use std::time::Duration;
 
-/// Every statement a Postgres job runs, as text (prepared and cached per connection).
+/// Every statement a Postgres job's workers run, as text (prepared and cached per connection).
 #[derive(Debug, Clone)]
 pub struct BatchSql {
-    /// `BEGIN` plus the per-batch `SET LOCAL` timeouts, sent in one round trip.
-    pub begin: String,
-    /// Next keys from the start. $1 size, $2 job (skip_locked only).
-    /// Returns (keys, last key as text, keys walked, keys skipped).
-    pub first: String,
-    /// Next keys after the cursor: as `first`, then the cursor (text) as the last param.
-    pub after: String,
-    /// Keys only, no locks and no writes (for `plan`'s sample batches). $1 size, $2 cursor.
-    /// Returns (keys, last key as text, count).
-    pub sample_first: String,
-    pub sample_after: String,
-    /// Skipped keys to retry. $1 job, $2 after (text or NULL), $3 limit.
+    /// The per-batch `SET LOCAL` timeouts, sent right after `BEGIN`.
+    pub begin_locals: String,
+    /// The next keys of a range after its cursor, locked.
+    /// skip_locked: $1 size, $2 job, $3 range_no, $4 cursor, $5 hi (text, NULL = unbounded).
+    /// none: $1 size, $2 cursor, $3 hi.
+    /// Returns (keys, last key walked as text, keys walked, keys skipped, first key, last key).
+    pub walk: String,
+    /// Keys only, no locks and no writes (for `plan`'s sample batches).
+    /// $1 size, $2 cursor, $3 hi. Returns (keys, last key as text, count, first, last).
+    pub sample: String,
+    /// Skipped keys of a range to retry. $1 job, $2 range_no, $3 after (text or NULL), $4 limit.
     pub pending: String,
-    /// Lock skipped keys again, skipping those still locked. $1 text[].
+    /// Lock skipped keys again, skipping those still locked. $1 text[]. Returns (keys, keys as
+    /// text, first key, last key).
     pub relock_skip: String,
     /// Lock skipped keys again, waiting up to lock_timeout. $1 text[].
     pub relock_wait: String,
@@ -28,8 +31,21 @@ pub struct BatchSql {
     pub still_needed: String,
     /// Forget retried keys. $1 job, $2 text[].
     pub forget: String,
-    /// Advance the checkpoint (see `state::postgres::advance_sql`).
+    /// Skipped keys waiting in a range. $1 job, $2 range_no.
+    pub skipped_count: String,
+    /// Advance a range's checkpoint, fenced by its claim. $1 job, $2 range_no, $3 epoch,
+    /// $4 cursor (NULL keeps it), $5 keys, $6 rows, $7 retried, $8 batches, $9 status (NULL
+    /// keeps it). Returns the job's pause flag; no row = the claim was lost.
     pub advance: String,
+    /// Ranges not done yet, resumed ones first. $1 job.
+    pub candidates: String,
+    /// Take a range whose advisory lock this session holds. $1 job, $2 range_no, $3 owner.
+    /// Returns (epoch, status, cursor, hi).
+    pub take: String,
+    /// Give a range back, fenced. $1 job, $2 range_no, $3 epoch.
+    pub release: String,
+    /// The job's pause flag. $1 job.
+    pub paused: String,
 }
 
 fn ms(d: Duration) -> u128 {
@@ -37,95 +53,137 @@ fn ms(d: Duration) -> u128 {
 }
 
 impl BatchSql {
-    pub fn new(t: &TableInfo, lock: LockMode, limits: &Limits, state_schema: &str) -> BatchSql {
+    pub fn new(t: &TableInfo, lock: LockMode, limits: &Limits, store: &Store) -> BatchSql {
         let (rel, key, ty, filter) = (&t.rel, &t.key, &t.key_type, &t.filter);
-        // plan_cache_mode: `statement` is prepared once; after five runs Postgres would switch to
-        // a generic plan that cannot see how many keys $1 holds (nested loops over 30k keys).
-        let begin = format!(
-            "BEGIN; SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}; \
+        let (ranges, jobs, skipped) = (store.ranges(), store.jobs(), store.skipped());
+        // plan_cache_mode: statements are prepared once; after five runs Postgres would switch
+        // to a generic plan that cannot see how many keys $1 holds, nor the range's bounds.
+        let begin_locals = format!(
+            "SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}; \
              SET LOCAL idle_in_transaction_session_timeout = {}; \
              SET LOCAL plan_cache_mode = force_custom_plan",
             ms(limits.statement_timeout),
             ms(limits.lock_timeout),
             ms(limits.idle_in_transaction_session_timeout)
         );
-        // Params: $1 size, then (skip_locked only) $2 job, then the cursor.
-        let cursor_param = if lock == LockMode::SkipLocked { 3 } else { 2 };
-        let select = |cursor: &str| match lock {
-            // Lock first: the next `size` rows that can be locked, in one index range scan.
-            // Then one unlocked scan up to the last locked key finds what SKIP LOCKED passed
-            // over; those keys are recorded for the retry pass (only computed when some were).
-            // If nothing could be locked, every remaining row is held by others: `seen` then
-            // covers all of them, so the cursor never moves past a row nobody recorded.
-            LockMode::SkipLocked => format!(
-                "WITH locked AS (
-                     SELECT {key} AS k FROM {rel} WHERE {cursor} ({filter})
-                      ORDER BY {key} LIMIT $1 FOR UPDATE SKIP LOCKED
-                 ), seen AS (
-                     SELECT {key} AS k FROM {rel} WHERE {cursor} ({filter})
-                        AND {key} <= coalesce(
-                            (SELECT l.k FROM locked l ORDER BY l.k DESC LIMIT 1),
-                            (SELECT {key} FROM {rel} ORDER BY {key} DESC LIMIT 1))
-                 ), skipped AS (
-                     INSERT INTO {state_schema}.skipped_keys (job, key)
-                     SELECT $2, s.k::text FROM seen s
-                      WHERE (SELECT count(*) FROM seen) > (SELECT count(*) FROM locked)
-                        AND s.k NOT IN (SELECT l.k FROM locked l)
-                     ON CONFLICT DO NOTHING RETURNING 1
-                 )
-                 SELECT (SELECT array_agg(k ORDER BY k) FROM locked),
-                        (SELECT s.k::text AS last_key FROM seen s ORDER BY s.k DESC LIMIT 1),
-                        (SELECT count(*) FROM seen),
-                        (SELECT count(*) FROM skipped)"
-            ),
-            LockMode::None => format!(
-                "WITH range AS (
-                     SELECT {key} AS k FROM {rel} WHERE {cursor} ({filter}) ORDER BY {key} LIMIT $1
-                 )
-                 SELECT (SELECT array_agg(k ORDER BY k) FROM range),
-                        (SELECT k::text AS last_key FROM range ORDER BY range.k DESC LIMIT 1),
-                        (SELECT count(*) FROM range),
-                        0::bigint"
-            ),
-        };
-        let sample = |cursor: &str| {
+        let range = |c: u32, h: u32| {
             format!(
-                "SELECT array_agg(k ORDER BY k), (array_agg(k::text ORDER BY k DESC))[1], count(*) FROM (
-                     SELECT {key} AS k FROM {rel}
-                      WHERE {cursor} ({filter}) ORDER BY {key} LIMIT $1) s"
+                "{key} IS NOT NULL AND (${c}::text IS NULL OR {key} > CAST(${c}::text AS {ty}))
+                 AND (${h}::text IS NULL OR {key} <= CAST(${h}::text AS {ty})) AND {filter}"
             )
         };
+        let walk = match lock {
+            // Lock first: the next `size` rows of the range that can be locked, in one index
+            // range scan. Then one unlocked scan up to the last locked key finds what SKIP
+            // LOCKED passed over; those keys are recorded for the range's retry pass. If nothing
+            // could be locked, every remaining row of the range is held by others: `seen` then
+            // covers all of them, so the cursor never moves past a row nobody recorded.
+            LockMode::SkipLocked => {
+                let r = range(4, 5);
+                format!(
+                    "WITH locked AS (
+                         SELECT {key} AS k FROM {rel} WHERE {r}
+                          ORDER BY {key} LIMIT $1 FOR UPDATE SKIP LOCKED
+                     ), top AS (
+                         SELECT coalesce(
+                             (SELECT l.k FROM locked l ORDER BY l.k DESC LIMIT 1),
+                             (SELECT {key} FROM {rel} WHERE {r} ORDER BY {key} DESC LIMIT 1)) AS b
+                     ), seen AS (
+                         SELECT {key} AS k FROM {rel}, top WHERE {r} AND {key} <= top.b
+                     ), skipped AS (
+                         INSERT INTO {skipped} (job, range_no, key)
+                         SELECT $2, $3, s.k::text FROM seen s
+                          WHERE (SELECT count(*) FROM seen) > (SELECT count(*) FROM locked)
+                            AND s.k NOT IN (SELECT l.k FROM locked l)
+                         ON CONFLICT DO NOTHING RETURNING 1
+                     )
+                     SELECT (SELECT array_agg(l.k ORDER BY l.k) FROM locked l),
+                            (SELECT s.k::text AS last_key FROM seen s ORDER BY s.k DESC LIMIT 1),
+                            (SELECT count(*) FROM seen),
+                            (SELECT count(*) FROM skipped),
+                            (SELECT l.k FROM locked l ORDER BY l.k LIMIT 1),
+                            (SELECT l.k FROM locked l ORDER BY l.k DESC LIMIT 1)"
+                )
+            }
+            LockMode::None => {
+                let r = range(2, 3);
+                format!(
+                    "WITH b AS (
+                         SELECT {key} AS k FROM {rel} WHERE {r} ORDER BY {key} LIMIT $1
+                     )
+                     SELECT (SELECT array_agg(b.k ORDER BY b.k) FROM b),
+                            (SELECT b.k::text AS last_key FROM b ORDER BY b.k DESC LIMIT 1),
+                            (SELECT count(*) FROM b),
+                            0::bigint,
+                            (SELECT b.k FROM b ORDER BY b.k LIMIT 1),
+                            (SELECT b.k FROM b ORDER BY b.k DESC LIMIT 1)"
+                )
+            }
+        };
+        let r = range(2, 3);
+        let sample = format!(
+            "WITH b AS (SELECT {key} AS k FROM {rel} WHERE {r} ORDER BY {key} LIMIT $1)
+             SELECT (SELECT array_agg(b.k ORDER BY b.k) FROM b),
+                    (SELECT b.k::text AS last_key FROM b ORDER BY b.k DESC LIMIT 1),
+                    (SELECT count(*) FROM b),
+                    (SELECT b.k FROM b ORDER BY b.k LIMIT 1),
+                    (SELECT b.k FROM b ORDER BY b.k DESC LIMIT 1)"
+        );
         let relock = |wait: bool| {
             format!(
-                "SELECT array_agg(k ORDER BY k), array_agg(k::text ORDER BY k) FROM (
+                "SELECT array_agg(s.k ORDER BY s.k), array_agg(s.k::text ORDER BY s.k),
+                        (array_agg(s.k ORDER BY s.k))[1], (array_agg(s.k ORDER BY s.k DESC))[1]
+                   FROM (
                      SELECT {key} AS k FROM {rel}
-                      WHERE {key} = ANY(CAST($1::text[] AS {ty}[])) AND ({filter})
+                      WHERE {key} = ANY(CAST($1::text[] AS {ty}[])) AND {filter}
                       ORDER BY {key} FOR UPDATE{}) s",
                 if wait { "" } else { " SKIP LOCKED" }
             )
         };
         BatchSql {
-            begin,
-            first: select(""),
-            after: select(&format!("{key} > CAST(${cursor_param}::text AS {ty}) AND")),
-            sample_first: sample(""),
-            sample_after: sample(&format!("{key} > CAST($2::text AS {ty}) AND")),
+            begin_locals,
+            walk,
+            sample,
             pending: format!(
-                "SELECT key FROM {state_schema}.skipped_keys
-                  WHERE job = $1 AND ($2::text IS NULL OR key > $2) ORDER BY key LIMIT $3"
+                "SELECT key FROM {skipped}
+                  WHERE job = $1 AND range_no = $2 AND ($3::text IS NULL OR key > $3)
+                  ORDER BY key LIMIT $4"
             ),
             relock_skip: relock(false),
             relock_wait: relock(true),
             still_needed: format!(
                 "SELECT coalesce(array_agg(k::text), '{{}}') FROM (
                      SELECT {key} AS k FROM {rel}
-                      WHERE {key} = ANY(CAST($1::text[] AS {ty}[])) AND ({filter})) s
+                      WHERE {key} = ANY(CAST($1::text[] AS {ty}[])) AND {filter}) s
                   WHERE NOT (k = ANY(CAST($2::text[] AS {ty}[])))"
             ),
-            forget: format!(
-                "DELETE FROM {state_schema}.skipped_keys WHERE job = $1 AND key = ANY($2::text[])"
+            forget: format!("DELETE FROM {skipped} WHERE job = $1 AND key = ANY($2::text[])"),
+            skipped_count: format!(
+                "SELECT count(*) FROM {skipped} WHERE job = $1 AND range_no = $2"
             ),
-            advance: crate::state::postgres::advance_sql(state_schema),
+            advance: format!(
+                "UPDATE {ranges} SET cursor = coalesce($4, cursor),
+                        keys_done = keys_done + $5, rows_done = rows_done + $6,
+                        rows_retried = rows_retried + $7, batches_done = batches_done + $8,
+                        status = coalesce($9, status), heartbeat = now()
+                  WHERE job = $1 AND range_no = $2 AND epoch = $3
+                 RETURNING (SELECT j.paused FROM {jobs} j WHERE j.job = $1)"
+            ),
+            candidates: format!(
+                "SELECT range_no FROM {ranges} WHERE job = $1 AND status <> 'done'
+                  ORDER BY status = 'pending', range_no"
+            ),
+            take: format!(
+                "UPDATE {ranges} SET epoch = nextval('{s}.epochs'), owner = $3, heartbeat = now(),
+                        status = CASE WHEN status = 'pending' THEN 'walking' ELSE status END
+                  WHERE job = $1 AND range_no = $2 AND status <> 'done'
+                 RETURNING epoch, status, cursor, hi",
+                s = store.schema
+            ),
+            release: format!(
+                "UPDATE {ranges} SET owner = NULL WHERE job = $1 AND range_no = $2 AND epoch = $3"
+            ),
+            paused: format!("SELECT coalesce((SELECT paused FROM {jobs} WHERE job = $1), false)"),
         }
     }
 }

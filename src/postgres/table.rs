@@ -1,10 +1,14 @@
 //! Resolves and checks what a Postgres spec names, before any write: the table, the key column
-//! (its type and a unique index), the `where` clause, and that `statement` prepares with $1 as
-//! an array of the key's type.
+//! (its type, a unique index, and NULLs), the `where` clause (prepared, never executed as
+//! text), and that `statement` prepares with $1 as an array of the key's type (and, if it uses
+//! them, $2 and $3 as the batch's first and last key).
 
 use super::errors::describe;
 use crate::error::{Error, Result};
 use crate::spec::PostgresSpec;
+use sqlparser::ast::{BinaryOperator, Expr};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
 use tokio_postgres::Client;
 
 /// The target table and key as the database sees them, safe to splice into SQL.
@@ -12,57 +16,85 @@ use tokio_postgres::Client;
 pub struct TableInfo {
     /// `schema.table`, quoted as needed (from `regclass::text`).
     pub rel: String,
+    /// The table's schema and name, unquoted (for the catalog).
+    pub schema: String,
+    pub table: String,
     /// The key column, quoted as needed.
     pub key: String,
+    /// The key column's name, unquoted.
+    pub key_name: String,
     /// SQL type of the key, e.g. `bigint`, `timestamp with time zone`.
     pub key_type: String,
-    /// `where`, or `true`.
+    /// `where` as one parenthesized expression (a line comment in it ends at our newline), or
+    /// `true`.
     pub filter: String,
+    /// How many parameters `statement` takes: 1 (the keys) or 3 (keys, first key, last key).
+    pub statement_params: usize,
 }
 
 fn fail(field: &str, why: impl std::fmt::Display) -> Error {
     Error::Preflight(format!("{field}: {why}"))
 }
 
+/// `where` wrapped so that nothing in it can reach what follows: the spec checked that it is
+/// one expression; the newline ends a trailing `--` comment before our closing parenthesis.
+pub fn filter_sql(where_: Option<&str>) -> String {
+    match where_ {
+        Some(w) => format!("(\n{w}\n)"),
+        None => "true".into(),
+    }
+}
+
 /// Resolve the table and key, and check `where` and `statement` against the database.
 pub async fn inspect(client: &Client, spec: &PostgresSpec) -> Result<TableInfo> {
     let rel = client
-        .query_one(
-            "SELECT to_regclass($1)::oid, to_regclass($1)::text",
+        .query_opt(
+            "SELECT c.oid, c.oid::regclass::text, n.nspname::text, c.relname::text
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.oid = to_regclass($1)",
             &[&spec.table],
         )
-        .await
-        .map_err(|e| {
-            fail(
+        .await;
+    let rel = match rel {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            return Err(fail(
+                "postgres.table",
+                format!(
+                    "table {} does not exist in this database (check the schema prefix and search_path)",
+                    spec.table
+                ),
+            ));
+        }
+        Err(e) if e.as_db_error().is_some() => {
+            return Err(fail(
                 "postgres.table",
                 format!(
                     "{:?} is not a valid table name: {}",
                     spec.table,
                     describe(&e)
                 ),
-            )
-        })?;
-    let (Some(oid), Some(rel_text)) = (
-        rel.get::<_, Option<u32>>(0),
-        rel.get::<_, Option<String>>(1),
-    ) else {
-        return Err(fail(
-            "postgres.table",
-            format!(
-                "table {} does not exist in this database (check the schema prefix and search_path)",
-                spec.table
-            ),
-        ));
+            ));
+        }
+        Err(e) => {
+            return Err(super::errors::db_error(
+                "preflight: resolving the table",
+                &e,
+            ));
+        }
     };
-    let key_name = spec.key.trim_matches('"');
+    let oid: u32 = rel.get(0);
+    let rel_text: String = rel.get(1);
+    let key_name = spec.key.trim_matches('"').to_string();
     let col = client
         .query_opt(
-            "SELECT quote_ident(a.attname), format_type(a.atttypid, a.atttypmod),
+            "SELECT quote_ident(a.attname), format_type(a.atttypid, a.atttypmod), a.attnotnull,
                     EXISTS (SELECT 1 FROM pg_index i
                              WHERE i.indrelid = a.attrelid AND i.indisunique AND i.indisvalid
                                AND i.indnkeyatts = 1 AND i.indkey[0] = a.attnum
-                               AND i.indpred IS NULL)
-               FROM pg_attribute a
+                               AND i.indpred IS NULL),
+                    format_type(t.typarray, NULL)
+               FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
               WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
             &[&oid, &key_name],
         )
@@ -76,7 +108,9 @@ pub async fn inspect(client: &Client, spec: &PostgresSpec) -> Result<TableInfo> 
     };
     let key: String = col.get(0);
     let key_type: String = col.get(1);
-    if !col.get::<_, bool>(2) {
+    let not_null: bool = col.get(2);
+    let array_type: String = col.get(4);
+    if !col.get::<_, bool>(3) {
         return Err(fail(
             "postgres.key",
             format!(
@@ -85,10 +119,25 @@ pub async fn inspect(client: &Client, spec: &PostgresSpec) -> Result<TableInfo> 
             ),
         ));
     }
-    let filter = spec.where_.clone().unwrap_or_else(|| "true".into());
-    let probe = format!("EXPLAIN SELECT 1 FROM {rel_text} WHERE ({filter})");
+    if !not_null
+        && !spec
+            .where_
+            .as_deref()
+            .is_some_and(|w| excludes_null(w, &key_name))
+    {
+        return Err(fail(
+            "postgres.key",
+            format!(
+                "column {key} of {rel_text} can be NULL, and rows with a NULL key cannot be \
+                 walked by key: they would be left behind. Make it NOT NULL, or leave those rows \
+                 out knowingly with `where: {key} IS NOT NULL AND ...`"
+            ),
+        ));
+    }
+    let filter = filter_sql(spec.where_.as_deref());
+    // Prepared, never executed: one statement, and nothing runs.
     client
-        .batch_execute(&probe)
+        .prepare(&format!("SELECT 1 FROM {rel_text} WHERE {filter}"))
         .await
         .map_err(|e| fail("postgres.where", describe(&e)))?;
 
@@ -98,46 +147,132 @@ pub async fn inspect(client: &Client, spec: &PostgresSpec) -> Result<TableInfo> 
             format!("does not prepare: {}", describe(&e)),
         )
     })?;
-    let array_type: String = client
+    let type_name = async |oid: u32| -> Result<String> {
+        Ok(client
+            .query_one("SELECT format_type($1, NULL)", &[&oid])
+            .await
+            .map_err(|e| fail("postgres.statement", describe(&e)))?
+            .get(0))
+    };
+    let params = stmt.params();
+    if params.len() != 1 && params.len() != 3 {
+        return Err(fail(
+            "postgres.statement",
+            format!(
+                "must take $1 (the batch's keys) and optionally $2 and $3 (the batch's first and \
+                 last key), found {} parameters",
+                params.len()
+            ),
+        ));
+    }
+    let got = type_name(params[0].oid()).await?;
+    if got != array_type {
+        return Err(fail(
+            "postgres.statement",
+            format!(
+                "$1 is used as {got}, but it is the batch's keys: it must be {array_type} \
+                 (e.g. `WHERE {key} = ANY($1)`)"
+            ),
+        ));
+    }
+    let base_type: String = client
         .query_one(
-            "SELECT format_type(t.typarray, NULL) FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
-              WHERE a.attrelid = $1 AND a.attname = $2",
+            "SELECT format_type(atttypid, NULL) FROM pg_attribute WHERE attrelid = $1 AND attname = $2",
             &[&oid, &key_name],
         )
         .await
         .map_err(|e| fail("postgres.key", describe(&e)))?
         .get(0);
-    match stmt.params() {
-        [p] => {
-            let got: String = client
-                .query_one("SELECT format_type($1, NULL)", &[&p.oid()])
-                .await
-                .map_err(|e| fail("postgres.statement", describe(&e)))?
-                .get(0);
-            if got != array_type {
-                return Err(fail(
-                    "postgres.statement",
-                    format!(
-                        "$1 is used as {got}, but it is the batch's keys: it must be {array_type} \
-                         (e.g. `WHERE {key} = ANY($1)`)"
-                    ),
-                ));
-            }
-        }
-        ps => {
+    for (i, p) in params.iter().enumerate().skip(1) {
+        let got = type_name(p.oid()).await?;
+        if got != base_type {
             return Err(fail(
                 "postgres.statement",
                 format!(
-                    "must take exactly one parameter ($1 = the batch's keys), found {}",
-                    ps.len()
+                    "${} is used as {got}, but it is the batch's {} key: it must be {base_type} \
+                     (e.g. `AND {key} BETWEEN $2 AND $3`)",
+                    i + 1,
+                    if i == 1 { "first" } else { "last" }
                 ),
             ));
         }
     }
     Ok(TableInfo {
         rel: rel_text,
+        schema: rel.get(2),
+        table: rel.get(3),
         key,
+        key_name,
         key_type,
         filter,
+        statement_params: params.len(),
     })
+}
+
+/// Whether `where` leaves out rows whose `key` is NULL: one of its top-level AND terms is
+/// `key IS NOT NULL`.
+pub fn excludes_null(where_: &str, key: &str) -> bool {
+    let Ok(mut parser) = Parser::new(&PostgreSqlDialect {}).try_with_sql(where_) else {
+        return false;
+    };
+    let Ok(expr) = parser.parse_expr() else {
+        return false;
+    };
+    fn terms(e: &Expr, out: &mut Vec<Expr>) {
+        match e {
+            Expr::BinaryOp {
+                left,
+                op: BinaryOperator::And,
+                right,
+            } => {
+                terms(left, out);
+                terms(right, out);
+            }
+            Expr::Nested(inner) => terms(inner, out),
+            other => out.push(other.clone()),
+        }
+    }
+    let mut all = Vec::new();
+    terms(&expr, &mut all);
+    all.iter().any(|t| match t {
+        Expr::IsNotNull(inner) => match inner.as_ref() {
+            Expr::Identifier(id) => same_column(&id.value, id.quote_style.is_some(), key),
+            Expr::CompoundIdentifier(parts) => parts
+                .last()
+                .is_some_and(|id| same_column(&id.value, id.quote_style.is_some(), key)),
+            _ => false,
+        },
+        _ => false,
+    })
+}
+
+/// An identifier as written names `column` (unquoted identifiers fold to lower case).
+fn same_column(written: &str, quoted: bool, column: &str) -> bool {
+    if quoted {
+        written == column
+    } else {
+        written.to_lowercase() == column
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_top_level_not_null_term() {
+        assert!(excludes_null("id IS NOT NULL", "id"));
+        assert!(excludes_null("a = 1 AND (t.ID IS NOT NULL AND b)", "id"));
+        assert!(excludes_null("\"Key\" IS NOT NULL", "Key"));
+        assert!(!excludes_null("\"Key\" IS NOT NULL", "key"));
+        assert!(!excludes_null("id IS NOT NULL OR a = 1", "id"));
+        assert!(!excludes_null("other IS NOT NULL", "id"));
+        assert!(!excludes_null("NOT (id IS NULL) OR", "id"));
+    }
+
+    #[test]
+    fn a_trailing_comment_cannot_swallow_the_closing_parenthesis() {
+        let f = filter_sql(Some("n = 0 -- done"));
+        assert_eq!(f, "(\nn = 0 -- done\n)");
+    }
 }

@@ -86,6 +86,10 @@ pub(super) fn validate(cx: &mut Ctx, ch: &Spanned<RawClickhouse>) -> Result<Clic
         .iter()
         .map(|(k, v)| (k.clone(), v.as_text()))
         .collect();
+    let verify = match &c.verify {
+        Some(v) => Some(cx.text(v, "clickhouse.verify")?),
+        None => None,
+    };
     Ok(ClickhouseSpec {
         endpoint,
         database,
@@ -100,6 +104,7 @@ pub(super) fn validate(cx: &mut Ctx, ch: &Spanned<RawClickhouse>) -> Result<Clic
         target,
         settings,
         statement,
+        verify,
     })
 }
 

@@ -28,6 +28,10 @@ pub struct Spec {
     pub state_schema: String,
     /// When to pause between batches; `None` never pauses.
     pub throttle: Option<Throttle>,
+    /// At most this many workers share the job (threads, processes, pods).
+    pub workers: u32,
+    /// Batches start only inside this daily window.
+    pub window: Option<crate::engine::window::Window>,
     /// Hash of what the job does (backend, table, key, where, statement): a change is reported.
     pub hash: String,
     /// Unset environment variables (only tolerated by `validate`).
@@ -70,6 +74,8 @@ pub struct ClickhouseSpec {
     /// Sent with every chunk query.
     pub settings: Vec<(String, String)>,
     pub statement: String,
+    /// One read-only query returning one integer; 0 = the job really is done.
+    pub verify: Option<String>,
 }
 
 impl ClickhouseSpec {
@@ -106,6 +112,8 @@ pub struct PostgresSpec {
     pub where_: Option<String>,
     pub lock: LockMode,
     pub statement: String,
+    /// One read-only query returning one integer; 0 = the job really is done.
+    pub verify: Option<String>,
 }
 
 impl PostgresSpec {

@@ -18,6 +18,8 @@ pub struct RawSpec {
     pub state: Option<RawState>,
     #[serde(default)]
     pub throttle: Option<Spanned<RawThrottle>>,
+    pub workers: Option<Spanned<u64>>,
+    pub window: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -40,6 +42,7 @@ pub struct RawPostgres {
     #[serde(default)]
     pub lock: LockMode,
     pub statement: Spanned<String>,
+    pub verify: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -58,6 +61,7 @@ pub struct RawClickhouse {
     #[serde(default)]
     pub settings: std::collections::BTreeMap<String, SettingValue>,
     pub statement: Spanned<String>,
+    pub verify: Option<Spanned<String>>,
 }
 
 /// One rung of the ClickHouse fallback ladder.

@@ -136,6 +136,27 @@ pub(super) fn validate(path: &Path, raw: RawSpec, env: &Env) -> Result<Spec> {
         Some(t) => Some(throttle(&mut cx, t)?),
         None => None,
     };
+    let workers = match &raw.workers {
+        None => 1,
+        Some(w) if w.value == 0 || w.value > 256 => {
+            return cx.at(
+                w,
+                "workers",
+                format!("{} is not between 1 and 256", w.value),
+            );
+        }
+        Some(w) => w.value as u32,
+    };
+    let window = match &raw.window {
+        None => None,
+        Some(w) => {
+            let text = cx.text(w, "window")?;
+            Some(
+                crate::engine::window::Window::parse(&text)
+                    .or_else(|why| cx.at(w, "window", why))?,
+            )
+        }
+    };
     let hash = match &source {
         Source::Postgres(pg) => hash(&[
             "postgres",
@@ -158,6 +179,8 @@ pub(super) fn validate(path: &Path, raw: RawSpec, env: &Env) -> Result<Spec> {
         limits,
         state_schema,
         throttle,
+        workers,
+        window,
         hash,
         unresolved: cx.unresolved,
     })
@@ -227,13 +250,17 @@ fn postgres(cx: &mut Ctx, pg: &Spanned<RawPostgres>) -> Result<PostgresSpec> {
             "must use $1 (the array of the batch's keys), e.g. `WHERE id = ANY($1)`",
         );
     }
-    if statement.contains("$2") {
+    if statement.contains("$4") {
         return cx.at(
             &p.statement,
             "postgres.statement",
-            "may only use $1 (the array of the batch's keys)",
+            "may only use $1 (the array of the batch's keys), and $2 and $3 (its first and last key)",
         );
     }
+    let verify = match &p.verify {
+        Some(v) => Some(cx.text(v, "postgres.verify")?),
+        None => None,
+    };
     Ok(PostgresSpec {
         url,
         table,
@@ -241,6 +268,7 @@ fn postgres(cx: &mut Ctx, pg: &Spanned<RawPostgres>) -> Result<PostgresSpec> {
         where_,
         lock: p.lock,
         statement,
+        verify,
     })
 }
 

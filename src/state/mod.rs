@@ -1,25 +1,22 @@
-//! Checkpoint store: one record per job (status, cursor, counters, times, spec hash, last error).
-//! The trait is what the driver loop and the commands use; backends that can commit a checkpoint
-//! in the same transaction as their unit of work do so through their store's own API.
+//! What a job's store says, in the same shape for every backend: the job's status, counters,
+//! its units (ranges or chunks) and its live workers. Each backend keeps its own tables and
+//! fills these types in; commands only read them.
 
-pub mod clickhouse;
-pub mod postgres;
-
-use crate::error::Result;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 /// Lifecycle of a job in the store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
-    /// A runner is (or was, until it was killed) working on it.
+    /// A runner is working on it (a live worker holds a slot).
+    #[default]
     Running,
-    /// Stopped early (deadline, signal, rows still locked); resumes on the next run.
+    /// Stopped early (deadline, signal, window, rows still locked); resumes on the next run.
     Stopped,
     /// Failed with `last_error`; resumes from the checkpoint on the next run.
     Failed,
-    /// Every row done.
+    /// Every row done (and `verify` returned 0).
     Done,
 }
 
@@ -43,14 +40,19 @@ impl Status {
     }
 }
 
-/// A job's record in the store.
-#[derive(Debug, Clone, Serialize)]
+/// A job's record in its store.
+#[derive(Debug, Clone, Serialize, Default)]
 pub struct JobState {
     pub job: String,
     pub status: Status,
-    /// Last key committed (text form); `None` before the first batch.
+    /// `backfill pause` is in effect.
+    pub paused: bool,
+    /// Where the next run would resume, in words (`after key 1234`, `3 of 16 ranges done`).
+    pub resume: Option<String>,
+    /// The walk's position: the last key done in the furthest range that made progress (for a
+    /// single worker, the one cursor of its ordered walk).
     pub cursor: Option<String>,
-    /// Keys walked past the cursor (including skipped ones).
+    /// Keys walked (including skipped ones); source rows for ClickHouse chunks.
     pub keys_done: i64,
     /// Rows the statement reported as affected.
     pub rows_done: i64,
@@ -59,6 +61,11 @@ pub struct JobState {
     pub rows_retried: i64,
     /// Skipped rows still waiting for their retry.
     pub rows_pending_retry: i64,
+    /// Units (ranges or chunks): how many, how many finished.
+    pub units_total: i64,
+    pub units_done: i64,
+    /// Workers holding a slot right now (in any process).
+    pub workers_active: i64,
     pub spec_hash: String,
     pub started_at: Option<DateTime<Utc>>,
     pub updated_at: Option<DateTime<Utc>>,
@@ -68,31 +75,32 @@ pub struct JobState {
     pub runner: Option<String>,
 }
 
-/// What the driver loop needs from a checkpoint store.
-#[allow(async_fn_in_trait)]
-pub trait StateStore {
-    /// Create the store's tables if they are missing (first run).
-    async fn ensure(&self) -> Result<()>;
-    /// The job's record, if any. Never creates anything (used by `plan` and `status`).
-    async fn load(&self, job: &str) -> Result<Option<JobState>>;
-    /// Mark the job running under this process. `restart` forgets the cursor and counters
-    /// (a `--rerun` of a finished job).
-    async fn start(&self, job: &str, spec_hash: &str, restart: bool) -> Result<JobState>;
-    /// Record how the run ended; `error` is kept as `last_error` (redacted by the caller).
-    async fn finish(&self, job: &str, status: Status, error: Option<&str>) -> Result<()>;
-    /// Forget the job's checkpoint entirely. Returns whether there was one.
-    async fn reset(&self, job: &str) -> Result<bool>;
-    /// Become the job's only runner for as long as this store lives, or fail with
-    /// `Error::Stopped(LockHeld)` naming the runner that holds it.
-    async fn lock(&self, job: &str) -> Result<()>;
-    /// Give the runner lock back (also released when the process dies).
-    async fn unlock(&self, job: &str) -> Result<()>;
+/// One unit of a job (a key range or a chunk) as `status` shows it.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct UnitState {
+    /// `range 3 (1000, 2000]`, `2026-01`, `2026-01-15/project_id[...]`.
+    pub unit: String,
+    /// `pending`, `walking`, `retrying`, `done`, `split`, `staged`, `failed`.
+    pub status: String,
+    /// Worker holding it, if any (`host:pid/w0`).
+    pub owner: Option<String>,
+    pub cursor: Option<String>,
+    pub keys_done: i64,
+    pub rows_done: i64,
+    pub batches_done: i64,
+    pub attempts: i64,
+    pub pending_retry: i64,
+    pub note: String,
 }
 
 /// `host:pid` of this process, recorded as the runner.
 pub fn runner_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+    format!("{}:{}", hostname(), std::process::id())
+}
+
+/// This machine's (or pod's) host name.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into());
-    format!("{host}:{}", std::process::id())
+        .unwrap_or_else(|_| "localhost".into())
 }

@@ -3,10 +3,10 @@
 //! (chunk = ''), and a lease row (chunk = '#lease') renewed by a heartbeat: ClickHouse has no
 //! locks, so one runner per job is a lease that expires when its runner stops renewing it.
 
-use super::{JobState, StateStore, Status, runner_id};
 use crate::clickhouse::client::literal;
 use crate::clickhouse::errors::ch_error;
 use crate::error::{Error, Result, StopReason};
+use crate::state::{JobState, Status, runner_id};
 use chrono::{DateTime, Utc};
 use clickhouse::{Client, Row};
 use serde::Deserialize;
@@ -211,8 +211,8 @@ impl ChStateStore {
     }
 }
 
-impl StateStore for ChStateStore {
-    async fn ensure(&self) -> Result<()> {
+impl ChStateStore {
+    pub async fn ensure(&self) -> Result<()> {
         let sql = format!(
             "CREATE TABLE IF NOT EXISTS {} (
                 job String, chunk String, level String, status String,
@@ -231,7 +231,7 @@ impl StateStore for ChStateStore {
             .map_err(|e| ch_error("creating the checkpoint store", &e))
     }
 
-    async fn load(&self, job: &str) -> Result<Option<JobState>> {
+    pub async fn load(&self, job: &str) -> Result<Option<JobState>> {
         let records = self.records(job).await?;
         let Some(row) = records.iter().find(|r| r.chunk.is_empty()) else {
             return Ok(None);
@@ -243,7 +243,11 @@ impl StateStore for ChStateStore {
         Ok(Some(JobState {
             job: job.into(),
             status: Status::parse(&row.status),
-            cursor: done.iter().map(|r| r.chunk.clone()).max(),
+            resume: Some(match done.iter().map(|r| r.chunk.clone()).max() {
+                Some(c) => format!("after chunk {c}"),
+                None => "at the start".into(),
+            }),
+            units_done: done.len() as i64,
             keys_done: done.iter().map(|r| r.source_rows as i64).sum(),
             rows_done: done.iter().map(|r| r.rows as i64).sum(),
             batches_done: done.len() as i64,
@@ -255,10 +259,11 @@ impl StateStore for ChStateStore {
             finished_at: time(row.finished),
             last_error: (!row.error.is_empty()).then(|| row.error.clone()),
             runner: (!row.runner.is_empty()).then(|| row.runner.clone()),
+            ..JobState::default()
         }))
     }
 
-    async fn start(&self, job: &str, spec_hash: &str, restart: bool) -> Result<JobState> {
+    pub async fn start(&self, job: &str, spec_hash: &str, restart: bool) -> Result<JobState> {
         if restart {
             self.delete(job).await?;
             self.write_lease(job, &runner_id()).await?;
@@ -278,7 +283,7 @@ impl StateStore for ChStateStore {
             .ok_or_else(|| Error::Preflight(format!("job {job} vanished from the store")))
     }
 
-    async fn finish(&self, job: &str, status: Status, error: Option<&str>) -> Result<()> {
+    pub async fn finish(&self, job: &str, status: Status, error: Option<&str>) -> Result<()> {
         let mut row = self.job_row(job).await?.unwrap_or_default();
         row.status = status.as_str().into();
         row.error = error.unwrap_or("").into();
@@ -287,7 +292,7 @@ impl StateStore for ChStateStore {
         self.put(job, &row).await
     }
 
-    async fn reset(&self, job: &str) -> Result<bool> {
+    pub async fn reset(&self, job: &str) -> Result<bool> {
         if self.job_row(job).await?.is_none() {
             return Ok(false);
         }
@@ -295,7 +300,7 @@ impl StateStore for ChStateStore {
         Ok(true)
     }
 
-    async fn lock(&self, job: &str) -> Result<()> {
+    pub async fn lock(&self, job: &str) -> Result<()> {
         self.ensure().await?;
         let me = runner_id();
         let held = |r: &Option<Record>| {
@@ -341,7 +346,7 @@ impl StateStore for ChStateStore {
         Ok(())
     }
 
-    async fn unlock(&self, job: &str) -> Result<()> {
+    pub async fn unlock(&self, job: &str) -> Result<()> {
         if let Some(task) = self.heartbeat.lock().expect("heartbeat lock").take() {
             task.abort();
         }

@@ -1,0 +1,530 @@
+//! A Postgres job as a whole: what its workers share (pool, resolved table, SQL, store), worker
+//! slots, the store's lifecycle, estimates and the `verify:` check.
+
+use super::blockers;
+use super::connect;
+use super::errors::db_error;
+use super::ranges;
+use super::sql::BatchSql;
+use super::store::Store;
+use super::table::{self, TableInfo};
+use super::worker::PgWorker;
+use crate::engine::{Backend, Estimate};
+use crate::error::{Error, Result, StopReason};
+use crate::spec::{Limits, PostgresSpec};
+use crate::state::{JobState, Status};
+use deadpool_postgres::{ClientWrapper, Object, Pool};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, OnceLock};
+use tokio_postgres::Client;
+
+/// What a batch needs, resolved once per job by `preflight`.
+pub struct Prepared {
+    pub info: TableInfo,
+    pub sql: BatchSql,
+    pub statement: String,
+}
+
+/// What a job's workers share.
+pub struct Ctx {
+    pub pool: Pool,
+    pub url: String,
+    pub job: String,
+    pub spec: PostgresSpec,
+    pub limits: Limits,
+    pub store: Store,
+    /// The spec's `workers` (how many ranges to cut).
+    pub workers: u32,
+    ready: OnceLock<Arc<Prepared>>,
+    /// Ranges this process gave up on for this run (rows still locked by others).
+    pub blocked: Mutex<HashSet<i32>>,
+    /// Backend pids of this process's workers.
+    pids: Mutex<Vec<i32>>,
+}
+
+/// SQL that finds the sessions holding an advisory lock keyed by $1 (text) in this database.
+const HOLDERS: &str = "
+    SELECT a.pid, coalesce(a.application_name, ''), coalesce(a.client_addr::text, 'local'),
+           extract(epoch FROM now() - a.backend_start)::bigint
+      FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+     WHERE l.locktype = 'advisory' AND l.granted
+       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+       AND l.classid = ((hashtextextended($1, 0) >> 32) & 4294967295)::bigint::oid
+       AND l.objid = (hashtextextended($1, 0) & 4294967295)::bigint::oid
+       AND l.objsubid = 1";
+
+impl Ctx {
+    pub fn prepared(&self) -> Result<Arc<Prepared>> {
+        self.ready
+            .get()
+            .cloned()
+            .ok_or_else(|| Error::Preflight("internal: preflight has not run".into()))
+    }
+
+    /// A connection of the worker's own, taken out of the pool so that it is closed, never
+    /// reused, when the worker ends: its session holds the worker's advisory locks.
+    pub async fn connect_worker(&self) -> Result<ClientWrapper> {
+        let obj = connect::get(&self.pool, &self.url).await?;
+        Ok(Object::take(obj))
+    }
+
+    async fn conn(&self) -> Result<Object> {
+        connect::get(&self.pool, &self.url).await
+    }
+
+    /// Take a worker slot on `c` (trying `first` first, then the others below `cap`), after
+    /// the job's shared lock. `Err(who)` names the holders when every slot is taken.
+    pub async fn take_slot(
+        &self,
+        c: &Client,
+        first: u32,
+        cap: u32,
+    ) -> Result<std::result::Result<u32, String>> {
+        let job_key = self.store.lock_key(&self.job, "job");
+        let shared: bool = c
+            .query_one(
+                "SELECT pg_try_advisory_lock_shared(hashtextextended($1, 0))",
+                &[&job_key],
+            )
+            .await
+            .map_err(|e| db_error("joining the job", &e))?
+            .get(0);
+        if !shared {
+            return Ok(Err(format!(
+                "a `backfill reset` of job {} (it holds the job's lock)",
+                self.job
+            )));
+        }
+        let cap = cap.max(1);
+        for k in 0..cap {
+            let slot = (first + k) % cap;
+            let key = self.store.lock_key(&self.job, &format!("slot:{slot}"));
+            let got: bool = c
+                .query_one(
+                    "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+                    &[&key],
+                )
+                .await
+                .map_err(|e| db_error("taking a worker slot", &e))?
+                .get(0);
+            if got {
+                let pid: i32 = c
+                    .query_one("SELECT pg_backend_pid()", &[])
+                    .await
+                    .map_err(|e| db_error("taking a worker slot", &e))?
+                    .get(0);
+                self.pids.lock().expect("pids lock").push(pid);
+                return Ok(Ok(slot));
+            }
+        }
+        let _ = c
+            .execute(
+                "SELECT pg_advisory_unlock_shared(hashtextextended($1, 0))",
+                &[&job_key],
+            )
+            .await;
+        let mut who = Vec::new();
+        for slot in 0..cap {
+            let key = self.store.lock_key(&self.job, &format!("slot:{slot}"));
+            for r in c
+                .query(HOLDERS, &[&key])
+                .await
+                .map_err(|e| db_error("finding the job's workers", &e))?
+            {
+                who.push(format!(
+                    "backend pid {} ({}, from {}, connected {}s ago)",
+                    r.get::<_, i32>(0),
+                    r.get::<_, String>(1),
+                    r.get::<_, String>(2),
+                    r.get::<_, i64>(3)
+                ));
+            }
+        }
+        Ok(Err(format!(
+            "{cap} worker(s), the job's `workers` limit: {}",
+            if who.is_empty() {
+                "other runners".to_string()
+            } else {
+                who.join("; ")
+            }
+        )))
+    }
+
+    /// Sessions of other processes holding the job's shared lock (live workers).
+    async fn live_workers(&self, c: &Client, exclude_mine: bool) -> Result<i64> {
+        let key = self.store.lock_key(&self.job, "job");
+        let mine: Vec<i32> = if exclude_mine {
+            self.pids.lock().expect("pids lock").clone()
+        } else {
+            Vec::new()
+        };
+        let n: i64 = c
+            .query_one(
+                &format!("SELECT count(*) FROM ({HOLDERS}) h WHERE h.pid <> ALL($2)"),
+                &[&key, &mine],
+            )
+            .await
+            .map_err(|e| db_error("counting the job's workers", &e))?
+            .get(0);
+        Ok(n)
+    }
+}
+
+/// The job in its database.
+pub struct PgJob {
+    pub(super) ctx: Arc<Ctx>,
+    verify: Option<String>,
+    spec: crate::spec::Spec,
+}
+
+impl PgJob {
+    pub fn new(
+        pool: Pool,
+        spec: &crate::spec::Spec,
+        pg: &PostgresSpec,
+        verify: Option<String>,
+    ) -> PgJob {
+        PgJob {
+            ctx: Arc::new(Ctx {
+                pool,
+                url: pg.url.clone(),
+                job: spec.name.clone(),
+                spec: pg.clone(),
+                limits: spec.limits.clone(),
+                store: Store::new(&spec.state_schema),
+                workers: spec.workers,
+                ready: OnceLock::new(),
+                blocked: Mutex::new(HashSet::new()),
+                pids: Mutex::new(Vec::new()),
+            }),
+            verify,
+            spec: spec.clone(),
+        }
+    }
+
+    pub fn ctx(&self) -> &Arc<Ctx> {
+        &self.ctx
+    }
+
+    /// Rows of the table in `(lo, hi]` by the planner (`filter`: only those matching `where`).
+    async fn planned_rows(
+        &self,
+        c: &Client,
+        lo: Option<&str>,
+        hi: Option<&str>,
+        filter: bool,
+    ) -> Result<f64> {
+        let p = self.ctx.prepared()?;
+        let (rel, key, ty) = (&p.info.rel, &p.info.key, &p.info.key_type);
+        let f = if filter {
+            p.info.filter.as_str()
+        } else {
+            "true"
+        };
+        let sql = format!(
+            "EXPLAIN (FORMAT JSON) SELECT 1 FROM {rel}
+              WHERE {key} IS NOT NULL AND ($1::text IS NULL OR {key} > CAST($1::text AS {ty}))
+                AND ($2::text IS NULL OR {key} <= CAST($2::text AS {ty})) AND {f}"
+        );
+        let plan: serde_json::Value = c
+            .query_one(&sql, &[&lo, &hi])
+            .await
+            .map_err(|e| db_error("estimating pending rows", &e))?
+            .get(0);
+        Ok(plan[0]["Plan"]["Plan Rows"].as_f64().unwrap_or(0.0))
+    }
+
+    /// Rows left in the job: counted (`exact`), or estimated from the planner's view of the key
+    /// ranges left, scaled by the share of rows that matched `where` in what was walked so far
+    /// (the planner's statistics of `where` go stale while a backfill changes the rows).
+    pub async fn pending(&self, exact: bool) -> Result<Estimate> {
+        let p = self.ctx.prepared()?;
+        let c = self.ctx.conn().await?;
+        let ranges = self.ctx.store.ranges_of(&c, &self.ctx.job).await?;
+        let pending_retry: u64 = ranges.iter().map(|r| r.pending_retry.max(0) as u64).sum();
+        let mut left: Vec<(Option<String>, Option<String>)> = ranges
+            .iter()
+            .filter(|r| r.status != super::store::DONE)
+            .map(|r| (r.cursor.clone(), r.hi.clone()))
+            .collect();
+        if ranges.is_empty() {
+            left.push((None, None));
+        }
+        if exact {
+            let (rel, key, ty, f) = (&p.info.rel, &p.info.key, &p.info.key_type, &p.info.filter);
+            let sql = format!(
+                "SELECT count(*) FROM {rel}
+                  WHERE {key} IS NOT NULL AND ($1::text IS NULL OR {key} > CAST($1::text AS {ty}))
+                    AND ($2::text IS NULL OR {key} <= CAST($2::text AS {ty})) AND {f}"
+            );
+            let mut rows = 0u64;
+            for (lo, hi) in &left {
+                rows += c
+                    .query_one(&sql, &[lo, hi])
+                    .await
+                    .map_err(|e| db_error("counting pending rows", &e))?
+                    .get::<_, i64>(0) as u64;
+            }
+            return Ok(Estimate {
+                rows,
+                exact: true,
+                pending_retry,
+            });
+        }
+        let (mut remaining_all, mut remaining_filtered) = (0.0, 0.0);
+        for (lo, hi) in &left {
+            remaining_all += self
+                .planned_rows(&c, lo.as_deref(), hi.as_deref(), false)
+                .await?;
+            remaining_filtered += self
+                .planned_rows(&c, lo.as_deref(), hi.as_deref(), true)
+                .await?;
+        }
+        let mut walked_all = 0.0;
+        let mut walked_keys = 0.0;
+        for r in &ranges {
+            let upto = if r.status == super::store::DONE {
+                r.hi.as_deref()
+            } else {
+                r.cursor.as_deref()
+            };
+            if r.status != super::store::DONE && r.cursor == r.lo {
+                continue;
+            }
+            walked_all += self.planned_rows(&c, r.lo.as_deref(), upto, false).await?;
+            walked_keys += r.keys_done as f64;
+        }
+        let rows = if walked_all >= 1000.0 && walked_keys > 0.0 {
+            remaining_all * (walked_keys / walked_all).min(1.0)
+        } else {
+            remaining_filtered
+        };
+        Ok(Estimate {
+            rows: rows.round() as u64,
+            exact: false,
+            pending_retry,
+        })
+    }
+}
+
+impl Backend for PgJob {
+    type Worker = PgWorker;
+
+    async fn load(&self) -> Result<Option<JobState>> {
+        let c = self.ctx.conn().await?;
+        let live = if self.ctx.store.exists(&c).await? {
+            self.ctx.live_workers(&c, false).await?
+        } else {
+            0
+        };
+        self.ctx.store.load(&c, &self.ctx.job, live).await
+    }
+
+    async fn blockers(&self) -> Result<Vec<String>> {
+        let c = self.ctx.conn().await?;
+        blockers::find(
+            &c,
+            &self.ctx.spec.table,
+            self.ctx.limits.max_transaction_age,
+        )
+        .await
+    }
+
+    async fn preflight(&self) -> Result<()> {
+        if self.ctx.ready.get().is_some() {
+            return Ok(());
+        }
+        let c = self.ctx.conn().await?;
+        // Checking the statement takes the table's ACCESS SHARE lock: never queue for it
+        // forever. SET LOCAL in a transaction that is rolled back leaves the pooled session
+        // as it was.
+        let lock_timeout = self.ctx.limits.lock_timeout.as_millis().max(1);
+        c.batch_execute(&format!(
+            "BEGIN READ ONLY; SET LOCAL lock_timeout = {lock_timeout}"
+        ))
+        .await
+        .map_err(|e| db_error("preflight", &e))?;
+        let info = table::inspect(&c, &self.ctx.spec).await;
+        let _ = c.batch_execute("ROLLBACK").await;
+        let info = info?;
+        let sql = BatchSql::new(&info, self.ctx.spec.lock, &self.ctx.limits, &self.ctx.store);
+        let _ = self.ctx.ready.set(Arc::new(Prepared {
+            info,
+            sql,
+            statement: self.ctx.spec.statement.clone(),
+        }));
+        Ok(())
+    }
+
+    async fn join(&self, index: u32, cap: u32) -> Result<std::result::Result<PgWorker, String>> {
+        let c = self.ctx.connect_worker().await?;
+        match self.ctx.take_slot(&c, index, cap).await? {
+            Ok(slot) => Ok(Ok(PgWorker::new(self.ctx.clone(), index, slot, cap, c))),
+            Err(who) => Ok(Err(who)),
+        }
+    }
+
+    async fn start(&self, spec_hash: &str, restart: bool) -> Result<JobState> {
+        let p = self.ctx.prepared()?;
+        let mut c = self.ctx.conn().await?;
+        let store = &self.ctx.store;
+        store.ensure(&c).await?;
+        let job = self.ctx.job.as_str();
+        if restart {
+            let others = self.ctx.live_workers(&c, true).await?;
+            if others > 0 {
+                return Err(Error::Stopped(StopReason::LockHeld(format!(
+                    "{others} other worker(s) still working on the finished job; a --rerun \
+                     starts only when they are gone"
+                ))));
+            }
+        }
+        // Bounds come from the catalog (or a sample): read before the transaction.
+        let inner = ranges::bounds(&c, &p.info, ranges::target_count(self.ctx.workers)).await?;
+        let tx = c
+            .transaction()
+            .await
+            .map_err(|e| db_error("writing the checkpoint store", &e))?;
+        let lock = store.lock_key(job, "start");
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            &[&lock],
+        )
+        .await
+        .map_err(|e| db_error("writing the checkpoint store", &e))?;
+        if restart {
+            let sql = format!(
+                "WITH k AS (DELETE FROM {sk} WHERE job = $1), r AS (DELETE FROM {rg} WHERE job = $1)
+                 UPDATE {jobs} SET cursor = NULL, keys_done = 0, rows_done = 0, batches_done = 0,
+                        rows_retried = 0, started_at = NULL, finished_at = NULL, last_error = NULL
+                  WHERE job = $1",
+                sk = store.skipped(),
+                rg = store.ranges(),
+                jobs = store.jobs()
+            );
+            tx.execute(&sql, &[&job])
+                .await
+                .map_err(|e| db_error("restarting the job", &e))?;
+        }
+        let upsert = format!(
+            "INSERT INTO {} AS j (job, status, spec_hash, started_at, updated_at, runner)
+             VALUES ($1, 'running', $2, now(), now(), $3)
+             ON CONFLICT (job) DO UPDATE SET status = 'running', spec_hash = $2,
+                 updated_at = now(), runner = $3, finished_at = NULL,
+                 started_at = coalesce(j.started_at, now())
+             RETURNING cursor",
+            store.jobs()
+        );
+        let legacy: Option<String> = tx
+            .query_one(&upsert, &[&job, &spec_hash, &crate::state::runner_id()])
+            .await
+            .map_err(|e| db_error("writing the checkpoint store", &e))?
+            .get(0);
+        ranges::create(&tx, store, job, &inner, legacy.as_deref()).await?;
+        tx.commit()
+            .await
+            .map_err(|e| db_error("writing the checkpoint store", &e))?;
+        drop(c);
+        self.load()
+            .await?
+            .ok_or_else(|| Error::Preflight(format!("job {job} vanished from the store")))
+    }
+
+    async fn estimate(&self) -> Result<Estimate> {
+        self.pending(false).await
+    }
+
+    async fn all_done(&self) -> Result<bool> {
+        let c = self.ctx.conn().await?;
+        let sql = format!(
+            "SELECT count(*) > 0 AND bool_and(status = 'done') FROM {} WHERE job = $1",
+            self.ctx.store.ranges()
+        );
+        Ok(c.query_one(&sql, &[&self.ctx.job])
+            .await
+            .map_err(|e| db_error("reading the job's ranges", &e))?
+            .get::<_, Option<bool>>(0)
+            .unwrap_or(false))
+    }
+
+    async fn verify(&self) -> Result<Option<i64>> {
+        let Some(sql) = &self.verify else {
+            return Ok(None);
+        };
+        let c = self.ctx.conn().await?;
+        super::readonly::verify(&c, sql, &self.ctx.limits)
+            .await
+            .map(Some)
+    }
+
+    async fn finish(&self, status: Status, error: Option<&str>) -> Result<()> {
+        let c = self.ctx.conn().await?;
+        self.ctx
+            .store
+            .finish(&c, &self.ctx.job, status, error)
+            .await
+    }
+
+    async fn throttle(&self, spec: &crate::spec::Throttle) -> Result<Option<crate::engine::Gate>> {
+        let probe = self.throttle_probe(spec.clone());
+        Ok(Some(
+            crate::engine::Gate::start(probe, spec.interval).await?,
+        ))
+    }
+
+    fn describe(&self) -> (String, String) {
+        (
+            self.ctx.spec.redacted_url(),
+            format!("table {} by {}", self.ctx.spec.table, self.ctx.spec.key),
+        )
+    }
+
+    async fn plan(
+        &self,
+        opts: crate::engine::plan::PlanOptions,
+    ) -> Result<crate::engine::plan::Plan> {
+        super::plan::plan(self, &self.spec, opts).await
+    }
+
+    async fn units(&self) -> Result<Vec<crate::state::UnitState>> {
+        let c = self.ctx.conn().await?;
+        Ok(self
+            .ctx
+            .store
+            .ranges_of(&c, &self.ctx.job)
+            .await?
+            .iter()
+            .map(|r| r.unit())
+            .collect())
+    }
+
+    async fn set_paused(&self, spec_hash: &str, paused: bool) -> Result<()> {
+        let c = self.ctx.conn().await?;
+        self.ctx
+            .store
+            .set_paused(&c, &self.ctx.job, spec_hash, paused)
+            .await
+    }
+
+    async fn reset(&self) -> Result<Option<String>> {
+        // The job's lock, exclusively: refused while any worker holds it shared.
+        let c = self.ctx.connect_worker().await?;
+        let key = self.ctx.store.lock_key(&self.ctx.job, "job");
+        let got: bool = c
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+                &[&key],
+            )
+            .await
+            .map_err(|e| db_error("taking the job's lock", &e))?
+            .get(0);
+        if !got {
+            let n = self.ctx.live_workers(&c, false).await?;
+            return Err(Error::Stopped(StopReason::LockHeld(format!(
+                "{n} live worker(s); stop them first (SIGTERM) and reset again"
+            ))));
+        }
+        let existed = self.ctx.store.forget(&c, &self.ctx.job).await?;
+        Ok(existed.then(|| "checkpoint deleted; the next run starts from the beginning".into()))
+    }
+}

@@ -1,0 +1,317 @@
+//! `plan` for a Postgres job: where it would resume, what is left, and what the first batches
+//! would cost, from sample batches that are always rolled back: their time, the WAL they write
+//! (what standbys would have to absorb), and whether the statement converges when applied
+//! twice to the same keys (a batch retried after a lost COMMIT reply must not apply it twice).
+//! Everything else runs in read-only transactions.
+
+use super::errors::db_error;
+use super::job::{PgJob, Prepared};
+use super::raw::RawValue;
+use crate::engine::plan::{Idempotency, Plan, PlanOptions, SampleReport, UnitPlan, WalForecast};
+use crate::engine::{Backend, Sizer};
+use crate::error::Result;
+use crate::spec::Spec;
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+use tokio_postgres::types::ToSql;
+
+/// A sample batch's measurements.
+struct Sampled {
+    keys: u64,
+    rows: u64,
+    elapsed: Duration,
+    wal: Option<i64>,
+}
+
+pub async fn plan(job: &PgJob, spec: &Spec, opts: PlanOptions) -> Result<Plan> {
+    let (database, target) = job.describe();
+    let mut plan = Plan {
+        job: spec.name.clone(),
+        database,
+        target,
+        batch_size: spec.batch.size,
+        ..Plan::default()
+    };
+    let state = job.load().await?;
+    plan.status = state
+        .as_ref()
+        .map_or("pending".into(), |s| s.status.as_str().to_string());
+    if let Some(s) = &state {
+        plan.resume = s.resume.clone().unwrap_or_default();
+        if s.status == crate::state::Status::Done {
+            plan.skip = Some(if s.spec_hash == spec.hash {
+                "done: run would skip this job (use --rerun to run it again)".into()
+            } else {
+                "done, but its spec changed since: run would skip it unless --rerun".into()
+            });
+            return Ok(plan);
+        }
+    } else {
+        plan.resume = "the start (no checkpoint yet)".into();
+    }
+    plan.blockers = job.blockers().await?;
+    job.preflight().await?;
+    let est = job.pending(opts.exact).await?;
+    plan.pending_rows = est.rows;
+    plan.pending_exact = est.exact;
+    plan.pending_retry = est.pending_retry;
+    let pending = est.rows + est.pending_retry;
+    plan.batches = pending.div_ceil(spec.batch.size.max(1));
+    let ctx = job.ctx();
+    let c = ctx
+        .pool
+        .get()
+        .await
+        .map_err(|e| crate::error::Error::Connect(format!("cannot connect: {e}")))?;
+    let ranges = ctx.store.ranges_of(&c, &ctx.job).await?;
+    plan.units = ranges
+        .iter()
+        .map(|r| {
+            let u = r.unit();
+            UnitPlan {
+                unit: u.unit,
+                rows: Some(r.keys_done.max(0) as u64),
+                status: u.status,
+                note: match &r.cursor {
+                    Some(c) if r.status != super::store::DONE && r.cursor != r.lo => {
+                        format!("at key {c}")
+                    }
+                    _ => String::new(),
+                },
+            }
+        })
+        .collect();
+    if opts.samples == 0 || pending == 0 {
+        return Ok(plan);
+    }
+    let p = ctx.prepared()?;
+    let start = ranges
+        .iter()
+        .find(|r| r.status != super::store::DONE)
+        .map(|r| (r.cursor.clone(), r.hi.clone()));
+    let (cursor, hi) = start.unwrap_or((None, None));
+    let (sampled, idem) = samples(&c, &p, spec, cursor, hi, opts.samples).await?;
+    let keys: u64 = sampled.iter().map(|s| s.keys).sum();
+    let rows: u64 = sampled.iter().map(|s| s.rows).sum();
+    let took: Duration = sampled.iter().map(|s| s.elapsed).sum();
+    if keys == 0 {
+        plan.notes.push("sample: no rows to sample".into());
+        return Ok(plan);
+    }
+    let rate = keys as f64 / took.as_secs_f64().max(1e-6);
+    plan.sample = Some(SampleReport {
+        batches: sampled.len() as u32,
+        keys,
+        rows,
+        seconds: took.as_secs_f64(),
+        rows_per_second: rate,
+    });
+    let mut sizer = Sizer::new(&spec.batch);
+    for s in &sampled {
+        sizer.observe(s.keys, s.elapsed);
+    }
+    // Let the sizer settle on the sampled rate, as it would after a few batches of the run.
+    let per_key = took.as_secs_f64() / keys as f64;
+    for _ in 0..20 {
+        let n = sizer.size();
+        sizer.observe(n, Duration::from_secs_f64(per_key * n as f64));
+    }
+    let settled = sizer.size();
+    let batches = pending.div_ceil(settled.max(1));
+    let workers = f64::from(spec.workers.max(1));
+    let eta = per_key * pending as f64 / workers
+        + spec.batch.pause.as_secs_f64() * batches as f64 / workers;
+    plan.estimate_seconds = Some(eta);
+    plan.settled_batch_size = Some(settled);
+    let wal: Vec<i64> = sampled.iter().filter_map(|s| s.wal).collect();
+    if wal.len() == sampled.len() {
+        let bytes: i64 = wal.iter().sum();
+        let per_row = bytes.max(0) as f64 / keys as f64;
+        plan.wal = Some(WalForecast {
+            bytes_per_row: per_row,
+            total_bytes: (per_row * pending as f64) as u64,
+            bytes_per_second: per_row * rate * workers,
+        });
+    }
+    plan.idempotency = idem;
+    Ok(plan)
+}
+
+/// The WAL insert position, in bytes (`None` where the server does not let us read it).
+async fn wal_lsn(c: &Client) -> Option<i64> {
+    c.query_one(
+        "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint",
+        &[],
+    )
+    .await
+    .ok()
+    .map(|r| r.get(0))
+}
+
+/// Run up to `count` batches from `cursor` and the idempotency check, inside one transaction
+/// that is always rolled back.
+async fn samples(
+    c: &Client,
+    p: &Prepared,
+    spec: &Spec,
+    cursor: Option<String>,
+    hi: Option<String>,
+    count: u32,
+) -> Result<(Vec<Sampled>, Option<Idempotency>)> {
+    // The session defaults to read-only; this one transaction may write, and is rolled back.
+    c.batch_execute(&format!("BEGIN READ WRITE; {}", p.sql.begin_locals))
+        .await
+        .map_err(|e| db_error("starting the sample transaction", &e))?;
+    let result = async {
+        let mut out = Vec::new();
+        let mut idem = None;
+        let mut cursor = cursor;
+        let size = spec.batch.size.min(i64::MAX as u64) as i64;
+        let statement = c
+            .prepare(&p.statement)
+            .await
+            .map_err(|e| db_error("preparing statement", &e))?;
+        for i in 0..count {
+            let t0 = Instant::now();
+            let row = c
+                .query_one(&p.sql.sample, &[&size, &cursor, &hi])
+                .await
+                .map_err(|e| db_error("selecting a sample batch", &e))?;
+            let keys: Option<RawValue> = row.get(0);
+            let Some(keys) = keys else { break };
+            let walked = row.get::<_, i64>(2) as u64;
+            let (first, last): (Option<RawValue>, Option<RawValue>) = (row.get(3), row.get(4));
+            let params: Vec<&(dyn ToSql + Sync)> = if p.info.statement_params == 3 {
+                vec![&keys, &first, &last]
+            } else {
+                vec![&keys]
+            };
+            let before = wal_lsn(c).await;
+            let rows = c
+                .execute(&statement, &params)
+                .await
+                .map_err(|e| db_error("running statement on a sample batch", &e))?;
+            let after = wal_lsn(c).await;
+            out.push(Sampled {
+                keys: walked,
+                rows,
+                elapsed: t0.elapsed(),
+                wal: before.zip(after).map(|(b, a)| a - b),
+            });
+            if i == 0 {
+                idem = Some(idempotency(c, p, &statement, &params, &keys).await?);
+            }
+            cursor = row.get(1);
+        }
+        Ok((out, idem))
+    }
+    .await;
+    // Always rolled back: `plan` writes nothing.
+    let rollback = c.batch_execute("ROLLBACK").await;
+    let out = result?;
+    rollback.map_err(|e| db_error("rolling back the sample batches", &e))?;
+    Ok(out)
+}
+
+/// Apply the statement a second time to the same keys and compare what it left: the sample
+/// rows of the table (a hash of their contents), and every other table it wrote to (rows this
+/// transaction wrote, or, for large tables, whether the second run added rows).
+async fn idempotency(
+    c: &Client,
+    p: &Prepared,
+    statement: &tokio_postgres::Statement,
+    params: &[&(dyn ToSql + Sync)],
+    keys: &RawValue,
+) -> Result<Idempotency> {
+    let (rel, key) = (&p.info.rel, &p.info.key);
+    let own = format!(
+        "SELECT coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {rel} t
+          WHERE {key} = ANY($1)"
+    );
+    let hash = async |c: &Client| -> Result<String> {
+        Ok(c.query_one(&own, &[keys])
+            .await
+            .map_err(|e| db_error("hashing the sample rows", &e))?
+            .get(0))
+    };
+    // Tables this transaction wrote, with their insert/delete counts and size.
+    let written = "SELECT s.relid::regclass::text, s.n_tup_ins, s.n_tup_del,
+                          (s.relid = to_regclass($1)), c.reltuples::float8
+                     FROM pg_stat_xact_user_tables s JOIN pg_class c ON c.oid = s.relid
+                    WHERE s.n_tup_ins + s.n_tup_upd + s.n_tup_del > 0
+                    ORDER BY 1";
+    let tables = async |c: &Client| -> Result<Vec<(String, i64, i64, bool, f64)>> {
+        Ok(c.query(written, &[rel])
+            .await
+            .map_err(|e| db_error("reading what the statement wrote", &e))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+            .collect())
+    };
+    // Rows written by this transaction in a small table, hashed.
+    let mine = async |c: &Client, t: &str| -> Result<String> {
+        let sql = format!(
+            "SELECT coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {t} t
+              WHERE t.xmin::text::bigint = pg_current_xact_id()::text::bigint % 4294967296"
+        );
+        Ok(c.query_one(&sql, &[])
+            .await
+            .map_err(|e| db_error("hashing the rows the statement wrote", &e))?
+            .get(0))
+    };
+    const SMALL: f64 = 200_000.0;
+    let first_tables = tables(c).await?;
+    let own_1 = hash(c).await?;
+    let mut others_1 = Vec::new();
+    for (t, _, _, is_own, size) in &first_tables {
+        if !is_own && *size < SMALL {
+            others_1.push((t.clone(), mine(c, t).await?));
+        }
+    }
+    c.execute(statement, params)
+        .await
+        .map_err(|e| db_error("running statement a second time on a sample batch", &e))?;
+    let second_tables = tables(c).await?;
+    if hash(c).await? != own_1 {
+        return Ok(Idempotency {
+            converges: false,
+            reason: format!(
+                "applied twice to the same keys, it changes the rows of {rel} again (e.g. \
+                 `n = n + 1`): a batch retried after a lost COMMIT reply would apply it twice"
+            ),
+        });
+    }
+    for (t, h1) in &others_1 {
+        if mine(c, t).await? != *h1 {
+            return Ok(Idempotency {
+                converges: false,
+                reason: format!(
+                    "applied twice to the same keys, it writes different rows into {t} (e.g. an \
+                     INSERT without ON CONFLICT): a batch retried after a lost COMMIT reply \
+                     would apply it twice"
+                ),
+            });
+        }
+    }
+    for (t, ins2, del2, is_own, size) in &second_tables {
+        let (ins1, del1) = first_tables
+            .iter()
+            .find(|f| &f.0 == t)
+            .map_or((0, 0), |f| (f.1, f.2));
+        let added = (ins2 - ins1) - (del2 - del1);
+        if !is_own && *size >= SMALL && added > 0 {
+            return Ok(Idempotency {
+                converges: false,
+                reason: format!(
+                    "applied twice to the same keys, it adds {added} more row(s) to {t} (e.g. \
+                     an INSERT without ON CONFLICT): a batch retried after a lost COMMIT reply \
+                     would apply it twice"
+                ),
+            });
+        }
+    }
+    Ok(Idempotency {
+        converges: true,
+        reason: "applied twice to the same sample keys, it leaves the same rows".into(),
+    })
+}

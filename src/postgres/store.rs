@@ -1,0 +1,334 @@
+//! The Postgres job's tables, in a schema of the target database (`backfill` by default), so
+//! every batch commits together with its checkpoint:
+//! - `jobs`: one row per job (status, spec hash, pause flag, times, last error, runner);
+//! - `ranges`: the job's key ranges `(lo, hi]`, each with its cursor, counters, status, and the
+//!   claim that fences its writes (`epoch`, from the sequence `epochs`, new at every claim);
+//! - `skipped_keys`: keys passed over by SKIP LOCKED, waiting for their range's retry pass.
+//!
+//! Older stores (one cursor per job, no ranges) are upgraded in place: such a job continues as
+//! one range at its old cursor.
+
+use super::errors::db_error;
+use crate::error::Result;
+use crate::state::{JobState, Status, UnitState};
+use tokio_postgres::Client;
+
+/// The SQL of the store, for one schema.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pub schema: String,
+}
+
+/// One range row as the store keeps it.
+#[derive(Debug, Clone)]
+pub struct RangeRow {
+    pub range_no: i32,
+    pub lo: Option<String>,
+    pub hi: Option<String>,
+    pub cursor: Option<String>,
+    pub status: String,
+    pub keys_done: i64,
+    pub rows_done: i64,
+    pub batches_done: i64,
+    pub rows_retried: i64,
+    pub pending_retry: i64,
+    pub owner: Option<String>,
+}
+
+/// A range's status.
+pub const RETRYING: &str = "retrying";
+pub const DONE: &str = "done";
+
+impl Store {
+    pub fn new(schema: &str) -> Store {
+        Store {
+            schema: schema.to_string(),
+        }
+    }
+
+    pub fn jobs(&self) -> String {
+        format!("{}.jobs", self.schema)
+    }
+
+    pub fn ranges(&self) -> String {
+        format!("{}.ranges", self.schema)
+    }
+
+    pub fn skipped(&self) -> String {
+        format!("{}.skipped_keys", self.schema)
+    }
+
+    /// Advisory-lock key of a job's worker slot, range, or the job itself.
+    pub fn lock_key(&self, job: &str, what: &str) -> String {
+        format!("backfill:{}:{job}:{what}", self.schema)
+    }
+
+    /// Whether the store's tables exist (without creating them).
+    pub async fn exists(&self, c: &Client) -> Result<bool> {
+        let row = c
+            .query_one(
+                "SELECT to_regclass(quote_ident($1) || '.jobs') IS NOT NULL
+                    AND to_regclass(quote_ident($1) || '.ranges') IS NOT NULL",
+                &[&self.schema],
+            )
+            .await
+            .map_err(|e| db_error("reading the checkpoint store", &e))?;
+        Ok(row.get(0))
+    }
+
+    /// Create or upgrade the tables (idempotent; serialized by a transaction-level lock).
+    pub async fn ensure(&self, c: &Client) -> Result<()> {
+        if self.exists(c).await? {
+            return Ok(());
+        }
+        let s = &self.schema;
+        let ddl = format!(
+            "BEGIN;
+             SELECT pg_advisory_xact_lock(hashtext('backfill state ddl'));
+             CREATE SCHEMA IF NOT EXISTS {s};
+             CREATE SEQUENCE IF NOT EXISTS {s}.epochs;
+             CREATE TABLE IF NOT EXISTS {s}.jobs (
+                 job          text PRIMARY KEY,
+                 status       text NOT NULL,
+                 cursor       text,
+                 keys_done    bigint NOT NULL DEFAULT 0,
+                 rows_done    bigint NOT NULL DEFAULT 0,
+                 batches_done bigint NOT NULL DEFAULT 0,
+                 rows_retried bigint NOT NULL DEFAULT 0,
+                 spec_hash    text NOT NULL,
+                 started_at   timestamptz,
+                 updated_at   timestamptz,
+                 finished_at  timestamptz,
+                 last_error   text,
+                 runner       text
+             );
+             ALTER TABLE {s}.jobs ADD COLUMN IF NOT EXISTS paused boolean NOT NULL DEFAULT false;
+             CREATE TABLE IF NOT EXISTS {s}.ranges (
+                 job          text NOT NULL,
+                 range_no     int NOT NULL,
+                 lo           text,
+                 hi           text,
+                 cursor       text,
+                 status       text NOT NULL DEFAULT 'pending',
+                 epoch        bigint NOT NULL DEFAULT 0,
+                 owner        text,
+                 heartbeat    timestamptz,
+                 keys_done    bigint NOT NULL DEFAULT 0,
+                 rows_done    bigint NOT NULL DEFAULT 0,
+                 batches_done bigint NOT NULL DEFAULT 0,
+                 rows_retried bigint NOT NULL DEFAULT 0,
+                 PRIMARY KEY (job, range_no)
+             );
+             CREATE TABLE IF NOT EXISTS {s}.skipped_keys (
+                 job text NOT NULL,
+                 key text NOT NULL,
+                 PRIMARY KEY (job, key)
+             );
+             ALTER TABLE {s}.skipped_keys ADD COLUMN IF NOT EXISTS range_no int NOT NULL DEFAULT 0;
+             COMMIT;"
+        );
+        let result = c.batch_execute(&ddl).await;
+        if result.is_err() {
+            let _ = c.batch_execute("ROLLBACK").await;
+        }
+        result.map_err(|e| db_error("creating the checkpoint store", &e))
+    }
+
+    /// The job's record with its totals over all ranges; `None` without a store or record.
+    /// `live` = workers holding a slot now. Reads only.
+    pub async fn load(&self, c: &Client, job: &str, live: i64) -> Result<Option<JobState>> {
+        if !self.exists(c).await? {
+            return Ok(None);
+        }
+        let sql = format!(
+            "SELECT j.status, j.spec_hash, j.started_at, j.updated_at, j.finished_at,
+                    j.last_error, j.runner, j.paused, j.cursor,
+                    coalesce(sum(r.keys_done), j.keys_done)::bigint,
+                    coalesce(sum(r.rows_done), j.rows_done)::bigint,
+                    coalesce(sum(r.batches_done), j.batches_done)::bigint,
+                    coalesce(sum(r.rows_retried), j.rows_retried)::bigint,
+                    count(r.range_no), count(r.range_no) FILTER (WHERE r.status = 'done'),
+                    (SELECT count(*) FROM {sk} s WHERE s.job = j.job),
+                    (SELECT x.cursor FROM {rg} x
+                      WHERE x.job = j.job AND x.cursor IS DISTINCT FROM x.lo
+                      ORDER BY x.range_no DESC LIMIT 1),
+                    bool_and(CASE WHEN r.range_no < f.n THEN r.status = 'done'
+                                  WHEN r.range_no > f.n THEN r.cursor IS NOT DISTINCT FROM r.lo
+                                  ELSE true END)
+               FROM {jobs} j LEFT JOIN {rg} r ON r.job = j.job
+                    LEFT JOIN LATERAL (SELECT coalesce(max(y.range_no), -1) AS n FROM {rg} y
+                                        WHERE y.job = j.job AND y.cursor IS DISTINCT FROM y.lo) f
+                           ON true
+              WHERE j.job = $1
+              GROUP BY j.job, f.n",
+            jobs = self.jobs(),
+            rg = self.ranges(),
+            sk = self.skipped()
+        );
+        let Some(r) = c
+            .query_opt(&sql, &[&job])
+            .await
+            .map_err(|e| db_error("reading the checkpoint store", &e))?
+        else {
+            return Ok(None);
+        };
+        let stored = Status::parse(r.get::<_, &str>(0));
+        let (total, done): (i64, i64) = (r.get(13), r.get(14));
+        let status = match stored {
+            Status::Done => Status::Done,
+            _ if live > 0 => Status::Running,
+            // A runner that was killed leaves `running` behind: say what is true.
+            Status::Running => Status::Stopped,
+            s => s,
+        };
+        // A single worker walks the ranges in order: then one cursor says where it stands.
+        let cursor: Option<String> = if total == 0 { r.get(8) } else { r.get(16) };
+        let ordered = r.get::<_, Option<bool>>(17).unwrap_or(true);
+        let resume = match &cursor {
+            _ if total > 0 && done == total => {
+                format!("nothing left ({done} of {total} ranges done)")
+            }
+            None => "at the start".into(),
+            Some(c) if ordered => format!("after key {c}"),
+            Some(_) => format!("{done} of {total} ranges done, the others part-way"),
+        };
+        let resume = Some(resume);
+        Ok(Some(JobState {
+            job: job.to_string(),
+            status,
+            paused: r.get(7),
+            resume,
+            cursor,
+            keys_done: r.get(9),
+            rows_done: r.get(10),
+            batches_done: r.get(11),
+            rows_retried: r.get(12),
+            rows_pending_retry: r.get(15),
+            units_total: total,
+            units_done: done,
+            workers_active: live,
+            spec_hash: r.get(1),
+            started_at: r.get(2),
+            updated_at: r.get(3),
+            finished_at: r.get(4),
+            last_error: r.get(5),
+            runner: r.get(6),
+        }))
+    }
+
+    /// Every range of the job, in order (empty without a store).
+    pub async fn ranges_of(&self, c: &Client, job: &str) -> Result<Vec<RangeRow>> {
+        if !self.exists(c).await? {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT r.range_no, r.lo, r.hi, r.cursor, r.status, r.keys_done, r.rows_done,
+                    r.batches_done, r.rows_retried,
+                    (SELECT count(*) FROM {sk} s WHERE s.job = r.job AND s.range_no = r.range_no),
+                    r.owner
+               FROM {rg} r WHERE r.job = $1 ORDER BY r.range_no",
+            rg = self.ranges(),
+            sk = self.skipped()
+        );
+        let rows = c
+            .query(&sql, &[&job])
+            .await
+            .map_err(|e| db_error("reading the job's ranges", &e))?;
+        Ok(rows
+            .iter()
+            .map(|r| RangeRow {
+                range_no: r.get(0),
+                lo: r.get(1),
+                hi: r.get(2),
+                cursor: r.get(3),
+                status: r.get(4),
+                keys_done: r.get(5),
+                rows_done: r.get(6),
+                batches_done: r.get(7),
+                rows_retried: r.get(8),
+                pending_retry: r.get(9),
+                owner: r.get(10),
+            })
+            .collect())
+    }
+
+    /// Set or clear the pause flag (creating the job's record if it has none yet, so a job
+    /// paused before its first run waits too).
+    pub async fn set_paused(&self, c: &Client, job: &str, hash: &str, paused: bool) -> Result<()> {
+        self.ensure(c).await?;
+        let sql = format!(
+            "INSERT INTO {} AS j (job, status, spec_hash, paused, updated_at)
+             VALUES ($1, 'stopped', $2, $3, now())
+             ON CONFLICT (job) DO UPDATE SET paused = $3, updated_at = now()",
+            self.jobs()
+        );
+        c.execute(&sql, &[&job, &hash, &paused])
+            .await
+            .map_err(|e| db_error("writing the pause flag", &e))?;
+        Ok(())
+    }
+
+    /// Record how a run of the job ended.
+    pub async fn finish(
+        &self,
+        c: &Client,
+        job: &str,
+        status: Status,
+        error: Option<&str>,
+    ) -> Result<()> {
+        let sql = format!(
+            "UPDATE {} SET status = $2, last_error = $3, updated_at = now(),
+                 finished_at = CASE WHEN $2 = 'done' THEN now() END
+               WHERE job = $1",
+            self.jobs()
+        );
+        c.execute(&sql, &[&job, &status.as_str(), &error])
+            .await
+            .map_err(|e| db_error("writing the checkpoint store", &e))?;
+        Ok(())
+    }
+
+    /// Forget a job entirely. Returns whether there was anything.
+    pub async fn forget(&self, c: &Client, job: &str) -> Result<bool> {
+        if !self.exists(c).await? {
+            return Ok(false);
+        }
+        let sql = format!(
+            "WITH k AS (DELETE FROM {sk} WHERE job = $1),
+                  r AS (DELETE FROM {rg} WHERE job = $1)
+             DELETE FROM {jobs} WHERE job = $1",
+            sk = self.skipped(),
+            rg = self.ranges(),
+            jobs = self.jobs()
+        );
+        let n = c
+            .execute(&sql, &[&job])
+            .await
+            .map_err(|e| db_error("resetting the checkpoint", &e))?;
+        Ok(n > 0)
+    }
+}
+
+impl RangeRow {
+    /// How `status` shows a range.
+    pub fn unit(&self) -> UnitState {
+        let bound = |b: &Option<String>| b.clone().unwrap_or_else(|| "…".into());
+        UnitState {
+            unit: format!(
+                "range {} ({}, {}]",
+                self.range_no,
+                bound(&self.lo),
+                bound(&self.hi)
+            ),
+            status: self.status.clone(),
+            owner: self.owner.clone(),
+            cursor: self.cursor.clone(),
+            keys_done: self.keys_done,
+            rows_done: self.rows_done,
+            batches_done: self.batches_done,
+            attempts: 0,
+            pending_retry: self.pending_retry,
+            note: String::new(),
+        }
+    }
+}
