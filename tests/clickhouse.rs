@@ -1,9 +1,10 @@
 //! ClickHouse jobs against the real local servers, each test twice (`ch_test!`): `NAME::v18` on
 //! 18.16 (127.0.0.1:8123, scripts/services.sh starts it) and `NAME::current` on a current release
-//! (127.0.0.1:8124, scripts/clickhouse-current.sh): the memory-limit ladder month -> day -> project on a skewed dataset, what a chunk
-//! that ran out of memory teaches the next ones, kill -9 at random moments, failures that leave no
-//! partial chunk in the target, transient errors retried at the same size, errors that fail the
-//! job and the resume after the fix, `plan`, spec errors, and password redaction.
+//! (127.0.0.1:8124, scripts/clickhouse-current.sh). The memory-limit ladder month -> day ->
+//! project on a skewed dataset, what a chunk that ran out of memory teaches the next ones, kill -9
+//! at random moments, failures that leave no partial chunk in the target, transient errors
+//! retried at the same size, errors that fail the job and the resume after the fix, `plan`, spec
+//! errors, and password redaction.
 //! Every test has a database of its own (`bf_ch_<hint>_<pid>_<rand>`, tests/common/ch.rs) and
 //! asserts what ends up in the target and in `backfill_state`, never timings.
 
@@ -458,14 +459,14 @@ ch_test! {
             &format!("{job}.yaml"),
             &format!(
                 "name: {job}
-    clickhouse:
-      url: $URL
-      source: runs
-      time_column: ran_at
-      chunks: [day]
-      target: agg
-      statement: |
-    {}",
+clickhouse:
+  url: $URL
+  source: runs
+  time_column: ran_at
+  chunks: [day]
+  target: agg
+  statement: |
+{}",
                 indent(SKEW_STATEMENT, 4)
             ),
         );
@@ -706,10 +707,10 @@ ch_test! {
         // (On 18.16 the preflight's `{chunk}` = 0 sleeps too, 2.8 s, but produces no block, so the
         // time limit is never checked there.)
         db.q("CREATE TABLE ev (ran_at DateTime, k UInt64, v UInt32)
-              ENGINE = MergeTree PARTITION BY toYYYYMM(ran_at) ORDER BY ran_at");
+          ENGINE = MergeTree PARTITION BY toYYYYMM(ran_at) ORDER BY ran_at");
         db.q(
             "INSERT INTO ev SELECT toDateTime('2025-11-01 00:00:00') + number * 40000, number,
-                                   toUInt32(number) FROM numbers(4)",
+                               toUInt32(number) FROM numbers(4)",
         );
         db.q("CREATE TABLE out (d Date, k UInt64, v UInt32) ENGINE = MergeTree ORDER BY (d, k)");
         db.q("CREATE TABLE ctl (at UInt64, s Float64) ENGINE = MergeTree ORDER BY at");
