@@ -518,10 +518,10 @@ async fn connection(shared: Arc<Shared>, client: TcpStream, id: u64) {
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
         if shared.http {
-            if let Err(e) = serve_http(&shared, id, client, upstream).await {
-                if e.kind() != io::ErrorKind::UnexpectedEof {
-                    shared.event(id, "closed", e.to_string());
-                }
+            if let Err(e) = serve_http(&shared, id, client, upstream).await
+                && e.kind() != io::ErrorKind::UnexpectedEof
+            {
+                shared.event(id, "closed", e.to_string());
             }
         } else {
             let (mut client, mut upstream) = (client, upstream);
