@@ -422,6 +422,61 @@ ch_test! {
     }
 }
 
+/// 18.16 closes an idle keep-alive connection after 3 s (keep_alive_timeout): the client's
+/// connection to the proxy stays usable, its next request goes over a new upstream connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_proxy_reconnects_when_the_server_closes_an_idle_connection() {
+    let srv = ChServer::v18();
+    srv.check_up();
+    let proxy = FaultProxy::start_http(srv.addr()).await;
+    let addr = proxy.addr();
+    let ask = |s: &mut std::net::TcpStream, n: u32| {
+        let q = format!("SELECT {n}");
+        let req = format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{q}",
+            q.len()
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        // The answer is short: read until its body shows up.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains(&format!("{n}\n")) {
+            let k = s.read(&mut buf).unwrap();
+            assert!(
+                k > 0,
+                "connection closed: {}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..k]);
+        }
+    };
+    let mut s = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        ask(&mut s, 11);
+        s
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while proxy.stats().upstream_closed == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the server kept the idle connection"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::task::spawn_blocking(move || ask(&mut s, 12))
+        .await
+        .unwrap();
+    let stats = proxy.stats();
+    assert_eq!(
+        (stats.connections, stats.forwarded, stats.upstream_closed),
+        (1, 2, 1),
+        "{stats:?}"
+    );
+}
+
 #[test]
 fn an_unreachable_clickhouse_fails_naming_its_script() {
     for (srv, script) in [

@@ -184,11 +184,13 @@ pub struct Stats {
     pub refusals: u64,
     /// Complete HTTP requests read from clients.
     pub requests: u64,
-    /// Requests forwarded whose response went back to the client.
+    /// Requests forwarded whose response is passed back to the client.
     pub forwarded: u64,
     pub dropped_requests: u64,
     pub dropped_responses: u64,
     pub held: u64,
+    /// Idle upstream connections the server closed (the next request opened a new one).
+    pub upstream_closed: u64,
 }
 
 /// One thing the proxy did: `what` is `dropped request`, `dropped response`, `held`, `cut`, ...
@@ -887,11 +889,31 @@ async fn serve_http(
     upstream: TcpStream,
 ) -> io::Result<()> {
     let (cr, mut cw) = client.into_split();
-    let (ur, mut uw) = upstream.into_split();
     let mut cr = Buffered::new(cr);
-    let mut ur = Buffered::new(ur);
+    let split = |u: TcpStream| {
+        let (r, w) = u.into_split();
+        (Buffered::new(r), w)
+    };
+    let mut up = Some(split(upstream));
     let mut release = shared.release.subscribe();
-    while let Some(rr) = read_request(&mut cr, &mut cw).await? {
+    loop {
+        // Between requests, the server may close an idle keep-alive connection: then the next
+        // request goes over a new one, as a client talking to the server directly would open
+        // (the client's own connection stays open).
+        if cr.buf.is_empty()
+            && let Some((ur, _)) = up.as_mut()
+        {
+            tokio::select! {
+                n = cr.fill() => if n? == 0 { return Ok(()) },
+                n = ur.fill() => if !matches!(n, Ok(k) if k > 0) {
+                    up = None;
+                    shared.stat(|s| s.upstream_closed += 1);
+                },
+            }
+        }
+        let Some(rr) = read_request(&mut cr, &mut cw).await? else {
+            return Ok(());
+        };
         shared.stat(|s| s.requests += 1);
         let fault = shared.decide(&rr.req);
         match &fault {
@@ -923,11 +945,15 @@ async fn serve_http(
             }
             _ => {}
         }
+        if up.is_none() {
+            up = Some(split(TcpStream::connect(shared.upstream).await?));
+        }
+        let (ur, uw) = up.as_mut().expect("upstream");
         uw.write_all(&rr.raw).await?;
         uw.flush().await?;
         let head_request = rr.req.method.eq_ignore_ascii_case("HEAD");
         if let Some((Fault::DropResponse, label)) = &fault {
-            relay_response(&mut ur, &mut cw, false, head_request).await?;
+            relay_response(ur, &mut cw, false, head_request).await?;
             shared.stat(|s| s.dropped_responses += 1);
             shared.event(
                 id,
@@ -936,11 +962,11 @@ async fn serve_http(
             );
             return Ok(());
         }
-        let keep = relay_response(&mut ur, &mut cw, true, head_request).await?;
+        // Counted before the client can have the answer, so a test that has it sees the count.
         shared.stat(|s| s.forwarded += 1);
+        let keep = relay_response(ur, &mut cw, true, head_request).await?;
         if !keep || rr.http10 {
             return Ok(());
         }
     }
-    Ok(())
 }
