@@ -137,7 +137,9 @@ async fn unreachable_database() {
 async fn database_that_does_not_exist() {
     let db = TestDb::new("dbe_nodb").await;
     let missing = format!("{}_missing", db.name);
-    let url = format!("postgres://postgres@127.0.0.1:5432/{missing}");
+    // The same server as the test database (BACKFILL_TEST_PG), another database name.
+    let server = db.url.rsplit_once('/').expect("db url has a path").0;
+    let url = format!("{server}/{missing}");
     let spec = db.spec(
         "job.yaml",
         &job_yaml(&url, "t", "id", "", "UPDATE t SET n = 1 WHERE id = ANY($1)"),
