@@ -28,7 +28,7 @@ step "$bf" --log-format text run "${pg_jobs[@]}"
 step "$bf" --log-format text run "${pg_jobs[@]}"
 step "$bf" status "${pg_jobs[@]}"
 
-wrong=$(psql -X -A -t -w -h 127.0.0.1 -U postgres -d backfill_demo -c "
+wrong=$(psql -X -A -t -w -d "$DATABASE_URL" -c "
     SELECT count(*) FROM wxyc_schema.flowsheet f
       JOIN wxyc_schema.shows s ON s.id = f.show_id
       LEFT JOIN wxyc_schema.auth_user u ON u.id = s.primary_dj_id

@@ -1,75 +1,75 @@
 #!/usr/bin/env bash
-# services.sh: make sure the local Postgres the tests, demos and benchmarks use is up.
+# services.sh: make sure the servers the tests, demos and benchmarks use are up.
 #
-# Idempotent and non-interactive; run as root on Debian (12). It:
-#   - installs postgresql with apt-get if it is missing, creates/starts the newest cluster;
-#   - waits (bounded) until 127.0.0.1:5432 accepts connections;
-#   - makes sure user postgres can connect over TCP to 127.0.0.1 without a password (trust);
-#   - puts `host all bf_pwtest 127.0.0.1/32 scram-sha-256` at the top of pg_hba.conf and creates
-#     role bf_pwtest (password 'right-password'), so a test can check that a wrong password is
-#     refused even though everything else on 127.0.0.1 is trust;
-#   - turns TLS on with a test CA and a server certificate for 127.0.0.1 and localhost that it
-#     generates into /var/lib/postgresql/backfill-test-tls/ (kept while valid; tests trust
-#     ca.crt there for sslmode=verify-ca/verify-full).
+#   scripts/services.sh                     # start what is missing; nothing on stdout
+#   eval "$(scripts/services.sh --env)"     # the same, then export the servers' URLs:
+#                                           # BACKFILL_TEST_PG, BACKFILL_TEST_CH,
+#                                           # BACKFILL_TEST_CH_CURRENT
+#   scripts/services.sh --pg-only [--env]   # Postgres only (the demo)
+#
+# Idempotent and non-interactive; run as root on Debian (12). It never reconfigures the
+# machine's Postgres (no pg_hba.conf edits, no ALTER SYSTEM, no roles): the tests that need TLS,
+# passwords, restarts or server settings start private clusters of their own
+# (tests/common/cluster.rs). It:
+#   - installs postgresql (and openssl, which those tests use for their certificates) with
+#     apt-get if missing, creates the newest cluster if there is none, starts it, and waits
+#     (bounded) until 127.0.0.1:5432 accepts connections;
+#   - checks that user postgres can connect to 127.0.0.1:5432 without a password. If it cannot
+#     (a stock Debian install asks for a password over TCP), it does NOT edit pg_hba.conf: it
+#     starts a private cluster for the test suite instead (data in /var/tmp/backfill-test-pg,
+#     port 55432, run as user postgres, trust auth on 127.0.0.1 only) and reports that URL as
+#     BACKFILL_TEST_PG (BACKFILL_PRIVATE_PG=1 forces this);
 #   - installs clickhouse-server and clickhouse-client (Debian 12 ships 18.16) if missing and,
 #     unless 127.0.0.1:8123 already answers `SELECT 1`, starts the server in the background
 #     (log: /var/log/clickhouse-server/backfill-ci.log) and waits (bounded) for it; the tests use
-#     its HTTP interface as user default without a password (tests/common/ch.rs).
-# Progress goes to stderr; nothing is printed on stdout.
+#     its HTTP interface as user default without a password (tests/common/ch.rs);
+#   - starts a current ClickHouse (26.x) on 127.0.0.1:8124 (scripts/clickhouse-current.sh).
+# Progress goes to stderr; stdout has the `export` lines of --env only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+PRINT_ENV=0
+PG_ONLY=0
+for arg in "$@"; do
+    case "$arg" in
+        --env) PRINT_ENV=1 ;;
+        --pg-only) PG_ONLY=1 ;;
+        *) echo "usage: scripts/services.sh [--env] [--pg-only]" >&2; exit 2 ;;
+    esac
+done
+
 PGHOST_ADDR=127.0.0.1
 PGPORT_NUM=5432
-PWTEST_ROLE=bf_pwtest
-PWTEST_PASSWORD=right-password
-PWTEST_RULE="host all ${PWTEST_ROLE} ${PGHOST_ADDR}/32 scram-sha-256"
-TRUST_RULE="host all postgres ${PGHOST_ADDR}/32 trust"
-TLS_DIR=/var/lib/postgresql/backfill-test-tls   # tests/tls.rs reads $TLS_DIR/ca.crt
+PRIVATE_PG_DIR=${BACKFILL_PRIVATE_PG_DIR:-/var/tmp/backfill-test-pg}
+PRIVATE_PG_PORT=${BACKFILL_PRIVATE_PG_PORT:-55432}
 
 log() { echo "services: $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
-# psql as user postgres over TCP, never prompting for a password.
+# psql as user postgres over TCP to 127.0.0.1:PORT, never prompting for a password.
 tcp_psql() {
-    psql -X -q -A -t -w -v ON_ERROR_STOP=1 -h "$PGHOST_ADDR" -p "$PGPORT_NUM" -U postgres -d postgres "$@"
-}
-# psql as OS user postgres over the Unix socket (peer auth on a stock Debian install).
-local_psql() {
-    runuser -u postgres -- psql -X -q -A -t -w -v ON_ERROR_STOP=1 -p "$PGPORT_NUM" -d postgres "$@"
+    local port=$1
+    shift
+    psql -X -q -A -t -w -v ON_ERROR_STOP=1 -h "$PGHOST_ADDR" -p "$port" -U postgres -d postgres "$@"
 }
 
-# Put a line at the very top of a file, keeping its owner and mode (rewrite in place).
-prepend_line() {
-    local file=$1 line=$2 tmp
-    [ -e "$file.orig" ] || cp -p "$file" "$file.orig"   # one-time backup of the untouched file
-    tmp=$(mktemp)
-    { printf '%s\n' "$line"; cat "$file"; } >"$tmp"
-    cat "$tmp" >"$file"
-    rm -f "$tmp"
+apt_install() {
+    log "installing $* with apt-get"
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
 }
 
-# True if the file has this rule as an active line (whitespace-insensitive).
-has_rule() {
-    local file=$1 rule=$2
-    awk -v want="$rule" '
-        BEGIN { n = split(want, w, /[ \t]+/); want = w[1]; for (i = 2; i <= n; i++) want = want " " w[i] }
-        { sub(/#.*/, ""); $1 = $1; if ($0 == want) found = 1 }
-        END { exit found ? 0 : 1 }' "$file"
-}
-
-# --- 1. PostgreSQL installed -------------------------------------------------------------------
+# --- 1. PostgreSQL and openssl installed ---------------------------------------------------------
 if ! command -v pg_lsclusters >/dev/null 2>&1 || ! command -v psql >/dev/null 2>&1 \
     || [ -z "$(ls /usr/lib/postgresql 2>/dev/null)" ]; then
-    log "postgresql is not installed: installing it with apt-get"
-    apt-get update
-    DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql
+    apt_install postgresql
 else
     log "postgresql is installed"
 fi
+command -v openssl >/dev/null 2>&1 || apt_install openssl
 
-# Newest cluster version (as the brief: the newest directory in /etc/postgresql); if there is
-# no cluster at all yet, the newest installed server version.
+# Newest cluster version (the newest directory in /etc/postgresql); if there is no cluster at
+# all yet, the newest installed server version.
 newest_subdir() { find "$1" -mindepth 1 -maxdepth 1 -type d -printf '%f\n' 2>/dev/null | sort -V | tail -1; }
 PGVER=$(newest_subdir /etc/postgresql || true)
 [ -n "$PGVER" ] || PGVER=$(newest_subdir /usr/lib/postgresql || true)
@@ -80,7 +80,7 @@ if ! pg_lsclusters -h | awk -v v="$PGVER" '$1 == v && $2 == "main" { found = 1 }
     pg_createcluster --port "$PGPORT_NUM" "$PGVER" main >&2
 fi
 
-# --- 2. Cluster running ------------------------------------------------------------------------
+# --- 2. The machine's cluster running ------------------------------------------------------------
 cluster_status() {
     pg_lsclusters -h | awk -v v="$PGVER" '$1 == v && $2 == "main" { print $4 }'
 }
@@ -88,7 +88,7 @@ if [ "$(cluster_status)" != "online" ]; then
     log "cluster $PGVER/main is $(cluster_status): starting it"
     if ! pg_ctlcluster --skip-systemctl-redirect "$PGVER" main start >&2; then
         log "pg_ctlcluster refused --skip-systemctl-redirect (or failed): retrying without it"
-        pg_ctlcluster "$PGVER" main start >&2
+        pg_ctlcluster "$PGVER" main start >&2 || log "cluster $PGVER/main does not start"
     fi
 else
     log "cluster $PGVER/main is online"
@@ -103,154 +103,67 @@ for _ in $(seq 1 60); do
     fi
     sleep 1
 done
-[ "$ready" = 1 ] || die "postgres on $PGHOST_ADDR:$PGPORT_NUM not ready after 60 s"
+[ "$ready" = 1 ] || log "postgres on $PGHOST_ADDR:$PGPORT_NUM is not ready after 60 s"
 
-# --- 3. Where pg_hba.conf is -------------------------------------------------------------------
-HBA_FILE=$(tcp_psql -c 'SHOW hba_file' 2>/dev/null || local_psql -c 'SHOW hba_file' 2>/dev/null || true)
-[ -n "$HBA_FILE" ] || HBA_FILE=/etc/postgresql/$PGVER/main/pg_hba.conf
-[ -f "$HBA_FILE" ] || die "pg_hba.conf not found at $HBA_FILE"
-log "pg_hba.conf is $HBA_FILE"
-
-reload_conf() {
-    if ! tcp_psql -c 'SELECT pg_reload_conf()' >/dev/null 2>&1; then
-        local_psql -c 'SELECT pg_reload_conf()' >/dev/null 2>&1 \
-            || pg_ctlcluster "$PGVER" main reload >&2
+# --- 3. Which Postgres the tests use -------------------------------------------------------------
+# The machine's, when user postgres gets in over TCP without a password; else a private cluster
+# of the test suite's own (never an edit of the machine's pg_hba.conf).
+start_private_cluster() {
+    local data=$PRIVATE_PG_DIR/data ver bin
+    if tcp_psql "$PRIVATE_PG_PORT" -c 'SELECT 1' >/dev/null 2>&1; then
+        log "the private cluster on $PGHOST_ADDR:$PRIVATE_PG_PORT is up ($PRIVATE_PG_DIR)"
+        return
     fi
+    ver=$(cat "$data/PG_VERSION" 2>/dev/null || true)
+    if [ -z "$ver" ] || [ ! -x "/usr/lib/postgresql/$ver/bin/postgres" ]; then
+        ver=$(newest_subdir /usr/lib/postgresql)
+        log "creating a private cluster ($ver) in $PRIVATE_PG_DIR, port $PRIVATE_PG_PORT, trust auth"
+        rm -rf "$PRIVATE_PG_DIR"
+        install -d -m 0700 -o postgres -g postgres "$PRIVATE_PG_DIR"
+        if ! runuser -u postgres -- "/usr/lib/postgresql/$ver/bin/initdb" -D "$data" -U postgres \
+            --auth=trust --encoding=UTF8 >"$PRIVATE_PG_DIR/initdb.log" 2>&1; then
+            cat "$PRIVATE_PG_DIR/initdb.log" >&2
+            die "initdb of the private cluster failed (output above)"
+        fi
+        {
+            echo
+            echo "# scripts/services.sh: the test suite's private cluster"
+            echo "port = $PRIVATE_PG_PORT"
+            echo "listen_addresses = '$PGHOST_ADDR'"
+            echo "unix_socket_directories = '$PRIVATE_PG_DIR'"
+        } >>"$data/postgresql.conf"
+        printf '%s\n' "local all all trust" "host all all $PGHOST_ADDR/32 trust" >"$data/pg_hba.conf"
+    fi
+    bin=/usr/lib/postgresql/$ver/bin
+    log "starting the private cluster in $PRIVATE_PG_DIR (log: $PRIVATE_PG_DIR/server.log)"
+    if ! (cd / && runuser -u postgres -- "$bin/pg_ctl" -D "$data" -l "$PRIVATE_PG_DIR/server.log" -w -t 60 start >/dev/null); then
+        tail -n 30 "$PRIVATE_PG_DIR/server.log" >&2 || true
+        die "the private cluster in $PRIVATE_PG_DIR does not start (log above)"
+    fi
+    tcp_psql "$PRIVATE_PG_PORT" -c 'SELECT 1' >/dev/null \
+        || die "user postgres cannot connect to the private cluster on $PGHOST_ADDR:$PRIVATE_PG_PORT"
 }
 
-# --- 4. Trust for user postgres over TCP -------------------------------------------------------
-if tcp_psql -c 'SELECT 1' >/dev/null 2>&1; then
+if [ "${BACKFILL_PRIVATE_PG:-}" != 1 ] && [ "$ready" = 1 ] \
+    && tcp_psql "$PGPORT_NUM" -c 'SELECT 1' >/dev/null 2>&1; then
     log "user postgres can connect to $PGHOST_ADDR:$PGPORT_NUM without a password"
+    PG_URL="postgres://postgres@${PGHOST_ADDR}:${PGPORT_NUM}/postgres"
 else
-    log "user postgres needs a password on $PGHOST_ADDR: adding '$TRUST_RULE' to the top of pg_hba.conf"
-    has_rule "$HBA_FILE" "$TRUST_RULE" || prepend_line "$HBA_FILE" "$TRUST_RULE"
-    reload_conf
-    tcp_psql -c 'SELECT 1' >/dev/null || die "user postgres still cannot connect over TCP without a password"
-fi
-
-# --- 5. Password-checked rule for bf_pwtest, first in the file ---------------------------------
-if has_rule "$HBA_FILE" "$PWTEST_RULE"; then
-    log "pg_hba.conf already has '$PWTEST_RULE'"
-else
-    log "adding '$PWTEST_RULE' to the top of pg_hba.conf"
-    prepend_line "$HBA_FILE" "$PWTEST_RULE"
-fi
-tcp_psql -c 'SELECT pg_reload_conf()' >/dev/null
-
-hba_errors=$(tcp_psql -c "SELECT line_number || ': ' || error FROM pg_hba_file_rules WHERE error IS NOT NULL")
-[ -z "$hba_errors" ] || die "pg_hba.conf has errors (the server keeps its previous rules):
-$hba_errors"
-# Verify the server loaded it, and that no earlier host rule would match bf_pwtest first.
-first_rule=$(tcp_psql -c "
-    SELECT auth_method || ' ' || array_to_string(user_name, ',') || ' ' || coalesce(error, 'ok')
-      FROM pg_hba_file_rules
-     WHERE type IN ('host', 'hostssl', 'hostnossl')
-       AND user_name && ARRAY['all', '${PWTEST_ROLE}']
-     ORDER BY line_number
-     LIMIT 1")
-[ "$first_rule" = "scram-sha-256 ${PWTEST_ROLE} ok" ] \
-    || die "first host rule for ${PWTEST_ROLE} in pg_hba_file_rules is '$first_rule', want 'scram-sha-256 ${PWTEST_ROLE} ok'"
-log "pg_hba_file_rules: '$PWTEST_RULE' is loaded and comes first"
-
-# --- 6. Role bf_pwtest -------------------------------------------------------------------------
-if [ "$(tcp_psql -c "SELECT 1 FROM pg_roles WHERE rolname = '${PWTEST_ROLE}'")" = 1 ]; then
-    log "role ${PWTEST_ROLE} exists"
-else
-    log "creating role ${PWTEST_ROLE}"
-    tcp_psql -c "SET password_encryption = 'scram-sha-256'" \
-        -c "CREATE ROLE ${PWTEST_ROLE} LOGIN PASSWORD '${PWTEST_PASSWORD}'"
-fi
-
-# Check the behaviour the tests rely on: right password accepted, wrong password refused.
-if ! PGPASSWORD=$PWTEST_PASSWORD psql -X -q -A -t -w -h "$PGHOST_ADDR" -p "$PGPORT_NUM" \
-    -U "$PWTEST_ROLE" -d postgres -c 'SELECT 1' >/dev/null 2>&1; then
-    die "${PWTEST_ROLE} cannot log in with its password (role changed by hand? ALTER ROLE ${PWTEST_ROLE} LOGIN PASSWORD '${PWTEST_PASSWORD}')"
-fi
-if PGPASSWORD=wrong-password psql -X -q -A -t -w -h "$PGHOST_ADDR" -p "$PGPORT_NUM" \
-    -U "$PWTEST_ROLE" -d postgres -c 'SELECT 1' >/dev/null 2>&1; then
-    die "${PWTEST_ROLE} logged in with a wrong password"
-fi
-log "${PWTEST_ROLE}: right password accepted, wrong password refused"
-
-# --- 7. TLS with a test CA ---------------------------------------------------------------------
-# True if the server certificate chains to our CA, names 127.0.0.1 and localhost, and is valid
-# for at least another week.
-tls_files_ok() {
-    [ -s "$TLS_DIR/ca.crt" ] && [ -s "$TLS_DIR/server.crt" ] && [ -s "$TLS_DIR/server.key" ] \
-        && openssl verify -CAfile "$TLS_DIR/ca.crt" "$TLS_DIR/server.crt" >/dev/null 2>&1 \
-        && openssl x509 -in "$TLS_DIR/server.crt" -noout -checkend 604800 >/dev/null 2>&1 \
-        && openssl x509 -in "$TLS_DIR/server.crt" -noout -ext subjectAltName 2>/dev/null \
-            | grep -q 'IP Address:127.0.0.1' \
-        && openssl x509 -in "$TLS_DIR/server.crt" -noout -ext subjectAltName 2>/dev/null \
-            | grep -q 'DNS:localhost'
-}
-
-# A new CA (its key is thrown away after signing) and a server key and certificate signed by it.
-make_tls_files() {
-    local tmp
-    tmp=$(mktemp -d)
-    openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -sha256 \
-        -days 3650 -subj "/CN=backfill test CA" -keyout "$tmp/ca.key" -out "$tmp/ca.crt" \
-        -addext "basicConstraints=critical,CA:TRUE" \
-        -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
-    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -sha256 \
-        -subj "/CN=127.0.0.1" -keyout "$tmp/server.key" -out "$tmp/server.csr" 2>/dev/null
-    printf '%s\n' "basicConstraints=critical,CA:FALSE" \
-        "keyUsage=critical,digitalSignature" \
-        "extendedKeyUsage=serverAuth" \
-        "subjectAltName=IP:127.0.0.1,DNS:localhost" >"$tmp/server.ext"
-    openssl x509 -req -sha256 -days 3650 -in "$tmp/server.csr" -CA "$tmp/ca.crt" \
-        -CAkey "$tmp/ca.key" -CAcreateserial -extfile "$tmp/server.ext" -out "$tmp/server.crt" 2>/dev/null
-    install -d -m 0755 -o postgres -g postgres "$TLS_DIR"
-    install -m 0644 -o postgres -g postgres "$tmp/ca.crt" "$TLS_DIR/ca.crt"
-    install -m 0644 -o postgres -g postgres "$tmp/server.crt" "$TLS_DIR/server.crt"
-    install -m 0600 -o postgres -g postgres "$tmp/server.key" "$TLS_DIR/server.key"
-    rm -rf "$tmp"
-}
-
-if ! command -v openssl >/dev/null 2>&1; then
-    log "openssl is not installed: installing it with apt-get"
-    apt-get update
-    DEBIAN_FRONTEND=noninteractive apt-get install -y openssl
-fi
-tls_reload=0
-if tls_files_ok; then
-    log "test TLS certificate in $TLS_DIR is valid"
-else
-    log "generating a test CA and server certificate (127.0.0.1, localhost) in $TLS_DIR"
-    make_tls_files
-    tls_files_ok || die "the generated certificate in $TLS_DIR does not verify against its CA"
-    tls_reload=1
-fi
-for setting in "ssl=on" "ssl_cert_file=$TLS_DIR/server.crt" "ssl_key_file=$TLS_DIR/server.key"; do
-    name=${setting%%=*}
-    want=${setting#*=}
-    if [ "$(tcp_psql -c "SHOW $name")" != "$want" ]; then
-        log "ALTER SYSTEM SET $name = '$want'"
-        tcp_psql -c "ALTER SYSTEM SET $name = '$want'"
-        tls_reload=1
+    if [ "${BACKFILL_PRIVATE_PG:-}" = 1 ]; then
+        log "BACKFILL_PRIVATE_PG=1: the tests get a private cluster"
+    else
+        log "user postgres cannot connect to $PGHOST_ADDR:$PGPORT_NUM without a password: the tests get a private cluster (pg_hba.conf is left alone)"
     fi
-done
-if [ "$tls_reload" = 1 ]; then
-    tcp_psql -c 'SELECT pg_reload_conf()' >/dev/null
-    sleep 1   # the postmaster re-reads its configuration asynchronously
+    start_private_cluster
+    PG_URL="postgres://postgres@${PGHOST_ADDR}:${PRIVATE_PG_PORT}/postgres"
 fi
-# The check tests rely on, with libpq itself: TLS on, certificate signed by our CA, for 127.0.0.1.
-tls_ok=0
-for _ in $(seq 1 10); do
-    if [ "$(psql -X -q -A -t -w -v ON_ERROR_STOP=1 \
-        "host=$PGHOST_ADDR port=$PGPORT_NUM user=postgres dbname=postgres sslmode=verify-full sslrootcert=$TLS_DIR/ca.crt" \
-        -c 'SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()' 2>/dev/null)" = t ]; then
-        tls_ok=1
-        break
-    fi
-    sleep 1
-done
-[ "$tls_ok" = 1 ] || die "postgres does not serve the test certificate over TLS (sslmode=verify-full with $TLS_DIR/ca.crt fails); see the server log"
-log "TLS: on, with the certificate in $TLS_DIR (CA: $TLS_DIR/ca.crt)"
-log "ready: postgres://postgres@${PGHOST_ADDR}:${PGPORT_NUM}/postgres"
+log "ready: $PG_URL"
+if [ "$PG_ONLY" = 1 ]; then
+    [ "$PRINT_ENV" = 0 ] || printf 'export BACKFILL_TEST_PG=%q\n' "$PG_URL"
+    exit 0
+fi
 
-# --- 8. ClickHouse -----------------------------------------------------------------------------
+# --- 4. ClickHouse 18.16 -----------------------------------------------------------------------------
 CH_HTTP=http://127.0.0.1:8123
 CH_CONFIG=/etc/clickhouse-server/config.xml
 CH_LOG=/var/log/clickhouse-server/backfill-ci.log
@@ -296,3 +209,13 @@ else
     fi
 fi
 log "ready: clickhouse $(curl -s "$CH_HTTP/?query=SELECT%20version()") on $CH_HTTP (user default)"
+
+# --- 5. Current ClickHouse -----------------------------------------------------------------------
+CH_CURRENT_HTTP=http://127.0.0.1:8124
+scripts/clickhouse-current.sh
+
+if [ "$PRINT_ENV" = 1 ]; then
+    printf 'export BACKFILL_TEST_PG=%q\n' "$PG_URL"
+    printf 'export BACKFILL_TEST_CH=%q\n' "$CH_HTTP"
+    printf 'export BACKFILL_TEST_CH_CURRENT=%q\n' "$CH_CURRENT_HTTP"
+fi

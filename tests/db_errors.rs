@@ -2,6 +2,7 @@
 //! password, and leave the checkpoint as it was.
 
 mod common;
+use common::cluster::{ClusterOpts, PgCluster};
 use common::store::{has_store, job_record};
 use common::{TestDb, admin_url, connect, count, run};
 use tokio_postgres::Client;
@@ -37,18 +38,11 @@ fn url_with(db: &TestDb, userinfo: &str, hostport: &str) -> String {
 
 #[tokio::test]
 async fn wrong_password_is_refused_and_never_shown() {
-    let admin = connect(&admin_url()).await;
-    let rules = count(
-        &admin,
-        "SELECT count(*) FROM pg_hba_file_rules WHERE 'bf_pwtest' = ANY(user_name)",
-    )
-    .await;
-    assert!(
-        rules > 0,
-        "pg_hba.conf has no rule for role bf_pwtest, so a wrong password cannot be tested: \
-         run scripts/services.sh (as root) to set it up"
-    );
-    let db = TestDb::new("dbe_pw").await;
+    // A private cluster whose pg_hba.conf checks role bf_pwtest's password (scram-sha-256) while
+    // user postgres stays trust.
+    let pg =
+        PgCluster::start(ClusterOpts::new().password_role("bf_pwtest", "right-password")).await;
+    let db = pg.create_db("dbe_pw").await;
     let c = db.client().await;
     make_table(&c, 500).await;
 
@@ -69,7 +63,15 @@ async fn wrong_password_is_refused_and_never_shown() {
     assert!(before.is_some());
     let table_before = common::checksum(&c, "t").await;
 
-    let url = url_with(&db, &format!("bf_pwtest:{SECRET}"), "127.0.0.1:5432");
+    // The role and its rule are really there: the right password gets in.
+    let right = url_with(&db, "bf_pwtest:right-password", &pg.host_port());
+    let (ok, conn) = tokio_postgres::connect(&right, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("bf_pwtest with the right password: {e}"));
+    drop(ok);
+    let _ = conn.await;
+
+    let url = url_with(&db, &format!("bf_pwtest:{SECRET}"), &pg.host_port());
     let spec = db.spec(
         "job.yaml",
         &job_yaml(
@@ -135,7 +137,9 @@ async fn unreachable_database() {
 async fn database_that_does_not_exist() {
     let db = TestDb::new("dbe_nodb").await;
     let missing = format!("{}_missing", db.name);
-    let url = format!("postgres://postgres@127.0.0.1:5432/{missing}");
+    // The same server as the test database (BACKFILL_TEST_PG), another database name.
+    let server = db.url.rsplit_once('/').expect("db url has a path").0;
+    let url = format!("{server}/{missing}");
     let spec = db.spec(
         "job.yaml",
         &job_yaml(&url, "t", "id", "", "UPDATE t SET n = 1 WHERE id = ANY($1)"),

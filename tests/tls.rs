@@ -1,47 +1,15 @@
-//! TLS to Postgres against the real local server: sslmode from the URL, certificates checked
-//! against the test CA that scripts/services.sh installs, and clear errors when they do not match.
+//! TLS to Postgres against a real server: sslmode from the URL, certificates checked against
+//! a test CA, and clear errors when they do not match. The tests that need TLS on the server
+//! start a private cluster with TLS (tests/common/cluster.rs): the machine's Postgres is never
+//! reconfigured.
 
 mod common;
+use common::cluster::{ClusterOpts, PgCluster, unrelated_ca};
 use common::{TestDb, count, make_table, run};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use tokio_postgres::Client;
 
 const ROWS: i64 = 300;
-
-/// The CA that signed the local server's certificate (written by scripts/services.sh).
-fn server_ca() -> String {
-    let path = std::env::var("BACKFILL_TEST_TLS_CA")
-        .unwrap_or_else(|_| "/var/lib/postgresql/backfill-test-tls/ca.crt".into());
-    assert!(
-        Path::new(&path).is_file(),
-        "{path} is missing: run scripts/services.sh (as root) to give the test server its TLS \
-         certificate"
-    );
-    path
-}
-
-/// A CA of our own that signed nothing the server has.
-fn unrelated_ca(dir: &Path) -> PathBuf {
-    let (key, cert) = (dir.join("wrong-ca.key"), dir.join("wrong-ca.crt"));
-    let out = Command::new("openssl")
-        .args(["req", "-x509", "-new", "-newkey", "ec", "-pkeyopt"])
-        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
-        .args(["-subj", "/CN=backfill unrelated test CA"])
-        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("run openssl (apt-get install openssl)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    cert
-}
 
 /// A job over `t` that records in `n` whether its own session is encrypted: 1 = TLS, 2 = plain.
 /// Each call is a job of its own (file `job<N>.yaml`), so none is skipped as already done.
@@ -64,11 +32,27 @@ batch: {{size: 100, target: 0}}
     )
 }
 
+/// A database holding `t` on the local server (tests that need no TLS on the server).
 async fn setup(hint: &str) -> (TestDb, Client) {
     let db = TestDb::new(hint).await;
     let c = db.client().await;
     make_table(&c, ROWS).await;
     (db, c)
+}
+
+/// A private cluster with TLS (a fresh test CA, a certificate for 127.0.0.1 and localhost) and a
+/// database holding `t` on it.
+async fn setup_tls(hint: &str) -> (PgCluster, TestDb, Client) {
+    let pg = PgCluster::start(ClusterOpts::new().tls()).await;
+    let db = pg.create_db(hint).await;
+    let c = db.client().await;
+    make_table(&c, ROWS).await;
+    (pg, db, c)
+}
+
+/// The CA that signed the cluster's certificate, as a string for URLs.
+fn server_ca(pg: &PgCluster) -> String {
+    pg.ca_path().display().to_string()
 }
 
 /// Run the job at `url`; expect exit 0 with every row marked `n` (1 = TLS, 2 = plain).
@@ -85,17 +69,17 @@ async fn runs_with(db: &TestDb, c: &Client, url: &str, n: i64) {
 }
 
 /// The same database, reached through a host name that the certificate does not list.
-fn unlisted_host_url(db: &TestDb, query: &str) -> String {
+fn unlisted_host_url(pg: &PgCluster, db: &TestDb, query: &str) -> String {
     format!(
-        "postgres://postgres@not-in-the-cert.invalid:5432/{}?hostaddr=127.0.0.1&{query}",
+        "postgres://postgres@not-in-the-cert.invalid:{}/{}?hostaddr=127.0.0.1&{query}",
+        pg.port(),
         db.name
     )
 }
 
 #[tokio::test]
 async fn require_prefer_and_disable() {
-    server_ca();
-    let (db, c) = setup("tls_modes").await;
+    let (_pg, db, c) = setup_tls("tls_modes").await;
     runs_with(&db, &c, &format!("{}?sslmode=require", db.url), 1).await;
     runs_with(&db, &c, &format!("{}?sslmode=disable", db.url), 2).await;
     // No sslmode: libpq's default, prefer, which uses TLS when the server offers it.
@@ -105,8 +89,8 @@ async fn require_prefer_and_disable() {
 
 #[tokio::test]
 async fn verify_full_with_the_right_ca() {
-    let ca = server_ca();
-    let (db, c) = setup("tls_full").await;
+    let (pg, db, c) = setup_tls("tls_full").await;
+    let ca = server_ca(&pg);
     let url = format!("{}?sslmode=verify-full&sslrootcert={ca}", db.url);
     runs_with(&db, &c, &url, 1).await;
     // libpq: require with a root certificate checks the chain like verify-ca.
@@ -117,8 +101,7 @@ async fn verify_full_with_the_right_ca() {
 
 #[tokio::test]
 async fn a_wrong_ca_is_refused_with_a_clear_message() {
-    server_ca();
-    let (db, c) = setup("tls_wrong").await;
+    let (_pg, db, c) = setup_tls("tls_wrong").await;
     let wrong = unrelated_ca(db.dir.path());
     let base = db.url.replace("postgres@", "postgres:s3cr3t-pw@");
     for mode in ["verify-full", "verify-ca", "require"] {
@@ -142,12 +125,12 @@ async fn a_wrong_ca_is_refused_with_a_clear_message() {
 
 #[tokio::test]
 async fn verify_ca_ignores_the_host_name_verify_full_does_not() {
-    let ca = server_ca();
-    let (db, c) = setup("tls_name").await;
-    let url = unlisted_host_url(&db, &format!("sslmode=verify-ca&sslrootcert={ca}"));
+    let (pg, db, c) = setup_tls("tls_name").await;
+    let ca = server_ca(&pg);
+    let url = unlisted_host_url(&pg, &db, &format!("sslmode=verify-ca&sslrootcert={ca}"));
     runs_with(&db, &c, &url, 1).await;
 
-    let url = unlisted_host_url(&db, &format!("sslmode=verify-full&sslrootcert={ca}"));
+    let url = unlisted_host_url(&pg, &db, &format!("sslmode=verify-full&sslrootcert={ca}"));
     let (code, out, err) = run(&[&"run", &spec(&db, &url)]);
     assert_eq!(code, 1, "{out}\n{err}");
     for want in [

@@ -1,7 +1,10 @@
-//! Shared test harness: a fresh Postgres database per test, spec files, and the real binary.
+//! Shared test harness: a fresh Postgres database per test (on the local server or on a private
+//! cluster, `cluster`), spec files, the real binary, and a fault-injecting proxy (`proxy`).
 #![allow(dead_code)]
 
 pub mod ch;
+pub mod cluster;
+pub mod proxy;
 pub mod runner;
 pub mod skew;
 pub mod store;
@@ -31,30 +34,38 @@ pub struct TestDb {
     pub name: String,
     pub url: String,
     pub dir: tempfile::TempDir,
+    /// The admin URL of the server the database is on (its `postgres` database).
+    pub admin_url: String,
 }
 
 impl TestDb {
+    /// A database on the local test server (`admin_url()`).
     pub async fn new(hint: &str) -> TestDb {
+        TestDb::new_on(&admin_url(), hint).await
+    }
+
+    /// A database on the server of `admin` (a URL naming a database to connect to as admin).
+    pub async fn new_on(admin: &str, hint: &str) -> TestDb {
         let name = format!(
             "bf_{}_{}_{}",
             hint,
             std::process::id(),
             rand::random::<u32>()
         );
-        let admin = connect(&admin_url()).await;
-        admin
+        connect(admin)
+            .await
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .expect("create test database");
-        let base = admin_url();
-        let url = match base.rfind('/') {
-            Some(i) => format!("{}/{name}", &base[..i]),
-            None => panic!("admin url without database: {base}"),
+        let url = match admin.rfind('/') {
+            Some(i) => format!("{}/{name}", &admin[..i]),
+            None => panic!("admin url without database: {admin}"),
         };
         TestDb {
             name,
             url,
             dir: tempfile::tempdir().expect("tempdir"),
+            admin_url: admin.to_string(),
         }
     }
 
@@ -70,7 +81,7 @@ impl TestDb {
     }
 
     pub async fn drop_db(self) {
-        let admin = connect(&admin_url()).await;
+        let admin = connect(&self.admin_url).await;
         let _ = admin
             .batch_execute(&format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
