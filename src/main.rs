@@ -6,7 +6,8 @@ use clap::Parser;
 use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
-fn init_logging(format: LogFormat) {
+/// Set up the tracing subscriber; returns whether logs (and so error lines) are JSON.
+fn init_logging(format: LogFormat) -> bool {
     // A bare level (BACKFILL_LOG=debug) applies to backfill only: the database drivers' debug
     // output would log every batch's key array byte by byte. Full directives pass through.
     let filter = match std::env::var("BACKFILL_LOG").or_else(|_| std::env::var("RUST_LOG")) {
@@ -29,11 +30,13 @@ fn init_logging(format: LogFormat) {
     } else {
         builder.init();
     }
+    json
 }
 
 fn main() {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let json = init_logging(cli.log_format);
+    backfill::progress::set_json_errors(json);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -43,8 +46,9 @@ fn main() {
         match backfill::commands::execute(cli.command).await {
             Ok(()) => backfill::error::EXIT_DONE,
             Err(e) => {
-                eprintln!("error: {e}");
-                e.exit_code()
+                let code = e.exit_code();
+                backfill::progress::print_error(&e.to_string(), Some(code));
+                code
             }
         }
     });

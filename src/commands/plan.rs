@@ -4,6 +4,7 @@
 use crate::engine::{Backend, Sizer};
 use crate::error::Result;
 use crate::progress::fmt_duration;
+use crate::redact::outln;
 use crate::spec::{Source, Spec};
 use crate::state::{JobState, StateStore};
 use std::time::Duration;
@@ -13,7 +14,7 @@ pub async fn plan(specs: &[Spec], exact: bool, samples: u32) -> Result<()> {
         match &spec.source {
             Source::Postgres(pg) => {
                 let (mut backend, store) = crate::postgres::open(spec, pg).await?;
-                println!(
+                outln!(
                     "{}  ({}, table {} by {})",
                     spec.name,
                     pg.redacted_url(),
@@ -24,7 +25,7 @@ pub async fn plan(specs: &[Spec], exact: bool, samples: u32) -> Result<()> {
             }
             Source::Clickhouse(ch) => {
                 let (mut backend, store) = crate::clickhouse::open(spec, ch).await?;
-                println!(
+                outln!(
                     "{}  ({}, {} -> {} by {})",
                     spec.name,
                     ch.redacted_url(),
@@ -48,14 +49,14 @@ async fn plan_with<B: Backend, S: StateStore>(
 ) -> Result<()> {
     let state = store.load(&spec.name).await?;
     for b in backend.blockers().await? {
-        println!("  WARNING:      run would refuse to start: {b}");
+        outln!("  WARNING:      run would refuse to start: {b}");
     }
     backend.preflight().await?;
     let cursor = state.as_ref().and_then(|s| s.cursor.clone());
-    println!("  resume at:    {}", resume_point(state.as_ref()));
+    outln!("  resume at:    {}", resume_point(state.as_ref()));
     let est = backend.estimate(cursor.as_deref(), exact).await?;
     let pending = est.rows + est.pending_retry;
-    println!(
+    outln!(
         "  pending rows: {}{} ({}){}",
         if est.exact { "" } else { "~" },
         est.rows,
@@ -74,7 +75,7 @@ async fn plan_with<B: Backend, S: StateStore>(
         }
     );
     let size = spec.batch.size;
-    println!("  batches:      {} of {size}", pending.div_ceil(size));
+    outln!("  batches:      {} of {size}", pending.div_ceil(size));
     if samples == 0 || pending == 0 {
         return Ok(());
     }
@@ -82,11 +83,11 @@ async fn plan_with<B: Backend, S: StateStore>(
     let keys: u64 = sampled.iter().map(|s| s.keys).sum();
     let took: Duration = sampled.iter().map(|s| s.elapsed).sum();
     if keys == 0 {
-        println!("  sample:       no rows to sample");
+        outln!("  sample:       no rows to sample");
         return Ok(());
     }
     let rate = keys as f64 / took.as_secs_f64().max(1e-6);
-    println!(
+    outln!(
         "  sample:       {} batch(es), {keys} keys in {:.0}ms (rolled back): ~{:.0} rows/s",
         sampled.len(),
         took.as_secs_f64() * 1000.0,
@@ -106,9 +107,9 @@ async fn plan_with<B: Backend, S: StateStore>(
     let batches = pending.div_ceil(settled);
     let eta = Duration::from_secs_f64(per_key * pending as f64) + spec.batch.pause * batches as u32;
     if spec.batch.target.is_zero() {
-        println!("  estimate:     ~{} (fixed size {size})", fmt_duration(eta));
+        outln!("  estimate:     ~{} (fixed size {size})", fmt_duration(eta));
     } else {
-        println!(
+        outln!(
             "  estimate:     ~{}; with target {}ms the size should settle near {settled} (~{batches} batches)",
             fmt_duration(eta),
             spec.batch.target.as_millis()
@@ -139,20 +140,23 @@ async fn plan_clickhouse(
 ) -> Result<()> {
     let state = store.load(&spec.name).await?;
     backend.check().await?;
-    println!("  resume at:    {}", resume_point(state.as_ref()));
+    outln!("  resume at:    {}", resume_point(state.as_ref()));
     let lines = backend.plan().await?;
     let pending: Vec<_> = lines.iter().filter(|l| l.status != "done").collect();
     let rows: u64 = pending.iter().map(|l| l.rows_left).sum();
-    println!(
+    outln!(
         "  chunks:       {} top-level, {} to do ({rows} source rows)",
         lines.len(),
         pending.len()
     );
     for l in &lines {
         let rows = l.rows.map_or("?".to_string(), |r| r.to_string());
-        println!(
+        outln!(
             "    {:<10} {:>12} rows  {:<8} {}",
-            l.label, rows, l.status, l.note
+            l.label,
+            rows,
+            l.status,
+            l.note
         );
     }
     Ok(())

@@ -1,6 +1,7 @@
 //! `backfill reset`: forget one job's checkpoint (refuses without `--yes`).
 
 use crate::error::{Error, Result};
+use crate::redact::outln;
 use crate::spec::{Env, Source, load_file};
 use crate::state::StateStore;
 use std::path::Path;
@@ -25,12 +26,12 @@ pub async fn reset(path: &Path, yes: bool) -> Result<()> {
         }
     };
     if existed {
-        println!(
+        outln!(
             "{}: checkpoint deleted; the next run starts from the beginning",
             spec.name
         );
     } else {
-        println!("{}: no checkpoint to delete", spec.name);
+        outln!("{}: no checkpoint to delete", spec.name);
     }
     Ok(())
 }

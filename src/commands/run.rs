@@ -2,6 +2,7 @@
 
 use crate::engine::{Gate, Ran, RunOptions, Stop, run_with};
 use crate::error::Result;
+use crate::redact::outln;
 use crate::spec::{Source, Spec};
 use std::time::Duration;
 
@@ -16,24 +17,24 @@ pub async fn run(specs: &[Spec], max_runtime: Option<Duration>, opts: &RunOption
         let report = match report {
             Ok(r) => r,
             Err(e) => {
-                println!("{}: not started ({})", spec.name, spec.file.display());
-                println!("{ran} run, {skipped} skipped");
+                outln!("{}: not started ({})", spec.name, spec.file.display());
+                outln!("{ran} run, {skipped} skipped");
                 return Err(e);
             }
         };
-        println!("{}", report.summary());
+        outln!("{}", report.summary());
         match report.ran {
             Ran::Skipped { .. } => skipped += 1,
             Ran::Worked { error, .. } => {
                 ran += 1;
                 if let Some(e) = error {
-                    println!("{ran} run, {skipped} skipped");
+                    outln!("{ran} run, {skipped} skipped");
                     return Err(e);
                 }
             }
         }
     }
-    println!("{ran} run, {skipped} skipped");
+    outln!("{ran} run, {skipped} skipped");
     Ok(())
 }
 

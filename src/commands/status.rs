@@ -1,6 +1,7 @@
 //! `backfill status`: what the checkpoint store says about each job, as text or JSON.
 
 use crate::error::Result;
+use crate::redact::outln;
 use crate::spec::{Source, Spec};
 use crate::state::{JobState, StateStore};
 use serde::Serialize;
@@ -87,19 +88,19 @@ pub async fn status(specs: &[Spec], json: bool) -> Result<()> {
         .collect();
     if json {
         let doc = serde_json::json!({ "jobs": entries });
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&doc).expect("serializable")
         );
         return Ok(());
     }
     for e in &entries {
-        println!("{}  [{}]  {}", e.job, e.status, e.database);
+        outln!("{}  [{}]  {}", e.job, e.status, e.database);
         let Some(s) = e.state else {
-            println!("    no checkpoint yet");
+            outln!("    no checkpoint yet");
             continue;
         };
-        println!(
+        outln!(
             "    cursor {}  keys {}  rows {}  batches {}  retried {}  waiting for retry {}",
             s.cursor.as_deref().unwrap_or("(start)"),
             s.keys_done,
@@ -113,7 +114,7 @@ pub async fn status(specs: &[Spec], json: bool) -> Result<()> {
                 d.format("%Y-%m-%d %H:%M:%S UTC").to_string()
             })
         };
-        println!(
+        outln!(
             "    started {}  updated {}  finished {}  runner {}",
             t(&s.started_at),
             t(&s.updated_at),
@@ -121,10 +122,10 @@ pub async fn status(specs: &[Spec], json: bool) -> Result<()> {
             s.runner.as_deref().unwrap_or("-")
         );
         if e.spec_changed {
-            println!("    spec changed since the checkpoint was written");
+            outln!("    spec changed since the checkpoint was written");
         }
         if let Some(err) = &s.last_error {
-            println!("    last error: {err}");
+            outln!("    last error: {err}");
         }
         if let Some(chunks) = &e.chunks {
             print_chunks(chunks);
@@ -140,12 +141,16 @@ fn print_chunks(chunks: &[Chunk]) {
         *by_status.entry(c.status.as_str()).or_default() += 1;
     }
     let counts: Vec<String> = by_status.iter().map(|(s, n)| format!("{n} {s}")).collect();
-    println!("    chunks: {}", counts.join(", "));
+    outln!("    chunks: {}", counts.join(", "));
     for c in chunks.iter().filter(|c| c.status != "done") {
         let why: String = c.error.chars().take(160).collect();
-        println!(
+        outln!(
             "      {:<28} {:<6} {:<7} attempts {}  {}",
-            c.chunk, c.level, c.status, c.attempts, why
+            c.chunk,
+            c.level,
+            c.status,
+            c.attempts,
+            why
         );
     }
 }

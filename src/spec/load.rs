@@ -57,6 +57,8 @@ pub fn expand_paths(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
 pub fn load_file(path: &Path, env: &Env) -> Result<Spec> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::Spec(format!("{}: cannot read spec: {e}", path.display())))?;
+    // A YAML error quotes the line it stops at: its secrets are known before parsing.
+    crate::redact::register_spec_text(&text);
     let raw = parse_yaml(path, &text)?;
     validate::validate(path, raw, env)
 }

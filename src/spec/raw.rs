@@ -23,10 +23,10 @@ pub struct RawSpec {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawThrottle {
-    pub max_replication_lag: Option<Dur>,
-    pub max_active_backends: Option<u32>,
+    pub max_replication_lag: Option<Spanned<Dur>>,
+    pub max_active_backends: Option<Spanned<u64>>,
     pub query: Option<Spanned<String>>,
-    pub interval: Option<Dur>,
+    pub interval: Option<Spanned<Dur>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -104,21 +104,21 @@ pub enum LockMode {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBatch {
-    pub size: Option<u64>,
-    pub target: Option<Dur>,
-    pub min: Option<u64>,
-    pub max: Option<u64>,
-    pub pause: Option<Dur>,
+    pub size: Option<Spanned<u64>>,
+    pub target: Option<Spanned<Dur>>,
+    pub min: Option<Spanned<u64>>,
+    pub max: Option<Spanned<u64>>,
+    pub pause: Option<Spanned<Dur>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
-    pub statement_timeout: Option<Dur>,
-    pub lock_timeout: Option<Dur>,
-    pub idle_in_transaction_session_timeout: Option<Dur>,
-    pub max_runtime: Option<Dur>,
-    pub max_transaction_age: Option<Dur>,
+    pub statement_timeout: Option<Spanned<Dur>>,
+    pub lock_timeout: Option<Spanned<Dur>>,
+    pub idle_in_transaction_session_timeout: Option<Spanned<Dur>>,
+    pub max_runtime: Option<Spanned<Dur>>,
+    pub max_transaction_age: Option<Spanned<Dur>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
