@@ -3,7 +3,7 @@
 use super::duration::Dur;
 use super::env::expand;
 use super::load::Env;
-use super::raw::{RawBatch, RawLimits, RawPostgres, RawSpec, RawThrottle};
+use super::raw::{Count, RawBatch, RawLimits, RawPostgres, RawSpec, RawThrottle};
 use super::{Batch, Limits, PostgresSpec, Source, Spec, Throttle};
 use crate::error::{Error, Result};
 use serde_saphyr::Spanned;
@@ -245,32 +245,41 @@ fn postgres(cx: &mut Ctx, pg: &Spanned<RawPostgres>) -> Result<PostgresSpec> {
 }
 
 /// A number or duration as written, with where it was written (if it was).
-struct Value<'a, T> {
+struct Value<T> {
     value: T,
-    at: Option<&'a Spanned<T>>,
+    /// Line and column.
+    place: Option<(u64, u64)>,
     field: &'static str,
 }
 
-impl<'a, T: Copy> Value<'a, T> {
-    fn new(raw: Option<&'a Spanned<T>>, default: T, field: &'static str) -> Self {
+impl<T: Copy> Value<T> {
+    fn new(raw: Option<&Spanned<T>>, default: T, field: &'static str) -> Self {
         Value {
             value: raw.map_or(default, |s| s.value),
-            at: raw,
+            place: raw.map(|s| (s.referenced.line(), s.referenced.column())),
             field,
         }
     }
 
+    fn map<U>(self, f: impl FnOnce(T) -> U) -> Value<U> {
+        Value {
+            value: f(self.value),
+            place: self.place,
+            field: self.field,
+        }
+    }
+
     fn fail<R>(&self, cx: &Ctx, fallback: Option<&Spanned<RawBatch>>, why: String) -> Result<R> {
-        match (self.at, fallback) {
-            (Some(s), _) => cx.at(s, self.field, why),
+        match (self.place, fallback) {
+            (Some((line, col)), _) => cx.err(line, col, self.field, why),
             (None, Some(f)) => cx.at(f, self.field, why),
             (None, None) => cx.err(0, 0, self.field, why),
         }
     }
 }
 
-impl<'a> Value<'a, Dur> {
-    fn dur(raw: Option<&'a Spanned<Dur>>, default: Duration, field: &'static str) -> Self {
+impl Value<Dur> {
+    fn dur(raw: Option<&Spanned<Dur>>, default: Duration, field: &'static str) -> Self {
         Value::new(raw, Dur(default), field)
     }
 
@@ -295,13 +304,14 @@ impl<'a> Value<'a, Dur> {
 fn batch(cx: &Ctx, raw: Option<&Spanned<RawBatch>>) -> Result<Batch> {
     let default = RawBatch::default();
     let b = raw.map(|s| &s.value).unwrap_or(&default);
-    let size = Value::new(b.size.as_ref(), 1000, "batch.size");
-    let min = Value::new(b.min.as_ref(), 100.min(size.value), "batch.min");
+    let size = Value::new(b.size.as_ref(), Count(1000), "batch.size");
+    let min = Value::new(b.min.as_ref(), Count(100.min(size.value.0)), "batch.min");
     let max = Value::new(
         b.max.as_ref(),
-        100_000.max(size.value).min(super::MAX_BATCH_SIZE),
+        Count(100_000.max(size.value.0).min(super::MAX_BATCH_SIZE)),
         "batch.max",
     );
+    let [size, min, max] = [size, min, max].map(|v| v.map(|c| c.0));
     for v in [&size, &min, &max] {
         if v.value == 0 {
             return v.fail(cx, raw, "must be at least 1".into());
@@ -430,18 +440,18 @@ fn throttle(cx: &mut Ctx, section: &Spanned<RawThrottle>) -> Result<Throttle> {
     )
     .at_most(cx, super::MAX_LONG_DURATION, "0 = off")?;
     let backends = match &t.max_active_backends {
-        Some(b) if b.value == 0 || b.value > super::MAX_BACKENDS => {
+        Some(b) if b.value.0 == 0 || b.value.0 > super::MAX_BACKENDS => {
             return cx.at(
                 b,
                 "throttle.max_active_backends",
                 format!(
                     "{} is out of range: 1..{} (leave it out to not throttle on backends)",
-                    b.value,
+                    b.value.0,
                     super::MAX_BACKENDS
                 ),
             );
         }
-        Some(b) => Some(u32::try_from(b.value).expect("bounded above")),
+        Some(b) => Some(u32::try_from(b.value.0).expect("bounded above")),
         None => None,
     };
     Ok(Throttle {
