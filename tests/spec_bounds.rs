@@ -204,3 +204,20 @@ fn json_logs_end_with_a_json_error() {
     assert_eq!(code, 2);
     assert!(err.lines().last().unwrap().starts_with("error: "), "{err}");
 }
+
+#[test]
+fn command_line_durations_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.yaml");
+    std::fs::write(&path, BASE).unwrap();
+    for args in [
+        ["--max-runtime", "18446744073709551615s"],
+        ["--max-runtime", "367d"],
+        ["--push-interval", "0"],
+        ["--progress-interval", "2h"],
+    ] {
+        let (code, _, err) = run(&[&"run", &args[0], &args[1], &path]);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains("out of range"), "{args:?}: {err}");
+    }
+}

@@ -292,8 +292,8 @@ impl Value<Dur> {
                 None,
                 format!(
                     "{} is too long: at most {} ({why})",
-                    humantime::format_duration(d),
-                    humantime::format_duration(max)
+                    super::format_duration(d),
+                    super::format_duration(max)
                 ),
             );
         }
@@ -369,7 +369,7 @@ fn batch(cx: &Ctx, raw: Option<&Spanned<RawBatch>>) -> Result<Batch> {
 
 fn limits(cx: &Ctx, raw: &RawLimits) -> Result<Limits> {
     let pg = super::MAX_PG_TIMEOUT;
-    let pg_why = "Postgres takes at most 2147483647ms; 0 = no limit";
+    let pg_why = "Postgres's limit; 0 = no limit";
     let long = super::MAX_LONG_DURATION;
     let timeout = |raw, default, field| Value::dur(raw, default, field).at_most(cx, pg, pg_why);
     Ok(Limits {
