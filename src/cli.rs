@@ -112,5 +112,5 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_push_interval(s: &str) -> Result<Duration, String> {
-    parse_bounded(s, Duration::from_secs(1), crate::spec::MAX_SHORT_DURATION)
+    parse_bounded(s, Duration::from_millis(1), crate::spec::MAX_SHORT_DURATION)
 }
