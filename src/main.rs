@@ -34,6 +34,15 @@ fn init_logging(format: LogFormat) -> bool {
 }
 
 fn main() {
+    // A panic message goes through redaction like everything else printed.
+    std::panic::set_hook(Box::new(|info| {
+        let message = format!("panic: {info}");
+        backfill::progress::print_error(&message, None);
+        if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
+            let trace = std::backtrace::Backtrace::force_capture().to_string();
+            eprintln!("{}", backfill::redact::redact(&trace));
+        }
+    }));
     let cli = Cli::parse();
     let json = init_logging(cli.log_format);
     backfill::progress::set_json_errors(json);
