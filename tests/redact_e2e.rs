@@ -234,3 +234,35 @@ proptest! {
         never_shown(&pw, dir.path());
     }
 }
+
+/// A YAML error quotes the spec's lines: the secrets on them are masked there too.
+#[test]
+fn yaml_errors_do_not_quote_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    for (yaml, secret) in [
+        (
+            "postgres:\n  url: postgres://u:SeKrEt-yaml: x@127.0.0.1:1/d\n  table: t\n  key: id\n  statement: UPDATE t SET n = 1 WHERE id = ANY($1)\n",
+            "SeKrEt-yaml",
+        ),
+        (
+            "clickhouse:\n  url: http://default@127.0.0.1:8123/default\n  password: \"SeKrEt-ch\\q\"\n  source: s\n",
+            "SeKrEt-ch",
+        ),
+        (
+            "postgres:\n  url: 'host=h password=SeKrEt-kv dbname=d'\n  table: [t\n",
+            "SeKrEt-kv",
+        ),
+    ] {
+        let spec = dir.path().join("job.yaml");
+        std::fs::write(&spec, yaml).unwrap();
+        for format in ["text", "json"] {
+            let (code, out, err) = backfill(format, &[&"validate", &spec]);
+            assert_eq!(code, 2, "{yaml}\n{err}");
+            assert!(err.contains("job.yaml:"), "{err}");
+            assert!(
+                !out.contains(secret) && !err.contains(secret),
+                "{format}: {yaml}\n{out}\n{err}"
+            );
+        }
+    }
+}
