@@ -34,7 +34,7 @@ pub enum Command {
         #[arg(required = true, value_name = "SPEC_OR_DIR")]
         specs: Vec<PathBuf>,
         /// Stop at a batch boundary after this long (e.g. 45m) and exit 75; run again to resume.
-        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        #[arg(long, value_parser = parse_runtime, value_name = "DURATION")]
         max_runtime: Option<Duration>,
         /// Run finished jobs again from the start (their checkpoint is reset first).
         #[arg(long)]
@@ -51,10 +51,10 @@ pub enum Command {
         #[arg(long, value_name = "URL")]
         pushgateway: Option<String>,
         /// How often to log a progress line when stderr is not a terminal.
-        #[arg(long, value_parser = parse_duration, default_value = "5s", value_name = "DURATION")]
+        #[arg(long, value_parser = parse_interval, default_value = "5s", value_name = "DURATION")]
         progress_interval: Duration,
         /// How often to push to the push gateway.
-        #[arg(long, value_parser = parse_duration, default_value = "15s", value_name = "DURATION")]
+        #[arg(long, value_parser = parse_push_interval, default_value = "15s", value_name = "DURATION")]
         push_interval: Duration,
         /// Worker threads of this process (default: the spec's `workers`); more processes on
         /// the same spec join until `workers` are active.
@@ -86,7 +86,7 @@ pub enum Command {
         #[arg(long)]
         watch: bool,
         /// How often `--watch` redraws.
-        #[arg(long, value_parser = parse_duration, default_value = "2s", value_name = "DURATION")]
+        #[arg(long, value_parser = parse_interval, default_value = "2s", value_name = "DURATION")]
         interval: Duration,
     },
     /// Run the spec's `verify:` check alone (read-only): exit 0 when it returns 0.
@@ -119,6 +119,26 @@ pub enum Command {
     },
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    crate::spec::parse_duration(s)
+fn parse_bounded(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let d = crate::spec::parse_duration(s)?;
+    if d < min || d > max {
+        return Err(format!(
+            "{s} is out of range: {} to {}",
+            crate::spec::format_duration(min),
+            crate::spec::format_duration(max)
+        ));
+    }
+    Ok(d)
+}
+
+fn parse_runtime(s: &str) -> Result<Duration, String> {
+    parse_bounded(s, Duration::ZERO, crate::spec::MAX_LONG_DURATION)
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    parse_bounded(s, Duration::ZERO, crate::spec::MAX_SHORT_DURATION)
+}
+
+fn parse_push_interval(s: &str) -> Result<Duration, String> {
+    parse_bounded(s, Duration::from_millis(1), crate::spec::MAX_SHORT_DURATION)
 }

@@ -6,7 +6,8 @@ use clap::Parser;
 use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
-fn init_logging(format: LogFormat) {
+/// Set up the tracing subscriber; returns whether logs (and so error lines) are JSON.
+fn init_logging(format: LogFormat) -> bool {
     // A bare level (BACKFILL_LOG=debug) applies to backfill only: the database drivers' debug
     // output would log every batch's key array byte by byte. Full directives pass through.
     let filter = match std::env::var("BACKFILL_LOG").or_else(|_| std::env::var("RUST_LOG")) {
@@ -29,11 +30,22 @@ fn init_logging(format: LogFormat) {
     } else {
         builder.init();
     }
+    json
 }
 
 fn main() {
+    // A panic message goes through redaction like everything else printed.
+    std::panic::set_hook(Box::new(|info| {
+        let message = format!("panic: {info}");
+        backfill::progress::print_error(&message, None);
+        if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
+            let trace = std::backtrace::Backtrace::force_capture().to_string();
+            eprintln!("{}", backfill::redact::redact(&trace));
+        }
+    }));
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let json = init_logging(cli.log_format);
+    backfill::progress::set_json_errors(json);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -43,13 +55,16 @@ fn main() {
         match backfill::commands::execute(cli.command).await {
             Ok(()) => backfill::error::EXIT_DONE,
             Err(e) => {
-                let text = backfill::redact::redact(&e.to_string()).into_owned();
+                let code = e.exit_code();
                 match &e {
                     // Not a failure: progress is saved and a later run resumes.
-                    backfill::Error::Stopped(_) => eprintln!("{text}; run again to resume"),
-                    _ => eprintln!("error: {text}"),
+                    backfill::Error::Stopped(_) => backfill::progress::print_stopped(
+                        &format!("{e}; run again to resume"),
+                        code,
+                    ),
+                    _ => backfill::progress::print_error(&e.to_string(), Some(code)),
                 }
-                e.exit_code()
+                code
             }
         }
     });

@@ -198,6 +198,7 @@ fn describe() {
 }
 
 fn start_push(raw: &str, every: Duration, handle: PrometheusHandle) -> Result<Push> {
+    crate::redact::register_url(raw);
     let shown = redact_url(raw);
     let parsed =
         url::Url::parse(raw).map_err(|e| Error::Usage(format!("--pushgateway {shown}: {e}")))?;

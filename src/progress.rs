@@ -5,6 +5,7 @@ use crate::engine::{Estimate, Outcome};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// How often the remaining-work estimate is refreshed (a planner estimate: cheap).
@@ -17,13 +18,15 @@ fn bars() -> &'static MultiProgress {
 }
 
 /// A stderr writer for logs that hides the progress bar while a line is written, so a log line
-/// never lands in the middle of the bar (tracing's `MakeWriter`).
+/// never lands in the middle of the bar, and masks every registered secret (tracing's
+/// `MakeWriter`; the formatter hands it one whole event per write, text or JSON).
 #[derive(Clone, Copy, Default)]
 pub struct LogWriter;
 
 impl Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        bars().suspend(|| std::io::stderr().write_all(buf))?;
+        let shown = crate::redact::redact_bytes(buf);
+        bars().suspend(|| std::io::stderr().write_all(&shown))?;
         Ok(buf.len())
     }
 
@@ -38,6 +41,46 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
     fn make_writer(&'a self) -> LogWriter {
         LogWriter
     }
+}
+
+/// Whether error lines are JSON objects (`--log-format json`) rather than `error: ...` text.
+static JSON_ERRORS: AtomicBool = AtomicBool::new(false);
+
+/// Write error lines as JSON objects from now on (the log format is JSON).
+pub fn set_json_errors(on: bool) {
+    JSON_ERRORS.store(on, Ordering::Relaxed);
+}
+
+/// Print an error to stderr, redacted: `error: <message>`, or with JSON logs one object
+/// `{"timestamp", "level": "ERROR", "message", "exit_code"}` (the code when it ends the run).
+pub fn print_error(message: &str, exit_code: Option<i32>) {
+    print_final("ERROR", "error: ", message, exit_code);
+}
+
+/// The final line of a run that stopped early with its progress saved (exit 75): not an error.
+pub fn print_stopped(message: &str, exit_code: i32) {
+    print_final("WARN", "", message, Some(exit_code));
+}
+
+fn print_final(level: &str, prefix: &str, message: &str, exit_code: Option<i32>) {
+    let message = crate::redact::redact(message);
+    let line = if JSON_ERRORS.load(Ordering::Relaxed) {
+        // Keys in the order tracing's JSON lines have them.
+        let json = |v: &str| serde_json::to_string(v).expect("a string serializes");
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        let code = exit_code.map_or(String::new(), |c| format!(",\"exit_code\":{c}"));
+        format!(
+            "{{\"timestamp\":{},\"level\":\"{level}\",\"message\":{}{code}}}",
+            json(&now),
+            json(&message)
+        )
+    } else {
+        format!("{prefix}{message}")
+    };
+    let line = format!("{}\n", crate::redact::redact(&line));
+    bars().suspend(|| {
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    });
 }
 
 /// Totals of one run of one job.

@@ -78,7 +78,7 @@ fn wrong_type() {
         &format!("{GOOD}batch:\n  size: lots\n"),
         Some(7),
         "batch.size",
-        "u64",
+        "not a whole number",
     );
 }
 

@@ -2,6 +2,7 @@
 //! fatal: CI lints specs without production secrets.
 
 use crate::error::{Error, Result};
+use crate::redact::outln;
 use crate::spec::{Env, expand_paths, load_file};
 use std::path::PathBuf;
 
@@ -20,10 +21,10 @@ pub fn validate(paths: &[PathBuf]) -> Result<()> {
                 } else {
                     format!(" (not set here: {})", spec.unresolved.join(", "))
                 };
-                println!("ok  {} (job {}){note}", path.display(), spec.name);
+                outln!("ok  {} (job {}){note}", path.display(), spec.name);
             }
             Err(e) => {
-                eprintln!("error: {e}");
+                crate::progress::print_error(&e.to_string(), None);
                 failed.push(path.display().to_string());
             }
         }

@@ -9,7 +9,8 @@ use tokio_postgres::Client;
 
 /// One line per session that should stop the job from starting. Reads only the catalog and the
 /// statistics views: it takes no lock on the table, so it cannot queue behind the lock it finds.
-pub async fn find(client: &Client, table: &str, max_age: Duration) -> Result<Vec<String>> {
+/// `max_age` `None`: old transactions are not checked.
+pub async fn find(client: &Client, table: &str, max_age: Option<Duration>) -> Result<Vec<String>> {
     let rel = client
         .query_one("SELECT to_regclass($1)::oid", &[&table])
         .await
@@ -50,6 +51,9 @@ pub async fn find(client: &Client, table: &str, max_age: Duration) -> Result<Vec
             )
         })
         .collect();
+    let Some(max_age) = max_age else {
+        return Ok(found);
+    };
     let old = client
         .query(
             "SELECT pid, extract(epoch FROM now() - xact_start)::float8, coalesce(state, ''),

@@ -10,18 +10,26 @@ use serde_saphyr::Spanned;
 pub(super) fn validate(cx: &mut Ctx, ch: &Spanned<RawClickhouse>) -> Result<ClickhouseSpec> {
     let c = &ch.value;
     let raw_url = cx.text(&c.url, "clickhouse.url")?;
+    // Before anything can print it: the password, however the URL is written.
+    crate::redact::register_url(&raw_url);
     let (endpoint, database, url_user, url_password) = if raw_url.contains("${") {
         // `validate` without the secret: keep going to check the rest.
         (raw_url.clone(), "default".to_string(), None, None)
     } else {
-        split_url(&raw_url).or_else(|why| cx.at(&c.url, "clickhouse.url", why))?
+        super::urls::check_clickhouse(&raw_url)
+            .and_then(|()| split_url(&raw_url))
+            .or_else(|why| cx.at(&c.url, "clickhouse.url", why))?
     };
     let user = match &c.user {
         Some(u) => Some(cx.text(u, "clickhouse.user")?),
         None => url_user,
     };
     let password = match &c.password {
-        Some(p) => Some(cx.text(p, "clickhouse.password")?),
+        Some(p) => {
+            let value = cx.text(p, "clickhouse.password")?;
+            crate::redact::register_secret(&value);
+            Some(value)
+        }
         None => url_password,
     };
     let source = cx.text(&c.source, "clickhouse.source")?;
@@ -125,7 +133,7 @@ fn date(cx: &mut Ctx, v: Option<&Spanned<String>>, field: &str) -> Result<Option
 type UrlParts = (String, String, Option<String>, Option<String>);
 
 fn split_url(raw: &str) -> std::result::Result<UrlParts, String> {
-    let shown = crate::redact::redact_url(raw);
+    let shown = crate::redact::redacted_url(raw);
     let u = url::Url::parse(raw).map_err(|e| format!("{shown} is not a URL: {e}"))?;
     if !matches!(u.scheme(), "http" | "https") {
         return Err(format!(

@@ -30,6 +30,25 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(t).map_err(|e| format!("invalid duration \"{text}\": {e}; {HINT}"))
 }
 
+/// A duration the way a spec writes it, in its largest whole unit: `366d`, `1h`, `2147483647ms`.
+pub fn format(d: Duration) -> String {
+    let ms = d.as_millis();
+    if d.is_zero() {
+        return "0".into();
+    }
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
+        if ms.is_multiple_of(size) {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
+}
+
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
@@ -52,6 +71,16 @@ impl<'de> Deserialize<'de> for Dur {
 mod tests {
     use super::parse;
     use std::time::Duration;
+
+    #[test]
+    fn formats_in_the_largest_whole_unit() {
+        use super::format;
+        assert_eq!(format(Duration::from_secs(366 * 86400)), "366d");
+        assert_eq!(format(Duration::from_secs(3600)), "1h");
+        assert_eq!(format(Duration::from_millis(2_147_483_647)), "2147483647ms");
+        assert_eq!(format(Duration::from_millis(90_000)), "90s");
+        assert_eq!(format(Duration::ZERO), "0");
+    }
 
     #[test]
     fn accepts_compact_forms_only() {

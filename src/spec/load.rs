@@ -57,6 +57,8 @@ pub fn expand_paths(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
 pub fn load_file(path: &Path, env: &Env) -> Result<Spec> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::Spec(format!("{}: cannot read spec: {e}", path.display())))?;
+    // A YAML error quotes the line it stops at: its secrets are known before parsing.
+    crate::redact::register_spec_text(&text);
     let raw = parse_yaml(path, &text)?;
     validate::validate(path, raw, env)
 }
@@ -111,12 +113,21 @@ fn describe_yaml_error(path: &Path, field: &str, e: &serde_saphyr::Error) -> Str
         message = format!("duplicate key `{name}`: each key may appear only once");
     }
     let field = field.join(".");
+    // serde's hint is for Rust programmers, not for whoever writes the spec.
+    const NULL: &str = "cannot deserialize null into string; use Option<String>";
+    let null_means = if field.is_empty() {
+        "a key has no name: write it before the `:`"
+    } else {
+        "has no value: write one after the `:`"
+    };
+    let message = message.replace(NULL, null_means);
     let place = match e.location() {
         Some(l) if l.line() > 0 => format!("{}:{}:{}", path.display(), l.line(), l.column()),
         _ => path.display().to_string(),
     };
+    // No field applies when the text itself is not YAML (or not a mapping of fields).
     let field = if field.is_empty() {
-        String::new()
+        "not valid YAML for a spec: ".to_string()
     } else {
         format!("field `{field}`: ")
     };
@@ -124,7 +135,7 @@ fn describe_yaml_error(path: &Path, field: &str, e: &serde_saphyr::Error) -> Str
         .to_string()
         .lines()
         .skip(1)
-        .map(|l| format!("\n{l}"))
+        .map(|l| format!("\n{}", l.replace(NULL, null_means)))
         .collect();
     format!("{place}: {field}{message}{snippet}")
 }

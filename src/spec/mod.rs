@@ -6,14 +6,29 @@ mod duration;
 mod env;
 mod load;
 mod raw;
+mod urls;
 mod validate;
+mod where_expr;
 
-pub use duration::parse as parse_duration;
+pub use duration::{format as format_duration, parse as parse_duration};
 pub use load::{Env, expand_paths, load_file};
 pub use raw::{ChunkLevel, LockMode};
+pub use where_expr::{check as check_where, wrap as where_sql};
 
 use std::path::PathBuf;
 use std::time::Duration;
+
+/// Largest `batch.size` / `batch.max`: one batch's keys travel as one array parameter.
+pub const MAX_BATCH_SIZE: u64 = 1_000_000;
+/// Largest Postgres timeout (`statement_timeout`, `lock_timeout`,
+/// `idle_in_transaction_session_timeout`): the server's limit, 2^31-1 milliseconds.
+pub const MAX_PG_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
+/// Largest `max_runtime`, `max_transaction_age`, `max_replication_lag`: a year.
+pub const MAX_LONG_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+/// Largest `batch.target`, `batch.pause`, `throttle.interval`: an hour.
+pub const MAX_SHORT_DURATION: Duration = Duration::from_secs(3600);
+/// Largest `throttle.max_active_backends`: Postgres's own limit on backends (2^18-1).
+pub const MAX_BACKENDS: u64 = 262_143;
 
 /// One validated job.
 #[derive(Debug, Clone)]
@@ -109,6 +124,7 @@ pub struct PostgresSpec {
     pub url: String,
     pub table: String,
     pub key: String,
+    /// As written (one SQL expression, checked); splice `where_sql()` instead.
     pub where_: Option<String>,
     pub lock: LockMode,
     pub statement: String,
@@ -118,7 +134,17 @@ pub struct PostgresSpec {
 
 impl PostgresSpec {
     pub fn redacted_url(&self) -> String {
-        crate::redact::redact_url(&self.url)
+        crate::redact::redacted_url(&self.url)
+    }
+
+    /// The `where` filter as the engine must splice it into SQL: `(\n<where>\n)`, or `true`
+    /// when there is none. Validation proved `where` is one expression, and the newlines end
+    /// a trailing `-- comment` before the closing parenthesis: nothing can escape it. Splice
+    /// this, never `where_` itself.
+    pub fn where_sql(&self) -> String {
+        self.where_
+            .as_deref()
+            .map_or_else(|| "true".to_string(), where_sql)
     }
 }
 
@@ -151,8 +177,9 @@ pub struct Limits {
     pub lock_timeout: Duration,
     pub idle_in_transaction_session_timeout: Duration,
     pub max_runtime: Option<Duration>,
-    /// Preflight refuses to start while a transaction in the database is older than this.
-    pub max_transaction_age: Duration,
+    /// Preflight refuses to start while a transaction in the database is older than this;
+    /// `None` (written `0`) = off.
+    pub max_transaction_age: Option<Duration>,
 }
 
 /// Pause the job while any of these holds; checked every `interval` off the batch path.

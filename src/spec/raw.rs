@@ -25,10 +25,10 @@ pub struct RawSpec {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawThrottle {
-    pub max_replication_lag: Option<Dur>,
-    pub max_active_backends: Option<u32>,
+    pub max_replication_lag: Option<Spanned<Dur>>,
+    pub max_active_backends: Option<Spanned<Count>>,
     pub query: Option<Spanned<String>>,
-    pub interval: Option<Dur>,
+    pub interval: Option<Spanned<Dur>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -108,25 +108,90 @@ pub enum LockMode {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBatch {
-    pub size: Option<u64>,
-    pub target: Option<Dur>,
-    pub min: Option<u64>,
-    pub max: Option<u64>,
-    pub pause: Option<Dur>,
+    pub size: Option<Spanned<Count>>,
+    pub target: Option<Spanned<Dur>>,
+    pub min: Option<Spanned<Count>>,
+    pub max: Option<Spanned<Count>>,
+    pub pause: Option<Spanned<Dur>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
-    pub statement_timeout: Option<Dur>,
-    pub lock_timeout: Option<Dur>,
-    pub idle_in_transaction_session_timeout: Option<Dur>,
-    pub max_runtime: Option<Dur>,
-    pub max_transaction_age: Option<Dur>,
+    pub statement_timeout: Option<Spanned<Dur>>,
+    pub lock_timeout: Option<Spanned<Dur>>,
+    pub idle_in_transaction_session_timeout: Option<Spanned<Dur>>,
+    pub max_runtime: Option<Spanned<Dur>>,
+    pub max_transaction_age: Option<Spanned<Dur>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawState {
     pub schema: Option<Spanned<String>>,
+}
+
+/// A whole number as written; negative, fractional or huge values are refused with a message
+/// that says so (bounds are checked by `validate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Count(pub u64);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Count;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a whole number, e.g. 1000")
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Count, E> {
+                Ok(Count(v))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Count, E> {
+                u64::try_from(v)
+                    .map(Count)
+                    .map_err(|_| E::custom(format!("{v} is negative: write a whole number")))
+            }
+
+            fn visit_u128<E: serde::de::Error>(self, v: u128) -> Result<Count, E> {
+                u64::try_from(v)
+                    .map(Count)
+                    .map_err(|_| E::custom(format!("{v} is far too large")))
+            }
+
+            fn visit_i128<E: serde::de::Error>(self, v: i128) -> Result<Count, E> {
+                match u64::try_from(v) {
+                    Ok(n) => Ok(Count(n)),
+                    Err(_) if v < 0 => {
+                        Err(E::custom(format!("{v} is negative: write a whole number")))
+                    }
+                    Err(_) => Err(E::custom(format!("{v} is far too large"))),
+                }
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Count, E> {
+                // Integers beyond 64 bits arrive as floats: do not show their rounded value.
+                Err(E::custom(match v {
+                    v if v.fract() != 0.0 || !v.is_finite() => {
+                        format!("{v} is not a whole number")
+                    }
+                    v if v < 0.0 => "the number is negative: write a whole number".to_string(),
+                    _ => "the number is far too large".to_string(),
+                }))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Count, E> {
+                let digits = !v.is_empty() && v.chars().all(|c| c.is_ascii_digit());
+                Err(E::custom(if digits {
+                    format!("{v} is far too large")
+                } else {
+                    format!("{v:?} is not a whole number")
+                }))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }

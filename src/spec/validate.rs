@@ -1,8 +1,9 @@
 //! Checks a parsed spec without touching a database, and builds the validated `Spec`.
 
+use super::duration::Dur;
 use super::env::expand;
 use super::load::Env;
-use super::raw::{RawBatch, RawLimits, RawPostgres, RawSpec, RawThrottle};
+use super::raw::{Count, RawBatch, RawLimits, RawPostgres, RawSpec, RawThrottle};
 use super::{Batch, Limits, PostgresSpec, Source, Spec, Throttle};
 use crate::error::{Error, Result};
 use serde_saphyr::Spanned;
@@ -13,7 +14,7 @@ use std::time::Duration;
 pub(super) struct Ctx<'a> {
     path: &'a Path,
     env: &'a Env<'a>,
-    unresolved: Vec<String>,
+    pub(super) unresolved: Vec<String>,
 }
 
 impl Ctx<'_> {
@@ -110,7 +111,7 @@ pub(super) fn validate(path: &Path, raw: RawSpec, env: &Env) -> Result<Spec> {
         }
     };
     let batch = batch(&cx, raw.batch.as_ref())?;
-    let limits = limits(raw.limits.unwrap_or_default());
+    let limits = limits(&cx, &raw.limits.unwrap_or_default())?;
     let state_schema = match raw.state.and_then(|s| s.schema) {
         Some(s) => {
             let v = cx.text(&s, "state.schema")?;
@@ -189,29 +190,23 @@ pub(super) fn validate(path: &Path, raw: RawSpec, env: &Env) -> Result<Spec> {
 fn postgres(cx: &mut Ctx, pg: &Spanned<RawPostgres>) -> Result<PostgresSpec> {
     let p = &pg.value;
     let url = cx.text(&p.url, "postgres.url")?;
+    // Before anything can print it: the password, however the URL is written.
+    crate::redact::register_url(&url);
     let url_resolved = !url.contains("${");
     if url_resolved {
-        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-            return cx.at(
-                &p.url,
-                "postgres.url",
-                format!(
-                    "{} is not a postgres:// URL",
-                    crate::redact::redact_url(&url)
-                ),
-            );
-        }
+        super::urls::check_postgres(&url).or_else(|why| cx.at(&p.url, "postgres.url", why))?;
         // sslmode/sslrootcert are ours (tokio-postgres knows no verify-ca/verify-full).
         let parsed = crate::postgres::tls::split_url(&url).and_then(|(rest, _)| {
             rest.parse::<tokio_postgres::Config>()
                 .map_err(|e| e.to_string())
         });
+        let shown = crate::redact::redacted_url(&url);
         match parsed {
             Err(e) => {
                 return cx.at(
                     &p.url,
                     "postgres.url",
-                    format!("{} does not parse: {e}", crate::redact::redact_url(&url)),
+                    format!("{shown} does not parse: {e}"),
                 );
             }
             // libpq would quietly use the user's name as the database: say which one instead.
@@ -219,10 +214,7 @@ fn postgres(cx: &mut Ctx, pg: &Spanned<RawPostgres>) -> Result<PostgresSpec> {
                 return cx.at(
                     &p.url,
                     "postgres.url",
-                    format!(
-                        "{} has no database name (postgres://user@host:5432/DATABASE)",
-                        crate::redact::redact_url(&url)
-                    ),
+                    format!("{shown} has no database name (postgres://user@host:5432/DATABASE)"),
                 );
             }
             Ok(_) => {}
@@ -239,7 +231,15 @@ fn postgres(cx: &mut Ctx, pg: &Spanned<RawPostgres>) -> Result<PostgresSpec> {
         );
     }
     let where_ = match &p.where_ {
-        Some(w) => Some(cx.text(w, "postgres.where")?),
+        Some(w) => {
+            let unresolved = cx.unresolved.len();
+            let text = cx.text(w, "postgres.where")?;
+            // Checked once its ${VAR}s are known (`validate` without them cannot).
+            if cx.unresolved.len() == unresolved {
+                super::where_expr::check(&text).or_else(|why| cx.at(w, "postgres.where", why))?;
+            }
+            Some(text)
+        }
         None => None,
     };
     let statement = cx.text(&p.statement, "postgres.statement")?;
@@ -272,61 +272,169 @@ fn postgres(cx: &mut Ctx, pg: &Spanned<RawPostgres>) -> Result<PostgresSpec> {
     })
 }
 
+/// A number or duration as written, with where it was written (if it was).
+struct Value<T> {
+    value: T,
+    /// Line and column.
+    place: Option<(u64, u64)>,
+    field: &'static str,
+}
+
+impl<T: Copy> Value<T> {
+    fn new(raw: Option<&Spanned<T>>, default: T, field: &'static str) -> Self {
+        Value {
+            value: raw.map_or(default, |s| s.value),
+            place: raw.map(|s| (s.referenced.line(), s.referenced.column())),
+            field,
+        }
+    }
+
+    fn map<U>(self, f: impl FnOnce(T) -> U) -> Value<U> {
+        Value {
+            value: f(self.value),
+            place: self.place,
+            field: self.field,
+        }
+    }
+
+    fn fail<R>(&self, cx: &Ctx, fallback: Option<&Spanned<RawBatch>>, why: String) -> Result<R> {
+        match (self.place, fallback) {
+            (Some((line, col)), _) => cx.err(line, col, self.field, why),
+            (None, Some(f)) => cx.at(f, self.field, why),
+            (None, None) => cx.err(0, 0, self.field, why),
+        }
+    }
+}
+
+impl Value<Dur> {
+    fn dur(raw: Option<&Spanned<Dur>>, default: Duration, field: &'static str) -> Self {
+        Value::new(raw, Dur(default), field)
+    }
+
+    /// The duration, or an error if above `max` (zero is always allowed: it means off).
+    fn at_most(&self, cx: &Ctx, max: Duration, why: &str) -> Result<Duration> {
+        let d = self.value.0;
+        if d > max {
+            return self.fail(
+                cx,
+                None,
+                format!(
+                    "{} is too long: at most {} ({why})",
+                    super::format_duration(d),
+                    super::format_duration(max)
+                ),
+            );
+        }
+        Ok(d)
+    }
+}
+
 fn batch(cx: &Ctx, raw: Option<&Spanned<RawBatch>>) -> Result<Batch> {
     let default = RawBatch::default();
     let b = raw.map(|s| &s.value).unwrap_or(&default);
-    let size = b.size.unwrap_or(1000);
-    let min = b.min.unwrap_or(100.min(size));
-    let max = b.max.unwrap_or(100_000.max(size));
-    let fail = |field: &str, why: String| match raw {
-        Some(s) => cx.at(s, field, why),
-        None => cx.err(0, 0, field, why),
-    };
-    if size == 0 {
-        return fail("batch.size", "must be at least 1".into());
+    let size = Value::new(b.size.as_ref(), Count(1000), "batch.size");
+    let min = Value::new(b.min.as_ref(), Count(100.min(size.value.0)), "batch.min");
+    let max = Value::new(
+        b.max.as_ref(),
+        Count(100_000.max(size.value.0).min(super::MAX_BATCH_SIZE)),
+        "batch.max",
+    );
+    let [size, min, max] = [size, min, max].map(|v| v.map(|c| c.0));
+    for v in [&size, &min, &max] {
+        if v.value == 0 {
+            return v.fail(cx, raw, "must be at least 1".into());
+        }
+        if v.value > super::MAX_BATCH_SIZE {
+            return v.fail(
+                cx,
+                raw,
+                format!(
+                    "{} is too large: at most {} keys per batch (one batch is one transaction \
+                     and its keys travel as one array)",
+                    v.value,
+                    super::MAX_BATCH_SIZE
+                ),
+            );
+        }
     }
-    if min == 0 {
-        return fail("batch.min", "must be at least 1".into());
-    }
-    if min > max {
-        return fail("batch.min", format!("{min} is larger than batch.max {max}"));
-    }
-    if size < min || size > max {
-        return fail(
-            "batch.size",
-            format!("{size} is outside batch.min..batch.max ({min}..{max})"),
+    if min.value > max.value {
+        return min.fail(
+            cx,
+            raw,
+            format!("{} is larger than batch.max {}", min.value, max.value),
         );
     }
+    if size.value < min.value || size.value > max.value {
+        return size.fail(
+            cx,
+            raw,
+            format!(
+                "{} is outside batch.min..batch.max ({}..{})",
+                size.value, min.value, max.value
+            ),
+        );
+    }
+    let short = super::MAX_SHORT_DURATION;
+    let target = Value::dur(
+        b.target.as_ref(),
+        Duration::from_millis(500),
+        "batch.target",
+    )
+    .at_most(cx, short, "0 keeps the size fixed")?;
+    let pause = Value::dur(b.pause.as_ref(), Duration::ZERO, "batch.pause").at_most(
+        cx,
+        short,
+        "a pause between batches",
+    )?;
     Ok(Batch {
-        size,
-        target: b.target.map(|d| d.0).unwrap_or(Duration::from_millis(500)),
-        min,
-        max,
-        pause: b.pause.map(|d| d.0).unwrap_or_default(),
+        size: size.value,
+        target,
+        min: min.value,
+        max: max.value,
+        pause,
     })
 }
 
-fn limits(raw: RawLimits) -> Limits {
-    let statement_timeout = raw
-        .statement_timeout
-        .map(|d| d.0)
-        .unwrap_or(Duration::from_secs(30));
-    Limits {
-        statement_timeout,
-        lock_timeout: raw
-            .lock_timeout
-            .map(|d| d.0)
-            .unwrap_or(Duration::from_secs(3)),
-        idle_in_transaction_session_timeout: raw
-            .idle_in_transaction_session_timeout
-            .map(|d| d.0)
-            .unwrap_or(Duration::from_secs(60)),
-        max_runtime: raw.max_runtime.map(|d| d.0).filter(|d| !d.is_zero()),
-        max_transaction_age: raw
-            .max_transaction_age
-            .map(|d| d.0)
-            .unwrap_or(Duration::from_secs(600)),
-    }
+fn limits(cx: &Ctx, raw: &RawLimits) -> Result<Limits> {
+    let pg = super::MAX_PG_TIMEOUT;
+    let pg_why = "Postgres's limit; 0 = no limit";
+    let long = super::MAX_LONG_DURATION;
+    let timeout = |raw, default, field| Value::dur(raw, default, field).at_most(cx, pg, pg_why);
+    Ok(Limits {
+        statement_timeout: timeout(
+            raw.statement_timeout.as_ref(),
+            Duration::from_secs(30),
+            "limits.statement_timeout",
+        )?,
+        lock_timeout: timeout(
+            raw.lock_timeout.as_ref(),
+            Duration::from_secs(3),
+            "limits.lock_timeout",
+        )?,
+        idle_in_transaction_session_timeout: timeout(
+            raw.idle_in_transaction_session_timeout.as_ref(),
+            Duration::from_secs(60),
+            "limits.idle_in_transaction_session_timeout",
+        )?,
+        max_runtime: Some(
+            Value::dur(
+                raw.max_runtime.as_ref(),
+                Duration::ZERO,
+                "limits.max_runtime",
+            )
+            .at_most(cx, long, "0 = no limit")?,
+        )
+        .filter(|d| !d.is_zero()),
+        max_transaction_age: Some(
+            Value::dur(
+                raw.max_transaction_age.as_ref(),
+                Duration::from_secs(600),
+                "limits.max_transaction_age",
+            )
+            .at_most(cx, long, "0 = off")?,
+        )
+        .filter(|d| !d.is_zero()),
+    })
 }
 
 fn throttle(cx: &mut Ctx, section: &Spanned<RawThrottle>) -> Result<Throttle> {
@@ -335,13 +443,48 @@ fn throttle(cx: &mut Ctx, section: &Spanned<RawThrottle>) -> Result<Throttle> {
         Some(q) => Some(cx.text(q, "throttle.query")?),
         None => None,
     };
-    let interval = t.interval.map(|d| d.0).unwrap_or(Duration::from_secs(1));
+    let interval = Value::dur(
+        t.interval.as_ref(),
+        Duration::from_secs(1),
+        "throttle.interval",
+    );
+    let interval = interval.at_most(cx, super::MAX_SHORT_DURATION, "how often to check")?;
     if interval.is_zero() {
-        return cx.at(section, "throttle.interval", "must be more than 0");
+        let at = t
+            .interval
+            .as_ref()
+            .map_or(&section.referenced, |s| &s.referenced);
+        return cx.err(
+            at.line(),
+            at.column(),
+            "throttle.interval",
+            "must be more than 0",
+        );
     }
+    let lag = Value::dur(
+        t.max_replication_lag.as_ref(),
+        Duration::ZERO,
+        "throttle.max_replication_lag",
+    )
+    .at_most(cx, super::MAX_LONG_DURATION, "0 = off")?;
+    let backends = match &t.max_active_backends {
+        Some(b) if b.value.0 == 0 || b.value.0 > super::MAX_BACKENDS => {
+            return cx.at(
+                b,
+                "throttle.max_active_backends",
+                format!(
+                    "{} is out of range: 1..{} (leave it out to not throttle on backends)",
+                    b.value.0,
+                    super::MAX_BACKENDS
+                ),
+            );
+        }
+        Some(b) => Some(u32::try_from(b.value.0).expect("bounded above")),
+        None => None,
+    };
     Ok(Throttle {
-        max_replication_lag: t.max_replication_lag.map(|d| d.0).filter(|d| !d.is_zero()),
-        max_active_backends: t.max_active_backends,
+        max_replication_lag: Some(lag).filter(|d| !d.is_zero()),
+        max_active_backends: backends,
         query,
         interval,
     })

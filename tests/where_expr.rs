@@ -1,0 +1,153 @@
+//! `postgres.where` is ONE boolean expression. Checked on the real server: what `validate`
+//! accepts is valid Postgres, and spliced as `spec::where_sql` wraps it, what the engine appends
+//! (`AND <its own condition>`) still applies, trailing `-- comment` or not. What `validate`
+//! refuses would have escaped a naive `WHERE (<where>)` splice; through the binary it exits 2
+//! naming the field and line.
+
+mod common;
+use backfill::spec::{check_where, where_sql};
+use common::{TestDb, run};
+
+const ACCEPTED: &[&str] = &[
+    "entry_type = 'track' AND dj_name IS NULL",
+    "id::text <> '' AND created_at::date >= '2024-01-01'",
+    "a IS DISTINCT FROM b",
+    "name ILIKE 'abc%'",
+    "name ~ '^abc' AND name !~* 'y'",
+    "status = ANY(ARRAY['a', 'b'])",
+    "payload->>'kind' = 'x' AND payload->'a' IS NOT NULL",
+    "n BETWEEN 1 AND 10",
+    "owner_id IN (SELECT id FROM users WHERE active)",
+    "lower(name) = 'abc1' AND coalesce(n, 0) >= 1",
+    "created_at < now() - interval '1 day'",
+    "EXISTS (SELECT 1 FROM users u WHERE u.id = owner_id)",
+    "true -- every row",
+    "n >= 0 /* block */ -- and a line comment",
+    "name <> 'a;b' AND name <> $$dollar ; quoted) OR (true$$",
+    "name <> E'it\\'s' AND name <> 'x\\'",
+    "(a OR b) AND (n > 0 OR n <= 0)",
+];
+
+#[tokio::test]
+async fn accepted_where_is_valid_postgres_and_stays_contained() {
+    let db = TestDb::new("where_ok").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE users (id int PRIMARY KEY, active boolean NOT NULL);
+         INSERT INTO users VALUES (1, true), (2, false);
+         CREATE TABLE t (id bigint PRIMARY KEY, n int, a boolean, b boolean, name text,
+                         entry_type text, dj_name text, status text, payload jsonb,
+                         owner_id int, created_at timestamptz);
+         INSERT INTO t SELECT i, i % 5, true, i % 2 = 0, 'abc' || i, 'track', NULL, 'a',
+                              '{\"kind\": \"x\", \"a\": 1}', 1, now() - interval '2 days'
+           FROM generate_series(1, 20) i;",
+    )
+    .await
+    .unwrap();
+    for text in ACCEPTED {
+        assert_eq!(check_where(text), Ok(()), "{text}");
+        let wrapped = where_sql(text);
+        let all: i64 = c
+            .query_one(&format!("SELECT count(*) FROM t WHERE {wrapped}"), &[])
+            .await
+            .unwrap_or_else(|e| panic!("{text}: Postgres refuses it: {e}"))
+            .get(0);
+        assert!(all > 0, "{text}: matches no row of the fixture");
+        // What the engine puts before or after the filter must still apply.
+        for sql in [
+            format!("SELECT count(*) FROM t WHERE {wrapped} AND false"),
+            format!("SELECT count(*) FROM t WHERE false AND {wrapped}"),
+            format!("SELECT count(*) FROM t WHERE {wrapped}\nAND false ORDER BY 1 LIMIT 5"),
+        ] {
+            let none: i64 = c
+                .query_one(&sql, &[])
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+                .get(0);
+            assert_eq!(none, 0, "{text}: escaped its parentheses in {sql}");
+        }
+    }
+    drop(c);
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn refused_where_would_have_escaped() {
+    let db = TestDb::new("where_bad").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL);
+         INSERT INTO t SELECT i, 1 FROM generate_series(1, 10) i;
+         CREATE TABLE victim (x int);",
+    )
+    .await
+    .unwrap();
+    // The naive splice `WHERE <engine's condition> AND (<where>)`: it matches every row.
+    let escape = "n = 0) OR (true";
+    let naive: i64 = c
+        .query_one(
+            &format!("SELECT count(*) FROM t WHERE false AND ({escape})"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        naive, 10,
+        "the naive splice should escape (the hole this closes)"
+    );
+    // Only the parser check stops it (the wrapping is for comments): `validate` refuses it.
+    assert!(check_where(escape).is_err());
+    // And a second statement never prepares.
+    let drop_table = "true); DROP TABLE victim; --";
+    assert!(check_where(drop_table).is_err());
+    let wrapped = format!("SELECT count(*) FROM t WHERE {}", where_sql(drop_table));
+    assert!(c.prepare(&wrapped).await.is_err());
+    let victim: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_class WHERE relname = 'victim'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(victim, 1, "victim was dropped");
+
+    for (text, why) in [
+        (escape, "unbalanced parentheses"),
+        (drop_table, "`;`"),
+        ("n = 0; SELECT 1", "`;`"),
+        ("(n = 0", "not one SQL expression"),
+        ("n = 0 n", "more text after"),
+        ("id = ANY($1)", "must not use the parameter $1"),
+        ("n = 'open", "not valid SQL"),
+        ("-- nothing", "not one SQL expression"),
+    ] {
+        let spec = db.spec(
+            "job.yaml",
+            &format!(
+                "postgres:\n  url: $URL\n  table: t\n  key: id\n  where: {}\n  statement: UPDATE t SET n = 2 WHERE id = ANY($1)\n",
+                serde_json::to_string(text).unwrap()
+            ),
+        );
+        for cmd in ["validate", "plan", "run"] {
+            let (code, out, err) = run(&[&cmd, &spec]);
+            assert_eq!(code, 2, "{cmd} {text}:\n{out}\n{err}");
+            let place = format!("{}:5:", spec.display());
+            assert!(err.contains(&place), "{cmd} {text}: want {place}:\n{err}");
+            assert!(
+                err.contains("field `postgres.where`"),
+                "{cmd} {text}:\n{err}"
+            );
+            assert!(err.contains(why), "{cmd} {text}: want {why:?}:\n{err}");
+        }
+    }
+    let ones: i64 = c
+        .query_one("SELECT count(*) FROM t WHERE n = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ones, 10, "a refused spec wrote");
+    drop(c);
+    db.drop_db().await;
+}
