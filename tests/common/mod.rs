@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod ch;
+pub mod docker;
 pub mod runner;
 pub mod skew;
 pub mod store;
