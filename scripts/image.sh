@@ -67,6 +67,15 @@ start_daemon() {
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io >&2
     fi
     command -v docker >/dev/null || die "no docker client after installing docker.io"
+    # A daemon killed without a clean stop (the machine's session ended) leaves its pid file.
+    local old
+    old=$(cat "$RUN_DIR/dockerd.pid" 2>/dev/null) || true
+    if [[ -n $old ]]; then
+        if [[ $(cat "/proc/$old/comm" 2>/dev/null) == dockerd ]]; then
+            die "dockerd $old is running but does not answer on $DOCKER_HOST (log: $STATE_DIR/dockerd.log)"
+        fi
+        rm -f "$RUN_DIR/dockerd.pid"
+    fi
     log "starting dockerd: $DOCKER_HOST, data $STATE_DIR/data, log $STATE_DIR/dockerd.log"
     # setsid: the daemon outlives this script and is not in its process group (a Ctrl-C or a
     # test harness killing the group does not take it down).

@@ -433,6 +433,10 @@ fn ssh_usage_errors_exit_2_before_starting_anything() {
             "cannot read the spec",
         ),
         (vec![SSH_TARGET, IMAGE, SPEC, "--bogus"], "unknown option"),
+        (
+            vec![SSH_TARGET, IMAGE, SPEC, "--pull", "sometimes"],
+            "use missing, always or never",
+        ),
         // Checked on the host, before anything is pulled or run.
         (
             vec![SSH_TARGET, IMAGE, SPEC, "--env-file", "/nonexistent/db.env"],
