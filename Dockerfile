@@ -1,7 +1,9 @@
-# syntax=docker/dockerfile:1
 # backfill: one-shot job image. Build:  docker build -t backfill:$(git rev-parse --short HEAD) .
+# Without a registry (base images made locally, a private daemon): bash scripts/image.sh
 # Run:    docker run --rm --env-file db.env -v "$PWD/jobs:/jobs:ro" backfill:TAG run /jobs
-# No secrets are baked in: specs read ${DATABASE_URL} from the environment at run time.
+# No secrets are baked in: specs read ${DATABASE_URL} / ${CLICKHOUSE_URL} from the environment
+# at run time. No `# syntax=` line: the builder's own Dockerfile frontend covers everything used
+# here, so BuildKit fetches no frontend image from Docker Hub and the classic builder works too.
 
 # ---- build -------------------------------------------------------------------------------------
 # Same Rust as CI (rustc 1.95, edition 2024); bookworm so the binary's glibc matches the runtime.
@@ -29,7 +31,9 @@ RUN touch src/main.rs src/lib.rs \
 FROM gcr.io/distroless/cc-debian12:nonroot
 
 COPY --from=builder /src/target/release/backfill /usr/local/bin/backfill
-# Default specs; mount your own over /jobs (docker -v ...:/jobs:ro, a Kubernetes ConfigMap).
+# Example specs: the Postgres ones in /jobs (`run /jobs` needs only DATABASE_URL), the ClickHouse
+# one in /jobs/clickhouse (a directory run does not descend into it). Mount your own over /jobs
+# (docker -v ...:/jobs:ro, a Kubernetes ConfigMap).
 COPY jobs/ /jobs/
 
 # Numeric uid:gid (distroless "nonroot"): Kubernetes can only verify runAsNonRoot for a number.

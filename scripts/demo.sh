@@ -5,8 +5,9 @@
 #   ROWS=1000000 bash scripts/demo.sh
 #
 # Starts Postgres if needed, (re)creates the database backfill_demo with the flowsheet and CI
-# tables (scripts/demo-db.sh), builds backfill, then for the jobs in jobs/: validate, plan (a dry
-# run: pending rows, batches, ETA), run (with progress), run again (both skipped), and status.
+# tables (scripts/demo-db.sh), builds backfill, then for the Postgres jobs in jobs/: validate,
+# plan (a dry run: pending rows, batches, ETA), run (with progress), run again (both skipped), and
+# status. (The ClickHouse example lives in jobs/clickhouse/; `run jobs` does not descend into it.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,18 +16,17 @@ command -v cargo >/dev/null || { echo "demo: cargo not found: install Rust (http
 DATABASE_URL=$(scripts/demo-db.sh)
 export DATABASE_URL
 
+# Cargo's own progress (a first release build takes a few minutes on 2 cores).
 echo "demo: building backfill (release)" >&2
-cargo build --release --locked --quiet
+cargo build --release --locked
 bf=target/release/backfill
 
-# The Postgres jobs of jobs/ (0003 is a ClickHouse job; see README "ClickHouse jobs").
-pg_jobs=(jobs/0001_flowsheet-dj-name.yaml jobs/0002_ci-pending-builds.yaml)
 step() { printf '\n$ %s\n' "$*"; "$@"; }
 step "$bf" validate jobs
-step "$bf" plan "${pg_jobs[@]}"
-step "$bf" --log-format text run "${pg_jobs[@]}"
-step "$bf" --log-format text run "${pg_jobs[@]}"
-step "$bf" status "${pg_jobs[@]}"
+step "$bf" plan jobs
+step "$bf" --log-format text run jobs
+step "$bf" --log-format text run jobs
+step "$bf" status jobs
 
 wrong=$(psql -X -A -t -w -d "$DATABASE_URL" -c "
     SELECT count(*) FROM wxyc_schema.flowsheet f

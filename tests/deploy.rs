@@ -1,10 +1,11 @@
-//! Deployment artifacts: the SSH one-shot script (shellcheck, and its behaviour against stub
-//! `ssh` and `docker` commands), the Kubernetes manifests (schema validation, consistency with
-//! the image and with each other), the Dockerfile (hadolint), and the engine reading specs from
-//! a ConfigMap mount. Needs no database and no Docker engine.
+//! Deployment artifacts: the SSH one-shot script (shellcheck, and its arguments and exit codes
+//! against stub `ssh` and `docker` commands; tests/ssh.rs runs it for real), the Kubernetes
+//! manifests (schema validation, consistency with the image and with each other, and
+//! deploy/k8s/render.sh rendering them for a user's image and specs), the Dockerfile (hadolint),
+//! and the engine reading specs from a ConfigMap mount. Needs no database and no Docker engine.
 //!
-//! The linters come from `.ci/run` (a venv in target/ci-tools) or from PATH. Outside CI a
-//! missing linter skips its test with a message; with CI set it fails.
+//! The linters come from `.ci/run` (a venv in target/ci-tools) or from PATH; a missing linter
+//! fails its test (run .ci/run once to install them).
 
 use serde_json::Value;
 use std::fs;
@@ -30,9 +31,8 @@ fn text(out: &Output) -> String {
     )
 }
 
-/// A linter from target/ci-tools/bin (installed by .ci/run) or PATH; `None` means skip, which
-/// is only allowed outside CI.
-fn tool(name: &str) -> Option<PathBuf> {
+/// A linter from target/ci-tools/bin (installed by .ci/run) or PATH; missing is a failure.
+fn tool(name: &str) -> PathBuf {
     let ci_tools = root().join("target/ci-tools/bin").join(name);
     let found = if ci_tools.is_file() {
         Some(ci_tools)
@@ -43,14 +43,9 @@ fn tool(name: &str) -> Option<PathBuf> {
                 .find(|p| p.is_file())
         })
     };
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{name} is required in CI (.ci/run installs it) but was not found"
-        );
-        eprintln!("SKIPPED: {name} not found (not in target/ci-tools/bin or PATH; run .ci/run)");
-    }
-    found
+    found.unwrap_or_else(|| {
+        panic!("{name} not found in target/ci-tools/bin or PATH: run `bash .ci/run` once (it installs it)")
+    })
 }
 
 fn yaml(path: &str) -> Value {
@@ -87,7 +82,13 @@ ps)
         printf '%s\n' "$STUB_PS_AFTER_RUN"
     fi
     ;;
-pull) echo "sha256:0123456789abcdef" ;;
+image)
+    # image inspect --format {{.Id}} IMAGE
+    if [ -n "${STUB_IMAGE_ID:-}" ]; then echo "$STUB_IMAGE_ID"; else echo "Error: No such image: $4" >&2; exit 1; fi
+    ;;
+pull)
+    [ "${STUB_PULL_EXIT:-0}" = 0 ] || { echo "Error response from daemon: pull access denied" >&2; exit "$STUB_PULL_EXIT"; }
+    echo "sha256:0123456789abcdef" ;;
 run)
     for a in "$@"; do
         case $a in *:/jobs/*:ro) echo "stub: mounted spec follows"; cat "${a%%:*}" ;; esac
@@ -160,6 +161,8 @@ impl Host {
             "STUB_PS",
             "STUB_PS_AFTER_RUN",
             "STUB_RUN",
+            "STUB_IMAGE_ID",
+            "STUB_PULL_EXIT",
         ] {
             cmd.env_remove(var);
         }
@@ -202,16 +205,16 @@ fn after<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
 }
 
 #[test]
-fn ssh_scripts_pass_shellcheck() {
-    let Some(shellcheck) = tool("shellcheck") else {
-        return;
-    };
-    let scripts: Vec<PathBuf> = fs::read_dir(root().join("deploy/ssh"))
-        .unwrap()
+fn deploy_scripts_pass_shellcheck() {
+    let shellcheck = tool("shellcheck");
+    let mut scripts: Vec<PathBuf> = ["deploy/ssh", "deploy/k8s"]
+        .iter()
+        .flat_map(|d| fs::read_dir(root().join(d)).unwrap())
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "sh"))
         .collect();
-    assert!(scripts.len() >= 2, "deploy/ssh scripts: {scripts:?}");
+    assert!(scripts.len() >= 3, "deploy scripts: {scripts:?}");
+    scripts.push(root().join("scripts/image.sh"));
     let out = Command::new(shellcheck).args(&scripts).output().unwrap();
     assert!(out.status.success(), "shellcheck:\n{}", text(&out));
 }
@@ -297,10 +300,11 @@ fn ssh_run_propagates_exit_75_tees_the_log_and_runs_a_locked_down_one_shot_conta
     );
     let calls = host.docker_calls();
     let order: Vec<&str> = calls.iter().map(|c| c[0].as_str()).collect();
-    assert_eq!(order, ["ps", "pull", "run", "ps"], "{calls:?}");
-    assert!(calls[1].contains(&IMAGE.to_string()), "{:?}", calls[1]);
+    // Not on the host (default --pull missing): looked up, then pulled.
+    assert_eq!(order, ["ps", "image", "pull", "run", "ps"], "{calls:?}");
+    assert!(calls[2].contains(&IMAGE.to_string()), "{:?}", calls[2]);
 
-    let run = &calls[2];
+    let run = &calls[3];
     assert!(run.contains(&"--rm".to_string()), "{run:?}");
     assert_eq!(after(run, "--name"), Some(CONTAINER), "{run:?}");
     assert_eq!(after(run, "--stop-timeout"), Some("120"), "{run:?}");
@@ -429,6 +433,10 @@ fn ssh_usage_errors_exit_2_before_starting_anything() {
             "cannot read the spec",
         ),
         (vec![SSH_TARGET, IMAGE, SPEC, "--bogus"], "unknown option"),
+        (
+            vec![SSH_TARGET, IMAGE, SPEC, "--pull", "sometimes"],
+            "use missing, always or never",
+        ),
         // Checked on the host, before anything is pulled or run.
         (
             vec![SSH_TARGET, IMAGE, SPEC, "--env-file", "/nonexistent/db.env"],
@@ -458,21 +466,13 @@ fn ssh_usage_errors_exit_2_before_starting_anything() {
 
 // ---- deploy/k8s, Dockerfile --------------------------------------------------------------------
 
-#[test]
-fn k8s_manifests_validate_against_the_api_schemas() {
-    let Some(validator) = tool("kubernetes-validate") else {
-        return;
-    };
-    let manifests: Vec<PathBuf> = fs::read_dir(root().join("deploy/k8s"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    assert_eq!(manifests.len(), 4, "{manifests:?}");
+/// kubernetes-validate, strict, against the oldest (1.29) and newest supported API schemas.
+fn validate_manifests(manifests: &[PathBuf]) {
+    let validator = tool("kubernetes-validate");
     for version in ["1.29.0", "1.37.0"] {
         let out = Command::new(&validator)
             .args(["--strict", "--quiet", "--kubernetes-version", version])
-            .args(&manifests)
+            .args(manifests)
             .output()
             .unwrap();
         assert!(
@@ -484,10 +484,19 @@ fn k8s_manifests_validate_against_the_api_schemas() {
 }
 
 #[test]
+fn k8s_manifests_validate_against_the_api_schemas() {
+    let manifests: Vec<PathBuf> = fs::read_dir(root().join("deploy/k8s"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    assert_eq!(manifests.len(), 5, "{manifests:?}");
+    validate_manifests(&manifests);
+}
+
+#[test]
 fn dockerfile_passes_hadolint() {
-    let Some(hadolint) = tool("hadolint") else {
-        return;
-    };
+    let hadolint = tool("hadolint");
     let out = Command::new(hadolint)
         .arg(root().join("Dockerfile"))
         .output()
@@ -506,7 +515,7 @@ fn seconds(duration: &str) -> u64 {
     }
 }
 
-/// The pod spec of a Job (`spec`) or a CronJob (`spec.jobTemplate.spec`), and its Job spec.
+/// The Job spec of a Job (`spec`) or a CronJob (`spec.jobTemplate.spec`).
 fn job_spec(manifest: &Value) -> &Value {
     match manifest["kind"].as_str() {
         Some("Job") => &manifest["spec"],
@@ -515,80 +524,325 @@ fn job_spec(manifest: &Value) -> &Value {
     }
 }
 
-#[test]
-fn k8s_job_and_cronjob_stop_themselves_before_the_deadline_and_share_a_pod_spec() {
+/// The numeric uid the Dockerfile runs as.
+fn image_uid() -> u64 {
     let dockerfile = fs::read_to_string(root().join("Dockerfile")).unwrap();
     let user = dockerfile
         .lines()
         .find_map(|l| l.strip_prefix("USER "))
         .expect("USER in Dockerfile");
-    let uid: u64 = user
-        .split(':')
+    user.split(':')
         .next()
         .unwrap()
         .parse()
-        .expect("numeric USER");
+        .expect("numeric USER")
+}
 
-    let mut pods = Vec::new();
-    for path in ["deploy/k8s/job.yaml", "deploy/k8s/cronjob.yaml"] {
-        let manifest = yaml(path);
-        let job = job_spec(&manifest);
-        let pod = &job["template"]["spec"];
-        let container = &pod["containers"][0];
-        let args: Vec<&str> = container["args"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|a| a.as_str().unwrap())
-            .collect();
-        assert_eq!(args[0], "run", "{path}");
-        assert_eq!(*args.last().unwrap(), "/jobs", "{path}");
-        let max_runtime =
-            seconds(args[args.iter().position(|a| *a == "--max-runtime").unwrap() + 1]);
-        let deadline = job["activeDeadlineSeconds"].as_u64().unwrap();
-        let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
-        // The engine stops itself first, and a stop at the deadline still has its grace period.
-        assert!(grace >= 60, "{path}: grace {grace}s is not above one batch");
-        assert!(
-            deadline >= max_runtime + grace,
-            "{path}: activeDeadlineSeconds {deadline} <= --max-runtime {max_runtime} + grace {grace}"
-        );
-        assert_eq!(pod["restartPolicy"], "Never", "{path}");
-        assert_eq!(
-            pod["securityContext"]["runAsUser"].as_u64(),
-            Some(uid),
-            "{path}"
-        );
-        assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{path}");
-        assert_eq!(
-            container["securityContext"]["readOnlyRootFilesystem"], true,
-            "{path}"
-        );
-        assert_eq!(
-            container["env"][0]["valueFrom"]["secretKeyRef"]["name"], "backfill-db",
-            "{path}"
-        );
-        // Exit 2 (bad spec) fails the Job at once.
-        let rules = job["podFailurePolicy"]["rules"].as_array().unwrap();
-        assert!(
-            rules.iter().any(|r| r["action"] == "FailJob"
-                && r["onExitCodes"]["values"]
-                    .as_array()
-                    .unwrap()
-                    .contains(&2.into())),
-            "{path}: {rules:?}"
-        );
-        // Same pod either way, apart from the --max-runtime value.
-        let mut pod = pod.clone();
-        let args = pod["containers"][0]["args"].as_array_mut().unwrap();
-        let i = args.iter().position(|a| a == "--max-runtime").unwrap();
-        args[i + 1] = "<max-runtime>".into();
-        pods.push((pod, job["podFailurePolicy"].clone()));
-    }
-    assert_eq!(
-        pods[0], pods[1],
-        "job.yaml and cronjob.yaml pod specs drifted apart"
+/// The container's args.
+fn args_of(manifest: &Value) -> Vec<String> {
+    job_spec(manifest)["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The value after `flag` in the container's args.
+fn arg_after(manifest: &Value, flag: &str) -> Option<String> {
+    let args = args_of(manifest);
+    let i = args.iter().position(|a| a == flag)?;
+    args.get(i + 1).cloned()
+}
+
+/// What every workload (Job, CronJob, Indexed Job; checked in or rendered) must get right: the
+/// engine stops itself (`--max-runtime`) before the deadline, with a grace period for the open
+/// batch; non-root as the image; a read-only root; the URLs from the Secret; a bad spec fails at
+/// once. Returns the pod spec and failure policy with the per-workload values blanked out, so
+/// the workloads can be compared with each other.
+fn check_workload(what: &str, manifest: &Value) -> (Value, Value) {
+    let job = job_spec(manifest);
+    let pod = &job["template"]["spec"];
+    let container = &pod["containers"][0];
+    let args = args_of(manifest);
+    assert_eq!(args[0], "run", "{what}");
+    assert_eq!(args.last().unwrap(), "/jobs", "{what}");
+    let max_runtime = seconds(&arg_after(manifest, "--max-runtime").expect("--max-runtime"));
+    let deadline = job["activeDeadlineSeconds"].as_u64().unwrap();
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    // The engine stops itself first, and a stop at the deadline still has its grace period.
+    assert!(grace >= 60, "{what}: grace {grace}s is not above one batch");
+    assert!(
+        deadline >= max_runtime + grace,
+        "{what}: activeDeadlineSeconds {deadline} <= --max-runtime {max_runtime} + grace {grace}"
     );
+    assert_eq!(pod["restartPolicy"], "Never", "{what}");
+    assert_eq!(
+        pod["securityContext"]["runAsUser"].as_u64(),
+        Some(image_uid()),
+        "{what}"
+    );
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{what}");
+    assert_eq!(
+        container["securityContext"]["readOnlyRootFilesystem"], true,
+        "{what}"
+    );
+    // Postgres and ClickHouse specs: both URLs from the Secret, each optional.
+    let env = container["env"].as_array().expect("env");
+    for var in ["DATABASE_URL", "CLICKHOUSE_URL"] {
+        let e = env
+            .iter()
+            .find(|e| e["name"] == var)
+            .unwrap_or_else(|| panic!("{what}: no {var} in {env:?}"));
+        let key = &e["valueFrom"]["secretKeyRef"];
+        assert_eq!(key["name"], "backfill-db", "{what}: {e}");
+        assert_eq!(key["key"], var, "{what}: {e}");
+        assert_eq!(key["optional"], true, "{what}: {e}");
+    }
+    // The specs come from the ConfigMap, mounted at /jobs.
+    assert_eq!(container["volumeMounts"][0]["mountPath"], "/jobs", "{what}");
+    assert!(pod["volumes"][0]["configMap"]["name"].is_string(), "{what}");
+    // Exit 2 (bad spec) fails the Job at once.
+    let rules = job["podFailurePolicy"]["rules"].as_array().unwrap();
+    assert!(
+        rules.iter().any(|r| r["action"] == "FailJob"
+            && r["onExitCodes"]["values"]
+                .as_array()
+                .unwrap()
+                .contains(&2.into())),
+        "{what}: {rules:?}"
+    );
+
+    let mut pod = pod.clone();
+    pod["terminationGracePeriodSeconds"] = "<grace>".into();
+    pod["volumes"][0]["configMap"]["name"] = "<configmap>".into();
+    let c = &mut pod["containers"][0];
+    c["image"] = "<image>".into();
+    let args = c["args"].as_array_mut().unwrap();
+    let i = args.iter().position(|a| a == "--max-runtime").unwrap();
+    args[i + 1] = "<max-runtime>".into();
+    // An Indexed Job's pods run one worker each; otherwise the pods are the same.
+    if let Some(i) = args.iter().position(|a| a == "--workers") {
+        args.drain(i..i + 2);
+    }
+    (pod, job["podFailurePolicy"].clone())
+}
+
+#[test]
+fn k8s_job_cronjob_and_indexed_job_stop_themselves_before_the_deadline_and_share_a_pod_spec() {
+    let mut pods = Vec::new();
+    for path in [
+        "deploy/k8s/job.yaml",
+        "deploy/k8s/cronjob.yaml",
+        "deploy/k8s/indexed-job.yaml",
+    ] {
+        pods.push((path, check_workload(path, &yaml(path))));
+    }
+    for (path, pod) in &pods[1..] {
+        assert_eq!(
+            &pods[0].1, pod,
+            "deploy/k8s/job.yaml and {path} pod specs drifted apart"
+        );
+    }
+    let cron = yaml("deploy/k8s/cronjob.yaml");
+    assert_eq!(cron["spec"]["concurrencyPolicy"], "Forbid");
+    let indexed = yaml("deploy/k8s/indexed-job.yaml");
+    assert_eq!(indexed["spec"]["completionMode"], "Indexed");
+    assert_eq!(
+        indexed["spec"]["parallelism"],
+        indexed["spec"]["completions"]
+    );
+    assert_eq!(arg_after(&indexed, "--workers").as_deref(), Some("1"));
+}
+
+// ---- deploy/k8s/render.sh -----------------------------------------------------------------------
+
+/// What a user passes: their registry's image, and their spec files.
+const USER_IMAGE: &str = "registry.acme.test/platform/backfill:2026-11-30.4f3c2a1";
+
+/// Run deploy/k8s/render.sh; returns (exit code, stdout, stderr).
+fn render(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new("bash")
+        .arg(root().join("deploy/k8s/render.sh"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Render, validate the output against the API schemas, and return (ConfigMap, workload).
+fn rendered(args: &[&str]) -> (Value, Value) {
+    let (code, out, err) = render(args);
+    assert_eq!(code, 0, "render.sh {args:?}: {err}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rendered.yaml");
+    fs::write(&file, &out).unwrap();
+    validate_manifests(&[file]);
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple(&out).unwrap_or_else(|e| panic!("{e}\n{out}"));
+    assert_eq!(docs.len(), 2, "{out}");
+    assert_eq!(docs[0]["kind"], "ConfigMap", "{out}");
+    let (configmap, workload) = (docs[0].clone(), docs[1].clone());
+    // The workload mounts the ConfigMap rendered with it, and runs the user's image.
+    let pod = &job_spec(&workload)["template"]["spec"];
+    assert_eq!(
+        pod["volumes"][0]["configMap"]["name"],
+        configmap["metadata"]["name"]
+    );
+    assert_eq!(pod["containers"][0]["image"], USER_IMAGE);
+    (configmap, workload)
+}
+
+/// The longest batch a Postgres spec allows: 2 x statement_timeout (the key select and the
+/// statement each run under it; lock waits count inside it).
+fn one_batch_seconds(spec: &Value) -> u64 {
+    2 * seconds(
+        spec["limits"]["statement_timeout"]
+            .as_str()
+            .unwrap_or("30s"),
+    )
+}
+
+#[test]
+fn k8s_render_job_for_a_users_image_and_spec() {
+    let (configmap, job) = rendered(&["--image", USER_IMAGE, "--max-runtime", "40m", "job", SPEC]);
+    let pod = check_workload("rendered job", &job);
+    // Same pod as the checked-in job.yaml, apart from image, max-runtime, grace and ConfigMap.
+    assert_eq!(
+        pod,
+        check_workload("job.yaml", &yaml("deploy/k8s/job.yaml"))
+    );
+    assert_eq!(job["kind"], "Job");
+    assert_eq!(arg_after(&job, "--max-runtime").as_deref(), Some("40m"));
+    assert!(job["spec"]["activeDeadlineSeconds"].as_u64().unwrap() > 40 * 60);
+    let spec_text = fs::read_to_string(root().join(SPEC)).unwrap();
+    let file = Path::new(SPEC).file_name().unwrap().to_str().unwrap();
+    assert_eq!(configmap["data"][file].as_str(), Some(spec_text.as_str()));
+    let spec: Value = serde_saphyr::from_str(&spec_text).unwrap();
+    let grace = job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        .as_u64()
+        .unwrap();
+    assert!(grace > one_batch_seconds(&spec), "grace {grace}s");
+}
+
+#[test]
+fn k8s_render_cronjob_forbids_overlap_and_keeps_the_schedule() {
+    let (configmap, cron) = rendered(&[
+        "--image",
+        USER_IMAGE,
+        "--schedule",
+        "30 1 * * 1-5",
+        "--time-zone",
+        "Europe/Berlin",
+        "--grace",
+        "300",
+        "--name",
+        "dj-names",
+        "cronjob",
+        "jobs",
+    ]);
+    check_workload("rendered cronjob", &cron);
+    assert_eq!(cron["kind"], "CronJob");
+    assert_eq!(cron["metadata"]["name"], "dj-names");
+    assert_eq!(configmap["metadata"]["name"], "dj-names-jobs");
+    assert_eq!(cron["spec"]["concurrencyPolicy"], "Forbid");
+    assert_eq!(cron["spec"]["schedule"], "30 1 * * 1-5");
+    assert_eq!(cron["spec"]["timeZone"], "Europe/Berlin");
+    let job = job_spec(&cron);
+    assert_eq!(
+        job["template"]["spec"]["terminationGracePeriodSeconds"],
+        300
+    );
+    assert!(job["activeDeadlineSeconds"].as_u64().unwrap() >= 90 * 60 + 300);
+    // A directory gives its Postgres specs, not the ClickHouse ones in jobs/clickhouse/.
+    let mut keys: Vec<&String> = configmap["data"].as_object().unwrap().keys().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        ["0001_flowsheet-dj-name.yaml", "0002_ci-pending-builds.yaml"]
+    );
+}
+
+#[test]
+fn k8s_render_indexed_job_runs_one_worker_per_pod_and_checks_the_specs_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("0001_flowsheet-dj-name.yaml");
+    let text = fs::read_to_string(root().join(SPEC)).unwrap();
+    fs::write(&spec, format!("{text}workers: 6\n")).unwrap();
+    let spec = spec.to_str().unwrap();
+
+    let (configmap, job) =
+        rendered(&["--image", USER_IMAGE, "--workers", "6", "indexed-job", spec]);
+    let pod = check_workload("rendered indexed job", &job);
+    assert_eq!(
+        pod,
+        check_workload("job.yaml", &yaml("deploy/k8s/job.yaml"))
+    );
+    assert_eq!(job["spec"]["completionMode"], "Indexed");
+    assert_eq!(job["spec"]["parallelism"], 6);
+    assert_eq!(job["spec"]["completions"], 6);
+    let args = args_of(&job);
+    assert_eq!(&args[..3], ["run", "--workers", "1"], "{args:?}");
+    assert!(
+        configmap["data"]["0001_flowsheet-dj-name.yaml"]
+            .as_str()
+            .unwrap()
+            .ends_with("workers: 6\n")
+    );
+
+    // A spec that does not say `workers: 6` would leave pods with nothing to claim.
+    let (code, out, err) = render(&["--image", USER_IMAGE, "--workers", "6", "indexed-job", SPEC]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("needs workers: 6"), "{err}");
+    assert!(out.is_empty(), "{out}");
+}
+
+#[test]
+fn k8s_render_clickhouse_spec_and_refuse_a_grace_period_shorter_than_a_batch() {
+    let (configmap, job) = rendered(&["--image", USER_IMAGE, "job", "jobs/clickhouse"]);
+    check_workload("rendered ClickHouse job", &job);
+    let file = "0001_test-case-runs-recent-100.yaml";
+    assert_eq!(
+        configmap["data"][file].as_str(),
+        Some(
+            fs::read_to_string(root().join("jobs/clickhouse").join(file))
+                .unwrap()
+                .as_str()
+        )
+    );
+
+    // statement_timeout 30s: a batch may take 60s.
+    for (grace, ok) in [("60", false), ("61", true)] {
+        let (code, _, err) = render(&["--image", USER_IMAGE, "--grace", grace, "job", SPEC]);
+        assert_eq!(code == 0, ok, "--grace {grace}: {err}");
+        if !ok {
+            assert_eq!(code, 2, "{err}");
+            assert!(err.contains("statement_timeout"), "{err}");
+        }
+    }
+    for bad in [
+        vec!["job", SPEC],
+        vec!["--image", USER_IMAGE, "deployment", SPEC],
+        vec![
+            "--image",
+            USER_IMAGE,
+            "--max-runtime",
+            "45 minutes",
+            "job",
+            SPEC,
+        ],
+        vec!["--image", USER_IMAGE, "--workers", "3", "job", SPEC],
+        vec!["--image", USER_IMAGE, "job", "jobs/nope.yaml"],
+    ] {
+        let (code, out, err) = render(&bad);
+        assert_eq!(code, 2, "{bad:?}: {out}{err}");
+        assert!(out.is_empty(), "{bad:?}: {out}");
+    }
 }
 
 #[test]

@@ -3,19 +3,21 @@
 # with the spec on stdin; it can also be run on the host directly:
 #
 #   remote-run.sh <ssh-target|""> <container> <image> <spec-file-name> <env-file> <max-runtime> \
-#       <deadline-seconds> <stop-timeout-seconds> <network|""> [backfill run args...] < spec.yaml
+#       <deadline-seconds> <stop-timeout-seconds> <network|""> <pull: missing|always|never> \
+#       [backfill run args...] < spec.yaml
 #
-# Refuses (exit 75) while a container of the job exists; otherwise pulls the image and runs the
-# spec in a one-shot container bounded by `timeout`. Exits with the container's exit code.
+# Refuses (exit 75) while a container of the job exists; otherwise gets the image as the pull
+# policy says and runs the spec in a one-shot container bounded by `timeout`. Exits with the
+# container's exit code; 125 (as `docker run` does) when the image cannot be had: nothing ran.
 set -euo pipefail
 
-if (($# < 9)); then
-    echo "remote-run.sh: expected 9 arguments, got $# (see the header of this file)" >&2
+if (($# < 10)); then
+    echo "remote-run.sh: expected 10 arguments, got $# (see the header of this file)" >&2
     exit 2
 fi
 target=$1 name=$2 image=$3 file=$4 env_file=$5 max_runtime=$6 deadline=$7 stop_timeout=$8
-network=$9
-shift 9
+network=$9 pull=${10}
+shift 10
 
 # Never fail on a message: after Ctrl-C or a dropped connection stderr is a broken pipe, and
 # the clean-up below must still run.
@@ -56,10 +58,23 @@ cat >"$dir/$file"
 chmod 0755 "$dir"
 chmod 0644 "$dir/$file"
 
-# 3. The image.
-if ! docker pull --quiet "$image" </dev/null; then
-    say "docker pull $image failed"
-    exit 1
+# 3. The image. An image built or loaded on the host and never pushed runs with the default
+# policy (missing). A failed pull is reported as what it is, before anything starts: exit 125,
+# never 1 (which means the job failed).
+if id=$(docker image inspect --format '{{.Id}}' "$image" 2>/dev/null </dev/null) && [[ $pull != always ]]; then
+    say "using $image as found on ${HOSTNAME:-the host} (${id:0:19}; --pull $pull)"
+elif [[ $pull == never ]]; then
+    say "image $image is not on ${HOSTNAME:-the host} and --pull is never: nothing was started." \
+        "Load it there (docker save IMAGE | ${on_host}docker load) or use --pull missing"
+    exit 125
+else
+    say "pulling $image (--pull $pull)"
+    if ! docker pull --quiet "$image" </dev/null >/dev/null; then
+        say "docker pull $image failed (message above): nothing was started and no job was" \
+            "touched. Push the image, log the host in to its registry (docker login), or load it" \
+            "on the host (docker save IMAGE | ${on_host}docker load) and use --pull missing or never"
+        exit 125
+    fi
 fi
 
 # 4. The run. The engine stops itself at a batch boundary after --max-runtime (exit 75). timeout

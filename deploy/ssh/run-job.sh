@@ -7,6 +7,10 @@
 #   --max-runtime DUR   the engine stops at a batch boundary after this long and exits 75; run again
 #                       to resume (default 45m; units h, m, s: 90s, 45m, 1h30m)
 #   --network NAME      docker network of the container (e.g. host when the database is on the host)
+#   --pull POLICY       missing (default): use the host's copy of the image, pull only if it has none;
+#                       always: pull first (a moving tag); never: the image must be on the host
+#                       (built or `docker load`ed there, never pushed). A failed pull runs nothing and
+#                       exits 125: it is not a job failure.
 #   -- ARGS             passed to `backfill run`, e.g. -- --pushgateway http://pgw:9091/metrics/job/backfill
 #
 # The spec is copied to the host and mounted read-only; the container is named backfill-<file stem>
@@ -17,13 +21,14 @@
 #
 # Exit code: the engine's: 0 done; 1 failed; 2 bad spec; 75 stopped early with progress saved (run
 # again to resume). Also 75 when a container of this job already exists on the host; 2 bad usage;
-# 125 docker could not start the container; 137 killed after ignoring SIGTERM; 255 ssh failed.
+# 125 docker could not get the image or start the container (nothing ran); 137 killed after
+# ignoring SIGTERM; 255 ssh failed.
 set -euo pipefail
 
 usage() { sed -n '3,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
 bad_usage() {
     echo "run-job: $*" >&2
-    echo "usage: run-job.sh [--env-file PATH] [--max-runtime 45m] [--network NAME] <user@host> <image:tag> <spec.yaml> [-- ARGS]" >&2
+    echo "usage: run-job.sh [--env-file PATH] [--max-runtime 45m] [--network NAME] [--pull missing|always|never] <user@host> <image:tag> <spec.yaml> [-- ARGS]" >&2
     exit 2
 }
 
@@ -55,22 +60,25 @@ quote() {
 env_file=/etc/backfill/backfill.env
 max_runtime=45m
 network=
+pull=missing
 positional=()
 extra=()
 while (($#)); do
     case $1 in
-    --env-file | --max-runtime | --network)
+    --env-file | --max-runtime | --network | --pull)
         (($# >= 2)) || bad_usage "$1 needs a value"
         case $1 in
         --env-file) env_file=$2 ;;
         --max-runtime) max_runtime=$2 ;;
         --network) network=$2 ;;
+        --pull) pull=$2 ;;
         esac
         shift 2
         ;;
     --env-file=*) env_file=${1#*=} && shift ;;
     --max-runtime=*) max_runtime=${1#*=} && shift ;;
     --network=*) network=${1#*=} && shift ;;
+    --pull=*) pull=${1#*=} && shift ;;
     -h | --help) usage && exit 0 ;;
     --) shift && extra=("$@") && break ;;
     -*) bad_usage "unknown option $1" ;;
@@ -88,6 +96,7 @@ file=$(basename -- "$spec")
 job=${file%.*}
 name=backfill-$job
 [[ -n $env_file ]] || bad_usage "--env-file is empty"
+[[ $pull =~ ^(missing|always|never)$ ]] || bad_usage "--pull $pull: use missing, always or never"
 max_seconds=$(seconds "$max_runtime") || bad_usage "--max-runtime $max_runtime: use h, m, s units, e.g. 45m or 1h30m"
 ((max_seconds > 0)) || bad_usage "--max-runtime must be more than 0: the run has to end inside its window"
 stop_timeout=${STOP_TIMEOUT:-120}
@@ -106,9 +115,9 @@ say() { printf 'run-job: %s\n' "$*" | tee -a "$log" >&2; }
 here=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
 remote_script=$(<"$here/remote-run.sh")
 remote_cmd="bash -c $(quote "$remote_script") remote-run.sh $(quote "$host" "$name" "$image" "$file" \
-    "$env_file" "$max_runtime" "$deadline" "$stop_timeout" "$network" "${extra[@]}")"
+    "$env_file" "$max_runtime" "$deadline" "$stop_timeout" "$network" "$pull" "${extra[@]}")"
 
-say "$spec -> $host: container $name, image $image, env file $env_file, max runtime $max_runtime; log $log"
+say "$spec -> $host: container $name, image $image (pull: $pull), env file $env_file, max runtime $max_runtime; log $log"
 rc=0
 "${ssh[@]}" "$host" "$remote_cmd" <"$spec" 2>&1 | tee -a "$log" || rc=$?
 
@@ -117,7 +126,7 @@ case $rc in
 1) meaning="failed: read the error above, fix it, run again (it resumes at the checkpoint)" ;;
 2) meaning="bad spec or usage: nothing was touched" ;;
 75) meaning="stopped early with progress saved (or the job is already running): run again later to resume" ;;
-125) meaning="docker could not start the container" ;;
+125) meaning="docker could not get the image or start the container: nothing ran, no job was touched" ;;
 137) meaning="killed after ignoring SIGTERM: progress up to the last committed batch is saved" ;;
 255) meaning="ssh failed (or the connection dropped: check for the container on the host)" ;;
 *) meaning="unexpected" ;;

@@ -5,6 +5,7 @@
 pub mod ch;
 pub mod cluster;
 pub mod proxy;
+pub mod docker;
 pub mod runner;
 pub mod skew;
 pub mod store;
