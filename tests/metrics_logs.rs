@@ -95,7 +95,10 @@ batch: {size: 100, target: 0, pause: 40ms}
             body.contains("backfill_batch_duration_seconds_bucket{backfill_job=\"scraped\""),
             "{body}"
         );
-        assert_eq!(value(&body, "backfill_batch_size", "scraped"), Some(100.0));
+        assert!(
+            body.contains("backfill_batch_size{backfill_job=\"scraped\",worker=\"w0\"} 100"),
+            "{body}"
+        );
         if seen.last().is_none_or(|last| keys > *last) {
             seen.push(keys);
         }

@@ -1,5 +1,7 @@
-//! A batch connection killed by the server mid-run (pg_terminate_backend) is replaced: the run
-//! resumes from the committed checkpoint and every row is done exactly once.
+//! Every connection of a run killed by the server mid-run (pg_terminate_backend), the worker's
+//! own included (it holds the worker's slot and range locks): the worker reconnects, takes its
+//! slot and its range again, resumes from the committed checkpoint, and every row is done
+//! exactly once.
 
 mod common;
 use common::{TestDb, backfill, count};
@@ -28,10 +30,9 @@ batch: {size: 200, target: 0, pause: 30ms}
 ",
     );
     let mut child = backfill().arg("run").arg(&spec).spawn().unwrap();
-    // The batch connection is the job's backend that does not hold the runner lock.
+    // Every session of the run: the worker's (with its advisory locks) and the pooled ones.
     let batch_backend = "SELECT pid FROM pg_stat_activity
-         WHERE application_name = 'backfill:copy'
-           AND pid NOT IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory')";
+         WHERE application_name = 'backfill:copy' AND datname = current_database()";
     let mut kills = 0;
     let deadline = Instant::now() + Duration::from_secs(60);
     while kills < 3 && Instant::now() < deadline {

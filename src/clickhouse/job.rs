@@ -187,6 +187,8 @@ impl Backend for ChJob {
                 .and_then(|s| s.resume.clone())
                 .unwrap_or_else(|| "the start (no checkpoint yet)".into()),
             pending_exact: true,
+            keys_done: state.as_ref().map_or(0, |s| s.keys_done),
+            batches_done: state.as_ref().map_or(0, |s| s.batches_done),
             ..Plan::default()
         };
         if state.as_ref().is_some_and(|s| s.status == Status::Done) {

@@ -44,14 +44,23 @@ pub async fn plan(specs: &[Spec], exact: bool, samples: u32, json: bool) -> Resu
 
 fn print(p: &Plan) {
     outln!("{}  ({}, {})", p.job, p.database, p.target);
+    let resume = if p.status == "pending" {
+        p.resume.clone()
+    } else {
+        format!(
+            "{} (status {}, {} keys and {} batches done)",
+            p.resume, p.status, p.keys_done, p.batches_done
+        )
+    };
     if let Some(skip) = &p.skip {
         outln!("  status:       {skip}");
+        outln!("  resume at:    {resume}");
         return;
     }
     for b in &p.blockers {
         outln!("  WARNING:      run would refuse to start: {b}");
     }
-    outln!("  resume at:    {}", p.resume);
+    outln!("  resume at:    {resume}");
     outln!(
         "  pending rows: {}{} ({}){}",
         if p.pending_exact { "" } else { "~" },

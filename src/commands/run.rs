@@ -57,12 +57,7 @@ pub async fn run(specs: &[Spec], max_runtime: Option<Duration>, opts: &RunOption
         let report = match report {
             Ok(r) => r,
             Err(e) => {
-                let what = if matches!(e, Error::Stopped(_)) {
-                    "stopped before starting"
-                } else {
-                    "not started"
-                };
-                crate::outln!("{}: {what} ({})", spec.name, spec.file.display());
+                crate::outln!("{}: not started ({})", spec.name, spec.file.display());
                 let last = if matches!(e, Error::Stopped(_)) {
                     "stopped"
                 } else {

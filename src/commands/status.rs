@@ -23,11 +23,17 @@ struct Entry {
     spec_changed: bool,
     #[serde(flatten)]
     state: Option<JobState>,
+    /// Ranges or chunks, when the job has more than one.
+    #[serde(skip_serializing_if = "one_or_none")]
     units: Vec<UnitState>,
     #[serde(skip_serializing_if = "Option::is_none")]
     remaining_rows: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+}
+
+fn one_or_none(units: &[UnitState]) -> bool {
+    units.len() <= 1
 }
 
 struct Look {
@@ -91,7 +97,10 @@ pub async fn status(specs: &[Spec], json: bool, watch: bool, every: Duration) ->
         for spec in specs {
             entries.push(entry(spec, false).await);
         }
-        let failed = entries.iter().filter(|e| e.error.is_some()).count();
+        let failed: Vec<String> = entries
+            .iter()
+            .filter_map(|e| e.error.as_ref().map(|err| format!("{}: {err}", e.job)))
+            .collect();
         if json {
             let doc = serde_json::json!({ "jobs": entries });
             outln!(
@@ -103,12 +112,14 @@ pub async fn status(specs: &[Spec], json: bool, watch: bool, every: Duration) ->
                 print(e, None);
             }
         }
-        return if failed == 0 {
+        return if failed.is_empty() {
             Ok(())
         } else {
             Err(Error::Connect(format!(
-                "{failed} of {} job(s) could not be read (see above)",
-                entries.len()
+                "{} of {} job(s) could not be read: {}",
+                failed.len(),
+                entries.len(),
+                failed.join("; ")
             )))
         };
     }

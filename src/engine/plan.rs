@@ -22,8 +22,10 @@ pub struct Plan {
     pub status: String,
     /// Set when `run` would not work on the job, and why (`done`).
     pub skip: Option<String>,
-    /// Where a run would resume.
+    /// Where a run would resume, and what the store counts as done so far.
     pub resume: String,
+    pub keys_done: i64,
+    pub batches_done: i64,
     /// Sessions that would make `run` refuse to start.
     pub blockers: Vec<String>,
     /// Rows left to do (`pending_exact`: counted, else estimated).

@@ -38,6 +38,8 @@ pub async fn plan(job: &PgJob, spec: &Spec, opts: PlanOptions) -> Result<Plan> {
         .map_or("pending".into(), |s| s.status.as_str().to_string());
     if let Some(s) = &state {
         plan.resume = s.resume.clone().unwrap_or_default();
+        plan.keys_done = s.keys_done;
+        plan.batches_done = s.batches_done;
         if s.status == crate::state::Status::Done {
             plan.skip = Some(if s.spec_hash == spec.hash {
                 "done: run would skip this job (use --rerun to run it again)".into()
@@ -213,6 +215,10 @@ async fn samples(
     Ok(out)
 }
 
+/// A table the sample transaction wrote: name, rows inserted, rows deleted, whether it is the
+/// job's own table, its size.
+type Written = (String, i64, i64, bool, f64);
+
 /// Apply the statement a second time to the same keys and compare what it left: the sample
 /// rows of the table (a hash of their contents), and every other table it wrote to (rows this
 /// transaction wrote, or, for large tables, whether the second run added rows).
@@ -240,7 +246,7 @@ async fn idempotency(
                      FROM pg_stat_xact_user_tables s JOIN pg_class c ON c.oid = s.relid
                     WHERE s.n_tup_ins + s.n_tup_upd + s.n_tup_del > 0
                     ORDER BY 1";
-    let tables = async |c: &Client| -> Result<Vec<(String, i64, i64, bool, f64)>> {
+    let tables = async |c: &Client| -> Result<Vec<Written>> {
         Ok(c.query(written, &[rel])
             .await
             .map_err(|e| db_error("reading what the statement wrote", &e))?

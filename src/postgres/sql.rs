@@ -74,10 +74,10 @@ impl BatchSql {
         };
         let walk = match lock {
             // Lock first: the next `size` rows of the range that can be locked, in one index
-            // range scan. Then one unlocked scan up to the last locked key finds what SKIP
-            // LOCKED passed over; those keys are recorded for the range's retry pass. If nothing
-            // could be locked, every remaining row of the range is held by others: `seen` then
-            // covers all of them, so the cursor never moves past a row nobody recorded.
+            // range scan. Then one unlocked scan up to the last locked key (or, when the batch
+            // came out short, to the range's last key) finds what SKIP LOCKED passed over; those
+            // keys are recorded for the range's retry pass, so the cursor never moves past a row
+            // nobody recorded.
             LockMode::SkipLocked => {
                 let r = range(4, 5);
                 format!(
@@ -85,9 +85,13 @@ impl BatchSql {
                          SELECT {key} AS k FROM {rel} WHERE {r}
                           ORDER BY {key} LIMIT $1 FOR UPDATE SKIP LOCKED
                      ), top AS (
-                         SELECT coalesce(
-                             (SELECT l.k FROM locked l ORDER BY l.k DESC LIMIT 1),
-                             (SELECT {key} FROM {rel} WHERE {r} ORDER BY {key} DESC LIMIT 1)) AS b
+                         -- A full batch ends at its last locked key. A short one scanned to the
+                         -- end of the range: then everything up to the range's last key was
+                         -- seen, so a short batch means the range's walk is over.
+                         SELECT CASE WHEN (SELECT count(*) FROM locked) >= $1
+                                THEN (SELECT l.k FROM locked l ORDER BY l.k DESC LIMIT 1)
+                                ELSE (SELECT {key} FROM {rel} WHERE {r} ORDER BY {key} DESC LIMIT 1)
+                                END AS b
                      ), seen AS (
                          SELECT {key} AS k FROM {rel}, top WHERE {r} AND {key} <= top.b
                      ), skipped AS (

@@ -213,27 +213,21 @@ impl PgWorker {
             None => 0,
         };
         let t2 = Instant::now();
-        if walked == 0 {
-            // The range's walk is over; nothing was written in this transaction.
-            drop(tx);
-            let waiting = if skip_locked {
-                let c = self.conn().await?;
-                c.query_one(&p.sql.skipped_count, &[&ctx.job, &n])
+        // A short batch scanned to the end of the range: its walk is over. The range is done
+        // in the same transaction, or waits for its retry pass if rows were skipped.
+        let next: Option<&str> = if (walked as i64) < size {
+            let waiting: i64 = if skip_locked {
+                tx.query_one(&p.sql.skipped_count, &[&ctx.job, &n])
                     .await
                     .map_err(|e| db_error("counting skipped rows", &e))?
-                    .get::<_, i64>(0)
+                    .get(0)
             } else {
                 0
             };
-            if waiting == 0 {
-                return self.finish_range().await;
-            }
-            self.mark(RETRYING).await?;
-            if let Some(h) = self.held.as_mut() {
-                h.retrying = true;
-            }
-            return Ok(Outcome::default());
-        }
+            Some(if waiting == 0 { DONE } else { RETRYING })
+        } else {
+            None
+        };
         let advance = tx
             .prepare_cached(&p.sql.advance)
             .await
@@ -249,8 +243,8 @@ impl PgWorker {
                     &(walked as i64),
                     &(rows as i64),
                     &0i64,
-                    &1i64,
-                    &None::<&str>,
+                    &i64::from(walked > 0),
+                    &next,
                 ],
             )
             .await
@@ -264,13 +258,22 @@ impl PgWorker {
             .map_err(|e| db_error("committing the batch", &e))?;
         self.paused = fenced.get::<_, Option<bool>>(0).unwrap_or(false);
         if let Some(h) = self.held.as_mut() {
-            h.cursor = last.clone();
+            if last.is_some() {
+                h.cursor = last.clone();
+            }
+            h.retrying = next == Some(RETRYING);
+        }
+        let unit_done = next == Some(DONE);
+        if unit_done {
+            self.held = None;
+            self.unlock_range(n).await;
         }
         Ok(Outcome {
             keys: walked,
             rows,
             skipped,
             cursor: last,
+            unit_done,
             timings: Timings {
                 select: t1 - t0,
                 statement: t2 - t1,

@@ -43,7 +43,10 @@ impl Status {
 /// A job's record in its store.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct JobState {
+    /// (Not serialized: `status` output names the job and its shown status itself.)
+    #[serde(skip_serializing)]
     pub job: String,
+    #[serde(skip_serializing)]
     pub status: Status,
     /// `backfill pause` is in effect.
     pub paused: bool,

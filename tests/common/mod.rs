@@ -4,8 +4,8 @@
 
 pub mod ch;
 pub mod cluster;
-pub mod proxy;
 pub mod docker;
+pub mod proxy;
 pub mod runner;
 pub mod skew;
 pub mod store;
