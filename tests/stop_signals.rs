@@ -172,6 +172,11 @@ batch: {size: 100, target: 0}
         j.keys_done,
         "{j:?}"
     );
+    // The process died before it could record how it ended: status says what is true, that
+    // nobody is running it, not `running`.
+    let (code, out, _) = common::run(&[&"status", &spec]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("sigterm-twice  [stopped]"), "{out}");
 
     let out = run_to_end(&spec, "resume");
     assert!(out.contains("sigterm-twice: done"), "{out}");

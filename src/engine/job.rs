@@ -215,7 +215,12 @@ pub async fn run_job<B: Backend>(
     let result = run_workers(backend.as_ref(), workers, &shared).await;
     shared.progress.lock().expect("progress lock").finish();
     let result = match result {
-        Ok(()) => conclude(spec, backend.as_ref()).await,
+        Ok(()) => {
+            reconnecting("checking that the job is done", || {
+                conclude(spec, backend.as_ref())
+            })
+            .await
+        }
         Err(e) => Err(e),
     };
     let (status, message) = match &result {
@@ -225,7 +230,11 @@ pub async fn run_job<B: Backend>(
     };
     crate::metrics::status(job, status.as_str());
     let message = message.map(|m| crate::redact::redact(&m).into_owned());
-    if let Err(e) = backend.finish(status, message.as_deref()).await {
+    let recorded = reconnecting("recording the job's status", || {
+        backend.finish(status, message.as_deref())
+    })
+    .await;
+    if let Err(e) = recorded {
         // The work's checkpoints are committed; only the final status could not be written.
         tracing::error!(
             job,
@@ -243,6 +252,26 @@ pub async fn run_job<B: Backend>(
             error: result.err(),
         },
     })
+}
+
+/// Run `f`, again after a lost connection (a restart, a terminated session) with backoff: the
+/// work is committed, and a connection that can be opened again must not fail the run.
+async fn reconnecting<T, F, Fut>(what: &str, f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    use backon::{ExponentialBuilder, Retryable};
+    f.retry(
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(5))
+            .with_max_times(8)
+            .with_jitter(),
+    )
+    .when(|e: &Error| e.db_kind() == Some(crate::error::DbErrorKind::ConnectionLost))
+    .notify(|e, d| tracing::warn!("{what} failed, retrying in {}ms: {e}", d.as_millis()))
+    .await
 }
 
 /// Every unit is finished: the job is done if its `verify:` query agrees.

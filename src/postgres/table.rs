@@ -36,6 +36,20 @@ fn fail(field: &str, why: impl std::fmt::Display) -> Error {
     Error::Preflight(format!("{field}: {why}"))
 }
 
+/// An error while checking `field` against the database: the field's fault, unless the table
+/// could not even be locked for the check (another session holds it): then nothing is wrong
+/// with the spec, and the run stops (exit 75) to be tried again later.
+fn check_failed(field: &str, what: &str, e: &tokio_postgres::Error, rel: &str) -> Error {
+    if super::errors::sqlstate(e) == Some("55P03") {
+        return Error::Stopped(crate::error::StopReason::Preflight(format!(
+            "table {rel} is locked by another session (an ACCESS EXCLUSIVE lock is held or \
+             queued), so {field} could not be checked within lock_timeout: {}",
+            describe(e)
+        )));
+    }
+    fail(field, format!("{what}{}", describe(e)))
+}
+
 /// Resolve the table and key, and check `where` and `statement` against the database.
 pub async fn inspect(client: &Client, spec: &PostgresSpec) -> Result<TableInfo> {
     let rel = client
@@ -132,14 +146,12 @@ pub async fn inspect(client: &Client, spec: &PostgresSpec) -> Result<TableInfo> 
     client
         .prepare(&format!("SELECT 1 FROM {rel_text} WHERE {filter}"))
         .await
-        .map_err(|e| fail("postgres.where", describe(&e)))?;
+        .map_err(|e| check_failed("postgres.where", "", &e, &rel_text))?;
 
-    let stmt = client.prepare(&spec.statement).await.map_err(|e| {
-        fail(
-            "postgres.statement",
-            format!("does not prepare: {}", describe(&e)),
-        )
-    })?;
+    let stmt = client
+        .prepare(&spec.statement)
+        .await
+        .map_err(|e| check_failed("postgres.statement", "does not prepare: ", &e, &rel_text))?;
     let type_name = async |oid: u32| -> Result<String> {
         Ok(client
             .query_one("SELECT format_type($1, NULL)", &[&oid])

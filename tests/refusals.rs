@@ -1,0 +1,289 @@
+//! What the engine refuses, and how it says so: keys that can be NULL, specs that try to make
+//! read-only commands write, a table locked by another session, and several jobs where one
+//! cannot be read or fails (the others are still reported, the untried ones named).
+
+mod common;
+use common::store::job_row;
+use common::{TestDb, checksum, count, run};
+use tokio_postgres::Client;
+
+fn job(url: &str, table: &str, key: &str, where_: &str, statement: &str, extra: &str) -> String {
+    let w = if where_.is_empty() {
+        String::new()
+    } else {
+        format!("  where: \"{where_}\"\n")
+    };
+    format!(
+        "postgres:
+  url: {url}
+  table: {table}
+  key: {key}
+{w}  statement: \"{statement}\"
+batch: {{size: 100, target: 0}}
+{extra}"
+    )
+}
+
+async fn nullable_table(c: &Client) {
+    c.batch_execute(
+        "CREATE TABLE t (k int UNIQUE, n int NOT NULL DEFAULT 0);
+         INSERT INTO t (k) SELECT g FROM generate_series(1, 1000) g;
+         INSERT INTO t (k) VALUES (NULL), (NULL);
+         ANALYZE t;",
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_key_that_can_be_null_is_refused_unless_where_leaves_nulls_out() {
+    let db = TestDb::new("ref_null").await;
+    let c = db.client().await;
+    nullable_table(&c).await;
+    let spec = db.spec(
+        "job.yaml",
+        &job(
+            &db.url,
+            "t",
+            "k",
+            "",
+            "UPDATE t SET n = 1 WHERE k = ANY($1)",
+            "",
+        ),
+    );
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(err.contains("postgres.key"), "{err}");
+    assert!(err.contains("can be NULL"), "{err}");
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n <> 0").await, 0);
+    assert!(
+        !common::store::has_store(&c).await,
+        "nothing may be written before the refusal"
+    );
+
+    // Said knowingly: the rows with a NULL key are left out, every other row is done.
+    let spec = db.spec(
+        "job.yaml",
+        &job(
+            &db.url,
+            "t",
+            "k",
+            "k IS NOT NULL AND n = 0",
+            "UPDATE t SET n = 1 WHERE k = ANY($1)",
+            "",
+        ),
+    );
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 1000);
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM t WHERE k IS NULL AND n = 0").await,
+        2
+    );
+    drop(c);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_null_key_present_the_last_rows_locked_are_still_recorded_and_done_later() {
+    let db = TestDb::new("ref_null_locked").await;
+    let c = db.client().await;
+    nullable_table(&c).await;
+    // Another session holds the last three rows for the whole first run.
+    let holder = db.client().await;
+    holder
+        .batch_execute("BEGIN; SELECT * FROM t WHERE k > 997 FOR UPDATE")
+        .await
+        .unwrap();
+    let spec = db.spec(
+        "job.yaml",
+        &job(
+            &db.url,
+            "t",
+            "k",
+            "k IS NOT NULL",
+            "UPDATE t SET n = n + 1 WHERE k = ANY($1)",
+            "limits: {lock_timeout: 100ms}\n",
+        ),
+    );
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(
+        code, 75,
+        "rows still locked must stop the run, not finish it:\n{out}\n{err}"
+    );
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 997);
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM backfill.skipped_keys").await,
+        3,
+        "the locked rows are recorded for their retry"
+    );
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 1000);
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n > 1").await, 0);
+    drop((c, holder));
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn plan_status_and_verify_cannot_be_made_to_write() {
+    let db = TestDb::new("ref_readonly").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT generate_series(1, 500);
+         CREATE TABLE audit (at timestamptz DEFAULT now());
+         -- A function that writes, called from every place a spec can put SQL.
+         CREATE FUNCTION evil() RETURNS boolean LANGUAGE sql VOLATILE AS
+           'INSERT INTO audit DEFAULT VALUES; DELETE FROM t WHERE id > 250; SELECT true';
+         ANALYZE t;",
+    )
+    .await
+    .unwrap();
+    let spec = db.spec(
+        "job.yaml",
+        &format!(
+            "postgres:
+  url: {}
+  table: t
+  key: id
+  where: evil() AND n = 0
+  statement: UPDATE t SET n = n + 1 WHERE id = ANY($1) AND evil()
+  verify: SELECT count(*) FROM t WHERE n = 0 AND evil()
+throttle:
+  query: SELECT evil()
+",
+            db.url
+        ),
+    );
+    let before = checksum(&c, "t").await;
+    for args in [
+        vec!["plan"],
+        vec!["plan", "--exact"],
+        vec!["status"],
+        vec!["status", "--json"],
+        vec!["verify"],
+    ] {
+        let mut argv: Vec<&dyn AsRef<std::ffi::OsStr>> = args
+            .iter()
+            .map(|a| a as &dyn AsRef<std::ffi::OsStr>)
+            .collect();
+        argv.push(&spec);
+        let (code, out, err) = run(&argv);
+        // verify runs its query read-only and fails on the function's write; status runs no
+        // spec SQL; plan's sample batches run the statement in a transaction that is always
+        // rolled back.
+        if args[0] == "verify" {
+            assert_ne!(code, 0, "{args:?} ran a writing function:\n{out}\n{err}");
+            assert!(err.contains("read-only"), "{args:?}: {err}");
+        }
+        assert_eq!(checksum(&c, "t").await, before, "{args:?} changed rows");
+        assert_eq!(
+            count(&c, "SELECT count(*) FROM audit").await,
+            0,
+            "{args:?} wrote\n{out}\n{err}"
+        );
+        assert!(
+            !common::store::has_store(&c).await,
+            "{args:?} created the checkpoint store"
+        );
+    }
+    drop(c);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_locked_by_another_session_is_named_not_blamed_on_the_spec() {
+    let db = TestDb::new("ref_locked").await;
+    let c = db.client().await;
+    common::make_table(&c, 100).await;
+    let holder = db.client().await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let spec = db.spec(
+        "job.yaml",
+        &job(
+            &db.url,
+            "t",
+            "id",
+            "n = 0",
+            "UPDATE t SET n = 1 WHERE id = ANY($1)",
+            "limits: {lock_timeout: 200ms}\n",
+        ),
+    );
+    let (code, _, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 75, "{err}");
+    assert!(err.contains("AccessExclusiveLock"), "{err}");
+    let (code, _, err) = run(&[&"run", &"--ignore-preflight", &spec]);
+    assert_eq!(code, 75, "{err}");
+    assert!(err.contains("locked by another session"), "{err}");
+    assert!(
+        !err.contains("postgres.where:"),
+        "the lock is not the where clause's fault: {err}"
+    );
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    drop((c, holder));
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn several_jobs_report_the_healthy_ones_and_name_the_untried_ones() {
+    let db = TestDb::new("ref_several").await;
+    let c = db.client().await;
+    common::make_table(&c, 300).await;
+    let dir = db.dir.path().join("jobs");
+    std::fs::create_dir(&dir).unwrap();
+    let write = |name: &str, url: &str, statement: &str| {
+        std::fs::write(dir.join(name), job(url, "t", "id", "", statement, "")).unwrap();
+    };
+    write(
+        "0001_ok.yaml",
+        &db.url,
+        "UPDATE t SET n = n + 1 WHERE id = ANY($1)",
+    );
+    write(
+        "0002_broken.yaml",
+        &db.url,
+        "UPDATE t SET n = 1 / 0 WHERE id = ANY($1)",
+    );
+    write(
+        "0003_never.yaml",
+        &db.url,
+        "UPDATE t SET n = 5 WHERE id = ANY($1)",
+    );
+    let (code, out, err) = run(&[&"run", &dir]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(out.contains("0001_ok: done"), "{out}");
+    assert!(out.contains("0002_broken: FAILED"), "{out}");
+    assert!(out.contains("1 run, 0 skipped, 1 failed"), "{out}");
+    assert!(
+        out.contains("not tried:") && out.contains("0003_never.yaml"),
+        "{out}"
+    );
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 5").await, 0);
+
+    // One job's database is gone: status still shows the others.
+    let missing = db.url.replace(&db.name, &format!("{}_missing", db.name));
+    write(
+        "0002_broken.yaml",
+        &missing,
+        "UPDATE t SET n = 1 WHERE id = ANY($1)",
+    );
+    let (code, out, err) = run(&[&"status", &dir]);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(out.contains("0001_ok  [done]"), "{out}");
+    assert!(out.contains("0003_never  [pending]"), "{out}");
+    assert!(
+        out.contains("0002_broken") && out.contains("cannot read its store"),
+        "{out}"
+    );
+    assert!(err.contains("does not exist"), "{err}");
+    assert!(job_row(&c, "0001_ok").await.is_some());
+    drop(c);
+    db.drop_db().await;
+}
