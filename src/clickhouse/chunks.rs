@@ -1,60 +1,166 @@
-//! Chunks of a ClickHouse job: months of the source's time range, days of a month, and groups
-//! of `split_column` values inside a day (halved down to one value). Each has a stable id, a
-//! predicate for `{chunk}`, and children one rung down the ladder.
+//! Chunks of a ClickHouse job: months of the job's time range, days of a month, and ranges of
+//! `split_column` values inside a chunk (halved at the median value, down to one value). Each
+//! has a stable id that names its values, a predicate for `{chunk}` that the source's partition
+//! key and sorting key can prune on, and a definition kept in the store with its record.
 
 use super::client::{ident, literal};
 use crate::spec::{ChunkLevel, ClickhouseSpec};
 use chrono::{Datelike, Days, Months, NaiveDate};
+use serde::{Deserialize, Serialize};
 
-/// A range of `split_column` values: the `count` distinct values from `offset` on, in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Group {
-    pub offset: u64,
-    pub count: u64,
+/// A range of `split_column` values: `lo <= v < hi` (an end that is `None` is open), or the
+/// one value `lo` when `single`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Values {
+    pub lo: Option<String>,
+    pub hi: Option<String>,
+    #[serde(default)]
+    pub single: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A unit of a ClickHouse job: a time range, perhaps narrowed to some `split_column` values.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Chunk {
     pub level: ChunkLevel,
     /// Inclusive, clipped to the job's range.
     pub from: NaiveDate,
     /// Exclusive, clipped to the job's range.
     pub to: NaiveDate,
-    /// `2025-11` for a month, `2025-11-03` for a day; a group carries its parent's label.
+    /// `2025-11` for a month, `2025-11-03` for a day; a value range keeps its parent's label.
     pub label: String,
-    pub group: Option<Group>,
+    pub values: Option<Values>,
     /// Rows of the source inside the chunk, when known.
+    #[serde(default)]
     pub rows: Option<u64>,
 }
 
+/// How a `split_column` value is written in SQL: numbers bare (18.16 refuses to compare a
+/// number with a string literal), everything else as a string literal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ValueKind {
+    Number,
+    #[default]
+    Text,
+}
+
+impl ValueKind {
+    /// From a ClickHouse type name.
+    pub fn of(type_name: &str) -> ValueKind {
+        let t = type_name
+            .trim_start_matches("LowCardinality(")
+            .trim_start_matches("Nullable(");
+        if ["Int", "UInt", "Float", "Decimal"]
+            .iter()
+            .any(|p| t.starts_with(p))
+        {
+            ValueKind::Number
+        } else {
+            ValueKind::Text
+        }
+    }
+
+    pub fn sql(self, v: &str) -> String {
+        let numeric = !v.is_empty()
+            && v.chars()
+                .all(|c| c.is_ascii_digit() || matches!(c, '-' | '+' | '.' | 'e' | 'E'));
+        match self {
+            ValueKind::Number if numeric => v.to_string(),
+            _ => literal(v),
+        }
+    }
+}
+
+/// What the source's columns hold (read at preflight): how chunk predicates are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Kinds {
+    pub time: TimeKind,
+    pub value: ValueKind,
+}
+
 impl Chunk {
-    /// Stable id, the key of the chunk's record in the state table.
+    /// Stable id, the key of the chunk's record in the state table, naming its values.
     pub fn id(&self, spec: &ClickhouseSpec) -> String {
-        match self.group {
-            None => self.label.clone(),
-            Some(g) => format!(
-                "{}/{}[{}..{})",
-                self.label,
-                spec.split_column.as_deref().unwrap_or("split"),
-                g.offset,
-                g.offset + g.count
-            ),
+        let Some(v) = &self.values else {
+            return self.label.clone();
+        };
+        let col = spec.split_column.as_deref().unwrap_or("split");
+        if v.single {
+            return format!("{}/{col}={}", self.label, v.lo.as_deref().unwrap_or(""));
+        }
+        format!(
+            "{}/{col}[{}..{})",
+            self.label,
+            v.lo.as_deref().unwrap_or(""),
+            v.hi.as_deref().unwrap_or("")
+        )
+    }
+
+    /// The level the chunk's learning is kept under.
+    pub fn level_name(&self) -> &'static str {
+        match (&self.values, self.level) {
+            (Some(_), _) | (_, ChunkLevel::Split) => "split",
+            (_, ChunkLevel::Day) => "day",
+            (_, ChunkLevel::Month) => "month",
         }
     }
 
     /// The predicate substituted for `{chunk}`.
-    pub fn predicate(&self, spec: &ClickhouseSpec, kind: TimeKind) -> String {
-        let time = time_predicate(spec, kind, self.from, self.to);
-        match (self.group, &spec.split_column) {
-            (Some(g), Some(col)) => format!(
-                "{time} AND {c} IN (SELECT DISTINCT {c} FROM {src} WHERE {time} ORDER BY {c} LIMIT {}, {})",
-                g.offset,
-                g.count,
-                c = ident(col),
-                src = ident(&spec.source),
-            ),
-            _ => time,
+    pub fn predicate(&self, spec: &ClickhouseSpec, kinds: Kinds) -> String {
+        let time = time_predicate(spec, kinds.time, self.from, self.to);
+        let (Some(v), Some(col)) = (&self.values, &spec.split_column) else {
+            return time;
+        };
+        let c = ident(col);
+        if v.single {
+            let lo = v.lo.as_deref().unwrap_or("");
+            return format!("{time} AND {c} = {}", kinds.value.sql(lo));
         }
+        let mut p = time;
+        if let Some(lo) = &v.lo {
+            p.push_str(&format!(" AND {c} >= {}", kinds.value.sql(lo)));
+        }
+        if let Some(hi) = &v.hi {
+            p.push_str(&format!(" AND {c} < {}", kinds.value.sql(hi)));
+        }
+        p
+    }
+
+    /// The two halves of this chunk's values, cut at `median` (the first value of the upper
+    /// half); `single` marks a half that holds one value.
+    pub fn halves(&self, median: &str, low_single: Option<&str>, high_single: bool) -> [Chunk; 2] {
+        let v = self.values.clone().unwrap_or_default();
+        let low = match low_single {
+            Some(only) => Values {
+                lo: Some(only.to_string()),
+                hi: None,
+                single: true,
+            },
+            None => Values {
+                lo: v.lo.clone(),
+                hi: Some(median.to_string()),
+                single: false,
+            },
+        };
+        let high = if high_single {
+            Values {
+                lo: Some(median.to_string()),
+                hi: None,
+                single: true,
+            }
+        } else {
+            Values {
+                lo: Some(median.to_string()),
+                hi: v.hi.clone(),
+                single: false,
+            }
+        };
+        let child = |values| Chunk {
+            level: ChunkLevel::Split,
+            values: Some(values),
+            rows: None,
+            ..self.clone()
+        };
+        [child(low), child(high)]
     }
 }
 
@@ -67,17 +173,18 @@ pub enum TimeKind {
 }
 
 impl TimeKind {
-    /// From a ClickHouse type name (`Date`, `DateTime('UTC')`, `Nullable(DateTime64(3))`, ...).
-    pub fn of(type_name: &str) -> TimeKind {
+    /// From a ClickHouse type name (`Date`, `DateTime('UTC')`, `Nullable(DateTime64(3))`, ...);
+    /// `None` for a column that holds no dates.
+    pub fn of(type_name: &str) -> Option<TimeKind> {
         let t = type_name
             .trim_start_matches("Nullable(")
             .trim_start_matches("LowCardinality(");
         if t.starts_with("DateTime") {
-            TimeKind::DateTime
+            Some(TimeKind::DateTime)
         } else if t.starts_with("Date") {
-            TimeKind::Date
+            Some(TimeKind::Date)
         } else {
-            TimeKind::DateTime
+            None
         }
     }
 }
@@ -119,7 +226,7 @@ fn whole(from: NaiveDate, to: NaiveDate) -> Chunk {
         from,
         to,
         label: format!("{from}..{to}"),
-        group: None,
+        values: None,
         rows: None,
     }
 }
@@ -134,7 +241,7 @@ pub fn months(from: NaiveDate, to: NaiveDate) -> Vec<Chunk> {
             from: m.max(from),
             to: next.min(to),
             label: format!("{:04}-{:02}", m.year(), m.month()),
-            group: None,
+            values: None,
             rows: None,
         });
         m = next;
@@ -152,7 +259,7 @@ pub fn days(from: NaiveDate, to: NaiveDate) -> Vec<Chunk> {
             from: d,
             to: next,
             label: d.to_string(),
-            group: None,
+            values: None,
             rows: None,
         });
         d = next;
@@ -166,38 +273,6 @@ pub fn next_level(spec: &ClickhouseSpec, level: ChunkLevel) -> Option<ChunkLevel
     spec.chunks.get(at + 1).copied()
 }
 
-/// The two halves of a chunk's `split_column` values: of its group, or, for a chunk that is not
-/// a group yet, of all `distinct` values in its time range. Empty when it holds one value: a
-/// chunk of one value cannot be split further.
-pub fn groups(parent: &Chunk, distinct: u64) -> Vec<Chunk> {
-    let g = parent.group.unwrap_or(Group {
-        offset: 0,
-        count: distinct,
-    });
-    if g.count <= 1 {
-        return Vec::new();
-    }
-    let first = g.count / 2;
-    [
-        Group {
-            offset: g.offset,
-            count: first,
-        },
-        Group {
-            offset: g.offset + first,
-            count: g.count - first,
-        },
-    ]
-    .into_iter()
-    .map(|h| Chunk {
-        level: ChunkLevel::Split,
-        group: Some(h),
-        rows: None,
-        ..parent.clone()
-    })
-    .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,23 +281,8 @@ mod tests {
         s.parse().unwrap()
     }
 
-    #[test]
-    fn months_are_clipped_to_the_range() {
-        let m = months(d("2025-11-15"), d("2026-02-03"));
-        let labels: Vec<_> = m.iter().map(|c| c.label.as_str()).collect();
-        assert_eq!(labels, ["2025-11", "2025-12", "2026-01", "2026-02"]);
-        assert_eq!((m[0].from, m[0].to), (d("2025-11-15"), d("2025-12-01")));
-        assert_eq!((m[3].from, m[3].to), (d("2026-02-01"), d("2026-02-03")));
-        assert_eq!(days(m[3].from, m[3].to).len(), 2);
-    }
-
-    #[test]
-    fn boundaries_compare_the_column_itself() {
-        assert_eq!(TimeKind::of("DateTime('UTC')"), TimeKind::DateTime);
-        assert_eq!(TimeKind::of("Nullable(DateTime64(3))"), TimeKind::DateTime);
-        assert_eq!(TimeKind::of("Date"), TimeKind::Date);
-        assert_eq!(TimeKind::of("Date32"), TimeKind::Date);
-        let spec = crate::spec::ClickhouseSpec {
+    fn spec() -> ClickhouseSpec {
+        crate::spec::ClickhouseSpec {
             endpoint: "http://h:8123".into(),
             database: "db".into(),
             user: None,
@@ -237,7 +297,30 @@ mod tests {
             settings: vec![],
             statement: String::new(),
             verify: None,
-        };
+        }
+    }
+
+    #[test]
+    fn months_are_clipped_to_the_range() {
+        let m = months(d("2025-11-15"), d("2026-02-03"));
+        let labels: Vec<_> = m.iter().map(|c| c.label.as_str()).collect();
+        assert_eq!(labels, ["2025-11", "2025-12", "2026-01", "2026-02"]);
+        assert_eq!((m[0].from, m[0].to), (d("2025-11-15"), d("2025-12-01")));
+        assert_eq!((m[3].from, m[3].to), (d("2026-02-01"), d("2026-02-03")));
+        assert_eq!(days(m[3].from, m[3].to).len(), 2);
+    }
+
+    #[test]
+    fn boundaries_compare_the_column_itself() {
+        assert_eq!(TimeKind::of("DateTime('UTC')"), Some(TimeKind::DateTime));
+        assert_eq!(
+            TimeKind::of("Nullable(DateTime64(3))"),
+            Some(TimeKind::DateTime)
+        );
+        assert_eq!(TimeKind::of("Date"), Some(TimeKind::Date));
+        assert_eq!(TimeKind::of("Date32"), Some(TimeKind::Date));
+        assert_eq!(TimeKind::of("UInt32"), None);
+        let spec = spec();
         let (f, t) = (d("2025-11-01"), d("2025-12-01"));
         assert_eq!(
             time_predicate(&spec, TimeKind::DateTime, f, t),
@@ -247,55 +330,29 @@ mod tests {
             time_predicate(&spec, TimeKind::Date, f, t),
             "`ran_at` >= '2025-11-01' AND `ran_at` < '2025-12-01'"
         );
-        let half = Chunk {
-            group: Some(Group {
-                offset: 2,
-                count: 3,
-            }),
-            ..months(f, t)[0].clone()
-        };
-        assert!(half
-            .predicate(&spec, TimeKind::Date)
-            .ends_with("IN (SELECT DISTINCT `project_id` FROM `runs` WHERE `ran_at` >= '2025-11-01' AND `ran_at` < '2025-12-01' ORDER BY `project_id` LIMIT 2, 3)"));
     }
 
     #[test]
-    fn groups_halve_down_to_one_value() {
-        let day = &days(d("2025-11-03"), d("2025-11-04"))[0];
-        let halves = groups(day, 5);
-        let g: Vec<_> = halves.iter().map(|c| c.group.unwrap()).collect();
-        assert_eq!(
-            g,
-            [
-                Group {
-                    offset: 0,
-                    count: 2
-                },
-                Group {
-                    offset: 2,
-                    count: 3
-                }
-            ]
-        );
-        let quarter = groups(&halves[1], 5);
-        assert_eq!(
-            quarter[1].group,
-            Some(Group {
-                offset: 3,
-                count: 2
-            })
-        );
-        let one = Chunk {
-            group: Some(Group {
-                offset: 4,
-                count: 1,
-            }),
-            ..day.clone()
+    fn halves_name_their_values_and_prune_on_them() {
+        let spec = spec();
+        let kinds = Kinds {
+            time: TimeKind::Date,
+            value: ValueKind::Number,
         };
-        assert!(groups(&one, 5).is_empty());
-        assert!(
-            groups(day, 1).is_empty(),
-            "a day with one value cannot be split"
-        );
+        let day = days(d("2025-11-03"), d("2025-11-04")).remove(0);
+        let [a, b] = day.halves("9", None, false);
+        assert_eq!(a.id(&spec), "2025-11-03/project_id[..9)");
+        assert_eq!(b.id(&spec), "2025-11-03/project_id[9..)");
+        assert!(a.predicate(&spec, kinds).ends_with("AND `project_id` < 9"));
+        let [c, e] = b.halves("12", Some("9"), true);
+        assert_eq!(c.id(&spec), "2025-11-03/project_id=9");
+        assert!(c.predicate(&spec, kinds).ends_with("AND `project_id` = 9"));
+        assert_eq!(e.id(&spec), "2025-11-03/project_id=12");
+        let text = Kinds {
+            time: TimeKind::Date,
+            value: ValueKind::Text,
+        };
+        assert!(a.predicate(&spec, text).ends_with("AND `project_id` < '9'"));
+        assert_eq!(ValueKind::Number.sql("1; DROP"), "'1; DROP'");
     }
 }

@@ -1,13 +1,46 @@
-//! The ClickHouse HTTP client for a job: credentials from the spec, settings on every chunk
-//! query, and the quirks of old servers (18.16 cannot answer RowBinaryWithNamesAndTypes, so
-//! schema validation is off; the crate is built without lz4, so nothing is compressed).
+//! The ClickHouse HTTP client for a job: credentials from the spec, settings on chunk queries,
+//! the quirks of old servers (18.16 cannot answer RowBinaryWithNamesAndTypes, so schema
+//! validation is off; the crate is built without lz4, so nothing is compressed), and what the
+//! server can do (`SELECT version()`). Every statement goes out as written (`query_raw`): the
+//! crate's `query()` would take any `?` in user SQL or in a quoted value for a bind placeholder.
 
 use super::errors::ch_error;
 use crate::error::{Error, Result};
 use crate::spec::ClickhouseSpec;
 use clickhouse::Client;
 
-/// A client for the job's database. `settings` are attached to chunk queries only.
+/// A client for the job's database, with what its server supports.
+#[derive(Clone)]
+pub struct Db {
+    pub client: Client,
+    pub server: Server,
+}
+
+/// The server's version and the features the job picks by it.
+#[derive(Debug, Clone, Default)]
+pub struct Server {
+    pub version: String,
+    /// `ALTER TABLE ... MOVE PARTITION ... TO TABLE` (20.1 and later): a chunk lands by moving
+    /// its parts into the target, leaving every other part of the target alone.
+    pub move_partition: bool,
+    /// `REPLACE PARTITION` from an empty source drops the target's partition (old servers);
+    /// newer ones refuse it, so an empty partition is restored with DROP PARTITION there.
+    pub replace_from_empty: bool,
+}
+
+impl Server {
+    pub fn of(version: &str) -> Server {
+        let mut it = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+        Server {
+            version: version.to_string(),
+            move_partition: (major, minor) >= (20, 1),
+            replace_from_empty: major < 24,
+        }
+    }
+}
+
+/// A client for the job's database.
 pub fn connect(spec: &ClickhouseSpec) -> Client {
     let mut c = Client::default()
         .with_url(&spec.endpoint)
@@ -22,39 +55,95 @@ pub fn connect(spec: &ClickhouseSpec) -> Client {
     c
 }
 
-/// The same client with the spec's `settings` (e.g. max_memory_usage) on every query.
-pub fn with_settings(client: &Client, spec: &ClickhouseSpec) -> Client {
-    spec.settings
-        .iter()
-        .fold(client.clone(), |c, (k, v)| c.with_setting(k, v))
-}
-
 /// `SELECT version()`, or an error that names the (redacted) URL and what to check.
 pub async fn version(client: &Client, spec: &ClickhouseSpec) -> Result<String> {
-    client
-        .query("SELECT version()")
-        .fetch_one::<String>()
-        .await
-        .map_err(|e| {
-            let why = ch_error("", &e).to_string();
-            let hint = if why.contains("Code: 516")
-                || why.contains("Code: 192")
-                || why.contains("Code: 193")
-            {
+    let out = fetch_text(client, "SELECT version()", "connecting").await;
+    out.map(|v| v.trim().to_string()).map_err(|e| {
+        let why = e.to_string();
+        let code = super::errors::code(&why);
+        let hint = match code {
+            Some(516) | Some(192) | Some(193) | Some(194) => {
                 " — check the user and password (the password is not shown)"
-            } else if why.contains("Code: 81") {
-                " — check the database name in clickhouse.url"
-            } else if why.contains("onnect") {
+            }
+            Some(81) => " — check the database name in clickhouse.url",
+            _ if spec.endpoint.starts_with("https://")
+                && (why.contains("tls") || why.contains("TLS") || why.contains("record")) =>
+            {
+                " — the server did not answer TLS: is that port its https port (8443), or \
+                 should the URL be http://?"
+            }
+            _ if why.contains("onnect") || why.contains("network") => {
                 " — is ClickHouse running and listening on that host and port?"
-            } else {
-                ""
-            };
-            Error::Connect(format!(
-                "cannot connect to {}{}{hint}",
-                spec.redacted_url(),
-                why.trim_start_matches(':')
-            ))
-        })
+            }
+            _ => "",
+        };
+        Error::Connect(format!(
+            "cannot connect to {}: {}{hint}",
+            spec.redacted_url(),
+            why.trim_start_matches("connecting: ")
+        ))
+    })
+}
+
+/// Run a statement that returns nothing.
+pub async fn exec(client: &Client, sql: &str, what: &str) -> Result<()> {
+    client
+        .query_raw(sql)
+        .execute()
+        .await
+        .map_err(|e| ch_error(what, &e))
+}
+
+/// Run a query and return its TabSeparated text.
+pub async fn fetch_text(client: &Client, sql: &str, what: &str) -> Result<String> {
+    let bytes = client
+        .query_raw(sql)
+        .fetch_bytes("TabSeparated")
+        .map_err(|e| ch_error(what, &e))?
+        .collect()
+        .await
+        .map_err(|e| ch_error(what, &e))?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// A query's rows, fields unescaped.
+pub async fn rows(client: &Client, sql: &str, what: &str) -> Result<Vec<Vec<String>>> {
+    let text = fetch_text(client, sql, what).await?;
+    Ok(text
+        .lines()
+        .map(|l| l.split('\t').map(unescape).collect())
+        .collect())
+}
+
+/// The one number a query returns.
+pub async fn number(client: &Client, sql: &str, what: &str) -> Result<u64> {
+    let text = fetch_text(client, sql, what).await?;
+    text.trim()
+        .parse()
+        .map_err(|_| Error::fatal(format!("{what}: {text:?} is not a number")))
+}
+
+/// Undo TabSeparated escaping.
+pub fn unescape(field: &str) -> String {
+    let mut out = String::with_capacity(field.len());
+    let mut it = field.chars();
+    while let Some(c) = it.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match it.next() {
+            Some('t') => out.push('\t'),
+            Some('n') => out.push('\n'),
+            Some('r') => out.push('\r'),
+            Some('0') => out.push('\0'),
+            Some('b') => out.push('\u{8}'),
+            Some('f') => out.push('\u{c}'),
+            Some(o) => out.push(o),
+            None => out.push('\\'),
+        }
+    }
+    out
 }
 
 /// Quote an identifier for ClickHouse SQL (backticks), keeping `db.table` qualified names.
@@ -68,4 +157,23 @@ pub fn ident(name: &str) -> String {
 /// A string literal for ClickHouse SQL.
 pub fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn features_by_version() {
+        let old = Server::of("18.16.1");
+        assert!(!old.move_partition && old.replace_from_empty);
+        let new = Server::of("26.9.2.1");
+        assert!(new.move_partition && !new.replace_from_empty);
+    }
+
+    #[test]
+    fn tsv_fields_round_trip() {
+        assert_eq!(unescape("a\\tb\\\\c\\'d"), "a\tb\\c'd");
+        assert_eq!(literal("it's a ?"), "'it\\'s a ?'");
+    }
 }

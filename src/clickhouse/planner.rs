@@ -1,53 +1,39 @@
-//! Row counts that guide the ladder: the job's time range, rows per month (from system.parts
-//! when the source is partitioned by month, else one GROUP BY), rows per day of a month, and
-//! the distinct `split_column` values of a chunk.
+//! What the source holds: the job's time range, rows per month (from system.parts when the
+//! source is partitioned by `toYYYYMM(time_column)`, else one GROUP BY), rows per day of a
+//! chunk, the rows of one chunk, where to cut a chunk's `split_column` values in half, and the
+//! checks of the columns the spec names.
 
-use super::chunks::{Chunk, TimeKind, time_predicate};
-use super::client::{ident, literal};
-use super::errors::ch_error;
+use super::chunks::{Chunk, Kinds, TimeKind, ValueKind, time_predicate};
+use super::client::{ident, literal, number, rows};
 use crate::error::{Error, Result};
 use crate::spec::ClickhouseSpec;
 use chrono::{Datelike, Days, NaiveDate};
-use clickhouse::{Client, Row};
-use serde::Deserialize;
+use clickhouse::Client;
 use std::collections::HashMap;
-
-#[derive(Row, Deserialize)]
-struct Count {
-    label: String,
-    rows: u64,
-}
 
 /// [from, to) of the job: the spec's bounds, else the source's min/max of `time_column`.
 pub async fn range(c: &Client, spec: &ClickhouseSpec) -> Result<Option<(NaiveDate, NaiveDate)>> {
     if let (Some(f), Some(t)) = (spec.from, spec.to) {
         return Ok(Some((f, t)));
     }
-    #[derive(Row, Deserialize)]
-    struct Bounds {
-        lo: String,
-        hi: String,
-        n: u64,
-    }
     let col = ident(&spec.time_column);
     let sql = format!(
-        "SELECT toString(min(toDate({col}))) AS lo, toString(max(toDate({col}))) AS hi, count() AS n FROM {}",
+        "SELECT toString(min(toDate({col}))), toString(max(toDate({col}))), count() FROM {}",
         ident(&spec.source)
     );
-    let b: Bounds = c
-        .query(&sql)
-        .fetch_one()
-        .await
-        .map_err(|e| ch_error("finding the source's time range", &e))?;
-    if b.n == 0 {
+    let r = rows(c, &sql, "finding the source's time range").await?;
+    let Some(r) = r.first().filter(|r| r.len() == 3) else {
+        return Err(Error::fatal("finding the source's time range: no answer"));
+    };
+    if r[2] == "0" {
         return Ok(None);
     }
     let parse = |s: &str| {
         s.parse::<NaiveDate>()
             .map_err(|e| Error::Preflight(format!("source time range {s:?}: {e}")))
     };
-    let from = spec.from.unwrap_or(parse(&b.lo)?);
-    let to = spec.to.unwrap_or(parse(&b.hi)? + Days::new(1));
+    let from = spec.from.unwrap_or(parse(&r[0])?);
+    let to = spec.to.unwrap_or(parse(&r[1])? + Days::new(1));
     Ok((from < to).then_some((from, to)))
 }
 
@@ -62,27 +48,24 @@ pub async fn month_rows(
     let aligned = from.day() == 1 && to.day() == 1;
     if aligned && partitioned_by_month(c, spec).await? {
         let (db, table) = qualified(spec);
-        let parts: Vec<Count> = c
-            .query(
-                "SELECT partition AS label, sum(rows) AS rows FROM system.parts
-                  WHERE database = ? AND table = ? AND active GROUP BY partition",
-            )
-            .bind(db)
-            .bind(table)
-            .fetch_all()
-            .await
-            .map_err(|e| ch_error("reading the source's partitions", &e))?;
-        return Ok(parts
+        let sql = format!(
+            "SELECT partition, sum(rows) FROM system.parts
+              WHERE database = {} AND table = {} AND active GROUP BY partition",
+            literal(&db),
+            literal(&table)
+        );
+        return Ok(rows(c, &sql, "reading the source's partitions")
+            .await?
             .into_iter()
-            .filter_map(|p| {
-                let (y, m) = p.label.trim_matches('\'').split_at_checked(4)?;
-                Some((format!("{y}-{m}"), p.rows))
+            .filter_map(|r| {
+                let (y, m) = r.first()?.trim_matches('\'').split_at_checked(4)?;
+                Some((format!("{y}-{m}"), r.get(1)?.parse().ok()?))
             })
             .collect());
     }
     let col = ident(&spec.time_column);
     let sql = format!(
-        "SELECT substring(toString(toDate({col})), 1, 7) AS label, count() AS rows FROM {}
+        "SELECT substring(toString(toDate({col})), 1, 7) AS label, count() FROM {}
           WHERE {} GROUP BY label",
         ident(&spec.source),
         time_predicate(spec, kind, from, to)
@@ -94,58 +77,78 @@ pub async fn month_rows(
 pub async fn day_rows(
     c: &Client,
     spec: &ClickhouseSpec,
-    kind: TimeKind,
+    kinds: Kinds,
     chunk: &Chunk,
 ) -> Result<HashMap<String, u64>> {
     let sql = format!(
-        "SELECT toString(toDate({})) AS label, count() AS rows FROM {} WHERE {} GROUP BY label",
+        "SELECT toString(toDate({})) AS label, count() FROM {} WHERE {} GROUP BY label",
         ident(&spec.time_column),
         ident(&spec.source),
-        chunk.predicate(spec, kind)
+        chunk.predicate(spec, kinds)
     );
     counts(c, &sql, "counting the source's rows per day").await
 }
 
 /// Source rows inside a chunk.
-pub async fn rows(c: &Client, spec: &ClickhouseSpec, kind: TimeKind, chunk: &Chunk) -> Result<u64> {
+pub async fn chunk_rows(
+    c: &Client,
+    spec: &ClickhouseSpec,
+    kinds: Kinds,
+    chunk: &Chunk,
+) -> Result<u64> {
     let sql = format!(
         "SELECT count() FROM {} WHERE {}",
         ident(&spec.source),
-        chunk.predicate(spec, kind)
+        chunk.predicate(spec, kinds)
     );
-    c.query(&sql)
-        .fetch_one()
-        .await
-        .map_err(|e| ch_error("counting the chunk's rows", &e))
+    number(c, &sql, "counting the chunk's rows").await
 }
 
-/// Distinct `split_column` values in a chunk's time range.
-pub async fn distinct(
+/// Where to cut a chunk's `split_column` values in half: `None` if it holds fewer than two;
+/// else the first value of the upper half, with the lower half's only value if it has one, and
+/// whether the upper half has one.
+pub async fn median(
     c: &Client,
     spec: &ClickhouseSpec,
-    kind: TimeKind,
+    kinds: Kinds,
     chunk: &Chunk,
-) -> Result<u64> {
-    let col = spec.split_column.as_deref().unwrap_or_default();
-    let sql = format!(
-        "SELECT uniqExact({}) FROM {} WHERE {}",
-        ident(col),
-        ident(&spec.source),
-        time_predicate(spec, kind, chunk.from, chunk.to)
-    );
-    c.query(&sql)
-        .fetch_one()
-        .await
-        .map_err(|e| ch_error("counting split_column values", &e))
+) -> Result<Option<(String, Option<String>, bool)>> {
+    let col = ident(spec.split_column.as_deref().unwrap_or_default());
+    let (src, pred) = (ident(&spec.source), chunk.predicate(spec, kinds));
+    let n = number(
+        c,
+        &format!("SELECT uniqExact({col}) FROM {src} WHERE {pred}"),
+        "counting split_column values",
+    )
+    .await?;
+    if n < 2 {
+        return Ok(None);
+    }
+    let at = |i: u64| {
+        format!(
+            "SELECT toString(v) FROM (SELECT DISTINCT {col} AS v FROM {src} WHERE {pred})
+              ORDER BY v LIMIT 1 OFFSET {i}"
+        )
+    };
+    let value = async |i: u64| -> Result<String> {
+        let r = rows(c, &at(i), "finding where to split the chunk").await?;
+        r.into_iter()
+            .next()
+            .and_then(|r| r.into_iter().next())
+            .ok_or_else(|| Error::fatal("finding where to split the chunk: the source changed"))
+    };
+    let m = n / 2;
+    let mid = value(m).await?;
+    let low_single = if m == 1 { Some(value(0).await?) } else { None };
+    Ok(Some((mid, low_single, n - m == 1)))
 }
 
 async fn counts(c: &Client, sql: &str, what: &str) -> Result<HashMap<String, u64>> {
-    let rows: Vec<Count> = c
-        .query(sql)
-        .fetch_all()
-        .await
-        .map_err(|e| ch_error(what, &e))?;
-    Ok(rows.into_iter().map(|r| (r.label, r.rows)).collect())
+    Ok(rows(c, sql, what)
+        .await?
+        .into_iter()
+        .filter_map(|r| Some((r.first()?.clone(), r.get(1)?.parse().ok()?)))
+        .collect())
 }
 
 fn qualified(spec: &ClickhouseSpec) -> (String, String) {
@@ -157,57 +160,65 @@ fn qualified(spec: &ClickhouseSpec) -> (String, String) {
 
 async fn partitioned_by_month(c: &Client, spec: &ClickhouseSpec) -> Result<bool> {
     let (db, table) = qualified(spec);
-    let keys: Vec<String> = c
-        .query("SELECT partition_key FROM system.tables WHERE database = ? AND name = ?")
-        .bind(db)
-        .bind(table)
-        .fetch_all()
-        .await
-        .map_err(|e| ch_error("reading the source table", &e))?;
+    let sql = format!(
+        "SELECT partition_key FROM system.tables WHERE database = {} AND name = {}",
+        literal(&db),
+        literal(&table)
+    );
+    let keys = rows(c, &sql, "reading the source table").await?;
     let want = format!("toYYYYMM({})", spec.time_column.trim_matches('`'));
-    Ok(keys.first().is_some_and(|k| k.replace(' ', "") == want))
+    Ok(keys
+        .first()
+        .and_then(|r| r.first())
+        .is_some_and(|k| k.replace(' ', "") == want))
 }
 
-/// Check that the source has the columns the spec names; returns what `time_column` holds.
-pub async fn check_source(c: &Client, spec: &ClickhouseSpec) -> Result<TimeKind> {
-    #[derive(Row, Deserialize)]
-    struct Column {
-        name: String,
-        #[serde(rename = "type")]
-        ty: String,
-    }
+/// Check that the source has the columns the spec names, with types the chunks can use;
+/// returns how their values are written.
+pub async fn check_source(c: &Client, spec: &ClickhouseSpec) -> Result<Kinds> {
     let (db, table) = qualified(spec);
-    let columns: Vec<Column> = c
-        .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
-        .bind(&db)
-        .bind(&table)
-        .fetch_all()
-        .await
-        .map_err(|e| ch_error("reading the source table", &e))?;
-    let cols: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
-    if cols.is_empty() {
+    let sql = format!(
+        "SELECT name, type FROM system.columns WHERE database = {} AND table = {}",
+        literal(&db),
+        literal(&table)
+    );
+    let columns = rows(c, &sql, "reading the source table").await?;
+    if columns.is_empty() {
         return Err(Error::Preflight(format!(
             "clickhouse.source: table {db}.{table} does not exist"
         )));
     }
-    for (field, col) in [
-        ("clickhouse.time_column", Some(&spec.time_column)),
-        ("clickhouse.split_column", spec.split_column.as_ref()),
-    ] {
-        if let Some(col) = col
-            && !cols.contains(&col.trim_matches('`'))
-        {
-            return Err(Error::Preflight(format!(
-                "{field}: column {} does not exist in {db}.{table} (columns: {})",
-                literal(col),
-                cols.join(", ")
-            )));
-        }
-    }
-    let time = columns
+    let type_of = |col: &str| {
+        columns
+            .iter()
+            .find(|r| r.first().map(String::as_str) == Some(col.trim_matches('`')))
+            .and_then(|r| r.get(1).cloned())
+    };
+    let names: Vec<&str> = columns
         .iter()
-        .find(|c| c.name == spec.time_column.trim_matches('`'))
-        .map(|c| TimeKind::of(&c.ty))
-        .unwrap_or_default();
-    Ok(time)
+        .filter_map(|r| r.first().map(String::as_str))
+        .collect();
+    let missing = |field: &str, col: &str| {
+        Error::Preflight(format!(
+            "{field}: column {} does not exist in {db}.{table} (columns: {})",
+            literal(col),
+            names.join(", ")
+        ))
+    };
+    let time_type = type_of(&spec.time_column)
+        .ok_or_else(|| missing("clickhouse.time_column", &spec.time_column))?;
+    let time = TimeKind::of(&time_type).ok_or_else(|| {
+        Error::Preflight(format!(
+            "clickhouse.time_column: column {} of {db}.{table} is {time_type}; chunks are cut \
+             by date, so it must be a Date or DateTime column",
+            literal(&spec.time_column)
+        ))
+    })?;
+    let value = match &spec.split_column {
+        Some(col) => {
+            ValueKind::of(&type_of(col).ok_or_else(|| missing("clickhouse.split_column", col))?)
+        }
+        None => ValueKind::default(),
+    };
+    Ok(Kinds { time, value })
 }

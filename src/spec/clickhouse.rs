@@ -89,6 +89,16 @@ pub(super) fn validate(cx: &mut Ctx, ch: &Spanned<RawClickhouse>) -> Result<Clic
             );
         }
     }
+    // Chunks land from the staging table the statement inserts into: anything else (a
+    // SELECT) would run every chunk, insert nothing, and report the job done.
+    if !starts_with_insert_into_target(&statement) {
+        return cx.at(
+            &c.statement,
+            "clickhouse.statement",
+            "must be one `INSERT INTO {target} ...` statement: chunks land from the table it \
+             inserts into",
+        );
+    }
     let settings = c
         .settings
         .iter()
@@ -114,6 +124,27 @@ pub(super) fn validate(cx: &mut Ctx, ch: &Spanned<RawClickhouse>) -> Result<Clic
         statement,
         verify,
     })
+}
+
+/// `INSERT INTO {target}` first, after comments and whitespace, and one statement only.
+fn starts_with_insert_into_target(sql: &str) -> bool {
+    let mut rest = sql.trim_start();
+    loop {
+        if let Some(r) = rest.strip_prefix("--") {
+            rest = r.split_once('\n').map_or("", |(_, t)| t).trim_start();
+        } else if let Some(r) = rest.strip_prefix("/*") {
+            rest = r.split_once("*/").map_or("", |(_, t)| t).trim_start();
+        } else {
+            break;
+        }
+    }
+    let words: Vec<&str> = rest.split_whitespace().take(3).collect();
+    let trailing = sql.trim_end().trim_end_matches(';');
+    words.len() == 3
+        && words[0].eq_ignore_ascii_case("insert")
+        && words[1].eq_ignore_ascii_case("into")
+        && words[2].starts_with("{target}")
+        && !trailing.contains(';')
 }
 
 fn date(cx: &mut Ctx, v: Option<&Spanned<String>>, field: &str) -> Result<Option<NaiveDate>> {
@@ -173,4 +204,23 @@ pub(super) fn hash(ch: &ClickhouseSpec) -> String {
         &ch.target,
         ch.statement.trim(),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_statement_inserts_into_the_target() {
+        use super::starts_with_insert_into_target as ok;
+        assert!(ok("INSERT INTO {target} SELECT 1 FROM t WHERE {chunk}"));
+        assert!(ok(
+            "-- fill it\n  insert into {target} (a) SELECT a FROM t WHERE {chunk};"
+        ));
+        assert!(!ok("SELECT * FROM t WHERE {chunk} -- {target}"));
+        assert!(!ok(
+            "INSERT INTO other SELECT * FROM {target} WHERE {chunk}"
+        ));
+        assert!(!ok(
+            "INSERT INTO {target} SELECT 1 WHERE {chunk}; DROP TABLE x"
+        ));
+    }
 }

@@ -1,0 +1,521 @@
+//! A chunk lands whole or not at all, and once. ClickHouse inserts are not transactional, so a
+//! chunk is inserted into a staging table of its worker built `AS` the target; only a chunk
+//! whose insert succeeded is recorded `staged` and landed:
+//! - on servers with `MOVE PARTITION ... TO TABLE` (20.1+), each partition's parts move from the
+//!   staging table into the target: the target's other parts (another writer's included) are
+//!   left alone, and a landing that is replayed after a kill moves only what is still staged;
+//! - on older servers (18.16), each partition's parts are attached to the target from the
+//!   staging table (`ATTACH PARTITION ... FROM`, hard links): nothing of the target is replaced,
+//!   so there is nothing a restart could bring back, and merges may go on. The chunk's record
+//!   keeps the target's highest block number from before (the mark): a replay skips a
+//!   partition that has a part above it, i.e. whose attach went through.
+//!
+//! Re-running a finished job, a reset, or a lost state table must not land a chunk twice: the
+//! first time the job touches a partition, the target's content of it is kept in a base table
+//! (`<target>__backfill_<job>_base`, hard links) and noted in a ledger (`..._ledger`, beside
+//! the target, so it outlives the state table). A new start restores every touched partition
+//! from the base before landing anything, unless another writer has written into it since
+//! (parts with block numbers the job did not make): then it refuses, naming the partition.
+
+use super::client::{Server, exec, fetch_text, ident, literal, number, rows};
+use crate::error::{DbErrorKind, Error, Result};
+use clickhouse::Client;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// How long to wait for parts a restore replaced to leave the disk (18.16 removes them within
+/// seconds, while the table's merges run).
+const CLEANUP_WAIT: Duration = Duration::from_secs(600);
+
+/// What the ledger says of one partition the job has touched.
+#[derive(Debug, Clone, Default)]
+pub struct Touched {
+    pub base_rows: u64,
+    /// The highest block number in the target's partition after the job's last write to it.
+    pub last_block: i64,
+    /// Rows other writers put into the partition while the job ran (kept, but a restore would
+    /// drop them).
+    pub foreign_rows: u64,
+}
+
+pub struct Landing {
+    client: Client,
+    pub server: Server,
+    db: String,
+    target_name: String,
+    prefix: String,
+}
+
+impl Landing {
+    pub fn new(client: Client, server: Server, database: &str, target: &str, job: &str) -> Landing {
+        let (db, t) = match target.split_once('.') {
+            Some((d, t)) => (
+                d.trim_matches('`').to_string(),
+                t.trim_matches('`').to_string(),
+            ),
+            None => (database.to_string(), target.trim_matches('`').to_string()),
+        };
+        let safe: String = job
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        Landing {
+            client,
+            server,
+            prefix: format!("{t}__backfill_{safe}"),
+            db,
+            target_name: t,
+        }
+    }
+
+    fn q(&self, name: &str) -> String {
+        ident(&format!("{}.{name}", self.db))
+    }
+
+    pub fn target(&self) -> String {
+        self.q(&self.target_name)
+    }
+
+    /// Worker `w`'s staging table, for `{target}` in the statement.
+    pub fn staging(&self, w: usize) -> String {
+        self.q(&format!("{}_s{w}", self.prefix))
+    }
+
+    fn base(&self) -> String {
+        self.q(&format!("{}_base", self.prefix))
+    }
+
+    fn ledger(&self) -> String {
+        self.q(&format!("{}_ledger", self.prefix))
+    }
+
+    /// Whether landing moves parts (current servers) or replaces partitions (18.16).
+    pub fn moves(&self) -> bool {
+        self.server.move_partition
+    }
+
+    /// The target's engine, checked to be one staging can copy.
+    pub async fn check_target(&self) -> Result<()> {
+        let sql = format!(
+            "SELECT engine FROM system.tables WHERE database = {} AND name = {}",
+            literal(&self.db),
+            literal(&self.target_name)
+        );
+        let engine = rows(&self.client, &sql, "reading the target table").await?;
+        match engine.first().and_then(|r| r.first()).map(String::as_str) {
+            None => Err(Error::Preflight(format!(
+                "clickhouse.target: table {} does not exist",
+                self.target()
+            ))),
+            Some(e) if e.starts_with("Replicated") => Err(Error::Preflight(format!(
+                "clickhouse.target: {} is {e}; a staging table made AS it would share its \
+                 ZooKeeper path, so replicated targets are not supported yet",
+                self.target()
+            ))),
+            Some(e) if !e.ends_with("MergeTree") => Err(Error::Preflight(format!(
+                "clickhouse.target: {} is {e}; chunks land by moving partitions, which needs a \
+                 MergeTree-family engine",
+                self.target()
+            ))),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// A fresh, empty table with the target's structure, engine and partitioning.
+    pub async fn fresh(&self, table: &str) -> Result<()> {
+        self.drop(table).await?;
+        let sql = format!("CREATE TABLE {table} AS {}", self.target());
+        exec(&self.client, &sql, "creating the staging table").await
+    }
+
+    pub async fn drop(&self, table: &str) -> Result<()> {
+        exec(
+            &self.client,
+            &format!("DROP TABLE IF EXISTS {table}"),
+            "dropping the staging table",
+        )
+        .await
+    }
+
+    /// Drop every staging table of the job (a reset).
+    pub async fn drop_staging_tables(&self) -> Result<()> {
+        let sql = format!(
+            "SELECT name FROM system.tables WHERE database = {} AND startsWith(name, {})",
+            literal(&self.db),
+            literal(&format!("{}_s", self.prefix))
+        );
+        for r in rows(&self.client, &sql, "finding the job's staging tables").await? {
+            if let Some(n) = r.first() {
+                self.drop(&self.q(n)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn exists(&self, table: &str) -> Result<bool> {
+        let bare = table.replace('`', "");
+        let (db, name) = bare.split_once('.').unwrap_or(("", &bare));
+        let sql = format!(
+            "SELECT count() FROM system.tables WHERE database = {} AND name = {}",
+            literal(db),
+            literal(name)
+        );
+        Ok(number(&self.client, &sql, "looking for a table").await? > 0)
+    }
+
+    /// Active parts of `table` by partition id: (rows, highest block number).
+    pub async fn parts(&self, table: &str) -> Result<HashMap<String, (u64, i64)>> {
+        let bare = table.replace('`', "");
+        let (db, name) = bare.split_once('.').unwrap_or(("", &bare));
+        let sql = format!(
+            "SELECT partition_id, sum(rows), max(max_block_number) FROM system.parts
+              WHERE database = {} AND table = {} AND active GROUP BY partition_id",
+            literal(db),
+            literal(name)
+        );
+        Ok(rows(&self.client, &sql, "reading a table's parts")
+            .await?
+            .into_iter()
+            .filter_map(|r| {
+                Some((
+                    r.first()?.clone(),
+                    (r.get(1)?.parse().ok()?, r.get(2)?.parse().ok()?),
+                ))
+            })
+            .collect())
+    }
+
+    /// The ledger of touched partitions (empty if the job never landed anything).
+    pub async fn touched(&self) -> Result<HashMap<String, Touched>> {
+        if !self.exists(&self.ledger()).await? {
+            return Ok(HashMap::new());
+        }
+        let sql = format!(
+            "SELECT partition, argMax(base_rows, version), argMax(last_block, version),
+                    argMax(foreign_rows, version)
+               FROM {} GROUP BY partition",
+            self.ledger()
+        );
+        Ok(rows(&self.client, &sql, "reading the job's ledger")
+            .await?
+            .into_iter()
+            .filter_map(|r| {
+                Some((
+                    r.first()?.clone(),
+                    Touched {
+                        base_rows: r.get(1)?.parse().ok()?,
+                        last_block: r.get(2)?.parse().ok()?,
+                        foreign_rows: r.get(3)?.parse().ok()?,
+                    },
+                ))
+            })
+            .collect())
+    }
+
+    async fn note(&self, partition: &str, t: &Touched) -> Result<()> {
+        let version = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0).max(0);
+        let sql = format!(
+            "INSERT INTO {} (partition, base_rows, last_block, foreign_rows, version)
+             VALUES ({}, {}, {}, {}, {version})",
+            self.ledger(),
+            literal(partition),
+            t.base_rows,
+            t.last_block,
+            t.foreign_rows
+        );
+        exec(&self.client, &sql, "writing the job's ledger").await
+    }
+
+    /// Before the job first writes into `partitions`: keep the target's content of each in the
+    /// base table, and note it in the ledger.
+    pub async fn keep_base(&self, partitions: &[String]) -> Result<()> {
+        for sql in [
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} AS {}",
+                self.base(),
+                self.target()
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (partition String, base_rows UInt64,
+                     last_block Int64, foreign_rows UInt64, version UInt64)
+                 ENGINE = ReplacingMergeTree(version) ORDER BY partition",
+                self.ledger()
+            ),
+        ] {
+            exec(&self.client, &sql, "creating the job's base table").await?;
+        }
+        let known = self.touched().await?;
+        let target = self.parts(&self.target()).await?;
+        let base = self.parts(&self.base()).await?;
+        for p in partitions.iter().filter(|p| !known.contains_key(*p)) {
+            let (rows, block) = target.get(p).copied().unwrap_or((0, 0));
+            // Kept already by a run killed before it noted it: never copy it twice.
+            if rows > 0 && !base.contains_key(p) {
+                let sql = format!(
+                    "ALTER TABLE {} REPLACE PARTITION ID {} FROM {}",
+                    self.base(),
+                    literal(p),
+                    self.target()
+                );
+                exec(&self.client, &sql, "keeping the target's partition").await?;
+            }
+            self.note(
+                p,
+                &Touched {
+                    base_rows: rows,
+                    last_block: block,
+                    foreign_rows: 0,
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Rows other writers put into `p` since the job last wrote to it (by block numbers).
+    async fn foreign(&self, p: &str, since: i64) -> Result<u64> {
+        let sql = format!(
+            "SELECT sum(rows) FROM system.parts
+              WHERE database = {} AND table = {} AND active AND partition_id = {}
+                AND max_block_number > {since}",
+            literal(&self.db),
+            literal(&self.target_name),
+            literal(p)
+        );
+        number(&self.client, &sql, "looking for other writers").await
+    }
+
+    /// The highest block number any part of the target has had (active or not): parts added
+    /// later have higher ones. Recorded with a staged chunk, it tells a replay whether the
+    /// chunk's parts were attached already.
+    pub async fn mark(&self) -> Result<i64> {
+        let sql = format!(
+            "SELECT max(max_block_number) FROM system.parts WHERE database = {} AND table = {}",
+            literal(&self.db),
+            literal(&self.target_name)
+        );
+        let text = fetch_text(&self.client, &sql, "reading the target's parts").await?;
+        Ok(text.trim().parse().unwrap_or(0))
+    }
+
+    /// Land what `staging` holds for `partitions` in the target. Safe to run again after a kill
+    /// at any point: on current servers a replay moves only what is still staged; on 18.16
+    /// (attach, which copies) a partition whose parts already went in since `mark` is skipped.
+    pub async fn land(&self, staging: &str, partitions: &[String], mark: i64) -> Result<()> {
+        let mut ledger = self.touched().await?;
+        let staged = self.parts(staging).await?;
+        for p in partitions {
+            let mut t = ledger.remove(p).unwrap_or_default();
+            let target = self.parts(&self.target()).await?;
+            let already = !self.moves() && target.get(p).is_some_and(|x| x.1 > mark);
+            let others = if already {
+                0
+            } else {
+                self.foreign(p, t.last_block).await?
+            };
+            if others > 0 {
+                self.warn_foreign(p, others);
+                t.foreign_rows += others;
+            }
+            if staged.contains_key(p) && !already {
+                let sql = if self.moves() {
+                    format!(
+                        "ALTER TABLE {staging} MOVE PARTITION ID {} TO TABLE {}",
+                        literal(p),
+                        self.target()
+                    )
+                } else {
+                    format!(
+                        "ALTER TABLE {} ATTACH PARTITION ID {} FROM {staging}",
+                        self.target(),
+                        literal(p)
+                    )
+                };
+                exec(&self.client, &sql, "moving the chunk into the target").await?;
+            }
+            t.last_block = self
+                .parts(&self.target())
+                .await?
+                .get(p)
+                .map_or(t.last_block, |x| x.1);
+            self.note(p, &t).await?;
+        }
+        Ok(())
+    }
+
+    fn warn_foreign(&self, p: &str, rows: u64) {
+        tracing::warn!(
+            "{rows} row(s) were written into partition {p} of {} by another writer while the \
+             job ran; they are kept, but starting the job over would refuse to restore this \
+             partition",
+            self.target()
+        );
+    }
+
+    /// Wait until no part that a replace or drop removed from partition `p` of the target is
+    /// left on disk (18.16 would load it again at a restart: rows doubled). Parts that merges
+    /// made obsolete are covered by the merged part and are never loaded again.
+    async fn wait_replaced_gone(&self, p: &str) -> Result<()> {
+        if self.moves() {
+            return Ok(());
+        }
+        let sql = format!(
+            "SELECT count() FROM system.parts o
+              WHERE o.database = {db} AND o.table = {t} AND o.partition_id = {p} AND NOT o.active
+                AND (SELECT count() FROM system.parts a
+                      WHERE a.database = {db} AND a.table = {t} AND a.partition_id = {p}
+                        AND a.active AND a.min_block_number <= o.min_block_number
+                        AND a.max_block_number >= o.max_block_number) = 0",
+            db = literal(&self.db),
+            t = literal(&self.target_name),
+            p = literal(p)
+        );
+        let started = Instant::now();
+        loop {
+            // Correlated subqueries are not supported everywhere: fall back to listing.
+            let left = match number(&self.client, &sql, "waiting for replaced parts").await {
+                Ok(n) => n,
+                Err(_) => self.uncovered_outdated(p).await?,
+            };
+            if left == 0 {
+                return Ok(());
+            }
+            if started.elapsed() > CLEANUP_WAIT {
+                return Err(Error::Db {
+                    message: format!(
+                        "{left} replaced part(s) of partition {p} of {} are still on disk after \
+                         {}s; the chunk is landed but not yet recorded done",
+                        self.target(),
+                        CLEANUP_WAIT.as_secs()
+                    ),
+                    kind: DbErrorKind::Transient,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Outdated parts of `p` no active part covers (computed here, not by the server).
+    async fn uncovered_outdated(&self, p: &str) -> Result<u64> {
+        let sql = format!(
+            "SELECT active, min_block_number, max_block_number FROM system.parts
+              WHERE database = {} AND table = {} AND partition_id = {}",
+            literal(&self.db),
+            literal(&self.target_name),
+            literal(p)
+        );
+        let parts: Vec<(bool, i64, i64)> = rows(&self.client, &sql, "reading parts")
+            .await?
+            .into_iter()
+            .filter_map(|r| {
+                Some((
+                    r.first()? == "1",
+                    r.get(1)?.parse().ok()?,
+                    r.get(2)?.parse().ok()?,
+                ))
+            })
+            .collect();
+        Ok(parts
+            .iter()
+            .filter(|(active, lo, hi)| {
+                !active && !parts.iter().any(|(a, l, h)| *a && l <= lo && h >= hi)
+            })
+            .count() as u64)
+    }
+
+    /// Put every partition the job has touched back to what it held before the job (a new
+    /// start after a --rerun, a reset, or a lost state table). Refuses if another writer wrote
+    /// into one since: restoring would drop its rows.
+    pub async fn restore(&self) -> Result<usize> {
+        let ledger = self.touched().await?;
+        if ledger.is_empty() {
+            return Ok(0);
+        }
+        for (p, t) in &ledger {
+            let others = t.foreign_rows + self.foreign(p, t.last_block).await?;
+            if others > 0 {
+                return Err(Error::Preflight(format!(
+                    "partition {p} of {} holds {others} row(s) another writer put there while \
+                     this job had landed chunks in it; starting the job over would restore the \
+                     partition to what it held before the job and drop them. Move those rows \
+                     elsewhere (or accept losing them: drop the tables {} and {}), then run \
+                     again",
+                    self.target(),
+                    self.base(),
+                    self.ledger()
+                )));
+            }
+        }
+        let base = self.parts(&self.base()).await?;
+        if !self.moves() {
+            self.pause_merges().await?;
+        }
+        for p in ledger.keys() {
+            let sql = if base.contains_key(p) {
+                format!(
+                    "ALTER TABLE {} REPLACE PARTITION ID {} FROM {}",
+                    self.target(),
+                    literal(p),
+                    self.base()
+                )
+            } else {
+                format!(
+                    "ALTER TABLE {} DROP PARTITION ID {}",
+                    self.target(),
+                    literal(p)
+                )
+            };
+            exec(
+                &self.client,
+                &sql,
+                "restoring a partition the job had landed in",
+            )
+            .await?;
+        }
+        if !self.moves() {
+            self.resume_merges().await?;
+        }
+        for p in ledger.keys() {
+            self.wait_replaced_gone(p).await?;
+            let mut t = ledger[p].clone();
+            t.last_block = self
+                .parts(&self.target())
+                .await?
+                .get(p)
+                .map_or(t.last_block, |x| x.1);
+            self.note(p, &t).await?;
+        }
+        Ok(ledger.len())
+    }
+
+    /// Stop merges on the target and wait until none is running (bounded: 10 minutes).
+    pub async fn pause_merges(&self) -> Result<()> {
+        let sql = format!("SYSTEM STOP MERGES {}", self.target());
+        exec(&self.client, &sql, "stopping merges on the target").await?;
+        let running = format!(
+            "SELECT count() FROM system.merges WHERE database = {} AND table = {}",
+            literal(&self.db),
+            literal(&self.target_name)
+        );
+        for _ in 0..6000 {
+            if fetch_text(&self.client, &running, "waiting for the target's merges")
+                .await?
+                .trim()
+                == "0"
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.resume_merges().await?;
+        Err(Error::Db {
+            message: "a merge on the target is still running after 10 minutes".into(),
+            kind: DbErrorKind::Transient,
+        })
+    }
+
+    pub async fn resume_merges(&self) -> Result<()> {
+        let sql = format!("SYSTEM START MERGES {}", self.target());
+        exec(&self.client, &sql, "restarting merges on the target").await
+    }
+}

@@ -1,0 +1,336 @@
+//! One job per target, one runner per job: a lock table next to the target,
+//! `<target>__backfill_lock`. ClickHouse has no compare-and-set, but `CREATE TABLE` (without IF
+//! NOT EXISTS) succeeds for exactly one creator and `RENAME TABLE` for exactly one renamer, so
+//! the lock is taken by creating the table, and taken over from a dead runner by renaming the
+//! table to a name that only that runner's takeover can use.
+//!
+//! The table's first row names the job and the runner that holds it (`host:pid:start`); the
+//! runner appends a heartbeat every few seconds. Its job keeps the target until it is done (the
+//! table is dropped) or reset: between runs the lock is released for the same job only, so
+//! another job can never land into a target whose chunks are half done. A runner is dead when
+//! it released the lock, when it ran on this host and its process is gone, or when its
+//! heartbeat is older than `TTL`; then the next runner of the same job takes over at once (or
+//! after waiting out the heartbeat of a runner on another host).
+
+use super::client::{exec, ident, literal, rows};
+use super::errors::code;
+use crate::error::{Error, Result, StopReason};
+use clickhouse::Client;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// A heartbeat older than this belongs to a dead runner.
+const TTL: Duration = Duration::from_secs(30);
+const HEARTBEAT: Duration = Duration::from_secs(5);
+const TABLE_EXISTS: u32 = 57;
+const UNKNOWN_TABLE: u32 = 60;
+
+/// This process: `host:pid:start` (the start time tells a reused pid from the same process).
+pub fn me() -> String {
+    format!(
+        "{}:{}",
+        crate::state::runner_id(),
+        start_ticks(std::process::id()).unwrap_or(0)
+    )
+}
+
+/// A process's start time in clock ticks since boot (`/proc/<pid>/stat`, field 22).
+fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 2..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether the runner `host:pid:start` is certainly gone (it ran on this host and that process
+/// is not running any more).
+fn gone_here(runner: &str) -> bool {
+    let mut it = runner.rsplitn(3, ':');
+    let (Some(start), Some(pid), Some(host)) = (it.next(), it.next(), it.next()) else {
+        return false;
+    };
+    if host != crate::state::hostname() {
+        return false;
+    }
+    let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) else {
+        return false;
+    };
+    start_ticks(pid) != Some(start)
+}
+
+/// The holder as the lock table says.
+#[derive(Debug, Clone)]
+struct Holder {
+    job: String,
+    runner: String,
+    token: String,
+    /// Seconds since its last heartbeat (or release).
+    age: u64,
+    released: bool,
+}
+
+/// A held lock: dropped or released explicitly; `lost` turns true if another runner took it.
+pub struct TargetLock {
+    client: Client,
+    table: String,
+    job: String,
+    token: String,
+    lost: Arc<AtomicBool>,
+    heartbeat: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TargetLock {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+    }
+}
+
+/// The lock table's name for a target (`db`.`name__backfill_lock`).
+pub fn table_for(database: &str, target: &str) -> String {
+    let (db, t) = match target.split_once('.') {
+        Some((d, t)) => (
+            d.trim_matches('`').to_string(),
+            t.trim_matches('`').to_string(),
+        ),
+        None => (database.to_string(), target.trim_matches('`').to_string()),
+    };
+    ident(&format!("{db}.{t}__backfill_lock"))
+}
+
+async fn holder(client: &Client, table: &str) -> Result<Option<Holder>> {
+    let sql = format!(
+        "SELECT job, runner, token,
+                toUInt64(greatest(0, toInt64(now()) - toInt64(max(heartbeat)))),
+                argMax(released, heartbeat)
+           FROM (SELECT job, runner, token, heartbeat, released, rowNumberInAllBlocks() AS n
+                   FROM {table})
+          GROUP BY job, runner, token
+          ORDER BY min(n) LIMIT 1"
+    );
+    match rows(client, &sql, "reading the target's lock").await {
+        Ok(r) => Ok(r.into_iter().next().and_then(|r| {
+            (r.len() == 5).then(|| Holder {
+                job: r[0].clone(),
+                runner: r[1].clone(),
+                token: r[2].clone(),
+                age: r[3].parse().unwrap_or(0),
+                released: r[4] == "1",
+            })
+        })),
+        Err(e) if err_code(&e) == Some(UNKNOWN_TABLE) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn err_code(e: &Error) -> Option<u32> {
+    code(&e.to_string())
+}
+
+async fn append(
+    client: &Client,
+    table: &str,
+    job: &str,
+    token: &str,
+    released: bool,
+) -> Result<()> {
+    let sql = format!(
+        "INSERT INTO {table} (job, runner, token, heartbeat, released) VALUES ({}, {}, {}, now(), {})",
+        literal(job),
+        literal(&me()),
+        literal(token),
+        u8::from(released)
+    );
+    exec(client, &sql, "writing the target's lock").await
+}
+
+/// Take the target's lock for `job`, or say who holds it (`Err(Stopped(LockHeld))`).
+pub async fn acquire(
+    client: &Client,
+    database: &str,
+    target: &str,
+    job: &str,
+) -> Result<TargetLock> {
+    let table = table_for(database, target);
+    let token = format!(
+        "{:x}{:x}",
+        chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0),
+        std::process::id()
+    );
+    let started = Instant::now();
+    let mut waiting_said = false;
+    let mut last_age = None;
+    loop {
+        let create = format!(
+            "CREATE TABLE {table} (job String, runner String, token String, heartbeat DateTime,
+                                   released UInt8) ENGINE = Log"
+        );
+        match exec(client, &create, "taking the target's lock").await {
+            Ok(()) => {
+                append(client, &table, job, &token, false).await?;
+                return Ok(start(client, table, job, token));
+            }
+            Err(e) if err_code(&e) == Some(TABLE_EXISTS) => {}
+            Err(e) => return Err(e),
+        }
+        let Some(h) = holder(client, &table).await? else {
+            // Created a moment ago by someone who has not written its row yet (or dropped in
+            // between): look again shortly; an empty table older than TTL is taken over below.
+            if started.elapsed() > TTL {
+                take_over(client, &table, "empty").await?;
+            } else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            continue;
+        };
+        if h.job != job {
+            return Err(Error::Stopped(StopReason::LockHeld(format!(
+                "job {:?} (runner {}): it writes the same target, and one job at a time may; \
+                 it keeps the target until it is done or `backfill reset`",
+                h.job, h.runner
+            ))));
+        }
+        let dead = h.released || gone_here(&h.runner) || h.age >= TTL.as_secs();
+        if dead {
+            take_over(client, &table, &h.token).await?;
+            continue;
+        }
+        // Alive as far as we can tell: another host's runner whose heartbeat is fresh. Watch
+        // it: a heartbeat that moves means a live runner (exit 75); one that stops moving for
+        // TTL means a dead one.
+        if last_age.is_some_and(|a| h.age < a) {
+            return Err(Error::Stopped(StopReason::LockHeld(format!(
+                "runner {} (its heartbeat is {}s old)",
+                h.runner, h.age
+            ))));
+        }
+        last_age = Some(h.age);
+        if !waiting_said {
+            tracing::warn!(
+                "job {job} is held by runner {} on another host, last seen {}s ago: waiting up \
+                 to {}s for its heartbeat (a live runner keeps this one out; a dead one is taken \
+                 over)",
+                h.runner,
+                h.age,
+                TTL.as_secs()
+            );
+            waiting_said = true;
+        }
+        tokio::time::sleep(HEARTBEAT + Duration::from_secs(1)).await;
+    }
+}
+
+/// Move a dead holder's table out of the way. Only one renamer can win: the new name is the
+/// dead holder's own, so a second takeover of the same holder finds it taken.
+async fn take_over(client: &Client, table: &str, dead_token: &str) -> Result<()> {
+    let safe: String = dead_token
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    let gone = format!("{}_gone_{safe}`", table.trim_end_matches('`'));
+    let sql = format!("RENAME TABLE {table} TO {gone}");
+    // The moved table stays until the job is done or reset (`drop_table`): dropping it now
+    // would free its name for a runner that saw the same dead holder and comes late.
+    match exec(client, &sql, "taking over the target's lock").await {
+        Ok(()) => Ok(()),
+        // Someone else moved it first: look again.
+        Err(e) if matches!(err_code(&e), Some(TABLE_EXISTS) | Some(UNKNOWN_TABLE)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn start(client: &Client, table: String, job: &str, token: String) -> TargetLock {
+    let lost = Arc::new(AtomicBool::new(false));
+    let (c, t, j, k, l) = (
+        client.clone(),
+        table.clone(),
+        job.to_string(),
+        token.clone(),
+        lost.clone(),
+    );
+    let heartbeat = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(HEARTBEAT).await;
+            match holder(&c, &t).await {
+                Ok(Some(h)) if h.token == k => {
+                    if let Err(e) = append(&c, &t, &j, &k, false).await {
+                        tracing::warn!("renewing the target's lock: {e}");
+                    }
+                }
+                Ok(_) => {
+                    tracing::error!("the target's lock was taken over by another runner");
+                    l.store(true, Ordering::SeqCst);
+                    return;
+                }
+                Err(e) => tracing::warn!("reading the target's lock: {e}"),
+            }
+        }
+    });
+    TargetLock {
+        client: client.clone(),
+        table,
+        job: job.to_string(),
+        token,
+        lost,
+        heartbeat,
+    }
+}
+
+impl TargetLock {
+    /// Whether another runner took the lock (this one must stop writing).
+    pub fn lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+
+    /// Stop renewing; the job keeps the target (for its next run only).
+    pub async fn release(&self) -> Result<()> {
+        self.heartbeat.abort();
+        match holder(&self.client, &self.table).await? {
+            Some(h) if h.token == self.token => {
+                append(&self.client, &self.table, &self.job, &self.token, true).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The job is done (or reset): the target is free for any job.
+    pub async fn drop_table(&self) -> Result<()> {
+        self.heartbeat.abort();
+        drop_all(&self.client, &self.table).await
+    }
+}
+
+/// Drop a lock table and the tables of runners taken over from.
+pub async fn drop_all(client: &Client, table: &str) -> Result<()> {
+    let unquoted = table.replace('`', "");
+    let (db, name) = unquoted.split_once('.').unwrap_or(("", &unquoted));
+    let sql = format!(
+        "SELECT name FROM system.tables WHERE database = {} AND startsWith(name, {})",
+        literal(db),
+        literal(name)
+    );
+    for r in rows(client, &sql, "finding the target's lock tables").await? {
+        if let Some(n) = r.first() {
+            exec(
+                client,
+                &format!("DROP TABLE IF EXISTS {}", ident(&format!("{db}.{n}"))),
+                "freeing the target",
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_is_alive_and_a_made_up_one_is_not() {
+        let me = me();
+        assert!(!gone_here(&me), "{me}");
+        let host = crate::state::hostname();
+        assert!(gone_here(&format!("{host}:{}:1", std::process::id())));
+        assert!(!gone_here("some-other-host:1:1"));
+    }
+}

@@ -1,0 +1,462 @@
+//! One ClickHouse worker: claims a chunk from the job's tree, inserts it into its own staging
+//! table, and lands it; or, when the chunk runs out of memory, tries it once more with lighter
+//! settings and then splits it one rung down. A chunk stays claimed by its worker until it is
+//! done or split: a transient error (network, 159, 202, 252, a request that failed once) makes
+//! the driver retry the same chunk, never drop it.
+
+use super::chunks::Chunk;
+use super::client::exec;
+use super::errors::{MEMORY_LIMIT_EXCEEDED, code, memory_hint};
+use super::store::{DONE, FAILED, PAUSE_ROW, PENDING, Record, SPLIT, STAGED};
+use super::tree::Next;
+use super::{Ctx, planner};
+use crate::engine::{Claim, Outcome, Worker};
+use crate::error::{DbErrorKind, Error, Result, StopReason};
+use crate::spec::ChunkLevel;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub struct ChWorker {
+    ctx: Arc<Ctx>,
+    index: usize,
+    name: String,
+    held: Option<Chunk>,
+    /// The held chunk ran out of memory: its next attempt uses lighter settings.
+    light_next: bool,
+}
+
+/// Why a chunk is split.
+enum Cause {
+    /// Its attempt exceeded the memory limit (the server's message, bytes it would have used).
+    Failed(String, Option<u64>, bool),
+    /// It is not smaller than a chunk that failed even with lighter settings.
+    Predicted(String),
+}
+
+impl ChWorker {
+    pub fn new(ctx: Arc<Ctx>, index: usize) -> ChWorker {
+        ChWorker {
+            ctx,
+            index,
+            name: format!("w{index}"),
+            held: None,
+            light_next: false,
+        }
+    }
+
+    async fn record_of(&self, c: &Chunk) -> Record {
+        let id = c.id(&self.ctx.spec);
+        let tree = self.ctx.tree.lock().await;
+        let mut r = tree
+            .as_ref()
+            .and_then(|t| t.records.get(&id).cloned())
+            .unwrap_or_default();
+        r.chunk = id;
+        r.level = c.level_name().into();
+        r.def = serde_json::to_string(c).expect("a chunk serializes");
+        r.spec_hash = self.ctx.spec_hash.clone();
+        r.runner = crate::state::runner_id();
+        if let Some(n) = c.rows {
+            r.source_rows = n;
+        }
+        r
+    }
+
+    /// Settings that make an aggregation use less memory, unless the spec sets them: one
+    /// thread, and a GROUP BY that spills to disk at half the memory cap.
+    fn lighter(&self) -> Vec<(&'static str, String)> {
+        let set = |k: &str| self.ctx.spec.settings.iter().any(|(s, _)| s == k);
+        let mut out = Vec::new();
+        if !set("max_threads") {
+            out.push(("max_threads", "1".to_string()));
+        }
+        let cap = self.ctx.memory_cap.get().copied().unwrap_or(0);
+        if cap > 0 && !set("max_bytes_before_external_group_by") {
+            out.push(("max_bytes_before_external_group_by", (cap / 2).to_string()));
+        }
+        out
+    }
+
+    /// Whether the chunk has a rung below it.
+    fn splittable(&self, c: &Chunk) -> bool {
+        let spec = &self.ctx.spec;
+        if c.values.as_ref().is_some_and(|v| v.single) {
+            return false;
+        }
+        if c.values.is_some() || c.level == ChunkLevel::Split {
+            return spec.split_column.is_some();
+        }
+        super::chunks::next_level(spec, c.level).is_some()
+    }
+
+    /// The chunks one rung below `c`, with their source rows; empty when it holds one
+    /// `split_column` value (or the ladder ends).
+    async fn children(&self, c: &Chunk) -> Result<Vec<Chunk>> {
+        let ctx = &self.ctx;
+        let (spec, kinds, client) = (&ctx.spec, ctx.kinds(), &ctx.db.client);
+        let below = if c.values.is_some() || c.level == ChunkLevel::Split {
+            Some(ChunkLevel::Split)
+        } else {
+            super::chunks::next_level(spec, c.level)
+        };
+        let mut kids = match below {
+            None | Some(ChunkLevel::Month) => Vec::new(),
+            Some(ChunkLevel::Day) => {
+                let rows = planner::day_rows(client, spec, kinds, c).await?;
+                super::chunks::days(c.from, c.to)
+                    .into_iter()
+                    .filter_map(|mut d| {
+                        let n = rows.get(&d.label).copied().unwrap_or(0);
+                        d.rows = Some(n);
+                        (n > 0).then_some(d)
+                    })
+                    .collect()
+            }
+            Some(ChunkLevel::Split) => match planner::median(client, spec, kinds, c).await? {
+                None => Vec::new(),
+                Some((mid, low_single, high_single)) => {
+                    let mut halves = c.halves(&mid, low_single.as_deref(), high_single).to_vec();
+                    for h in &mut halves {
+                        h.rows = Some(planner::chunk_rows(client, spec, kinds, h).await?);
+                    }
+                    halves
+                }
+            },
+        };
+        kids.retain(|k| k.from < k.to);
+        Ok(kids)
+    }
+
+    /// Record the split and its children in one write, and hand the children out next.
+    async fn split(&mut self, c: &Chunk, cause: Cause) -> Result<Outcome> {
+        let ctx = self.ctx.clone();
+        let id = c.id(&ctx.spec);
+        let kids = self.children(c).await?;
+        let mut parent = self.record_of(c).await;
+        let why = match &cause {
+            Cause::Failed(w, memory, light) => {
+                parent.attempts += 1;
+                parent.code = u64::from(MEMORY_LIMIT_EXCEEDED);
+                parent.memory_bytes = memory.unwrap_or(parent.memory_bytes);
+                parent.light = u64::from(*light || parent.light > 0);
+                w.clone()
+            }
+            Cause::Predicted(w) => w.clone(),
+        };
+        parent.error = why.clone();
+        if kids.is_empty() {
+            parent.status = FAILED.into();
+            ctx.put(&[&parent]).await?;
+            if let Some(t) = ctx.tree.lock().await.as_mut() {
+                t.fail(&ctx.spec, c);
+            }
+            self.held = None;
+            return Err(Error::fatal(format!(
+                "chunk {id} exceeds the memory limit even as the smallest chunk the ladder \
+                 allows ({}), even with lighter settings: {why}",
+                match &c.values {
+                    Some(v) if v.single => format!(
+                        "one day or less, one {} value",
+                        ctx.spec.split_column.as_deref().unwrap_or("split_column")
+                    ),
+                    _ => "its ladder has no rung below it".into(),
+                }
+            )));
+        }
+        let covered: u64 = kids.iter().filter_map(|k| k.rows).sum();
+        if let Some(n) = c.rows
+            && covered != n
+        {
+            return Err(Error::fatal(format!(
+                "chunk {id}: its {} smaller chunks hold {covered} rows, the chunk {n}; the \
+                 source changed while the job ran? Not splitting",
+                kids.len()
+            )));
+        }
+        let level = kids.first().map_or("split", |k| k.level_name());
+        crate::metrics::split(&ctx.job, level);
+        tracing::info!(
+            job = %ctx.job, chunk = %id, children = kids.len(),
+            "splitting chunk {id} into {} {level} chunk(s): {why}", kids.len()
+        );
+        parent.status = SPLIT.into();
+        parent.children = kids.iter().map(|k| k.id(&ctx.spec)).collect();
+        let mut records = vec![parent];
+        for k in &kids {
+            let mut r = self.record_of(k).await;
+            if r.status.is_empty() {
+                r.status = PENDING.into();
+            }
+            records.push(r);
+        }
+        let refs: Vec<&Record> = records.iter().collect();
+        ctx.put(&refs).await?;
+        if let Some(t) = ctx.tree.lock().await.as_mut() {
+            t.split(&ctx.spec, c, kids);
+        }
+        self.held = None;
+        self.light_next = false;
+        Ok(Outcome {
+            unit_done: true,
+            cursor: Some(format!("{id} split")),
+            ..Outcome::default()
+        })
+    }
+
+    /// Insert the chunk into this worker's staging table; on success, land it.
+    async fn attempt(&mut self, c: &Chunk) -> Result<Outcome> {
+        let ctx = self.ctx.clone();
+        let spec = &ctx.spec;
+        let id = c.id(spec);
+        let staging = ctx.landing.staging(self.index);
+        let light = self.light_next;
+        let sql = spec
+            .statement
+            .replace("{target}", &staging)
+            .replace("{chunk}", &c.predicate(spec, ctx.kinds()));
+        ctx.landing.fresh(&staging).await?;
+        let client = if light {
+            self.lighter()
+                .into_iter()
+                .fold(ctx.chunk_client.clone(), |cl, (k, v)| cl.with_setting(k, v))
+        } else {
+            ctx.chunk_client.clone()
+        };
+        let mut rec = self.record_of(c).await;
+        rec.attempts += 1;
+        if let Err(e) = exec(&client, &sql, &format!("chunk {id}")).await {
+            let _ = ctx.landing.drop(&staging).await;
+            let text = e.to_string();
+            if e.db_kind() == Some(DbErrorKind::MemoryLimit) {
+                let hint = memory_hint(&text);
+                if !light && !self.lighter().is_empty() {
+                    // Once more with lighter settings before splitting.
+                    rec.status = PENDING.into();
+                    rec.code = u64::from(MEMORY_LIMIT_EXCEEDED);
+                    rec.memory_bytes = hint.unwrap_or(rec.memory_bytes);
+                    rec.error = text;
+                    ctx.put(&[&rec]).await?;
+                    self.light_next = true;
+                    tracing::info!(
+                        job = %ctx.job, chunk = %id,
+                        "chunk {id} ran out of memory; trying it once more with lighter settings"
+                    );
+                    return Ok(Outcome::default());
+                }
+                if self.splittable(c) {
+                    // Recorded first: if the split itself fails (a count times out), the next
+                    // try splits without running this attempt again.
+                    rec.status = PENDING.into();
+                    rec.code = u64::from(MEMORY_LIMIT_EXCEEDED);
+                    rec.light = 1;
+                    rec.memory_bytes = hint.unwrap_or(rec.memory_bytes);
+                    rec.error = text.clone();
+                    ctx.put(&[&rec]).await?;
+                    return self.split(c, Cause::Failed(text, hint, light)).await;
+                }
+                rec.status = FAILED.into();
+                rec.code = u64::from(MEMORY_LIMIT_EXCEEDED);
+                rec.light = u64::from(light);
+                rec.error = text.clone();
+                ctx.put(&[&rec]).await?;
+                if let Some(t) = ctx.tree.lock().await.as_mut() {
+                    t.fail(spec, c);
+                }
+                self.held = None;
+                return Err(Error::fatal(format!(
+                    "chunk {id} exceeds the memory limit even as the smallest chunk the ladder \
+                     allows: {text}"
+                )));
+            }
+            // Kept in the work: the driver retries it (transient) or the job fails naming it.
+            rec.status = PENDING.into();
+            rec.code = u64::from(code(&text).unwrap_or(0));
+            rec.error = text;
+            ctx.put(&[&rec]).await?;
+            if e.db_kind() == Some(DbErrorKind::Fatal) {
+                if let Some(t) = ctx.tree.lock().await.as_mut() {
+                    t.fail(spec, c);
+                }
+                self.held = None;
+            }
+            return Err(e);
+        }
+        self.light_next = false;
+        let parts = ctx.landing.parts(&staging).await?;
+        let mut partitions: Vec<String> = parts.keys().cloned().collect();
+        partitions.sort();
+        let own: Vec<u64> = partitions.iter().map(|p| parts[p].0).collect();
+        rec.rows = own.iter().sum();
+        rec.partitions = partitions;
+        rec.part_rows = own;
+        rec.staging = staging;
+        rec.light = u64::from(light);
+        rec.code = 0;
+        rec.error.clear();
+        self.land(c, rec, true).await
+    }
+
+    /// Land a chunk whose rows are in `rec.staging` (`fresh`: just inserted; else staged by an
+    /// earlier run), then record it done.
+    async fn land(&mut self, c: &Chunk, mut rec: Record, fresh: bool) -> Result<Outcome> {
+        let ctx = self.ctx.clone();
+        let id = c.id(&ctx.spec);
+        if ctx.lock_lost().await {
+            return Err(Error::Stopped(StopReason::LockHeld(
+                "another runner took over the target's lock".into(),
+            )));
+        }
+        let _one = ctx.land_lock.lock().await;
+        let staging = rec.staging.clone();
+        if !fresh && !ctx.landing.exists(&staging).await? {
+            return Err(Error::fatal(format!(
+                "chunk {id} is recorded as staged but its staging table {staging} is gone \
+                 (dropped by hand?): it may have landed partly; check the target, then \
+                 `backfill reset` the job"
+            )));
+        }
+        if fresh {
+            ctx.landing.keep_base(&rec.partitions).await?;
+            rec.mark = ctx.landing.mark().await?;
+            rec.status = STAGED.into();
+            ctx.put(&[&rec]).await?;
+        }
+        ctx.landing
+            .land(&staging, &rec.partitions, rec.mark)
+            .await?;
+        rec.status = DONE.into();
+        rec.error.clear();
+        ctx.put(&[&rec]).await?;
+        let _ = ctx.landing.drop(&staging).await;
+        drop(_one);
+        if let Some(t) = ctx.tree.lock().await.as_mut() {
+            t.finish(&ctx.spec, c, false);
+        }
+        self.held = None;
+        Ok(Outcome {
+            keys: rec.source_rows,
+            rows: rec.rows,
+            unit_done: true,
+            cursor: Some(id),
+            ..Outcome::default()
+        })
+    }
+
+    async fn run(&mut self, c: Chunk) -> Result<Outcome> {
+        let ctx = self.ctx.clone();
+        let rec = self.record_of(&c).await;
+        if rec.status == STAGED {
+            return self.land(&c, rec, false).await;
+        }
+        if rec.status == DONE {
+            self.held = None;
+            return Ok(Outcome {
+                unit_done: true,
+                ..Outcome::default()
+            });
+        }
+        // What this chunk's own earlier attempts showed (a run killed in between).
+        if rec.code == u64::from(MEMORY_LIMIT_EXCEEDED) {
+            if (rec.light > 0 || self.lighter().is_empty()) && self.splittable(&c) {
+                let why = rec.error.clone();
+                return self.split(&c, Cause::Predicted(why)).await;
+            }
+            self.light_next = true;
+        }
+        let (normal, light) = ctx
+            .tree
+            .lock()
+            .await
+            .as_ref()
+            .map_or_else(Default::default, |t| t.learned());
+        let level = c.level_name().to_string();
+        if let Some(n) = c.rows {
+            if let Some(&limit) = light.get(&level)
+                && n >= limit
+                && self.splittable(&c)
+            {
+                let why = format!(
+                    "{n} rows, not below the {limit} rows of a chunk that exceeded the memory \
+                     limit even with lighter settings"
+                );
+                return self.split(&c, Cause::Predicted(why)).await;
+            }
+            if normal.get(&level).is_some_and(|&limit| n >= limit) && !self.lighter().is_empty() {
+                self.light_next = true;
+            }
+        }
+        self.attempt(&c).await
+    }
+}
+
+impl Worker for ChWorker {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn claim(&mut self) -> Result<Claim> {
+        let ctx = self.ctx.clone();
+        if let Some(c) = &self.held {
+            return Ok(Claim::Got(c.id(&ctx.spec)));
+        }
+        if ctx.lock_lost().await {
+            return Err(Error::Stopped(StopReason::LockHeld(
+                "another runner took over the target's lock".into(),
+            )));
+        }
+        let mut t = ctx.tree.lock().await;
+        let Some(tree) = t.as_mut() else {
+            return Err(Error::fatal("internal: the job's chunks were not built"));
+        };
+        match tree.next(&ctx.spec) {
+            Next::Chunk(c) => {
+                let id = c.id(&ctx.spec);
+                self.held = Some(c);
+                self.light_next = false;
+                Ok(Claim::Got(id))
+            }
+            Next::Wait { busy } => Ok(Claim::Nothing {
+                all_done: false,
+                held: busy as u64,
+                blocked: 0,
+            }),
+            Next::Done => Ok(Claim::Nothing {
+                all_done: true,
+                held: 0,
+                blocked: 0,
+            }),
+        }
+    }
+
+    async fn step(&mut self, _size: u64) -> Result<Outcome> {
+        let Some(c) = self.held.clone() else {
+            return Err(Error::Lost(format!("worker {} holds no chunk", self.name)));
+        };
+        let started = Instant::now();
+        let mut out = self.run(c).await?;
+        out.timings.statement = started.elapsed();
+        Ok(out)
+    }
+
+    async fn release(&mut self) -> Result<()> {
+        if let Some(c) = self.held.take()
+            && let Some(t) = self.ctx.tree.lock().await.as_mut()
+        {
+            t.finish(&self.ctx.spec, &c, true);
+        }
+        Ok(())
+    }
+
+    async fn give_up(&mut self) -> Result<()> {
+        self.release().await
+    }
+
+    async fn paused(&mut self) -> Result<bool> {
+        self.ctx
+            .store
+            .flag(&self.ctx.job, PAUSE_ROW, "paused")
+            .await
+    }
+
+    fn reset_connection(&mut self) {}
+}
