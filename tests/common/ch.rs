@@ -1,7 +1,7 @@
 //! ClickHouse test harness: the two test servers (18.16 and a current release, `ChServer`), a
 //! database of its own per test on either, queries over plain HTTP (std::net, no client
 //! library: results are TSV text), spec files, readers of the checkpoint table
-//! `backfill_state`, and `ch_test!`, which makes one test body into a test per server.
+//! `backfill_chunks`, and `ch_test!`, which makes one test body into a test per server.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -219,7 +219,7 @@ pub fn query(database: Option<&str>, sql: &str) -> String {
     ChServer::v18().query(database, sql)
 }
 
-/// One row of `backfill_state` (a chunk, the job row `''`, or the lease `#lease`).
+/// One row of `backfill_chunks` (a chunk, the job row `''`, `#pause`, `#merges`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Record {
     pub chunk: String,
@@ -229,9 +229,14 @@ pub struct Record {
     pub source_rows: u64,
     pub attempts: u32,
     pub memory_bytes: u64,
+    /// The server's error code of the last failed attempt (241: out of memory).
+    pub code: u32,
+    /// 1 once lighter settings were tried.
+    pub light: u32,
     pub error: String,
     pub staging: String,
     pub runner: String,
+    pub children: Vec<String>,
 }
 
 /// Undo TSV escaping (`\t`, `\n`, `\\`, `\'`).
@@ -353,15 +358,15 @@ impl ChDb {
         path
     }
 
-    /// Every record of a job in `backfill_state FINAL` (empty while the table does not exist).
+    /// Every record of a job in `backfill_chunks FINAL` (empty while the table does not exist).
     pub fn records(&self, job: &str) -> Vec<Record> {
-        if !self.has_table("backfill_state") {
+        if !self.has_table("backfill_chunks") {
             return Vec::new();
         }
         self.rows(&format!(
-            "SELECT chunk, level, status, rows, source_rows, attempts, memory_bytes, error, \
-                    staging, runner
-               FROM backfill_state FINAL WHERE job = '{job}' ORDER BY chunk FORMAT TSV"
+            "SELECT chunk, level, status, rows, source_rows, attempts, memory_bytes, code, light,
+                    error, staging, runner, arrayStringConcat(children, '|')
+               FROM backfill_chunks FINAL WHERE job = '{job}' ORDER BY chunk FORMAT TSV"
         ))
         .into_iter()
         .map(|f| Record {
@@ -372,14 +377,21 @@ impl ChDb {
             source_rows: f[4].parse().unwrap(),
             attempts: f[5].parse().unwrap(),
             memory_bytes: f[6].parse().unwrap(),
-            error: f[7].clone(),
-            staging: f[8].clone(),
-            runner: f[9].clone(),
+            code: f[7].parse().unwrap(),
+            light: f[8].parse().unwrap(),
+            error: f[9].clone(),
+            staging: f[10].clone(),
+            runner: f[11].clone(),
+            children: f[12]
+                .split('|')
+                .filter(|c| !c.is_empty())
+                .map(str::to_string)
+                .collect(),
         })
         .collect()
     }
 
-    /// The chunk records of a job (without the job row and the lease).
+    /// The chunk records of a job (without the job row and the flags).
     pub fn chunks(&self, job: &str) -> Vec<Record> {
         self.records(job)
             .into_iter()
@@ -390,16 +402,6 @@ impl ChDb {
     /// One record by chunk id (`""` = the job's own row).
     pub fn record(&self, job: &str, chunk: &str) -> Option<Record> {
         self.records(job).into_iter().find(|r| r.chunk == chunk)
-    }
-
-    /// Release a dead runner's lease the way `unlock` does (a newer lease row with no runner),
-    /// instead of waiting the 30 s it takes to expire.
-    pub fn release_lease(&self, job: &str) {
-        let version = chrono::Utc::now().timestamp_nanos_opt().unwrap() as u64;
-        self.q(&format!(
-            "INSERT INTO backfill_state (job, chunk, runner, updated, version)
-             VALUES ('{job}', '#lease', '', now(), {version})"
-        ));
     }
 }
 
