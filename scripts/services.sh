@@ -193,8 +193,10 @@ else
     fi
     install -d -m 0755 /var/log/clickhouse-server
     log "clickhouse does not answer on $CH_HTTP: starting it as ${run_as[2]:-root} (log: $CH_LOG)"
-    (cd / && setsid "${run_as[@]}" clickhouse-server --config-file="$CH_CONFIG" \
-        >"$CH_LOG" 2>&1 </dev/null &)
+    # The redirections are on the whole background subshell, not only on the server: a
+    # subshell left holding our stdout keeps `$(scripts/services.sh --env)` waiting forever.
+    (cd / && exec setsid "${run_as[@]}" clickhouse-server --config-file="$CH_CONFIG") \
+        >"$CH_LOG" 2>&1 </dev/null &
     ready=0
     for _ in $(seq 1 60); do
         if ch_answers; then
