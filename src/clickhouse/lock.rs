@@ -143,6 +143,28 @@ async fn append(
     exec(client, &sql, "writing the target's lock").await
 }
 
+/// Who keeps `job` out of the target right now, if anyone: another job, or a live runner of
+/// this one. Reads only.
+pub async fn held_by_other(
+    client: &Client,
+    database: &str,
+    target: &str,
+    job: &str,
+) -> Result<Option<String>> {
+    let table = table_for(database, target);
+    Ok(match holder(client, &table).await? {
+        Some(h) if h.job != job => Some(format!(
+            "job {:?} (runner {}): it writes the same target, and one job at a time may; \
+             it keeps the target until it is done or `backfill reset`",
+            h.job, h.runner
+        )),
+        Some(h) if !(h.released || gone_here(&h.runner) || h.age >= TTL.as_secs()) => Some(
+            format!("runner {} (its heartbeat is {}s old)", h.runner, h.age),
+        ),
+        _ => None,
+    })
+}
+
 /// Take the target's lock for `job`, or say who holds it (`Err(Stopped(LockHeld))`).
 pub async fn acquire(
     client: &Client,

@@ -20,7 +20,7 @@ pub use worker::ChWorker;
 
 use crate::engine::plan::{Plan, PlanOptions};
 use crate::engine::{Backend, Estimate, Gate};
-use crate::error::{Error, Result, StopReason};
+use crate::error::{Error, Result};
 use crate::spec::{ChunkLevel, ClickhouseSpec, Spec, Throttle};
 use crate::state::{JobState, Status, UnitState};
 use chrono::NaiveDate;
@@ -190,6 +190,54 @@ impl ChJob {
         Ok(top)
     }
 
+    /// Start (the lock taken): restore what an earlier run landed if the job starts over, fix
+    /// the job's range, and build its chunk tree.
+    async fn begin(&self, spec_hash: &str, restart: bool) -> Result<JobState> {
+        let ctx = &self.ctx;
+        ctx.store.ensure().await?;
+        let mut records = ctx.store.records(&ctx.job).await?;
+        let has_job = records.iter().any(|r| r.chunk == store::JOB_ROW);
+        if restart || !has_job {
+            // A --rerun, a reset, or a lost state table: whatever the job landed before must
+            // not be landed on top of again.
+            let replaces = !ctx.landing.moves();
+            if replaces {
+                ctx.merges_stopped(true).await?;
+            }
+            let restored = ctx.landing.restore().await?;
+            if replaces {
+                ctx.merges_stopped(false).await?;
+            }
+            if restored > 0 {
+                tracing::warn!(
+                    "restored {restored} partition(s) of the target to what they held before \
+                     this job first landed in them; every chunk lands again"
+                );
+            }
+            if restart {
+                ctx.store.forget(&ctx.job).await?;
+                records.clear();
+            }
+        }
+        let range = self.range(&records).await?;
+        let def = match range {
+            Some((f, t)) => serde_json::json!({"from": f.to_string(), "to": t.to_string()}),
+            None => serde_json::json!({}),
+        }
+        .to_string();
+        let started = records
+            .iter()
+            .find(|r| r.chunk == store::JOB_ROW)
+            .map_or(store::now(), |r| r.started.max(1));
+        let row = store::job_row(spec_hash, "running", &def, started);
+        ctx.store.put(&ctx.job, &[&row]).await?;
+        let records = ctx.store.records(&ctx.job).await?;
+        let top = self.top(range).await?;
+        *ctx.tree.lock().await = Some(Tree::new(&ctx.spec, top, records.clone()));
+        store::job_state(&ctx.job, &records, true)
+            .ok_or_else(|| Error::fatal(format!("job {} vanished from its store", ctx.job)))
+    }
+
     /// Whether a runner holds the target's lock for this job right now.
     async fn live(&self) -> bool {
         self.ctx.lock.lock().await.is_some()
@@ -293,20 +341,18 @@ impl Backend for ChJob {
 
     async fn join(&self, index: u32, cap: u32) -> Result<std::result::Result<ChWorker, String>> {
         let ctx = &self.ctx;
-        let mut held = ctx.lock.lock().await;
-        if held.is_none() {
-            match lock::acquire(
+        // Who holds the target now. It is taken for real at start, after the preflight: a job
+        // its preflight refuses never keeps the target from another job.
+        if index == 0
+            && let Some(who) = lock::held_by_other(
                 &ctx.db.client,
                 &ctx.spec.database,
                 &ctx.spec.target,
                 &ctx.job,
             )
-            .await
-            {
-                Ok(l) => *held = Some(Arc::new(l)),
-                Err(Error::Stopped(StopReason::LockHeld(who))) => return Ok(Err(who)),
-                Err(e) => return Err(e),
-            }
+            .await?
+        {
+            return Ok(Err(who));
         }
         if index >= cap {
             return Ok(Err(format!("{cap} worker(s), the job's `workers` limit")));
@@ -316,48 +362,27 @@ impl Backend for ChJob {
 
     async fn start(&self, spec_hash: &str, restart: bool) -> Result<JobState> {
         let ctx = &self.ctx;
-        ctx.store.ensure().await?;
-        let mut records = ctx.store.records(&ctx.job).await?;
-        let has_job = records.iter().any(|r| r.chunk == store::JOB_ROW);
-        if restart || !has_job {
-            // A --rerun, a reset, or a lost state table: whatever the job landed before must
-            // not be landed on top of again.
-            let replaces = !ctx.landing.moves();
-            if replaces {
-                ctx.merges_stopped(true).await?;
-            }
-            let restored = ctx.landing.restore().await?;
-            if replaces {
-                ctx.merges_stopped(false).await?;
-            }
-            if restored > 0 {
-                tracing::warn!(
-                    "restored {restored} partition(s) of the target to what they held before \
-                     this job first landed in them; every chunk lands again"
-                );
-            }
-            if restart {
-                ctx.store.forget(&ctx.job).await?;
-                records.clear();
+        {
+            let mut held = ctx.lock.lock().await;
+            if held.is_none() {
+                let l = lock::acquire(
+                    &ctx.db.client,
+                    &ctx.spec.database,
+                    &ctx.spec.target,
+                    &ctx.job,
+                )
+                .await?;
+                *held = Some(Arc::new(l));
             }
         }
-        let range = self.range(&records).await?;
-        let def = match range {
-            Some((f, t)) => serde_json::json!({"from": f.to_string(), "to": t.to_string()}),
-            None => serde_json::json!({}),
+        let started = self.begin(spec_hash, restart).await;
+        if started.is_err()
+            && let Some(l) = ctx.lock.lock().await.take()
+            && let Err(e) = l.release().await
+        {
+            tracing::debug!("releasing the target's lock: {e}");
         }
-        .to_string();
-        let started = records
-            .iter()
-            .find(|r| r.chunk == store::JOB_ROW)
-            .map_or(store::now(), |r| r.started.max(1));
-        let row = store::job_row(spec_hash, "running", &def, started);
-        ctx.store.put(&ctx.job, &[&row]).await?;
-        let records = ctx.store.records(&ctx.job).await?;
-        let top = self.top(range).await?;
-        *ctx.tree.lock().await = Some(Tree::new(&ctx.spec, top, records.clone()));
-        store::job_state(&ctx.job, &records, true)
-            .ok_or_else(|| Error::fatal(format!("job {} vanished from its store", ctx.job)))
+        started
     }
 
     async fn estimate(&self) -> Result<Estimate> {
