@@ -85,6 +85,12 @@ pub trait Worker: Send + 'static {
     /// Forget the connection after it was lost, and with it the claim: the next `claim`
     /// reconnects and claims again (the same unit, if nobody took it over).
     fn reset_connection(&mut self);
+    /// The worker is done for this run: let go of what its session holds now, not when the
+    /// server gets round to ending the closed session (a command started right after this
+    /// process exits must not find the job taken).
+    fn close(&mut self) -> impl std::future::Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// One sample batch run by `plan` inside a transaction that is rolled back.

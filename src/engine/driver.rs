@@ -125,6 +125,7 @@ pub async fn drive<W: Worker>(w: &mut W, sh: &Shared) -> Result<()> {
         // The claim also ends with the connection; nothing more to do.
         tracing::debug!(job = %sh.job, "releasing the unit: {e}");
     }
+    w.close().await;
     result
 }
 

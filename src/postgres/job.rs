@@ -525,6 +525,15 @@ impl Backend for PgJob {
             ))));
         }
         let existed = self.ctx.store.forget(&c, &self.ctx.job).await?;
+        // Released here, not by closing the session: the server ends a closed session a moment
+        // after the client has gone, and a `run` started right after this command exits would
+        // still find the lock held.
+        c.execute(
+            "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
+            &[&key],
+        )
+        .await
+        .map_err(|e| db_error("releasing the job's lock", &e))?;
         Ok(existed.then(|| "checkpoint deleted; the next run starts from the beginning".into()))
     }
 }

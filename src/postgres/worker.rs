@@ -444,4 +444,14 @@ impl Worker for PgWorker {
         self.conn = None;
         self.held = None;
     }
+
+    async fn close(&mut self) {
+        if let Some(c) = self.conn.take() {
+            // The slot, the job's shared lock and any range lock, all at once.
+            if let Err(e) = c.execute("SELECT pg_advisory_unlock_all()", &[]).await {
+                tracing::debug!("releasing the worker's locks: {e}");
+            }
+        }
+        self.held = None;
+    }
 }
