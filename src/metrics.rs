@@ -102,6 +102,14 @@ pub fn workers(name: &str, n: usize) {
     gauge!(WORKERS, &job(name)).set(n as f64);
 }
 
+/// A job that ended before its work began: `failed` unless it was a stop (window closed,
+/// slots taken, preflight blockers, a signal), which leaves the status as it was.
+pub fn not_started(name: &str, error: &Error) {
+    if !matches!(error, Error::Stopped(_)) {
+        status(name, "failed");
+    }
+}
+
 /// The job's status; `done` also sets the last-success timestamp.
 pub fn status(name: &str, current: &str) {
     for s in STATUSES {

@@ -271,3 +271,75 @@ batch: {size: 100, target: 0, pause: 20ms}
     );
     db.drop_db().await;
 }
+
+/// The final push of a run of `spec` that exits 1: its body.
+fn final_push_of_a_failed_run(spec: &std::path::Path) -> String {
+    let (port, got) = receiver();
+    let url = format!("http://127.0.0.1:{port}/metrics/job/backfill");
+    let out = backfill()
+        .args(["run", "--pushgateway", &url, "--push-interval", "1h"])
+        .arg(spec)
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    let got = got.lock().unwrap().clone();
+    let (_, _, body) = got.last().unwrap_or_else(|| panic!("no final push: {all}"));
+    body.clone()
+}
+
+#[tokio::test]
+async fn a_job_that_fails_before_it_starts_exports_failed() {
+    let db = TestDb::new("failstart").await;
+    table(&db, 10).await;
+    let missing = db.spec(
+        "missing.yaml",
+        "postgres:
+  url: $URL
+  table: no_such_table
+  key: id
+  statement: UPDATE no_such_table SET n = 1 WHERE id = ANY($1)
+",
+    );
+    // Nothing listens there: the connection is refused.
+    let refused = db.spec(
+        "refused.yaml",
+        &format!(
+            "postgres:
+  url: postgres://postgres@127.0.0.1:{}/postgres
+  table: t
+  key: id
+  statement: UPDATE t SET n = 1 WHERE id = ANY($1)
+",
+            free_port()
+        ),
+    );
+    // Fails in the throttle's first check, before the job itself is started.
+    let throttle = db.spec(
+        "throttle.yaml",
+        "postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: UPDATE t SET n = 1 WHERE id = ANY($1)
+throttle:
+  query: SELECT 'not a boolean'
+",
+    );
+    for (job, spec) in [
+        ("missing", &missing),
+        ("refused", &refused),
+        ("throttle", &throttle),
+    ] {
+        let body = final_push_of_a_failed_run(spec);
+        let failed = format!("backfill_job_status{{backfill_job=\"{job}\",status=\"failed\"}} 1");
+        assert!(body.contains(&failed), "{job}: no {failed} in\n{body}");
+        let running = format!("backfill_job_status{{backfill_job=\"{job}\",status=\"running\"}} 0");
+        assert!(body.contains(&running), "{job}: {body}");
+    }
+    db.drop_db().await;
+}
