@@ -87,7 +87,9 @@ pub fn split(name: &str, level: &'static str) {
     counter!(SPLITS, JOB_LABEL => name.to_string(), "level" => level).increment(1);
 }
 
-/// Time paused by the throttle (a gauge that only grows during a run: counters are integers).
+/// Time workers waited for the throttle, in worker-seconds (two workers waiting one second add
+/// two). Recorded at every check of the throttle while it holds the job, so it grows as the
+/// throttling happens. A gauge that only grows during a run: counters are integers.
 pub fn throttled(name: &str, d: Duration) {
     gauge!(THROTTLED, &job(name)).increment(d.as_secs_f64());
 }
@@ -194,7 +196,7 @@ fn describe() {
     describe_counter!(SPLITS, "ClickHouse chunks split one level down, by level");
     describe_gauge!(
         THROTTLED,
-        "Seconds spent paused by the throttle in this run"
+        "Worker-seconds spent waiting for the throttle in this run, updated while it waits"
     );
     describe_gauge!(REMAINING, "Estimated rows left");
     describe_gauge!(ETA, "Estimated seconds to completion");

@@ -343,3 +343,61 @@ throttle:
     }
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_seconds_grow_while_the_throttle_holds_the_job() {
+    let db = TestDb::new("throttlemetric").await;
+    let c = table(&db, 500).await;
+    c.batch_execute("CREATE TABLE control (hold bool NOT NULL); INSERT INTO control VALUES (true)")
+        .await
+        .unwrap();
+    let spec = db.spec(
+        "held.yaml",
+        "postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: UPDATE t SET n = n + 1 WHERE id = ANY($1)
+batch: {size: 100, target: 0}
+throttle:
+  query: SELECT hold FROM control
+  interval: 100ms
+",
+    );
+    let port = free_port();
+    let mut child = backfill()
+        .args(["run", "--metrics-addr", &format!("127.0.0.1:{port}")])
+        .arg(&spec)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Held from the start: the metric must move before the throttle lets go.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "backfill_throttled_seconds did not grow while throttled: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Some(body) = scrape(port) else { continue };
+        let Some(v) = value(&body, "backfill_throttled_seconds", "held") else {
+            continue;
+        };
+        if v > 0.0 && seen.last().is_none_or(|last| v > *last) {
+            seen.push(v);
+        }
+    }
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM t WHERE n > 0").await,
+        0,
+        "a batch ran while throttled"
+    );
+    c.batch_execute("UPDATE control SET hold = false")
+        .await
+        .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 500);
+    db.drop_db().await;
+}
