@@ -209,6 +209,7 @@ async fn run<B: Backend>(
     backend.preflight().await?;
     let state = backend.start(&spec.hash, restart).await?;
     crate::metrics::status(job, "running");
+    crate::metrics::deadline(job, stop.ends_at());
     let estimate = backend.estimate().await?;
     let remaining = estimate.rows + estimate.pending_retry;
     tracing::info!(
