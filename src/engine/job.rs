@@ -96,7 +96,23 @@ impl JobReport {
 
 /// Run one job. Errors before any work (window, slots taken, preflight) come back as `Err`;
 /// errors during the work come back inside the report, after the store has recorded them.
+/// Either way the status metric says how it ended: an `Err` that is not a stop exports
+/// `failed` (a missing table, a connection refused), so a dashboard never shows nothing.
 pub async fn run_job<B: Backend>(
+    spec: &Spec,
+    backend: Arc<B>,
+    opts: &RunOptions,
+    stop: &Stop,
+    gate: Option<Gate>,
+) -> Result<JobReport> {
+    let report = run(spec, backend, opts, stop, gate).await;
+    if let Err(e) = &report {
+        crate::metrics::not_started(&spec.name, e);
+    }
+    report
+}
+
+async fn run<B: Backend>(
     spec: &Spec,
     backend: Arc<B>,
     opts: &RunOptions,
@@ -193,6 +209,7 @@ pub async fn run_job<B: Backend>(
     backend.preflight().await?;
     let state = backend.start(&spec.hash, restart).await?;
     crate::metrics::status(job, "running");
+    crate::metrics::deadline(job, stop.ends_at());
     let estimate = backend.estimate().await?;
     let remaining = estimate.rows + estimate.pending_retry;
     tracing::info!(
