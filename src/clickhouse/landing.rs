@@ -25,8 +25,8 @@ use clickhouse::Client;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// How long to wait for parts a restore replaced to leave the disk (18.16 removes them within
-/// seconds, while the table's merges run).
+/// How long to wait for parts a restore replaced to leave the disk (18.16 removes them once they
+/// are older than the table's `old_parts_lifetime`, 480 s by default).
 const CLEANUP_WAIT: Duration = Duration::from_secs(600);
 
 /// What the ledger says of one partition the job has touched.
