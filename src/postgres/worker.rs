@@ -299,7 +299,14 @@ impl PgWorker {
         };
         self.held = Some(held);
         match result {
-            Ok(Some(out)) => Ok(out),
+            Ok(Some((out, paused))) => {
+                // A committed page read the pause flag with its checkpoint, as a walk batch
+                // does: a pause reaches a worker in its retry pass too.
+                if let Some(p) = paused {
+                    self.paused = p;
+                }
+                Ok(out)
+            }
             // Every skipped row of the range is resolved.
             Ok(None) => self.finish_range().await,
             Err(Error::Lost(_)) => Err(self.lose(n).await),
