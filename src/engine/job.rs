@@ -121,29 +121,6 @@ async fn run<B: Backend>(
 ) -> Result<JobReport> {
     let job = spec.name.as_str();
     let stop = stop.with_deadline(spec.limits.max_runtime);
-    // The window first: started outside it, nothing is touched.
-    let stop = match &spec.window {
-        None => stop,
-        Some(w) => match w.position(jiff::Timestamp::now()) {
-            Position::Outside { opens } => {
-                return Err(Error::Stopped(StopReason::Window(format!(
-                    "outside the run window {} (opens next at {})",
-                    w.text(),
-                    opens.strftime("%Y-%m-%d %H:%M %Z")
-                ))));
-            }
-            Position::Inside { ends } => {
-                let left =
-                    ends.timestamp().as_millisecond() - jiff::Timestamp::now().as_millisecond();
-                let left =
-                    Duration::from_millis(left.max(0) as u64).min(Duration::from_secs(366 * 86400));
-                stop.with_window_end(
-                    Instant::now() + left,
-                    format!("the run window {} closed", w.text()),
-                )
-            }
-        },
-    };
     let existing = backend.load().await?;
     let mut restart = false;
     if let Some(s) = &existing {
@@ -170,6 +147,30 @@ async fn run<B: Backend>(
             );
         }
     }
+    // The window before anything is written: started outside it, nothing is touched. (A
+    // finished job is skipped above whatever the window: there is nothing left to wait for.)
+    let stop = match &spec.window {
+        None => stop,
+        Some(w) => match w.position(jiff::Timestamp::now()) {
+            Position::Outside { opens } => {
+                return Err(Error::Stopped(StopReason::Window(format!(
+                    "outside the run window {} (opens next at {})",
+                    w.text(),
+                    opens.strftime("%Y-%m-%d %H:%M %Z")
+                ))));
+            }
+            Position::Inside { ends } => {
+                let left =
+                    ends.timestamp().as_millisecond() - jiff::Timestamp::now().as_millisecond();
+                let left =
+                    Duration::from_millis(left.max(0) as u64).min(Duration::from_secs(366 * 86400));
+                stop.with_window_end(
+                    Instant::now() + left,
+                    format!("the run window {} closed", w.text()),
+                )
+            }
+        },
+    };
     // Slots before anything is written: a runner beyond `workers` exits 75 touching nothing.
     let threads = opts.workers.unwrap_or(spec.workers).max(1);
     let cap = spec.workers.max(threads);
@@ -210,6 +211,8 @@ async fn run<B: Backend>(
     let state = backend.start(&spec.hash, restart).await?;
     crate::metrics::status(job, "running");
     crate::metrics::deadline(job, stop.ends_at());
+    // Exported from the start (0), so a dashboard or an alert sees the series before a pause.
+    crate::metrics::paused(job, false);
     let estimate = backend.estimate().await?;
     let remaining = estimate.rows + estimate.pending_retry;
     tracing::info!(
