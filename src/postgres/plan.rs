@@ -254,11 +254,16 @@ async fn idempotency(
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
             .collect())
     };
-    // Rows written by this transaction in a small table, hashed.
+    // Rows written by this transaction in a small table, hashed. The second application runs
+    // in a subtransaction (a savepoint), whose rows carry its own xid: a row is ours when its
+    // xmin is not older than our xid (`age` counts from it) and still in progress (rows other
+    // sessions committed since are not; their uncommitted rows are invisible).
     let mine = async |c: &Client, t: &str| -> Result<String> {
         let sql = format!(
             "SELECT coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {t} t
-              WHERE t.xmin::text::bigint = pg_current_xact_id()::text::bigint % 4294967296"
+              WHERE age(t.xmin) <= 0
+                AND pg_xact_status((pg_current_xact_id()::text::bigint
+                                    - age(t.xmin))::text::xid8) = 'in progress'"
         );
         Ok(c.query_one(&sql, &[])
             .await
@@ -274,9 +279,36 @@ async fn idempotency(
             others_1.push((t.clone(), mine(c, t).await?));
         }
     }
-    c.execute(statement, params)
+    // The second application may fail (a unique key without ON CONFLICT): that is the answer,
+    // not a failed plan. A savepoint keeps the sample transaction usable for the next batches.
+    c.batch_execute("SAVEPOINT backfill_idempotency")
         .await
-        .map_err(|e| db_error("running statement a second time on a sample batch", &e))?;
+        .map_err(|e| db_error("checking idempotency", &e))?;
+    if let Err(e) = c.execute(statement, params).await {
+        let Some(db) = e.as_db_error() else {
+            return Err(db_error(
+                "running statement a second time on a sample batch",
+                &e,
+            ));
+        };
+        let reason = format!(
+            "applied a second time to the same keys, it fails ({} (SQLSTATE {})): a batch \
+             retried after a lost COMMIT reply would fail the job instead of finding its work \
+             done",
+            db.message(),
+            db.code().code()
+        );
+        c.batch_execute("ROLLBACK TO SAVEPOINT backfill_idempotency")
+            .await
+            .map_err(|e| db_error("checking idempotency", &e))?;
+        return Ok(Idempotency {
+            converges: false,
+            reason,
+        });
+    }
+    c.batch_execute("RELEASE SAVEPOINT backfill_idempotency")
+        .await
+        .map_err(|e| db_error("checking idempotency", &e))?;
     let second_tables = tables(c).await?;
     if hash(c).await? != own_1 {
         return Ok(Idempotency {
