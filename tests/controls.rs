@@ -645,6 +645,56 @@ clickhouse:
     }
 }
 
+ch_test! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pause_holds_a_clickhouse_job_between_chunks(srv) {
+        let db = ChDb::new_on(&srv, "pause");
+        ch_events(&db);
+        let label = srv.label;
+        // 20 day chunks of 24 rows; each row sleeps 20ms: about half a second a chunk.
+        let spec = db.spec(
+            "pause.yaml",
+            "name: ch-pause
+clickhouse:
+  url: $URL
+  source: ev
+  time_column: ran_at
+  chunks: [day]
+  target: out
+  statement: |
+    INSERT INTO {target}
+    SELECT d, k, v FROM (SELECT toDate(ran_at) AS d, k, v FROM ev WHERE {chunk})
+     WHERE sleepEachRow(0.02) = 0
+",
+        );
+        let done = |db: &ChDb| {
+            db.chunks("ch-pause").iter().filter(|r| r.status == "done").count()
+        };
+        let mut r = spawn(db.dir.path(), "run", &[], &spec);
+        r.wait_until("two chunks done", LIMIT, POLL, async || done(&db) >= 2).await;
+        set_paused(&spec, true);
+        wait_paused_logged(&mut r, "w0").await;
+        let before = (db.chunks("ch-pause"), ch_digests(&db).0);
+        tokio::time::sleep(HELD).await;
+        assert_eq!(
+            (db.chunks("ch-pause"), ch_digests(&db).0),
+            before,
+            "{label}: a chunk landed while paused"
+        );
+        assert!(done(&db) < 20, "{label}: the job ended before the pause");
+        assert!(!r.exited(), "{label}: {}", r.stderr());
+        assert_status_paused(&spec, "ch-pause");
+
+        set_paused(&spec, false);
+        let (code, out, err) = r.finish(LIMIT).await;
+        assert_eq!(code, 0, "{label}:\n{out}\n{err}");
+        assert!(err.contains("unpaused after"), "{label}: {err}");
+        assert_eq!(done(&db), 20, "{label}");
+        let (target, source) = ch_digests(&db);
+        assert_eq!(target, source, "{label}: every source row once in the target");
+    }
+}
+
 // ------------------------------------------------------------------------------------------------
 // run windows
 // ------------------------------------------------------------------------------------------------
