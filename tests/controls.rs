@@ -768,8 +768,23 @@ async fn started_outside_its_window_a_job_exits_75_touching_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_window_that_closes_mid_run_stops_it_and_the_next_run_resumes() {
+    window_closes_mid_run(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_that_closes_stops_a_paused_job_too() {
+    window_closes_mid_run(true).await;
+}
+
+/// A job started inside its window, working (or `paused` part way) when the window closes.
+async fn window_closes_mid_run(paused: bool) {
     const ROWS: i64 = 3000;
-    let db = TestDb::new("window_end").await;
+    let db = TestDb::new(if paused {
+        "window_paused"
+    } else {
+        "window_end"
+    })
+    .await;
     let c = db.client().await;
     slow_table(&c, ROWS).await;
     // Windows are minute-granular: end at the first minute boundary at least 12s away, in UTC.
@@ -800,7 +815,12 @@ async fn a_window_that_closes_mid_run_stops_it_and_the_next_run_resumes() {
     };
     let spec = db.spec("job.yaml", &spec_text(&format!("window: {window}\n")));
 
-    let r = spawn(db.dir.path(), "inside", &[], &spec);
+    let mut r = spawn(db.dir.path(), "inside", &[], &spec);
+    if paused {
+        wait_batches(&c, "window-end", 2, &mut r).await;
+        set_paused(&spec, true);
+        wait_paused_logged(&mut r, "w0").await;
+    }
     let (code, out, err) = r.finish(Duration::from_secs(150)).await;
     let all = format!("{out}\n{err}");
     assert_eq!(code, 75, "{all}");
@@ -821,6 +841,9 @@ async fn a_window_that_closes_mid_run_stops_it_and_the_next_run_resumes() {
     );
 
     // Without the window (the same job), the next run resumes and finishes: every row once.
+    if paused {
+        set_paused(&spec, false);
+    }
     go_fast(&c).await;
     let spec = db.spec("job.yaml", &spec_text(""));
     let (code, out, err) = control("run", &spec);
