@@ -744,6 +744,13 @@ async fn started_outside_its_window_a_job_exits_75_touching_nothing() {
             "says when it opens next ({opens}): {all}"
         );
         assert!(out.contains("window-out: not started"), "{out}");
+        // plan says so too.
+        let (code, out, err) = control("plan", &spec);
+        assert_eq!(code, 0, "{out}\n{err}");
+        let said = format!(
+            "window:       {window} (closed now: run would exit 75 writing nothing; it {opens})"
+        );
+        assert!(out.contains(&said), "want {said:?} in:\n{out}");
         assert!(!has_store(&c).await, "{window}: the store was created");
         assert_eq!(checksum(&c, "t").await, before, "{window}: rows changed");
         last = Some(window);
@@ -814,6 +821,14 @@ async fn window_closes_mid_run(paused: bool) {
             .replace("size: 10,", "size: 5,")
     };
     let spec = db.spec("job.yaml", &spec_text(&format!("window: {window}\n")));
+
+    let (code, out, err) = control("plan", &spec);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let said = format!(
+        "window:       {window} (open now; run stops at {} and resumes next time)",
+        end.strftime("%Y-%m-%d %H:%M UTC")
+    );
+    assert!(out.contains(&said), "want {said:?} in:\n{out}");
 
     let mut r = spawn(db.dir.path(), "inside", &[], &spec);
     if paused {
