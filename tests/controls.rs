@@ -773,6 +773,40 @@ async fn started_outside_its_window_a_job_exits_75_touching_nothing() {
     db.drop_db().await;
 }
 
+ch_test! {
+    #[test]
+    fn a_clickhouse_job_outside_its_window_writes_nothing(srv) {
+        let db = ChDb::new_on(&srv, "window");
+        ch_events(&db);
+        let label = srv.label;
+        let now = jiff::Zoned::now().in_tz("UTC").unwrap();
+        let start = now.checked_add(jiff::SignedDuration::from_hours(3)).unwrap();
+        let end = start.checked_add(jiff::SignedDuration::from_hours(1)).unwrap();
+        let window = format!("{}-{} UTC", start.strftime("%H:%M"), end.strftime("%H:%M"));
+        let spec = db.spec(
+            "window.yaml",
+            &format!(
+                "name: ch-window
+window: {window}
+clickhouse:
+  url: $URL
+  source: ev
+  time_column: ran_at
+  chunks: [day]
+  target: out
+  statement: INSERT INTO {{target}} SELECT toDate(ran_at), k, v FROM ev WHERE {{chunk}}
+"
+            ),
+        );
+        let tables = db.tables();
+        let (code, out, err) = control("run", &spec);
+        assert_eq!(code, 75, "{label}:\n{out}\n{err}");
+        assert!(err.contains("outside the run window"), "{label}: {err}");
+        assert_eq!(db.tables(), tables, "{label}: a table was created");
+        assert_eq!(db.num("SELECT count() FROM out"), 0, "{label}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_window_that_closes_mid_run_stops_it_and_the_next_run_resumes() {
     window_closes_mid_run(false).await;
