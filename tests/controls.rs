@@ -1,11 +1,12 @@
 //! The operator's controls against the real servers, each driven from another process than the
 //! runner: `pause`/`unpause` of a running job (one worker, two worker threads, two processes, a
-//! worker in its retry pass, a job paused before it starts; SIGTERM and `--max-runtime` still
-//! stop it), `verify:` after the last batch and `backfill verify` alone (Postgres and both
-//! ClickHouse servers), run windows (started outside: exit 75 touching nothing; a window that
-//! closes mid-run: exit 75 at a batch boundary and a later run finishes), and `status --watch`
-//! against a job running in another process. Assertions are about rows, counters, exit codes and
-//! what the commands say, never about how long anything took.
+//! worker in its retry pass, a job paused before it starts, a ClickHouse job between chunks;
+//! SIGTERM, `--max-runtime` and the window's end still stop it), `verify:` after the last batch
+//! and `backfill verify` alone (Postgres and both ClickHouse servers), run windows (started
+//! outside: exit 75 touching nothing, a finished job still skipped with 0; a window that closes
+//! mid-run: exit 75 at a batch boundary and a later run finishes), and `status --watch` against
+//! a job running in another process. Assertions are about rows, counters, exit codes and what
+//! the commands say, never about how long anything took.
 //!
 //! The slow Postgres jobs sleep in every batch while `ctl.slow` is true, so a test can hold a
 //! job in the middle of its work for as long as it needs and then let it finish quickly.
