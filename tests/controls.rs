@@ -13,6 +13,7 @@
 
 mod common;
 use common::ch::ChDb;
+use common::prom;
 use common::runner::{Running, spawn, wait_until};
 use common::store::{JobRow, has_store, job_record, job_row};
 use common::{TestDb, backfill, checksum, count, run};
@@ -161,30 +162,9 @@ async fn wait_batches(c: &Client, job: &str, n: i64, r: &mut Running) {
     .await;
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `backfill_paused{backfill_job="<job>"}` scraped from the runner's /metrics.
 fn paused_metric(port: u16, job: &str) -> Option<f64> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    let prefix = format!("backfill_paused{{backfill_job=\"{job}\"}} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
+    prom::value(&prom::scrape(port)?, "backfill_paused", job)
 }
 
 async fn go_fast(c: &Client) {
@@ -205,7 +185,7 @@ async fn pause_holds_a_running_job_and_unpause_lets_it_finish() {
     slow_table(&c, ROWS).await;
     let spec = db.spec("job.yaml", &slow_spec("pause-run", ""));
 
-    let port = free_port();
+    let port = prom::free_port();
     let addr = format!("127.0.0.1:{port}");
     let mut r = spawn(db.dir.path(), "run", &["--metrics-addr", &addr], &spec);
     wait_batches(&c, "pause-run", 3, &mut r).await;
