@@ -226,6 +226,9 @@ fn print(e: &Entry, rate: Option<f64>) {
             ""
         }
     );
+    if let Some(why) = &s.throttled {
+        outln!("    throttled: {why}");
+    }
     if let Some(r) = rate {
         let eta = eta(e, rate).map_or("unknown".into(), fmt_duration);
         outln!(

@@ -136,6 +136,11 @@ pub trait Backend: Send + Sync + 'static {
     async fn units(&self) -> Result<Vec<UnitState>>;
     /// `backfill pause` / `unpause`.
     async fn set_paused(&self, spec_hash: &str, paused: bool) -> Result<()>;
+    /// Record why the job waits for its `throttle:` conditions (`None`: it does not), so
+    /// `status` in another process can say so. Only backends with a throttle keep it.
+    async fn note_throttled(&self, _why: Option<&str>) -> Result<()> {
+        Ok(())
+    }
     /// Forget the job's checkpoint and clean up what it keeps (refused while it runs).
     /// Returns what it did, in words, or `None` if there was nothing.
     async fn reset(&self) -> Result<Option<String>>;

@@ -232,7 +232,28 @@ async fn run<B: Backend>(
         still_locked: AtomicU64::new(0),
     });
     let count = workers.len() as u32;
-    let result = run_workers(backend.as_ref(), workers, &shared).await;
+    // While the workers run, the throttle's reason goes to the store whenever it changes, so
+    // `status` in another process says why the job waits.
+    let watch = async {
+        let Some(gate) = shared.gate.as_ref() else {
+            return std::future::pending::<()>().await;
+        };
+        let mut told: Option<String> = None;
+        loop {
+            let now = gate.closed();
+            if now != told {
+                match backend.note_throttled(now.as_deref()).await {
+                    Ok(()) => told = now,
+                    Err(e) => tracing::debug!(job, "recording the throttle: {e}"),
+                }
+            }
+            tokio::time::sleep(gate.interval).await;
+        }
+    };
+    let result = tokio::select! {
+        r = run_workers(backend.as_ref(), workers, &shared) => r,
+        () = watch => unreachable!("the throttle watch never ends"),
+    };
     shared.progress.lock().expect("progress lock").finish();
     let result = match result {
         Ok(()) => {

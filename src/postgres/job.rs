@@ -506,6 +506,11 @@ impl Backend for PgJob {
             .await
     }
 
+    async fn note_throttled(&self, why: Option<&str>) -> Result<()> {
+        let c = self.ctx.conn().await?;
+        self.ctx.store.set_throttled(&c, &self.ctx.job, why).await
+    }
+
     async fn reset(&self) -> Result<Option<String>> {
         // The job's lock, exclusively: refused while any worker holds it shared.
         let c = self.ctx.connect_worker().await?;
