@@ -269,6 +269,7 @@ ch_test! {
         let reference = source_digest(&db);
         let spec = job_spec(&db, "killed", &pg.url, "");
         let mut done_before = 0;
+        let mut kills = 0;
         for n in 0..4 {
             let mut r = spawn(db.dir.path(), &format!("run{n}"), &[], &spec);
             // Killed once more chunks are done than before, at a random moment after that.
@@ -285,6 +286,7 @@ ch_test! {
                 break;
             }
             r.kill();
+            kills += 1;
             let done = pg_chunks(&c, "killed", "done").await;
             let staged = pg_chunks(&c, "killed", "staged").await;
             done_before = done.len();
@@ -298,6 +300,7 @@ ch_test! {
                 "kill {n}: target {target} rows, done {d}, staged {s}"
             );
         }
+        assert!(kills >= 2, "only {kills} runner(s) killed before the job was done");
         // The dead runner's lock went with its session: the next run starts right away and
         // finishes (a lock still held would make it exit 75).
         let r = spawn(db.dir.path(), "last", &[], &spec);
@@ -349,6 +352,12 @@ ch_test! {
             all_output(&out, &err)
         );
         assert!(pg_records(&c, "second").await.is_empty(), "the refused job wrote state");
+        // `status` from another process sees the live runner through its lock.
+        let (code, out, err) = run(&[&"status", &"--json", &first]);
+        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        if !r.exited() {
+            assert!(out.contains("\"running\""), "{}", all_output(&out, &err));
+        }
         let (code, out, err) = r.finish(Duration::from_secs(300)).await;
         assert_eq!(code, 0, "{}", all_output(&out, &err));
         assert_eq!(target_digest(&db), reference);
@@ -424,6 +433,37 @@ ch_test! {
         drop(c);
         drop(admin);
         cluster.stop().await;
+    }
+}
+
+ch_test! {
+    #[test]
+    fn rerun_reset_and_a_dropped_state_table_land_every_chunk_once(srv) {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let db = ChDb::new_on(&srv, "pgagain");
+        let pg = rt.block_on(TestDb::new("chstate_again"));
+        let c = rt.block_on(pg.client());
+        build_days(&db, 10, 1000);
+        let reference = source_digest(&db);
+        let spec = job_spec(&db, "again", &pg.url, "");
+        let done = |what: &str| {
+            let (code, out, err) = run(&[&"run", &"--rerun", &spec]);
+            assert_eq!(code, 0, "{what}: {}", all_output(&out, &err));
+            assert_eq!(target_digest(&db), reference, "{what} lands every chunk once");
+        };
+        done("first run");
+        done("--rerun");
+        let (code, out, err) = run(&[&"reset", &"--yes", &spec]);
+        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        assert!(out.contains("restores"), "{out}");
+        assert!(rt.block_on(pg_records(&c, "again")).is_empty(), "reset forgot the records");
+        done("run after reset");
+        rt.block_on(c.batch_execute("DROP TABLE backfill.clickhouse_chunks")).unwrap();
+        done("run after the state table was dropped");
+        assert_eq!(rt.block_on(pg_chunks(&c, "again", "done")).len(), 10);
+        assert_eq!(other_tables(&db), Vec::<String>::new());
+        drop(c);
+        rt.block_on(pg.drop_db());
     }
 }
 

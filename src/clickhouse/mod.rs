@@ -249,9 +249,16 @@ impl ChJob {
             .ok_or_else(|| Error::fatal(format!("job {} vanished from its store", ctx.job)))
     }
 
-    /// Whether a runner holds the target's lock for this job right now.
-    async fn live(&self) -> bool {
-        self.ctx.lock.lock().await.is_some()
+    /// Whether a runner holds the target's lock for this job right now (this process, or,
+    /// with the state in Postgres, any).
+    async fn live(&self) -> Result<bool> {
+        let ctx = &self.ctx;
+        if ctx.lock.lock().await.is_some() {
+            return Ok(true);
+        }
+        ctx.store
+            .running_elsewhere(&ctx.spec.database, &ctx.spec.target, &ctx.job)
+            .await
     }
 }
 
@@ -285,7 +292,11 @@ impl Backend for ChJob {
 
     async fn load(&self) -> Result<Option<JobState>> {
         let records = self.ctx.store.records(&self.ctx.job).await?;
-        Ok(store::job_state(&self.ctx.job, &records, self.live().await))
+        Ok(store::job_state(
+            &self.ctx.job,
+            &records,
+            self.live().await?,
+        ))
     }
 
     async fn blockers(&self) -> Result<Vec<String>> {

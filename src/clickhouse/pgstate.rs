@@ -338,14 +338,32 @@ impl PgState {
     /// live runner holding its lock. Reads only.
     pub async fn held_by_other(&self, target: &str, job: &str) -> Result<Option<String>> {
         let c = self.conn().await?;
-        let owner = self.owner(&c, target).await?;
-        if let Some((j, runner)) = &owner
-            && j != job
-        {
-            return Ok(Some(other_job(j, runner)));
+        let started = Instant::now();
+        loop {
+            let owner = self.owner(&c, target).await?;
+            if let Some((j, runner)) = &owner
+                && j != job
+            {
+                return Ok(Some(other_job(j, runner)));
+            }
+            let holders = holders(&c, &lock_key(target)).await?;
+            if holders.is_empty() {
+                return Ok(None);
+            }
+            // A runner that died on this host: its session ends in a moment.
+            let dead = owner.as_ref().is_some_and(|(_, r)| gone_here(r));
+            if !dead || started.elapsed() >= DEAD_SESSION_WAIT {
+                return Ok(Some(describe_holder(owner.as_ref(), &holders)));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let holders = holders(&c, &lock_key(target)).await?;
-        Ok((!holders.is_empty()).then(|| describe_holder(owner.as_ref(), &holders)))
+    }
+
+    /// Whether a runner of `job` holds the target's lock right now (for `status`). Reads only.
+    pub async fn running(&self, target: &str, job: &str) -> Result<bool> {
+        let c = self.conn().await?;
+        let ours = self.owner(&c, target).await?.is_some_and(|(j, _)| j == job);
+        Ok(ours && !holders(&c, &lock_key(target)).await?.is_empty())
     }
 
     async fn owner(&self, c: &Client, target: &str) -> Result<Option<(String, String)>> {

@@ -16,12 +16,15 @@ use crate::postgres::Access;
 use crate::spec::{ClickhouseSpec, Spec};
 use clickhouse::Client;
 
+/// One per job (never moved around in bulk): the size of its variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum StateStore {
     Clickhouse { store: ChStore, client: Client },
     Postgres(PgState),
 }
 
-/// A held target lock.
+/// A held target lock (one per run).
+#[allow(clippy::large_enum_variant)]
 pub enum TargetLock {
     Clickhouse(ChLock),
     Postgres(PgLock),
@@ -107,6 +110,16 @@ impl StateStore {
                 p.held_by_other(&lock::target_name(database, target), job)
                     .await
             }
+        }
+    }
+
+    /// Whether another process runs `job` now, as far as the store can tell without a lock of
+    /// its own (the Postgres lock shows in `pg_locks`; ClickHouse's lock table is not read
+    /// here). Reads only.
+    pub async fn running_elsewhere(&self, database: &str, target: &str, job: &str) -> Result<bool> {
+        match self {
+            StateStore::Clickhouse { .. } => Ok(false),
+            StateStore::Postgres(p) => p.running(&lock::target_name(database, target), job).await,
         }
     }
 
