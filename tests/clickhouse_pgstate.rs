@@ -445,10 +445,11 @@ ch_test! {
         let c = rt.block_on(pg.client());
         build_days(&db, 10, 1000);
         let reference = source_digest(&db);
-        let spec = job_spec(&db, "again", &pg.url, "");
+        let spec = job_spec(&db, "again", &pg.url, "workers: 2\n");
         let done = |what: &str| {
             let (code, out, err) = run(&[&"run", &"--rerun", &spec]);
             assert_eq!(code, 0, "{what}: {}", all_output(&out, &err));
+            assert!(out.contains("by 2 workers"), "{what}: {}", all_output(&out, &err));
             assert_eq!(target_digest(&db), reference, "{what} lands every chunk once");
         };
         done("first run");
