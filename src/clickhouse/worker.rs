@@ -11,7 +11,7 @@ use super::store::{DONE, FAILED, PAUSE_ROW, PENDING, Record, SPLIT, STAGED};
 use super::tree::Next;
 use super::{Ctx, planner};
 use crate::engine::{Claim, Outcome, Worker};
-use crate::error::{DbErrorKind, Error, Result, StopReason};
+use crate::error::{DbErrorKind, Error, Result};
 use crate::spec::ChunkLevel;
 use std::sync::Arc;
 use std::time::Instant;
@@ -306,11 +306,7 @@ impl ChWorker {
     async fn land(&mut self, c: &Chunk, mut rec: Record, fresh: bool) -> Result<Outcome> {
         let ctx = self.ctx.clone();
         let id = c.id(&ctx.spec);
-        if ctx.lock_lost().await {
-            return Err(Error::Stopped(StopReason::LockHeld(
-                "another runner took over the target's lock".into(),
-            )));
-        }
+        ctx.check_lock().await?;
         let _one = ctx.land_lock.lock().await;
         let staging = rec.staging.clone();
         if !fresh && !ctx.landing.exists(&staging).await? {
@@ -422,11 +418,7 @@ impl Worker for ChWorker {
         if let Some(c) = &self.held {
             return Ok(Claim::Got(c.id(&ctx.spec)));
         }
-        if ctx.lock_lost().await {
-            return Err(Error::Stopped(StopReason::LockHeld(
-                "another runner took over the target's lock".into(),
-            )));
-        }
+        ctx.check_lock().await?;
         let mut t = ctx.tree.lock().await;
         let Some(tree) = t.as_mut() else {
             return Err(Error::fatal("internal: the job's chunks were not built"));
