@@ -526,7 +526,11 @@ echo " its chunk queries that failed, then those that landed (chunks cut without
 echo " not smaller than one that failed are not listed); its secs: their server time, summed)"
 
 echo
-echo "backfill chunk queries by level (query_log: INSERTs into ${STAGING})"
+if [ "$QLOG" = 1 ]; then
+    echo "backfill chunk queries by level (query_log: INSERTs into ${STAGING}<N>)"
+else
+    echo "backfill chunks by level (no query_log: from backfill_chunks; finished peaks and seconds unknown, shown as 0)"
+fi
 lfmt='%-6s %9s %7s %14s %15s %10s %10s\n'
 # shellcheck disable=SC2059
 printf "$lfmt" level finished failed "peak memory" "failed at" "max secs" "sum secs"

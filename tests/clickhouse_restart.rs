@@ -138,7 +138,8 @@ fn a_rerun_then_a_restart_leaves_the_target_equal_to_the_reference() {
     assert_equal(&db, "a second --rerun, then a server restart");
 }
 
-/// A restart while the job runs (its requests fail for a few seconds: retried), then a runner
+/// A restart while the job runs (SIGTERM, down for 2 s, started again; the runner retries what
+/// failed, or gives up and runs again), then a runner
 /// killed with SIGKILL mid-run, a restart, and a new run: after each, the target equals the
 /// reference, also after one more restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,8 +169,20 @@ async fn a_run_across_restarts_and_a_kill_leaves_the_target_equal_to_the_referen
         "the job ended before the restart: make it longer"
     );
     let before = done(&db);
-    ch.restart();
+    assert!(
+        ch.stop(),
+        "the server did not stop on SIGTERM:\n{}",
+        ch.log_tail(30)
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    ch.start_again();
     let (code, out, err) = r.finish(Duration::from_secs(300)).await;
+    // Whether the runner's own requests failed depends on where it was: 18.16 finishes the
+    // requests of open connections before it exits. Said, not asserted.
+    eprintln!(
+        "the run across the restart: exit {code}; network errors logged: {}",
+        err.matches("network error").count()
+    );
     if code != 0 {
         // The runner may give up while the server is down; it must not claim done.
         assert!(
