@@ -95,12 +95,32 @@ fn all_output(out: &str, err: &str) -> String {
 
 /// The target equals the reference, and the source's row count is in it once.
 fn assert_equal(db: &ChDb, what: &str) {
-    let reference = digest(db, "reference");
-    assert_eq!(digest(db, "agg"), reference, "{what}: target vs reference");
+    let parts = || {
+        let retried = db
+            .try_q(
+                "SELECT chunk, status, attempts, substring(error, 1, 200) FROM backfill_chunks
+                  FINAL WHERE attempts > 1 OR error != '' ORDER BY chunk",
+            )
+            .unwrap_or_default();
+        let parts = db.q(&format!(
+            "SELECT partition_id, name, rows, active FROM system.parts
+              WHERE database = '{}' AND table = 'agg' ORDER BY partition_id, name",
+            db.name
+        ));
+        format!("{parts}chunks tried more than once or with an error:\n{retried}")
+    };
     assert_eq!(
         db.num("SELECT countMerge(runs) FROM agg"),
         db.num("SELECT count() FROM runs"),
-        "{what}: every source row counted once"
+        "{what}: every source row counted once; the target's parts:\n{}",
+        parts()
+    );
+    let reference = digest(db, "reference");
+    assert_eq!(
+        digest(db, "agg"),
+        reference,
+        "{what}: target vs reference; the target's parts:\n{}",
+        parts()
     );
 }
 
@@ -183,6 +203,12 @@ async fn a_run_across_restarts_and_a_kill_leaves_the_target_equal_to_the_referen
         "the run across the restart: exit {code}; network errors logged: {}",
         err.matches("network error").count()
     );
+    for l in err
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+    {
+        eprintln!("  {l}");
+    }
     if code != 0 {
         // The runner may give up while the server is down; it must not claim done.
         assert!(
