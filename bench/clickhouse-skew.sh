@@ -6,8 +6,10 @@
 #   bench/clickhouse-skew.sh --rows 3000000    # or ROWS=3000000 bench/clickhouse-skew.sh
 #   KEEP=1 bench/clickhouse-skew.sh            # keep the database and the logs afterwards
 #   CAP=400000000 bench/clickhouse-skew.sh     # force the cap instead of choosing it
+#   CH_URL=http://127.0.0.1:8124 bench/clickhouse-skew.sh   # the current server (26.9) instead
+#   WORKERS=2 bench/clickhouse-skew.sh         # `workers: 2` in the job's spec
 #
-# Steps (ClickHouse at CH_URL, default http://127.0.0.1:8123, user default):
+# Steps (ClickHouse at CH_URL, default http://127.0.0.1:8123 (18.16), user default):
 #   1. Drop and create database backfill_chbench; load test_case_runs (MergeTree, PARTITION BY
 #      toYYYYMM(ran_at), ORDER BY (project_id, test_case_id, ran_at)) from system.numbers in
 #      batches of at most LOAD_BATCH rows: six months 2025-11 .. 2026-04, where 2026-01 holds 5x
@@ -17,7 +19,8 @@
 #      every day holds every project. Then OPTIMIZE ... FINAL (one part per month), timed apart.
 #   2. Per month: the job's SELECT for that month alone into a scratch table, no memory cap,
 #      logged (log_queries=1, a known query_id): its rows, distinct keys, seconds, peak memory
-#      (system.query_log memory_usage of the QueryFinish row).
+#      (system.query_log memory_usage of the QueryFinish row; a server without system.query_log,
+#      like chdb's 26.9, gives them in its X-ClickHouse-Summary header instead).
 #   3. The cap: halfway between the largest normal month's peak and the big month's peak
 #      (rounded down to a MiB), unless CAP is set: the big month fails under it, the others pass.
 #   4. Unchunked: the whole job in one INSERT ... SELECT into a reference copy of the target, no
@@ -27,14 +30,19 @@
 #      log_queries = 1), `$BACKFILL --log-format json run SPEC` under /usr/bin/time -v (engine
 #      peak RSS) and `timeout RUN_TIMEOUT`. BACKFILL defaults to target/release/backfill, built
 #      with `cargo build --release --locked` if missing or older than src/ (a failed build is
-#      retried once after BUILD_RETRY_SECS). Afterwards: backfill_state FINAL (chunks per level
-#      and status, attempts) and, from system.query_log, its chunk INSERTs into the staging table
-#      test_case_runs_recent_100__backfill_chbench_skew: peak memory per level and month.
+#      retried once after BUILD_RETRY_SECS). Afterwards: backfill_chunks FINAL (chunks per level
+#      and status, attempts; every chunk that ran out of memory) and, from system.query_log when
+#      the server has it, its chunk INSERTs into the workers' staging tables
+#      test_case_runs_recent_100__backfill_chbench_skew_s<N>: peak memory per level and month.
+#      Without query_log, the per-level table comes from backfill_chunks (attempts, seconds from
+#      a chunk's first attempt to its record done or split).
 #   6. Verify: both targets grouped by key (countMerge, sumMerge, sumMerge, maxMerge) must hold
 #      the same rows: a hash sum of each, and the exact count of rows in only one of them.
-# Prints the contenders table, the per-month table and backfill's chunk queries per level.
+# Prints the contenders table, the ratio of backfill's total time to the summed time of each month
+# alone without a cap (the target is <= 1.3), the per-month table and backfill's chunk queries
+# per level.
 #
-# Environment: ROWS, CAP, BACKFILL, CH_URL, LOAD_BATCH (5000000), CH_TIMEOUT (1800 s per query),
+# Environment: ROWS, CAP, BACKFILL, CH_URL, WORKERS, LOAD_BATCH (5000000), CH_TIMEOUT (1800 s per query),
 # RUN_TIMEOUT (3600 s for backfill), BUILD_RETRY_SECS (60), BUILD_TIMEOUT (1800 s), KEEP=1.
 # Exit status 1 if the load, the reference query or backfill fails, if the capped unchunked query
 # does not fail with Code: 241, or if backfill's target differs from the reference.
@@ -69,7 +77,8 @@ TARGET=test_case_runs_recent_100
 REF=${TARGET}_reference       # the unchunked query's copy of the target
 SCRATCH=${TARGET}_scratch     # per-month and capped runs: their rows are thrown away
 JOB=chbench-skew
-STAGING=${TARGET}__backfill_chbench_skew   # backfill's staging table for job $JOB
+STAGING=${TARGET}__backfill_chbench_skew_s   # + worker number: backfill's staging tables for job $JOB
+WORKERS=${WORKERS:-}
 MONTHS=(2025-11 2025-12 2026-01 2026-02 2026-03 2026-04)
 BIG=2026-01
 PROJECTS=200
@@ -79,6 +88,7 @@ export LOG_TAG=ch-skew
 # shellcheck source-path=SCRIPTDIR/..
 source bench/lib.sh
 
+case $WORKERS in *[!0-9]*) die "WORKERS must be a whole number, got '${WORKERS}'" ;; esac
 for v in ROWS LOAD_BATCH CH_TIMEOUT RUN_TIMEOUT BUILD_RETRY_SECS BUILD_TIMEOUT; do
     case ${!v} in '' | *[!0-9]*) die "$v must be a whole number, got '${!v}'" ;; esac
 done
@@ -123,10 +133,31 @@ mib() { # bytes -> "123.4 MiB", "-" stays
     case $1 in '' | - | n/a) echo "${1:--}"; return ;; esac
     awk -v b="$1" 'BEGIN { printf "%.1f MiB", b / 1048576 }'
 }
-# Peak memory (bytes), server time (ms) and written rows of a logged query: "mem ms rows", or
-# "- - -".
+# chq QUERY_ID PARAMS SQL: ch with log_queries=1 and a known query id; its response headers are
+# kept in $WORK/QUERY_ID.h (X-ClickHouse-Summary, for servers without system.query_log).
+chq() {
+    curl -sS --fail-with-body --max-time "$CH_TIMEOUT" -D "$WORK/$1.h" \
+        "${CH_URL}/?${2}&log_queries=1&query_id=$1" --data-binary "$3"
+}
+# A number field of the X-ClickHouse-Summary header kept by chq, or "-".
+summary() { # query_id field
+    local v
+    v=$(tr -d '\r' <"$WORK/$1.h" 2>/dev/null | sed -n 's/^X-ClickHouse-Summary: //Ip' \
+        | grep -o "\"$2\":\"[0-9]*\"" | grep -o '[0-9][0-9]*' | head -n 1)
+    echo "${v:--}"
+}
+# Peak memory (bytes), server time (ms) and written rows of a query run by chq: "mem ms rows", or
+# "- - -". From system.query_log (type 2: finished, 4: failed) when the server keeps it, else from
+# the summary header (finished queries only).
 logged() { # query_id type
-    local out
+    local out ns
+    if [ "$QLOG" = 0 ]; then
+        [ "$2" = 2 ] || { echo "- - -"; return; }
+        ns=$(summary "$1" elapsed_ns)
+        [ "$ns" = - ] || ns=$(( ns / 1000000 ))
+        echo "$(summary "$1" memory_usage) ${ns} $(summary "$1" written_rows)"
+        return
+    fi
     out=$(ch "" "SELECT memory_usage, query_duration_ms, written_rows
                    FROM system.query_log
                   WHERE event_date >= yesterday() AND query_id = '$1' AND type = $2
@@ -171,6 +202,11 @@ for _ in $(seq 1 30); do
 done
 [ "$ok" = 1 ] || die "ClickHouse does not answer at ${CH_URL} (waited 30 s)"
 CH_VERSION=$(ch "" "SELECT version()")
+# Whether the server keeps system.query_log (18.16 does, chdb's 26.9 does not): log one query, flush.
+ch "log_queries=1" "SELECT 1" >/dev/null
+ch_ok "SYSTEM FLUSH LOGS"
+QLOG=$(ch "" "SELECT count() FROM system.tables WHERE database = 'system' AND name = 'query_log'")
+[ "$QLOG" = 1 ] || log "no system.query_log on this server: query stats come from X-ClickHouse-Summary and backfill_chunks"
 log "ClickHouse ${CH_VERSION} at ${CH_URL}; $(nproc) CPUs; load average $(cut -d' ' -f1-3 /proc/loadavg)"
 
 # target/release/backfill is (re)built when it is missing or older than src/, Cargo.toml or
@@ -255,7 +291,7 @@ for m in "${MONTHS[@]}"; do
     ch_ok "DROP TABLE IF EXISTS ${DB}.${SCRATCH}"
     ch_ok "CREATE TABLE ${DB}.${SCRATCH} AS ${DB}.${TARGET}"
     qid="${RUN_ID}-month-${m}"
-    ch "database=${DB}&max_memory_usage=0&log_queries=1&query_id=${qid}" \
+    chq "$qid" "database=${DB}&max_memory_usage=0" \
         "INSERT INTO ${DB}.${SCRATCH} $(select_sql "$(month_pred "$m")")" >/dev/null \
         || die "the ${m} query failed without a cap"
     M_ROWS+=("$(ch "" "SELECT sum(rows) FROM system.parts WHERE database = '${DB}' AND table = '${SRC}' AND active AND partition = '${m/-/}'")")
@@ -293,7 +329,7 @@ log "cap: max_memory_usage = ${CAP} ($(mib "$CAP")): ${CAP_NOTE}"
 ALL_SQL=$(select_sql 1)
 log "unchunked, no cap: running"
 t=$(now)
-ch "database=${DB}&max_memory_usage=0&log_queries=1&query_id=${RUN_ID}-unchunked" \
+chq "${RUN_ID}-unchunked" "database=${DB}&max_memory_usage=0" \
     "INSERT INTO ${DB}.${REF} ${ALL_SQL}" >"$WORK/unchunked.out" \
     || { cat "$WORK/unchunked.out" >&2; die "the unchunked query failed without a cap"; }
 U_SECS=$(elapsed "$t" "$(now)")
@@ -303,7 +339,7 @@ ch_ok "DROP TABLE IF EXISTS ${DB}.${SCRATCH}"
 ch_ok "CREATE TABLE ${DB}.${SCRATCH} AS ${DB}.${TARGET}"
 t=$(now)
 C_STATUS=0
-ch "database=${DB}&max_memory_usage=${CAP}&log_queries=1&query_id=${RUN_ID}-capped" \
+chq "${RUN_ID}-capped" "database=${DB}&max_memory_usage=${CAP}" \
     "INSERT INTO ${DB}.${SCRATCH} ${ALL_SQL}" >"$WORK/capped.out" 2>&1 || C_STATUS=$?
 C_SECS=$(elapsed "$t" "$(now)")
 C_ERROR=$(grep -v '^curl:' "$WORK/capped.out" | head -c 300 | tr '\n' ' ')
@@ -323,8 +359,9 @@ log "unchunked: ${U_SECS} s, peak $(mib "$U_PEAK"), ${U_KEYS} keys; with the cap
 # --- 5. backfill under the cap -------------------------------------------------------------------
 RUN_SPEC=$WORK/${JOB}.yaml
 {
+    echo "name: ${JOB}"
+    [ -z "$WORKERS" ] || echo "workers: ${WORKERS}"
     cat <<YAML
-name: ${JOB}
 clickhouse:
   url: ${CH_URL}/${DB}
   source: ${SRC}
@@ -366,24 +403,42 @@ log "backfill: ${B_RESULT} in ${B_SECS} s, engine peak RSS ${B_RSS}, ${SPLITS_LO
 
 # Chunks by level and status from the checkpoint store.
 STATE=$(ch "" "SELECT level, status, count(), sum(attempts), sum(source_rows), sum(rows)
-                 FROM ${DB}.backfill_state FINAL
-                WHERE job = '${JOB}' AND chunk NOT IN ('', '#lease')
+                 FROM ${DB}.backfill_chunks FINAL
+                WHERE job = '${JOB}' AND chunk NOT IN ('', '#pause', '#merges')
                 GROUP BY level, status ORDER BY level, status" || true)
+# Every chunk that ran out of memory at least once (code 241 kept, or split, or light).
+OOM=$(ch "" "SELECT chunk, level, status, source_rows, attempts, light, code, memory_bytes
+               FROM ${DB}.backfill_chunks FINAL
+              WHERE job = '${JOB}' AND chunk NOT IN ('', '#pause', '#merges')
+                AND (status = 'split' OR light = 1 OR code = 241 OR attempts > 1)
+              ORDER BY chunk" || true)
+B_ATTEMPTS=$(awk -F'\t' '{ n += $4 } END { print n + 0 }' <<<"$STATE")
 done_at() { # level -> done chunks of that level
     awk -F'\t' -v l="$1" '$1 == l && $2 == "done" { n += $3 } END { print n + 0 }' <<<"$STATE"
 }
 B_CHUNKS="$(done_at month)/$(done_at day)/$(done_at split)"
 B_SPLIT=$(awk -F'\t' '$2 == "split" { n += $3 } END { print n + 0 }' <<<"$STATE")
 
-# backfill's chunk queries from query_log: INSERTs into its staging table, by level and month.
+# backfill's chunk queries from query_log: INSERTs into its staging tables, by level and month
+# (level: a split chunk's predicate names project_id; a day spans one day). Without query_log:
+# the same columns from backfill_chunks (failed attempts: those of split chunks, and all but the
+# last of done ones; peak memory of finished attempts and seconds unknown, 0).
 ch_ok "SYSTEM FLUSH LOGS"
+if [ "$QLOG" = 0 ]; then
+CHUNKQ=$(ch "" "SELECT level, substring(chunk, 1, 7) AS month, countIf(status = 'done'),
+                       sum(if(status = 'done', attempts - 1, attempts)), 0,
+                       maxIf(memory_bytes, code = 241), 0, 0
+                  FROM ${DB}.backfill_chunks FINAL
+                 WHERE job = '${JOB}' AND chunk NOT IN ('', '#pause', '#merges')
+                 GROUP BY level, month ORDER BY month, level")
+else
 CHUNKQ=$(ch "" "SELECT level, month, countIf(type = 2), countIf(type = 4),
                        maxIf(memory_usage, type = 2), maxIf(memory_usage, type = 4),
                        round(maxIf(query_duration_ms, type = 2) / 1000, 2),
                        round(sumIf(query_duration_ms, type = 2) / 1000, 2)
                   FROM (SELECT type, memory_usage, query_duration_ms,
                                extractAll(query, '\'([0-9]{4}-[0-9]{2}-[0-9]{2})') AS d,
-                               multiIf(position(query, 'IN (SELECT DISTINCT') > 0, 'split',
+                               multiIf(position(query, '\`project_id\`') > 0, 'split',
                                        toDate(d[2]) - toDate(d[1]) = 1, 'day', 'month') AS level,
                                substring(d[1], 1, 7) AS month
                           FROM system.query_log
@@ -391,6 +446,7 @@ CHUNKQ=$(ch "" "SELECT level, month, countIf(type = 2), countIf(type = 4),
                            AND type IN (2, 4) AND query LIKE 'INSERT INTO%'
                            AND position(query, '${STAGING}') > 0 AND length(d) >= 2)
                  GROUP BY level, month ORDER BY month, level")
+fi
 B_PEAK=$(awk -F'\t' '$5 > m { m = $5 } END { print m + 0 }' <<<"$CHUNKQ")
 
 # --- 6. Verify -----------------------------------------------------------------------------------
@@ -433,6 +489,10 @@ printf "$fmt" "unchunked INSERT" "$(mib "$CAP")" "$C_SECS" "$(mib "$C_PEAK")*" "
 printf "$fmt" "backfill" "$(mib "$CAP")" "$B_SECS" "$(mib "$B_PEAK")" "${B_CHUNKS} +${B_SPLIT} split" "$B_RSS" "$B_RESULT" "$B_EQUAL"
 echo "(* memory when it failed; backfill: max over its chunk queries that finished; chunks = chunks done"
 echo "   per level, +N split = chunks that hit the cap and were cut into smaller ones)"
+MONTHS_SUM=$(printf '%s\n' "${M_SECS[@]}" | awk '$1 != "-" { s += $1 } END { printf "%.2f", s }')
+RATIO=$(awk -v b="$B_SECS" -v m="$MONTHS_SUM" 'BEGIN { if (m > 0) printf "%.2f", b / m; else print "-" }')
+echo
+echo "ratio: backfill ${B_SECS} s (wall, whole run) / each month alone without a cap, summed ${MONTHS_SUM} s = ${RATIO}x (target <= 1.3x); chunk attempts: ${B_ATTEMPTS}"
 
 echo
 echo "per month (each month's SELECT alone, no cap; backfill's chunk queries for it, under the cap)"
@@ -466,7 +526,11 @@ echo " its chunk queries that failed, then those that landed (chunks cut without
 echo " not smaller than one that failed are not listed); its secs: their server time, summed)"
 
 echo
-echo "backfill chunk queries by level (query_log: INSERTs into ${STAGING})"
+if [ "$QLOG" = 1 ]; then
+    echo "backfill chunk queries by level (query_log: INSERTs into ${STAGING}<N>)"
+else
+    echo "backfill chunks by level (no query_log: from backfill_chunks; finished peaks and seconds unknown, shown as 0)"
+fi
 lfmt='%-6s %9s %7s %14s %15s %10s %10s\n'
 # shellcheck disable=SC2059
 printf "$lfmt" level finished failed "peak memory" "failed at" "max secs" "sum secs"
@@ -482,7 +546,7 @@ for level in month day split; do
         done
 done
 echo
-echo "backfill_state FINAL, job ${JOB}"
+echo "backfill_chunks FINAL, job ${JOB}"
 sfmt='%-6s %-8s %7s %9s %12s %12s\n'
 # shellcheck disable=SC2059
 printf "$sfmt" level status chunks attempts "source rows" "rows written"
@@ -490,6 +554,15 @@ while IFS=$'\t' read -r l st n a sr rw; do
     # shellcheck disable=SC2059
     [ -z "$l" ] || printf "$sfmt" "$l" "$st" "$n" "$a" "$sr" "$rw"
 done <<<"$STATE"
+echo
+echo "chunks that ran out of memory (backfill_chunks FINAL; light = its last attempt ran with lighter settings)"
+ofmt='%-36s %-6s %-7s %12s %9s %6s %6s %14s\n'
+# shellcheck disable=SC2059
+printf "$ofmt" chunk level status "source rows" attempts light code "would use"
+while IFS=$'\t' read -r c l st sr a li co mb; do
+    # shellcheck disable=SC2059
+    [ -z "$c" ] || printf "$ofmt" "$c" "$l" "$st" "$sr" "$a" "$li" "$co" "$(mib "$mb")"
+done <<<"$OOM"
 log "whole benchmark took $(elapsed "$START" "$(now)") s"
 
 FAILED=0

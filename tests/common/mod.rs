@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod ch;
+pub mod chserver;
 pub mod cluster;
 pub mod docker;
 pub mod prom;

@@ -1,0 +1,285 @@
+//! ClickHouse 18.16 server restarts (issue 10, item 3): on 18.16, parts that REPLACE or DROP
+//! PARTITION removed are loaded again at start-up while they are still on disk. The engine lands
+//! with `ATTACH PARTITION ... FROM` there (it only adds parts), and a restore from the base
+//! (`run --rerun`, reset, a lost state table) waits until the parts it replaced are off disk.
+//! Each test starts a private 18.16 server of its own (tests/common/chserver.rs, on free ports,
+//! stopped with SIGTERM and removed when dropped) and restarts it:
+//! - a finished job, `run --rerun` to done, then a restart: the target equals the unchunked
+//!   reference (nothing came back);
+//! - a restart while the job runs (the runner retries its requests), then a runner killed with
+//!   SIGKILL, a restart, and another run: the target equals the reference after each restart.
+//!
+//! The target is made with `old_parts_lifetime = 5, cleanup_delay_period = 1` in its SETTINGS:
+//! with the default 480 s a restore waits 8 minutes for the replaced parts to leave the disk.
+//! Asserts what the target holds, never timings.
+
+mod common;
+use common::ch::ChDb;
+use common::chserver::PrivateCh;
+use common::run;
+use common::runner::spawn;
+use std::path::PathBuf;
+use std::time::Duration;
+
+const STATEMENT: &str = "INSERT INTO {target}
+SELECT project_id, test_case_id, countState(), sumState(duration_ms)
+  FROM runs WHERE {chunk} GROUP BY project_id, test_case_id
+";
+
+/// `runs` over `days` days from 2025-10-01 with `per_day` rows each; the aggregate target `agg`,
+/// partitioned by `project_id % 4` (every chunk lands in four partitions), and `reference`, the
+/// same table filled by one unchunked INSERT ... SELECT.
+fn build(db: &ChDb, days: u64, per_day: u64) {
+    db.q(
+        "CREATE TABLE runs (ran_at DateTime, project_id UInt32, test_case_id UInt64,
+                             duration_ms UInt32)
+          ENGINE = MergeTree PARTITION BY toYYYYMM(ran_at)
+          ORDER BY (project_id, test_case_id, ran_at)",
+    );
+    db.q(&format!(
+        "INSERT INTO runs
+         SELECT toDateTime('2025-10-01 00:00:00') + intDiv(number, {per_day}) * 86400
+                  + intHash32(number) % 86400,
+                toUInt32(tc % 8 + 1), intHash32(number + 3) % 3000 AS tc,
+                toUInt32(number % 1000)
+           FROM numbers({})",
+        days * per_day
+    ));
+    for t in ["agg", "reference"] {
+        db.q(&format!(
+            "CREATE TABLE {t} (project_id UInt32, test_case_id UInt64,
+                                runs AggregateFunction(count),
+                                total AggregateFunction(sum, UInt32))
+              ENGINE = AggregatingMergeTree PARTITION BY project_id % 4
+              ORDER BY (project_id, test_case_id)
+              SETTINGS old_parts_lifetime = 5, cleanup_delay_period = 1,
+                       cleanup_delay_period_random_add = 0"
+        ));
+    }
+    db.q("INSERT INTO reference
+          SELECT project_id, test_case_id, countState(), sumState(duration_ms)
+            FROM runs GROUP BY project_id, test_case_id");
+}
+
+/// Groups, total count, total sum and a hash over every group of `table` merged by key.
+fn digest(db: &ChDb, table: &str) -> String {
+    db.q(&format!(
+        "SELECT count(), sum(c), sum(s), sum(cityHash64(project_id, test_case_id, c, s))
+           FROM (SELECT project_id, test_case_id, countMerge(runs) AS c, sumMerge(total) AS s
+                   FROM {table} GROUP BY project_id, test_case_id)"
+    ))
+}
+
+/// A day-chunked job on `agg`.
+fn spec(db: &ChDb, job: &str) -> PathBuf {
+    let body: String = STATEMENT.lines().map(|l| format!("    {l}\n")).collect();
+    db.spec(
+        &format!("{job}.yaml"),
+        &format!(
+            "name: {job}
+clickhouse:
+  url: $URL
+  source: runs
+  time_column: ran_at
+  chunks: [day]
+  target: agg
+  statement: |
+{body}"
+        ),
+    )
+}
+
+fn all_output(out: &str, err: &str) -> String {
+    format!("--- stdout\n{out}--- stderr\n{err}")
+}
+
+/// The target equals the reference, and the source's row count is in it once.
+fn assert_equal(db: &ChDb, what: &str) {
+    let parts = || {
+        let retried = db
+            .try_q(
+                "SELECT chunk, status, attempts, substring(error, 1, 200) FROM backfill_chunks
+                  FINAL WHERE attempts > 1 OR error != '' ORDER BY chunk",
+            )
+            .unwrap_or_default();
+        let parts = db.q(&format!(
+            "SELECT partition_id, name, rows, active FROM system.parts
+              WHERE database = '{}' AND table = 'agg' ORDER BY partition_id, name",
+            db.name
+        ));
+        format!("{parts}chunks tried more than once or with an error:\n{retried}")
+    };
+    assert_eq!(
+        db.num("SELECT countMerge(runs) FROM agg"),
+        db.num("SELECT count() FROM runs"),
+        "{what}: every source row counted once; the target's parts:\n{}",
+        parts()
+    );
+    let reference = digest(db, "reference");
+    assert_eq!(
+        digest(db, "agg"),
+        reference,
+        "{what}: target vs reference; the target's parts:\n{}",
+        parts()
+    );
+}
+
+/// A finished job, `--rerun` (restores every partition from the base, then lands again) to
+/// done, and a restart right after: the restart brings back none of the parts the restore
+/// replaced.
+#[test]
+fn a_rerun_then_a_restart_leaves_the_target_equal_to_the_reference() {
+    let mut ch = PrivateCh::start();
+    let db = ChDb::new_on(&ch.server(), "restart_rerun");
+    assert_eq!(
+        db.server.version(),
+        "18.16.1",
+        "the private server is 18.16"
+    );
+    build(&db, 6, 2000);
+    let spec = spec(&db, "rerun");
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "first run: {}", all_output(&out, &err));
+    assert_equal(&db, "first run");
+    let (code, out, err) = run(&[&"run", &"--rerun", &spec]);
+    assert_eq!(code, 0, "--rerun: {}", all_output(&out, &err));
+    assert_equal(&db, "--rerun");
+    ch.restart();
+    assert_equal(&db, "--rerun, then a server restart");
+    // And once more from a restart: a new --rerun after it lands every chunk once.
+    let (code, out, err) = run(&[&"run", &"--rerun", &spec]);
+    assert_eq!(
+        code,
+        0,
+        "--rerun after the restart: {}",
+        all_output(&out, &err)
+    );
+    ch.restart();
+    assert_equal(&db, "a second --rerun, then a server restart");
+}
+
+/// A restart while the job runs (SIGTERM, down for 2 s, started again; the runner retries what
+/// failed, or gives up and runs again), then a runner
+/// killed with SIGKILL mid-run, a restart, and a new run: after each, the target equals the
+/// reference, also after one more restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_across_restarts_and_a_kill_leaves_the_target_equal_to_the_reference() {
+    let mut ch = PrivateCh::start();
+    let db = ChDb::new_on(&ch.server(), "restart_midrun");
+    build(&db, 40, 2000);
+    let spec = spec(&db, "midrun");
+    let done = |db: &ChDb| {
+        db.chunks("midrun")
+            .iter()
+            .filter(|c| c.status == "done")
+            .count()
+    };
+
+    // 1. The server restarts under a running job.
+    let mut r = spawn(db.dir.path(), "across", &[], &spec);
+    r.wait_until(
+        "the job to land three chunks",
+        Duration::from_secs(120),
+        Duration::from_millis(10),
+        async || done(&db) >= 3,
+    )
+    .await;
+    assert!(
+        !r.exited(),
+        "the job ended before the restart: make it longer"
+    );
+    let before = done(&db);
+    assert!(
+        ch.stop(),
+        "the server did not stop on SIGTERM:\n{}",
+        ch.log_tail(30)
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    ch.start_again();
+    let (code, out, err) = r.finish(Duration::from_secs(300)).await;
+    // Whether the runner's own requests failed depends on where it was: 18.16 finishes the
+    // requests of open connections before it exits. Said, not asserted.
+    eprintln!(
+        "the run across the restart: exit {code}; network errors logged: {}",
+        err.matches("network error").count()
+    );
+    for l in err
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+    {
+        eprintln!("  {l}");
+    }
+    if code != 0 {
+        // The runner may give up while the server is down; it must not claim done.
+        assert!(
+            !out.contains("done —"),
+            "a failed run says done: {}",
+            all_output(&out, &err)
+        );
+        let (code, out, err) = run(&[&"run", &spec]);
+        assert_eq!(
+            code,
+            0,
+            "the run after the restart: {}",
+            all_output(&out, &err)
+        );
+    }
+    assert!(before < 40, "the restart came after the job ended");
+    // Seen failing 4 times in ~25 runs of this file (2 of them here, 2 in a check not recorded),
+    // under load 5-8 on 2 CPUs, the runner
+    // ending 0 "done": 82,000 and 80,499 source rows counted of 80,000 (no chunk recorded a
+    // second attempt or an error; the target's merges had run). Not understood yet.
+    assert_equal(&db, "a job that crossed a restart");
+    ch.restart();
+    assert_equal(&db, "a job that crossed a restart, then another restart");
+
+    // 2. The runner is killed mid-run, the server restarts, the job runs again.
+    let (code, out, err) = run(&[&"reset", &"--yes", &spec]);
+    assert_eq!(code, 0, "reset: {}", all_output(&out, &err));
+    let mut r = spawn(db.dir.path(), "killed", &[], &spec);
+    r.wait_until(
+        "the job to land two chunks",
+        Duration::from_secs(120),
+        Duration::from_millis(10),
+        async || done(&db) >= 2,
+    )
+    .await;
+    assert!(!r.exited(), "the job ended before the kill: make it longer");
+    r.kill();
+    ch.restart();
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(
+        code,
+        0,
+        "the run after the kill and the restart: {}",
+        all_output(&out, &err)
+    );
+    assert_equal(&db, "a killed job run again after a restart");
+    ch.restart();
+    assert_equal(&db, "a killed job run again, then another restart");
+}
+
+/// The control: on this private 18.16 server, a partition replaced right before a restart comes
+/// back (the old part is still on disk and loaded again at start-up), so the tests above would
+/// see a landing or restore that left replaced parts behind.
+#[test]
+fn the_private_server_brings_back_a_replaced_partition_after_a_restart() {
+    let mut ch = PrivateCh::start();
+    let db = ChDb::new_on(&ch.server(), "restart_control");
+    for t in ["x", "y"] {
+        db.q(&format!(
+            "CREATE TABLE {t} (k UInt8, v UInt64) ENGINE = MergeTree PARTITION BY k ORDER BY v"
+        ));
+    }
+    db.q("INSERT INTO x SELECT 1, number FROM numbers(100)");
+    db.q("INSERT INTO y SELECT 1, number FROM numbers(10)");
+    db.q("ALTER TABLE x REPLACE PARTITION 1 FROM y");
+    assert_eq!(db.num("SELECT count() FROM x"), 10, "replaced");
+    ch.restart();
+    assert_eq!(
+        db.num("SELECT count() FROM x"),
+        110,
+        "18.16 loads the replaced part again after a restart (if this fails, the server no \
+         longer shows the issue and the tests above prove less)"
+    );
+}
