@@ -225,10 +225,10 @@ async fn a_run_across_restarts_and_a_kill_leaves_the_target_equal_to_the_referen
         );
     }
     assert!(before < 40, "the restart came after the job ended");
-    // Seen failing 4 times in ~25 runs of this file (2 of them here, 2 in a check not recorded),
-    // under load 5-8 on 2 CPUs, the runner
-    // ending 0 "done": 82,000 and 80,499 source rows counted of 80,000 (no chunk recorded a
-    // second attempt or an error; the target's merges had run). Not understood yet.
+    // Once seen ending 0 "done" with a chunk counted twice (4 times in ~25 runs under load):
+    // the restart came between a chunk's attach and its record, the restarted server merged the
+    // attached parts, and the replay no longer recognised them, so it attached again. Now such a
+    // replay stops (75, "starts the job over") and the run above restores and lands again.
     assert_equal(&db, "a job that crossed a restart");
     ch.restart();
     assert_equal(&db, "a job that crossed a restart, then another restart");

@@ -339,12 +339,39 @@ impl Landing {
     /// Land what `staging` holds for `partitions` in the target. Safe to run again after a kill
     /// at any point: on current servers a replay moves only what is still staged; on 18.16
     /// (attach, which copies) a partition whose parts already went in since `mark` is skipped.
-    pub async fn land(&self, staging: &str, partitions: &[String], mark: i64) -> Result<()> {
+    pub async fn land(
+        &self,
+        staging: &str,
+        partitions: &[String],
+        mark: i64,
+        replay: bool,
+    ) -> Result<()> {
         let mut ledger = self.touched().await?;
         let staged = self.parts(staging).await?;
         for p in partitions {
             let mut t = ledger.remove(p).unwrap_or_default();
             let already = !self.moves() && self.attached(staging, p, mark).await?;
+            if replay && !already && !self.moves() && staged.contains_key(p) {
+                // Parts above the mark that are not the staged parts' twins: either the
+                // attach went through and merges folded its parts (a server restart starts
+                // merges again), or another writer inserted. Attaching again could double the
+                // chunk; skipping could lose it.
+                let above = self
+                    .parts(&self.target())
+                    .await?
+                    .get(p)
+                    .is_some_and(|x| x.1 > mark);
+                if above {
+                    return Err(Error::Stopped(crate::error::StopReason::StartOver(
+                        format!(
+                            "partition {p} of {} changed since this chunk's landing began and its \
+                         staged parts are no longer recognisable there (merged after a server \
+                         restart, or written by another writer)",
+                            self.target()
+                        ),
+                    )));
+                }
+            }
             let others = if already {
                 0
             } else {

@@ -208,6 +208,10 @@ impl ChJob {
         ctx.store.ensure().await?;
         let mut records = ctx.store.records(&ctx.job).await?;
         let has_job = records.iter().any(|r| r.chunk == store::JOB_ROW);
+        let start_over = records
+            .iter()
+            .any(|r| r.chunk == store::START_OVER_ROW && r.status == "start-over");
+        let restart = restart || start_over;
         if restart || !has_job {
             // A --rerun, a reset, or a lost state table: whatever the job landed before must
             // not be landed on top of again.

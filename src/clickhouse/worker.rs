@@ -7,11 +7,11 @@
 use super::chunks::Chunk;
 use super::client::exec;
 use super::errors::{MEMORY_LIMIT_EXCEEDED, code, memory_hint};
-use super::store::{DONE, FAILED, PAUSE_ROW, PENDING, Record, SPLIT, STAGED};
+use super::store::{self, DONE, FAILED, PAUSE_ROW, PENDING, Record, SPLIT, STAGED};
 use super::tree::Next;
 use super::{Ctx, planner};
 use crate::engine::{Claim, Outcome, Worker};
-use crate::error::{DbErrorKind, Error, Result};
+use crate::error::{DbErrorKind, Error, Result, StopReason};
 use crate::spec::ChunkLevel;
 use std::sync::Arc;
 use std::time::Instant;
@@ -331,7 +331,7 @@ impl ChWorker {
                 ctx.put(&[&rec]).await?;
             }
             ctx.landing
-                .land(&staging, &rec.partitions, rec.mark)
+                .land(&staging, &rec.partitions, rec.mark, !fresh)
                 .await?;
             rec.status = DONE.into();
             rec.error.clear();
@@ -344,6 +344,10 @@ impl ChWorker {
                 Ok(()) => ctx.merges_stopped(false).await?,
                 Err(e) => tracing::warn!("could not restart merges on the target: {e}"),
             }
+        }
+        if let Err(Error::Stopped(StopReason::StartOver(_))) = &landed {
+            // Kept in the store: whichever run comes next starts over, whatever this one does.
+            ctx.store.put(&ctx.job, &[&store::start_over_row()]).await?;
         }
         landed?;
         let _ = ctx.landing.drop(&staging).await;

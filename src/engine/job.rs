@@ -346,7 +346,8 @@ async fn run_workers<B: Backend>(
         set.spawn(async move {
             let r = drive(&mut w, &sh).await;
             if let Err(e) = &r
-                && !matches!(e, Error::Stopped(_))
+                && (!matches!(e, Error::Stopped(_))
+                    || matches!(e, Error::Stopped(StopReason::StartOver(_))))
             {
                 sh.stop.abort(StopReason::Aborted);
             }
