@@ -348,30 +348,13 @@ impl Landing {
     ) -> Result<()> {
         let mut ledger = self.touched().await?;
         let staged = self.parts(staging).await?;
+        if replay && !self.moves() {
+            self.replay_or_start_over(staging, partitions, mark, &staged, &ledger)
+                .await?;
+        }
         for p in partitions {
             let mut t = ledger.remove(p).unwrap_or_default();
             let already = !self.moves() && self.attached(staging, p, mark).await?;
-            if replay && !already && !self.moves() && staged.contains_key(p) {
-                // Parts above the mark that are not the staged parts' twins: either the
-                // attach went through and merges folded its parts (a server restart starts
-                // merges again), or another writer inserted. Attaching again could double the
-                // chunk; skipping could lose it.
-                let above = self
-                    .parts(&self.target())
-                    .await?
-                    .get(p)
-                    .is_some_and(|x| x.1 > mark);
-                if above {
-                    return Err(Error::Stopped(crate::error::StopReason::StartOver(
-                        format!(
-                            "partition {p} of {} changed since this chunk's landing began and its \
-                         staged parts are no longer recognisable there (merged after a server \
-                         restart, or written by another writer)",
-                            self.target()
-                        ),
-                    )));
-                }
-            }
             let others = if already {
                 0
             } else {
@@ -405,6 +388,50 @@ impl Landing {
             self.note(p, &t).await?;
         }
         Ok(())
+    }
+
+    /// Before replaying an attach (18.16): a partition with parts above the mark that are not
+    /// the staged parts' twins cannot tell whether the chunk went in. Either the attach went
+    /// through and merges folded its parts (a server restart starts merges again), or another
+    /// writer inserted: attaching again could double the chunk, skipping could lose it. Then
+    /// every partition of the chunk that has parts above the mark is noted as the job's own (the
+    /// target is this job's, and other writers were checked for right before the attach), so the
+    /// next start's restore takes them back, and the job starts over.
+    async fn replay_or_start_over(
+        &self,
+        staging: &str,
+        partitions: &[String],
+        mark: i64,
+        staged: &HashMap<String, (u64, i64)>,
+        ledger: &HashMap<String, Touched>,
+    ) -> Result<()> {
+        let target = self.parts(&self.target()).await?;
+        let above = |p: &str| target.get(p).map(|x| x.1).filter(|top| *top > mark);
+        let mut unsure = None;
+        for p in partitions.iter().filter(|p| staged.contains_key(*p)) {
+            if above(p).is_some() && !self.attached(staging, p, mark).await? {
+                unsure = Some(p.clone());
+                break;
+            }
+        }
+        let Some(unsure) = unsure else {
+            return Ok(());
+        };
+        for p in partitions {
+            if let Some(top) = above(p) {
+                let mut t = ledger.get(p).cloned().unwrap_or_default();
+                t.last_block = t.last_block.max(top);
+                self.note(p, &t).await?;
+            }
+        }
+        Err(Error::Stopped(crate::error::StopReason::StartOver(
+            format!(
+                "partition {unsure} of {} changed since this chunk's landing began and its staged \
+             parts are no longer recognisable there (merged after a server restart, or written \
+             by another writer)",
+                self.target()
+            ),
+        )))
     }
 
     fn warn_foreign(&self, p: &str, rows: u64) {
