@@ -2,7 +2,7 @@
 //! spec and the store. Every value travels as a parameter; only identifiers resolved by the
 //! database and the `where` expression checked by a parser are spliced in.
 
-use super::store::Store;
+use super::store::{RETRYING, Store};
 use super::table::TableInfo;
 use crate::spec::{Limits, LockMode};
 use std::time::Duration;
@@ -37,7 +37,8 @@ pub struct BatchSql {
     /// $4 cursor (NULL keeps it), $5 keys, $6 rows, $7 retried, $8 batches, $9 status (NULL
     /// keeps it). Returns the job's pause flag; no row = the claim was lost.
     pub advance: String,
-    /// Ranges not done yet, resumed ones first. $1 job.
+    /// Ranges not done yet: part-walked ones first, then untouched ones, then those waiting
+    /// for their retry pass. $1 job.
     pub candidates: String,
     /// Take a range whose advisory lock this session holds. $1 job, $2 range_no, $3 owner.
     /// Returns (epoch, status, cursor, hi).
@@ -175,7 +176,7 @@ impl BatchSql {
             ),
             candidates: format!(
                 "SELECT range_no FROM {ranges} WHERE job = $1 AND status <> 'done'
-                  ORDER BY status = 'pending', range_no"
+                  ORDER BY status = '{RETRYING}', status = 'pending', range_no"
             ),
             take: format!(
                 "UPDATE {ranges} SET epoch = nextval('{s}.epochs'), owner = $3, heartbeat = now(),
