@@ -210,6 +210,7 @@ pub async fn run_job<B: Backend>(
         gate,
         progress: std::sync::Mutex::new(Progress::new(job, estimate, opts.progress_every)),
         still_locked: AtomicU64::new(0),
+        units: tokio::sync::watch::Sender::new(0),
     });
     let count = workers.len() as u32;
     let result = run_workers(backend.as_ref(), workers, &shared).await;
