@@ -12,7 +12,7 @@
 # lines (default "bench"); BACKFILL and SKIP_BACKFILL are read by find_backfill.
 
 PG_BASE_URL=postgres://postgres@127.0.0.1:5432
-SPEC=bench/flowsheet-dj-name.yaml
+SPEC=${SPEC:-bench/flowsheet-dj-name.yaml}
 CLONES=()
 
 # The job in one statement: every track row that still has no dj_name, in one transaction.
@@ -82,7 +82,8 @@ CHECK_SQL="SELECT
 
 log() { echo "${LOG_TAG:-bench}: $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
-psql_admin() { psql -X -q -w -v ON_ERROR_STOP=1 -h 127.0.0.1 -p 5432 -U postgres "$@"; }
+PSQL_CMD=(psql -X -q -w -v ON_ERROR_STOP=1 -h 127.0.0.1 -p 5432 -U postgres)
+psql_admin() { "${PSQL_CMD[@]}" "$@"; }
 psql_value() { psql_admin -A -t "$@"; }
 now() { date +%s.%N; }
 elapsed() { awk -v s="$1" -v e="$2" 'BEGIN { printf "%.2f", e - s }'; }
@@ -128,6 +129,12 @@ build_template() {
 }
 
 wrong_rows() { psql_value -d "$1" -c "$CHECK_SQL"; }
+
+# The bench job (SPEC) with `workers: N`: N workers share it (`run` starts N threads).
+spec_with_workers() {
+    sed '/^workers:/d' "$SPEC"
+    echo "workers: $1"
+}
 
 # Sets BACKFILL to a runnable binary, building target/release/backfill if it is missing;
 # returns 1 (with the reason logged) if there is none or SKIP_BACKFILL=1.
