@@ -85,6 +85,12 @@ pub trait Worker: Send + 'static {
     /// Forget the connection after it was lost, and with it the claim: the next `claim`
     /// reconnects and claims again (the same unit, if nobody took it over).
     fn reset_connection(&mut self);
+    /// The worker is done for this run: give back what it holds in the database now, before
+    /// the process exits (a lock that only ends with the session lingers until the server
+    /// notices the closed connection, and the next command would find the job still held).
+    fn close(&mut self) -> impl std::future::Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// One sample batch run by `plan` inside a transaction that is rolled back.

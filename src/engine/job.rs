@@ -3,7 +3,7 @@
 
 use super::driver::{Shared, drive};
 use super::window::Position;
-use super::{Backend, Gate, Stop};
+use super::{Backend, Gate, Stop, Worker};
 use crate::error::{Error, Result, StopReason};
 use crate::progress::{Progress, Totals, fmt_duration};
 use crate::spec::Spec;
@@ -310,6 +310,7 @@ async fn run_workers<B: Backend>(
             {
                 sh.stop.abort(StopReason::Aborted);
             }
+            w.close().await;
             drop(w);
             r
         });

@@ -525,7 +525,18 @@ impl Backend for PgJob {
                 "{n} live worker(s); stop them first (SIGTERM) and reset again"
             ))));
         }
-        let existed = self.ctx.store.forget(&c, &self.ctx.job).await?;
-        Ok(existed.then(|| "checkpoint deleted; the next run starts from the beginning".into()))
+        let existed = self.ctx.store.forget(&c, &self.ctx.job).await;
+        // Given back now, not when the server notices the closed connection: a `run` right
+        // after this command must not find the job still held by it.
+        if let Err(e) = c
+            .execute(
+                "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
+                &[&key],
+            )
+            .await
+        {
+            tracing::debug!("giving back the job's lock: {e}");
+        }
+        Ok(existed?.then(|| "checkpoint deleted; the next run starts from the beginning".into()))
     }
 }

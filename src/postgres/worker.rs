@@ -456,4 +456,13 @@ impl Worker for PgWorker {
         self.conn = None;
         self.held = None;
     }
+
+    async fn close(&mut self) {
+        // The slot, the job's shared lock and any range lock: all of this session's.
+        if let Some(c) = self.conn.take()
+            && let Err(e) = c.batch_execute("SELECT pg_advisory_unlock_all()").await
+        {
+            tracing::debug!("giving back the worker's locks: {e}");
+        }
+    }
 }
