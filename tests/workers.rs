@@ -187,12 +187,13 @@ async fn two_processes_share_a_two_worker_job_and_a_third_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_of_two_worker_processes_killed_again_and_again_nothing_lost_or_doubled() {
-    const ROWS: i64 = 60_000;
+    const ROWS: i64 = 80_000;
     const KILLS: usize = 5;
     let db = TestDb::new("w_kill").await;
     let c = db.client().await;
     tables(&c, ROWS).await;
-    let spec = spec(&db, 2, "{size: 300, target: 0, pause: 20ms}", "");
+    // 400 batches with a pause each: several seconds of work even for two workers.
+    let spec = spec(&db, 2, "{size: 200, target: 0, pause: 40ms}", "");
 
     let mut steady = runner(db.dir.path(), "steady", &spec);
     let spid = steady.child.id();
