@@ -13,6 +13,16 @@ cd "$(dirname "$0")/.."
 
 command -v cargo >/dev/null || { echo "demo: cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
 
+cat >&2 <<'EOF2'
+demo: what this changes on this machine, and nothing else:
+demo:   - installs Debian's postgresql with apt-get if it is missing, and starts it if it is down
+demo:     (or, if user postgres cannot connect to 127.0.0.1:5432 without a password, a private
+demo:     cluster of the suite's own on port 55432 under /var/tmp; pg_hba.conf, server settings
+demo:     and roles of the machine's Postgres are never changed);
+demo:   - drops and recreates the database backfill_demo there, and fills it;
+demo:   - builds target/release/backfill.
+demo: It uses no ClickHouse and installs none.
+EOF2
 DATABASE_URL=$(scripts/demo-db.sh)
 export DATABASE_URL
 

@@ -24,6 +24,8 @@ pub enum StopReason {
     Window(String),
     /// Another worker of this job failed; the others stop at their next boundary.
     Aborted,
+    /// This runner's lock went away under it (its connection was lost): it stopped writing.
+    LockLost(String),
 }
 
 impl std::fmt::Display for StopReason {
@@ -44,6 +46,10 @@ impl std::fmt::Display for StopReason {
             StopReason::Preflight(why) => write!(f, "preflight refused to start: {why}"),
             StopReason::Window(why) => write!(f, "{why}"),
             StopReason::Aborted => write!(f, "another worker of this job failed"),
+            StopReason::LockLost(why) => write!(
+                f,
+                "this runner lost its lock ({why}); it landed and recorded nothing after that"
+            ),
         }
     }
 }

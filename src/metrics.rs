@@ -8,7 +8,7 @@ use crate::redact::redact_url;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub const ROWS: &str = "backfill_rows_total";
 pub const KEYS: &str = "backfill_keys_total";
@@ -27,6 +27,7 @@ pub const LAST_SUCCESS: &str = "backfill_last_success_timestamp_seconds";
 pub const STATUS: &str = "backfill_job_status";
 pub const PAUSED: &str = "backfill_paused";
 pub const WORKERS: &str = "backfill_workers";
+pub const DEADLINE: &str = "backfill_deadline_timestamp_seconds";
 
 /// Statuses exported by `backfill_job_status{status=...}` (1 for the current one).
 pub const STATUSES: [&str; 5] = ["running", "stopped", "failed", "done", "skipped"];
@@ -87,7 +88,9 @@ pub fn split(name: &str, level: &'static str) {
     counter!(SPLITS, JOB_LABEL => name.to_string(), "level" => level).increment(1);
 }
 
-/// Time paused by the throttle (a gauge that only grows during a run: counters are integers).
+/// Time workers waited for the throttle, in worker-seconds (two workers waiting one second add
+/// two). Recorded at every check of the throttle while it holds the job, so it grows as the
+/// throttling happens. A gauge that only grows during a run: counters are integers.
 pub fn throttled(name: &str, d: Duration) {
     gauge!(THROTTLED, &job(name)).increment(d.as_secs_f64());
 }
@@ -100,6 +103,27 @@ pub fn paused(name: &str, on: bool) {
 /// Workers of this process working on the job.
 pub fn workers(name: &str, n: usize) {
     gauge!(WORKERS, &job(name)).set(n as f64);
+}
+
+/// When this run of the job stops at its next batch boundary (the earlier of `max_runtime` and
+/// the end of the run window), if either is set.
+pub fn deadline(name: &str, at: Option<Instant>) {
+    let Some(at) = at else { return };
+    let now = Instant::now();
+    let unix = if at >= now {
+        now_secs() + (at - now).as_secs_f64()
+    } else {
+        now_secs() - (now - at).as_secs_f64()
+    };
+    gauge!(DEADLINE, &job(name)).set(unix);
+}
+
+/// A job that ended before its work began: `failed` unless it was a stop (window closed,
+/// slots taken, preflight blockers, a signal), which leaves the status as it was.
+pub fn not_started(name: &str, error: &Error) {
+    if !matches!(error, Error::Stopped(_)) {
+        status(name, "failed");
+    }
 }
 
 /// The job's status; `done` also sets the last-success timestamp.
@@ -186,7 +210,7 @@ fn describe() {
     describe_counter!(SPLITS, "ClickHouse chunks split one level down, by level");
     describe_gauge!(
         THROTTLED,
-        "Seconds spent paused by the throttle in this run"
+        "Worker-seconds spent waiting for the throttle in this run, updated while it waits"
     );
     describe_gauge!(REMAINING, "Estimated rows left");
     describe_gauge!(ETA, "Estimated seconds to completion");
@@ -195,6 +219,10 @@ fn describe() {
     describe_gauge!(STATUS, "1 for the job's current status");
     describe_gauge!(PAUSED, "1 while the job is paused by backfill pause");
     describe_gauge!(WORKERS, "Workers of this process working on the job");
+    describe_gauge!(
+        DEADLINE,
+        "Unix time this run stops at (max_runtime or the end of the run window)"
+    );
 }
 
 fn start_push(raw: &str, every: Duration, handle: PrometheusHandle) -> Result<Push> {

@@ -1,42 +1,10 @@
 //! Prometheus metrics (scraped during a real run, pushed at exit) and JSON log lines.
 
 mod common;
+use common::prom::{free_port, receiver, scrape, value};
 use common::{TestDb, backfill, count};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn scrape(port: u16) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    Some(body)
-}
-
-/// The value of `name{backfill_job="..."}` in a Prometheus text payload.
-fn value(payload: &str, name: &str, job: &str) -> Option<f64> {
-    let prefix = format!("{name}{{backfill_job=\"{job}\"}} ");
-    payload
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-}
 
 async fn table(db: &TestDb, rows: i64) -> tokio_postgres::Client {
     let c = db.client().await;
@@ -109,48 +77,6 @@ batch: {size: 100, target: 0, pause: 40ms}
     );
     assert_eq!(child.wait().unwrap().code(), Some(0));
     db.drop_db().await;
-}
-
-/// One request the push gateway received: request line, headers, body.
-type Received = Arc<Mutex<Vec<(String, String, String)>>>;
-
-/// A tiny push gateway: records every request, answers 200.
-fn receiver() -> (u16, Received) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let got = Arc::new(Mutex::new(Vec::new()));
-    let sink = got.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let mut r = BufReader::new(stream);
-            let mut line = String::new();
-            if r.read_line(&mut line).is_err() {
-                continue;
-            }
-            let (mut headers, mut len) = (String::new(), 0usize);
-            loop {
-                let mut h = String::new();
-                if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-                    break;
-                }
-                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-                headers.push_str(&h);
-            }
-            let mut body = vec![0; len];
-            let _ = r.read_exact(&mut body);
-            sink.lock().unwrap().push((
-                line.trim().to_string(),
-                headers,
-                String::from_utf8_lossy(&body).into_owned(),
-            ));
-            let _ = r
-                .get_mut()
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
-        }
-    });
-    (port, got)
 }
 
 #[tokio::test]
@@ -269,5 +195,135 @@ batch: {size: 100, target: 0, pause: 20ms}
         m.contains(" rows, total ") && m.contains("remaining ~") && m.contains("ETA "),
         "{m}"
     );
+    db.drop_db().await;
+}
+
+/// The final push of a run of `spec` that exits 1: its body.
+fn final_push_of_a_failed_run(spec: &std::path::Path) -> String {
+    let (port, got) = receiver();
+    let url = format!("http://127.0.0.1:{port}/metrics/job/backfill");
+    let out = backfill()
+        .args(["run", "--pushgateway", &url, "--push-interval", "1h"])
+        .arg(spec)
+        .output()
+        .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    let got = got.lock().unwrap().clone();
+    let (_, _, body) = got.last().unwrap_or_else(|| panic!("no final push: {all}"));
+    body.clone()
+}
+
+#[tokio::test]
+async fn a_job_that_fails_before_it_starts_exports_failed() {
+    let db = TestDb::new("failstart").await;
+    table(&db, 10).await;
+    let missing = db.spec(
+        "missing.yaml",
+        "postgres:
+  url: $URL
+  table: no_such_table
+  key: id
+  statement: UPDATE no_such_table SET n = 1 WHERE id = ANY($1)
+",
+    );
+    // Nothing listens there: the connection is refused.
+    let refused = db.spec(
+        "refused.yaml",
+        &format!(
+            "postgres:
+  url: postgres://postgres@127.0.0.1:{}/postgres
+  table: t
+  key: id
+  statement: UPDATE t SET n = 1 WHERE id = ANY($1)
+",
+            free_port()
+        ),
+    );
+    // Fails in the throttle's first check, before the job itself is started.
+    let throttle = db.spec(
+        "throttle.yaml",
+        "postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: UPDATE t SET n = 1 WHERE id = ANY($1)
+throttle:
+  query: SELECT 'not a boolean'
+",
+    );
+    for (job, spec) in [
+        ("missing", &missing),
+        ("refused", &refused),
+        ("throttle", &throttle),
+    ] {
+        let body = final_push_of_a_failed_run(spec);
+        let failed = format!("backfill_job_status{{backfill_job=\"{job}\",status=\"failed\"}} 1");
+        assert!(body.contains(&failed), "{job}: no {failed} in\n{body}");
+        let running = format!("backfill_job_status{{backfill_job=\"{job}\",status=\"running\"}} 0");
+        assert!(body.contains(&running), "{job}: {body}");
+    }
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_seconds_grow_while_the_throttle_holds_the_job() {
+    let db = TestDb::new("throttlemetric").await;
+    let c = table(&db, 500).await;
+    c.batch_execute("CREATE TABLE control (hold bool NOT NULL); INSERT INTO control VALUES (true)")
+        .await
+        .unwrap();
+    let spec = db.spec(
+        "held.yaml",
+        "postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: UPDATE t SET n = n + 1 WHERE id = ANY($1)
+batch: {size: 100, target: 0}
+throttle:
+  query: SELECT hold FROM control
+  interval: 100ms
+",
+    );
+    let port = free_port();
+    let mut child = backfill()
+        .args(["run", "--metrics-addr", &format!("127.0.0.1:{port}")])
+        .arg(&spec)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Held from the start: the metric must move before the throttle lets go.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "backfill_throttled_seconds did not grow while throttled: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Some(body) = scrape(port) else { continue };
+        let Some(v) = value(&body, "backfill_throttled_seconds", "held") else {
+            continue;
+        };
+        if v > 0.0 && seen.last().is_none_or(|last| v > *last) {
+            seen.push(v);
+        }
+    }
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM t WHERE n > 0").await,
+        0,
+        "a batch ran while throttled"
+    );
+    c.batch_execute("UPDATE control SET hold = false")
+        .await
+        .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 500);
     db.drop_db().await;
 }

@@ -300,3 +300,329 @@ batch: {size: 10, target: 0, pause: 100ms}
     drop(c);
     db.drop_db().await;
 }
+
+// ------------------------------------------------------------------------------------------------
+// The plan warns: statements that do not converge, and the WAL a job will write
+// ------------------------------------------------------------------------------------------------
+
+/// `plan --json` of one spec: its one job's document.
+fn plan_json(spec: &std::path::Path) -> serde_json::Value {
+    let (code, out, err) = run(&[&"plan", &"--json", &spec]);
+    assert_eq!(code, 0, "plan --json:\n{out}\n{err}");
+    let doc: serde_json::Value = serde_json::from_str(&out).expect("plan --json is JSON");
+    doc["jobs"][0].clone()
+}
+
+#[tokio::test]
+async fn plan_flags_statements_that_would_apply_twice_and_not_those_that_converge() {
+    let db = TestDb::new("plan_idem").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0, v int NOT NULL);
+         INSERT INTO t (id, v) SELECT i, i * 7 FROM generate_series(1, 2000) i;
+         CREATE TABLE log (t_id bigint, v int);
+         CREATE TABLE queue (t_id bigint PRIMARY KEY, v int);
+         ANALYZE t;",
+    )
+    .await
+    .unwrap();
+    let snapshot = async |c: &Client| {
+        format!(
+            "{} {} {}",
+            checksum(c, "t").await,
+            checksum(c, "log").await,
+            checksum(c, "queue").await
+        )
+    };
+    let before = snapshot(&c).await;
+    // (statement, converges, what the reason must say)
+    let cases: [(&str, bool, &str); 7] = [
+        (
+            "INSERT INTO log SELECT id, v FROM t WHERE id = ANY($1)",
+            false,
+            "writes different rows into log (e.g. an INSERT without ON CONFLICT)",
+        ),
+        (
+            "UPDATE t SET n = n + 1 WHERE id = ANY($1)",
+            false,
+            "changes the rows of t again (e.g. `n = n + 1`)",
+        ),
+        // A unique key turns the second application into an error: not idempotent either (a
+        // retried batch would fail the job), and the plan must still finish.
+        (
+            "INSERT INTO queue SELECT id, v FROM t WHERE id = ANY($1)",
+            false,
+            "duplicate key",
+        ),
+        (
+            "UPDATE t SET n = v + 1 WHERE id = ANY($1)",
+            true,
+            "leaves the same rows",
+        ),
+        (
+            "INSERT INTO queue SELECT id, v FROM t WHERE id = ANY($1) ON CONFLICT DO NOTHING",
+            true,
+            "leaves the same rows",
+        ),
+        (
+            "INSERT INTO queue SELECT id, v FROM t WHERE id = ANY($1)
+              ON CONFLICT (t_id) DO UPDATE SET v = EXCLUDED.v",
+            true,
+            "leaves the same rows",
+        ),
+        (
+            "DELETE FROM log WHERE t_id = ANY($1)",
+            true,
+            "leaves the same rows",
+        ),
+    ];
+    for (i, (statement, converges, reason)) in cases.iter().enumerate() {
+        let spec = db.spec(
+            &format!("case{i}.yaml"),
+            &format!(
+                "name: case{i}
+postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: |
+    {}
+batch: {{size: 100, target: 0}}
+",
+                statement.replace('\n', "\n    ")
+            ),
+        );
+        let (code, out, err) = run(&[&"plan", &spec]);
+        assert_eq!(code, 0, "{statement}\nstdout:\n{out}\nstderr:\n{err}");
+        if *converges {
+            let line = line_with(&out, "idempotent:");
+            assert!(
+                line.contains("yes") && line.contains(reason),
+                "{statement}: {out}"
+            );
+            assert!(!out.contains("NOT idempotent"), "{statement}: {out}");
+        } else {
+            let line = line_with(&out, "NOT idempotent");
+            assert!(line.contains("WARNING"), "{statement}: {out}");
+            assert!(
+                line.contains(reason),
+                "{statement}: want {reason:?} in {out}"
+            );
+            assert!(
+                line.contains("a batch retried after a lost COMMIT reply"),
+                "the reason says why it matters: {out}"
+            );
+        }
+        let doc = plan_json(&spec);
+        assert_eq!(
+            doc["idempotency"]["converges"],
+            serde_json::json!(*converges),
+            "{statement}: {doc}"
+        );
+        let why = doc["idempotency"]["reason"].as_str().unwrap_or_default();
+        assert!(why.contains(reason), "{statement}: {doc}");
+        // The samples and the second application were rolled back.
+        assert_eq!(
+            snapshot(&c).await,
+            before,
+            "{statement}: plan changed the data"
+        );
+    }
+    drop(c);
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn plan_does_not_flag_the_shipped_demo_jobs() {
+    let db = TestDb::new("plan_demo").await;
+    // The demo dataset, as scripts/demo-db.sh loads it (smaller).
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new("psql")
+        .args([
+            "-X",
+            "-q",
+            "-w",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-v",
+            "rows=20000",
+        ])
+        .args(["-d", &db.url, "-f"])
+        .arg(root.join("scripts/demo-data.sql"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run psql (install postgresql-client)");
+    assert!(
+        out.status.success(),
+        "demo-data.sql: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut cmd = common::backfill();
+    let out = cmd
+        .args(["plan", "--json"])
+        .arg(root.join("jobs"))
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .expect("run backfill plan");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&stdout).expect("plan --json is JSON");
+    let jobs = doc["jobs"].as_array().expect("jobs");
+    let names: Vec<&str> = jobs.iter().filter_map(|j| j["job"].as_str()).collect();
+    assert_eq!(names, ["flowsheet-dj-name", "ci-pending-builds"], "{doc}");
+    for j in jobs {
+        assert_eq!(
+            j["idempotency"]["converges"], true,
+            "a shipped job is flagged: {j}"
+        );
+        assert!(
+            j["wal"]["bytes_per_row"].as_f64().is_some_and(|b| b > 0.0),
+            "{j}"
+        );
+    }
+    db.drop_db().await;
+}
+
+/// WAL the cluster wrote between two LSNs read on `c`.
+async fn wal_lsn(c: &Client) -> String {
+    c.query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// WAL bytes of the whole cluster between two LSNs.
+async fn wal_between(c: &Client, before: &str, after: &str) -> f64 {
+    c.query_one(
+        "SELECT pg_wal_lsn_diff($1::text::pg_lsn, $2::text::pg_lsn)::float8",
+        &[&after, &before],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// The WAL forecast of `plan --json`: (total bytes, bytes per row).
+fn wal_forecast(spec: &std::path::Path) -> (f64, f64) {
+    let doc = plan_json(spec);
+    let wal = &doc["wal"];
+    assert!(
+        wal["bytes_per_second"].as_f64().is_some_and(|b| b > 0.0),
+        "{doc}"
+    );
+    (
+        wal["total_bytes"].as_f64().expect("wal.total_bytes"),
+        wal["bytes_per_row"].as_f64().expect("wal.bytes_per_row"),
+    )
+}
+
+/// The forecast is within 2x of what the run writes, on a quiet server and while other
+/// sessions write WAL of their own (production has traffic: their WAL is not the job's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_forecasts_the_wal_the_run_writes() {
+    const ROWS: i64 = 50_000;
+    // A cluster of its own: the WAL measured around the run is this job's alone (no other test,
+    // no autovacuum).
+    let pg = common::cluster::PgCluster::start(
+        common::cluster::ClusterOpts::new().setting("autovacuum", "off"),
+    )
+    .await;
+    let db = pg.create_db("plan_wal").await;
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0, pad text NOT NULL);
+         INSERT INTO t (id, pad) SELECT i, repeat('x', 40) FROM generate_series(1, {ROWS}) i;
+         ANALYZE t;
+         CHECKPOINT;"
+    ))
+    .await
+    .unwrap();
+    let spec = db.spec(
+        "wal.yaml",
+        "name: wal
+postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: UPDATE t SET n = n + 1 WHERE id = ANY($1)
+batch: {size: 1000, target: 0}
+",
+    );
+    let (code, out, err) = run(&[&"plan", &spec]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(line_with(&out, "WAL:").contains("bytes/row"), "{out}");
+    c.batch_execute("CHECKPOINT").await.unwrap();
+    let quiet = wal_forecast(&spec);
+
+    // Another session writes WAL without pause (big rows into a table of another database)
+    // while plan samples.
+    let other = pg.create_db("plan_wal_other").await;
+    let writer = other.client().await;
+    writer
+        .batch_execute("CREATE TABLE junk (pad text)")
+        .await
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rounds = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let busy = tokio::spawn({
+        let (stop, rounds) = (stop.clone(), rounds.clone());
+        async move {
+            use std::sync::atomic::Ordering::SeqCst;
+            while !stop.load(SeqCst) {
+                writer
+                    .batch_execute(
+                        "INSERT INTO junk SELECT repeat(md5(i::text), 60)
+                           FROM generate_series(1, 2000) i",
+                    )
+                    .await
+                    .unwrap();
+                rounds.fetch_add(1, SeqCst);
+            }
+        }
+    });
+    let writing = async || rounds.load(std::sync::atomic::Ordering::SeqCst);
+    let r0 = writing().await;
+    common::runner::wait_until(
+        "the other session to write",
+        std::time::Duration::from_secs(30),
+        std::time::Duration::from_millis(10),
+        async || writing().await > r0,
+    )
+    .await;
+    c.batch_execute("CHECKPOINT").await.unwrap();
+    let spec_busy = spec.clone();
+    let r1 = writing().await;
+    let busy_forecast = tokio::task::spawn_blocking(move || wal_forecast(&spec_busy))
+        .await
+        .unwrap();
+    assert!(
+        writing().await > r1,
+        "the other session wrote nothing during plan"
+    );
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    busy.await.unwrap();
+
+    c.batch_execute("CHECKPOINT").await.unwrap();
+    let before = wal_lsn(&c).await;
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let after = wal_lsn(&c).await;
+    let actual = wal_between(&c, &before, &after).await;
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, ROWS);
+    for (when, (forecast, per_row)) in [("quiet", quiet), ("busy", busy_forecast)] {
+        let ratio = forecast / actual;
+        eprintln!(
+            "{when}: WAL forecast {forecast:.0} bytes ({per_row:.1}/row), written {actual:.0} \
+             ({:.1}/row): ratio {ratio:.2}",
+            actual / ROWS as f64
+        );
+        assert!(
+            (0.5..=2.0).contains(&ratio),
+            "{when}: forecast {forecast:.0} bytes vs {actual:.0} written by the run (ratio {ratio:.2})"
+        );
+    }
+    drop(c);
+}

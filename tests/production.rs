@@ -68,6 +68,19 @@ throttle:
         paused_at < 6000,
         "the job finished before it could be paused"
     );
+    // Another process sees why the job waits, in text and JSON.
+    let (code, out, err) = run(&[&"status", &spec]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("throttled: throttle.query returned true"),
+        "status says why the job waits: {out}"
+    );
+    let (_, json, _) = run(&[&"status", &"--json", &spec]);
+    let json: serde_json::Value = serde_json::from_str(&json).expect("status --json");
+    assert_eq!(
+        json["jobs"][0]["throttled"], "throttle.query returned true",
+        "{json}"
+    );
     c.batch_execute("UPDATE control SET paused = false")
         .await
         .unwrap();
@@ -83,6 +96,11 @@ throttle:
     );
     assert!(stderr.contains("throttle.query returned true"), "{stderr}");
     assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 6000);
+    let (_, out, _) = run(&[&"status", &spec]);
+    assert!(
+        !out.contains("throttled:"),
+        "a finished job is not throttled: {out}"
+    );
     db.drop_db().await;
 }
 

@@ -274,6 +274,8 @@ async fn ssh_run_exits_0_tees_the_log_and_runs_the_image_that_was_never_pushed()
     // Default pull policy (missing): the image exists only in the host's daemon.
     let out = sshd.run_job(&job.args(&img, &[]), &[]).output().unwrap();
     let (code, all) = code_and_text(&out);
+    // What an operator sees (shown with --nocapture).
+    eprintln!("run-job.sh over ssh, exit {code}:\n{all}");
     assert_eq!(code, 0, "{all}");
     assert_eq!(job.counts().await, (job.rows, job.rows), "{all}");
     assert!(all.contains(&format!("using {img} as found on")), "{all}");
@@ -372,6 +374,8 @@ async fn ssh_deadline_sigterm_exits_75_and_the_next_run_resumes_with_every_row_o
 
     let out = sshd.run_job(&job.args(&img, &[]), &[]).output().unwrap();
     let (code, all) = code_and_text(&out);
+    // What an operator sees (shown with --nocapture).
+    eprintln!("run-job.sh over ssh, exit {code}:\n{all}");
     assert_eq!(code, 0, "{all}");
     assert_eq!(job.counts().await, (job.rows, job.rows), "{all}");
     assert_eq!(sshd.logs().len(), 2);
@@ -417,6 +421,8 @@ async fn ssh_refuses_a_second_run_of_a_job_that_is_running_and_says_how_to_look_
     // The first run was not disturbed.
     let out = first.wait_with_output().unwrap();
     let (code, all) = code_and_text(&out);
+    // What an operator sees (shown with --nocapture).
+    eprintln!("run-job.sh over ssh, exit {code}:\n{all}");
     assert_eq!(code, 0, "{all}");
     assert_eq!(job.counts().await, (job.rows, job.rows), "{all}");
     drop(c);

@@ -287,6 +287,7 @@ mod tests {
             database: "db".into(),
             user: None,
             password: None,
+            state_url: None,
             source: "runs".into(),
             time_column: "ran_at".into(),
             split_column: Some("project_id".into()),

@@ -57,32 +57,48 @@ pub fn connect(spec: &ClickhouseSpec) -> Client {
 
 /// `SELECT version()`, or an error that names the (redacted) URL and what to check.
 pub async fn version(client: &Client, spec: &ClickhouseSpec) -> Result<String> {
-    let out = fetch_text(client, "SELECT version()", "connecting").await;
-    out.map(|v| v.trim().to_string()).map_err(|e| {
-        let why = e.to_string();
-        let code = super::errors::code(&why);
-        let hint = match code {
-            Some(516) | Some(192) | Some(193) | Some(194) => {
-                " — check the user and password (the password is not shown)"
+    let e = match fetch_text(client, "SELECT version()", "connecting").await {
+        Ok(v) => return Ok(v.trim().to_string()),
+        Err(e) => e,
+    };
+    let why = e.to_string();
+    let hint = match super::errors::code(&why) {
+        Some(516) | Some(192) | Some(193) | Some(194) => {
+            " — check the user and password (the password is not shown)"
+        }
+        Some(81) => " — check the database name in clickhouse.url",
+        Some(_) => "",
+        None if spec.endpoint.starts_with("https://") => {
+            if answers_plain_http(spec).await {
+                " — that port answers plain HTTP: write the URL with http://, or use the \
+                 server's https port (8443 by default)"
+            } else {
+                " — is ClickHouse running there, and is that port its https port (8443 by \
+                 default)?"
             }
-            Some(81) => " — check the database name in clickhouse.url",
-            _ if spec.endpoint.starts_with("https://")
-                && (why.contains("tls") || why.contains("TLS") || why.contains("record")) =>
-            {
-                " — the server did not answer TLS: is that port its https port (8443), or \
-                 should the URL be http://?"
-            }
-            _ if why.contains("onnect") || why.contains("network") => {
-                " — is ClickHouse running and listening on that host and port?"
-            }
-            _ => "",
-        };
-        Error::Connect(format!(
-            "cannot connect to {}: {}{hint}",
-            spec.redacted_url(),
-            why.trim_start_matches("connecting: ")
-        ))
-    })
+        }
+        None => " — is ClickHouse running and listening on that host and port?",
+    };
+    Err(Error::Connect(format!(
+        "cannot connect to {}: {}{hint}",
+        spec.redacted_url(),
+        why.trim_start_matches("connecting: ")
+    )))
+}
+
+/// Whether the endpoint of an https:// URL answers a plain-HTTP `SELECT 1` (a TLS URL pointed
+/// at the http port).
+async fn answers_plain_http(spec: &ClickhouseSpec) -> bool {
+    let plain = ClickhouseSpec {
+        endpoint: spec.endpoint.replacen("https://", "http://", 1),
+        ..spec.clone()
+    };
+    let client = connect(&plain);
+    let probe = fetch_text(&client, "SELECT 1", "probing plain HTTP");
+    matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(5), probe).await,
+        Ok(Ok(ref v)) if v.trim() == "1"
+    )
 }
 
 /// Run a statement that returns nothing.

@@ -6,9 +6,11 @@
 //!   left alone, and a landing that is replayed after a kill moves only what is still staged;
 //! - on older servers (18.16), each partition's parts are attached to the target from the
 //!   staging table (`ATTACH PARTITION ... FROM`, hard links): nothing of the target is replaced,
-//!   so there is nothing a restart could bring back, and merges may go on. The chunk's record
-//!   keeps the target's highest block number from before (the mark): a replay skips a
-//!   partition that has a part above it, i.e. whose attach went through.
+//!   so there is nothing a restart could bring back. The chunk's record keeps the target's
+//!   highest block number from before (the mark), and merges of the target are stopped from
+//!   the attach to the record: a replay skips a partition whose staged parts all have twins
+//!   (same rows and sizes: hard links) among the target's parts above the mark. Another writer's
+//!   inserts are never mistaken for the chunk's parts.
 //!
 //! Re-running a finished job, a reset, or a lost state table must not land a chunk twice: the
 //! first time the job touches a partition, the target's content of it is kept in a base table
@@ -23,8 +25,8 @@ use clickhouse::Client;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-/// How long to wait for parts a restore replaced to leave the disk (18.16 removes them within
-/// seconds, while the table's merges run).
+/// How long to wait for parts a restore replaced to leave the disk (18.16 removes them once they
+/// are older than the table's `old_parts_lifetime`, 480 s by default).
 const CLEANUP_WAIT: Duration = Duration::from_secs(600);
 
 /// What the ledger says of one partition the job has touched.
@@ -298,6 +300,42 @@ impl Landing {
         Ok(text.trim().parse().unwrap_or(0))
     }
 
+    /// Whether the staging table's parts of `p` are in the target already: every one of them
+    /// has a twin (same rows and sizes: an attach makes hard links) among the target's parts
+    /// added since `mark`. The caller keeps merges stopped from the attach to its record.
+    async fn attached(&self, staging: &str, p: &str, mark: i64) -> Result<bool> {
+        let sizes = async |table: &str, extra: &str| -> Result<Vec<(String, String, String)>> {
+            let bare = table.replace('`', "");
+            let (db, name) = bare.split_once('.').unwrap_or(("", &bare));
+            let sql = format!(
+                "SELECT rows, data_compressed_bytes, data_uncompressed_bytes FROM system.parts
+                  WHERE database = {} AND table = {} AND active AND partition_id = {} {extra}",
+                literal(db),
+                literal(name),
+                literal(p)
+            );
+            Ok(rows(&self.client, &sql, "reading parts")
+                .await?
+                .into_iter()
+                .filter_map(|r| Some((r.first()?.clone(), r.get(1)?.clone(), r.get(2)?.clone())))
+                .collect())
+        };
+        let ours = sizes(staging, "").await?;
+        if ours.is_empty() {
+            return Ok(false);
+        }
+        let mut theirs = sizes(&self.target(), &format!("AND max_block_number > {mark}")).await?;
+        for part in ours {
+            match theirs.iter().position(|t| *t == part) {
+                Some(i) => {
+                    theirs.swap_remove(i);
+                }
+                None => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
     /// Land what `staging` holds for `partitions` in the target. Safe to run again after a kill
     /// at any point: on current servers a replay moves only what is still staged; on 18.16
     /// (attach, which copies) a partition whose parts already went in since `mark` is skipped.
@@ -306,8 +344,7 @@ impl Landing {
         let staged = self.parts(staging).await?;
         for p in partitions {
             let mut t = ledger.remove(p).unwrap_or_default();
-            let target = self.parts(&self.target()).await?;
-            let already = !self.moves() && target.get(p).is_some_and(|x| x.1 > mark);
+            let already = !self.moves() && self.attached(staging, p, mark).await?;
             let others = if already {
                 0
             } else {
@@ -371,6 +408,7 @@ impl Landing {
             p = literal(p)
         );
         let started = Instant::now();
+        let mut told = false;
         loop {
             // Correlated subqueries are not supported everywhere: fall back to listing.
             let left = match number(&self.client, &sql, "waiting for replaced parts").await {
@@ -379,6 +417,15 @@ impl Landing {
             };
             if left == 0 {
                 return Ok(());
+            }
+            if !told {
+                told = true;
+                tracing::info!(
+                    "waiting until the {left} part(s) replaced in partition {p} of {} are off \
+                     disk (a restart before that would load them again): up to the table's \
+                     old_parts_lifetime, 8 minutes by default",
+                    self.target()
+                );
             }
             if started.elapsed() > CLEANUP_WAIT {
                 return Err(Error::Db {
@@ -486,6 +533,12 @@ impl Landing {
             self.note(p, &t).await?;
         }
         Ok(ledger.len())
+    }
+
+    /// Stop new merges on the target (running ones cannot involve parts attached after this).
+    pub async fn stop_merges(&self) -> Result<()> {
+        let sql = format!("SYSTEM STOP MERGES {}", self.target());
+        exec(&self.client, &sql, "stopping merges on the target").await
     }
 
     /// Stop merges on the target and wait until none is running (bounded: 10 minutes).

@@ -44,7 +44,7 @@ fn start_ticks(pid: u32) -> Option<u64> {
 
 /// Whether the runner `host:pid:start` is certainly gone (it ran on this host and that process
 /// is not running any more).
-fn gone_here(runner: &str) -> bool {
+pub(super) fn gone_here(runner: &str) -> bool {
     let mut it = runner.rsplitn(3, ':');
     let (Some(start), Some(pid), Some(host)) = (it.next(), it.next(), it.next()) else {
         return false;
@@ -70,7 +70,7 @@ struct Holder {
 }
 
 /// A held lock: dropped or released explicitly; `lost` turns true if another runner took it.
-pub struct TargetLock {
+pub struct ChLock {
     client: Client,
     table: String,
     job: String,
@@ -79,9 +79,17 @@ pub struct TargetLock {
     heartbeat: tokio::task::JoinHandle<()>,
 }
 
-impl Drop for TargetLock {
+impl Drop for ChLock {
     fn drop(&mut self) {
         self.heartbeat.abort();
+    }
+}
+
+/// A target as `database.table`, unquoted (what keys its lock).
+pub fn target_name(database: &str, target: &str) -> String {
+    match target.split_once('.') {
+        Some((d, t)) => format!("{}.{}", d.trim_matches('`'), t.trim_matches('`')),
+        None => format!("{database}.{}", target.trim_matches('`')),
     }
 }
 
@@ -143,13 +151,30 @@ async fn append(
     exec(client, &sql, "writing the target's lock").await
 }
 
-/// Take the target's lock for `job`, or say who holds it (`Err(Stopped(LockHeld))`).
-pub async fn acquire(
+/// Who keeps `job` out of the target right now, if anyone: another job, or a live runner of
+/// this one. Reads only.
+pub async fn held_by_other(
     client: &Client,
     database: &str,
     target: &str,
     job: &str,
-) -> Result<TargetLock> {
+) -> Result<Option<String>> {
+    let table = table_for(database, target);
+    Ok(match holder(client, &table).await? {
+        Some(h) if h.job != job => Some(format!(
+            "job {:?} (runner {}): it writes the same target, and one job at a time may; \
+             it keeps the target until it is done or `backfill reset`",
+            h.job, h.runner
+        )),
+        Some(h) if !(h.released || gone_here(&h.runner) || h.age >= TTL.as_secs()) => Some(
+            format!("runner {} (its heartbeat is {}s old)", h.runner, h.age),
+        ),
+        _ => None,
+    })
+}
+
+/// Take the target's lock for `job`, or say who holds it (`Err(Stopped(LockHeld))`).
+pub async fn acquire(client: &Client, database: &str, target: &str, job: &str) -> Result<ChLock> {
     let table = table_for(database, target);
     let token = format!(
         "{:x}{:x}",
@@ -238,7 +263,7 @@ async fn take_over(client: &Client, table: &str, dead_token: &str) -> Result<()>
     }
 }
 
-fn start(client: &Client, table: String, job: &str, token: String) -> TargetLock {
+fn start(client: &Client, table: String, job: &str, token: String) -> ChLock {
     let lost = Arc::new(AtomicBool::new(false));
     let (c, t, j, k, l) = (
         client.clone(),
@@ -265,7 +290,7 @@ fn start(client: &Client, table: String, job: &str, token: String) -> TargetLock
             }
         }
     });
-    TargetLock {
+    ChLock {
         client: client.clone(),
         table,
         job: job.to_string(),
@@ -275,7 +300,7 @@ fn start(client: &Client, table: String, job: &str, token: String) -> TargetLock
     }
 }
 
-impl TargetLock {
+impl ChLock {
     /// Whether another runner took the lock (this one must stop writing).
     pub fn lost(&self) -> bool {
         self.lost.load(Ordering::SeqCst)

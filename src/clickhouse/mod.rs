@@ -3,15 +3,18 @@
 //! day into halves of its `split_column` values, down to one value. Chunks at least as large as
 //! one that failed start lighter, or a rung lower. The workers of a process claim chunks from
 //! the job's tree (`tree.rs`); every chunk lands atomically and once (`landing.rs`); one job
-//! writes a target at a time (`lock.rs`); the state lives in `backfill_chunks` (`store.rs`).
+//! writes a target at a time; the state lives in `backfill_chunks` next to the target
+//! (`store.rs`, `lock.rs`) or, with `state_url`, in Postgres (`pgstate.rs`), chosen in `state.rs`.
 
 pub mod chunks;
 pub mod client;
 pub mod errors;
 mod landing;
 mod lock;
+mod pgstate;
 mod plan;
 mod planner;
+pub mod state;
 pub mod store;
 mod tree;
 mod worker;
@@ -20,16 +23,17 @@ pub use worker::ChWorker;
 
 use crate::engine::plan::{Plan, PlanOptions};
 use crate::engine::{Backend, Estimate, Gate};
-use crate::error::{Error, Result, StopReason};
+use crate::error::{Error, Result};
+use crate::postgres::Access;
 use crate::spec::{ChunkLevel, ClickhouseSpec, Spec, Throttle};
 use crate::state::{JobState, Status, UnitState};
 use chrono::NaiveDate;
 use chunks::Kinds;
 use client::{Db, Server, exec};
 use landing::Landing;
-use lock::TargetLock;
+use state::{StateStore, TargetLock};
 use std::sync::{Arc, OnceLock};
-use store::{ChStore, Record};
+use store::Record;
 use tokio::sync::Mutex;
 use tree::Tree;
 
@@ -41,7 +45,8 @@ pub struct Ctx {
     pub db: Db,
     /// `db`'s client with the spec's settings: for the chunk inserts.
     pub chunk_client: clickhouse::Client,
-    pub store: ChStore,
+    /// The job's records and the target's lock: in ClickHouse, or in Postgres (`state_url`).
+    pub store: StateStore,
     pub landing: Landing,
     kinds: OnceLock<Kinds>,
     pub tree: Mutex<Option<Tree>>,
@@ -58,9 +63,14 @@ impl Ctx {
         self.kinds.get().copied().unwrap_or_default()
     }
 
-    /// Whether the lock was taken over by another runner (stop writing).
-    pub async fn lock_lost(&self) -> bool {
-        self.lock.lock().await.as_ref().is_some_and(|l| l.lost())
+    /// `Err(Stopped)` once the lock was taken over by another runner or its connection is
+    /// gone: stop writing.
+    pub async fn check_lock(&self) -> Result<()> {
+        let held = self.lock.lock().await.clone();
+        match held {
+            Some(l) => l.check().await,
+            None => Ok(()),
+        }
     }
 
     async fn put(&self, records: &[&Record]) -> Result<()> {
@@ -96,7 +106,8 @@ pub struct ChJob {
 
 impl ChJob {
     /// Connect (and learn what the server supports).
-    pub async fn open(spec: &Spec, ch: &ClickhouseSpec) -> Result<ChJob> {
+    /// `access`: whether the job's state (in Postgres, with `state_url`) may be written.
+    pub async fn open(spec: &Spec, ch: &ClickhouseSpec, access: Access) -> Result<ChJob> {
         let base = client::connect(ch);
         let version = client::version(&base, ch).await?;
         tracing::debug!(job = %spec.name, version, "connected to ClickHouse");
@@ -110,7 +121,7 @@ impl ChJob {
                 job: spec.name.clone(),
                 spec: ch.clone(),
                 spec_hash: spec.hash.clone(),
-                store: ChStore::new(base.clone(), &spec.state_schema),
+                store: StateStore::open(spec, ch, &base, access)?,
                 landing: Landing::new(
                     base.clone(),
                     server.clone(),
@@ -190,9 +201,64 @@ impl ChJob {
         Ok(top)
     }
 
-    /// Whether a runner holds the target's lock for this job right now.
-    async fn live(&self) -> bool {
-        self.ctx.lock.lock().await.is_some()
+    /// Start (the lock taken): restore what an earlier run landed if the job starts over, fix
+    /// the job's range, and build its chunk tree.
+    async fn begin(&self, spec_hash: &str, restart: bool) -> Result<JobState> {
+        let ctx = &self.ctx;
+        ctx.store.ensure().await?;
+        let mut records = ctx.store.records(&ctx.job).await?;
+        let has_job = records.iter().any(|r| r.chunk == store::JOB_ROW);
+        if restart || !has_job {
+            // A --rerun, a reset, or a lost state table: whatever the job landed before must
+            // not be landed on top of again.
+            let replaces = !ctx.landing.moves();
+            if replaces {
+                ctx.merges_stopped(true).await?;
+            }
+            let restored = ctx.landing.restore().await?;
+            if replaces {
+                ctx.merges_stopped(false).await?;
+            }
+            if restored > 0 {
+                tracing::warn!(
+                    "restored {restored} partition(s) of the target to what they held before \
+                     this job first landed in them; every chunk lands again"
+                );
+            }
+            if restart {
+                ctx.store.forget(&ctx.job).await?;
+                records.clear();
+            }
+        }
+        let range = self.range(&records).await?;
+        let def = match range {
+            Some((f, t)) => serde_json::json!({"from": f.to_string(), "to": t.to_string()}),
+            None => serde_json::json!({}),
+        }
+        .to_string();
+        let started = records
+            .iter()
+            .find(|r| r.chunk == store::JOB_ROW)
+            .map_or(store::now(), |r| r.started.max(1));
+        let row = store::job_row(spec_hash, "running", &def, started);
+        ctx.store.put(&ctx.job, &[&row]).await?;
+        let records = ctx.store.records(&ctx.job).await?;
+        let top = self.top(range).await?;
+        *ctx.tree.lock().await = Some(Tree::new(&ctx.spec, top, records.clone()));
+        store::job_state(&ctx.job, &records, true)
+            .ok_or_else(|| Error::fatal(format!("job {} vanished from its store", ctx.job)))
+    }
+
+    /// Whether a runner holds the target's lock for this job right now (this process, or,
+    /// with the state in Postgres, any).
+    async fn live(&self) -> Result<bool> {
+        let ctx = &self.ctx;
+        if ctx.lock.lock().await.is_some() {
+            return Ok(true);
+        }
+        ctx.store
+            .running_elsewhere(&ctx.spec.database, &ctx.spec.target, &ctx.job)
+            .await
     }
 }
 
@@ -226,7 +292,11 @@ impl Backend for ChJob {
 
     async fn load(&self) -> Result<Option<JobState>> {
         let records = self.ctx.store.records(&self.ctx.job).await?;
-        Ok(store::job_state(&self.ctx.job, &records, self.live().await))
+        Ok(store::job_state(
+            &self.ctx.job,
+            &records,
+            self.live().await?,
+        ))
     }
 
     async fn blockers(&self) -> Result<Vec<String>> {
@@ -293,20 +363,15 @@ impl Backend for ChJob {
 
     async fn join(&self, index: u32, cap: u32) -> Result<std::result::Result<ChWorker, String>> {
         let ctx = &self.ctx;
-        let mut held = ctx.lock.lock().await;
-        if held.is_none() {
-            match lock::acquire(
-                &ctx.db.client,
-                &ctx.spec.database,
-                &ctx.spec.target,
-                &ctx.job,
-            )
-            .await
-            {
-                Ok(l) => *held = Some(Arc::new(l)),
-                Err(Error::Stopped(StopReason::LockHeld(who))) => return Ok(Err(who)),
-                Err(e) => return Err(e),
-            }
+        // Who holds the target now. It is taken for real at start, after the preflight: a job
+        // its preflight refuses never keeps the target from another job.
+        if index == 0
+            && let Some(who) = ctx
+                .store
+                .held_by_other(&ctx.spec.database, &ctx.spec.target, &ctx.job)
+                .await?
+        {
+            return Ok(Err(who));
         }
         if index >= cap {
             return Ok(Err(format!("{cap} worker(s), the job's `workers` limit")));
@@ -316,48 +381,26 @@ impl Backend for ChJob {
 
     async fn start(&self, spec_hash: &str, restart: bool) -> Result<JobState> {
         let ctx = &self.ctx;
-        ctx.store.ensure().await?;
-        let mut records = ctx.store.records(&ctx.job).await?;
-        let has_job = records.iter().any(|r| r.chunk == store::JOB_ROW);
-        if restart || !has_job {
-            // A --rerun, a reset, or a lost state table: whatever the job landed before must
-            // not be landed on top of again.
-            let replaces = !ctx.landing.moves();
-            if replaces {
-                ctx.merges_stopped(true).await?;
-            }
-            let restored = ctx.landing.restore().await?;
-            if replaces {
-                ctx.merges_stopped(false).await?;
-            }
-            if restored > 0 {
-                tracing::warn!(
-                    "restored {restored} partition(s) of the target to what they held before \
-                     this job first landed in them; every chunk lands again"
-                );
-            }
-            if restart {
-                ctx.store.forget(&ctx.job).await?;
-                records.clear();
+        {
+            let mut held = ctx.lock.lock().await;
+            if held.is_none() {
+                let l = ctx
+                    .store
+                    .acquire(&ctx.spec.database, &ctx.spec.target, &ctx.job, true)
+                    .await?;
+                *held = Some(Arc::new(l));
             }
         }
-        let range = self.range(&records).await?;
-        let def = match range {
-            Some((f, t)) => serde_json::json!({"from": f.to_string(), "to": t.to_string()}),
-            None => serde_json::json!({}),
+        let started = self.begin(spec_hash, restart).await;
+        if started.is_err()
+            && let Some(l) = ctx.lock.lock().await.take()
+        {
+            if let Err(e) = l.release().await {
+                tracing::debug!("releasing the target's lock: {e}");
+            }
+            ctx.store.released();
         }
-        .to_string();
-        let started = records
-            .iter()
-            .find(|r| r.chunk == store::JOB_ROW)
-            .map_or(store::now(), |r| r.started.max(1));
-        let row = store::job_row(spec_hash, "running", &def, started);
-        ctx.store.put(&ctx.job, &[&row]).await?;
-        let records = ctx.store.records(&ctx.job).await?;
-        let top = self.top(range).await?;
-        *ctx.tree.lock().await = Some(Tree::new(&ctx.spec, top, records.clone()));
-        store::job_state(&ctx.job, &records, true)
-            .ok_or_else(|| Error::fatal(format!("job {} vanished from its store", ctx.job)))
+        started
     }
 
     async fn estimate(&self) -> Result<Estimate> {
@@ -393,6 +436,20 @@ impl Backend for ChJob {
 
     async fn finish(&self, status: Status, error: Option<&str>) -> Result<()> {
         let ctx = &self.ctx;
+        let held = ctx.lock.lock().await.clone();
+        if let Some(l) = held
+            && l.fence_gone().await
+        {
+            // Whoever holds the target now owns its state: record nothing.
+            tracing::warn!(
+                "not recording the job's status ({}): this runner no longer holds the target's \
+                 lock",
+                status.as_str()
+            );
+            ctx.lock.lock().await.take();
+            ctx.store.released();
+            return Ok(());
+        }
         let records = ctx.store.records(&ctx.job).await?;
         let mut row = records
             .into_iter()
@@ -409,13 +466,17 @@ impl Backend for ChJob {
         ctx.store.put(&ctx.job, &[&row]).await?;
         let held = ctx.lock.lock().await.take();
         if let Some(l) = held {
-            if status == Status::Done {
+            let released = if status == Status::Done {
                 // The target is free for any job again.
-                ctx.landing.drop_staging_tables().await?;
-                l.drop_table().await?;
+                match ctx.landing.drop_staging_tables().await {
+                    Ok(()) => l.free().await,
+                    Err(e) => Err(e),
+                }
             } else {
-                l.release().await?;
-            }
+                l.release().await
+            };
+            ctx.store.released();
+            released?;
         }
         Ok(())
     }
@@ -493,13 +554,10 @@ impl Backend for ChJob {
     async fn reset(&self) -> Result<Option<String>> {
         let ctx = &self.ctx;
         // Never under a running job: its lock first (exit 75 naming a live runner).
-        let l = lock::acquire(
-            &ctx.db.client,
-            &ctx.spec.database,
-            &ctx.spec.target,
-            &ctx.job,
-        )
-        .await?;
+        let l = ctx
+            .store
+            .acquire(&ctx.spec.database, &ctx.spec.target, &ctx.job, false)
+            .await?;
         let records = ctx.store.records(&ctx.job).await?;
         if records
             .iter()
@@ -510,7 +568,7 @@ impl Backend for ChJob {
         ctx.landing.drop_staging_tables().await?;
         let touched = ctx.landing.touched().await?.len();
         ctx.store.forget(&ctx.job).await?;
-        l.drop_table().await?;
+        l.free().await?;
         if records.is_empty() && touched == 0 {
             return Ok(None);
         }

@@ -340,6 +340,7 @@ pub fn job_state(job: &str, records: &[Record], live: bool) -> Option<JobState> 
         updated_at: time(row.updated),
         finished_at: time(row.finished),
         last_error: (!row.error.is_empty()).then(|| row.error.clone()),
+        throttled: None,
         runner: (!row.runner.is_empty()).then(|| row.runner.clone()),
         ..JobState::default()
     })

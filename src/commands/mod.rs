@@ -83,7 +83,7 @@ pub(crate) async fn with_backend<C: OnJob>(
             cmd.call(spec, backend).await
         }
         Source::Clickhouse(ch) => {
-            let backend = crate::clickhouse::ChJob::open(spec, ch).await?;
+            let backend = crate::clickhouse::ChJob::open(spec, ch, access).await?;
             cmd.call(spec, backend).await
         }
     }

@@ -26,7 +26,12 @@ pub async fn plan(specs: &[Spec], exact: bool, samples: u32, json: bool) -> Resu
     let opts = PlanOptions { exact, samples };
     let mut plans = Vec::new();
     for spec in specs {
-        let p = with_backend(spec, Access::ReadOnly, 1, PlanJob(opts)).await?;
+        let mut p = with_backend(spec, Access::ReadOnly, 1, PlanJob(opts)).await?;
+        if let Some(w) = &spec.window
+            && p.skip.is_none()
+        {
+            p.notes.push(window_note(w, jiff::Timestamp::now()));
+        }
         if !json {
             print(&p);
         }
@@ -40,6 +45,24 @@ pub async fn plan(specs: &[Spec], exact: bool, samples: u32, json: bool) -> Resu
         );
     }
     Ok(())
+}
+
+/// Whether `run` would start now, by the spec's window.
+fn window_note(w: &crate::engine::window::Window, now: jiff::Timestamp) -> String {
+    use crate::engine::window::Position;
+    let at = |z: &jiff::Zoned| z.strftime("%Y-%m-%d %H:%M %Z").to_string();
+    match w.position(now) {
+        Position::Inside { ends } => format!(
+            "window:       {} (open now; run stops at {} and resumes next time)",
+            w.text(),
+            at(&ends)
+        ),
+        Position::Outside { opens } => format!(
+            "window:       {} (closed now: run would exit 75 writing nothing; it opens next at {})",
+            w.text(),
+            at(&opens)
+        ),
+    }
 }
 
 fn print(p: &Plan) {

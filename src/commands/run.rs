@@ -57,6 +57,9 @@ pub async fn run(specs: &[Spec], max_runtime: Option<Duration>, opts: &RunOption
         let report = match report {
             Ok(r) => r,
             Err(e) => {
+                // Also for what failed before run_job (opening the backend, the throttle's
+                // first check): the status metric says failed, not nothing.
+                crate::metrics::not_started(&spec.name, &e);
                 crate::outln!("{}: not started ({})", spec.name, spec.file.display());
                 let last = if matches!(e, Error::Stopped(_)) {
                     "stopped"

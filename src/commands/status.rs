@@ -152,7 +152,15 @@ async fn watch_loop(specs: &[Spec], json: bool, every: Duration) -> Result<()> {
             print!("\x1b[2J\x1b[H");
         }
         if json {
-            let docs: Vec<_> = frame.iter().map(|(e, _)| e).collect();
+            // One line per redraw, with the rate and ETA the text shows.
+            let docs: Vec<_> = frame
+                .iter()
+                .map(|(e, rate)| Watched {
+                    entry: e,
+                    rate_rows_per_second: *rate,
+                    eta_seconds: eta(e, *rate).map(|d| d.as_secs_f64()),
+                })
+                .collect();
             outln!("{}", serde_json::json!({ "jobs": docs }));
         } else {
             outln!(
@@ -168,6 +176,23 @@ async fn watch_loop(specs: &[Spec], json: bool, every: Duration) -> Result<()> {
             _ = tokio::time::sleep(every) => {}
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
+    }
+}
+
+/// A job in a `--watch --json` frame: its entry, and the rate seen since the last redraw.
+#[derive(Serialize)]
+struct Watched<'a> {
+    #[serde(flatten)]
+    entry: &'a Entry,
+    rate_rows_per_second: Option<f64>,
+    eta_seconds: Option<f64>,
+}
+
+/// Time left at `rate` keys/s for the rows the estimate says remain (none while nothing moves).
+fn eta(e: &Entry, rate: Option<f64>) -> Option<Duration> {
+    match (e.remaining_rows, rate) {
+        (Some(left), Some(r)) if r > 0.0 => Duration::try_from_secs_f64(left as f64 / r).ok(),
+        _ => None,
     }
 }
 
@@ -201,11 +226,11 @@ fn print(e: &Entry, rate: Option<f64>) {
             ""
         }
     );
+    if let Some(why) = &s.throttled {
+        outln!("    throttled: {why}");
+    }
     if let Some(r) = rate {
-        let eta = match (e.remaining_rows, r > 0.0) {
-            (Some(left), true) => fmt_duration(Duration::from_secs_f64(left as f64 / r)),
-            _ => "unknown".into(),
-        };
+        let eta = eta(e, rate).map_or("unknown".into(), fmt_duration);
         outln!(
             "    rate {:.0} rows/s  remaining ~{}  ETA {eta}",
             r,

@@ -85,9 +85,9 @@ pub trait Worker: Send + 'static {
     /// Forget the connection after it was lost, and with it the claim: the next `claim`
     /// reconnects and claims again (the same unit, if nobody took it over).
     fn reset_connection(&mut self);
-    /// The worker is done for this run: give back what it holds in the database now, before
-    /// the process exits (a lock that only ends with the session lingers until the server
-    /// notices the closed connection, and the next command would find the job still held).
+    /// The worker is done for this run: let go of what its session holds now, not when the
+    /// server gets round to ending the closed session (a command started right after this
+    /// process exits must not find the job taken).
     fn close(&mut self) -> impl std::future::Future<Output = ()> + Send {
         async {}
     }
@@ -136,6 +136,11 @@ pub trait Backend: Send + Sync + 'static {
     async fn units(&self) -> Result<Vec<UnitState>>;
     /// `backfill pause` / `unpause`.
     async fn set_paused(&self, spec_hash: &str, paused: bool) -> Result<()>;
+    /// Record why the job waits for its `throttle:` conditions (`None`: it does not), so
+    /// `status` in another process can say so. Only backends with a throttle keep it.
+    async fn note_throttled(&self, _why: Option<&str>) -> Result<()> {
+        Ok(())
+    }
     /// Forget the job's checkpoint and clean up what it keeps (refused while it runs).
     /// Returns what it did, in words, or `None` if there was nothing.
     async fn reset(&self) -> Result<Option<String>>;

@@ -145,6 +145,7 @@ pub async fn drive<W: Worker>(w: &mut W, sh: &Shared) -> Result<()> {
         // The claim also ends with the connection; nothing more to do.
         tracing::debug!(job = %sh.job, "releasing the unit: {e}");
     }
+    w.close().await;
     sh.let_go();
     result
 }
@@ -237,22 +238,28 @@ async fn wait_paused<W: Worker>(w: &mut W, sh: &Shared) -> Result<()> {
     result
 }
 
-/// Pause while the throttle gate is closed; the deadline and signals still apply.
+/// Pause while the throttle gate is closed; the deadline and signals still apply. The time is
+/// recorded after every interval, not only when the gate opens, so the throttled-seconds metric
+/// grows while the job is held (a dashboard shows throttling as it happens).
 async fn wait_for_gate(gate: &Gate, why: &str, sh: &Shared) -> Result<()> {
     let started = Instant::now();
     tracing::info!(job = %sh.job, reason = why, "throttled: pausing ({why})");
+    let mut counted = started;
     let mut stopped = None;
     while gate.closed().is_some() {
-        if let Some(reason) = sh.stop.sleep(gate.interval).await {
+        let woke = sh.stop.sleep(gate.interval).await;
+        let now = Instant::now();
+        sh.progress
+            .lock()
+            .expect("progress lock")
+            .add_throttled(now - counted);
+        counted = now;
+        if let Some(reason) = woke {
             stopped = Some(reason);
             break;
         }
     }
     let waited = started.elapsed();
-    sh.progress
-        .lock()
-        .expect("progress lock")
-        .add_throttled(waited);
     match stopped {
         Some(reason) => Err(Error::Stopped(reason)),
         None => {

@@ -378,3 +378,47 @@ async fn an_idle_worker_looks_again_when_another_lets_go_of_a_unit() {
     assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
     exactly_once(&w);
 }
+
+/// A throttle probe that says "pause" while its flag is set.
+struct FlagProbe(Arc<std::sync::atomic::AtomicBool>);
+
+impl super::Probe for FlagProbe {
+    async fn check(&mut self) -> Result<Option<String>> {
+        let on = self.0.load(std::sync::atomic::Ordering::SeqCst);
+        Ok(on.then(|| "test throttle".to_string()))
+    }
+}
+
+#[tokio::test]
+async fn throttled_time_is_counted_while_the_gate_is_closed() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let w = world(&[40]);
+    let closed = Arc::new(AtomicBool::new(true));
+    let gate = super::Gate::start(FlagProbe(closed.clone()), Duration::from_millis(20))
+        .await
+        .unwrap();
+    let mut sh = shared(Stop::never());
+    Arc::get_mut(&mut sh).unwrap().gate = Some(gate);
+    let runner = tokio::spawn({
+        let (w, sh) = (w.clone(), sh.clone());
+        async move { run(&w, &sh, 1).await }
+    });
+    // While the gate stays closed the time shows up, not only once it opens.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let throttled = sh.progress.lock().unwrap().totals.throttled;
+        if !throttled.is_zero() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no throttled time recorded while the gate was closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(w.lock().unwrap().batches, 0, "a batch ran while throttled");
+    closed.store(false, Ordering::SeqCst);
+    let results = runner.await.unwrap();
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    exactly_once(&w);
+}

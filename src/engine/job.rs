@@ -3,7 +3,7 @@
 
 use super::driver::{Shared, drive};
 use super::window::Position;
-use super::{Backend, Gate, Stop, Worker};
+use super::{Backend, Gate, Stop};
 use crate::error::{Error, Result, StopReason};
 use crate::progress::{Progress, Totals, fmt_duration};
 use crate::spec::Spec;
@@ -96,7 +96,23 @@ impl JobReport {
 
 /// Run one job. Errors before any work (window, slots taken, preflight) come back as `Err`;
 /// errors during the work come back inside the report, after the store has recorded them.
+/// Either way the status metric says how it ended: an `Err` that is not a stop exports
+/// `failed` (a missing table, a connection refused), so a dashboard never shows nothing.
 pub async fn run_job<B: Backend>(
+    spec: &Spec,
+    backend: Arc<B>,
+    opts: &RunOptions,
+    stop: &Stop,
+    gate: Option<Gate>,
+) -> Result<JobReport> {
+    let report = run(spec, backend, opts, stop, gate).await;
+    if let Err(e) = &report {
+        crate::metrics::not_started(&spec.name, e);
+    }
+    report
+}
+
+async fn run<B: Backend>(
     spec: &Spec,
     backend: Arc<B>,
     opts: &RunOptions,
@@ -105,29 +121,6 @@ pub async fn run_job<B: Backend>(
 ) -> Result<JobReport> {
     let job = spec.name.as_str();
     let stop = stop.with_deadline(spec.limits.max_runtime);
-    // The window first: started outside it, nothing is touched.
-    let stop = match &spec.window {
-        None => stop,
-        Some(w) => match w.position(jiff::Timestamp::now()) {
-            Position::Outside { opens } => {
-                return Err(Error::Stopped(StopReason::Window(format!(
-                    "outside the run window {} (opens next at {})",
-                    w.text(),
-                    opens.strftime("%Y-%m-%d %H:%M %Z")
-                ))));
-            }
-            Position::Inside { ends } => {
-                let left =
-                    ends.timestamp().as_millisecond() - jiff::Timestamp::now().as_millisecond();
-                let left =
-                    Duration::from_millis(left.max(0) as u64).min(Duration::from_secs(366 * 86400));
-                stop.with_window_end(
-                    Instant::now() + left,
-                    format!("the run window {} closed", w.text()),
-                )
-            }
-        },
-    };
     let existing = backend.load().await?;
     let mut restart = false;
     if let Some(s) = &existing {
@@ -154,6 +147,30 @@ pub async fn run_job<B: Backend>(
             );
         }
     }
+    // The window before anything is written: started outside it, nothing is touched. (A
+    // finished job is skipped above whatever the window: there is nothing left to wait for.)
+    let stop = match &spec.window {
+        None => stop,
+        Some(w) => match w.position(jiff::Timestamp::now()) {
+            Position::Outside { opens } => {
+                return Err(Error::Stopped(StopReason::Window(format!(
+                    "outside the run window {} (opens next at {})",
+                    w.text(),
+                    opens.strftime("%Y-%m-%d %H:%M %Z")
+                ))));
+            }
+            Position::Inside { ends } => {
+                let left =
+                    ends.timestamp().as_millisecond() - jiff::Timestamp::now().as_millisecond();
+                let left =
+                    Duration::from_millis(left.max(0) as u64).min(Duration::from_secs(366 * 86400));
+                stop.with_window_end(
+                    Instant::now() + left,
+                    format!("the run window {} closed", w.text()),
+                )
+            }
+        },
+    };
     // Slots before anything is written: a runner beyond `workers` exits 75 touching nothing.
     let threads = opts.workers.unwrap_or(spec.workers).max(1);
     let cap = spec.workers.max(threads);
@@ -193,6 +210,9 @@ pub async fn run_job<B: Backend>(
     backend.preflight().await?;
     let state = backend.start(&spec.hash, restart).await?;
     crate::metrics::status(job, "running");
+    crate::metrics::deadline(job, stop.ends_at());
+    // Exported from the start (0), so a dashboard or an alert sees the series before a pause.
+    crate::metrics::paused(job, false);
     let estimate = backend.estimate().await?;
     let remaining = estimate.rows + estimate.pending_retry;
     tracing::info!(
@@ -213,7 +233,28 @@ pub async fn run_job<B: Backend>(
         units: tokio::sync::watch::Sender::new(0),
     });
     let count = workers.len() as u32;
-    let result = run_workers(backend.as_ref(), workers, &shared).await;
+    // While the workers run, the throttle's reason goes to the store whenever it changes, so
+    // `status` in another process says why the job waits.
+    let watch = async {
+        let Some(gate) = shared.gate.as_ref() else {
+            return std::future::pending::<()>().await;
+        };
+        let mut told: Option<String> = None;
+        loop {
+            let now = gate.closed();
+            if now != told {
+                match backend.note_throttled(now.as_deref()).await {
+                    Ok(()) => told = now,
+                    Err(e) => tracing::debug!(job, "recording the throttle: {e}"),
+                }
+            }
+            tokio::time::sleep(gate.interval).await;
+        }
+    };
+    let result = tokio::select! {
+        r = run_workers(backend.as_ref(), workers, &shared) => r,
+        () = watch => unreachable!("the throttle watch never ends"),
+    };
     shared.progress.lock().expect("progress lock").finish();
     let result = match result {
         Ok(()) => {
@@ -310,7 +351,6 @@ async fn run_workers<B: Backend>(
             {
                 sh.stop.abort(StopReason::Aborted);
             }
-            w.close().await;
             drop(w);
             r
         });

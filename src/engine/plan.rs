@@ -62,7 +62,7 @@ pub struct SampleReport {
 
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct WalForecast {
-    /// WAL bytes per row, measured around the sample batches.
+    /// WAL bytes per row the statement wrote in the sample batches (its own, not the server's).
     pub bytes_per_row: f64,
     /// For all pending rows.
     pub total_bytes: u64,

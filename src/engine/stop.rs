@@ -119,6 +119,16 @@ impl Stop {
         }
     }
 
+    /// When this stop triggers by itself: the earlier of the deadline and the window's end.
+    pub fn ends_at(&self) -> Option<Instant> {
+        let deadline = self.deadline.map(|(at, _)| at);
+        let window = self.window_end.as_ref().map(|(at, _)| *at);
+        match (deadline, window) {
+            (Some(d), Some(w)) => Some(d.min(w)),
+            (d, w) => d.or(w),
+        }
+    }
+
     /// Why to stop now, if at all.
     pub fn check(&self) -> Option<StopReason> {
         if let Some(r) = self.signal.get() {
@@ -188,6 +198,18 @@ mod tests {
         assert_eq!(worker.check(), Some(StopReason::Signal("test")));
         assert_eq!(other_job.check(), None);
         assert_eq!(process.check(), None);
+    }
+
+    #[test]
+    fn ends_at_is_the_earlier_of_deadline_and_window_end() {
+        assert_eq!(Stop::never().ends_at(), None);
+        let soon = Instant::now() + Duration::from_secs(60);
+        let window = Stop::never().with_window_end(soon, "closed".into());
+        assert_eq!(window.ends_at(), Some(soon));
+        let both = window.with_deadline(Some(Duration::from_secs(3600)));
+        assert_eq!(both.ends_at(), Some(soon));
+        let earlier = both.with_deadline(Some(Duration::from_secs(1)));
+        assert!(earlier.ends_at().unwrap() < soon);
     }
 
     #[tokio::test]

@@ -171,6 +171,111 @@ mod tests {
         }
     }
 
+    /// The instant the window closes if `now` is inside, else panics.
+    fn ends(w: &Window, now: &str) -> Timestamp {
+        match w.position(at(now)) {
+            Position::Inside { ends } => ends.timestamp(),
+            p => panic!("{now}: {p:?}"),
+        }
+    }
+
+    /// The instant the window opens next if `now` is outside, else panics.
+    fn opens(w: &Window, now: &str) -> Timestamp {
+        match w.position(at(now)) {
+            Position::Outside { opens } => opens.timestamp(),
+            p => panic!("{now}: {p:?}"),
+        }
+    }
+
+    #[test]
+    fn start_is_inside_end_is_outside() {
+        let w = Window::parse("02:00-05:00 UTC").unwrap();
+        assert_eq!(ends(&w, "2026-01-10T02:00:00Z"), at("2026-01-10T05:00:00Z"));
+        assert_eq!(ends(&w, "2026-01-10T04:59:59Z"), at("2026-01-10T05:00:00Z"));
+        assert_eq!(
+            opens(&w, "2026-01-10T05:00:00Z"),
+            at("2026-01-11T02:00:00Z")
+        );
+        assert_eq!(
+            opens(&w, "2026-01-10T01:59:59Z"),
+            at("2026-01-10T02:00:00Z")
+        );
+        // 24:00 is the midnight that ends a day.
+        let w = Window::parse("23:00-24:00 UTC").unwrap();
+        assert_eq!(ends(&w, "2026-01-10T23:30:00Z"), at("2026-01-11T00:00:00Z"));
+        assert_eq!(
+            opens(&w, "2026-01-11T00:00:00Z"),
+            at("2026-01-11T23:00:00Z")
+        );
+    }
+
+    #[test]
+    fn crossing_midnight_in_new_york_on_daylight_saving_days() {
+        let w = Window::parse("22:00-04:00 America/New_York").unwrap();
+        // Spring forward (2026-03-08): 22:00 EST (03:00Z) to 04:00 EDT (08:00Z), 5 hours.
+        assert_eq!(
+            opens(&w, "2026-03-08T02:59:00Z"),
+            at("2026-03-08T03:00:00Z")
+        );
+        assert_eq!(ends(&w, "2026-03-08T03:00:00Z"), at("2026-03-08T08:00:00Z"));
+        assert_eq!(ends(&w, "2026-03-08T07:30:00Z"), at("2026-03-08T08:00:00Z"));
+        // The next night is all EDT: 02:00Z to 08:00Z.
+        assert_eq!(
+            opens(&w, "2026-03-08T08:00:00Z"),
+            at("2026-03-09T02:00:00Z")
+        );
+        // Fall back (2026-11-01): 22:00 EDT (02:00Z) to 04:00 EST (09:00Z), 7 hours.
+        assert_eq!(ends(&w, "2026-11-01T02:00:00Z"), at("2026-11-01T09:00:00Z"));
+        assert_eq!(ends(&w, "2026-11-01T08:59:00Z"), at("2026-11-01T09:00:00Z"));
+        assert_eq!(
+            opens(&w, "2026-11-01T09:00:00Z"),
+            at("2026-11-02T03:00:00Z")
+        );
+    }
+
+    #[test]
+    fn the_repeated_hour_of_fall_back_is_inside_once_per_wall_clock() {
+        // 2026-11-01 in New York: 01:00-02:00 happens twice (EDT, then EST). The window starts
+        // at the first 01:30 and ends at 02:00 EST, so both 01:45s are inside.
+        let w = Window::parse("01:30-02:00 America/New_York").unwrap();
+        assert_eq!(ends(&w, "2026-11-01T05:30:00Z"), at("2026-11-01T07:00:00Z"));
+        assert_eq!(ends(&w, "2026-11-01T05:45:00Z"), at("2026-11-01T07:00:00Z"));
+        assert_eq!(ends(&w, "2026-11-01T06:45:00Z"), at("2026-11-01T07:00:00Z"));
+        assert_eq!(
+            opens(&w, "2026-11-01T07:00:00Z"),
+            at("2026-11-02T06:30:00Z")
+        );
+        // A whole-night window on that day is an hour longer than usual: 01:00 EDT to 05:00 EST.
+        let w = Window::parse("01:00-05:00 America/New_York").unwrap();
+        assert_eq!(ends(&w, "2026-11-01T05:00:00Z"), at("2026-11-01T10:00:00Z"));
+    }
+
+    #[test]
+    fn an_end_in_the_spring_forward_gap_moves_forward_too() {
+        // 2026-03-08 in New York: 02:00-03:00 does not exist. 02:30 becomes 03:30 EDT.
+        let w = Window::parse("01:00-02:30 America/New_York").unwrap();
+        assert_eq!(ends(&w, "2026-03-08T06:00:00Z"), at("2026-03-08T07:30:00Z"));
+        assert_eq!(
+            opens(&w, "2026-03-08T07:30:00Z"),
+            at("2026-03-09T05:00:00Z")
+        );
+    }
+
+    #[test]
+    fn other_zones_follow_their_own_rules() {
+        // Europe/Berlin changes on 2026-03-29 (01:00Z), not on New York's date.
+        let w = Window::parse("02:30-04:00 Europe/Berlin").unwrap();
+        // 2026-03-08 is ordinary winter time there: 01:30Z to 03:00Z.
+        assert_eq!(ends(&w, "2026-03-08T01:30:00Z"), at("2026-03-08T03:00:00Z"));
+        // On 2026-03-29, 02:30 does not exist: the window opens at 03:30 CEST (01:30Z) and
+        // ends at 04:00 CEST (02:00Z).
+        assert_eq!(
+            opens(&w, "2026-03-29T00:00:00Z"),
+            at("2026-03-29T01:30:00Z")
+        );
+        assert_eq!(ends(&w, "2026-03-29T01:45:00Z"), at("2026-03-29T02:00:00Z"));
+    }
+
     #[test]
     fn bad_windows_are_refused() {
         for bad in [

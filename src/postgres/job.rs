@@ -507,6 +507,11 @@ impl Backend for PgJob {
             .await
     }
 
+    async fn note_throttled(&self, why: Option<&str>) -> Result<()> {
+        let c = self.ctx.conn().await?;
+        self.ctx.store.set_throttled(&c, &self.ctx.job, why).await
+    }
+
     async fn reset(&self) -> Result<Option<String>> {
         // The job's lock, exclusively: refused while any worker holds it shared.
         let c = self.ctx.connect_worker().await?;
@@ -525,18 +530,16 @@ impl Backend for PgJob {
                 "{n} live worker(s); stop them first (SIGTERM) and reset again"
             ))));
         }
-        let existed = self.ctx.store.forget(&c, &self.ctx.job).await;
-        // Given back now, not when the server notices the closed connection: a `run` right
-        // after this command must not find the job still held by it.
-        if let Err(e) = c
-            .execute(
-                "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
-                &[&key],
-            )
-            .await
-        {
-            tracing::debug!("giving back the job's lock: {e}");
-        }
-        Ok(existed?.then(|| "checkpoint deleted; the next run starts from the beginning".into()))
+        let existed = self.ctx.store.forget(&c, &self.ctx.job).await?;
+        // Released here, not by closing the session: the server ends a closed session a moment
+        // after the client has gone, and a `run` started right after this command exits would
+        // still find the lock held.
+        c.execute(
+            "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
+            &[&key],
+        )
+        .await
+        .map_err(|e| db_error("releasing the job's lock", &e))?;
+        Ok(existed.then(|| "checkpoint deleted; the next run starts from the beginning".into()))
     }
 }

@@ -1,8 +1,9 @@
 //! `plan` for a Postgres job: where it would resume, what is left, and what the first batches
 //! would cost, from sample batches that are always rolled back: their time, the WAL they write
-//! (what standbys would have to absorb), and whether the statement converges when applied
-//! twice to the same keys (a batch retried after a lost COMMIT reply must not apply it twice).
-//! Everything else runs in read-only transactions.
+//! (what standbys would have to absorb; counted by `EXPLAIN (ANALYZE, WAL)` for this session
+//! alone, so other sessions' WAL does not inflate it), and whether the statement converges
+//! when applied twice to the same keys (a batch retried after a lost COMMIT reply must not
+//! apply it twice). Everything else runs in read-only transactions.
 
 use super::errors::db_error;
 use super::job::{PgJob, Prepared};
@@ -139,15 +140,47 @@ pub async fn plan(job: &PgJob, spec: &Spec, opts: PlanOptions) -> Result<Plan> {
     Ok(plan)
 }
 
-/// The WAL insert position, in bytes (`None` where the server does not let us read it).
-async fn wal_lsn(c: &Client) -> Option<i64> {
-    c.query_one(
-        "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint",
+/// Rows this transaction has inserted, updated or deleted so far, in every user table.
+async fn rows_written(c: &Client) -> Result<i64> {
+    Ok(c.query_one(
+        "SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0)::bigint
+               FROM pg_stat_xact_user_tables",
         &[],
     )
     .await
-    .ok()
-    .map(|r| r.get(0))
+    .map_err(|e| db_error("counting the rows a sample batch wrote", &e))?
+    .get(0))
+}
+
+/// The WAL the statement itself wrote, from `EXPLAIN (ANALYZE, WAL, FORMAT JSON)` of its
+/// execution: counted by this session alone, so WAL that other sessions write meanwhile (a
+/// production server's traffic) is not the job's. The top node counts its whole tree; a
+/// writable CTE that nothing reads runs after the tree and counts on its own. WAL written by
+/// triggers is not in the plan, nor the checkpoint and commit records of a batch.
+fn statement_wal(doc: &serde_json::Value) -> Option<i64> {
+    fn cte_scans<'a>(node: &'a serde_json::Value, names: &mut Vec<&'a str>) {
+        if let Some(n) = node["CTE Name"].as_str() {
+            names.push(n);
+        }
+        for child in node["Plans"].as_array().into_iter().flatten() {
+            cte_scans(child, names);
+        }
+    }
+    let top = &doc[0]["Plan"];
+    let mut wal = top["WAL Bytes"].as_i64()?;
+    let mut read = Vec::new();
+    cte_scans(top, &mut read);
+    for child in top["Plans"].as_array().into_iter().flatten() {
+        let unread_cte = child["Parent Relationship"] == "InitPlan"
+            && child["Subplan Name"]
+                .as_str()
+                .and_then(|n| n.strip_prefix("CTE "))
+                .is_some_and(|n| !read.contains(&n));
+        if unread_cte {
+            wal += child["WAL Bytes"].as_i64().unwrap_or(0);
+        }
+    }
+    Some(wal)
 }
 
 /// Run up to `count` batches from `cursor` and the idempotency check, inside one transaction
@@ -173,6 +206,15 @@ async fn samples(
             .prepare(&p.statement)
             .await
             .map_err(|e| db_error("preparing statement", &e))?;
+        // The sample batches run through EXPLAIN ANALYZE, which executes the statement and
+        // counts the WAL it writes.
+        let explained = c
+            .prepare(&format!(
+                "EXPLAIN (ANALYZE, WAL, TIMING OFF, COSTS OFF, FORMAT JSON) {}",
+                p.statement
+            ))
+            .await
+            .map_err(|e| db_error("preparing statement", &e))?;
         for i in 0..count {
             let t0 = Instant::now();
             let row = c
@@ -188,17 +230,25 @@ async fn samples(
             } else {
                 vec![&keys]
             };
-            let before = wal_lsn(c).await;
-            let rows = c
-                .execute(&statement, &params)
+            let before = rows_written(c).await?;
+            let report = c
+                .query_one(&explained, &params)
                 .await
                 .map_err(|e| db_error("running statement on a sample batch", &e))?;
-            let after = wal_lsn(c).await;
+            let rows = (rows_written(c).await? - before).max(0) as u64;
+            // EXPLAIN's JSON comes as type json (text on some servers and poolers).
+            let doc = report.try_get::<_, serde_json::Value>(0).ok().or_else(|| {
+                report
+                    .try_get::<_, String>(0)
+                    .ok()
+                    .and_then(|t| serde_json::from_str(&t).ok())
+            });
+            let wal = doc.as_ref().and_then(statement_wal);
             out.push(Sampled {
                 keys: walked,
                 rows,
                 elapsed: t0.elapsed(),
-                wal: before.zip(after).map(|(b, a)| a - b),
+                wal,
             });
             if i == 0 {
                 idem = Some(idempotency(c, p, &statement, &params, &keys).await?);
@@ -254,11 +304,16 @@ async fn idempotency(
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
             .collect())
     };
-    // Rows written by this transaction in a small table, hashed.
+    // Rows written by this transaction in a small table, hashed. The second application runs
+    // in a subtransaction (a savepoint), whose rows carry its own xid: a row is ours when its
+    // xmin is not older than our xid (`age` counts from it) and still in progress (rows other
+    // sessions committed since are not; their uncommitted rows are invisible).
     let mine = async |c: &Client, t: &str| -> Result<String> {
         let sql = format!(
             "SELECT coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {t} t
-              WHERE t.xmin::text::bigint = pg_current_xact_id()::text::bigint % 4294967296"
+              WHERE age(t.xmin) <= 0
+                AND pg_xact_status((pg_current_xact_id()::text::bigint
+                                    - age(t.xmin))::text::xid8) = 'in progress'"
         );
         Ok(c.query_one(&sql, &[])
             .await
@@ -274,9 +329,36 @@ async fn idempotency(
             others_1.push((t.clone(), mine(c, t).await?));
         }
     }
-    c.execute(statement, params)
+    // The second application may fail (a unique key without ON CONFLICT): that is the answer,
+    // not a failed plan. A savepoint keeps the sample transaction usable for the next batches.
+    c.batch_execute("SAVEPOINT backfill_idempotency")
         .await
-        .map_err(|e| db_error("running statement a second time on a sample batch", &e))?;
+        .map_err(|e| db_error("checking idempotency", &e))?;
+    if let Err(e) = c.execute(statement, params).await {
+        let Some(db) = e.as_db_error() else {
+            return Err(db_error(
+                "running statement a second time on a sample batch",
+                &e,
+            ));
+        };
+        let reason = format!(
+            "applied a second time to the same keys, it fails ({} (SQLSTATE {})): a batch \
+             retried after a lost COMMIT reply would fail the job instead of finding its work \
+             done",
+            db.message(),
+            db.code().code()
+        );
+        c.batch_execute("ROLLBACK TO SAVEPOINT backfill_idempotency")
+            .await
+            .map_err(|e| db_error("checking idempotency", &e))?;
+        return Ok(Idempotency {
+            converges: false,
+            reason,
+        });
+    }
+    c.batch_execute("RELEASE SAVEPOINT backfill_idempotency")
+        .await
+        .map_err(|e| db_error("checking idempotency", &e))?;
     let second_tables = tables(c).await?;
     if hash(c).await? != own_1 {
         return Ok(Idempotency {

@@ -36,7 +36,8 @@ fn round_backoff(round: u32, cap: Duration) -> Duration {
 
 impl RetryPass {
     /// One page of the range's skipped keys, in its own transaction with the checkpoint.
-    /// `Ok(None)`: every skipped key of the range is resolved.
+    /// `Ok(None)`: every skipped key of the range is resolved. With the outcome comes the
+    /// job's pause flag as the page's checkpoint read it (`None`: nothing was committed).
     #[allow(clippy::too_many_arguments)]
     pub async fn step(
         &mut self,
@@ -47,7 +48,7 @@ impl RetryPass {
         epoch: i64,
         size: u64,
         lock_timeout: Duration,
-    ) -> Result<Option<Outcome>> {
+    ) -> Result<Option<(Outcome, Option<bool>)>> {
         let limit = size.min(i64::MAX as u64) as i64;
         let pending: Vec<String> = c
             .query(&p.sql.pending, &[&job, &range_no, &self.after, &limit])
@@ -63,28 +64,28 @@ impl RetryPass {
         let result = process(c, p, job, range_no, epoch, &pending, wait).await;
         self.after = pending.last().cloned();
         match result {
-            Ok((out, still)) => {
+            Ok((out, still, paused)) => {
                 self.still_locked += still;
-                Ok(Some(out))
+                Ok(Some((out, Some(paused))))
             }
             // Waiting for a lock timed out: these keys are still locked; the next page goes on.
             Err((e, true)) if wait => {
                 tracing::debug!(job, error = %e, "skipped rows still locked");
                 self.still_locked += pending.len() as u64;
-                Ok(Some(Outcome::default()))
+                Ok(Some((Outcome::default(), None)))
             }
             Err((e, _)) => Err(e),
         }
     }
 
-    fn end_round(&mut self, lock_timeout: Duration) -> Result<Option<Outcome>> {
+    fn end_round(&mut self, lock_timeout: Duration) -> Result<Option<(Outcome, Option<bool>)>> {
         if self.after.is_none() || self.still_locked == 0 {
             // A round that started empty, or that left nothing behind: the range is done.
             if self.after.is_none() {
                 return Ok(None);
             }
             self.after = None;
-            return Ok(Some(Outcome::default()));
+            return Ok(Some((Outcome::default(), None)));
         }
         let left = self.still_locked;
         self.round += 1;
@@ -98,16 +99,20 @@ impl RetryPass {
             round = self.round,
             "skipped rows still locked; retrying after a pause"
         );
-        Ok(Some(Outcome {
-            backoff: Some(round_backoff(self.round, lock_timeout)),
-            ..Outcome::default()
-        }))
+        Ok(Some((
+            Outcome {
+                backoff: Some(round_backoff(self.round, lock_timeout)),
+                ..Outcome::default()
+            },
+            None,
+        )))
     }
 }
 
 /// Lock what can be locked of `pending`, run the statement on it, forget every key that needs
-/// no more work, advance the checkpoint (fenced), commit. Returns the outcome and how many keys
-/// are still locked by others. The error's flag says whether it was a lock timeout.
+/// no more work, advance the checkpoint (fenced), commit. Returns the outcome, how many keys
+/// are still locked by others, and the job's pause flag as the checkpoint read it. The error's
+/// flag says whether it was a lock timeout.
 async fn process(
     c: &mut ClientWrapper,
     p: &Prepared,
@@ -116,7 +121,7 @@ async fn process(
     epoch: i64,
     pending: &[String],
     wait: bool,
-) -> std::result::Result<(Outcome, u64), (Error, bool)> {
+) -> std::result::Result<(Outcome, u64, bool), (Error, bool)> {
     let fail = |what: &str, e: tokio_postgres::Error| {
         let lock = sqlstate(&e) == Some("55P03");
         (db_error(what, &e), lock)
@@ -191,13 +196,14 @@ async fn process(
         )
         .await
         .map_err(|e| fail("writing the checkpoint", e))?;
-    if fenced.is_none() {
+    let Some(fenced) = fenced else {
         drop(tx);
         return Err((
             Error::Lost(format!("range {range_no} was claimed by another worker")),
             false,
         ));
-    }
+    };
+    let paused = fenced.get::<_, Option<bool>>(0).unwrap_or(false);
     tx.commit()
         .await
         .map_err(|e| fail("committing retried rows", e))?;
@@ -213,5 +219,6 @@ async fn process(
             ..Outcome::default()
         },
         still.len() as u64,
+        paused,
     ))
 }

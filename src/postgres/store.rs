@@ -68,7 +68,10 @@ impl Store {
         let row = c
             .query_one(
                 "SELECT to_regclass(quote_ident($1) || '.jobs') IS NOT NULL
-                    AND to_regclass(quote_ident($1) || '.ranges') IS NOT NULL",
+                    AND to_regclass(quote_ident($1) || '.ranges') IS NOT NULL
+                    AND EXISTS (SELECT 1 FROM information_schema.columns
+                                 WHERE table_schema = $1 AND table_name = 'jobs'
+                                   AND column_name = 'throttled')",
                 &[&self.schema],
             )
             .await
@@ -103,6 +106,7 @@ impl Store {
                  runner       text
              );
              ALTER TABLE {s}.jobs ADD COLUMN IF NOT EXISTS paused boolean NOT NULL DEFAULT false;
+             ALTER TABLE {s}.jobs ADD COLUMN IF NOT EXISTS throttled text;
              CREATE TABLE IF NOT EXISTS {s}.ranges (
                  job          text NOT NULL,
                  range_no     int NOT NULL,
@@ -154,7 +158,8 @@ impl Store {
                       ORDER BY x.range_no DESC LIMIT 1),
                     bool_and(CASE WHEN r.range_no < f.n THEN r.status = 'done'
                                   WHEN r.range_no > f.n THEN r.cursor IS NOT DISTINCT FROM r.lo
-                                  ELSE true END)
+                                  ELSE true END),
+                    j.throttled
                FROM {jobs} j LEFT JOIN {rg} r ON r.job = j.job
                     LEFT JOIN LATERAL (SELECT coalesce(max(y.range_no), -1) AS n FROM {rg} y
                                         WHERE y.job = j.job AND y.cursor IS DISTINCT FROM y.lo) f
@@ -213,6 +218,8 @@ impl Store {
             finished_at: r.get(4),
             last_error: r.get(5),
             runner: r.get(6),
+            // Only while a worker is alive: a killed runner leaves its last reason behind.
+            throttled: if live > 0 { r.get(18) } else { None },
         }))
     }
 
@@ -268,6 +275,15 @@ impl Store {
         Ok(())
     }
 
+    /// Record why the job's workers wait for the throttle (`None`: they do not).
+    pub async fn set_throttled(&self, c: &Client, job: &str, why: Option<&str>) -> Result<()> {
+        let sql = format!("UPDATE {} SET throttled = $2 WHERE job = $1", self.jobs());
+        c.execute(&sql, &[&job, &why])
+            .await
+            .map_err(|e| db_error("recording the throttle", &e))?;
+        Ok(())
+    }
+
     /// Record how a run of the job ended.
     pub async fn finish(
         &self,
@@ -277,7 +293,7 @@ impl Store {
         error: Option<&str>,
     ) -> Result<()> {
         let sql = format!(
-            "UPDATE {} SET status = $2, last_error = $3, updated_at = now(),
+            "UPDATE {} SET status = $2, last_error = $3, updated_at = now(), throttled = NULL,
                  finished_at = CASE WHEN $2 = 'done' THEN now() END
                WHERE job = $1",
             self.jobs()

@@ -311,7 +311,14 @@ impl PgWorker {
         };
         self.held = Some(held);
         match result {
-            Ok(Some(out)) => Ok(out),
+            Ok(Some((out, paused))) => {
+                // A committed page read the pause flag with its checkpoint, as a walk batch
+                // does: a pause reaches a worker in its retry pass too.
+                if let Some(p) = paused {
+                    self.paused = p;
+                }
+                Ok(out)
+            }
             // Every skipped row of the range is resolved.
             Ok(None) => self.finish_range().await,
             Err(Error::Lost(_)) => Err(self.lose(n).await),
@@ -458,11 +465,12 @@ impl Worker for PgWorker {
     }
 
     async fn close(&mut self) {
-        // The slot, the job's shared lock and any range lock: all of this session's.
-        if let Some(c) = self.conn.take()
-            && let Err(e) = c.batch_execute("SELECT pg_advisory_unlock_all()").await
-        {
-            tracing::debug!("giving back the worker's locks: {e}");
+        if let Some(c) = self.conn.take() {
+            // The slot, the job's shared lock and any range lock, all at once.
+            if let Err(e) = c.execute("SELECT pg_advisory_unlock_all()", &[]).await {
+                tracing::debug!("releasing the worker's locks: {e}");
+            }
         }
+        self.held = None;
     }
 }

@@ -32,6 +32,14 @@ pub(super) fn validate(cx: &mut Ctx, ch: &Spanned<RawClickhouse>) -> Result<Clic
         }
         None => url_password,
     };
+    let state_url = match &c.state_url {
+        Some(u) => Some(super::validate::postgres_url(
+            cx,
+            u,
+            "clickhouse.state_url",
+        )?),
+        None => None,
+    };
     let source = cx.text(&c.source, "clickhouse.source")?;
     let time_column = cx.text(&c.time_column, "clickhouse.time_column")?;
     let split_column = match &c.split_column {
@@ -113,6 +121,7 @@ pub(super) fn validate(cx: &mut Ctx, ch: &Spanned<RawClickhouse>) -> Result<Clic
         database,
         user,
         password,
+        state_url,
         source,
         time_column,
         split_column,

@@ -78,6 +78,9 @@ pub struct ClickhouseSpec {
     pub user: Option<String>,
     /// Never print this.
     pub password: Option<String>,
+    /// `postgres://...` (with its password: never print this): the job's state and the
+    /// target's lock live in this Postgres database instead of next to the target.
+    pub state_url: Option<String>,
     pub source: String,
     pub time_column: String,
     pub split_column: Option<String>,

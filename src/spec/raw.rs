@@ -51,6 +51,8 @@ pub struct RawClickhouse {
     pub url: Spanned<String>,
     pub user: Option<Spanned<String>>,
     pub password: Option<Spanned<String>>,
+    /// `postgres://...`: keep the job's state and the target's lock in Postgres.
+    pub state_url: Option<Spanned<String>>,
     pub source: Spanned<String>,
     pub time_column: Spanned<String>,
     pub split_column: Option<Spanned<String>>,

@@ -126,7 +126,9 @@ pub(super) fn validate(path: &Path, raw: RawSpec, env: &Env) -> Result<Spec> {
         }
         None => match &source {
             Source::Postgres(_) => "backfill".to_string(),
-            // ClickHouse keeps its state table in the job's database unless told otherwise.
+            // With `state_url`, in the Postgres schema `backfill`; else ClickHouse keeps its
+            // state table in the job's database unless told otherwise.
+            Source::Clickhouse(ch) if ch.state_url.is_some() => "backfill".to_string(),
             Source::Clickhouse(ch) => ch.database.clone(),
         },
     };
@@ -187,39 +189,39 @@ pub(super) fn validate(path: &Path, raw: RawSpec, env: &Env) -> Result<Spec> {
     })
 }
 
-fn postgres(cx: &mut Ctx, pg: &Spanned<RawPostgres>) -> Result<PostgresSpec> {
-    let p = &pg.value;
-    let url = cx.text(&p.url, "postgres.url")?;
+/// A Postgres connection URL (`postgres.url`, `clickhouse.state_url`): its password registered
+/// for redaction before anything can print it, and refused (naming `field`) when a driver
+/// would misread it or it names no database. A URL with an unset `${VAR}` is checked once the
+/// variable is known (`validate` without the secret keeps going).
+pub(super) fn postgres_url(cx: &mut Ctx, at: &Spanned<String>, field: &str) -> Result<String> {
+    let url = cx.text(at, field)?;
     // Before anything can print it: the password, however the URL is written.
     crate::redact::register_url(&url);
-    let url_resolved = !url.contains("${");
-    if url_resolved {
-        super::urls::check_postgres(&url).or_else(|why| cx.at(&p.url, "postgres.url", why))?;
-        // sslmode/sslrootcert are ours (tokio-postgres knows no verify-ca/verify-full).
-        let parsed = crate::postgres::tls::split_url(&url).and_then(|(rest, _)| {
-            rest.parse::<tokio_postgres::Config>()
-                .map_err(|e| e.to_string())
-        });
-        let shown = crate::redact::redacted_url(&url);
-        match parsed {
-            Err(e) => {
-                return cx.at(
-                    &p.url,
-                    "postgres.url",
-                    format!("{shown} does not parse: {e}"),
-                );
-            }
-            // libpq would quietly use the user's name as the database: say which one instead.
-            Ok(cfg) if cfg.get_dbname().is_none_or(str::is_empty) => {
-                return cx.at(
-                    &p.url,
-                    "postgres.url",
-                    format!("{shown} has no database name (postgres://user@host:5432/DATABASE)"),
-                );
-            }
-            Ok(_) => {}
-        }
+    if url.contains("${") {
+        return Ok(url);
     }
+    super::urls::check_postgres(&url).or_else(|why| cx.at(at, field, why))?;
+    // sslmode/sslrootcert are ours (tokio-postgres knows no verify-ca/verify-full).
+    let parsed = crate::postgres::tls::split_url(&url).and_then(|(rest, _)| {
+        rest.parse::<tokio_postgres::Config>()
+            .map_err(|e| e.to_string())
+    });
+    let shown = crate::redact::redacted_url(&url);
+    match parsed {
+        Err(e) => cx.at(at, field, format!("{shown} does not parse: {e}")),
+        // libpq would quietly use the user's name as the database: say which one instead.
+        Ok(cfg) if cfg.get_dbname().is_none_or(str::is_empty) => cx.at(
+            at,
+            field,
+            format!("{shown} has no database name (postgres://user@host:5432/DATABASE)"),
+        ),
+        Ok(_) => Ok(url),
+    }
+}
+
+fn postgres(cx: &mut Ctx, pg: &Spanned<RawPostgres>) -> Result<PostgresSpec> {
+    let p = &pg.value;
+    let url = postgres_url(cx, &p.url, "postgres.url")?;
     let table = cx.text(&p.table, "postgres.table")?;
     let key = cx.text(&p.key, "postgres.key")?;
     let quoted = key.len() > 2 && key.starts_with('"') && key.ends_with('"');

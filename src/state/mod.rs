@@ -76,6 +76,8 @@ pub struct JobState {
     pub last_error: Option<String>,
     /// `host:pid` of the runner that last started it.
     pub runner: Option<String>,
+    /// Why a running job's workers wait for the `throttle:` conditions right now, if they do.
+    pub throttled: Option<String>,
 }
 
 /// One unit of a job (a key range or a chunk) as `status` shows it.

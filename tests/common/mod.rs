@@ -5,6 +5,7 @@
 pub mod ch;
 pub mod cluster;
 pub mod docker;
+pub mod prom;
 pub mod proxy;
 pub mod runner;
 pub mod skew;

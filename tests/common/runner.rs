@@ -72,6 +72,11 @@ impl Running {
         self.child.try_wait().expect("try_wait").is_some()
     }
 
+    /// The file the runner's stderr goes to (to read while it runs).
+    pub fn stderr_path(&self) -> &Path {
+        &self.err
+    }
+
     /// What the runner has written to stderr so far.
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.err).unwrap_or_default()

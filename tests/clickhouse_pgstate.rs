@@ -1,0 +1,518 @@
+//! ClickHouse jobs whose state lives in Postgres (`clickhouse.state_url`), each test on both
+//! ClickHouse servers (`ch_test!`): the records in `backfill.clickhouse_chunks` and nothing of
+//! the job's state in ClickHouse; the runner's lock a session advisory lock (a killed runner's
+//! lock goes with its session, so the next run starts at once; a second runner exits 75 naming
+//! the holder; another job on the target is refused); losing the lock's connection stops the
+//! run before anything more lands (on a private cluster, whose sessions may be terminated);
+//! `plan` and `status` create nothing; the state URL's password never shows; spec errors.
+//! Every test has a ClickHouse database and a Postgres database of its own, and asserts what
+//! ends up in the target and in the records, never timings.
+
+mod common;
+use common::ch::ChDb;
+use common::cluster::{ClusterOpts, PgCluster};
+use common::runner::spawn;
+use common::{TestDb, path_str, run};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio_postgres::Client;
+
+const STATEMENT: &str = "INSERT INTO {target}
+    SELECT project_id, test_case_id, countState(), sumState(duration_ms)
+      FROM runs WHERE {chunk} GROUP BY project_id, test_case_id
+";
+
+/// A password that must never show in any output.
+const SECRET: &str = "Pg-st4te-s3cret";
+
+fn all_output(out: &str, err: &str) -> String {
+    format!("--- stdout\n{out}--- stderr\n{err}")
+}
+
+/// `runs` (source: `days` days of `per_day` rows from 2025-10-01, partitioned by month) and
+/// `agg` (AggregatingMergeTree target).
+fn build_days(db: &ChDb, days: u64, per_day: u64) {
+    db.q(
+        "CREATE TABLE runs (ran_at DateTime, project_id UInt32, test_case_id UInt64,
+                             duration_ms UInt32)
+          ENGINE = MergeTree PARTITION BY toYYYYMM(ran_at)
+          ORDER BY (project_id, test_case_id, ran_at)",
+    );
+    db.q("CREATE TABLE agg (project_id UInt32, test_case_id UInt64,
+                            runs AggregateFunction(count), total AggregateFunction(sum, UInt32))
+          ENGINE = AggregatingMergeTree PARTITION BY project_id % 4
+          ORDER BY (project_id, test_case_id)
+          SETTINGS old_parts_lifetime = 1, cleanup_delay_period = 1,
+                   cleanup_delay_period_random_add = 0");
+    db.q(&format!(
+        "INSERT INTO runs
+         SELECT toDateTime('2025-10-01 00:00:00') + intDiv(number, {per_day}) * 86400
+                  + intHash32(number) % 86400,
+                toUInt32(tc % 8 + 1), intHash32(number + 3) % 3000 AS tc,
+                toUInt32(number % 1000)
+           FROM numbers({})",
+        days * per_day
+    ));
+}
+
+/// A day-chunked job over `build_days` with its state at `state_url`.
+fn job_spec(db: &ChDb, job: &str, state_url: &str, extra: &str) -> PathBuf {
+    let statement: String = STATEMENT.lines().map(|l| format!("    {l}\n")).collect();
+    db.spec(
+        &format!("{job}.yaml"),
+        &format!(
+            "name: {job}
+clickhouse:
+  url: $URL
+  state_url: {state_url}
+  source: runs
+  time_column: ran_at
+  chunks: [day]
+  target: agg
+  statement: |
+{statement}{extra}"
+        ),
+    )
+}
+
+fn target_digest(db: &ChDb) -> String {
+    db.q(
+        "SELECT count(), sum(c), sum(s), sum(cityHash64(project_id, test_case_id, c, s))
+            FROM (SELECT project_id, test_case_id, countMerge(runs) AS c, sumMerge(total) AS s
+                    FROM agg GROUP BY project_id, test_case_id)",
+    )
+}
+
+fn source_digest(db: &ChDb) -> String {
+    db.q(
+        "SELECT count(), sum(c), sum(s), sum(cityHash64(project_id, test_case_id, c, s))
+            FROM (SELECT project_id, test_case_id, count() AS c, sum(duration_ms) AS s
+                    FROM runs GROUP BY project_id, test_case_id)",
+    )
+}
+
+/// Source rows of the given days (`YYYY-MM-DD`).
+fn rows_of_days(db: &ChDb, days: &[String]) -> u64 {
+    if days.is_empty() {
+        return 0;
+    }
+    let list: Vec<String> = days.iter().map(|d| format!("'{d}'")).collect();
+    db.num(&format!(
+        "SELECT count() FROM runs WHERE toString(toDate(ran_at)) IN ({})",
+        list.join(", ")
+    ))
+}
+
+/// The ClickHouse tables besides the source, the target, and the base and ledger the job keeps
+/// next to the target.
+fn other_tables(db: &ChDb) -> Vec<String> {
+    db.tables()
+        .into_iter()
+        .filter(|t| !t.ends_with("_base") && !t.ends_with("_ledger"))
+        .filter(|t| t != "runs" && t != "agg")
+        .collect()
+}
+
+/// One record in Postgres: (chunk, status, source_rows, rows).
+type PgRecord = (String, String, i64, i64);
+
+/// The job's records in `backfill.clickhouse_chunks` (empty while the table does not exist).
+async fn pg_records(c: &Client, job: &str) -> Vec<PgRecord> {
+    let exists: bool = c
+        .query_one(
+            "SELECT to_regclass('backfill.clickhouse_chunks') IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    if !exists {
+        return Vec::new();
+    }
+    c.query(
+        "SELECT chunk, status, source_rows, rows FROM backfill.clickhouse_chunks
+          WHERE job = $1 ORDER BY chunk",
+        &[&job],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+    .collect()
+}
+
+/// The chunk records (without the job row and the flags) with status `status`.
+async fn pg_chunks(c: &Client, job: &str, status: &str) -> Vec<String> {
+    pg_records(c, job)
+        .await
+        .into_iter()
+        .filter(|r| !r.0.is_empty() && !r.0.starts_with('#') && r.1 == status)
+        .map(|r| r.0)
+        .collect()
+}
+
+async fn schema_exists(c: &Client) -> bool {
+    c.query_one(
+        "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'backfill')",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// `url` with `user:SECRET@` in place of its user (trust auth on the shared server ignores it).
+fn with_password(url: &str) -> String {
+    url.replacen(
+        "postgres://postgres@",
+        &format!("postgres://postgres:{SECRET}@"),
+        1,
+    )
+}
+
+fn assert_no_secret(what: &str, out: &str, err: &str) {
+    assert!(
+        !out.contains(SECRET) && !err.contains(SECRET),
+        "{what} showed the state_url's password:\n{}",
+        all_output(out, err)
+    );
+}
+
+ch_test! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn runs_to_done_with_its_state_in_postgres_and_none_in_clickhouse(srv) {
+        let db = ChDb::new_on(&srv, "pgstate");
+        let pg = TestDb::new("chstate").await;
+        let c = pg.client().await;
+        build_days(&db, 12, 1000);
+        let reference = source_digest(&db);
+        let url = with_password(&pg.url);
+        assert!(url.contains(SECRET), "{url}");
+        let spec = job_spec(&db, "pgs", &url, "");
+
+        // Before the first run: validate, plan and status read, create and write nothing.
+        for cmd in ["validate", "plan", "status"] {
+            let (code, out, err) = run(&[&cmd, &spec]);
+            assert_eq!(code, 0, "{cmd}: {}", all_output(&out, &err));
+            assert_no_secret(cmd, &out, &err);
+        }
+        assert!(!schema_exists(&c).await, "plan/status created the state schema");
+        assert_eq!(other_tables(&db), Vec::<String>::new(), "plan/status created tables");
+
+        let (code, out, err) = run(&[&"run", &spec]);
+        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        assert!(out.contains("pgs: done"), "{}", all_output(&out, &err));
+        assert_no_secret("run", &out, &err);
+        assert_eq!(target_digest(&db), reference);
+
+        // The records are in Postgres, every chunk done once with its rows.
+        let recs = pg_records(&c, "pgs").await;
+        let job_row = recs.iter().find(|r| r.0.is_empty()).expect("job row");
+        assert_eq!(job_row.1, "done", "{recs:?}");
+        let done = pg_chunks(&c, "pgs", "done").await;
+        assert_eq!(done.len(), 12, "{recs:?}");
+        let source: i64 = recs.iter().filter(|r| !r.0.is_empty()).map(|r| r.2).sum();
+        assert_eq!(source, 12_000, "{recs:?}");
+        // Nothing of the job's state in ClickHouse: no backfill_chunks, no lock table.
+        assert_eq!(other_tables(&db), Vec::<String>::new());
+        // Done: the target is free (its keeper row is gone).
+        let kept: i64 = c
+            .query_one("SELECT count(*) FROM backfill.clickhouse_targets", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(kept, 0);
+
+        // status and plan read the chunks from Postgres.
+        let (code, out, err) = run(&[&"status", &"--json", &spec]);
+        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        assert_no_secret("status", &out, &err);
+        let v: serde_json::Value = serde_json::from_str(out.trim())
+            .unwrap_or_else(|e| panic!("status --json: {e}: {out}"));
+        let text = v.to_string();
+        assert!(text.contains("\"done\""), "{text}");
+        assert!(text.contains("2025-10-12"), "status shows the chunks: {text}");
+        let (code, out, err) = run(&[&"plan", &spec]);
+        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        assert!(out.contains("done"), "{out}");
+        // And a second run skips the done job.
+        let (code, out, err) = run(&[&"run", &spec]);
+        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        assert!(out.contains("skipped"), "{out}");
+        assert_eq!(target_digest(&db), reference);
+
+        // A state URL that cannot connect: the error names it, without its password.
+        let bad = job_spec(
+            &db,
+            "nodb",
+            &with_password(&pg.url.replace(&pg.name, "no_such_db_here")),
+            "",
+        );
+        for cmd in ["status", "run"] {
+            let (code, out, err) = run(&[&cmd, &bad]);
+            assert_ne!(code, 0, "{cmd}: {}", all_output(&out, &err));
+            assert!(err.contains("no_such_db_here"), "{cmd}: {}", all_output(&out, &err));
+            assert_no_secret(cmd, &out, &err);
+        }
+        drop(c);
+        pg.drop_db().await;
+    }
+}
+
+ch_test! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn kill_9_then_an_immediate_run_resumes_and_lands_every_chunk_once(srv) {
+        let db = ChDb::new_on(&srv, "pgkill");
+        let pg = TestDb::new("chstate_kill").await;
+        let c = pg.client().await;
+        build_days(&db, 40, 2000);
+        let reference = source_digest(&db);
+        let spec = job_spec(&db, "killed", &pg.url, "");
+        let mut done_before = 0;
+        let mut kills = 0;
+        for n in 0..4 {
+            let mut r = spawn(db.dir.path(), &format!("run{n}"), &[], &spec);
+            // Killed once more chunks are done than before, at a random moment after that.
+            let want = done_before + 1;
+            r.wait_until(
+                "a chunk to be done",
+                Duration::from_secs(120),
+                Duration::from_millis(5),
+                async || pg_chunks(&c, "killed", "done").await.len() >= want,
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 300)).await;
+            if r.exited() {
+                break;
+            }
+            r.kill();
+            kills += 1;
+            let done = pg_chunks(&c, "killed", "done").await;
+            let staged = pg_chunks(&c, "killed", "staged").await;
+            done_before = done.len();
+            // What is recorded done is in the target; beyond it, at most the staged chunk.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let target = db.num("SELECT countMerge(runs) FROM agg");
+            let (d, s) = (rows_of_days(&db, &done), rows_of_days(&db, &staged));
+            assert!(staged.len() <= 1, "{staged:?}");
+            assert!(
+                target >= d && target <= d + s,
+                "kill {n}: target {target} rows, done {d}, staged {s}"
+            );
+        }
+        assert!(kills >= 2, "only {kills} runner(s) killed before the job was done");
+        // The dead runner's lock went with its session: the next run starts right away and
+        // finishes (a lock still held would make it exit 75).
+        let r = spawn(db.dir.path(), "last", &[], &spec);
+        let (code, out, err) = r.finish(Duration::from_secs(300)).await;
+        assert_eq!(code, 0, "the run right after the kill:\n{}", all_output(&out, &err));
+        assert_eq!(target_digest(&db), reference, "every chunk landed once");
+        assert_eq!(pg_chunks(&c, "killed", "done").await.len(), 40);
+        assert_eq!(other_tables(&db), Vec::<String>::new());
+        db.q("OPTIMIZE TABLE agg FINAL");
+        assert_eq!(target_digest(&db), reference);
+        drop(c);
+        pg.drop_db().await;
+    }
+}
+
+ch_test! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_runner_exits_75_naming_the_holder_and_another_job_is_refused(srv) {
+        let db = ChDb::new_on(&srv, "pgtwo");
+        let pg = TestDb::new("chstate_two").await;
+        let c = pg.client().await;
+        build_days(&db, 30, 2000);
+        let reference = source_digest(&db);
+        let first = job_spec(&db, "first", &pg.url, "");
+        let mut r = spawn(db.dir.path(), "first", &[], &first);
+        let pid = r.child.id();
+        r.wait_until(
+            "the first runner to land a chunk",
+            Duration::from_secs(120),
+            Duration::from_millis(10),
+            async || !pg_chunks(&c, "first", "done").await.is_empty(),
+        )
+        .await;
+        // The same job again: exit 75, naming the runner that holds it.
+        let (code, out, err) = run(&[&"run", &first]);
+        assert_eq!(code, 75, "{}", all_output(&out, &err));
+        assert!(
+            err.contains(&format!(":{pid}:")) && err.contains("backend pid"),
+            "the holder (runner pid {pid}) is named: {}",
+            all_output(&out, &err)
+        );
+        // Another job on the same target: refused while the first keeps it.
+        let second = job_spec(&db, "second", &pg.url, "");
+        let (code, out, err) = run(&[&"run", &second]);
+        assert_eq!(code, 75, "{}", all_output(&out, &err));
+        assert!(
+            err.contains("job \"first\"") && err.contains("same target"),
+            "{}",
+            all_output(&out, &err)
+        );
+        assert!(pg_records(&c, "second").await.is_empty(), "the refused job wrote state");
+        // `status` from another process sees the live runner through its lock.
+        let (code, out, err) = run(&[&"status", &"--json", &first]);
+        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        if !r.exited() {
+            assert!(out.contains("\"running\""), "{}", all_output(&out, &err));
+        }
+        let (code, out, err) = r.finish(Duration::from_secs(300)).await;
+        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        assert_eq!(target_digest(&db), reference);
+        // Between runs of an unfinished job the target stays its own; once done it is free.
+        let (code, out, err) = run(&[&"plan", &second]);
+        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        drop(c);
+        pg.drop_db().await;
+    }
+}
+
+ch_test! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn losing_the_lock_connection_stops_the_run_before_anything_more_lands(srv) {
+        let db = ChDb::new_on(&srv, "pglost");
+        let cluster = PgCluster::start(ClusterOpts::new().password_role("bfstate", SECRET)).await;
+        let pg = cluster.create_db("chstate_lost").await;
+        let admin = cluster.admin().await;
+        admin
+            .batch_execute(&format!("ALTER DATABASE {} OWNER TO bfstate", pg.name))
+            .await
+            .unwrap();
+        let state_url = format!(
+            "postgres://bfstate:{SECRET}@{}/{}",
+            cluster.host_port(),
+            pg.name
+        );
+        let c = pg.client().await;
+        build_days(&db, 40, 2000);
+        let reference = source_digest(&db);
+        let spec = job_spec(&db, "lost", &state_url, "");
+        let mut r = spawn(db.dir.path(), "lost", &[], &spec);
+        r.wait_until(
+            "a chunk to be done",
+            Duration::from_secs(120),
+            Duration::from_millis(5),
+            async || pg_chunks(&c, "lost", "done").await.len() >= 2,
+        )
+        .await;
+        // End the session that holds the target's lock (and only it).
+        let ended: i64 = c
+            .query_one(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_locks
+                  WHERE locktype = 'advisory' AND granted
+                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(ended, 1, "one session holds the target's lock");
+        let (code, out, err) = r.finish(Duration::from_secs(120)).await;
+        assert_eq!(code, 75, "{}", all_output(&out, &err));
+        assert!(err.contains("lost its lock"), "{}", all_output(&out, &err));
+        assert_no_secret("run", &out, &err);
+        // Nothing landed beyond what is recorded: the done chunks, and at most the staged one.
+        let done = pg_chunks(&c, "lost", "done").await;
+        let staged = pg_chunks(&c, "lost", "staged").await;
+        assert!(done.len() < 40, "the run went on to the end: {done:?}");
+        let target = db.num("SELECT countMerge(runs) FROM agg");
+        let (d, s) = (rows_of_days(&db, &done), rows_of_days(&db, &staged));
+        assert!(staged.len() <= 1, "{staged:?}");
+        assert!(
+            target >= d && target <= d + s,
+            "target {target} rows, done {d}, staged {s}: {}",
+            all_output(&out, &err)
+        );
+        // The next run takes the lock again and finishes, every chunk once.
+        let (code, out, err) = run(&[&"run", &spec]);
+        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        assert_no_secret("run", &out, &err);
+        assert_eq!(target_digest(&db), reference);
+        drop(c);
+        drop(admin);
+        cluster.stop().await;
+    }
+}
+
+ch_test! {
+    #[test]
+    fn rerun_reset_and_a_dropped_state_table_land_every_chunk_once(srv) {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let db = ChDb::new_on(&srv, "pgagain");
+        let pg = rt.block_on(TestDb::new("chstate_again"));
+        let c = rt.block_on(pg.client());
+        build_days(&db, 10, 1000);
+        let reference = source_digest(&db);
+        let spec = job_spec(&db, "again", &pg.url, "workers: 2\n");
+        let done = |what: &str| {
+            let (code, out, err) = run(&[&"run", &"--rerun", &spec]);
+            assert_eq!(code, 0, "{what}: {}", all_output(&out, &err));
+            assert!(out.contains("by 2 workers"), "{what}: {}", all_output(&out, &err));
+            assert_eq!(target_digest(&db), reference, "{what} lands every chunk once");
+        };
+        done("first run");
+        done("--rerun");
+        let (code, out, err) = run(&[&"reset", &"--yes", &spec]);
+        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        assert!(out.contains("restores"), "{out}");
+        assert!(rt.block_on(pg_records(&c, "again")).is_empty(), "reset forgot the records");
+        done("run after reset");
+        rt.block_on(c.batch_execute("DROP TABLE backfill.clickhouse_chunks")).unwrap();
+        done("run after the state table was dropped");
+        assert_eq!(rt.block_on(pg_chunks(&c, "again", "done")).len(), 10);
+        assert_eq!(other_tables(&db), Vec::<String>::new());
+        drop(c);
+        rt.block_on(pg.drop_db());
+    }
+}
+
+fn spec_error(state_url: &str, text: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "clickhouse:
+  url: http://127.0.0.1:8123/db
+  state_url: {state_url}
+  source: runs
+  time_column: ran_at
+  target: agg
+  statement: INSERT INTO {{target}} SELECT * FROM runs WHERE {{chunk}}
+"
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = run(&[&"validate", &path]);
+    let all = all_output(&out, &err);
+    assert_eq!(code, 2, "{state_url}: {all}");
+    assert!(
+        err.contains(&format!("{}:3:", path_str(&path))),
+        "{state_url}: names the line: {all}"
+    );
+    assert!(err.contains("field `clickhouse.state_url`"), "{all}");
+    assert!(err.contains(text), "want {text:?}: {all}");
+    assert_no_secret("validate", &out, &err);
+}
+
+#[test]
+fn spec_errors_in_state_url_name_the_field_and_hide_the_password() {
+    spec_error(
+        &format!("postgres:/u:{SECRET}@127.0.0.1:5432/state"),
+        "postgres://",
+    );
+    spec_error(
+        &format!("postgres://u:{SECRET}@127.0.0.1:5432"),
+        "no database name",
+    );
+    spec_error(
+        &format!("http://u:{SECRET}@127.0.0.1:5432/state"),
+        "not a postgres:// URL",
+    );
+    spec_error(
+        &format!("postgres://u:{SECRET}/x@127.0.0.1:5432/state"),
+        "percent-encode",
+    );
+}
