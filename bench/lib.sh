@@ -3,10 +3,12 @@
 #
 #   source bench/lib.sh      # from the repository root, after `set -euo pipefail`
 #
-# Provides: the flowsheet dj_name job as SQL (UPDATE_SQL, keyset_sql, CHECK_SQL), psql helpers,
-# a template database built from scripts/demo-data.sql (build_template, drop_template), fresh
-# per-contender copies of it (clone, drop_db, drop_clones), the wrong-rows check (wrong_rows),
-# and finding/building the backfill binary (find_backfill) and /usr/bin/time (have_gnu_time).
+# Provides: the flowsheet dj_name job as SQL (UPDATE_SQL, keyset_sql, CHECK_SQL) and as a spec
+# (SPEC, default bench/flowsheet-dj-name.yaml; spec_with_workers N prints it with `workers: N`),
+# psql helpers (PSQL_CMD, psql_admin, psql_value), a template database built from
+# scripts/demo-data.sql (build_template, drop_template), fresh per-contender copies of it
+# (clone, drop_db, drop_clones), the wrong-rows check (wrong_rows), and finding/building the
+# backfill binary (find_backfill) and /usr/bin/time (have_gnu_time).
 #
 # Callers set TPL (template database name) before build_template/clone; LOG_TAG prefixes log
 # lines (default "bench"); BACKFILL and SKIP_BACKFILL are read by find_backfill.
