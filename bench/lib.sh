@@ -3,16 +3,18 @@
 #
 #   source bench/lib.sh      # from the repository root, after `set -euo pipefail`
 #
-# Provides: the flowsheet dj_name job as SQL (UPDATE_SQL, keyset_sql, CHECK_SQL), psql helpers,
-# a template database built from scripts/demo-data.sql (build_template, drop_template), fresh
-# per-contender copies of it (clone, drop_db, drop_clones), the wrong-rows check (wrong_rows),
-# and finding/building the backfill binary (find_backfill) and /usr/bin/time (have_gnu_time).
+# Provides: the flowsheet dj_name job as SQL (UPDATE_SQL, keyset_sql, CHECK_SQL) and as a spec
+# (SPEC, default bench/flowsheet-dj-name.yaml; spec_with_workers N prints it with `workers: N`),
+# psql helpers (PSQL_CMD, psql_admin, psql_value), a template database built from
+# scripts/demo-data.sql (build_template, drop_template), fresh per-contender copies of it
+# (clone, drop_db, drop_clones), the wrong-rows check (wrong_rows), and finding/building the
+# backfill binary (find_backfill) and /usr/bin/time (have_gnu_time).
 #
 # Callers set TPL (template database name) before build_template/clone; LOG_TAG prefixes log
 # lines (default "bench"); BACKFILL and SKIP_BACKFILL are read by find_backfill.
 
 PG_BASE_URL=postgres://postgres@127.0.0.1:5432
-SPEC=bench/flowsheet-dj-name.yaml
+SPEC=${SPEC:-bench/flowsheet-dj-name.yaml}
 CLONES=()
 
 # The job in one statement: every track row that still has no dj_name, in one transaction.
@@ -82,7 +84,8 @@ CHECK_SQL="SELECT
 
 log() { echo "${LOG_TAG:-bench}: $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
-psql_admin() { psql -X -q -w -v ON_ERROR_STOP=1 -h 127.0.0.1 -p 5432 -U postgres "$@"; }
+PSQL_CMD=(psql -X -q -w -v ON_ERROR_STOP=1 -h 127.0.0.1 -p 5432 -U postgres)
+psql_admin() { "${PSQL_CMD[@]}" "$@"; }
 psql_value() { psql_admin -A -t "$@"; }
 now() { date +%s.%N; }
 elapsed() { awk -v s="$1" -v e="$2" 'BEGIN { printf "%.2f", e - s }'; }
@@ -128,6 +131,12 @@ build_template() {
 }
 
 wrong_rows() { psql_value -d "$1" -c "$CHECK_SQL"; }
+
+# The bench job (SPEC) with `workers: N`: N workers share it (`run` starts N threads).
+spec_with_workers() {
+    sed '/^workers:/d' "$SPEC"
+    echo "workers: $1"
+}
 
 # Sets BACKFILL to a runnable binary, building target/release/backfill if it is missing;
 # returns 1 (with the reason logged) if there is none or SKIP_BACKFILL=1.

@@ -14,8 +14,9 @@
 #   single UPDATE   one UPDATE ... FROM of every track row, in one transaction
 #   keyset loop     a server-side DO loop of fixed 5000-row keyset batches (FOR UPDATE SKIP
 #                   LOCKED), one COMMIT per batch; it reports its longest batch itself
-#   backfill        `$BACKFILL run bench/flowsheet-dj-name.yaml` (batch.target TARGET_MS, default 500: the default
-#                   500ms adaptive size), with BACKFILL_LOG=info,backfill=debug --log-format json;
+#   backfill        `$BACKFILL run bench/flowsheet-dj-name.yaml` once per worker count in WORKERS
+#                   (default "1 2": the spec with `workers: N`), at the engine's default batch
+#                   settings unless TARGET_MS sets batch.target, with BACKFILL_LOG=info,backfill=debug --log-format json;
 #                   its "batch done" lines give the longest batch and the per-batch breakdown, and
 #                   /usr/bin/time -v its peak RSS. BACKFILL defaults to target/release/backfill,
 #                   built with `cargo build --release --locked` if missing.
@@ -32,10 +33,12 @@
 # in the clone, pgbench's own sessions left out. After every run the wrong-rows check must say 0.
 #
 # Prints a results table, backfill's per-batch breakdown, and the targets: backfill total time
-# <= 1.25x the single UPDATE, longest batch <= 2x batch.target, OLTP p99 during backfill <= 2x
-# idle, 0 wrong rows after every run, engine peak RSS under 30 MB.
+# <= 1.25x the single UPDATE with 1 worker and <= 0.8x with 2 (no load), no engine transaction
+# open longer than 1 s (sampled), longest batch <= 2x batch.target (when TARGET_MS is set), OLTP
+# p99 during backfill <= 2x idle, 0 wrong rows after every run, engine peak RSS under 30 MB.
 #
-# Environment: ROWS, BACKFILL, RATE (200), CLIENTS (4), THREADS (2), LATENCY_LIMIT_MS (50),
+# Environment: ROWS, BACKFILL, WORKERS ("1 2"), TARGET_MS (unset), CONTENDERS ("single keyset
+# backfill": which to run), RATE (200), CLIENTS (4), THREADS (2), LATENCY_LIMIT_MS (50),
 # IDLE_SECS (10), WARMUP_SECS (3), TAIL_SECS (3), RUN_TIMEOUT (1800 s per contender),
 # KEEP_TEMPLATE=1 (keep backfill_oltp_tpl), KEEP_WORK=1 (keep the logs directory).
 # Clones and (unless KEEP_TEMPLATE=1) the template are dropped on exit, also on failure or ^C.
@@ -72,7 +75,9 @@ RUN_TIMEOUT=${RUN_TIMEOUT:-1800}
 KEEP_TEMPLATE=${KEEP_TEMPLATE:-0}
 KEEP_WORK=${KEEP_WORK:-0}
 BATCH=5000          # the keyset loop's fixed batch
-TARGET_MS=${TARGET_MS:-500}   # backfill's batch.target (500 = the engine's default)
+TARGET_MS=${TARGET_MS:-}      # backfill's batch.target in ms; unset = the engine's default
+WORKERS=${WORKERS:-1 2}       # backfill runs, one per worker count
+CONTENDERS=${CONTENDERS:-single keyset backfill}
 TPL=backfill_oltp_tpl
 export LOG_TAG=oltp
 
@@ -80,7 +85,7 @@ export LOG_TAG=oltp
 # shellcheck source-path=SCRIPTDIR/..
 source bench/lib.sh
 
-for v in TARGET_MS ROWS RATE CLIENTS THREADS LATENCY_LIMIT_MS IDLE_SECS WARMUP_SECS TAIL_SECS RUN_TIMEOUT; do
+for v in ROWS RATE CLIENTS THREADS LATENCY_LIMIT_MS IDLE_SECS WARMUP_SECS TAIL_SECS RUN_TIMEOUT; do
     case ${!v} in '' | *[!0-9]*) die "$v must be a whole number, got '${!v}'" ;; esac
 done
 [ -f "$SPEC" ] || die "$SPEC is missing"
@@ -94,11 +99,24 @@ fi
 PSQL=(psql -X -q -w -v ON_ERROR_STOP=1 -h 127.0.0.1 -p 5432 -U postgres)
 NSHOWS=$(( ROWS / 50 > 0 ? ROWS / 50 : 1 ))   # as in scripts/demo-data.sql
 
+case $TARGET_MS in '' | *[!0-9]*) [ -z "$TARGET_MS" ] || die "TARGET_MS must be a whole number, got '$TARGET_MS'" ;; esac
+for n in $WORKERS; do
+    case $n in '' | *[!0-9]* | 0) die "WORKERS must be whole numbers above 0, got '$WORKERS'" ;; esac
+done
+for c in $CONTENDERS; do
+    case $c in single | keyset | backfill) ;; *) die "CONTENDERS: unknown contender '$c'" ;; esac
+done
+wants() { case " $CONTENDERS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
 WORK=$(mktemp -d)
-# The job as written, with batch.target set to TARGET_MS.
-RUN_SPEC=$WORK/flowsheet-dj-name.yaml
-sed "s/^  size: 5000$/  size: 5000\n  target: ${TARGET_MS}ms/" "$SPEC" >"$RUN_SPEC"
-grep -q "target: ${TARGET_MS}ms" "$RUN_SPEC" || die "could not set batch.target in a copy of $SPEC"
+# The job as written, with `workers: N` and (if TARGET_MS is set) batch.target: $WORK/spec-N.yaml.
+for n in $WORKERS; do
+    spec_with_workers "$n" >"$WORK/spec-$n.yaml"
+    if [ -n "$TARGET_MS" ]; then
+        sed -i "s/^  size: 5000$/  size: 5000\n  target: ${TARGET_MS}ms/" "$WORK/spec-$n.yaml"
+        grep -q "target: ${TARGET_MS}ms" "$WORK/spec-$n.yaml" || die "could not set batch.target in a copy of $SPEC"
+    fi
+done
 PGB_PID=
 SAMPLER_PID=
 cleanup() {
@@ -251,12 +269,12 @@ run_keyset() { # db tag
     sed 's/^/    /' "$WORK/$2.log" >&2
     return "$status"
 }
-run_backfill() { # db tag
+run_backfill() { # db tag workers
     local status=0 timer=()
     C_NOTE='' C_RSS=n/a
     if have_gnu_time; then timer=(/usr/bin/time -v -o "$WORK/time.$2"); fi
     DATABASE_URL="${PG_BASE_URL}/$1" BACKFILL_LOG=info,backfill=debug \
-        timeout -k 10 "$RUN_TIMEOUT" "${timer[@]}" "$BACKFILL" run --log-format json "$RUN_SPEC" \
+        timeout -k 10 "$RUN_TIMEOUT" "${timer[@]}" "$BACKFILL" run --log-format json "$WORK/spec-$3.yaml" \
         >"$WORK/$2.out" 2>"$WORK/$2.log" || status=$?
     C_RSS=$(peak_rss "$WORK/time.$2")
     # One "batch done" line per batch: size keys retried select_ms statement_ms commit_ms.
@@ -283,14 +301,15 @@ backfill_breakdown() { # tag wall_seconds -> one line for B_LINE
         }' "$WORK/batches.$1"
 }
 
-# One contender on a fresh clone, with or without the load. $1 = single|keyset|backfill|idle.
+# One contender on a fresh clone, with or without the load.
+# $1 = single|keyset|backfillN (N workers)|idle.
 run() { # kind load(none|pgbench)
     local kind=$1 load=$2 db="backfill_oltp_$1_$2" tag="$1.$2" name t0 t1 t2 secs status=0 xact
-    local stats="- - - - -" wrong
+    local stats="- - - - -" wrong workers=
     case $kind in
         single) name="single UPDATE" ;;
         keyset) name="keyset loop (${BATCH})" ;;
-        backfill) name=backfill ;;
+        backfill*) workers=${kind#backfill} name="backfill ${workers}w" kind=backfill ;;
         idle) name="(pgbench alone)" ;;
     esac
     clone "$db"
@@ -302,7 +321,7 @@ run() { # kind load(none|pgbench)
     case $kind in
         single) run_single "$db" "$tag" || status=$? ;;
         keyset) run_keyset "$db" "$tag" || status=$? ;;
-        backfill) run_backfill "$db" "$tag" || status=$? ;;
+        backfill) run_backfill "$db" "$tag" "$workers" || status=$? ;;
         idle) sleep "$IDLE_SECS" ;;
     esac
     t1=$(now)
@@ -330,7 +349,7 @@ run() { # kind load(none|pgbench)
         if [ "$wrong" != 0 ] && { [ "$kind" != keyset ] || [ "$load" = none ]; }; then FAILED=1; fi
     fi
     if [ "$kind" = backfill ]; then
-        B_LOAD+=("$load")
+        B_LOAD+=("${load}/${workers}w")
         B_LINE+=("$(backfill_breakdown "$tag" "$secs")")
     fi
     log "${name}, load ${load}: ${secs} s, longest batch $(fmt_ms "$C_BATCH_MS"), longest xact $(fmt_ms "$xact"), OLTP p50 p99 max late tx: ${stats}, wrong rows: ${wrong}"
@@ -351,9 +370,11 @@ log "${TARGET_ROWS} track rows to fill; load: ${CLIENTS} clients, ${RATE} tx/s, 
 
 for load in none pgbench; do
     [ "$load" = none ] || run idle pgbench
-    run single "$load"
-    run keyset "$load"
-    if [ "$HAVE_BACKFILL" = 1 ]; then run backfill "$load"; fi
+    if wants single; then run single "$load"; fi
+    if wants keyset; then run keyset "$load"; fi
+    if wants backfill && [ "$HAVE_BACKFILL" = 1 ]; then
+        for n in $WORKERS; do run "backfill$n" "$load"; done
+    fi
 done
 
 # --- Report ------------------------------------------------------------------------------------
@@ -399,8 +420,8 @@ echo " seen in the clone, pgbench sessions excluded; OLTP columns count transact
 
 if [ "${#B_LOAD[@]}" -gt 0 ]; then
     echo
-    echo "backfill per batch (batch.target ${TARGET_MS}ms; client = wall time minus select+statement+commit)"
-    bfmt='%-8s %8s %10s %10s %8s %9s %10s %9s %9s %9s\n'
+    echo "backfill per batch (batch.target ${TARGET_MS:-default}${TARGET_MS:+ms}; select, statement, commit summed over the workers; client = wall time minus their sum, negative with several workers)"
+    bfmt='%-12s %8s %10s %10s %8s %9s %10s %9s %9s %9s\n'
     # shellcheck disable=SC2059
     printf "$bfmt" load batches "avg keys" "final size" retried "select s" "statement s" "commit s" "client s" "wall s"
     for i in "${!B_LOAD[@]}"; do
@@ -417,23 +438,30 @@ verdict() { # ok(0/1) text
 echo
 echo "targets"
 for i in "${!R_NAME[@]}"; do
-    [ "${R_NAME[$i]}" = backfill ] || continue
+    case ${R_NAME[$i]} in "backfill "*w) ;; *) continue ;; esac
+    name=${R_NAME[$i]}
     load=${R_LOAD[$i]}
     r=$(ratio "${R_SECS[$i]}" "$(single_secs "$load")")
+    limit=1.25
+    [ "$name" = "backfill 1w" ] || limit=0.8
     if [ "$load" = none ]; then
-        verdict "$(awk -v r="${r%x}" 'BEGIN { print (r != "-" && r + 0 <= 1.25) ? 1 : 0 }')" \
-            "backfill total time <= 1.25x single UPDATE (no load): ${r}"
+        verdict "$(awk -v r="${r%x}" -v l="$limit" 'BEGIN { print (r != "-" && r + 0 <= l) ? 1 : 0 }')" \
+            "${name}: total time <= ${limit}x single UPDATE (no load): ${r}"
     else
-        echo "  (info)  backfill total time vs single UPDATE under load: ${r}"
+        echo "  (info)  ${name}: total time vs single UPDATE under load: ${r}"
     fi
-    verdict "$(awk -v b="${R_BATCH[$i]}" -v t="$TARGET_MS" 'BEGIN { print (b != "-" && b + 0 <= 2 * t) ? 1 : 0 }')" \
-        "longest batch <= 2x batch.target = $((2 * TARGET_MS)) ms (load ${load}): $(fmt_ms "${R_BATCH[$i]}")"
+    verdict "$(awk -v x="${R_XACT[$i]}" 'BEGIN { print (x != "-" && x + 0 <= 1000) ? 1 : 0 }')" \
+        "${name}: longest engine transaction <= 1 s (load ${load}): $(fmt_ms "${R_XACT[$i]}")"
+    if [ -n "$TARGET_MS" ]; then
+        verdict "$(awk -v b="${R_BATCH[$i]}" -v t="$TARGET_MS" 'BEGIN { print (b != "-" && b + 0 <= 2 * t) ? 1 : 0 }')" \
+            "${name}: longest batch <= 2x batch.target = $((2 * TARGET_MS)) ms (load ${load}): $(fmt_ms "${R_BATCH[$i]}")"
+    fi
     if [ "$load" != none ]; then
         verdict "$(awk -v p="${R_P99[$i]}" -v i="$idle_p99" 'BEGIN { print (p != "-" && i != "-" && p + 0 <= 2 * i) ? 1 : 0 }')" \
-            "OLTP p99 during backfill <= 2x idle (${idle_p99} ms): ${R_P99[$i]} ms ($(ratio "${R_P99[$i]}" "$idle_p99"))"
+            "${name}: OLTP p99 <= 2x idle (${idle_p99} ms): ${R_P99[$i]} ms ($(ratio "${R_P99[$i]}" "$idle_p99"))"
     fi
     verdict "$(awk -v r="${R_RSS[$i]% MB}" 'BEGIN { print (r != "n/a" && r + 0 < 30) ? 1 : 0 }')" \
-        "engine peak RSS < 30 MB (load ${load}): ${R_RSS[$i]}"
+        "${name}: engine peak RSS < 30 MB (load ${load}): ${R_RSS[$i]}"
 done
 bad=()
 for i in "${!R_NAME[@]}"; do

@@ -10,6 +10,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 /// How often an idle worker looks for a unit again (others hold the rest).
 const IDLE_POLL: Duration = Duration::from_secs(2);
@@ -35,6 +36,17 @@ pub struct Shared {
     pub progress: Mutex<Progress>,
     /// Rows still locked in units this process gave up on for this run.
     pub still_locked: AtomicU64,
+    /// Bumped whenever a worker of this process lets go of a unit (finished, parked, released)
+    /// or ends: idle workers look for work again at once instead of at their next poll (the
+    /// last unit of a job must not leave the others asleep for up to `IDLE_POLL`).
+    pub units: watch::Sender<u64>,
+}
+
+impl Shared {
+    /// Tell idle workers that a unit was let go of.
+    fn let_go(&self) {
+        self.units.send_modify(|n| *n = n.wrapping_add(1));
+    }
 }
 
 /// Run one worker until the job is done (`Ok`), a stop is requested, or it fails for good.
@@ -42,6 +54,7 @@ pub async fn drive<W: Worker>(w: &mut W, sh: &Shared) -> Result<()> {
     let mut sizer = Sizer::new(&sh.batch);
     let mut retries: Option<Box<dyn Iterator<Item = Duration> + Send>> = None;
     let mut claimed = false;
+    let mut units = sh.units.subscribe();
     let result = loop {
         if let Some(reason) = sh.stop.check() {
             break Err(Error::Stopped(reason));
@@ -49,6 +62,8 @@ pub async fn drive<W: Worker>(w: &mut W, sh: &Shared) -> Result<()> {
         let step = if claimed {
             work(w, sh, &mut sizer).await
         } else {
+            // Units let go of from now on wake this worker if it finds nothing.
+            units.borrow_and_update();
             find(w, sh).await
         };
         match step {
@@ -60,6 +75,7 @@ pub async fn drive<W: Worker>(w: &mut W, sh: &Shared) -> Result<()> {
                 retries = None;
                 if unit_done {
                     claimed = false;
+                    sh.let_go();
                 }
                 if !pause.is_zero()
                     && let Some(reason) = sh.stop.sleep(pause).await
@@ -68,7 +84,11 @@ pub async fn drive<W: Worker>(w: &mut W, sh: &Shared) -> Result<()> {
                 }
             }
             Ok(Step::Idle) => {
-                if let Some(reason) = sh.stop.sleep(IDLE_POLL).await {
+                let woken = tokio::select! {
+                    stopped = sh.stop.sleep(IDLE_POLL) => stopped,
+                    _ = units.changed() => sh.stop.check(),
+                };
+                if let Some(reason) = woken {
                     break Err(Error::Stopped(reason));
                 }
             }
@@ -126,6 +146,7 @@ pub async fn drive<W: Worker>(w: &mut W, sh: &Shared) -> Result<()> {
         tracing::debug!(job = %sh.job, "releasing the unit: {e}");
     }
     w.close().await;
+    sh.let_go();
     result
 }
 

@@ -217,6 +217,7 @@ fn shared(stop: Stop) -> Arc<Shared> {
             Duration::from_secs(60),
         )),
         still_locked: AtomicU64::new(0),
+        units: tokio::sync::watch::Sender::new(0),
     })
 }
 
@@ -360,6 +361,19 @@ async fn unpausing_lets_the_workers_finish() {
         assert_eq!(w2.lock().unwrap().batches, 0, "a batch ran while paused");
         w2.lock().unwrap().paused = false;
     });
+    let results = run(&w, &sh, 2).await;
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    exactly_once(&w);
+}
+
+#[tokio::test]
+async fn an_idle_worker_looks_again_when_another_lets_go_of_a_unit() {
+    // One unit for two workers: the second finds it held and idles. When the first finishes
+    // it, the second must look again at once and find the job done, not sleep out its poll:
+    // the deadline (well within the poll, far beyond the work) would stop a sleeping worker.
+    let w = world(&[60]);
+    let stop = Stop::never().with_deadline(Some(Duration::from_millis(1500)));
+    let sh = shared(stop);
     let results = run(&w, &sh, 2).await;
     assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
     exactly_once(&w);

@@ -230,6 +230,7 @@ async fn run<B: Backend>(
         gate,
         progress: std::sync::Mutex::new(Progress::new(job, estimate, opts.progress_every)),
         still_locked: AtomicU64::new(0),
+        units: tokio::sync::watch::Sender::new(0),
     });
     let count = workers.len() as u32;
     // While the workers run, the throttle's reason goes to the store whenever it changes, so

@@ -33,7 +33,7 @@ pub struct Ctx {
     pub spec: PostgresSpec,
     pub limits: Limits,
     pub store: Store,
-    /// The spec's `workers` (how many ranges to cut).
+    /// The spec's `workers`, or this process's worker threads if more (how many ranges to cut).
     pub workers: u32,
     ready: OnceLock<Arc<Prepared>>,
     /// Ranges this process gave up on for this run (rows still locked by others).
@@ -183,6 +183,7 @@ impl PgJob {
         spec: &crate::spec::Spec,
         pg: &PostgresSpec,
         verify: Option<String>,
+        threads: u32,
     ) -> PgJob {
         PgJob {
             ctx: Arc::new(Ctx {
@@ -192,7 +193,7 @@ impl PgJob {
                 spec: pg.clone(),
                 limits: spec.limits.clone(),
                 store: Store::new(&spec.state_schema),
-                workers: spec.workers,
+                workers: spec.workers.max(threads),
                 ready: OnceLock::new(),
                 blocked: Mutex::new(HashSet::new()),
                 pids: Mutex::new(Vec::new()),

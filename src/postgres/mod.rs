@@ -33,7 +33,9 @@ pub enum Access {
     ReadOnly,
 }
 
-/// The job in its database. Connects lazily; `workers` sizes the pool.
+/// The job in its database. Connects lazily; `workers` (this process's worker threads) sizes
+/// the pool, and, when it is above the spec's `workers`, how many ranges a new job is cut into
+/// (`run --workers 3` on a `workers: 1` spec must not leave two threads without a range).
 pub fn open(spec: &Spec, pg: &PostgresSpec, access: Access, workers: u32) -> Result<PgJob> {
     let pool = connect::pool(
         &pg.url,
@@ -41,7 +43,7 @@ pub fn open(spec: &Spec, pg: &PostgresSpec, access: Access, workers: u32) -> Res
         access == Access::ReadOnly,
         workers as usize + 4,
     )?;
-    Ok(PgJob::new(pool, spec, pg, pg.verify.clone()))
+    Ok(PgJob::new(pool, spec, pg, pg.verify.clone(), workers))
 }
 
 impl PgJob {

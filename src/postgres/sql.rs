@@ -2,7 +2,7 @@
 //! spec and the store. Every value travels as a parameter; only identifiers resolved by the
 //! database and the `where` expression checked by a parser are spliced in.
 
-use super::store::Store;
+use super::store::{RETRYING, Store};
 use super::table::TableInfo;
 use crate::spec::{Limits, LockMode};
 use std::time::Duration;
@@ -37,7 +37,8 @@ pub struct BatchSql {
     /// $4 cursor (NULL keeps it), $5 keys, $6 rows, $7 retried, $8 batches, $9 status (NULL
     /// keeps it). Returns the job's pause flag; no row = the claim was lost.
     pub advance: String,
-    /// Ranges not done yet, resumed ones first. $1 job.
+    /// Ranges not done yet: part-walked ones first, then untouched ones, then those waiting
+    /// for their retry pass. $1 job.
     pub candidates: String,
     /// Take a range whose advisory lock this session holds. $1 job, $2 range_no, $3 owner.
     /// Returns (epoch, status, cursor, hi).
@@ -58,10 +59,14 @@ impl BatchSql {
         let (ranges, jobs, skipped) = (store.ranges(), store.jobs(), store.skipped());
         // plan_cache_mode: statements are prepared once; after five runs Postgres would switch
         // to a generic plan that cannot see how many keys $1 holds, nor the range's bounds.
+        // synchronous_commit: a batch commits without waiting for its WAL to reach the disk.
+        // The batch and its checkpoint are one transaction, so a server crash can only lose
+        // both together: the lost batches are done again on resume, never twice, never
+        // skipped. Waiting for a flush per batch cost as much as the work of small batches.
         let begin_locals = format!(
             "SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}; \
              SET LOCAL idle_in_transaction_session_timeout = {}; \
-             SET LOCAL plan_cache_mode = force_custom_plan",
+             SET LOCAL plan_cache_mode = force_custom_plan; SET LOCAL synchronous_commit = off",
             ms(limits.statement_timeout),
             ms(limits.lock_timeout),
             ms(limits.idle_in_transaction_session_timeout)
@@ -74,53 +79,59 @@ impl BatchSql {
         };
         let walk = match lock {
             // Lock first: the next `size` rows of the range that can be locked, in one index
-            // range scan. Then one unlocked scan up to the last locked key (or, when the batch
-            // came out short, to the range's last key) finds what SKIP LOCKED passed over; those
-            // keys are recorded for the range's retry pass, so the cursor never moves past a row
-            // nobody recorded.
+            // range scan. Then one unlocked count over the same keys (up to the last locked
+            // key, or, when the batch came out short, to the range's last key) says whether SKIP
+            // LOCKED passed anything over; only then are those keys found and recorded for the
+            // range's retry pass, so the cursor never moves past a row nobody recorded.
+            // Aggregates go through one sorted array (every key type sorts; not all have
+            // min/max), the bound through a scalar subquery (a join would put its column names
+            // next to the table's, where `where` could find them ambiguous).
             LockMode::SkipLocked => {
                 let r = range(4, 5);
                 format!(
                     "WITH locked AS (
                          SELECT {key} AS k FROM {rel} WHERE {r}
                           ORDER BY {key} LIMIT $1 FOR UPDATE SKIP LOCKED
+                     ), l AS (
+                         SELECT a.keys, coalesce(cardinality(a.keys), 0) AS n, a.keys[1] AS lo,
+                                a.keys[cardinality(a.keys)] AS hi
+                           FROM (SELECT array_agg(x.k ORDER BY x.k) AS keys FROM locked x) a
                      ), top AS (
                          -- A full batch ends at its last locked key. A short one scanned to the
                          -- end of the range: then everything up to the range's last key was
                          -- seen, so a short batch means the range's walk is over.
-                         SELECT CASE WHEN (SELECT count(*) FROM locked) >= $1
-                                THEN (SELECT l.k FROM locked l ORDER BY l.k DESC LIMIT 1)
+                         SELECT CASE WHEN l.n >= $1 THEN l.hi
                                 ELSE (SELECT {key} FROM {rel} WHERE {r} ORDER BY {key} DESC LIMIT 1)
                                 END AS b
+                           FROM l
                      ), seen AS (
-                         SELECT {key} AS k FROM {rel}, top WHERE {r} AND {key} <= top.b
+                         SELECT count(*) AS n FROM {rel}
+                          WHERE {r} AND {key} <= (SELECT t.b FROM top t)
                      ), skipped AS (
                          INSERT INTO {skipped} (job, range_no, key)
-                         SELECT $2, $3, s.k::text FROM seen s
-                          WHERE (SELECT count(*) FROM seen) > (SELECT count(*) FROM locked)
-                            AND s.k NOT IN (SELECT l.k FROM locked l)
+                         SELECT $2, $3, {key}::text FROM {rel}
+                          WHERE (SELECT s.n FROM seen s) > (SELECT l2.n FROM l l2)
+                            AND {r} AND {key} <= (SELECT t.b FROM top t)
+                            AND {key} NOT IN (SELECT x.k FROM locked x)
                          ON CONFLICT DO NOTHING RETURNING 1
                      )
-                     SELECT (SELECT array_agg(l.k ORDER BY l.k) FROM locked l),
-                            (SELECT s.k::text AS last_key FROM seen s ORDER BY s.k DESC LIMIT 1),
-                            (SELECT count(*) FROM seen),
-                            (SELECT count(*) FROM skipped),
-                            (SELECT l.k FROM locked l ORDER BY l.k LIMIT 1),
-                            (SELECT l.k FROM locked l ORDER BY l.k DESC LIMIT 1)"
+                     SELECT l.keys, (SELECT t.b::text FROM top t), (SELECT s.n FROM seen s),
+                            (SELECT count(*) FROM skipped), l.lo, l.hi
+                       FROM l"
                 )
             }
             LockMode::None => {
                 let r = range(2, 3);
                 format!(
-                    "WITH b AS (
-                         SELECT {key} AS k FROM {rel} WHERE {r} ORDER BY {key} LIMIT $1
+                    "WITH a AS (
+                         SELECT array_agg(b.k ORDER BY b.k) AS keys FROM (
+                             SELECT {key} AS k FROM {rel} WHERE {r} ORDER BY {key} LIMIT $1
+                         ) b
                      )
-                     SELECT (SELECT array_agg(b.k ORDER BY b.k) FROM b),
-                            (SELECT b.k::text AS last_key FROM b ORDER BY b.k DESC LIMIT 1),
-                            (SELECT count(*) FROM b),
-                            0::bigint,
-                            (SELECT b.k FROM b ORDER BY b.k LIMIT 1),
-                            (SELECT b.k FROM b ORDER BY b.k DESC LIMIT 1)"
+                     SELECT a.keys, a.keys[cardinality(a.keys)]::text,
+                            coalesce(cardinality(a.keys), 0)::bigint, 0::bigint,
+                            a.keys[1], a.keys[cardinality(a.keys)]
+                       FROM a"
                 )
             }
         };
@@ -175,7 +186,7 @@ impl BatchSql {
             ),
             candidates: format!(
                 "SELECT range_no FROM {ranges} WHERE job = $1 AND status <> 'done'
-                  ORDER BY status = 'pending', range_no"
+                  ORDER BY status = '{RETRYING}', status = 'pending', range_no"
             ),
             take: format!(
                 "UPDATE {ranges} SET epoch = nextval('{s}.epochs'), owner = $3, heartbeat = now(),

@@ -257,13 +257,25 @@ impl PgWorker {
             .await
             .map_err(|e| db_error("committing the batch", &e))?;
         self.paused = fenced.get::<_, Option<bool>>(0).unwrap_or(false);
-        if let Some(h) = self.held.as_mut() {
-            if last.is_some() {
-                h.cursor = last.clone();
-            }
-            h.retrying = next == Some(RETRYING);
+        if let Some(h) = self.held.as_mut()
+            && last.is_some()
+        {
+            h.cursor = last.clone();
         }
-        let unit_done = next == Some(DONE);
+        // The range's walk is over. Done, or parked for its retry pass: its skipped rows are
+        // retried once the walks of the other ranges are over (rows locked by the application
+        // are usually free again by then), so no worker waits on locks while a range is left
+        // to walk. Either way this worker claims the next range.
+        let unit_done = next.is_some();
+        if next == Some(RETRYING) {
+            let ctx = self.ctx.clone();
+            if let Some(c) = self.conn.as_ref()
+                && let Err(e) = c.execute(&p.sql.release, &[&ctx.job, &n, &epoch]).await
+            {
+                // The claim ends with the advisory lock below anyway.
+                tracing::debug!("parking range {n}: {e}");
+            }
+        }
         if unit_done {
             self.held = None;
             self.unlock_range(n).await;

@@ -379,7 +379,7 @@ fn batch(cx: &Ctx, raw: Option<&Spanned<RawBatch>>) -> Result<Batch> {
     let short = super::MAX_SHORT_DURATION;
     let target = Value::dur(
         b.target.as_ref(),
-        Duration::from_millis(500),
+        Duration::from_millis(100),
         "batch.target",
     )
     .at_most(cx, short, "0 keeps the size fixed")?;
