@@ -16,8 +16,8 @@
 use super::lock::{gone_here, me};
 use super::store::{Record, now};
 use crate::error::{Error, Result, StopReason};
-use crate::postgres::connect;
 use crate::postgres::errors::{db_error, describe};
+use crate::postgres::{advisory, connect};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{ClientWrapper, Object, Pool};
 use postgres_types::ToSql;
@@ -388,15 +388,7 @@ impl PgState {
         let key = lock_key(target);
         let started = Instant::now();
         loop {
-            let got: bool = c
-                .query_one(
-                    "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
-                    &[&key],
-                )
-                .await
-                .map_err(|e| db_error("taking the target's lock", &e))?
-                .get(0);
-            if got {
+            if advisory::try_lock(&c, &key, false, "taking the target's lock").await? {
                 break;
             }
             let owner = self.owner(&c, target).await?;
@@ -549,14 +541,13 @@ impl PgLock {
     async fn unlock(&self) -> Result<()> {
         // Released here, not only by closing the session: the server ends a closed session a
         // moment after the client has gone, and a run started right after would find it held.
-        self.client
-            .execute(
-                "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
-                &[&self.key],
-            )
-            .await
-            .map(|_| ())
-            .map_err(|e| db_error("releasing the target's lock", &e))
+        advisory::unlock(
+            &self.client,
+            &self.key,
+            false,
+            "releasing the target's lock",
+        )
+        .await
     }
 
     /// The run ends; the job keeps the target (for its next run only).

@@ -1,6 +1,7 @@
 //! A Postgres job as a whole: what its workers share (pool, resolved table, SQL, store), worker
 //! slots, the store's lifecycle, estimates and the `verify:` check.
 
+use super::advisory;
 use super::blockers;
 use super::connect;
 use super::errors::db_error;
@@ -81,14 +82,7 @@ impl Ctx {
         cap: u32,
     ) -> Result<std::result::Result<u32, String>> {
         let job_key = self.store.lock_key(&self.job, "job");
-        let shared: bool = c
-            .query_one(
-                "SELECT pg_try_advisory_lock_shared(hashtextextended($1, 0))",
-                &[&job_key],
-            )
-            .await
-            .map_err(|e| db_error("joining the job", &e))?
-            .get(0);
+        let shared = advisory::try_lock(c, &job_key, true, "joining the job").await?;
         if !shared {
             return Ok(Err(format!(
                 "a `backfill reset` of job {} (it holds the job's lock)",
@@ -99,15 +93,7 @@ impl Ctx {
         for k in 0..cap {
             let slot = (first + k) % cap;
             let key = self.store.lock_key(&self.job, &format!("slot:{slot}"));
-            let got: bool = c
-                .query_one(
-                    "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
-                    &[&key],
-                )
-                .await
-                .map_err(|e| db_error("taking a worker slot", &e))?
-                .get(0);
-            if got {
+            if advisory::try_lock(c, &key, false, "taking a worker slot").await? {
                 let pid: i32 = c
                     .query_one("SELECT pg_backend_pid()", &[])
                     .await
@@ -117,12 +103,7 @@ impl Ctx {
                 return Ok(Ok(slot));
             }
         }
-        let _ = c
-            .execute(
-                "SELECT pg_advisory_unlock_shared(hashtextextended($1, 0))",
-                &[&job_key],
-            )
-            .await;
+        let _ = advisory::unlock(c, &job_key, true, "leaving the job").await;
         let mut who = Vec::new();
         for slot in 0..cap {
             let key = self.store.lock_key(&self.job, &format!("slot:{slot}"));
@@ -516,15 +497,7 @@ impl Backend for PgJob {
         // The job's lock, exclusively: refused while any worker holds it shared.
         let c = self.ctx.connect_worker().await?;
         let key = self.ctx.store.lock_key(&self.ctx.job, "job");
-        let got: bool = c
-            .query_one(
-                "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
-                &[&key],
-            )
-            .await
-            .map_err(|e| db_error("taking the job's lock", &e))?
-            .get(0);
-        if !got {
+        if !advisory::try_lock(&c, &key, false, "taking the job's lock").await? {
             let n = self.ctx.live_workers(&c, false).await?;
             return Err(Error::Stopped(StopReason::LockHeld(format!(
                 "{n} live worker(s); stop them first (SIGTERM) and reset again"
@@ -534,12 +507,7 @@ impl Backend for PgJob {
         // Released here, not by closing the session: the server ends a closed session a moment
         // after the client has gone, and a `run` started right after this command exits would
         // still find the lock held.
-        c.execute(
-            "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
-            &[&key],
-        )
-        .await
-        .map_err(|e| db_error("releasing the job's lock", &e))?;
+        advisory::unlock(&c, &key, false, "releasing the job's lock").await?;
         Ok(existed.then(|| "checkpoint deleted; the next run starts from the beginning".into()))
     }
 }

@@ -3,6 +3,7 @@
 //! fenced checkpoint, and a retry pass per range for rows that were skipped because they were
 //! locked. The job's tables live in the target database (`store.rs`).
 
+pub mod advisory;
 mod blockers;
 pub mod connect;
 pub mod errors;

@@ -3,6 +3,7 @@
 //! commits together with the range's checkpoint, fenced by the claim's epoch: a worker whose
 //! claim was taken over (after its connection was lost) writes nothing and claims again.
 
+use super::advisory;
 use super::errors::db_error;
 use super::job::Ctx;
 use super::raw::RawValue;
@@ -142,12 +143,7 @@ impl PgWorker {
             .store
             .lock_key(&self.ctx.job, &format!("range:{n}"));
         if let Some(c) = self.conn.as_ref()
-            && let Err(e) = c
-                .execute(
-                    "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
-                    &[&key],
-                )
-                .await
+            && let Err(e) = advisory::unlock(c, &key, false, "unlocking a range").await
         {
             tracing::debug!("unlocking range {n}: {e}");
         }
@@ -362,15 +358,7 @@ impl Worker for PgWorker {
                 continue;
             }
             let key = ctx.store.lock_key(&ctx.job, &format!("range:{n}"));
-            let got: bool = c
-                .query_one(
-                    "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
-                    &[&key],
-                )
-                .await
-                .map_err(|e| db_error("claiming a range", &e))?
-                .get(0);
-            if !got {
+            if !advisory::try_lock(c, &key, false, "claiming a range").await? {
                 held += 1;
                 continue;
             }
@@ -380,12 +368,7 @@ impl Worker for PgWorker {
                 .map_err(|e| db_error("claiming a range", &e))?;
             let Some(r) = taken else {
                 // Finished by someone else in the meantime.
-                let _ = c
-                    .execute(
-                        "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
-                        &[&key],
-                    )
-                    .await;
+                let _ = advisory::unlock(c, &key, false, "unlocking a range").await;
                 continue;
             };
             let status: String = r.get(1);
