@@ -995,6 +995,63 @@ clickhouse:
 
 ch_test! {
     #[test]
+    fn a_group_by_larger_than_half_the_cap_spills_and_lands_at_its_first_attempt(srv) {
+        let db = ChDb::new_on(&srv, "spill");
+        // One day, a million distinct keys: the GROUP BY needs ~60-90 MiB in memory on both
+        // servers, over the 40 MB cap, and fits when it spills to disk at half of it.
+        db.q("CREATE TABLE ev (ran_at DateTime, k UInt64)
+              ENGINE = MergeTree PARTITION BY toYYYYMM(ran_at) ORDER BY ran_at");
+        db.q("INSERT INTO ev SELECT toDateTime('2025-11-01 00:00:00') + (number % 86400),
+                     intHash64(number) FROM numbers(1000000)");
+        db.q("CREATE TABLE out (k UInt64, c AggregateFunction(count))
+              ENGINE = AggregatingMergeTree ORDER BY k");
+        let statement = "INSERT INTO {target} SELECT k, countState() FROM ev WHERE {chunk} GROUP BY k";
+        let alone = db.try_q_with(
+            &statement.replace("{target}", "out").replace("{chunk}", "1"),
+            &[("max_memory_usage", "40000000"), ("max_threads", "1")],
+        );
+        assert!(
+            alone.as_ref().is_err_and(|e| e.contains("Code: 241")),
+            "the month alone should exceed the cap: {alone:?}"
+        );
+        // Every lighter setting but the spill is pinned by the spec, and the ladder is one month:
+        // without the spill the month fails (or lands only at a second, lighter attempt).
+        let spec = db.spec(
+            "spill.yaml",
+            &format!(
+                "name: spill
+clickhouse:
+  url: $URL
+  source: ev
+  time_column: ran_at
+  chunks: [month]
+  target: out
+  settings: {{ max_memory_usage: 40000000, max_threads: 1, max_block_size: 8192,
+              min_insert_block_size_rows: 8192, min_insert_block_size_bytes: 10000000 }}
+  statement: {statement}
+"
+            ),
+        );
+        let (code, out, err) = run(&[&"run", &spec]);
+        let all = all_output(&out, &err);
+        assert_eq!(code, 0, "{all}");
+        assert!(!err.contains("ran out of memory"), "{all}");
+        let recs = by_chunk(db.chunks("spill"));
+        let month = &recs["2025-11"];
+        assert_eq!(
+            (month.status.as_str(), month.attempts, month.light, month.code),
+            ("done", 1, 0, 0),
+            "{month:?}"
+        );
+        assert_eq!(
+            db.q("SELECT count(), sum(c) FROM (SELECT k, countMerge(c) AS c FROM out GROUP BY k)"),
+            db.q("SELECT uniqExact(k), count() FROM ev"),
+        );
+    }
+}
+
+ch_test! {
+    #[test]
     fn settings_and_columns_the_server_refuses_name_their_field(srv) {
         let db = ChDb::new_on(&srv, "fields");
         build_events(&db, 10);
