@@ -64,11 +64,12 @@ impl ChWorker {
 
     /// Settings every attempt carries under a memory cap, those the spec does not set itself: a
     /// GROUP BY or ORDER BY spills to disk at half the cap instead of failing at the cap
-    /// (ClickHouse's own advice for `max_bytes_before_external_group_by`), and the INSERT
-    /// writes blocks of at most 65,536 rows instead of squashing a million aggregated rows in
-    /// memory first (26.9 needed 770 MiB for that squash after a 400 MiB GROUP BY; its byte
-    /// limit does not count aggregate states). A chunk that fits never reaches half the cap and
-    /// runs as before; one that does not is saved a failed attempt and the slower lighter retry
+    /// (ClickHouse's own advice for `max_bytes_before_external_group_by`); and, on servers that
+    /// squash insert blocks in memory (`Server::squashes_in_memory`), the INSERT writes blocks
+    /// of at most 262,144 rows rather than a million (a quarter of the memory, four times the
+    /// parts of the default; 18.16 keeps its default, so a copy of many rows makes no more
+    /// parts there than before). A chunk that fits never reaches half the cap and runs as
+    /// before; one that does not is saved a failed attempt and the slower lighter retry
     /// (bench/README.md: the skewed month, on 18.16 and 26.9).
     fn capped(&self) -> Vec<(&'static str, String)> {
         let set = |k: &str| self.ctx.spec.settings.iter().any(|(s, _)| s == k);
@@ -77,14 +78,14 @@ impl ChWorker {
             return Vec::new();
         }
         let half = (cap / 2).to_string();
-        [
+        let mut want = vec![
             ("max_bytes_before_external_group_by", half.clone()),
             ("max_bytes_before_external_sort", half),
-            ("min_insert_block_size_rows", "65536".to_string()),
-        ]
-        .into_iter()
-        .filter(|(k, _)| !set(k))
-        .collect()
+        ];
+        if self.ctx.db.server.squashes_in_memory {
+            want.push(("min_insert_block_size_rows", "262144".to_string()));
+        }
+        want.into_iter().filter(|(k, _)| !set(k)).collect()
     }
 
     /// Settings that make an `INSERT ... SELECT ... GROUP BY` use less memory, those the spec
