@@ -14,6 +14,7 @@ mod lock;
 mod pgstate;
 mod plan;
 mod planner;
+mod settings;
 pub mod state;
 pub mod store;
 mod tree;
@@ -56,6 +57,9 @@ pub struct Ctx {
     lock: Mutex<Option<Arc<TargetLock>>>,
     /// The server's memory cap for a query (the spec's `max_memory_usage`, else the server's).
     pub memory_cap: OnceLock<u64>,
+    /// What every chunk attempt adds under the cap, and a lighter attempt (probed in preflight).
+    pub capped: OnceLock<settings::Settings>,
+    pub lighter: OnceLock<settings::Settings>,
 }
 
 impl Ctx {
@@ -139,6 +143,8 @@ impl ChJob {
                 land_lock: Mutex::new(()),
                 lock: Mutex::new(None),
                 memory_cap: OnceLock::new(),
+                capped: OnceLock::new(),
+                lighter: OnceLock::new(),
             }),
         })
     }
@@ -335,6 +341,14 @@ impl Backend for ChJob {
             .unwrap_or(0),
         };
         let _ = ctx.memory_cap.set(cap);
+        let capped = settings::capped(&ctx.spec, cap, &ctx.db.server);
+        let _ = ctx
+            .capped
+            .set(settings::probe(&ctx.chunk_client, capped, "spill").await);
+        let lighter = settings::lighter(&ctx.spec, cap);
+        let _ = ctx
+            .lighter
+            .set(settings::probe(&ctx.chunk_client, lighter, "lighter").await);
         // The statement must run: insert nothing (`{chunk}` = 0) into a throwaway table of its
         // own, never into a staging table (it may hold a staged chunk waiting to land).
         let probe = ctx.landing.staging(9999).replace("_s9999", "_check");

@@ -9,7 +9,7 @@ use super::client::exec;
 use super::errors::{MEMORY_LIMIT_EXCEEDED, code, memory_hint};
 use super::store::{self, DONE, FAILED, PAUSE_ROW, PENDING, Record, SPLIT, STAGED};
 use super::tree::Next;
-use super::{Ctx, planner};
+use super::{Ctx, planner, settings};
 use crate::engine::{Claim, Outcome, Worker};
 use crate::error::{DbErrorKind, Error, Result, StopReason};
 use crate::spec::ChunkLevel;
@@ -62,50 +62,9 @@ impl ChWorker {
         r
     }
 
-    /// Settings every attempt carries under a memory cap, those the spec does not set itself: a
-    /// GROUP BY or ORDER BY spills to disk at half the cap instead of failing at the cap
-    /// (ClickHouse's own advice for `max_bytes_before_external_group_by`); and, on servers that
-    /// squash insert blocks in memory (`Server::squashes_in_memory`), the INSERT writes blocks
-    /// of at most 262,144 rows rather than a million (a quarter of the memory, four times the
-    /// parts of the default; 18.16 keeps its default, so a copy of many rows makes no more
-    /// parts there than before). A chunk that fits never reaches half the cap and runs as
-    /// before; one that does not is saved a failed attempt and the slower lighter retry
-    /// (bench/README.md: the skewed month, on 18.16 and 26.9).
-    fn capped(&self) -> Vec<(&'static str, String)> {
-        let set = |k: &str| self.ctx.spec.settings.iter().any(|(s, _)| s == k);
-        let cap = self.ctx.memory_cap.get().copied().unwrap_or(0);
-        if cap == 0 {
-            return Vec::new();
-        }
-        let half = (cap / 2).to_string();
-        let mut want = vec![
-            ("max_bytes_before_external_group_by", half.clone()),
-            ("max_bytes_before_external_sort", half),
-        ];
-        if self.ctx.db.server.squashes_in_memory {
-            want.push(("min_insert_block_size_rows", "262144".to_string()));
-        }
-        want.into_iter().filter(|(k, _)| !set(k)).collect()
-    }
-
-    /// Settings that make an `INSERT ... SELECT ... GROUP BY` use less memory, those the spec
-    /// does not set itself: one thread, small blocks, insert blocks not squashed beyond a
-    /// quarter of the memory cap, and a GROUP BY that spills to disk at a quarter of it.
-    /// (Measured on 18.16 and 26.9: the skewed test month needs 58 MB as it is, and fits in 26
-    /// MB like this.)
-    fn lighter(&self) -> Vec<(&'static str, String)> {
-        let set = |k: &str| self.ctx.spec.settings.iter().any(|(s, _)| s == k);
-        let cap = self.ctx.memory_cap.get().copied().unwrap_or(0);
-        let mut want = vec![
-            ("max_threads", "1".to_string()),
-            ("max_block_size", "8192".to_string()),
-            ("min_insert_block_size_rows", "8192".to_string()),
-        ];
-        if cap > 0 {
-            want.push(("max_bytes_before_external_group_by", (cap / 4).to_string()));
-            want.push(("min_insert_block_size_bytes", (cap / 4).to_string()));
-        }
-        want.into_iter().filter(|(k, _)| !set(k)).collect()
+    /// The settings of a lighter attempt (probed in preflight).
+    fn lighter(&self) -> &[(&'static str, String)] {
+        self.ctx.lighter.get().map_or(&[], Vec::as_slice)
     }
 
     /// Whether the chunk has a rung below it.
@@ -247,13 +206,11 @@ impl ChWorker {
             .replace("{chunk}", &c.predicate(spec, ctx.kinds()));
         ctx.landing.fresh(&staging).await?;
         // The lighter settings come last: where both set one, theirs wins.
-        let mut settings = self.capped();
+        let capped = ctx.capped.get().map_or(&[][..], Vec::as_slice);
+        let mut client = settings::with(&ctx.chunk_client, capped);
         if light {
-            settings.extend(self.lighter());
+            client = settings::with(&client, self.lighter());
         }
-        let client = settings
-            .into_iter()
-            .fold(ctx.chunk_client.clone(), |cl, (k, v)| cl.with_setting(k, v));
         let mut rec = self.record_of(c).await;
         rec.attempts += 1;
         if let Err(e) = exec(&client, &sql, &format!("chunk {id}")).await {
