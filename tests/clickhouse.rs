@@ -997,18 +997,19 @@ ch_test! {
     #[test]
     fn a_group_by_larger_than_half_the_cap_spills_and_lands_at_its_first_attempt(srv) {
         let db = ChDb::new_on(&srv, "spill");
-        // One day, a million distinct keys: the GROUP BY needs ~60-90 MiB in memory on both
-        // servers, over the 40 MB cap, and fits when it spills to disk at half of it.
+        // One day, eight million distinct keys: the GROUP BY needs ~290 MiB in memory on both
+        // servers, over the 300 MB cap, and fits when it spills to disk at half of it (the
+        // engine spills under caps of 256 MiB and more).
         db.q("CREATE TABLE ev (ran_at DateTime, k UInt64)
               ENGINE = MergeTree PARTITION BY toYYYYMM(ran_at) ORDER BY ran_at");
         db.q("INSERT INTO ev SELECT toDateTime('2025-11-01 00:00:00') + (number % 86400),
-                     intHash64(number) FROM numbers(1000000)");
+                     intHash64(number) FROM numbers(8000000)");
         db.q("CREATE TABLE out (k UInt64, c AggregateFunction(count))
               ENGINE = AggregatingMergeTree ORDER BY k");
         let statement = "INSERT INTO {target} SELECT k, countState() FROM ev WHERE {chunk} GROUP BY k";
         let alone = db.try_q_with(
             &statement.replace("{target}", "out").replace("{chunk}", "1"),
-            &[("max_memory_usage", "40000000"), ("max_threads", "1")],
+            &[("max_memory_usage", "300000000"), ("max_threads", "1")],
         );
         assert!(
             alone.as_ref().is_err_and(|e| e.contains("Code: 241")),
@@ -1026,7 +1027,7 @@ clickhouse:
   time_column: ran_at
   chunks: [month]
   target: out
-  settings: {{ max_memory_usage: 40000000, max_threads: 1, max_block_size: 8192,
+  settings: {{ max_memory_usage: 300000000, max_threads: 1, max_block_size: 8192,
               min_insert_block_size_rows: 8192, min_insert_block_size_bytes: 10000000 }}
   statement: {statement}
 "

@@ -15,6 +15,15 @@ const TRANSIENT: [u32; 6] = [
     394, // QUERY_WAS_CANCELLED (server shutting down)
 ];
 
+/// A setting the server does not let this query change: UNKNOWN_SETTING, READONLY,
+/// SETTING_CONSTRAINT_VIOLATION.
+const SETTING_REFUSED: [u32; 3] = [115, 164, 452];
+
+/// Whether `e` is the server refusing a setting (see `SETTING_REFUSED`).
+pub fn refuses_setting(e: &Error) -> bool {
+    matches!(e, Error::Db { message, .. } if code(message).is_some_and(|c| SETTING_REFUSED.contains(&c)))
+}
+
 /// The exception code in a server message, e.g. `Code: 241, e.displayText() = ...` (18.16) or
 /// `Code: 241. DB::Exception: ...` (current releases).
 pub fn code(text: &str) -> Option<u32> {

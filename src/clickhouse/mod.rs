@@ -325,30 +325,22 @@ impl Backend for ChJob {
                 e.to_string().trim_start_matches(": ")
             )));
         }
-        let cap = match ctx
-            .spec
-            .settings
-            .iter()
-            .find(|(k, _)| k == "max_memory_usage")
-        {
-            Some((_, v)) => v.parse().unwrap_or(0),
-            None => client::number(
-                &ctx.db.client,
-                "SELECT toUInt64(value) FROM system.settings WHERE name = 'max_memory_usage'",
-                "reading max_memory_usage",
-            )
-            .await
-            .unwrap_or(0),
-        };
+        // The cap as the server reads it with the spec's settings (`10G` is a cap too).
+        let cap = client::number(
+            &ctx.chunk_client,
+            "SELECT toUInt64(value) FROM system.settings WHERE name = 'max_memory_usage'",
+            "reading max_memory_usage",
+        )
+        .await?;
         let _ = ctx.memory_cap.set(cap);
         let capped = settings::capped(&ctx.spec, cap, &ctx.db.server);
         let _ = ctx
             .capped
-            .set(settings::probe(&ctx.chunk_client, capped, "spill").await);
+            .set(settings::probe(&ctx.chunk_client, capped, "spill").await?);
         let lighter = settings::lighter(&ctx.spec, cap);
         let _ = ctx
             .lighter
-            .set(settings::probe(&ctx.chunk_client, lighter, "lighter").await);
+            .set(settings::probe(&ctx.chunk_client, lighter, "lighter").await?);
         // The statement must run: insert nothing (`{chunk}` = 0) into a throwaway table of its
         // own, never into a staging table (it may hold a staged chunk waiting to land).
         let probe = ctx.landing.staging(9999).replace("_s9999", "_check");

@@ -5,20 +5,29 @@
 //! chunks without that set instead of failing every chunk on it.
 
 use super::client::{Server, exec};
+use super::errors::refuses_setting;
+use crate::error::Result;
 use crate::spec::ClickhouseSpec;
 
 pub type Settings = Vec<(&'static str, String)>;
+
+/// The smallest memory cap the engine spills under. Spilling has a memory cost of its own (the
+/// merge of the spilled buckets: 10-20 MB measured on 18.16 and 26.9), so under a cap of tens
+/// of MB a chunk that fitted as it was could fail with the spill (checked: a 33 MB GROUP BY under
+/// a 40 MB cap); from a few hundred MB on, that cost is lost in the margin.
+const MIN_SPILL_CAP: u64 = 256 << 20;
 
 /// Settings every attempt carries under a memory cap: a GROUP BY or ORDER BY spills to disk at
 /// half the cap instead of failing at the cap (ClickHouse's own advice for
 /// `max_bytes_before_external_group_by`); and, on servers that squash insert blocks in memory
 /// (`Server::squashes_in_memory`), the INSERT writes blocks of at most 262,144 rows rather than
 /// a million (a quarter of the memory, four times the parts of the default; 18.16 keeps its
-/// default, so a copy of many rows makes no more parts there than before). A chunk that fits
-/// never reaches half the cap and runs as before; one that does not is saved a failed attempt
-/// and the slower lighter retry (bench/README.md: the skewed month, on 18.16 and 26.9).
+/// default, so a copy of many rows makes no more parts there than before). A chunk whose GROUP
+/// BY stays under half the cap runs as before; a bigger one is saved a failed attempt and the
+/// slower lighter retry (bench/README.md: the skewed month, on 18.16 and 26.9). Nothing under a
+/// cap below `MIN_SPILL_CAP`.
 pub fn capped(spec: &ClickhouseSpec, cap: u64, server: &Server) -> Settings {
-    if cap == 0 {
+    if cap < MIN_SPILL_CAP {
         return Vec::new();
     }
     let half = (cap / 2).to_string();
@@ -62,22 +71,21 @@ pub fn with(client: &clickhouse::Client, set: &[(&'static str, String)]) -> clic
         .fold(client.clone(), |c, (k, v)| c.with_setting(*k, v.clone()))
 }
 
-/// `set` if the server takes it with the spec's settings, else nothing (and a warning saying
-/// what the chunks run without).
-pub async fn probe(client: &clickhouse::Client, set: Settings, what: &str) -> Settings {
-    if set.is_empty() {
-        return set;
-    }
-    match exec(&with(client, &set), "SELECT 1", "").await {
-        Ok(()) => set,
-        Err(e) => {
-            let names: Vec<&str> = set.iter().map(|(k, _)| *k).collect();
-            tracing::warn!(
-                "the server refuses the {what} settings ({}): chunks run without them: {}",
-                names.join(", "),
+/// Those of `set` the server takes with the spec's settings, one by one; each it refuses (an
+/// unknown setting, a readonly profile, a settings constraint) is left out with a warning.
+/// Any other error (the network, a busy server) is the preflight's to report.
+pub async fn probe(client: &clickhouse::Client, set: Settings, what: &str) -> Result<Settings> {
+    let mut kept = Vec::with_capacity(set.len());
+    for (k, v) in set {
+        let one = [(k, v)];
+        match exec(&with(client, &one), "SELECT 1", "").await {
+            Ok(()) => kept.extend(one),
+            Err(e) if refuses_setting(&e) => tracing::warn!(
+                "the server refuses the {what} setting {k}: chunks run without it: {}",
                 e.to_string().trim_start_matches(": ")
-            );
-            Vec::new()
+            ),
+            Err(e) => return Err(e),
         }
     }
+    Ok(kept)
 }

@@ -67,6 +67,15 @@ impl ChWorker {
         self.ctx.lighter.get().map_or(&[], Vec::as_slice)
     }
 
+    /// How a chunk that ran out of memory for good was tried.
+    fn even_lighter(&self) -> &'static str {
+        if self.lighter().is_empty() {
+            "with no lighter settings left to try (the spec pins them, or the server refuses them)"
+        } else {
+            "even with lighter settings"
+        }
+    }
+
     /// Whether the chunk has a rung below it.
     fn splittable(&self, c: &Chunk) -> bool {
         let spec = &self.ctx.spec;
@@ -143,14 +152,15 @@ impl ChWorker {
             self.held = None;
             return Err(Error::fatal(format!(
                 "chunk {id} exceeds the memory limit even as the smallest chunk the ladder \
-                 allows ({}), even with lighter settings: {why}",
+                 allows ({}), {}: {why}",
                 match &c.values {
                     Some(v) if v.single => format!(
                         "one day or less, one {} value",
                         ctx.spec.split_column.as_deref().unwrap_or("split_column")
                     ),
                     _ => "its ladder has no rung below it".into(),
-                }
+                },
+                self.even_lighter()
             )));
         }
         let covered: u64 = kids.iter().filter_map(|k| k.rows).sum();
@@ -384,7 +394,8 @@ impl ChWorker {
             {
                 let why = format!(
                     "{n} rows, not below the {limit} rows of a chunk that exceeded the memory \
-                     limit even with lighter settings"
+                     limit {}",
+                    self.even_lighter()
                 );
                 return self.split(&c, Cause::Predicted(why)).await;
             }
