@@ -1346,3 +1346,85 @@ fn spec_error_statement_that_does_not_insert_into_the_target() {
         "INSERT INTO {target}",
     );
 }
+
+/// 18.16 lands by attaching, and a replay after a kill recognises the attached parts by their
+/// sizes, which only holds while no merge has folded them. So the next run keeps the target's
+/// merges stopped until the interrupted chunk has landed again, and that landing completes
+/// without starting the job over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v18_a_landing_killed_after_its_attach_is_replayed_with_merges_still_stopped() {
+    let srv = common::ch::ChServer::v18();
+    let db = ChDb::new_on(&srv, "replaystop");
+    build_days(&db, 6, 1000);
+    let reference = source_digest(&db);
+    // The first run stops for good after the fifth day's first partition went in: held at
+    // that day's second ATTACH, and killed there (each day lands in the target's 4
+    // partitions, so each holds 4-5 small parts that merges would fold at once).
+    let first = FaultProxy::start_http(srv.addr()).await;
+    let held = first.add_rule(
+        Rule::new(Fault::HoldUntilReleased)
+            .when_contains("ATTACH PARTITION")
+            .nth(18),
+    );
+    let spec = days_spec(&db, "replaystop", &first.url_for(&db.url), "");
+    let mut r = spawn(db.dir.path(), "first", &[], &spec);
+    r.wait_until(
+        "the fifth day's landing to be held",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        async || first.rule_fired(held) > 0,
+    )
+    .await;
+    r.kill();
+    let recs = db.records("replaystop");
+    assert!(
+        recs.iter().any(|r| r.status == "staged"),
+        "a chunk is staged: {recs:?}"
+    );
+    assert!(
+        recs.iter()
+            .any(|r| r.chunk == "#merges" && r.status == "stopped"),
+        "merges are recorded stopped: {recs:?}"
+    );
+    // The next run, held at the replay's own STOP MERGES: nothing may merge before it.
+    let second = FaultProxy::start_http(srv.addr()).await;
+    let replay = second.add_rule(
+        Rule::new(Fault::HoldUntilReleased)
+            .when_contains("STOP MERGES")
+            .nth(1),
+    );
+    let spec = days_spec(&db, "replaystop", &second.url_for(&db.url), "");
+    let mut r = spawn(db.dir.path(), "second", &[], &spec);
+    r.wait_until(
+        "the replay to be held",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        async || second.rule_fired(replay) > 0,
+    )
+    .await;
+    let parts = "SELECT count(), countIf(min_block_number < max_block_number)
+                   FROM system.parts WHERE database = currentDatabase() AND table = 'agg' AND active";
+    let before = db.q(parts);
+    // What a background merge would do, at once: refused while merges are stopped.
+    let optimized = db.try_q("OPTIMIZE TABLE agg FINAL");
+    assert_eq!(
+        db.q(parts),
+        before,
+        "the target's parts were merged before the replay (OPTIMIZE: {optimized:?})"
+    );
+    second.release_held();
+    let (code, out, err) = r.finish(Duration::from_secs(120)).await;
+    let all = all_output(&out, &err);
+    assert_eq!(code, 0, "{all}");
+    assert!(
+        err.contains(
+            "merges stay stopped until the chunk an earlier run was landing is landed again"
+        ),
+        "{all}"
+    );
+    assert!(
+        !err.contains("no longer recognisable"),
+        "no start-over: {all}"
+    );
+    assert_eq!(target_digest(&db), reference);
+}

@@ -364,9 +364,21 @@ impl Backend for ChJob {
             .iter()
             .any(|r| r.chunk == store::MERGES_ROW && r.status == "stopped")
         {
-            tracing::warn!("restarting the target's merges, stopped by an earlier run");
-            ctx.landing.resume_merges().await?;
-            ctx.merges_stopped(false).await?;
+            if self.live().await? {
+                // Another runner of this job is landing now: its merges, its business.
+            } else if records.iter().any(|r| r.status == store::STAGED) {
+                // The killed landing is replayed first (staged chunks lead the queue), and
+                // recognises its attached parts by their sizes only while no merge has folded
+                // them: merges start again once it has landed (worker.rs `land`).
+                tracing::warn!(
+                    "the target's merges stay stopped until the chunk an earlier run was \
+                     landing is landed again"
+                );
+            } else {
+                tracing::warn!("restarting the target's merges, stopped by an earlier run");
+                ctx.landing.resume_merges().await?;
+                ctx.merges_stopped(false).await?;
+            }
         }
         Ok(())
     }
