@@ -11,7 +11,7 @@
 mod common;
 use common::ch::ChDb;
 use common::cluster::{ClusterOpts, PgCluster};
-use common::runner::spawn;
+use common::runner::{spawn, wait_runner_sessions_gone};
 use common::{TestDb, path_str, run};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -287,6 +287,9 @@ ch_test! {
             }
             r.kill();
             kills += 1;
+            // A statement the runner sent just before it died still commits on the server:
+            // read the records only once its sessions are gone.
+            wait_runner_sessions_gone(&c).await;
             let done = pg_chunks(&c, "killed", "done").await;
             let staged = pg_chunks(&c, "killed", "staged").await;
             done_before = done.len();
