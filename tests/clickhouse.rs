@@ -1428,3 +1428,187 @@ async fn v18_a_landing_killed_after_its_attach_is_replayed_with_merges_still_sto
     );
     assert_eq!(target_digest(&db), reference);
 }
+
+ch_test! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_two_workers_a_staged_chunk_is_replayed_from_its_own_table_while_others_insert(srv) {
+        let db = ChDb::new_on(&srv, "stagedw2");
+        build_days(&db, 6, 1000);
+        let reference = source_digest(&db);
+        let lands = |t: &str| t.contains("ATTACH PARTITION") || t.contains("MOVE PARTITION");
+        // The first run is killed holding a landing from the second worker's staging table
+        // (`_s1` when staging tables belonged to workers; any chunk's own table now).
+        let first = FaultProxy::start_http(srv.addr()).await;
+        let held = first.add_rule(
+            Rule::new(Fault::HoldUntilReleased)
+                .matching(move |r| {
+                    let t = r.text();
+                    lands(&t) && (t.contains("_s1`") || t.contains("_s_"))
+                })
+                .nth(1),
+        );
+        let spec = days_spec(&db, "stagedw2", &first.url_for(&db.url), "workers: 2\n");
+        let mut r = spawn(db.dir.path(), "first", &[], &spec);
+        r.wait_until(
+            "a landing to be held",
+            Duration::from_secs(60),
+            Duration::from_millis(20),
+            async || first.rule_fired(held) > 0,
+        )
+        .await;
+        r.kill();
+        assert!(
+            db.records("stagedw2").iter().any(|r| r.status == "staged"),
+            "a chunk is staged"
+        );
+        // The next run replays it while its other worker inserts a new chunk: the replay is
+        // held until that insert has been sent.
+        let second = FaultProxy::start_http(srv.addr()).await;
+        let replay = second.add_rule(
+            Rule::new(Fault::HoldUntilReleased)
+                .matching(move |r| {
+                    let t = r.text();
+                    t.contains("STOP MERGES") || lands(&t)
+                })
+                .nth(1),
+        );
+        let insert = second.add_rule(
+            Rule::new(Fault::Hold(Duration::ZERO))
+                .matching(|r| r.text().contains("INSERT INTO") && r.text().contains("__backfill_stagedw2_s")),
+        );
+        let spec = days_spec(&db, "stagedw2", &second.url_for(&db.url), "workers: 2\n");
+        let r = spawn(db.dir.path(), "second", &[], &spec);
+        common::runner::wait_until(
+            "the replay to be held and another chunk's insert to be sent",
+            Duration::from_secs(60),
+            Duration::from_millis(20),
+            async || second.rule_fired(replay) > 0 && second.rule_fired(insert) > 0,
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        second.release_held();
+        let (code, out, err) = r.finish(Duration::from_secs(120)).await;
+        let all = all_output(&out, &err);
+        assert_eq!(code, 0, "{all}");
+        assert_eq!(target_digest(&db), reference, "every chunk landed once: {all}");
+    }
+}
+
+/// A pause does not hold back the landing of a chunk an earlier run left staged: on 18.16 the
+/// target's merges stay stopped until it has landed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v18_a_paused_job_lands_its_staged_chunk_first_and_starts_merges_again() {
+    let srv = common::ch::ChServer::v18();
+    let db = ChDb::new_on(&srv, "stagedpause");
+    build_days(&db, 6, 1000);
+    let first = FaultProxy::start_http(srv.addr()).await;
+    let held = first.add_rule(
+        Rule::new(Fault::HoldUntilReleased)
+            .when_contains("ATTACH PARTITION")
+            .nth(18),
+    );
+    let spec = days_spec(&db, "stagedpause", &first.url_for(&db.url), "");
+    let mut r = spawn(db.dir.path(), "first", &[], &spec);
+    r.wait_until(
+        "a landing to be held",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        async || first.rule_fired(held) > 0,
+    )
+    .await;
+    r.kill();
+    let spec = days_spec(&db, "stagedpause", &db.url, "");
+    let (code, out, err) = run(&[&"pause", &spec]);
+    assert_eq!(code, 0, "{}", all_output(&out, &err));
+    let mut r = spawn(db.dir.path(), "second", &[], &spec);
+    r.wait_until(
+        "the staged chunk to be done and the job paused",
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        async || {
+            let recs = db.records("stagedpause");
+            !recs.iter().any(|r| r.status == "staged")
+                && !recs
+                    .iter()
+                    .any(|r| r.chunk == "#merges" && r.status == "stopped")
+        },
+    )
+    .await;
+    assert!(!r.exited(), "the paused run waits");
+    // Merges run again while the job is paused.
+    let parts = "SELECT count() FROM system.parts
+                  WHERE database = currentDatabase() AND table = 'agg' AND active";
+    let before: u64 = db.q(parts).trim().parse().unwrap();
+    let optimized = db.try_q("OPTIMIZE TABLE agg FINAL");
+    let after: u64 = db.q(parts).trim().parse().unwrap();
+    assert!(
+        after < before,
+        "merges run: {before} -> {after} ({optimized:?})"
+    );
+    r.kill();
+}
+
+/// A replay that fails once (a dropped request) leaves the target's merges stopped for its
+/// retry, which then recognises the attached parts and finishes without starting over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v18_a_replay_that_fails_once_keeps_merges_stopped_for_its_retry() {
+    let srv = common::ch::ChServer::v18();
+    let db = ChDb::new_on(&srv, "stagedretry");
+    build_days(&db, 6, 1000);
+    let reference = source_digest(&db);
+    let first = FaultProxy::start_http(srv.addr()).await;
+    let held = first.add_rule(
+        Rule::new(Fault::HoldUntilReleased)
+            .when_contains("ATTACH PARTITION")
+            .nth(18),
+    );
+    let spec = days_spec(&db, "stagedretry", &first.url_for(&db.url), "");
+    let mut r = spawn(db.dir.path(), "first", &[], &spec);
+    r.wait_until(
+        "a landing to be held",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        async || first.rule_fired(held) > 0,
+    )
+    .await;
+    r.kill();
+    let second = FaultProxy::start_http(srv.addr()).await;
+    let dropped = second.add_rule(
+        Rule::new(Fault::DropRequest)
+            .when_contains("ATTACH PARTITION")
+            .nth(1),
+    );
+    let retry = second.add_rule(
+        Rule::new(Fault::HoldUntilReleased)
+            .when_contains("STOP MERGES")
+            .nth(2),
+    );
+    let spec = days_spec(&db, "stagedretry", &second.url_for(&db.url), "");
+    let mut r = spawn(db.dir.path(), "second", &[], &spec);
+    r.wait_until(
+        "the replay's retry to be held",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        async || second.rule_fired(retry) > 0,
+    )
+    .await;
+    assert_eq!(second.rule_fired(dropped), 1);
+    let parts = "SELECT count(), countIf(min_block_number < max_block_number)
+                   FROM system.parts WHERE database = currentDatabase() AND table = 'agg' AND active";
+    let before = db.q(parts);
+    let optimized = db.try_q("OPTIMIZE TABLE agg FINAL");
+    assert_eq!(
+        db.q(parts),
+        before,
+        "the target's parts were merged before the retry (OPTIMIZE: {optimized:?})"
+    );
+    second.release_held();
+    let (code, out, err) = r.finish(Duration::from_secs(120)).await;
+    let all = all_output(&out, &err);
+    assert_eq!(code, 0, "{all}");
+    assert!(
+        !err.contains("no longer recognisable"),
+        "no start-over: {all}"
+    );
+    assert_eq!(target_digest(&db), reference);
+}

@@ -1,5 +1,5 @@
 //! A chunk lands whole or not at all, and once. ClickHouse inserts are not transactional, so a
-//! chunk is inserted into a staging table of its worker built `AS` the target; only a chunk
+//! chunk is inserted into a staging table of its own built `AS` the target; only a chunk
 //! whose insert succeeded is recorded `staged` and landed:
 //! - on servers with `MOVE PARTITION ... TO TABLE` (20.1+), each partition's parts move from the
 //!   staging table into the target: the target's other parts (another writer's included) are
@@ -78,9 +78,20 @@ impl Landing {
         self.q(&self.target_name)
     }
 
-    /// Worker `w`'s staging table, for `{target}` in the statement.
-    pub fn staging(&self, w: usize) -> String {
-        self.q(&format!("{}_s{w}", self.prefix))
+    /// Chunk `chunk`'s staging table, for `{target}` in its statement: the chunk's own, not its
+    /// worker's. A chunk staged by a run that was killed is landed by whichever worker claims it
+    /// next, from the table its record names, while the other workers insert new chunks: with
+    /// one table per worker, a new chunk's insert emptied and refilled the staged chunk's table,
+    /// and its replay landed the wrong rows under the staged chunk's record.
+    pub fn staging(&self, chunk: &str) -> String {
+        use sha2::{Digest, Sha256};
+        let h = Sha256::digest(chunk.as_bytes());
+        self.q(&format!("{}_s_{}", self.prefix, hex::encode(&h[..8])))
+    }
+
+    /// The preflight's throwaway table, where the statement is tried with nothing to insert.
+    pub fn check_table(&self) -> String {
+        self.q(&format!("{}_check", self.prefix))
     }
 
     fn base(&self) -> String {

@@ -343,7 +343,7 @@ impl Backend for ChJob {
             .set(settings::probe(&ctx.chunk_client, lighter, "lighter").await?);
         // The statement must run: insert nothing (`{chunk}` = 0) into a throwaway table of its
         // own, never into a staging table (it may hold a staged chunk waiting to land).
-        let probe = ctx.landing.staging(9999).replace("_s9999", "_check");
+        let probe = ctx.landing.check_table();
         let sql = ctx
             .spec
             .statement

@@ -18,7 +18,6 @@ use std::time::Instant;
 
 pub struct ChWorker {
     ctx: Arc<Ctx>,
-    index: usize,
     name: String,
     held: Option<Chunk>,
     /// The held chunk ran out of memory: its next attempt uses lighter settings.
@@ -37,7 +36,6 @@ impl ChWorker {
     pub fn new(ctx: Arc<Ctx>, index: usize) -> ChWorker {
         ChWorker {
             ctx,
-            index,
             name: format!("w{index}"),
             held: None,
             light_next: false,
@@ -208,7 +206,7 @@ impl ChWorker {
         let ctx = self.ctx.clone();
         let spec = &ctx.spec;
         let id = c.id(spec);
-        let staging = ctx.landing.staging(self.index);
+        let staging = ctx.landing.staging(&id);
         let light = self.light_next;
         let sql = spec
             .statement
@@ -332,8 +330,17 @@ impl ChWorker {
             ctx.put(&[&rec]).await
         }
         .await;
-        if attach {
-            // Never leave the target's merges stopped behind a landing, whatever happened.
+        // Merges start again once the chunk is done, or when nothing of it can be in the
+        // target. A landing that failed with the chunk staged may have attached it: its replay
+        // (this run's retry or the next run's) recognises the attached parts only while no
+        // merge has folded them, so merges stay stopped until then (and `status` says so).
+        let replay_pending = match &landed {
+            Err(Error::Stopped(StopReason::StartOver(_))) | Ok(_) => false,
+            Err(_) => rec.status == STAGED,
+        };
+        if attach && replay_pending {
+            tracing::warn!("the target's merges stay stopped until chunk {id} is landed again");
+        } else if attach {
             match ctx.landing.resume_merges().await {
                 Ok(()) => ctx.merges_stopped(false).await?,
                 Err(e) => tracing::warn!("could not restart merges on the target: {e}"),
@@ -466,6 +473,13 @@ impl Worker for ChWorker {
     }
 
     async fn paused(&mut self) -> Result<bool> {
+        // A chunk an earlier run left staged lands first, pause or not: on 18.16 the target's
+        // merges stay stopped until it has (they could fold its attached parts).
+        if let Some(c) = &self.held
+            && self.record_of(c).await.status == STAGED
+        {
+            return Ok(false);
+        }
         self.ctx
             .store
             .flag(&self.ctx.job, PAUSE_ROW, "paused")
