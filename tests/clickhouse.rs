@@ -1612,3 +1612,54 @@ async fn v18_a_replay_that_fails_once_keeps_merges_stopped_for_its_retry() {
     );
     assert_eq!(target_digest(&db), reference);
 }
+
+ch_test! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_staged_chunk_the_changed_ladder_cannot_reach_is_refused_not_landed_twice(srv) {
+        let db = ChDb::new_on(&srv, "stagedladder");
+        build_days(&db, 6, 1000);
+        let reference = source_digest(&db);
+        // Killed holding the second day's first landing request: that day is staged.
+        let proxy = FaultProxy::start_http(srv.addr()).await;
+        let held = proxy.add_rule(
+            Rule::new(Fault::HoldUntilReleased)
+                .matching(|r| {
+                    let t = r.text();
+                    t.contains("ATTACH PARTITION") || t.contains("MOVE PARTITION")
+                })
+                .nth(5),
+        );
+        let spec = days_spec(&db, "stagedladder", &proxy.url_for(&db.url), "");
+        let mut r = spawn(db.dir.path(), "first", &[], &spec);
+        r.wait_until(
+            "a landing to be held",
+            Duration::from_secs(60),
+            Duration::from_millis(20),
+            async || proxy.rule_fired(held) > 0,
+        )
+        .await;
+        r.kill();
+        assert!(db.records("stagedladder").iter().any(|r| r.status == "staged"));
+        // The same job with months for chunks: the staged day is not among them.
+        let text = std::fs::read_to_string(&spec).unwrap();
+        let months = db.spec(
+            "stagedladder-months.yaml",
+            &text
+                .replace("chunks: [day]", "chunks: [month]")
+                .replace(&proxy.url_for(&db.url), &db.url),
+        );
+        let (code, out, err) = run(&[&"run", &months]);
+        let all = all_output(&out, &err);
+        assert_eq!(code, 1, "{all}");
+        assert!(
+            err.contains("was being landed when the job last stopped") && err.contains("reset"),
+            "{all}"
+        );
+        // What it says to do works: reset, then run.
+        let (code, out, err) = run(&[&"reset", &"--yes", &months]);
+        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        let (code, out, err) = run(&[&"run", &months]);
+        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        assert_eq!(target_digest(&db), reference);
+    }
+}

@@ -254,7 +254,19 @@ impl ChJob {
         ctx.store.put(&ctx.job, &[&row]).await?;
         let records = ctx.store.records(&ctx.job).await?;
         let top = self.top(range).await?;
-        *ctx.tree.lock().await = Some(Tree::new(&ctx.spec, top, records.clone()));
+        let tree = Tree::new(&ctx.spec, top, records.clone());
+        if let Some(id) = tree.unreachable_staged(&ctx.spec).first() {
+            // Its rows may be partly in the target already: landing the new chunks over the
+            // same time could put them there twice.
+            return Err(Error::Preflight(format!(
+                "chunk {id} was being landed when the job last stopped, and the spec's chunks \
+                 (`chunks`, `split_column`, `from`/`to`) changed since, so this run would never \
+                 finish landing it and could land its rows again under the new chunks: run once \
+                 more with the spec it was staged under, or `backfill reset` the job (the next \
+                 run then restores the target's partitions and lands every chunk again)"
+            )));
+        }
+        *ctx.tree.lock().await = Some(tree);
         store::job_state(&ctx.job, &records, true)
             .ok_or_else(|| Error::fatal(format!("job {} vanished from its store", ctx.job)))
     }

@@ -72,6 +72,20 @@ impl Tree {
         }
     }
 
+    /// Chunks recorded `staged` that this tree will never hand out: the job's ladder, range or
+    /// split column changed since they were staged, so their ids are not in it.
+    pub fn unreachable_staged(&self, spec: &ClickhouseSpec) -> Vec<String> {
+        let queued: HashSet<String> = self.queue.iter().map(|c| c.id(spec)).collect();
+        let mut ids: Vec<String> = self
+            .records
+            .values()
+            .filter(|r| r.status == STAGED && !queued.contains(&r.chunk))
+            .map(|r| r.chunk.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
     /// The children a split chunk's record names, from their own records' definitions.
     pub fn children(&self, id: &str) -> Vec<Chunk> {
         let Some(r) = self.records.get(id) else {
