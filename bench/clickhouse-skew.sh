@@ -527,7 +527,7 @@ echo " not smaller than one that failed are not listed); its secs: their server 
 
 echo
 if [ "$QLOG" = 1 ]; then
-    echo "backfill chunk queries by level (query_log: INSERTs into ${STAGING}<N>)"
+    echo "backfill chunk queries by level (query_log: INSERTs into ${STAGING}_<chunk hash>)"
 else
     echo "backfill chunks by level (no query_log: from backfill_chunks; finished peaks and seconds unknown, shown as 0)"
 fi
