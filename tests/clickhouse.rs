@@ -1347,6 +1347,45 @@ fn spec_error_statement_that_does_not_insert_into_the_target() {
     );
 }
 
+/// A landing request: a partition attached (18.16) or moved (current servers) into the target.
+fn lands(sql: &str) -> bool {
+    sql.contains("ATTACH PARTITION") || sql.contains("MOVE PARTITION")
+}
+
+/// Run `job` (the `build_days` job, `extra` appended to its spec) through a proxy that holds
+/// the `nth` landing request that `pick` also accepts, and kill -9 the runner there: a chunk is
+/// left staged, perhaps partly in the target. The proxy is returned so that the held request is
+/// never forwarded while the test goes on; the spec returned names it.
+async fn kill_while_landing(
+    srv: &common::ch::ChServer,
+    db: &ChDb,
+    job: &str,
+    extra: &str,
+    nth: u64,
+    pick: impl Fn(&str) -> bool + Send + Sync + 'static,
+) -> (FaultProxy, PathBuf) {
+    let proxy = FaultProxy::start_http(srv.addr()).await;
+    let held = proxy.add_rule(
+        Rule::new(Fault::HoldUntilReleased)
+            .matching(move |r| {
+                let t = r.text();
+                lands(&t) && pick(&t)
+            })
+            .nth(nth),
+    );
+    let spec = days_spec(db, job, &proxy.url_for(&db.url), extra);
+    let mut r = spawn(db.dir.path(), &format!("{job}-killed"), &[], &spec);
+    r.wait_until(
+        "a landing to be held",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        async || proxy.rule_fired(held) > 0,
+    )
+    .await;
+    r.kill();
+    (proxy, spec)
+}
+
 /// 18.16 lands by attaching, and a replay after a kill recognises the attached parts by their
 /// sizes, which only holds while no merge has folded them. So the next run keeps the target's
 /// merges stopped until the interrupted chunk has landed again, and that landing completes
@@ -1360,22 +1399,10 @@ async fn v18_a_landing_killed_after_its_attach_is_replayed_with_merges_still_sto
     // The first run stops for good after the fifth day's first partition went in: held at
     // that day's second ATTACH, and killed there (each day lands in the target's 4
     // partitions, so each holds 4-5 small parts that merges would fold at once).
-    let first = FaultProxy::start_http(srv.addr()).await;
-    let held = first.add_rule(
-        Rule::new(Fault::HoldUntilReleased)
-            .when_contains("ATTACH PARTITION")
-            .nth(18),
-    );
-    let spec = days_spec(&db, "replaystop", &first.url_for(&db.url), "");
-    let mut r = spawn(db.dir.path(), "first", &[], &spec);
-    r.wait_until(
-        "the fifth day's landing to be held",
-        Duration::from_secs(60),
-        Duration::from_millis(20),
-        async || first.rule_fired(held) > 0,
-    )
+    let (_first, _) = kill_while_landing(&srv, &db, "replaystop", "", 18, |t| {
+        t.contains("ATTACH PARTITION")
+    })
     .await;
-    r.kill();
     let recs = db.records("replaystop");
     assert!(
         recs.iter().any(|r| r.status == "staged"),
@@ -1435,28 +1462,12 @@ ch_test! {
         let db = ChDb::new_on(&srv, "stagedw2");
         build_days(&db, 6, 1000);
         let reference = source_digest(&db);
-        let lands = |t: &str| t.contains("ATTACH PARTITION") || t.contains("MOVE PARTITION");
         // The first run is killed holding a landing from the second worker's staging table
         // (`_s1` when staging tables belonged to workers; any chunk's own table now).
-        let first = FaultProxy::start_http(srv.addr()).await;
-        let held = first.add_rule(
-            Rule::new(Fault::HoldUntilReleased)
-                .matching(move |r| {
-                    let t = r.text();
-                    lands(&t) && (t.contains("_s1`") || t.contains("_s_"))
-                })
-                .nth(1),
-        );
-        let spec = days_spec(&db, "stagedw2", &first.url_for(&db.url), "workers: 2\n");
-        let mut r = spawn(db.dir.path(), "first", &[], &spec);
-        r.wait_until(
-            "a landing to be held",
-            Duration::from_secs(60),
-            Duration::from_millis(20),
-            async || first.rule_fired(held) > 0,
-        )
+        let (_first, _) = kill_while_landing(&srv, &db, "stagedw2", "workers: 2\n", 1, |t| {
+            t.contains("_s1`") || t.contains("_s_")
+        })
         .await;
-        r.kill();
         assert!(
             db.records("stagedw2").iter().any(|r| r.status == "staged"),
             "a chunk is staged"
@@ -1466,7 +1477,7 @@ ch_test! {
         let second = FaultProxy::start_http(srv.addr()).await;
         let replay = second.add_rule(
             Rule::new(Fault::HoldUntilReleased)
-                .matching(move |r| {
+                .matching(|r| {
                     let t = r.text();
                     t.contains("STOP MERGES") || lands(&t)
                 })
@@ -1501,22 +1512,7 @@ async fn v18_a_paused_job_lands_its_staged_chunk_first_and_starts_merges_again()
     let srv = common::ch::ChServer::v18();
     let db = ChDb::new_on(&srv, "stagedpause");
     build_days(&db, 6, 1000);
-    let first = FaultProxy::start_http(srv.addr()).await;
-    let held = first.add_rule(
-        Rule::new(Fault::HoldUntilReleased)
-            .when_contains("ATTACH PARTITION")
-            .nth(18),
-    );
-    let spec = days_spec(&db, "stagedpause", &first.url_for(&db.url), "");
-    let mut r = spawn(db.dir.path(), "first", &[], &spec);
-    r.wait_until(
-        "a landing to be held",
-        Duration::from_secs(60),
-        Duration::from_millis(20),
-        async || first.rule_fired(held) > 0,
-    )
-    .await;
-    r.kill();
+    let (_first, _) = kill_while_landing(&srv, &db, "stagedpause", "", 18, |_| true).await;
     let spec = days_spec(&db, "stagedpause", &db.url, "");
     let (code, out, err) = run(&[&"pause", &spec]);
     assert_eq!(code, 0, "{}", all_output(&out, &err));
@@ -1556,22 +1552,7 @@ async fn v18_a_replay_that_fails_once_keeps_merges_stopped_for_its_retry() {
     let db = ChDb::new_on(&srv, "stagedretry");
     build_days(&db, 6, 1000);
     let reference = source_digest(&db);
-    let first = FaultProxy::start_http(srv.addr()).await;
-    let held = first.add_rule(
-        Rule::new(Fault::HoldUntilReleased)
-            .when_contains("ATTACH PARTITION")
-            .nth(18),
-    );
-    let spec = days_spec(&db, "stagedretry", &first.url_for(&db.url), "");
-    let mut r = spawn(db.dir.path(), "first", &[], &spec);
-    r.wait_until(
-        "a landing to be held",
-        Duration::from_secs(60),
-        Duration::from_millis(20),
-        async || first.rule_fired(held) > 0,
-    )
-    .await;
-    r.kill();
+    let (_first, _) = kill_while_landing(&srv, &db, "stagedretry", "", 18, |_| true).await;
     let second = FaultProxy::start_http(srv.addr()).await;
     let dropped = second.add_rule(
         Rule::new(Fault::DropRequest)
@@ -1620,25 +1601,8 @@ ch_test! {
         build_days(&db, 6, 1000);
         let reference = source_digest(&db);
         // Killed holding the second day's first landing request: that day is staged.
-        let proxy = FaultProxy::start_http(srv.addr()).await;
-        let held = proxy.add_rule(
-            Rule::new(Fault::HoldUntilReleased)
-                .matching(|r| {
-                    let t = r.text();
-                    t.contains("ATTACH PARTITION") || t.contains("MOVE PARTITION")
-                })
-                .nth(5),
-        );
-        let spec = days_spec(&db, "stagedladder", &proxy.url_for(&db.url), "");
-        let mut r = spawn(db.dir.path(), "first", &[], &spec);
-        r.wait_until(
-            "a landing to be held",
-            Duration::from_secs(60),
-            Duration::from_millis(20),
-            async || proxy.rule_fired(held) > 0,
-        )
-        .await;
-        r.kill();
+        // Killed holding the second day's first landing request: that day is staged.
+        let (proxy, spec) = kill_while_landing(&srv, &db, "stagedladder", "", 5, |_| true).await;
         assert!(db.records("stagedladder").iter().any(|r| r.status == "staged"));
         // The same job with months for chunks: the staged day is not among them.
         let text = std::fs::read_to_string(&spec).unwrap();
