@@ -116,6 +116,10 @@ pub enum Command {
         /// Required: confirms that the checkpoint should be deleted.
         #[arg(long)]
         yes: bool,
+        /// ClickHouse: the next run restores the partitions the job landed in even where other
+        /// writers have put rows since (they are dropped with the job's; copy them first).
+        #[arg(long)]
+        discard_foreign_rows: bool,
     },
 }
 

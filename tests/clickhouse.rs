@@ -1348,6 +1348,11 @@ fn spec_error_statement_that_does_not_insert_into_the_target() {
 }
 
 /// A landing request: a partition attached (18.16) or moved (current servers) into the target.
+/// `SYSTEM STOP MERGES` on the target `agg` (not on a staging table).
+fn stops_target_merges(sql: &str) -> bool {
+    sql.contains("STOP MERGES") && sql.trim_end().ends_with(".`agg`")
+}
+
 fn lands(sql: &str) -> bool {
     sql.contains("ATTACH PARTITION") || sql.contains("MOVE PARTITION")
 }
@@ -1417,7 +1422,7 @@ async fn v18_a_landing_killed_after_its_attach_is_replayed_with_merges_still_sto
     let second = FaultProxy::start_http(srv.addr()).await;
     let replay = second.add_rule(
         Rule::new(Fault::HoldUntilReleased)
-            .when_contains("STOP MERGES")
+            .matching(|r| stops_target_merges(&r.text()))
             .nth(1),
     );
     let spec = days_spec(&db, "replaystop", &second.url_for(&db.url), "");
@@ -1456,6 +1461,63 @@ async fn v18_a_landing_killed_after_its_attach_is_replayed_with_merges_still_sto
     assert_eq!(target_digest(&db), reference);
 }
 
+/// The digest of `agg` without the rows `foreign_rows` put there (project ids from 100).
+fn own_digest(db: &ChDb) -> String {
+    db.q(
+        "SELECT count(), sum(c), sum(s), sum(cityHash64(project_id, test_case_id, c, s))
+            FROM (SELECT project_id, test_case_id, countMerge(runs) AS c, sumMerge(total) AS s
+                    FROM agg WHERE project_id < 100 GROUP BY project_id, test_case_id)",
+    )
+}
+
+/// Another writer's rows in `agg`: one per partition (`project_id % 4`), ids 100-103.
+fn foreign_rows(db: &ChDb) {
+    db.q(
+        "INSERT INTO agg SELECT toUInt32(100 + number), 7, countState(), sumState(toUInt32(5))
+            FROM numbers(4) GROUP BY number",
+    );
+}
+
+ch_test! {
+    /// A runner killed in the middle of a chunk's landing leaves it staged, partly in the
+    /// target. Another writer then inserts into the target before the next run replays the
+    /// landing: its parts sit above the chunk's mark beside (or instead of) the attached ones.
+    /// The replay must tell them apart and keep them: starting the job over would restore the
+    /// partitions to what they held before the job, and drop the other writer's rows with them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rows_another_writer_inserts_between_a_killed_landing_and_its_replay_are_kept(srv) {
+        let db = ChDb::new_on(&srv, "foreignreplay");
+        build_days(&db, 6, 1000);
+        let reference = source_digest(&db);
+        // Killed at the fifth day's second landing request: its first partition went in.
+        let (_first, _) = kill_while_landing(&srv, &db, "foreignreplay", "", 18, |_| true).await;
+        assert!(
+            db.records("foreignreplay").iter().any(|r| r.status == "staged"),
+            "a chunk is staged"
+        );
+        foreign_rows(&db);
+        let spec = days_spec(&db, "foreignreplay", &db.url, "");
+        // Run until the job ends (75: stopped to start over), as an operator would.
+        let mut all = String::new();
+        for _ in 0..3 {
+            let (code, out, err) = run(&[&"run", &spec]);
+            all += &all_output(&out, &err);
+            if code != 75 {
+                assert_eq!(code, 0, "{all}");
+                break;
+            }
+        }
+        assert_eq!(db.record("foreignreplay", "").map(|r| r.status), Some("done".into()), "{all}");
+        assert_eq!(
+            db.num("SELECT count() FROM agg WHERE project_id >= 100"),
+            4,
+            "the other writer's rows are still in the target: {all}"
+        );
+        assert_eq!(own_digest(&db), reference, "{all}");
+        assert!(!all.contains("no longer recognisable"), "no start-over: {all}");
+    }
+}
+
 ch_test! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn with_two_workers_a_staged_chunk_is_replayed_from_its_own_table_while_others_insert(srv) {
@@ -1479,7 +1541,7 @@ ch_test! {
             Rule::new(Fault::HoldUntilReleased)
                 .matching(|r| {
                     let t = r.text();
-                    t.contains("STOP MERGES") || lands(&t)
+                    stops_target_merges(&t) || lands(&t)
                 })
                 .nth(1),
         );
@@ -1544,6 +1606,75 @@ async fn v18_a_paused_job_lands_its_staged_chunk_first_and_starts_merges_again()
     r.kill();
 }
 
+/// A runner killed in the middle of a landing on 18.16, then what a server restart does before
+/// the next run: merges start again and fold the target's parts (the attached ones among them),
+/// here at once by `OPTIMIZE ... FINAL`; with `foreign`, another writer inserts first. Then the
+/// next runs, until the job ends or fails. Returns the last exit code and all output.
+async fn replay_after_merges(db: &ChDb, job: &str, foreign: bool) -> (i32, String) {
+    let srv = common::ch::ChServer::v18();
+    let (_first, _) = kill_while_landing(&srv, db, job, "", 18, |_| true).await;
+    db.q("SYSTEM START MERGES agg");
+    if foreign {
+        foreign_rows(db);
+    }
+    db.q("OPTIMIZE TABLE agg FINAL");
+    let spec = days_spec(db, job, &db.url, "");
+    let mut all = String::new();
+    for _ in 0..3 {
+        let (code, out, err) = run(&[&"run", &spec]);
+        all += &all_output(&out, &err);
+        if code != 75 {
+            return (code, all);
+        }
+    }
+    (75, all)
+}
+
+/// When merges folded the attached parts and nothing else took block numbers since the
+/// landing began, the replay cannot recognise the chunk but knows no other writer's rows are
+/// at stake: the job starts over (the restore takes back what it landed) and ends equal to the
+/// reference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v18_a_replay_after_merges_with_no_other_writer_starts_over_and_lands_once() {
+    let db = ChDb::new_on(&common::ch::ChServer::v18(), "mergedalone");
+    build_days(&db, 6, 1000);
+    let reference = source_digest(&db);
+    let (code, all) = replay_after_merges(&db, "mergedalone", false).await;
+    assert_eq!(code, 0, "{all}");
+    assert!(
+        all.contains("no longer recognisable"),
+        "it started over: {all}"
+    );
+    assert_eq!(target_digest(&db), reference, "{all}");
+}
+
+/// When merges folded the attached parts and another writer has written since the landing
+/// began, neither a second landing (could double the chunk) nor starting over (the restore
+/// would drop the other writer's rows) is safe: the job fails, naming the partition, with the
+/// other writer's rows still in the target and the chunk still staged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v18_a_replay_after_merges_and_another_writers_inserts_fails_rather_than_drop_them() {
+    let db = ChDb::new_on(&common::ch::ChServer::v18(), "mergedforeign");
+    build_days(&db, 6, 1000);
+    let (code, all) = replay_after_merges(&db, "mergedforeign", true).await;
+    assert_eq!(code, 1, "{all}");
+    assert!(
+        all.contains("another writer has written into the target since"),
+        "{all}"
+    );
+    assert_eq!(
+        db.num("SELECT count() FROM agg WHERE project_id >= 100"),
+        4,
+        "the other writer's rows are still in the target: {all}"
+    );
+    assert!(
+        db.records("mergedforeign")
+            .iter()
+            .any(|r| r.status == "staged"),
+        "the chunk is still staged: {all}"
+    );
+}
+
 /// A replay that fails once (a dropped request) leaves the target's merges stopped for its
 /// retry, which then recognises the attached parts and finishes without starting over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1561,7 +1692,7 @@ async fn v18_a_replay_that_fails_once_keeps_merges_stopped_for_its_retry() {
     );
     let retry = second.add_rule(
         Rule::new(Fault::HoldUntilReleased)
-            .when_contains("STOP MERGES")
+            .matching(|r| stops_target_merges(&r.text()))
             .nth(2),
     );
     let spec = days_spec(&db, "stagedretry", &second.url_for(&db.url), "");

@@ -339,6 +339,11 @@ async fn reset_asks_for_yes_and_then_forgets_the_checkpoint() {
         record,
         "reset without --yes changed the checkpoint"
     );
+    // The ClickHouse-only flag is refused for a Postgres job, and changes nothing.
+    let (code, out, err) = run(&[&"reset", &"--yes", &"--discard-foreign-rows", &spec]);
+    assert_eq!(code, 2, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(err.contains("ClickHouse jobs"), "{err}");
+    assert_eq!(job_record(&c, "job").await, record);
     let (code, out, _) = run(&[&"run", &spec]);
     assert_eq!(code, 0);
     assert!(out.contains("0 run, 1 skipped"), "{out}");

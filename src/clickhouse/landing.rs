@@ -40,6 +40,27 @@ pub struct Touched {
     pub foreign_rows: u64,
 }
 
+/// One active part, as a replay compares them.
+struct Part {
+    rows: u64,
+    /// Compressed and uncompressed bytes, as the server prints them.
+    sizes: (String, String),
+    /// A merge product (spans more than one block number).
+    merged: bool,
+}
+
+/// What a replay finds of one staged partition in the target (18.16).
+#[derive(Debug, PartialEq, Eq)]
+enum Found {
+    /// Attached already, as parts of `own_rows` rows in all.
+    Landed {
+        own_rows: u64,
+    },
+    NotLanded,
+    /// Merges ran since the landing began: the attached parts may be folded into others.
+    Unsure,
+}
+
 pub struct Landing {
     client: Client,
     pub server: Server,
@@ -134,11 +155,19 @@ impl Landing {
         }
     }
 
-    /// A fresh, empty table with the target's structure, engine and partitioning.
+    /// A fresh, empty table with the target's structure, engine and partitioning. On servers
+    /// that land by attaching (18.16), its merges are stopped before anything goes in: its
+    /// parts stay as inserted until the chunk is landed, so a replay can tell the attached
+    /// copies among the target's parts (see `found`). Only a server restart starts them again.
     pub async fn fresh(&self, table: &str) -> Result<()> {
         self.drop(table).await?;
         let sql = format!("CREATE TABLE {table} AS {}", self.target());
-        exec(&self.client, &sql, "creating the staging table").await
+        exec(&self.client, &sql, "creating the staging table").await?;
+        if !self.moves() {
+            let sql = format!("SYSTEM STOP MERGES {table}");
+            exec(&self.client, &sql, "stopping merges on the staging table").await?;
+        }
+        Ok(())
     }
 
     pub async fn drop(&self, table: &str) -> Result<()> {
@@ -311,40 +340,64 @@ impl Landing {
         Ok(text.trim().parse().unwrap_or(0))
     }
 
-    /// Whether the staging table's parts of `p` are in the target already: every one of them
-    /// has a twin (same rows and sizes: an attach makes hard links) among the target's parts
-    /// added since `mark`. The caller keeps merges stopped from the attach to its record.
-    async fn attached(&self, staging: &str, p: &str, mark: i64) -> Result<bool> {
-        let sizes = async |table: &str, extra: &str| -> Result<Vec<(String, String, String)>> {
-            let bare = table.replace('`', "");
-            let (db, name) = bare.split_once('.').unwrap_or(("", &bare));
-            let sql = format!(
-                "SELECT rows, data_compressed_bytes, data_uncompressed_bytes FROM system.parts
-                  WHERE database = {} AND table = {} AND active AND partition_id = {} {extra}",
-                literal(db),
-                literal(name),
-                literal(p)
-            );
-            Ok(rows(&self.client, &sql, "reading parts")
-                .await?
-                .into_iter()
-                .filter_map(|r| Some((r.first()?.clone(), r.get(1)?.clone(), r.get(2)?.clone())))
-                .collect())
-        };
-        let ours = sizes(staging, "").await?;
-        if ours.is_empty() {
-            return Ok(false);
-        }
-        let mut theirs = sizes(&self.target(), &format!("AND max_block_number > {mark}")).await?;
-        for part in ours {
-            match theirs.iter().position(|t| *t == part) {
-                Some(i) => {
-                    theirs.swap_remove(i);
-                }
-                None => return Ok(false),
+    /// Active parts of partition `p` of `table` (`extra`: a further condition).
+    async fn parts_of(&self, table: &str, p: &str, extra: &str) -> Result<Vec<Part>> {
+        let bare = table.replace('`', "");
+        let (db, name) = bare.split_once('.').unwrap_or(("", &bare));
+        let sql = format!(
+            "SELECT rows, data_compressed_bytes, data_uncompressed_bytes, min_block_number,
+                    max_block_number
+               FROM system.parts
+              WHERE database = {} AND table = {} AND active AND partition_id = {} {extra}",
+            literal(db),
+            literal(name),
+            literal(p)
+        );
+        Ok(rows(&self.client, &sql, "reading parts")
+            .await?
+            .into_iter()
+            .filter_map(|r| {
+                Some(Part {
+                    rows: r.first()?.parse().ok()?,
+                    sizes: (r.get(1)?.clone(), r.get(2)?.clone()),
+                    merged: r.get(3)? != r.get(4)?,
+                })
+            })
+            .collect())
+    }
+
+    /// What the target holds of the staging table's partition `p`, for a replay on 18.16
+    /// (attach copies, and gives each attached part a block number of its own above `mark`).
+    /// The staged parts are in when every one has a twin (same rows and sizes: an attach makes
+    /// hard links) among the target's parts above the mark. While neither table has merged
+    /// since (the caller stops merges on both before the attach; only a server restart starts
+    /// them again), that is conclusive both ways, and the parts above the mark that are not
+    /// twins are another writer's: kept, and counted as theirs by the caller.
+    async fn found(&self, staging: &str, p: &str, mark: i64) -> Result<Found> {
+        let ours = self.parts_of(staging, p, "").await?;
+        let theirs = self
+            .parts_of(&self.target(), p, &format!("AND max_block_number > {mark}"))
+            .await?;
+        let unmerged = !ours.iter().chain(&theirs).any(|x| x.merged);
+        let mut left = theirs;
+        let (mut twins, mut own_rows) = (0, 0);
+        for part in &ours {
+            if let Some(i) = left
+                .iter()
+                .position(|t| t.rows == part.rows && t.sizes == part.sizes)
+            {
+                left.swap_remove(i);
+                twins += 1;
+                own_rows += part.rows;
             }
         }
-        Ok(true)
+        Ok(if !ours.is_empty() && twins == ours.len() {
+            Found::Landed { own_rows }
+        } else if unmerged || left.len() + twins == 0 {
+            Found::NotLanded
+        } else {
+            Found::Unsure
+        })
     }
 
     /// Land what `staging` holds for `partitions` in the target. Safe to run again after a kill
@@ -365,12 +418,18 @@ impl Landing {
         }
         for p in partitions {
             let mut t = ledger.remove(p).unwrap_or_default();
-            let already = !self.moves() && self.attached(staging, p, mark).await?;
-            let others = if already {
-                0
+            let found = if self.moves() {
+                Found::NotLanded
             } else {
-                self.foreign(p, t.last_block).await?
+                self.found(staging, p, mark).await?
             };
+            // Rows written since the job last wrote to `p` are another writer's, but for the
+            // chunk's own attached parts.
+            let (already, own) = match found {
+                Found::Landed { own_rows } => (true, own_rows),
+                _ => (false, 0),
+            };
+            let others = self.foreign(p, t.last_block).await?.saturating_sub(own);
             if others > 0 {
                 self.warn_foreign(p, others);
                 t.foreign_rows += others;
@@ -401,13 +460,15 @@ impl Landing {
         Ok(())
     }
 
-    /// Before replaying an attach (18.16): a partition with parts above the mark that are not
-    /// the staged parts' twins cannot tell whether the chunk went in. Either the attach went
-    /// through and merges folded its parts (a server restart starts merges again), or another
-    /// writer inserted: attaching again could double the chunk, skipping could lose it. Then
-    /// every partition of the chunk that has parts above the mark is noted as the job's own (the
-    /// target is this job's, and other writers were checked for right before the attach), so the
-    /// next start's restore takes them back, and the job starts over.
+    /// Before replaying an attach (18.16): when a partition of the chunk has parts above the
+    /// mark that `found` cannot account for, merges ran since the landing began (a server
+    /// restart starts them again) and the chunk's attached parts may be folded into others.
+    /// Attaching again could double the chunk, skipping could lose it. If nothing but this
+    /// chunk's attaches can have taken block numbers since the mark (the table's numbers above
+    /// it are exactly as many as the staged parts of the partitions that have parts above it),
+    /// every such partition is noted as the job's own, so the next start's restore takes them
+    /// back, and the job starts over. Otherwise another writer has written since: starting over
+    /// would drop its rows, so the job stops and says so.
     async fn replay_or_start_over(
         &self,
         staging: &str,
@@ -420,7 +481,7 @@ impl Landing {
         let above = |p: &str| target.get(p).map(|x| x.1).filter(|top| *top > mark);
         let mut unsure = None;
         for p in partitions.iter().filter(|p| staged.contains_key(*p)) {
-            if above(p).is_some() && !self.attached(staging, p, mark).await? {
+            if above(p).is_some() && self.found(staging, p, mark).await? == Found::Unsure {
                 unsure = Some(p.clone());
                 break;
             }
@@ -428,6 +489,31 @@ impl Landing {
         let Some(unsure) = unsure else {
             return Ok(());
         };
+        let mut ours = 0;
+        for p in partitions.iter().filter(|p| above(p).is_some()) {
+            let staged = self.parts_of(staging, p, "").await?;
+            if staged.iter().any(|x| x.merged) {
+                // Merged since it was staged: how many parts went in is unknown.
+                ours = i64::MIN;
+                break;
+            }
+            ours += staged.len() as i64;
+        }
+        let taken = self.mark().await? - mark;
+        if ours >= 0 && taken != ours {
+            return Err(Error::fatal(format!(
+                "partition {unsure} of {} was merged since this chunk's landing began (a server \
+                 restart starts merges again), and {taken} block number(s) were taken above the \
+                 chunk's mark {mark} where its own landing accounts for {ours}: another writer \
+                 has written into the target since. Whether the chunk is in the partition \
+                 cannot be told: landing it again could double it, and starting the job over \
+                 would drop the other writer's rows. Copy the rows other writers put into the \
+                 target since elsewhere if they are needed, then `backfill reset --yes \
+                 --discard-foreign-rows` the job: its next run restores what it landed, \
+                 dropping those rows too, and lands every chunk again",
+                self.target()
+            )));
+        }
         for p in partitions {
             if let Some(top) = above(p) {
                 let mut t = ledger.get(p).cloned().unwrap_or_default();
@@ -437,9 +523,9 @@ impl Landing {
         }
         Err(Error::Stopped(crate::error::StopReason::StartOver(
             format!(
-                "partition {unsure} of {} changed since this chunk's landing began and its staged \
-             parts are no longer recognisable there (merged after a server restart, or written \
-             by another writer)",
+                "partition {unsure} of {} was merged since this chunk's landing began, and its \
+                 staged parts are no longer recognisable there (no other writer has written \
+                 since)",
                 self.target()
             ),
         )))
@@ -549,12 +635,12 @@ impl Landing {
                 return Err(Error::Preflight(format!(
                     "partition {p} of {} holds {others} row(s) another writer put there while \
                      this job had landed chunks in it; starting the job over would restore the \
-                     partition to what it held before the job and drop them. Move those rows \
-                     elsewhere (or accept losing them: drop the tables {} and {}), then run \
-                     again",
+                     partition to what it held before the job and drop them. Copy them \
+                     elsewhere if they are needed, then `backfill reset --yes \
+                     --discard-foreign-rows` the job and run again (dropping the base and \
+                     ledger tables instead would land every chunk again on top of the first \
+                     landing)",
                     self.target(),
-                    self.base(),
-                    self.ledger()
                 )));
             }
         }
@@ -598,6 +684,29 @@ impl Landing {
             self.note(p, &t).await?;
         }
         Ok(ledger.len())
+    }
+
+    /// Take every row other writers put into the partitions the job touched as the job's own,
+    /// so that the next restore drops them with the job's rows (`reset --discard-foreign-rows`,
+    /// the operator's decision). Returns how many rows that is.
+    pub async fn adopt_foreign(&self) -> Result<u64> {
+        let target = self.parts(&self.target()).await?;
+        let mut adopted = 0;
+        for (p, t) in self.touched().await? {
+            let others = t.foreign_rows + self.foreign(&p, t.last_block).await?;
+            if others == 0 {
+                continue;
+            }
+            let top = target.get(&p).map_or(t.last_block, |x| x.1);
+            let t = Touched {
+                last_block: t.last_block.max(top),
+                foreign_rows: 0,
+                ..t
+            };
+            self.note(&p, &t).await?;
+            adopted += others;
+        }
+        Ok(adopted)
     }
 
     /// Stop new merges on the target (running ones cannot involve parts attached after this).

@@ -585,7 +585,7 @@ impl Backend for ChJob {
         ctx.store.put(&ctx.job, &[&r]).await
     }
 
-    async fn reset(&self) -> Result<Option<String>> {
+    async fn reset(&self, discard_foreign: bool) -> Result<Option<String>> {
         let ctx = &self.ctx;
         // Never under a running job: its lock first (exit 75 naming a live runner).
         let l = ctx
@@ -600,6 +600,11 @@ impl Backend for ChJob {
             ctx.landing.resume_merges().await?;
         }
         ctx.landing.drop_staging_tables().await?;
+        let discarded = if discard_foreign {
+            ctx.landing.adopt_foreign().await?
+        } else {
+            0
+        };
         let touched = ctx.landing.touched().await?.len();
         ctx.store.forget(&ctx.job).await?;
         l.free().await?;
@@ -607,10 +612,15 @@ impl Backend for ChJob {
             return Ok(None);
         }
         Ok(Some(if touched > 0 {
+            let dropped = if discarded > 0 {
+                format!(", dropping the {discarded} row(s) other writers put there")
+            } else {
+                String::new()
+            };
             format!(
                 "checkpoint deleted; the next run first restores the {touched} partition(s) of \
-                 the target this job landed in to what they held before it, then lands every \
-                 chunk again"
+                 the target this job landed in to what they held before it{dropped}, then lands \
+                 every chunk again"
             )
         } else {
             "checkpoint deleted; the next run starts from the beginning".into()

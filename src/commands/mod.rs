@@ -58,7 +58,11 @@ pub async fn execute(command: Command) -> Result<()> {
         Command::Pause { specs } => control::pause(&load_all(&specs)?, true).await,
         Command::Unpause { specs } => control::pause(&load_all(&specs)?, false).await,
         Command::Validate { specs } => validate::validate(&specs),
-        Command::Reset { spec, yes } => reset::reset(&spec, yes).await,
+        Command::Reset {
+            spec,
+            yes,
+            discard_foreign_rows,
+        } => reset::reset(&spec, yes, discard_foreign_rows).await,
     }
 }
 

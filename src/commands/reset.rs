@@ -8,17 +8,19 @@ use crate::postgres::Access;
 use crate::spec::{Env, Spec, load_file};
 use std::path::Path;
 
-struct Reset;
+struct Reset {
+    discard_foreign: bool,
+}
 
 impl OnJob for Reset {
     type Out = Option<String>;
 
     async fn call<B: Backend>(self, _spec: &Spec, backend: B) -> Result<Option<String>> {
-        backend.reset().await
+        backend.reset(self.discard_foreign).await
     }
 }
 
-pub async fn reset(path: &Path, yes: bool) -> Result<()> {
+pub async fn reset(path: &Path, yes: bool, discard_foreign: bool) -> Result<()> {
     let spec = load_file(path, &Env::process())?;
     if !yes {
         return Err(Error::Usage(format!(
@@ -27,7 +29,7 @@ pub async fn reset(path: &Path, yes: bool) -> Result<()> {
             spec.name
         )));
     }
-    match with_backend(&spec, Access::ReadWrite, 1, Reset).await? {
+    match with_backend(&spec, Access::ReadWrite, 1, Reset { discard_foreign }).await? {
         Some(what) => outln!("{}: {what}", spec.name),
         None => outln!("{}: no checkpoint to delete", spec.name),
     }

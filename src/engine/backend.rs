@@ -142,6 +142,8 @@ pub trait Backend: Send + Sync + 'static {
         Ok(())
     }
     /// Forget the job's checkpoint and clean up what it keeps (refused while it runs).
+    /// `discard_foreign`: let the next start's restore drop rows other writers put where the
+    /// job landed (it refuses otherwise); only backends that restore keep such rows.
     /// Returns what it did, in words, or `None` if there was nothing.
-    async fn reset(&self) -> Result<Option<String>>;
+    async fn reset(&self, discard_foreign: bool) -> Result<Option<String>>;
 }

@@ -493,7 +493,15 @@ impl Backend for PgJob {
         self.ctx.store.set_throttled(&c, &self.ctx.job, why).await
     }
 
-    async fn reset(&self) -> Result<Option<String>> {
+    async fn reset(&self, discard_foreign: bool) -> Result<Option<String>> {
+        if discard_foreign {
+            return Err(Error::Usage(
+                "--discard-foreign-rows is for ClickHouse jobs (rows other writers put into \
+                 partitions the job landed in); a Postgres job changes rows in place and keeps \
+                 nothing to restore"
+                    .into(),
+            ));
+        }
         // The job's lock, exclusively: refused while any worker holds it shared.
         let c = self.ctx.connect_worker().await?;
         let key = self.ctx.store.lock_key(&self.ctx.job, "job");
