@@ -1607,12 +1607,14 @@ async fn v18_a_paused_job_lands_its_staged_chunk_first_and_starts_merges_again()
 }
 
 /// A runner killed in the middle of a landing on 18.16, then what a server restart does before
-/// the next run: merges start again and fold the target's parts (the attached ones among them),
-/// here at once by `OPTIMIZE ... FINAL`; with `foreign`, another writer inserts first. Then the
+/// the next run: the job's uptime table is emptied, merges start again and fold the target's
+/// parts (the attached ones among them), here at once by `OPTIMIZE ... FINAL`; with `foreign`, another writer inserts first. Then the
 /// next runs, until the job ends or fails. Returns the last exit code and all output.
 async fn replay_after_merges(db: &ChDb, job: &str, foreign: bool) -> (i32, String) {
     let srv = common::ch::ChServer::v18();
     let (_first, _) = kill_while_landing(&srv, db, job, "", 18, |_| true).await;
+    // A restart empties the job's uptime table (engine Memory) and starts merges again.
+    db.q(&format!("DROP TABLE agg__backfill_{job}_uptime"));
     db.q("SYSTEM START MERGES agg");
     if foreign {
         foreign_rows(db);

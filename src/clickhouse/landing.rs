@@ -22,8 +22,12 @@
 use super::client::{Server, exec, fetch_text, ident, literal, number, rows};
 use crate::error::{DbErrorKind, Error, Result};
 use clickhouse::Client;
+use replay::{Found, Replay};
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+mod replay;
+mod restore;
 
 /// How long to wait for parts a restore replaced to leave the disk (18.16 removes them once they
 /// are older than the table's `old_parts_lifetime`, 480 s by default).
@@ -40,26 +44,11 @@ pub struct Touched {
     pub foreign_rows: u64,
 }
 
-/// One active part, as a replay compares them.
-struct Part {
-    rows: u64,
-    /// Compressed and uncompressed bytes, as the server prints them.
-    sizes: (String, String),
-    /// A merge product (spans more than one block number).
-    merged: bool,
-}
+/// Partition id -> (rows, highest block number) of a table's active parts, summed.
+pub type Parts = HashMap<String, (u64, i64)>;
 
-/// What a replay finds of one staged partition in the target (18.16).
-#[derive(Debug, PartialEq, Eq)]
-enum Found {
-    /// Attached already, as parts of `own_rows` rows in all.
-    Landed {
-        own_rows: u64,
-    },
-    NotLanded,
-    /// Merges ran since the landing began: the attached parts may be folded into others.
-    Unsure,
-}
+/// The target's active parts, one by one: partition id -> [(rows, highest block number)].
+type TargetParts = HashMap<String, Vec<(u64, i64)>>;
 
 pub struct Landing {
     client: Client,
@@ -67,6 +56,8 @@ pub struct Landing {
     db: String,
     target_name: String,
     prefix: String,
+    /// The base table and the ledger exist (created by this process; never dropped by it).
+    kept: std::sync::atomic::AtomicBool,
 }
 
 impl Landing {
@@ -88,6 +79,7 @@ impl Landing {
             prefix: format!("{t}__backfill_{safe}"),
             db,
             target_name: t,
+            kept: Default::default(),
         }
     }
 
@@ -155,19 +147,53 @@ impl Landing {
         }
     }
 
-    /// A fresh, empty table with the target's structure, engine and partitioning. On servers
-    /// that land by attaching (18.16), its merges are stopped before anything goes in: its
-    /// parts stay as inserted until the chunk is landed, so a replay can tell the attached
-    /// copies among the target's parts (see `found`). Only a server restart starts them again.
+    /// A fresh, empty table with the target's structure, engine and partitioning.
     pub async fn fresh(&self, table: &str) -> Result<()> {
         self.drop(table).await?;
         let sql = format!("CREATE TABLE {table} AS {}", self.target());
-        exec(&self.client, &sql, "creating the staging table").await?;
-        if !self.moves() {
-            let sql = format!("SYSTEM STOP MERGES {table}");
-            exec(&self.client, &sql, "stopping merges on the staging table").await?;
+        exec(&self.client, &sql, "creating the staging table").await
+    }
+
+    /// The table (engine Memory: a server restart empties it) where a chunk about to land by
+    /// attaching is noted: while its note is there, the server has not restarted since.
+    fn uptime(&self) -> String {
+        self.q(&format!("{}_uptime", self.prefix))
+    }
+
+    /// On servers that land by attaching (18.16), once chunk `chunk`'s insert into `staging`
+    /// succeeded: stop the staging table's merges, so that its parts stay as the attach will
+    /// copy them, and note the chunk in the uptime table. A replay that finds the note knows
+    /// that neither the staging table nor (stopped before the attach) the target has merged
+    /// since, but by someone's hand; see `found`.
+    pub async fn hold_staged(&self, staging: &str, chunk: &str) -> Result<()> {
+        if self.moves() {
+            return Ok(());
+        }
+        let stmts = [
+            format!("SYSTEM STOP MERGES {staging}"),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (chunk String) ENGINE = Memory",
+                self.uptime()
+            ),
+            format!("INSERT INTO {} VALUES ({})", self.uptime(), literal(chunk)),
+        ];
+        for sql in &stmts {
+            exec(&self.client, sql, "holding the staged chunk").await?;
         }
         Ok(())
+    }
+
+    /// Whether chunk `chunk`'s note from `hold_staged` is still there (no server restart since).
+    async fn up_since_staged(&self, chunk: &str) -> Result<bool> {
+        if !self.exists(&self.uptime()).await? {
+            return Ok(false);
+        }
+        let sql = format!(
+            "SELECT count() FROM {} WHERE chunk = {}",
+            self.uptime(),
+            literal(chunk)
+        );
+        Ok(number(&self.client, &sql, "reading the uptime table").await? > 0)
     }
 
     pub async fn drop(&self, table: &str) -> Result<()> {
@@ -191,7 +217,7 @@ impl Landing {
                 self.drop(&self.q(n)).await?;
             }
         }
-        Ok(())
+        self.drop(&self.uptime()).await
     }
 
     pub async fn exists(&self, table: &str) -> Result<bool> {
@@ -206,7 +232,7 @@ impl Landing {
     }
 
     /// Active parts of `table` by partition id: (rows, highest block number).
-    pub async fn parts(&self, table: &str) -> Result<HashMap<String, (u64, i64)>> {
+    pub async fn parts(&self, table: &str) -> Result<Parts> {
         let bare = table.replace('`', "");
         let (db, name) = bare.split_once('.').unwrap_or(("", &bare));
         let sql = format!(
@@ -229,7 +255,8 @@ impl Landing {
 
     /// The ledger of touched partitions (empty if the job never landed anything).
     pub async fn touched(&self) -> Result<HashMap<String, Touched>> {
-        if !self.exists(&self.ledger()).await? {
+        let kept = self.kept.load(std::sync::atomic::Ordering::Relaxed);
+        if !kept && !self.exists(&self.ledger()).await? {
             return Ok(HashMap::new());
         }
         let sql = format!(
@@ -269,8 +296,9 @@ impl Landing {
     }
 
     /// Before the job first writes into `partitions`: keep the target's content of each in the
-    /// base table, and note it in the ledger.
-    pub async fn keep_base(&self, partitions: &[String]) -> Result<()> {
+    /// base table, and note it in the ledger. Returns the ledger.
+    pub async fn keep_base(&self, partitions: &[String]) -> Result<HashMap<String, Touched>> {
+        let kept = std::sync::atomic::Ordering::Relaxed;
         for sql in [
             format!(
                 "CREATE TABLE IF NOT EXISTS {} AS {}",
@@ -283,13 +311,24 @@ impl Landing {
                  ENGINE = ReplacingMergeTree(version) ORDER BY partition",
                 self.ledger()
             ),
-        ] {
-            exec(&self.client, &sql, "creating the job's base table").await?;
+        ]
+        .iter()
+        .filter(|_| !self.kept.load(kept))
+        {
+            exec(&self.client, sql, "creating the job's base table").await?;
         }
-        let known = self.touched().await?;
+        self.kept.store(true, kept);
+        let mut known = self.touched().await?;
+        let new: Vec<&String> = partitions
+            .iter()
+            .filter(|p| !known.contains_key(*p))
+            .collect();
+        if new.is_empty() {
+            return Ok(known);
+        }
         let target = self.parts(&self.target()).await?;
         let base = self.parts(&self.base()).await?;
-        for p in partitions.iter().filter(|p| !known.contains_key(*p)) {
+        for p in new {
             let (rows, block) = target.get(p).copied().unwrap_or((0, 0));
             // Kept already by a run killed before it noted it: never copy it twice.
             if rows > 0 && !base.contains_key(p) {
@@ -301,30 +340,48 @@ impl Landing {
                 );
                 exec(&self.client, &sql, "keeping the target's partition").await?;
             }
-            self.note(
-                p,
-                &Touched {
-                    base_rows: rows,
-                    last_block: block,
-                    foreign_rows: 0,
-                },
-            )
-            .await?;
+            let t = Touched {
+                base_rows: rows,
+                last_block: block,
+                foreign_rows: 0,
+            };
+            self.note(p, &t).await?;
+            known.insert(p.clone(), t);
         }
-        Ok(())
+        Ok(known)
+    }
+
+    /// The target's active parts, one by one.
+    async fn target_parts(&self) -> Result<TargetParts> {
+        let sql = format!(
+            "SELECT partition_id, rows, max_block_number FROM system.parts
+              WHERE database = {} AND table = {} AND active",
+            literal(&self.db),
+            literal(&self.target_name)
+        );
+        let mut parts = TargetParts::new();
+        for r in rows(&self.client, &sql, "reading the target's parts").await? {
+            if let (Some(p), Some(Ok(n)), Some(Ok(b))) = (
+                r.first(),
+                r.get(1).map(|x| x.parse()),
+                r.get(2).map(|x| x.parse()),
+            ) {
+                parts.entry(p.clone()).or_default().push((n, b));
+            }
+        }
+        Ok(parts)
+    }
+
+    /// Rows of `p` in parts above block `since` (of `target_parts`).
+    fn rows_since(parts: &TargetParts, p: &str, since: i64) -> u64 {
+        parts
+            .get(p)
+            .map_or(0, |v| v.iter().filter(|x| x.1 > since).map(|x| x.0).sum())
     }
 
     /// Rows other writers put into `p` since the job last wrote to it (by block numbers).
     async fn foreign(&self, p: &str, since: i64) -> Result<u64> {
-        let sql = format!(
-            "SELECT sum(rows) FROM system.parts
-              WHERE database = {} AND table = {} AND active AND partition_id = {}
-                AND max_block_number > {since}",
-            literal(&self.db),
-            literal(&self.target_name),
-            literal(p)
-        );
-        number(&self.client, &sql, "looking for other writers").await
+        Ok(Self::rows_since(&self.target_parts().await?, p, since))
     }
 
     /// The highest block number any part of the target has had (active or not): parts added
@@ -340,88 +397,47 @@ impl Landing {
         Ok(text.trim().parse().unwrap_or(0))
     }
 
-    /// Active parts of partition `p` of `table` (`extra`: a further condition).
-    async fn parts_of(&self, table: &str, p: &str, extra: &str) -> Result<Vec<Part>> {
-        let bare = table.replace('`', "");
-        let (db, name) = bare.split_once('.').unwrap_or(("", &bare));
-        let sql = format!(
-            "SELECT rows, data_compressed_bytes, data_uncompressed_bytes, min_block_number,
-                    max_block_number
-               FROM system.parts
-              WHERE database = {} AND table = {} AND active AND partition_id = {} {extra}",
-            literal(db),
-            literal(name),
-            literal(p)
-        );
-        Ok(rows(&self.client, &sql, "reading parts")
-            .await?
-            .into_iter()
-            .filter_map(|r| {
-                Some(Part {
-                    rows: r.first()?.parse().ok()?,
-                    sizes: (r.get(1)?.clone(), r.get(2)?.clone()),
-                    merged: r.get(3)? != r.get(4)?,
-                })
-            })
-            .collect())
-    }
-
-    /// What the target holds of the staging table's partition `p`, for a replay on 18.16
-    /// (attach copies, and gives each attached part a block number of its own above `mark`).
-    /// The staged parts are in when every one has a twin (same rows and sizes: an attach makes
-    /// hard links) among the target's parts above the mark. While neither table has merged
-    /// since (the caller stops merges on both before the attach; only a server restart starts
-    /// them again), that is conclusive both ways, and the parts above the mark that are not
-    /// twins are another writer's: kept, and counted as theirs by the caller.
-    async fn found(&self, staging: &str, p: &str, mark: i64) -> Result<Found> {
-        let ours = self.parts_of(staging, p, "").await?;
-        let theirs = self
-            .parts_of(&self.target(), p, &format!("AND max_block_number > {mark}"))
-            .await?;
-        let unmerged = !ours.iter().chain(&theirs).any(|x| x.merged);
-        let mut left = theirs;
-        let (mut twins, mut own_rows) = (0, 0);
-        for part in &ours {
-            if let Some(i) = left
-                .iter()
-                .position(|t| t.rows == part.rows && t.sizes == part.sizes)
-            {
-                left.swap_remove(i);
-                twins += 1;
-                own_rows += part.rows;
-            }
-        }
-        Ok(if !ours.is_empty() && twins == ours.len() {
-            Found::Landed { own_rows }
-        } else if unmerged || left.len() + twins == 0 {
-            Found::NotLanded
-        } else {
-            Found::Unsure
-        })
-    }
-
     /// Land what `staging` holds for `partitions` in the target. Safe to run again after a kill
     /// at any point: on current servers a replay moves only what is still staged; on 18.16
     /// (attach, which copies) a partition whose parts already went in since `mark` is skipped.
+    /// `fresh`: the staging table's parts and the ledger as the caller just read them (a first
+    /// landing); a replay (`None`) reads them.
     pub async fn land(
         &self,
+        chunk: &str,
         staging: &str,
         partitions: &[String],
         mark: i64,
-        replay: bool,
+        fresh: Option<(Parts, HashMap<String, Touched>)>,
     ) -> Result<()> {
-        let mut ledger = self.touched().await?;
-        let staged = self.parts(staging).await?;
-        if replay && !self.moves() {
-            self.replay_or_start_over(staging, partitions, mark, &staged, &ledger)
-                .await?;
-        }
+        let mut steady = true;
+        let (staged, mut ledger) = match fresh {
+            Some(known) => known,
+            None => {
+                let known = (self.parts(staging).await?, self.touched().await?);
+                if !self.moves() {
+                    steady = self.up_since_staged(chunk).await?;
+                    let replay = Replay {
+                        staging,
+                        partitions,
+                        mark,
+                        steady,
+                    };
+                    self.replay_or_start_over(&replay, &known.0, &known.1)
+                        .await?;
+                }
+                known
+            }
+        };
+        // One read of the target's parts per partition: after each landing, it gives that
+        // partition's new highest block and the next one's rows from other writers.
+        let mut target = self.target_parts().await?;
         for p in partitions {
             let mut t = ledger.remove(p).unwrap_or_default();
             let found = if self.moves() {
                 Found::NotLanded
             } else {
-                self.found(staging, p, mark).await?
+                self.found(staging, p, mark, steady).await?
             };
             // Rows written since the job last wrote to `p` are another writer's, but for the
             // chunk's own attached parts.
@@ -429,7 +445,7 @@ impl Landing {
                 Found::Landed { own_rows } => (true, own_rows),
                 _ => (false, 0),
             };
-            let others = self.foreign(p, t.last_block).await?.saturating_sub(own);
+            let others = Self::rows_since(&target, p, t.last_block).saturating_sub(own);
             if others > 0 {
                 self.warn_foreign(p, others);
                 t.foreign_rows += others;
@@ -449,86 +465,13 @@ impl Landing {
                     )
                 };
                 exec(&self.client, &sql, "moving the chunk into the target").await?;
+                target = self.target_parts().await?;
             }
-            t.last_block = self
-                .parts(&self.target())
-                .await?
-                .get(p)
-                .map_or(t.last_block, |x| x.1);
+            let top = target.get(p).and_then(|v| v.iter().map(|x| x.1).max());
+            t.last_block = top.unwrap_or(t.last_block);
             self.note(p, &t).await?;
         }
         Ok(())
-    }
-
-    /// Before replaying an attach (18.16): when a partition of the chunk has parts above the
-    /// mark that `found` cannot account for, merges ran since the landing began (a server
-    /// restart starts them again) and the chunk's attached parts may be folded into others.
-    /// Attaching again could double the chunk, skipping could lose it. If nothing but this
-    /// chunk's attaches can have taken block numbers since the mark (the table's numbers above
-    /// it are exactly as many as the staged parts of the partitions that have parts above it),
-    /// every such partition is noted as the job's own, so the next start's restore takes them
-    /// back, and the job starts over. Otherwise another writer has written since: starting over
-    /// would drop its rows, so the job stops and says so.
-    async fn replay_or_start_over(
-        &self,
-        staging: &str,
-        partitions: &[String],
-        mark: i64,
-        staged: &HashMap<String, (u64, i64)>,
-        ledger: &HashMap<String, Touched>,
-    ) -> Result<()> {
-        let target = self.parts(&self.target()).await?;
-        let above = |p: &str| target.get(p).map(|x| x.1).filter(|top| *top > mark);
-        let mut unsure = None;
-        for p in partitions.iter().filter(|p| staged.contains_key(*p)) {
-            if above(p).is_some() && self.found(staging, p, mark).await? == Found::Unsure {
-                unsure = Some(p.clone());
-                break;
-            }
-        }
-        let Some(unsure) = unsure else {
-            return Ok(());
-        };
-        let mut ours = 0;
-        for p in partitions.iter().filter(|p| above(p).is_some()) {
-            let staged = self.parts_of(staging, p, "").await?;
-            if staged.iter().any(|x| x.merged) {
-                // Merged since it was staged: how many parts went in is unknown.
-                ours = i64::MIN;
-                break;
-            }
-            ours += staged.len() as i64;
-        }
-        let taken = self.mark().await? - mark;
-        if ours >= 0 && taken != ours {
-            return Err(Error::fatal(format!(
-                "partition {unsure} of {} was merged since this chunk's landing began (a server \
-                 restart starts merges again), and {taken} block number(s) were taken above the \
-                 chunk's mark {mark} where its own landing accounts for {ours}: another writer \
-                 has written into the target since. Whether the chunk is in the partition \
-                 cannot be told: landing it again could double it, and starting the job over \
-                 would drop the other writer's rows. Copy the rows other writers put into the \
-                 target since elsewhere if they are needed, then `backfill reset --yes \
-                 --discard-foreign-rows` the job: its next run restores what it landed, \
-                 dropping those rows too, and lands every chunk again",
-                self.target()
-            )));
-        }
-        for p in partitions {
-            if let Some(top) = above(p) {
-                let mut t = ledger.get(p).cloned().unwrap_or_default();
-                t.last_block = t.last_block.max(top);
-                self.note(p, &t).await?;
-            }
-        }
-        Err(Error::Stopped(crate::error::StopReason::StartOver(
-            format!(
-                "partition {unsure} of {} was merged since this chunk's landing began, and its \
-                 staged parts are no longer recognisable there (no other writer has written \
-                 since)",
-                self.target()
-            ),
-        )))
     }
 
     fn warn_foreign(&self, p: &str, rows: u64) {
@@ -538,175 +481,6 @@ impl Landing {
              partition",
             self.target()
         );
-    }
-
-    /// Wait until no part that a replace or drop removed from partition `p` of the target is
-    /// left on disk (18.16 would load it again at a restart: rows doubled). Parts that merges
-    /// made obsolete are covered by the merged part and are never loaded again.
-    async fn wait_replaced_gone(&self, p: &str) -> Result<()> {
-        if self.moves() {
-            return Ok(());
-        }
-        let sql = format!(
-            "SELECT count() FROM system.parts o
-              WHERE o.database = {db} AND o.table = {t} AND o.partition_id = {p} AND NOT o.active
-                AND (SELECT count() FROM system.parts a
-                      WHERE a.database = {db} AND a.table = {t} AND a.partition_id = {p}
-                        AND a.active AND a.min_block_number <= o.min_block_number
-                        AND a.max_block_number >= o.max_block_number) = 0",
-            db = literal(&self.db),
-            t = literal(&self.target_name),
-            p = literal(p)
-        );
-        let started = Instant::now();
-        let mut told = false;
-        loop {
-            // Correlated subqueries are not supported everywhere: fall back to listing.
-            let left = match number(&self.client, &sql, "waiting for replaced parts").await {
-                Ok(n) => n,
-                Err(_) => self.uncovered_outdated(p).await?,
-            };
-            if left == 0 {
-                return Ok(());
-            }
-            if !told {
-                told = true;
-                tracing::info!(
-                    "waiting until the {left} part(s) replaced in partition {p} of {} are off \
-                     disk (a restart before that would load them again): up to the table's \
-                     old_parts_lifetime, 8 minutes by default",
-                    self.target()
-                );
-            }
-            if started.elapsed() > CLEANUP_WAIT {
-                return Err(Error::Db {
-                    message: format!(
-                        "{left} replaced part(s) of partition {p} of {} are still on disk after \
-                         {}s; the chunk is landed but not yet recorded done",
-                        self.target(),
-                        CLEANUP_WAIT.as_secs()
-                    ),
-                    kind: DbErrorKind::Transient,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
-
-    /// Outdated parts of `p` no active part covers (computed here, not by the server).
-    async fn uncovered_outdated(&self, p: &str) -> Result<u64> {
-        let sql = format!(
-            "SELECT active, min_block_number, max_block_number FROM system.parts
-              WHERE database = {} AND table = {} AND partition_id = {}",
-            literal(&self.db),
-            literal(&self.target_name),
-            literal(p)
-        );
-        let parts: Vec<(bool, i64, i64)> = rows(&self.client, &sql, "reading parts")
-            .await?
-            .into_iter()
-            .filter_map(|r| {
-                Some((
-                    r.first()? == "1",
-                    r.get(1)?.parse().ok()?,
-                    r.get(2)?.parse().ok()?,
-                ))
-            })
-            .collect();
-        Ok(parts
-            .iter()
-            .filter(|(active, lo, hi)| {
-                !active && !parts.iter().any(|(a, l, h)| *a && l <= lo && h >= hi)
-            })
-            .count() as u64)
-    }
-
-    /// Put every partition the job has touched back to what it held before the job (a new
-    /// start after a --rerun, a reset, or a lost state table). Refuses if another writer wrote
-    /// into one since: restoring would drop its rows.
-    pub async fn restore(&self) -> Result<usize> {
-        let ledger = self.touched().await?;
-        if ledger.is_empty() {
-            return Ok(0);
-        }
-        for (p, t) in &ledger {
-            let others = t.foreign_rows + self.foreign(p, t.last_block).await?;
-            if others > 0 {
-                return Err(Error::Preflight(format!(
-                    "partition {p} of {} holds {others} row(s) another writer put there while \
-                     this job had landed chunks in it; starting the job over would restore the \
-                     partition to what it held before the job and drop them. Copy them \
-                     elsewhere if they are needed, then `backfill reset --yes \
-                     --discard-foreign-rows` the job and run again (dropping the base and \
-                     ledger tables instead would land every chunk again on top of the first \
-                     landing)",
-                    self.target(),
-                )));
-            }
-        }
-        let base = self.parts(&self.base()).await?;
-        if !self.moves() {
-            self.pause_merges().await?;
-        }
-        for p in ledger.keys() {
-            let sql = if base.contains_key(p) {
-                format!(
-                    "ALTER TABLE {} REPLACE PARTITION ID {} FROM {}",
-                    self.target(),
-                    literal(p),
-                    self.base()
-                )
-            } else {
-                format!(
-                    "ALTER TABLE {} DROP PARTITION ID {}",
-                    self.target(),
-                    literal(p)
-                )
-            };
-            exec(
-                &self.client,
-                &sql,
-                "restoring a partition the job had landed in",
-            )
-            .await?;
-        }
-        if !self.moves() {
-            self.resume_merges().await?;
-        }
-        for p in ledger.keys() {
-            self.wait_replaced_gone(p).await?;
-            let mut t = ledger[p].clone();
-            t.last_block = self
-                .parts(&self.target())
-                .await?
-                .get(p)
-                .map_or(t.last_block, |x| x.1);
-            self.note(p, &t).await?;
-        }
-        Ok(ledger.len())
-    }
-
-    /// Take every row other writers put into the partitions the job touched as the job's own,
-    /// so that the next restore drops them with the job's rows (`reset --discard-foreign-rows`,
-    /// the operator's decision). Returns how many rows that is.
-    pub async fn adopt_foreign(&self) -> Result<u64> {
-        let target = self.parts(&self.target()).await?;
-        let mut adopted = 0;
-        for (p, t) in self.touched().await? {
-            let others = t.foreign_rows + self.foreign(&p, t.last_block).await?;
-            if others == 0 {
-                continue;
-            }
-            let top = target.get(&p).map_or(t.last_block, |x| x.1);
-            let t = Touched {
-                last_block: t.last_block.max(top),
-                foreign_rows: 0,
-                ..t
-            };
-            self.note(&p, &t).await?;
-            adopted += others;
-        }
-        Ok(adopted)
     }
 
     /// Stop new merges on the target (running ones cannot involve parts attached after this).

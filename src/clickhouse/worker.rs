@@ -7,6 +7,7 @@
 use super::chunks::Chunk;
 use super::client::exec;
 use super::errors::{MEMORY_LIMIT_EXCEEDED, code, memory_hint};
+use super::landing::Parts;
 use super::store::{self, DONE, FAILED, PAUSE_ROW, PENDING, Record, SPLIT, STAGED};
 use super::tree::Next;
 use super::{Ctx, planner, settings};
@@ -279,6 +280,7 @@ impl ChWorker {
             return Err(e);
         }
         self.light_next = false;
+        ctx.landing.hold_staged(&staging, &id).await?;
         let parts = ctx.landing.parts(&staging).await?;
         let mut partitions: Vec<String> = parts.keys().cloned().collect();
         partitions.sort();
@@ -290,18 +292,18 @@ impl ChWorker {
         rec.light = u64::from(light);
         rec.code = 0;
         rec.error.clear();
-        self.land(c, rec, true).await
+        self.land(c, rec, Some(parts)).await
     }
 
-    /// Land a chunk whose rows are in `rec.staging` (`fresh`: just inserted; else staged by an
-    /// earlier run), then record it done.
-    async fn land(&mut self, c: &Chunk, mut rec: Record, fresh: bool) -> Result<Outcome> {
+    /// Land a chunk whose rows are in `rec.staging` (`fresh`: just inserted, with the staging
+    /// table's parts; else staged by an earlier run), then record it done.
+    async fn land(&mut self, c: &Chunk, mut rec: Record, fresh: Option<Parts>) -> Result<Outcome> {
         let ctx = self.ctx.clone();
         let id = c.id(&ctx.spec);
         ctx.check_lock().await?;
         let _one = ctx.land_lock.lock().await;
         let staging = rec.staging.clone();
-        if !fresh && !ctx.landing.exists(&staging).await? {
+        if fresh.is_none() && !ctx.landing.exists(&staging).await? {
             return Err(Error::fatal(format!(
                 "chunk {id} is recorded as staged but its staging table {staging} is gone \
                  (dropped by hand?): it may have landed partly; check the target, then \
@@ -316,14 +318,21 @@ impl ChWorker {
                 ctx.merges_stopped(true).await?;
                 ctx.landing.stop_merges().await?;
             }
-            if fresh {
-                ctx.landing.keep_base(&rec.partitions).await?;
-                rec.mark = ctx.landing.mark().await?;
-                rec.status = STAGED.into();
-                ctx.put(&[&rec]).await?;
-            }
+            let known = match fresh {
+                Some(staged) => {
+                    let ledger = ctx.landing.keep_base(&rec.partitions).await?;
+                    // Only a replay of an attach needs it (moving cannot land twice).
+                    if attach {
+                        rec.mark = ctx.landing.mark().await?;
+                    }
+                    rec.status = STAGED.into();
+                    ctx.put(&[&rec]).await?;
+                    Some((staged, ledger))
+                }
+                None => None,
+            };
             ctx.landing
-                .land(&staging, &rec.partitions, rec.mark, !fresh)
+                .land(&id, &staging, &rec.partitions, rec.mark, known)
                 .await?;
             rec.status = DONE.into();
             rec.error.clear();
@@ -370,7 +379,7 @@ impl ChWorker {
         let ctx = self.ctx.clone();
         let rec = self.record_of(&c).await;
         if rec.status == STAGED {
-            return self.land(&c, rec, false).await;
+            return self.land(&c, rec, None).await;
         }
         if rec.status == DONE {
             self.held = None;

@@ -1,0 +1,179 @@
+//! Starting a job over: every partition the job touched goes back to what it held before the
+//! job (from the base table), unless another writer has written into it since; on 18.16, only
+//! once the replaced parts are off disk.
+
+use super::{CLEANUP_WAIT, Landing, Touched};
+use crate::clickhouse::client::{exec, literal, number, rows};
+use crate::error::{DbErrorKind, Error, Result};
+use std::time::{Duration, Instant};
+
+impl Landing {
+    /// Wait until no part that a replace or drop removed from partition `p` of the target is
+    /// left on disk (18.16 would load it again at a restart: rows doubled). Parts that merges
+    /// made obsolete are covered by the merged part and are never loaded again.
+    async fn wait_replaced_gone(&self, p: &str) -> Result<()> {
+        if self.moves() {
+            return Ok(());
+        }
+        let sql = format!(
+            "SELECT count() FROM system.parts o
+              WHERE o.database = {db} AND o.table = {t} AND o.partition_id = {p} AND NOT o.active
+                AND (SELECT count() FROM system.parts a
+                      WHERE a.database = {db} AND a.table = {t} AND a.partition_id = {p}
+                        AND a.active AND a.min_block_number <= o.min_block_number
+                        AND a.max_block_number >= o.max_block_number) = 0",
+            db = literal(&self.db),
+            t = literal(&self.target_name),
+            p = literal(p)
+        );
+        let started = Instant::now();
+        let mut told = false;
+        loop {
+            // Correlated subqueries are not supported everywhere: fall back to listing.
+            let left = match number(&self.client, &sql, "waiting for replaced parts").await {
+                Ok(n) => n,
+                Err(_) => self.uncovered_outdated(p).await?,
+            };
+            if left == 0 {
+                return Ok(());
+            }
+            if !told {
+                told = true;
+                tracing::info!(
+                    "waiting until the {left} part(s) replaced in partition {p} of {} are off \
+                     disk (a restart before that would load them again): up to the table's \
+                     old_parts_lifetime, 8 minutes by default",
+                    self.target()
+                );
+            }
+            if started.elapsed() > CLEANUP_WAIT {
+                return Err(Error::Db {
+                    message: format!(
+                        "{left} replaced part(s) of partition {p} of {} are still on disk after \
+                         {}s; the chunk is landed but not yet recorded done",
+                        self.target(),
+                        CLEANUP_WAIT.as_secs()
+                    ),
+                    kind: DbErrorKind::Transient,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Outdated parts of `p` no active part covers (computed here, not by the server).
+    async fn uncovered_outdated(&self, p: &str) -> Result<u64> {
+        let sql = format!(
+            "SELECT active, min_block_number, max_block_number FROM system.parts
+              WHERE database = {} AND table = {} AND partition_id = {}",
+            literal(&self.db),
+            literal(&self.target_name),
+            literal(p)
+        );
+        let parts: Vec<(bool, i64, i64)> = rows(&self.client, &sql, "reading parts")
+            .await?
+            .into_iter()
+            .filter_map(|r| {
+                Some((
+                    r.first()? == "1",
+                    r.get(1)?.parse().ok()?,
+                    r.get(2)?.parse().ok()?,
+                ))
+            })
+            .collect();
+        Ok(parts
+            .iter()
+            .filter(|(active, lo, hi)| {
+                !active && !parts.iter().any(|(a, l, h)| *a && l <= lo && h >= hi)
+            })
+            .count() as u64)
+    }
+
+    /// Put every partition the job has touched back to what it held before the job (a new
+    /// start after a --rerun, a reset, or a lost state table). Refuses if another writer wrote
+    /// into one since: restoring would drop its rows.
+    pub async fn restore(&self) -> Result<usize> {
+        let ledger = self.touched().await?;
+        if ledger.is_empty() {
+            return Ok(0);
+        }
+        for (p, t) in &ledger {
+            let others = t.foreign_rows + self.foreign(p, t.last_block).await?;
+            if others > 0 {
+                return Err(Error::Preflight(format!(
+                    "partition {p} of {} holds {others} row(s) another writer put there while \
+                     this job had landed chunks in it; starting the job over would restore the \
+                     partition to what it held before the job and drop them. Copy them \
+                     elsewhere if they are needed, then `backfill reset --yes \
+                     --discard-foreign-rows` the job and run again (dropping the base and \
+                     ledger tables instead would land every chunk again on top of the first \
+                     landing)",
+                    self.target(),
+                )));
+            }
+        }
+        let base = self.parts(&self.base()).await?;
+        if !self.moves() {
+            self.pause_merges().await?;
+        }
+        for p in ledger.keys() {
+            let sql = if base.contains_key(p) {
+                format!(
+                    "ALTER TABLE {} REPLACE PARTITION ID {} FROM {}",
+                    self.target(),
+                    literal(p),
+                    self.base()
+                )
+            } else {
+                format!(
+                    "ALTER TABLE {} DROP PARTITION ID {}",
+                    self.target(),
+                    literal(p)
+                )
+            };
+            exec(
+                &self.client,
+                &sql,
+                "restoring a partition the job had landed in",
+            )
+            .await?;
+        }
+        if !self.moves() {
+            self.resume_merges().await?;
+        }
+        for p in ledger.keys() {
+            self.wait_replaced_gone(p).await?;
+            let mut t = ledger[p].clone();
+            t.last_block = self
+                .parts(&self.target())
+                .await?
+                .get(p)
+                .map_or(t.last_block, |x| x.1);
+            self.note(p, &t).await?;
+        }
+        Ok(ledger.len())
+    }
+
+    /// Take every row other writers put into the partitions the job touched as the job's own,
+    /// so that the next restore drops them with the job's rows (`reset --discard-foreign-rows`,
+    /// the operator's decision). Returns how many rows that is.
+    pub async fn adopt_foreign(&self) -> Result<u64> {
+        let target = self.parts(&self.target()).await?;
+        let mut adopted = 0;
+        for (p, t) in self.touched().await? {
+            let others = t.foreign_rows + self.foreign(&p, t.last_block).await?;
+            if others == 0 {
+                continue;
+            }
+            let top = target.get(&p).map_or(t.last_block, |x| x.1);
+            let t = Touched {
+                last_block: t.last_block.max(top),
+                foreign_rows: 0,
+                ..t
+            };
+            self.note(&p, &t).await?;
+            adopted += others;
+        }
+        Ok(adopted)
+    }
+}
