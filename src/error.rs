@@ -26,10 +26,6 @@ pub enum StopReason {
     Aborted,
     /// This runner's lock went away under it (its connection was lost): it stopped writing.
     LockLost(String),
-    /// A replayed landing could not tell whether its chunk is in the target already (18.16,
-    /// parts merged after a server restart): the next run starts the job over from the
-    /// target's kept base instead of guessing.
-    StartOver(String),
 }
 
 impl std::fmt::Display for StopReason {
@@ -53,12 +49,6 @@ impl std::fmt::Display for StopReason {
             StopReason::LockLost(why) => write!(
                 f,
                 "this runner lost its lock ({why}); it landed and recorded nothing after that"
-            ),
-            StopReason::StartOver(why) => write!(
-                f,
-                "{why}; rather than guess (and risk landing it twice), the next run restores \
-                 the partitions this job landed in to what they held before it and lands every \
-                 chunk again"
             ),
         }
     }

@@ -410,21 +410,21 @@ impl Landing {
         mark: i64,
         fresh: Option<(Parts, HashMap<String, Touched>)>,
     ) -> Result<()> {
-        let mut steady = true;
+        // A replay of an attach (18.16) must tell which partitions went in already.
+        let mut replay = None;
         let (staged, mut ledger) = match fresh {
             Some(known) => known,
             None => {
                 let known = (self.parts(staging).await?, self.touched().await?);
                 if !self.moves() {
-                    steady = self.up_since_staged(chunk).await?;
-                    let replay = Replay {
+                    let r = Replay {
                         staging,
                         partitions,
                         mark,
-                        steady,
+                        steady: self.up_since_staged(chunk).await?,
                     };
-                    self.replay_or_start_over(&replay, &known.0, &known.1)
-                        .await?;
+                    self.check_replay(&r, &known.0, &known.1).await?;
+                    replay = Some(r);
                 }
                 known
             }
@@ -434,18 +434,23 @@ impl Landing {
         let mut target = self.target_parts().await?;
         for p in partitions {
             let mut t = ledger.remove(p).unwrap_or_default();
-            let found = if self.moves() {
-                Found::NotLanded
-            } else {
-                self.found(staging, p, mark, steady).await?
+            let found = match &replay {
+                Some(r) => self.found(staging, p, mark, t.last_block, r.steady).await?,
+                None => Found::NotLanded,
             };
             // Rows written since the job last wrote to `p` are another writer's, but for the
             // chunk's own attached parts.
-            let (already, own) = match found {
-                Found::Landed { own_rows } => (true, own_rows),
-                _ => (false, 0),
+            let (already, others) = match found {
+                Found::Landed { foreign_rows } => (true, foreign_rows),
+                Found::NotLanded => (false, Self::rows_since(&target, p, t.last_block)),
+                Found::Unsure => {
+                    return Err(Error::fatal(format!(
+                        "partition {p} of {} changed while chunk {chunk} was replayed (merges \
+                         ran?): not landing it again blind",
+                        self.target()
+                    )));
+                }
             };
-            let others = Self::rows_since(&target, p, t.last_block).saturating_sub(own);
             if others > 0 {
                 self.warn_foreign(p, others);
                 t.foreign_rows += others;

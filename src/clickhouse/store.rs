@@ -23,18 +23,9 @@ pub const FAILED: &str = "failed";
 pub const JOB_ROW: &str = "";
 pub const PAUSE_ROW: &str = "#pause";
 pub const MERGES_ROW: &str = "#merges";
-/// Present when the next start must restore the target and land every chunk again.
+/// Present when the next start must restore the target and land every chunk again (written by
+/// earlier versions when a replay could not recognise its parts; still honoured).
 pub const START_OVER_ROW: &str = "#start-over";
-
-/// The record that makes the next start begin the job over (see `StopReason::StartOver`).
-pub fn start_over_row() -> Record {
-    Record {
-        chunk: START_OVER_ROW.into(),
-        status: "start-over".into(),
-        runner: crate::state::runner_id(),
-        ..Record::default()
-    }
-}
 
 /// One row of `backfill_chunks`.
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -8,11 +8,11 @@ use super::chunks::Chunk;
 use super::client::exec;
 use super::errors::{MEMORY_LIMIT_EXCEEDED, code, memory_hint};
 use super::landing::Parts;
-use super::store::{self, DONE, FAILED, PAUSE_ROW, PENDING, Record, SPLIT, STAGED};
+use super::store::{DONE, FAILED, PAUSE_ROW, PENDING, Record, SPLIT, STAGED};
 use super::tree::Next;
 use super::{Ctx, planner, settings};
 use crate::engine::{Claim, Outcome, Worker};
-use crate::error::{DbErrorKind, Error, Result, StopReason};
+use crate::error::{DbErrorKind, Error, Result};
 use crate::spec::ChunkLevel;
 use std::sync::Arc;
 use std::time::Instant;
@@ -343,21 +343,22 @@ impl ChWorker {
         // target. A landing that failed with the chunk staged may have attached it: its replay
         // (this run's retry or the next run's) recognises the attached parts only while no
         // merge has folded them, so merges stay stopped until then (and `status` says so).
-        let replay_pending = match &landed {
-            Err(Error::Stopped(StopReason::StartOver(_))) | Ok(_) => false,
-            Err(_) => rec.status == STAGED,
-        };
+        // Nor while another chunk is staged (another worker's, here or in another process,
+        // whose landing failed and waits for its retry, or is under way).
+        let replay_pending = landed.is_err() && rec.status == STAGED;
         if attach && replay_pending {
             tracing::warn!("the target's merges stay stopped until chunk {id} is landed again");
         } else if attach {
-            match ctx.landing.resume_merges().await {
-                Ok(()) => ctx.merges_stopped(false).await?,
-                Err(e) => tracing::warn!("could not restart merges on the target: {e}"),
+            match self.other_staged(&id).await {
+                Ok(Some(other)) => tracing::info!(
+                    "the target's merges stay stopped until chunk {other} is landed as well"
+                ),
+                Ok(None) => match ctx.landing.resume_merges().await {
+                    Ok(()) => ctx.merges_stopped(false).await?,
+                    Err(e) => tracing::warn!("could not restart merges on the target: {e}"),
+                },
+                Err(e) => tracing::warn!("merges stay stopped: {e}"),
             }
-        }
-        if let Err(Error::Stopped(StopReason::StartOver(_))) = &landed {
-            // Kept in the store: whichever run comes next starts over, whatever this one does.
-            ctx.store.put(&ctx.job, &[&store::start_over_row()]).await?;
         }
         landed?;
         let _ = ctx.landing.drop(&staging).await;
@@ -373,6 +374,16 @@ impl ChWorker {
             cursor: Some(id),
             ..Outcome::default()
         })
+    }
+
+    /// A chunk of the job other than `id` recorded staged (its landing under way, or waiting to
+    /// be replayed), if any.
+    async fn other_staged(&self, id: &str) -> Result<Option<String>> {
+        let records = self.ctx.store.records(&self.ctx.job).await?;
+        Ok(records
+            .into_iter()
+            .find(|r| r.status == STAGED && r.chunk != id)
+            .map(|r| r.chunk))
     }
 
     async fn run(&mut self, c: Chunk) -> Result<Outcome> {

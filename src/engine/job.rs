@@ -347,8 +347,7 @@ async fn run_workers<B: Backend>(
         set.spawn(async move {
             let r = drive(&mut w, &sh).await;
             if let Err(e) = &r
-                && (!matches!(e, Error::Stopped(_))
-                    || matches!(e, Error::Stopped(StopReason::StartOver(_))))
+                && !matches!(e, Error::Stopped(_))
             {
                 sh.stop.abort(StopReason::Aborted);
             }
