@@ -1607,14 +1607,12 @@ async fn v18_a_paused_job_lands_its_staged_chunk_first_and_starts_merges_again()
 }
 
 /// A runner killed in the middle of a landing on 18.16 (the fifth day's second partition held),
-/// then what a server restart does before the next run: the job's uptime table is emptied,
-/// merges start again and fold the target's parts (the attached ones among them), here at once
+/// then what a server restart does before the next run: merges start again and fold the target's parts (the attached ones among them), here at once
 /// by `OPTIMIZE ... FINAL`; `foreign`, if given, is another writer's insert before that. Then
 /// the next run. Returns its exit code and output.
 async fn replay_after_merges(db: &ChDb, job: &str, foreign: Option<&str>) -> (i32, String) {
     let srv = common::ch::ChServer::v18();
     let (_first, _) = kill_while_landing(&srv, db, job, "", 18, |_| true).await;
-    db.q(&format!("DROP TABLE agg__backfill_{job}_uptime"));
     db.q("SYSTEM START MERGES agg");
     if let Some(sql) = foreign {
         db.q(sql);

@@ -154,48 +154,6 @@ impl Landing {
         exec(&self.client, &sql, "creating the staging table").await
     }
 
-    /// The table (engine Memory: a server restart empties it) where a chunk about to land by
-    /// attaching is noted: while its note is there, the server has not restarted since.
-    fn uptime(&self) -> String {
-        self.q(&format!("{}_uptime", self.prefix))
-    }
-
-    /// On servers that land by attaching (18.16), once chunk `chunk`'s insert into `staging`
-    /// succeeded: stop the staging table's merges, so that its parts stay as the attach will
-    /// copy them, and note the chunk in the uptime table. A replay that finds the note knows
-    /// that neither the staging table nor (stopped before the attach) the target has merged
-    /// since, but by someone's hand; see `found`.
-    pub async fn hold_staged(&self, staging: &str, chunk: &str) -> Result<()> {
-        if self.moves() {
-            return Ok(());
-        }
-        let stmts = [
-            format!("SYSTEM STOP MERGES {staging}"),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} (chunk String) ENGINE = Memory",
-                self.uptime()
-            ),
-            format!("INSERT INTO {} VALUES ({})", self.uptime(), literal(chunk)),
-        ];
-        for sql in &stmts {
-            exec(&self.client, sql, "holding the staged chunk").await?;
-        }
-        Ok(())
-    }
-
-    /// Whether chunk `chunk`'s note from `hold_staged` is still there (no server restart since).
-    async fn up_since_staged(&self, chunk: &str) -> Result<bool> {
-        if !self.exists(&self.uptime()).await? {
-            return Ok(false);
-        }
-        let sql = format!(
-            "SELECT count() FROM {} WHERE chunk = {}",
-            self.uptime(),
-            literal(chunk)
-        );
-        Ok(number(&self.client, &sql, "reading the uptime table").await? > 0)
-    }
-
     pub async fn drop(&self, table: &str) -> Result<()> {
         exec(
             &self.client,
@@ -217,7 +175,7 @@ impl Landing {
                 self.drop(&self.q(n)).await?;
             }
         }
-        self.drop(&self.uptime()).await
+        Ok(())
     }
 
     pub async fn exists(&self, table: &str) -> Result<bool> {
@@ -421,7 +379,6 @@ impl Landing {
                         staging,
                         partitions,
                         mark,
-                        steady: self.up_since_staged(chunk).await?,
                     };
                     self.check_replay(&r, &known.0, &known.1).await?;
                     replay = Some(r);
@@ -435,7 +392,7 @@ impl Landing {
         for p in partitions {
             let mut t = ledger.remove(p).unwrap_or_default();
             let found = match &replay {
-                Some(r) => self.found(staging, p, mark, t.last_block, r.steady).await?,
+                Some(_) => self.found(staging, p, mark, t.last_block).await?,
                 None => Found::NotLanded,
             };
             // Rows written since the job last wrote to `p` are another writer's, but for the

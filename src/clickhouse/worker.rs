@@ -280,7 +280,6 @@ impl ChWorker {
             return Err(e);
         }
         self.light_next = false;
-        ctx.landing.hold_staged(&staging, &id).await?;
         let parts = ctx.landing.parts(&staging).await?;
         let mut partitions: Vec<String> = parts.keys().cloned().collect();
         partitions.sort();

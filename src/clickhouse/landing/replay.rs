@@ -23,8 +23,6 @@ pub(in crate::clickhouse) struct Replay<'a> {
     pub staging: &'a str,
     pub partitions: &'a [String],
     pub mark: i64,
-    /// The server has not restarted since the chunk was staged (its merges stayed stopped).
-    pub steady: bool,
 }
 
 /// What a replay finds of one staged partition in the target (18.16).
@@ -74,26 +72,24 @@ impl Landing {
     /// (attach copies, and gives each attached part a block number of its own above `mark`).
     /// The staged parts are in when every one has a twin (same rows and sizes: an attach makes
     /// hard links) among the target's parts above the mark. That is conclusive both ways while
-    /// the staging table holds what the attach copied and the target's parts above the mark
-    /// are as they were added: none of those is a merge product, and either the staging table's
-    /// merges stayed stopped since its insert (`steady`: no server restart since) or none of its
-    /// parts is a merge product either. Then the target's parts above `since` (the block the job
-    /// last noted for `p`) that are not twins are another writer's: kept, and counted as theirs.
+    /// no part on either side is a merge product: the staging table holds what the attach
+    /// copied, and the target's parts above the mark are as they were added. Then the target's
+    /// parts above `since` (the block the job last noted for `p`) that are not twins are another
+    /// writer's: kept, and counted as theirs.
     pub(super) async fn found(
         &self,
         staging: &str,
         p: &str,
         mark: i64,
         since: i64,
-        steady: bool,
     ) -> Result<Found> {
         let ours = self.parts_of(staging, p, "").await?;
         let low = mark.min(since);
         let mut theirs = self
             .parts_of(&self.target(), p, &format!("AND max_block_number > {low}"))
             .await?;
-        let settled = !theirs.iter().any(|x| x.merged && x.block > mark)
-            && (steady || !ours.iter().any(|x| x.merged));
+        let settled =
+            !theirs.iter().any(|x| x.merged && x.block > mark) && !ours.iter().any(|x| x.merged);
         let mut twins = 0;
         for part in &ours {
             if let Some(i) = theirs
@@ -135,11 +131,10 @@ impl Landing {
             staging,
             partitions,
             mark,
-            steady,
         } = *replay;
         for p in partitions.iter().filter(|p| staged.contains_key(*p)) {
             let since = ledger.get(p).map_or(0, |t| t.last_block);
-            if self.found(staging, p, mark, since, steady).await? != Found::Unsure {
+            if self.found(staging, p, mark, since).await? != Found::Unsure {
                 continue;
             }
             return Err(Error::fatal(format!(
