@@ -1808,3 +1808,39 @@ ch_test! {
         assert_eq!(target_digest(&db), reference);
     }
 }
+
+/// A server that accepts connections and never answers (a TLS handshake sent to a plain-HTTP
+/// port can wait like this until the server's 30-minute receive timeout): the run fails within
+/// the connect timeout, naming the URL, instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_answers_fails_the_run_instead_of_hanging_it() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = dir.path().join("silent.yaml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name: silent
+clickhouse:
+  url: https://127.0.0.1:{port}/db
+  source: ev
+  time_column: ran_at
+  target: out
+  statement: INSERT INTO {{target}} SELECT * FROM ev WHERE {{chunk}}
+"
+        ),
+    )
+    .expect("write spec");
+    let r = spawn(dir.path(), "silent", &[], &spec);
+    let (code, out, err) = r.finish(Duration::from_secs(90)).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("no answer within"), "{out}{err}");
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{out}{err}");
+}

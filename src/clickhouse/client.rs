@@ -61,11 +61,20 @@ pub fn connect(spec: &ClickhouseSpec) -> Client {
     c
 }
 
+/// How long the first request may take. A TLS handshake sent to a plain-HTTP port can wait
+/// for bytes that never come until the server's receive timeout (30 minutes on 18.16).
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// `SELECT version()`, or an error that names the (redacted) URL and what to check.
 pub async fn version(client: &Client, spec: &ClickhouseSpec) -> Result<String> {
-    let e = match fetch_text(client, "SELECT version()", "connecting").await {
-        Ok(v) => return Ok(v.trim().to_string()),
-        Err(e) => e,
+    let first = fetch_text(client, "SELECT version()", "connecting");
+    let e = match tokio::time::timeout(CONNECT_TIMEOUT, first).await {
+        Ok(Ok(v)) => return Ok(v.trim().to_string()),
+        Ok(Err(e)) => e,
+        Err(_) => Error::Connect(format!(
+            "connecting: no answer within {}s",
+            CONNECT_TIMEOUT.as_secs()
+        )),
     };
     let why = e.to_string();
     let hint = match super::errors::code(&why) {
