@@ -274,14 +274,14 @@ pub fn next_level(spec: &ClickhouseSpec, level: ChunkLevel) -> Option<ChunkLevel
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn d(s: &str) -> NaiveDate {
         s.parse().unwrap()
     }
 
-    fn spec() -> ClickhouseSpec {
+    pub(in crate::clickhouse) fn spec() -> ClickhouseSpec {
         crate::spec::ClickhouseSpec {
             endpoint: "http://h:8123".into(),
             database: "db".into(),

@@ -60,6 +60,9 @@ pub struct Ctx {
     /// What every chunk attempt adds under the cap, and a lighter attempt (probed in preflight).
     pub capped: OnceLock<settings::Settings>,
     pub lighter: OnceLock<settings::Settings>,
+    /// The job's worker limit, as workers joined: more than one hands the largest chunks out
+    /// first.
+    workers: std::sync::atomic::AtomicU32,
 }
 
 impl Ctx {
@@ -145,6 +148,7 @@ impl ChJob {
                 memory_cap: OnceLock::new(),
                 capped: OnceLock::new(),
                 lighter: OnceLock::new(),
+                workers: Default::default(),
             }),
         })
     }
@@ -254,7 +258,11 @@ impl ChJob {
         ctx.store.put(&ctx.job, &[&row]).await?;
         let records = ctx.store.records(&ctx.job).await?;
         let top = self.top(range).await?;
-        let tree = Tree::new(&ctx.spec, top, records.clone());
+        let order = match ctx.workers.load(std::sync::atomic::Ordering::Relaxed) {
+            0 | 1 => tree::Order::Time,
+            _ => tree::Order::LargestFirst,
+        };
+        let tree = Tree::new(&ctx.spec, top, records.clone(), order);
         if let Some(id) = tree.unreachable_staged(&ctx.spec).first() {
             // Its rows may be partly in the target already: landing the new chunks over the
             // same time could put them there twice.
@@ -410,6 +418,8 @@ impl Backend for ChJob {
         if index >= cap {
             return Ok(Err(format!("{cap} worker(s), the job's `workers` limit")));
         }
+        ctx.workers
+            .fetch_max(cap, std::sync::atomic::Ordering::Relaxed);
         Ok(Ok(ChWorker::new(self.ctx.clone(), index as usize)))
     }
 

@@ -54,7 +54,7 @@ pub async fn plan(job: &ChJob, _opts: PlanOptions) -> Result<Plan> {
     }
     let range = job.range(&records).await?;
     let top = job.top(range).await?;
-    let tree = Tree::new(&ctx.spec, top.clone(), records);
+    let tree = Tree::new(&ctx.spec, top.clone(), records, Default::default());
     let (normal, light) = tree.learned();
     let mut pending = 0u64;
     for c in &top {
