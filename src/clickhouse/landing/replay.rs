@@ -5,9 +5,11 @@
 use super::{Landing, Parts};
 use crate::clickhouse::client::{literal, rows};
 use crate::error::{Error, Result};
+use std::collections::HashMap;
 
 /// One active part, as a replay compares them.
 pub(super) struct Part {
+    name: String,
     rows: u64,
     /// Compressed and uncompressed bytes, as the server prints them.
     sizes: (String, String),
@@ -46,7 +48,7 @@ impl Landing {
         let (db, name) = bare.split_once('.').unwrap_or(("", &bare));
         let sql = format!(
             "SELECT rows, data_compressed_bytes, data_uncompressed_bytes, min_block_number,
-                    max_block_number
+                    max_block_number, name
                FROM system.parts
               WHERE database = {} AND table = {} AND active AND partition_id = {} {extra}",
             literal(db),
@@ -59,6 +61,7 @@ impl Landing {
             .filter_map(|r| {
                 let block = r.get(4)?.parse().ok()?;
                 Some(Part {
+                    name: r.get(5)?.clone(),
                     rows: r.first()?.parse().ok()?,
                     sizes: (r.get(1)?.clone(), r.get(2)?.clone()),
                     block,
@@ -68,10 +71,32 @@ impl Landing {
             .collect())
     }
 
+    /// A digest of the rows of each of `parts` of `table` (part name -> digest): the sum of a
+    /// hash of every row's columns, so equal only for parts of the same rows.
+    async fn digests(&self, table: &str, parts: &[&str]) -> Result<HashMap<String, String>> {
+        if parts.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let names: Vec<String> = parts.iter().map(|n| literal(n)).collect();
+        let sql = format!(
+            "SELECT _part, toString(sum(cityHash64(toString(tuple(*))))) FROM {table}
+              WHERE _part IN ({}) GROUP BY _part",
+            names.join(", ")
+        );
+        Ok(rows(&self.client, &sql, "reading the content of parts")
+            .await?
+            .into_iter()
+            .filter_map(|r| Some((r.first()?.clone(), r.get(1)?.clone())))
+            .collect())
+    }
+
     /// What the target holds of the staging table's partition `p`, for a replay on 18.16
     /// (attach copies, and gives each attached part a block number of its own above `mark`).
-    /// The staged parts are in when every one has a twin (same rows and sizes: an attach makes
-    /// hard links) among the target's parts above the mark. That is conclusive both ways while
+    /// The staged parts are in when every one has a twin (same rows, sizes and content: an
+    /// attach makes hard links) among the target's parts above the mark; sizes alone are not
+    /// enough, since another writer's small part of fixed-width rows can match a staged one
+    /// byte for byte in size (and then the staged part would be taken for landed and lost).
+    /// That is conclusive both ways while
     /// no part on either side is a merge product: the staging table holds what the attach
     /// copied, and the target's parts above the mark are as they were added. Then the target's
     /// parts above `since` (the block the job last noted for `p`) that are not twins are another
@@ -90,12 +115,32 @@ impl Landing {
             .await?;
         let settled =
             !theirs.iter().any(|x| x.merged && x.block > mark) && !ours.iter().any(|x| x.merged);
+        let like = |a: &Part, b: &Part| b.block > mark && a.rows == b.rows && a.sizes == b.sizes;
+        // Parts that match in size are read to compare their rows (only those: a replay is
+        // rare, but a target's parts can be large).
+        let alike: Vec<&str> = theirs
+            .iter()
+            .filter(|t| ours.iter().any(|o| like(o, t)))
+            .map(|t| t.name.as_str())
+            .collect();
+        let (mine, seen) = if alike.is_empty() {
+            Default::default()
+        } else {
+            let mine: Vec<&str> = ours.iter().map(|o| o.name.as_str()).collect();
+            (
+                self.digests(staging, &mine).await?,
+                self.digests(&self.target(), &alike).await?,
+            )
+        };
+        let same = |a: &Part, b: &Part| {
+            like(a, b)
+                && mine
+                    .get(&a.name)
+                    .is_some_and(|d| seen.get(&b.name) == Some(d))
+        };
         let mut twins = 0;
         for part in &ours {
-            if let Some(i) = theirs
-                .iter()
-                .position(|t| t.block > mark && t.rows == part.rows && t.sizes == part.sizes)
-            {
+            if let Some(i) = theirs.iter().position(|t| same(part, t)) {
                 theirs.swap_remove(i);
                 twins += 1;
             }
