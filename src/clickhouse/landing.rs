@@ -9,8 +9,8 @@
 //!   so there is nothing a restart could bring back. The chunk's record keeps the target's
 //!   highest block number from before (the mark), and merges of the target are stopped from
 //!   the attach to the record: a replay skips a partition whose staged parts all have twins
-//!   (same rows and sizes: hard links) among the target's parts above the mark. Another writer's
-//!   inserts are never mistaken for the chunk's parts.
+//!   (same rows, sizes and rows' digest: hard links) among the target's parts above the mark.
+//!   Another writer's inserts are never mistaken for the chunk's parts.
 //!
 //! Re-running a finished job, a reset, or a lost state table must not land a chunk twice: the
 //! first time the job touches a partition, the target's content of it is kept in a base table
