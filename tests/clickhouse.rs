@@ -1802,6 +1802,87 @@ async fn v18_another_writers_part_of_a_staged_parts_size_is_not_taken_for_it() {
     );
 }
 
+/// A replay on 18.16 tells the chunk's attached parts by their rows, read through the virtual
+/// column `_part`; a target with a real column of that name would leave every replay unable to
+/// tell. Refused before anything is written.
+#[test]
+fn v18_a_target_with_a_column_named_part_is_refused_before_any_write() {
+    let srv = common::ch::ChServer::v18();
+    let db = ChDb::new_on(&srv, "partcol");
+    build_days(&db, 2, 100);
+    db.q("ALTER TABLE agg ADD COLUMN _part String");
+    let spec = days_spec(&db, "partcol", &db.url, "");
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("clickhouse.target") && err.contains("column named `_part`"),
+        "{out}{err}"
+    );
+    assert_eq!(db.num("SELECT count() FROM agg"), 0, "{out}{err}");
+    assert_eq!(working_tables(&db), ["agg", "runs"], "{out}{err}");
+}
+
+ch_test! {
+    /// Two runners of a `workers: 2` job starting at the same moment both run their preflight
+    /// before either takes the target's lock. Its throwaway table had one name per job: the
+    /// second runner's CREATE met the first's table and failed with exit 1 (Code 57). Here
+    /// the first is held with its check table created, the second creates its own meanwhile.
+    /// Now each runner has its own: one runs the job, the other is refused with 75.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_runners_starting_together_run_once_and_refuse_once(srv) {
+        let db = ChDb::new_on(&srv, "together");
+        build_days(&db, 4, 500);
+        let reference = source_digest(&db);
+        let check = |t: &str| t.contains("_check") && t.contains("INSERT INTO");
+        let first = FaultProxy::start_http(srv.addr()).await;
+        let held = first.add_rule(
+            Rule::new(Fault::HoldUntilReleased)
+                .matching(move |r| check(&r.text()))
+                .nth(1),
+        );
+        let spec_a = days_spec(&db, "together", &first.url_for(&db.url), "workers: 2\n");
+        let a = spawn(db.dir.path(), "a", &[], &spec_a);
+        common::runner::wait_until(
+            "the first runner's preflight to be held",
+            Duration::from_secs(60),
+            Duration::from_millis(20),
+            async || first.rule_fired(held) > 0,
+        )
+        .await;
+        // The second creates its check table meanwhile, passes its preflight, takes the lock,
+        // and is held at its first landing (so that it still holds the lock).
+        let second = FaultProxy::start_http(srv.addr()).await;
+        let created = second.add_rule(
+            Rule::new(Fault::Hold(Duration::ZERO))
+                .matching(|r| r.text().contains("_check") && r.text().contains("CREATE TABLE")),
+        );
+        let landing = second.add_rule(
+            Rule::new(Fault::HoldUntilReleased)
+                .matching(|r| lands(&r.text()))
+                .nth(1),
+        );
+        let spec_b = days_spec(&db, "together", &second.url_for(&db.url), "workers: 2\n");
+        let b = spawn(db.dir.path(), "b", &[], &spec_b);
+        common::runner::wait_until(
+            "the second runner to create its check table and reach a landing",
+            Duration::from_secs(60),
+            Duration::from_millis(20),
+            async || second.rule_fired(created) > 0 && second.rule_fired(landing) > 0,
+        )
+        .await;
+        first.release_held();
+        let (ca, oa, ea) = a.finish(Duration::from_secs(120)).await;
+        second.release_held();
+        let (cb, ob, eb) = b.finish(Duration::from_secs(120)).await;
+        let all = format!("a:\n{}\nb:\n{}", all_output(&oa, &ea), all_output(&ob, &eb));
+        let mut codes = [ca, cb];
+        codes.sort();
+        assert_eq!(codes, [0, 75], "{all}");
+        assert_eq!(target_digest(&db), reference, "{all}");
+        assert_eq!(working_tables(&db), ["agg", "backfill_chunks", "runs"], "{all}");
+    }
+}
+
 /// A replay that fails once (a dropped request) leaves the target's merges stopped for its
 /// retry, which then recognises the attached parts and finishes without starting over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

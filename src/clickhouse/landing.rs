@@ -10,7 +10,8 @@
 //!   highest block number from before (the mark), and merges of the target are stopped from
 //!   the attach to the record: a replay skips a partition whose staged parts all have twins
 //!   (same rows, sizes and rows' digest: hard links) among the target's parts above the mark.
-//!   Another writer's inserts are never mistaken for the chunk's parts.
+//!   Another writer's inserts are not mistaken for the chunk's parts, unless one is a copy of
+//!   a staged part row for row (which no SQL on 18.16 can tell from the attached part).
 //!
 //! Re-running a finished job, a reset, or a lost state table must not land a chunk twice: the
 //! first time the job touches a partition, the target's content of it is kept in a base table
@@ -102,9 +103,14 @@ impl Landing {
         self.q(&format!("{}_s_{}", self.prefix, hex::encode(&h[..8])))
     }
 
-    /// The preflight's throwaway table, where the statement is tried with nothing to insert.
+    /// The preflight's throwaway table, where the statement is tried with nothing to insert:
+    /// this process's own (two runners starting at the same moment both run their preflight
+    /// before one of them takes the target's lock; with one shared name the second failed on
+    /// the first's table with exit 1 instead of being refused with 75).
     pub fn check_table(&self) -> String {
-        self.q(&format!("{}_check", self.prefix))
+        use sha2::{Digest, Sha256};
+        let h = Sha256::digest(crate::state::runner_id().as_bytes());
+        self.q(&format!("{}_check_{}", self.prefix, hex::encode(&h[..4])))
     }
 
     fn base(&self) -> String {
@@ -143,8 +149,31 @@ impl Landing {
                  MergeTree-family engine",
                 self.target()
             ))),
-            Some(_) => Ok(()),
+            Some(_) if self.moves() => Ok(()),
+            Some(_) => self.check_part_column().await,
         }
+    }
+
+    /// On servers that land by attaching (18.16), a replay compares parts by their rows through
+    /// the virtual column `_part`, which a real column of that name hides: refused up front,
+    /// rather than a replay after a kill that cannot tell whether its chunk went in.
+    async fn check_part_column(&self) -> Result<()> {
+        let sql = format!(
+            "SELECT count() FROM system.columns WHERE database = {} AND table = {}
+                AND name = '_part'",
+            literal(&self.db),
+            literal(&self.target_name)
+        );
+        if number(&self.client, &sql, "reading the target's columns").await? == 0 {
+            return Ok(());
+        }
+        Err(Error::Preflight(format!(
+            "clickhouse.target: {} has a column named `_part`, which hides the virtual column \
+             `_part` that a landing replayed after a kill needs on ClickHouse before 20.1 \
+             (server {}) to tell whether a chunk's parts went in; rename the column",
+            self.target(),
+            self.server.version
+        )))
     }
 
     /// A fresh, empty table with the target's structure, engine and partitioning.
@@ -163,12 +192,23 @@ impl Landing {
         .await
     }
 
-    /// Drop every staging table of the job (a reset).
-    pub async fn drop_staging_tables(&self) -> Result<()> {
+    /// Drop every staging table of the job; `checks`: also the check tables of preflights (a
+    /// reset, which refuses while a runner of the job is alive: never at the end of a run, when
+    /// another runner may be in its preflight, about to be refused, and using its own).
+    pub async fn drop_staging_tables(&self, checks: bool) -> Result<()> {
+        let check = if checks {
+            format!(
+                " OR startsWith(name, {})",
+                literal(&format!("{}_check", self.prefix))
+            )
+        } else {
+            String::new()
+        };
         let sql = format!(
-            "SELECT name FROM system.tables WHERE database = {} AND startsWith(name, {})",
-            literal(&self.db),
-            literal(&format!("{}_s", self.prefix))
+            "SELECT name FROM system.tables WHERE database = {db}
+                AND (startsWith(name, {s}){check})",
+            db = literal(&self.db),
+            s = literal(&format!("{}_s", self.prefix)),
         );
         for r in rows(&self.client, &sql, "finding the job's staging tables").await? {
             if let Some(n) = r.first() {

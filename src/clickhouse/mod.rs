@@ -512,7 +512,7 @@ impl Backend for ChJob {
         if let Some(l) = held {
             let released = if status == Status::Done {
                 // The target is free for any job again.
-                match ctx.landing.drop_staging_tables().await {
+                match ctx.landing.drop_staging_tables(false).await {
                     Ok(()) => l.free().await,
                     Err(e) => Err(e),
                 }
@@ -609,7 +609,7 @@ impl Backend for ChJob {
         {
             ctx.landing.resume_merges().await?;
         }
-        ctx.landing.drop_staging_tables().await?;
+        ctx.landing.drop_staging_tables(true).await?;
         let discarded = if discard_foreign {
             ctx.landing.adopt_foreign().await?
         } else {

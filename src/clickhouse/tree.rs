@@ -1,7 +1,7 @@
 //! The chunk tree of a job, shared by the workers of this process: the top chunks of the job's
 //! time range, and below each split chunk the children its record names. Work is handed out
-//! from it (staged chunks first, then the rest in time order, or largest first when the job has
-//! more than one worker), and "done" is derived from it, never assumed: the job is done when
+//! from it (staged chunks first, then the rest in time order, or largest first when the job
+//! allows more than one worker), and "done" is derived from it, never assumed: the job is done when
 //! every top chunk is covered, a chunk being covered when its record says done, or split with
 //! every child covered.
 

@@ -126,7 +126,11 @@ impl Landing {
         let (mine, seen) = if alike.is_empty() {
             Default::default()
         } else {
-            let mine: Vec<&str> = ours.iter().map(|o| o.name.as_str()).collect();
+            let mine: Vec<&str> = ours
+                .iter()
+                .filter(|o| theirs.iter().any(|t| like(o, t)))
+                .map(|o| o.name.as_str())
+                .collect();
             (
                 self.digests(staging, &mine).await?,
                 self.digests(&self.target(), &alike).await?,
