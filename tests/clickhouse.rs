@@ -1883,6 +1883,44 @@ ch_test! {
     }
 }
 
+ch_test! {
+    /// A runner killed in its preflight leaves its check table behind (each runner has its
+    /// own): the next run drops it, as the runner's process is gone. A check table of another
+    /// host, younger than an hour, may be a live runner's and is left alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_check_table_left_by_a_runner_killed_in_its_preflight_is_dropped_by_the_next(srv) {
+        let db = ChDb::new_on(&srv, "checkleft");
+        build_days(&db, 3, 200);
+        let reference = source_digest(&db);
+        let proxy = FaultProxy::start_http(srv.addr()).await;
+        let held = proxy.add_rule(
+            Rule::new(Fault::HoldUntilReleased)
+                .matching(|r| r.text().contains("_check_") && r.text().contains("INSERT INTO"))
+                .nth(1),
+        );
+        let killed = days_spec(&db, "checkleft", &proxy.url_for(&db.url), "");
+        let mut r = spawn(db.dir.path(), "killed", &[], &killed);
+        r.wait_until(
+            "the preflight's check to be held",
+            Duration::from_secs(60),
+            Duration::from_millis(20),
+            async || proxy.rule_fired(held) > 0,
+        )
+        .await;
+        r.kill();
+        let left: Vec<String> = db.tables().into_iter().filter(|t| t.contains("_check_")).collect();
+        assert_eq!(left.len(), 1, "the killed runner's check table: {left:?}");
+        let elsewhere = "agg__backfill_checkleft_check_00000000_1";
+        db.q(&format!("CREATE TABLE {elsewhere} AS agg"));
+        let spec = days_spec(&db, "checkleft", &db.url, "");
+        let (code, out, err) = run(&[&"run", &spec]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert_eq!(target_digest(&db), reference, "{out}{err}");
+        let tables = working_tables(&db);
+        assert_eq!(tables, ["agg", elsewhere, "backfill_chunks", "runs"], "{out}{err}");
+    }
+}
+
 /// A replay that fails once (a dropped request) leaves the target's merges stopped for its
 /// retry, which then recognises the attached parts and finishes without starting over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -45,6 +45,12 @@ pub struct Touched {
     pub foreign_rows: u64,
 }
 
+/// This host's tag in check table names (a hash of its name).
+fn host_tag() -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(&Sha256::digest(crate::state::hostname().as_bytes())[..4])
+}
+
 /// Partition id -> (rows, highest block number) of a table's active parts, summed.
 pub type Parts = HashMap<String, (u64, i64)>;
 
@@ -104,13 +110,45 @@ impl Landing {
     }
 
     /// The preflight's throwaway table, where the statement is tried with nothing to insert:
-    /// this process's own (two runners starting at the same moment both run their preflight
-    /// before one of them takes the target's lock; with one shared name the second failed on
-    /// the first's table with exit 1 instead of being refused with 75).
+    /// this process's own, `<prefix>_check_<host hash>_<pid>` (two runners starting at the same
+    /// moment both run their preflight before one of them takes the target's lock; with one
+    /// shared name the second failed on the first's table with exit 1 instead of being refused
+    /// with 75).
     pub fn check_table(&self) -> String {
-        use sha2::{Digest, Sha256};
-        let h = Sha256::digest(crate::state::runner_id().as_bytes());
-        self.q(&format!("{}_check_{}", self.prefix, hex::encode(&h[..4])))
+        self.q(&format!(
+            "{}_check_{}_{}",
+            self.prefix,
+            host_tag(),
+            std::process::id()
+        ))
+    }
+
+    /// Drop the check tables runners killed in their preflight left: those of this host whose
+    /// process is gone, and any an hour old (another host's; a preflight takes a second).
+    pub async fn drop_stale_checks(&self) -> Result<()> {
+        let start = format!("{}_check_", self.prefix);
+        let sql = format!(
+            "SELECT name, (now() - metadata_modification_time) > 3600 FROM system.tables
+              WHERE database = {} AND startsWith(name, {})",
+            literal(&self.db),
+            literal(&start)
+        );
+        let own = format!("{}_{}", host_tag(), std::process::id());
+        for r in rows(&self.client, &sql, "finding check tables").await? {
+            let (Some(name), Some(old)) = (r.first(), r.get(1)) else {
+                continue;
+            };
+            let Some((host, pid)) = name[start.len()..].split_once('_') else {
+                continue;
+            };
+            let gone = host == host_tag()
+                && name[start.len()..] != own
+                && !std::path::Path::new(&format!("/proc/{pid}")).exists();
+            if gone || old == "1" {
+                self.drop(&self.q(name)).await?;
+            }
+        }
+        Ok(())
     }
 
     fn base(&self) -> String {

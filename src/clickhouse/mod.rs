@@ -363,6 +363,7 @@ impl Backend for ChJob {
             .set(settings::probe(&ctx.chunk_client, lighter, "lighter").await?);
         // The statement must run: insert nothing (`{chunk}` = 0) into a throwaway table of its
         // own, never into a staging table (it may hold a staged chunk waiting to land).
+        ctx.landing.drop_stale_checks().await?;
         let probe = ctx.landing.check_table();
         let sql = ctx
             .spec
