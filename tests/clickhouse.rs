@@ -1921,6 +1921,55 @@ ch_test! {
     }
 }
 
+/// After a kill in the middle of a landing on 18.16 the target's merges stay stopped (the
+/// replay needs the attached parts as they are). Until then `status` says so, naming the
+/// runner; a `reset` starts them again and drops the job's staging tables, and the next run
+/// lands every chunk once (issue 10, finding 6: merges stayed stopped with nothing saying so,
+/// and a reset neither restarted them nor dropped the staging table).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v18_merges_a_killed_landing_stopped_show_in_status_and_a_reset_starts_them() {
+    let srv = common::ch::ChServer::v18();
+    let db = ChDb::new_on(&srv, "stoppedshow");
+    build_days(&db, 6, 1000);
+    let reference = source_digest(&db);
+    let (_first, _) = kill_while_landing(&srv, &db, "stoppedshow", "", 18, |_| true).await;
+    let spec = days_spec(&db, "stoppedshow", &db.url, "");
+    let (code, out, err) = run(&[&"status", &spec]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("STOPPED") && out.contains("stopped by runner"),
+        "status shows the target's merges stopped: {out}{err}"
+    );
+    let staging = |db: &ChDb| -> Vec<String> {
+        db.tables()
+            .into_iter()
+            .filter(|t| t.contains("__backfill_stoppedshow_s_"))
+            .collect()
+    };
+    assert_eq!(staging(&db).len(), 1, "the staged chunk's table is kept");
+    let parts = "SELECT count() FROM system.parts
+                  WHERE database = currentDatabase() AND table = 'agg' AND active";
+    let before = db.num(parts);
+    let _ = db.try_q("OPTIMIZE TABLE agg FINAL");
+    assert_eq!(db.num(parts), before, "merges are stopped before the reset");
+    let (code, out, err) = run(&[&"reset", &"--yes", &spec]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        staging(&db).is_empty(),
+        "reset drops the staging tables: {out}{err}"
+    );
+    let _ = db.try_q("OPTIMIZE TABLE agg FINAL");
+    assert!(
+        db.num(parts) < before,
+        "merges run again after the reset: {out}{err}"
+    );
+    let (code, out, err) = run(&[&"status", &spec]);
+    assert!(!out.contains("stopped by runner"), "{code} {out}{err}");
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(target_digest(&db), reference, "{out}{err}");
+}
+
 /// A replay that fails once (a dropped request) leaves the target's merges stopped for its
 /// retry, which then recognises the attached parts and finishes without starting over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
