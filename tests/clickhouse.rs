@@ -536,6 +536,72 @@ ch_test! {
 }
 
 ch_test! {
+    /// Kill -9 at random moments while the oversized month is split (month -> 31 days, the
+    /// heavy day -> 2 by project), each next run starting at once; then a run to the end. The
+    /// target equals the unchunked reference: no split piece lost or landed twice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn kill_9_at_random_moments_of_a_split_month_then_resume_equals_the_reference(srv) {
+        let db = ChDb::new_on(&srv, "splitkill");
+        skew(&db, false);
+        let reference = source_digest(&db);
+        let job = "splitkill";
+        let spec = skew_spec(&db, "splitkill.yaml", job, PINNED, SKEW_STATEMENT);
+        // Progress: chunks recorded done or split. A run is killed a random 0-60 ms after 0-2
+        // more of them (one in four: 100-250 ms after its start).
+        let progress = || {
+            db.chunks(job)
+                .iter()
+                .filter(|c| c.status == "done" || c.status == "split")
+                .count()
+        };
+        let (mut kills, mut in_split) = (0, 0);
+        let mut n = 0;
+        while in_split < 5 && kills < 40 {
+            n += 1;
+            let before = progress();
+            let mut r = spawn(db.dir.path(), &format!("run{n}"), &[], &spec);
+            let early = rand::random::<u32>().is_multiple_of(4);
+            let start = Instant::now();
+            let at = Duration::from_millis(100 + rand::random::<u64>() % 150);
+            let more = (rand::random::<u32>() % 3) as usize;
+            let mut deadline = None;
+            while !r.exited() {
+                let now = Instant::now();
+                assert!(now < start + Duration::from_secs(120), "run {n} made no progress");
+                if deadline.is_none()
+                    && (if early { now >= start + at } else { progress() >= before + more })
+                {
+                    deadline = Some(now + Duration::from_millis(rand::random::<u64>() % 60));
+                }
+                if deadline.is_some_and(|d| now >= d) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if r.exited() {
+                let (code, out, err) = r.finish(Duration::from_secs(10)).await;
+                assert_eq!(code, 0, "run {n}:\n{}", all_output(&out, &err));
+                break;
+            }
+            r.kill();
+            quiesce(&db).await;
+            kills += 1;
+            if db.chunks(job).iter().any(|c| c.status == "split") {
+                in_split += 1;
+            }
+        }
+        n += 1;
+        let r = spawn(db.dir.path(), &format!("run{n}"), &[], &spec);
+        let (code, out, err) = r.finish(Duration::from_secs(300)).await;
+        assert_eq!(code, 0, "the resume after {kills} kills:\n{}", all_output(&out, &err));
+        eprintln!("{kills} kills, {in_split} of them with the month split");
+        assert!(in_split >= 5, "{kills} kills, {in_split} during the split");
+        assert_eq!(target_digest(&db), reference, "target merged by key differs from the source");
+        assert_eq!(db.record(job, "").unwrap().status, "done");
+    }
+}
+
+ch_test! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn dropped_requests_never_end_done_with_a_wrong_target(srv) {
         let db = ChDb::new_on(&srv, "proxy");
