@@ -447,6 +447,46 @@ async fn after_kill(db: &ChDb, job: &str, stats: &mut KillStats) {
     }
 }
 
+/// Run `n` of `spec`, killed at a random moment: one time in four 100-250 ms after its start
+/// (connect, lock, preflight), else 0-60 ms after `progress` (chunks done, say) grew by 0-2. By
+/// progress rather than by the clock, so that a fast server cannot finish the job before the
+/// kills are through. `None` once killed; the run's exit and output if it ended first.
+async fn run_until_a_random_kill(
+    db: &ChDb,
+    n: u32,
+    spec: &std::path::Path,
+    progress: impl Fn() -> usize,
+) -> Option<(i32, String, String)> {
+    let before = progress();
+    let mut r = spawn(db.dir.path(), &format!("run{n}"), &[], spec);
+    let early = rand::random::<u32>().is_multiple_of(4);
+    let start = Instant::now();
+    let at = Duration::from_millis(100 + rand::random::<u64>() % 150);
+    let more = (rand::random::<u32>() % 3) as usize;
+    let mut deadline = None;
+    while !r.exited() {
+        let now = Instant::now();
+        assert!(
+            now < start + Duration::from_secs(120),
+            "run {n} made no progress in 120 s"
+        );
+        let due = if early {
+            now >= start + at
+        } else {
+            progress() >= before + more
+        };
+        if deadline.is_none() && due {
+            deadline = Some(now + Duration::from_millis(rand::random::<u64>() % 60));
+        }
+        if deadline.is_some_and(|d| now >= d) {
+            r.kill();
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Some(r.finish(Duration::from_secs(10)).await)
+}
+
 ch_test! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn kill_9_at_random_moments_then_resume_lands_every_chunk_exactly_once(srv) {
@@ -466,32 +506,12 @@ ch_test! {
         let done = || db.chunks(job).iter().filter(|c| c.status == "done").count();
         while stats.kills < 8 {
             n += 1;
-            let before = done();
-            let mut r = spawn(db.dir.path(), &format!("run{n}"), &[], &spec);
-            let early = rand::random::<u32>().is_multiple_of(4);
-            let start = Instant::now();
-            let at = Duration::from_millis(100 + rand::random::<u64>() % 150);
-            let more = (rand::random::<u32>() % 3) as usize;
-            let mut deadline = None;
-            while !r.exited() {
-                let now = Instant::now();
-                assert!(now < start + Duration::from_secs(60), "run {n} made no progress in 60 s");
-                if deadline.is_none() && (if early { now >= start + at } else { done() >= before + more }) {
-                    deadline = Some(now + Duration::from_millis(rand::random::<u64>() % 60));
-                }
-                if deadline.is_some_and(|d| now >= d) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            if r.exited() {
-                let (code, out, err) = r.finish(Duration::from_secs(10)).await;
+            if let Some((code, out, err)) = run_until_a_random_kill(&db, n, &spec, done).await {
                 panic!(
                     "run {n} exited ({code}) before it could be killed:\n{}",
                     all_output(&out, &err)
                 );
             }
-            r.kill();
             after_kill(&db, job, &mut stats).await;
         }
         // Then inside the window between staging and done.
@@ -546,8 +566,7 @@ ch_test! {
         let reference = source_digest(&db);
         let job = "splitkill";
         let spec = skew_spec(&db, "splitkill.yaml", job, PINNED, SKEW_STATEMENT);
-        // Progress: chunks recorded done or split. A run is killed a random 0-60 ms after 0-2
-        // more of them (one in four: 100-250 ms after its start).
+        // Progress: chunks recorded done or split.
         let progress = || {
             db.chunks(job)
                 .iter()
@@ -558,32 +577,10 @@ ch_test! {
         let mut n = 0;
         while in_split < 5 && kills < 40 {
             n += 1;
-            let before = progress();
-            let mut r = spawn(db.dir.path(), &format!("run{n}"), &[], &spec);
-            let early = rand::random::<u32>().is_multiple_of(4);
-            let start = Instant::now();
-            let at = Duration::from_millis(100 + rand::random::<u64>() % 150);
-            let more = (rand::random::<u32>() % 3) as usize;
-            let mut deadline = None;
-            while !r.exited() {
-                let now = Instant::now();
-                assert!(now < start + Duration::from_secs(120), "run {n} made no progress");
-                if deadline.is_none()
-                    && (if early { now >= start + at } else { progress() >= before + more })
-                {
-                    deadline = Some(now + Duration::from_millis(rand::random::<u64>() % 60));
-                }
-                if deadline.is_some_and(|d| now >= d) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            if r.exited() {
-                let (code, out, err) = r.finish(Duration::from_secs(10)).await;
+            if let Some((code, out, err)) = run_until_a_random_kill(&db, n, &spec, progress).await {
                 assert_eq!(code, 0, "run {n}:\n{}", all_output(&out, &err));
                 break;
             }
-            r.kill();
             quiesce(&db).await;
             kills += 1;
             if db.chunks(job).iter().any(|c| c.status == "split") {

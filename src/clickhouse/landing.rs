@@ -446,8 +446,9 @@ impl Landing {
         mark: i64,
         fresh: Option<(Parts, HashMap<String, Touched>)>,
     ) -> Result<()> {
-        // A replay of an attach (18.16) must tell which partitions went in already.
-        let mut replay = None;
+        // A replay of an attach (18.16) must tell which partitions went in already: what it
+        // found of each staged partition (read once, before anything is landed).
+        let mut replay: Option<HashMap<String, Found>> = None;
         let (staged, mut ledger) = match fresh {
             Some(known) => known,
             None => {
@@ -458,8 +459,7 @@ impl Landing {
                         partitions,
                         mark,
                     };
-                    self.check_replay(&r, &known.0, &known.1).await?;
-                    replay = Some(r);
+                    replay = Some(self.check_replay(&r, &known.0, &known.1).await?);
                 }
                 known
             }
@@ -469,10 +469,11 @@ impl Landing {
         let mut target = self.target_parts().await?;
         for p in partitions {
             let mut t = ledger.remove(p).unwrap_or_default();
-            let found = match &replay {
-                Some(_) => self.found(staging, p, mark, t.last_block).await?,
-                None => Found::NotLanded,
-            };
+            // A partition without staged parts has nothing of the chunk to land.
+            let found = replay
+                .as_mut()
+                .and_then(|r| r.remove(p))
+                .unwrap_or(Found::NotLanded);
             // Rows written since the job last wrote to `p` are another writer's, but for the
             // chunk's own attached parts.
             let (already, others) = match found {

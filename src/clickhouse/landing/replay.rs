@@ -170,20 +170,24 @@ impl Landing {
     /// starting the job over would drop any rows another writer put into the target since,
     /// which block numbers can no longer tell apart. The operator decides: `reset` with
     /// `--discard-foreign-rows` starts over (the restore takes back what the job landed).
+    /// Otherwise returns what it found of each staged partition, for the landing to act on.
     pub(super) async fn check_replay(
         &self,
         replay: &Replay<'_>,
         staged: &Parts,
-        ledger: &std::collections::HashMap<String, super::Touched>,
-    ) -> Result<()> {
+        ledger: &HashMap<String, super::Touched>,
+    ) -> Result<HashMap<String, Found>> {
         let Replay {
             staging,
             partitions,
             mark,
         } = *replay;
+        let mut seen = HashMap::new();
         for p in partitions.iter().filter(|p| staged.contains_key(*p)) {
             let since = ledger.get(p).map_or(0, |t| t.last_block);
-            if self.found(staging, p, mark, since).await? != Found::Unsure {
+            let found = self.found(staging, p, mark, since).await?;
+            if found != Found::Unsure {
+                seen.insert(p.clone(), found);
                 continue;
             }
             return Err(Error::fatal(format!(
@@ -198,6 +202,6 @@ impl Landing {
                 self.target()
             )));
         }
-        Ok(())
+        Ok(seen)
     }
 }
