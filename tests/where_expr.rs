@@ -151,3 +151,70 @@ async fn refused_where_would_have_escaped() {
     drop(c);
     db.drop_db().await;
 }
+
+/// A database (or role) with `standard_conforming_strings = off` reads `\'` inside a string
+/// literal as an escaped quote, where `validate` (standard SQL) reads a backslash and the end of
+/// the literal. The engine's sessions pin the standard reading, so the `where` below stays one
+/// condition; read the other way, its `) OR (id > 0` escaped and every batch walked the same
+/// keys again (the cursor's condition was ORed away).
+#[tokio::test]
+async fn a_database_without_standard_strings_cannot_let_where_escape() {
+    let db = TestDb::new("where_scs").await;
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "ALTER DATABASE {} SET standard_conforming_strings = off;
+         CREATE TABLE t (id bigint PRIMARY KEY, x text NOT NULL, n int NOT NULL DEFAULT 0);
+         INSERT INTO t SELECT i, CASE WHEN i <= 10 THEN 'a\\' ELSE 'z' END, 0
+           FROM generate_series(1, 100) i;
+         CREATE TABLE log (id bigint);",
+        db.name
+    ))
+    .await
+    .unwrap();
+    let text = r"x = 'a\' OR x = ' ) OR (id > 0 --'";
+    assert_eq!(
+        check_where(text),
+        Ok(()),
+        "validate takes it as standard SQL"
+    );
+    let spec = db.spec(
+        "scs.yaml",
+        &format!(
+            "name: scs
+postgres:
+  url: $URL
+  table: t
+  key: id
+  where: \"{}\"
+  statement: |
+    WITH u AS (UPDATE t SET n = n + 1 WHERE id = ANY($1) RETURNING id)
+    INSERT INTO log SELECT id FROM u
+batch: {{size: 4, target: 0}}
+limits:
+  max_runtime: 20s
+",
+            text.replace('\\', "\\\\")
+        ),
+    );
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    // A new session of this database really reads literals the other way.
+    let fresh = db.client().await;
+    let scs: String = fresh
+        .query_one("SHOW standard_conforming_strings", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(scs, "off");
+    assert_eq!(
+        common::count(&fresh, "SELECT count(*) FROM log").await,
+        10,
+        "each of the 10 matching rows once"
+    );
+    assert_eq!(
+        common::count(&fresh, "SELECT count(*) FROM t WHERE n <> (id <= 10)::int").await,
+        0
+    );
+    drop((c, fresh));
+    db.drop_db().await;
+}

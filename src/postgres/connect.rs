@@ -15,6 +15,7 @@ use std::time::Duration;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A pool for `url`. Sessions get UTC/ISO date settings so key values round-trip through text,
+/// standard string literals (as `where` was checked),
 /// and `application_name` = `backfill:<job>` so DBAs can see who is working. TLS follows the
 /// URL's `sslmode` and `sslrootcert` (see `tls`); the CA file is read here.
 /// `read_only` sessions default to read-only transactions (`plan`, `status`, `verify`).
@@ -29,8 +30,12 @@ pub fn pool(url: &str, job: &str, read_only: bool, size: usize) -> Result<Pool> 
     if cfg.get_application_name().is_none() {
         cfg.application_name(format!("backfill:{job}"));
     }
+    // standard_conforming_strings: `where` is checked as standard SQL, where a backslash in a
+    // string literal is an ordinary character. A database or role set to `off` would read
+    // `'a\' OR ...` as an escaped quote and let the rest of `where` out of its parentheses.
     let options = format!(
-        "{} -c TimeZone=UTC -c DateStyle=ISO,YMD -c extra_float_digits=3{}",
+        "{} -c TimeZone=UTC -c DateStyle=ISO,YMD -c extra_float_digits=3 \
+         -c standard_conforming_strings=on{}",
         cfg.get_options().unwrap_or(""),
         if read_only {
             " -c default_transaction_read_only=on"
