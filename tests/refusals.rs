@@ -1,6 +1,7 @@
 //! What the engine refuses, and how it says so: keys that can be NULL, specs that try to make
-//! read-only commands write, a table locked by another session, and several jobs where one
-//! cannot be read or fails (the others are still reported, the untried ones named).
+//! read-only commands write, a table locked by another session, several jobs where one cannot
+//! be read or fails (the others are still reported, the untried ones named), and a checkpoint
+//! resumed under another table or key.
 
 mod common;
 use common::store::job_row;
@@ -284,6 +285,93 @@ async fn several_jobs_report_the_healthy_ones_and_name_the_untried_ones() {
     );
     assert!(err.contains("does not exist"), "{err}");
     assert!(job_row(&c, "0001_ok").await.is_some());
+    drop(c);
+    db.drop_db().await;
+}
+
+/// A checkpoint is a position in one key of one table. Resumed with the spec's `key` (or
+/// `table`) changed, the old cursor was cast to the new key: rows before it in the new order
+/// were never done and rows after it were done twice, and the run ended 0. Now the resume is
+/// refused before anything is written, the checkpoint kept; a reset starts over.
+#[tokio::test]
+async fn a_checkpoint_is_not_resumed_under_another_key_or_table() {
+    let db = TestDb::new("rekey").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE t (id bigint PRIMARY KEY, k2 bigint UNIQUE NOT NULL, n int NOT NULL DEFAULT 0);
+         INSERT INTO t SELECT g, 10001 - g, 0 FROM generate_series(1, 10000) g;
+         CREATE TABLE t2 (LIKE t INCLUDING ALL);
+         CREATE TABLE log (id bigint);
+         CREATE TABLE knob (fail_at bigint);
+         INSERT INTO knob VALUES (3001);",
+    )
+    .await
+    .unwrap();
+    let statement = "WITH u AS (UPDATE t SET n = n + 1 WHERE id = ANY($1) \
+                     AND 1 / (CASE WHEN id = (SELECT fail_at FROM knob) THEN 0 ELSE 1 END) = 1 \
+                     RETURNING id) INSERT INTO log SELECT id FROM u";
+    let write = |table: &str, key: &str| {
+        db.spec(
+            "rekey.yaml",
+            &format!(
+                "name: rekey\n{}",
+                job("$URL", table, key, "", statement, "")
+            ),
+        )
+    };
+    let spec = write("t", "id");
+    let (code, _o, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 1, "the statement fails at id 3001:\n{err}");
+    assert_eq!(count(&c, "SELECT count(*) FROM log").await, 3000);
+    c.execute("UPDATE knob SET fail_at = NULL", &[])
+        .await
+        .unwrap();
+    let cursor = async || -> Option<String> {
+        c.query_one(
+            "SELECT cursor FROM backfill.ranges WHERE job = 'rekey'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    };
+    assert_eq!(cursor().await.as_deref(), Some("3000"));
+
+    for (table, key) in [("t", "k2"), ("t2", "id")] {
+        let spec = write(table, key);
+        let (code, out, err) = run(&[&"run", &spec]);
+        assert_eq!(code, 2, "{table} by {key}:\n{out}\n{err}");
+        assert!(
+            err.contains("cannot carry over") && err.contains("backfill reset"),
+            "{err}"
+        );
+        assert!(err.contains("postgres.key"), "{err}");
+        assert_eq!(
+            count(&c, "SELECT count(*) FROM log").await,
+            3000,
+            "nothing written"
+        );
+        assert_eq!(cursor().await.as_deref(), Some("3000"), "checkpoint kept");
+    }
+
+    // The spec it started with (the same file, written back) resumes where it stopped: every
+    // row once.
+    let spec = write("t", "id");
+    let (code, _o, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(count(&c, "SELECT count(*) FROM log").await, 10_000);
+    assert_eq!(
+        count(&c, "SELECT count(DISTINCT id) FROM log").await,
+        10_000
+    );
+
+    // A reset forgets the checkpoint; then the new key is walked from its start.
+    let spec = write("t", "k2");
+    let (code, _o, err) = run(&[&"reset", &spec, &"--yes"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _o, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n <> 2").await, 0);
     drop(c);
     db.drop_db().await;
 }

@@ -388,17 +388,42 @@ impl Backend for PgJob {
                 .await
                 .map_err(|e| db_error("restarting the job", &e))?;
         }
+        // A checkpoint is a position in one table's key: it means nothing in another table or
+        // by another key (resumed there, rows before it would be skipped and rows after it
+        // done twice). A job started before this was recorded keeps going as it is.
+        let walks = format!("{} by {}", p.info.rel, p.info.key);
+        if !restart {
+            let sql = format!("SELECT walks FROM {} WHERE job = $1", store.jobs());
+            let before: Option<String> = tx
+                .query_opt(&sql, &[&job])
+                .await
+                .map_err(|e| db_error("reading the checkpoint store", &e))?
+                .and_then(|r| r.get(0));
+            if let Some(before) = before.filter(|b| *b != walks) {
+                return Err(Error::Spec(format!(
+                    "{}: postgres.table / postgres.key: job {job} has a checkpoint in {before}, \
+                     but the spec now walks {walks}; a checkpoint cannot carry over to another \
+                     table or key. Finish the job with the spec it started with, or forget its \
+                     progress with `backfill reset {}` and start over",
+                    self.spec.file.display(),
+                    self.spec.file.display()
+                )));
+            }
+        }
         let upsert = format!(
-            "INSERT INTO {} AS j (job, status, spec_hash, started_at, updated_at, runner)
-             VALUES ($1, 'running', $2, now(), now(), $3)
+            "INSERT INTO {} AS j (job, status, spec_hash, started_at, updated_at, runner, walks)
+             VALUES ($1, 'running', $2, now(), now(), $3, $4)
              ON CONFLICT (job) DO UPDATE SET status = 'running', spec_hash = $2,
                  updated_at = now(), runner = $3, finished_at = NULL,
-                 started_at = coalesce(j.started_at, now())
+                 started_at = coalesce(j.started_at, now()), walks = $4
              RETURNING cursor",
             store.jobs()
         );
         let legacy: Option<String> = tx
-            .query_one(&upsert, &[&job, &spec_hash, &crate::state::runner_id()])
+            .query_one(
+                &upsert,
+                &[&job, &spec_hash, &crate::state::runner_id(), &walks],
+            )
             .await
             .map_err(|e| db_error("writing the checkpoint store", &e))?
             .get(0);

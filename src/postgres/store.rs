@@ -71,7 +71,7 @@ impl Store {
                     AND to_regclass(quote_ident($1) || '.ranges') IS NOT NULL
                     AND EXISTS (SELECT 1 FROM information_schema.columns
                                  WHERE table_schema = $1 AND table_name = 'jobs'
-                                   AND column_name = 'throttled')",
+                                   AND column_name = 'walks')",
                 &[&self.schema],
             )
             .await
@@ -107,6 +107,7 @@ impl Store {
              );
              ALTER TABLE {s}.jobs ADD COLUMN IF NOT EXISTS paused boolean NOT NULL DEFAULT false;
              ALTER TABLE {s}.jobs ADD COLUMN IF NOT EXISTS throttled text;
+             ALTER TABLE {s}.jobs ADD COLUMN IF NOT EXISTS walks text;
              CREATE TABLE IF NOT EXISTS {s}.ranges (
                  job          text NOT NULL,
                  range_no     int NOT NULL,
