@@ -104,6 +104,79 @@ throttle:
     db.drop_db().await;
 }
 
+/// A throttle check stuck behind a lock (a migration holding its table) is no answer: the job
+/// waits until the check answers again. Before, the probe waited on the lock with no timeout,
+/// the gate kept its last answer ("go on"), and the job ran through the very moment the
+/// throttle was there for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttle_check_stuck_behind_a_lock_holds_the_job() {
+    let db = TestDb::new("throttle_stuck").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT generate_series(1, 6000);
+         CREATE TABLE control (paused bool NOT NULL);
+         INSERT INTO control VALUES (false);",
+    )
+    .await
+    .unwrap();
+    let spec = db.spec(
+        "throttled.yaml",
+        "postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: UPDATE t SET n = n + 1 WHERE id = ANY($1)
+batch: {size: 100, target: 0, pause: 30ms}
+throttle:
+  query: SELECT paused FROM control
+  interval: 100ms
+",
+    );
+    let child = backfill()
+        .arg("run")
+        .arg(&spec)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(
+        "the first batches",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        async || keys_done(&c).await >= 300,
+    )
+    .await;
+    // The "migration": the throttle's table locked for a while.
+    let mut m = db.client().await;
+    let tx = m.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE control IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    // The probe's lock_timeout (1s) or the gate's patience (2s) closes the gate; then at most
+    // the batch in flight commits.
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    let held_at = keys_done(&c).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(
+        keys_done(&c).await,
+        held_at,
+        "batches ran while the throttle check could not answer"
+    );
+    assert!(held_at < 6000, "the job finished before the lock was taken");
+    tx.rollback().await.unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(stderr.contains("throttle"), "{stderr}");
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 6000);
+    drop(m);
+    db.drop_db().await;
+}
+
 #[tokio::test]
 async fn broken_throttle_query_fails_before_any_write() {
     let db = TestDb::new("throttlebad").await;

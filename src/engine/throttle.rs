@@ -5,6 +5,9 @@ use crate::error::Result;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// How long a check may take before the gate closes while it goes on.
+const PATIENCE: Duration = Duration::from_secs(2);
+
 /// Decides whether the job should pause now. `Ok(Some(reason))` = pause.
 #[allow(async_fn_in_trait)]
 pub trait Probe: Send + 'static {
@@ -23,8 +26,10 @@ impl Gate {
     /// Start refreshing from `probe`. The first answer is awaited, so the first batch already
     /// respects it, and a probe that fails then (a broken `throttle.query`) fails the start.
     /// Later failures count as "pause" (with the error as the reason): when lag cannot be
-    /// measured, it is not safe to assume there is none.
+    /// measured, it is not safe to assume there is none. A check that takes longer than
+    /// `PATIENCE` (or the interval, if longer) closes the gate until it answers.
     pub async fn start<P: Probe>(mut probe: P, interval: Duration) -> Result<Gate> {
+        let patience = interval.max(PATIENCE);
         let first = probe.check().await?;
         let reason = Arc::new(Mutex::new(first));
         let shared = reason.clone();
@@ -34,8 +39,21 @@ impl Gate {
             tick.tick().await;
             loop {
                 tick.tick().await;
-                let now = answer(probe.check().await);
-                *shared.lock().expect("gate lock") = now;
+                let check = probe.check();
+                tokio::pin!(check);
+                let r = tokio::select! {
+                    r = &mut check => r,
+                    _ = tokio::time::sleep(patience) => {
+                        // A probe that does not answer (stuck behind a lock, a server that
+                        // stopped answering) is no reason to go on: closed until it does.
+                        *shared.lock().expect("gate lock") = Some(format!(
+                            "the throttle check has not answered in {}",
+                            crate::progress::fmt_duration(patience)
+                        ));
+                        check.await
+                    }
+                };
+                *shared.lock().expect("gate lock") = answer(r);
             }
         });
         Ok(Gate {

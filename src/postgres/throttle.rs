@@ -1,12 +1,17 @@
 //! The Postgres throttle probe: replication lag, active backends, and a custom query, read on a
-//! connection of its own so it never waits behind a batch.
+//! connection of its own so it never waits behind a batch, under timeouts of its own so that a
+//! probe stuck behind a lock ends (and counts as "pause") instead of hanging.
 
 use super::connect;
 use super::errors::db_error;
 use crate::engine::Probe;
 use crate::error::{Error, Result};
 use crate::spec::Throttle;
-use deadpool_postgres::{Object, Pool};
+use deadpool_postgres::{ClientWrapper, Object, Pool};
+
+/// How long one probe query may wait for a lock, and run, before it fails (and the job pauses).
+const PROBE_LOCK_TIMEOUT_MS: u64 = 1000;
+const PROBE_STATEMENT_TIMEOUT_MS: u64 = 5000;
 
 pub struct PgProbe {
     pool: Pool,
@@ -14,7 +19,8 @@ pub struct PgProbe {
     /// The job's application_name: its own connections are not load to throttle on.
     app: String,
     spec: Throttle,
-    conn: Option<Object>,
+    /// Out of the pool: its session carries the probe's timeouts.
+    conn: Option<ClientWrapper>,
 }
 
 impl PgProbe {
@@ -30,7 +36,14 @@ impl PgProbe {
 
     async fn reasons(&mut self) -> Result<Option<String>> {
         if self.conn.is_none() {
-            self.conn = Some(connect::get(&self.pool, &self.url).await?);
+            let c = Object::take(connect::get(&self.pool, &self.url).await?);
+            c.batch_execute(&format!(
+                "SET statement_timeout = {PROBE_STATEMENT_TIMEOUT_MS}; \
+                 SET lock_timeout = {PROBE_LOCK_TIMEOUT_MS}"
+            ))
+            .await
+            .map_err(|e| db_error("throttle: setting the probe's timeouts", &e))?;
+            self.conn = Some(c);
         }
         let c = self.conn.as_ref().expect("connected above");
         if let Some(max) = self.spec.max_replication_lag {
