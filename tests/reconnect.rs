@@ -1,9 +1,11 @@
 //! Every connection of a run killed by the server mid-run (pg_terminate_backend), the worker's
 //! own included (it holds the worker's slot and range locks): the worker reconnects, takes its
 //! slot and its range again, resumes from the committed checkpoint, and every row is done
-//! exactly once.
+//! exactly once. The same for connections cut while the run is still starting.
 
 mod common;
+use common::proxy::FaultProxy;
+use common::runner::spawn;
 use common::{TestDb, backfill, count};
 use std::time::{Duration, Instant};
 
@@ -74,5 +76,74 @@ batch: {size: 200, target: 0, pause: 30ms}
         .await,
         12000
     );
+    db.drop_db().await;
+}
+
+/// Connections cut while the run is still starting (its preflight waits for the table's lock)
+/// are opened again, as they are mid-run: before, the start-up steps failed the run with exit 1
+/// on the first lost connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_cut_during_start_up_are_opened_again() {
+    let db = TestDb::new("reconnect_start").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE src (id bigint PRIMARY KEY, v int);
+         INSERT INTO src SELECT i, i % 7 FROM generate_series(1, 3000) i;
+         CREATE TABLE dst (id bigint, v int);",
+    )
+    .await
+    .unwrap();
+    let upstream = {
+        let u = url::Url::parse(&db.url).unwrap();
+        format!("{}:{}", u.host_str().unwrap(), u.port().unwrap_or(5432))
+            .parse()
+            .unwrap()
+    };
+    let proxy = FaultProxy::start(upstream).await;
+    let spec = db.spec(
+        "copy.yaml",
+        &format!(
+            "name: copy
+postgres:
+  url: {}
+  table: src
+  key: id
+  statement: INSERT INTO dst SELECT id, v FROM src WHERE id = ANY($1)
+batch: {{size: 200, target: 0}}
+limits:
+  lock_timeout: 60s
+",
+            proxy.url_for(&db.url)
+        ),
+    );
+    // A "migration" holds the table: the run starts anyway (--ignore-preflight) and its
+    // preflight waits for the lock.
+    let mut m = db.client().await;
+    let tx = m.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE src IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut r = spawn(db.dir.path(), "run", &["--ignore-preflight"], &spec);
+    let waiting = "SELECT count(*) FROM pg_stat_activity
+         WHERE application_name = 'backfill:copy' AND datname = current_database()
+           AND wait_event_type = 'Lock'";
+    for round in 0..2 {
+        r.wait_until(
+            "the run to wait for the table's lock",
+            Duration::from_secs(60),
+            Duration::from_millis(50),
+            async || count(&c, waiting).await > 0,
+        )
+        .await;
+        assert!(proxy.cut_all().await > 0, "round {round}: nothing to cut");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tx.rollback().await.unwrap();
+    let (code, out, err) = r.finish(Duration::from_secs(120)).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("retrying"), "{err}");
+    assert_eq!(count(&c, "SELECT count(*) FROM dst").await, 3000);
+    assert_eq!(count(&c, "SELECT count(DISTINCT id) FROM dst").await, 3000);
+    drop(m);
     db.drop_db().await;
 }

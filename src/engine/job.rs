@@ -121,7 +121,9 @@ async fn run<B: Backend>(
 ) -> Result<JobReport> {
     let job = spec.name.as_str();
     let stop = stop.with_deadline(spec.limits.max_runtime);
-    let existing = backend.load().await?;
+    // Start-up, like the end of a run, goes on after a lost connection: nothing is written
+    // until `start`, which is one transaction and can be run again.
+    let existing = reconnecting("reading the checkpoint", || backend.load()).await?;
     let mut restart = false;
     if let Some(s) = &existing {
         let changed = s.spec_hash != spec.hash;
@@ -177,7 +179,7 @@ async fn run<B: Backend>(
     let mut workers = Vec::new();
     let mut held_by = String::new();
     for i in 0..threads {
-        match backend.join(i, cap).await? {
+        match reconnecting("joining the job", || backend.join(i, cap)).await? {
             Ok(w) => workers.push(w),
             Err(who) => {
                 held_by = who;
@@ -197,7 +199,7 @@ async fn run<B: Backend>(
     }
     // Blockers first: the schema checks take the table's ACCESS SHARE lock, which would queue
     // behind the very lock holder this is meant to report.
-    let blockers = backend.blockers().await?;
+    let blockers = reconnecting("looking for blocking sessions", || backend.blockers()).await?;
     if !blockers.is_empty() {
         let list = blockers.join("\n  ");
         if !opts.ignore_preflight {
@@ -207,13 +209,19 @@ async fn run<B: Backend>(
         }
         tracing::warn!("starting despite --ignore-preflight:\n  {list}");
     }
-    backend.preflight().await?;
-    let state = backend.start(&spec.hash, restart).await?;
+    reconnecting("checking the spec against the database", || {
+        backend.preflight()
+    })
+    .await?;
+    let state = reconnecting("writing the checkpoint", || {
+        backend.start(&spec.hash, restart)
+    })
+    .await?;
     crate::metrics::status(job, "running");
     crate::metrics::deadline(job, stop.ends_at());
     // Exported from the start (0), so a dashboard or an alert sees the series before a pause.
     crate::metrics::paused(job, false);
-    let estimate = backend.estimate().await?;
+    let estimate = reconnecting("estimating the work", || backend.estimate()).await?;
     let remaining = estimate.rows + estimate.pending_retry;
     tracing::info!(
         job,
