@@ -82,6 +82,11 @@ pub trait Worker: Send + 'static {
     fn give_up(&mut self) -> impl std::future::Future<Output = Result<()>> + Send;
     /// Whether the job is paused (`backfill pause`).
     fn paused(&mut self) -> impl std::future::Future<Output = Result<bool>> + Send;
+    /// The next `step` will not follow at once (a pause, the throttle, a wait between
+    /// batches): let go of anything prepared ahead of it, such as rows locked for it.
+    fn settle(&mut self) -> impl std::future::Future<Output = ()> + Send {
+        async {}
+    }
     /// Forget the connection after it was lost, and with it the claim: the next `claim`
     /// reconnects and claims again (the same unit, if nobody took it over).
     fn reset_connection(&mut self);

@@ -77,10 +77,11 @@ pub async fn drive<W: Worker>(w: &mut W, sh: &Shared) -> Result<()> {
                     claimed = false;
                     sh.let_go();
                 }
-                if !pause.is_zero()
-                    && let Some(reason) = sh.stop.sleep(pause).await
-                {
-                    break Err(Error::Stopped(reason));
+                if !pause.is_zero() {
+                    w.settle().await;
+                    if let Some(reason) = sh.stop.sleep(pause).await {
+                        break Err(Error::Stopped(reason));
+                    }
                 }
             }
             Ok(Step::Idle) => {
@@ -132,6 +133,7 @@ pub async fn drive<W: Worker>(w: &mut W, sh: &Shared) -> Result<()> {
                             job = %sh.job, worker = w.name(),
                             "batch failed, retrying in {}ms: {e}", delay.as_millis()
                         );
+                        w.settle().await;
                         if let Some(reason) = sh.stop.sleep(delay).await {
                             break Err(Error::Stopped(reason));
                         }
@@ -185,12 +187,14 @@ async fn find<W: Worker>(w: &mut W, sh: &Shared) -> Result<Step> {
 
 async fn work<W: Worker>(w: &mut W, sh: &Shared, sizer: &mut Sizer) -> Result<Step> {
     if w.paused().await? {
+        w.settle().await;
         wait_paused(w, sh).await?;
         return Ok(Step::Waited);
     }
     if let Some(gate) = &sh.gate
         && let Some(why) = gate.closed()
     {
+        w.settle().await;
         wait_for_gate(gate, &why, sh).await?;
         return Ok(Step::Waited);
     }

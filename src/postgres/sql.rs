@@ -37,6 +37,9 @@ pub struct BatchSql {
     /// $4 cursor (NULL keeps it), $5 keys, $6 rows, $7 retried, $8 batches, $9 status (NULL
     /// keeps it). Returns the job's pause flag; no row = the claim was lost.
     pub advance: String,
+    /// `advance` for a keyset batch: also fenced by the cursor the batch walked from ($10), so
+    /// a batch walked ahead never commits after the batch before it rolled back.
+    pub advance_walk: String,
     /// Ranges not done yet: part-walked ones first, then untouched ones, then those waiting
     /// for their retry pass. $1 job.
     pub candidates: String,
@@ -155,6 +158,14 @@ impl BatchSql {
                 if wait { "" } else { " SKIP LOCKED" }
             )
         };
+        let advance = format!(
+            "UPDATE {ranges} SET cursor = coalesce($4, cursor),
+                    keys_done = keys_done + $5, rows_done = rows_done + $6,
+                    rows_retried = rows_retried + $7, batches_done = batches_done + $8,
+                    status = coalesce($9, status), heartbeat = now()
+              WHERE job = $1 AND range_no = $2 AND epoch = $3"
+        );
+        let returning = format!("RETURNING (SELECT j.paused FROM {jobs} j WHERE j.job = $1)");
         BatchSql {
             begin_locals,
             walk,
@@ -176,13 +187,9 @@ impl BatchSql {
             skipped_count: format!(
                 "SELECT count(*) FROM {skipped} WHERE job = $1 AND range_no = $2"
             ),
-            advance: format!(
-                "UPDATE {ranges} SET cursor = coalesce($4, cursor),
-                        keys_done = keys_done + $5, rows_done = rows_done + $6,
-                        rows_retried = rows_retried + $7, batches_done = batches_done + $8,
-                        status = coalesce($9, status), heartbeat = now()
-                  WHERE job = $1 AND range_no = $2 AND epoch = $3
-                 RETURNING (SELECT j.paused FROM {jobs} j WHERE j.job = $1)"
+            advance: format!("{advance} {returning}"),
+            advance_walk: format!(
+                "{advance} AND cursor IS NOT DISTINCT FROM $10::text {returning}"
             ),
             candidates: format!(
                 "SELECT range_no FROM {ranges} WHERE job = $1 AND status <> 'done'

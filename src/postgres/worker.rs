@@ -4,18 +4,15 @@
 //! claim was taken over (after its connection was lost) writes nothing and claims again.
 
 use super::advisory;
+use super::batch;
 use super::errors::db_error;
 use super::job::Ctx;
-use super::raw::RawValue;
 use super::retry_pass::RetryPass;
 use super::store::{DONE, RETRYING};
-use crate::engine::{Claim, Outcome, Timings, Worker};
+use crate::engine::{Claim, Outcome, Worker};
 use crate::error::{Error, Result};
-use crate::spec::LockMode;
 use deadpool_postgres::ClientWrapper;
 use std::sync::Arc;
-use std::time::Instant;
-use tokio_postgres::types::ToSql;
 
 /// The range a worker holds.
 struct Held {
@@ -37,6 +34,10 @@ pub struct PgWorker {
     /// How many slots the job has (this worker may take any free one after reconnecting).
     cap: u32,
     conn: Option<ClientWrapper>,
+    /// The second connection, for walking one batch ahead (no locks of the worker's own).
+    spare: Option<ClientWrapper>,
+    /// The next batch, walked (its keys locked) while the current one ran.
+    ahead: Option<batch::Running>,
     held: Option<Held>,
     paused: bool,
 }
@@ -51,6 +52,8 @@ impl PgWorker {
             slot,
             cap,
             conn: Some(conn),
+            spare: None,
+            ahead: None,
             held: None,
             paused: false,
         }
@@ -73,8 +76,19 @@ impl PgWorker {
         Ok(self.conn.as_mut().expect("connected above"))
     }
 
+    /// Roll back the batch walked ahead, if any (its locks go with it), and bring its
+    /// connection home. Everything that uses the main connection outside a batch settles first.
+    async fn settle_ahead(&mut self) {
+        if let Some(a) = self.ahead.take() {
+            let main = a.main;
+            let c = a.abandon().await;
+            self.put_back(main, c);
+        }
+    }
+
     /// The claim on range `n` is gone: give its lock back too (best effort) and say so.
     async fn lose(&mut self, n: i32) -> Error {
+        self.settle_ahead().await;
         self.held = None;
         self.unlock_range(n).await;
         self.lost(n)
@@ -90,6 +104,7 @@ impl PgWorker {
 
     /// Set the claimed range's status (and cursor), fenced. Err(Lost) if the claim is gone.
     async fn mark(&mut self, status: &str) -> Result<()> {
+        self.settle_ahead().await;
         let ctx = self.ctx.clone();
         let p = ctx.prepared()?;
         let held = self.held.as_ref().expect("a range is held");
@@ -150,121 +165,84 @@ impl PgWorker {
     }
 
     /// One keyset batch of the held range: lock the next keys, run the statement, advance the
-    /// range's checkpoint (fenced), commit. Any failure rolls the whole batch back.
+    /// range's checkpoint (fenced), commit. Any failure rolls the whole batch back. While the
+    /// statement runs, the next batch's keys are locked on the worker's other connection (one
+    /// batch ahead), so the walk costs no time of its own; that batch commits only on top of
+    /// this one (its checkpoint is fenced by the cursor it walked from).
     async fn walk(&mut self, size: u64) -> Result<Outcome> {
         let ctx = self.ctx.clone();
         let p = ctx.prepared()?;
-        let skip_locked = ctx.spec.lock == LockMode::SkipLocked;
         let held = self.held.as_ref().expect("a range is held");
-        let (n, epoch, cursor, hi) = (
-            held.range_no,
-            held.epoch,
-            held.cursor.clone(),
-            held.hi.clone(),
-        );
-        let c = self.conn().await?;
-        let tx = c
-            .transaction()
-            .await
-            .map_err(|e| db_error("starting the batch transaction", &e))?;
-        let t0 = Instant::now();
-        let size = size.min(i64::MAX as u64) as i64;
-        let walk = tx
-            .prepare_cached(&p.sql.walk)
-            .await
-            .map_err(|e| db_error("preparing the batch query", &e))?;
-        let params: Vec<&(dyn ToSql + Sync)> = if skip_locked {
-            vec![&size, &ctx.job, &n, &cursor, &hi]
-        } else {
-            vec![&size, &cursor, &hi]
+        let args = batch::Args {
+            range_no: held.range_no,
+            epoch: held.epoch,
+            from: held.cursor.clone(),
+            hi: held.hi.clone(),
+            size: size.min(i64::MAX as u64) as i64,
         };
-        // The timeouts and the batch query go out together (one round trip).
-        let (set, row) = tokio::join!(
-            tx.batch_execute(&p.sql.begin_locals),
-            tx.query_one(&walk, &params)
-        );
-        set.map_err(|e| db_error("starting the batch transaction", &e))?;
-        let row = row.map_err(|e| db_error("selecting the batch's keys", &e))?;
-        let keys: Option<RawValue> = row.get(0);
-        let last: Option<String> = row.get(1);
-        let walked = row.get::<_, i64>(2) as u64;
-        let skipped = row.get::<_, i64>(3) as u64;
-        let (first_key, last_key): (Option<RawValue>, Option<RawValue>) = (row.get(4), row.get(5));
-        let t1 = Instant::now();
-        let rows = match &keys {
-            Some(k) => {
-                let st = tx
-                    .prepare_cached(&ctx.spec.statement)
-                    .await
-                    .map_err(|e| db_error("preparing statement", &e))?;
-                let params: Vec<&(dyn ToSql + Sync)> = if p.info.statement_params == 3 {
-                    vec![k, &first_key, &last_key]
-                } else {
-                    vec![k]
-                };
-                tx.execute(&st, &params)
-                    .await
-                    .map_err(|e| db_error("running statement", &e))?
+        let n = args.range_no;
+        let mut cur = match self.ahead.take() {
+            // Walked ahead at the size asked for then: taken unless the size has come down
+            // since (the batches were slower than the target; a bigger one would overshoot).
+            Some(a)
+                if a.args.range_no == n
+                    && a.args.epoch == args.epoch
+                    && a.args.from == args.from
+                    && a.args.size <= args.size =>
+            {
+                a
             }
-            None => 0,
+            other => {
+                if let Some(a) = other {
+                    self.put_back(a.main, a.abandon().await);
+                }
+                self.conn().await?;
+                let c = self.conn.take().expect("connected above");
+                batch::Running::start(ctx.clone(), p.clone(), c, true, args.clone())
+            }
         };
-        let t2 = Instant::now();
-        // A short batch scanned to the end of the range: its walk is over. The range is done
-        // in the same transaction, or waits for its retry pass if rows were skipped.
-        let next: Option<&str> = if (walked as i64) < size {
-            let waiting: i64 = if skip_locked {
-                tx.query_one(&p.sql.skipped_count, &[&ctx.job, &n])
-                    .await
-                    .map_err(|e| db_error("counting skipped rows", &e))?
-                    .get(0)
-            } else {
-                0
-            };
-            Some(if waiting == 0 { DONE } else { RETRYING })
-        } else {
-            None
-        };
-        let advance = tx
-            .prepare_cached(&p.sql.advance)
-            .await
-            .map_err(|e| db_error("preparing the checkpoint", &e))?;
-        let fenced = tx
-            .query_opt(
-                &advance,
-                &[
-                    &ctx.job,
-                    &n,
-                    &epoch,
-                    &last,
-                    &(walked as i64),
-                    &(rows as i64),
-                    &0i64,
-                    &i64::from(walked > 0),
-                    &next,
-                ],
-            )
-            .await
-            .map_err(|e| db_error("writing the checkpoint", &e))?;
-        let Some(fenced) = fenced else {
-            drop(tx);
-            return Err(self.lose(n).await);
-        };
-        tx.commit()
-            .await
-            .map_err(|e| db_error("committing the batch", &e))?;
-        self.paused = fenced.get::<_, Option<bool>>(0).unwrap_or(false);
-        if let Some(h) = self.held.as_mut()
-            && last.is_some()
+        if let Some(w) = cur.walked().await
+            && w.full
+            && ctx.ahead
+            && !self.paused
         {
-            h.cursor = last.clone();
+            self.start_ahead(&cur, w.last, &args).await;
+        }
+        let main = cur.main;
+        let (c, end) = cur.finish().await;
+        self.put_back(main, c);
+        let done = match end {
+            Ok(batch::End::Committed(d)) => d,
+            Ok(batch::End::Lost | batch::End::Abandoned) => {
+                self.settle_ahead().await;
+                return Err(self.lose(n).await);
+            }
+            Err(e) => {
+                self.settle_ahead().await;
+                return Err(e);
+            }
+        };
+        self.paused = done.paused;
+        if self.paused {
+            // No rows stay locked while the job is paused.
+            self.settle_ahead().await;
+        }
+        if let Some(h) = self.held.as_mut()
+            && done.last.is_some()
+        {
+            h.cursor = done.last.clone();
         }
         // The range's walk is over. Done, or parked for its retry pass: its skipped rows are
         // retried once the walks of the other ranges are over (rows locked by the application
         // are usually free again by then), so no worker waits on locks while a range is left
         // to walk. Either way this worker claims the next range.
-        let unit_done = next.is_some();
-        if next == Some(RETRYING) {
-            let ctx = self.ctx.clone();
+        let unit_done = done.next.is_some();
+        if unit_done {
+            // A short batch walks nothing ahead; make sure.
+            self.settle_ahead().await;
+        }
+        if done.next == Some(RETRYING) {
+            let epoch = args.epoch;
             if let Some(c) = self.conn.as_ref()
                 && let Err(e) = c.execute(&p.sql.release, &[&ctx.job, &n, &epoch]).await
             {
@@ -277,22 +255,65 @@ impl PgWorker {
             self.unlock_range(n).await;
         }
         Ok(Outcome {
-            keys: walked,
-            rows,
-            skipped,
-            cursor: last,
+            keys: done.walked,
+            rows: done.rows,
+            skipped: done.skipped,
+            cursor: done.last,
             unit_done,
-            timings: Timings {
-                select: t1 - t0,
-                statement: t2 - t1,
-                commit: t2.elapsed(),
-            },
+            timings: done.timings,
             ..Outcome::default()
         })
     }
 
+    /// Start walking the batch after `cur` (from `last`) on the connection `cur` does not use.
+    /// Without a free connection the worker simply does not walk ahead.
+    async fn start_ahead(
+        &mut self,
+        cur: &batch::Running,
+        last: Option<String>,
+        args: &batch::Args,
+    ) {
+        let c = if cur.main {
+            match self.spare.take() {
+                Some(c) if !c.is_closed() => Some(c),
+                _ => match self.ctx.connect_worker().await {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::debug!("no second connection to walk ahead on: {e}");
+                        None
+                    }
+                },
+            }
+        } else {
+            self.conn.take()
+        };
+        let Some(c) = c else { return };
+        let next = batch::Args {
+            from: last,
+            ..args.clone()
+        };
+        self.ahead = Some(batch::Running::start(
+            self.ctx.clone(),
+            self.ctx.prepared().expect("prepared before any batch"),
+            c,
+            !cur.main,
+            next,
+        ));
+    }
+
+    /// A connection a batch gives back goes home (unless it died with the batch).
+    fn put_back(&mut self, main: bool, c: Option<ClientWrapper>) {
+        let c = c.filter(|c| !c.is_closed());
+        if main {
+            self.conn = c;
+        } else {
+            self.spare = c;
+        }
+    }
+
     /// One page of the held range's retry pass.
     async fn retry(&mut self, size: u64) -> Result<Outcome> {
+        self.settle_ahead().await;
         let ctx = self.ctx.clone();
         let p = ctx.prepared()?;
         let mut held = self.held.take().expect("a range is held");
@@ -329,6 +350,7 @@ impl Worker for PgWorker {
     }
 
     async fn claim(&mut self) -> Result<Claim> {
+        self.settle_ahead().await;
         if let Some(h) = &self.held {
             return Ok(Claim::Got(format!("range {}", h.range_no)));
         }
@@ -403,6 +425,7 @@ impl Worker for PgWorker {
     }
 
     async fn release(&mut self) -> Result<()> {
+        self.settle_ahead().await;
         let Some(h) = self.held.take() else {
             return Ok(());
         };
@@ -430,6 +453,7 @@ impl Worker for PgWorker {
 
     async fn paused(&mut self) -> Result<bool> {
         if self.paused {
+            self.settle_ahead().await;
             let ctx = self.ctx.clone();
             let p = ctx.prepared()?;
             let c = self.conn().await?;
@@ -442,12 +466,21 @@ impl Worker for PgWorker {
         Ok(self.paused)
     }
 
+    async fn settle(&mut self) {
+        self.settle_ahead().await;
+    }
+
     fn reset_connection(&mut self) {
+        // A batch walked ahead rolls back when its task sees it will never be told to go on.
+        self.ahead = None;
+        self.spare = None;
         self.conn = None;
         self.held = None;
     }
 
     async fn close(&mut self) {
+        self.settle_ahead().await;
+        self.spare = None;
         if let Some(c) = self.conn.take() {
             // The slot, the job's shared lock and any range lock, all at once.
             if let Err(e) = c.execute("SELECT pg_advisory_unlock_all()", &[]).await {

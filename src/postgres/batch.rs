@@ -1,0 +1,259 @@
+//! One keyset batch as a task that owns its connection: lock the range's next keys, then, when
+//! told to go on, run the statement, advance the range's checkpoint and commit, all in one
+//! transaction. The checkpoint is fenced twice: by the claim's epoch and by the cursor the batch
+//! walked from, so a batch walked ahead (while the batch before it was still running, on the
+//! worker's other connection) commits only on top of that batch, never after its rollback.
+
+use super::errors::db_error;
+use super::job::{Ctx, Prepared};
+use super::raw::RawValue;
+use super::store::{DONE, RETRYING};
+use crate::engine::Timings;
+use crate::error::{Error, Result};
+use crate::spec::LockMode;
+use deadpool_postgres::ClientWrapper;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_postgres::types::ToSql;
+
+/// Which range, from where, how many keys.
+#[derive(Debug, Clone)]
+pub struct Args {
+    pub range_no: i32,
+    pub epoch: i64,
+    /// The range's checkpoint this batch walks from (and must still find when it commits).
+    pub from: Option<String>,
+    pub hi: Option<String>,
+    pub size: i64,
+}
+
+/// What the walk found, known before the statement runs.
+#[derive(Debug, Clone)]
+pub struct Walked {
+    /// The batch took as many keys as it asked for: the range may go on after `last`.
+    pub full: bool,
+    pub last: Option<String>,
+}
+
+/// A committed batch.
+#[derive(Debug, Clone, Default)]
+pub struct Done {
+    pub walked: u64,
+    pub rows: u64,
+    pub skipped: u64,
+    /// The cursor after this batch (`None`: unchanged).
+    pub last: Option<String>,
+    /// The range's new status when its walk is over (`done`, or `retrying` for skipped rows).
+    pub next: Option<&'static str>,
+    /// The job's pause flag, read with the checkpoint.
+    pub paused: bool,
+    pub timings: Timings,
+}
+
+/// How a batch ended. `Lost`: the fence refused the checkpoint and the batch rolled back.
+/// `Abandoned`: it was rolled back before its statement ran.
+pub enum End {
+    Committed(Done),
+    Lost,
+    Abandoned,
+}
+
+/// A batch running on a connection it owns until it ends.
+pub struct Running {
+    pub args: Args,
+    /// The batch runs on the worker's main connection (the one holding its advisory locks).
+    pub main: bool,
+    walked: Option<oneshot::Receiver<Walked>>,
+    go: Option<oneshot::Sender<()>>,
+    task: JoinHandle<(ClientWrapper, Result<End>)>,
+}
+
+impl Running {
+    /// Start the batch: it begins, walks, and then waits to be told to go on.
+    pub fn start(
+        ctx: Arc<Ctx>,
+        p: Arc<Prepared>,
+        conn: ClientWrapper,
+        main: bool,
+        args: Args,
+    ) -> Running {
+        let (walked_tx, walked_rx) = oneshot::channel();
+        let (go_tx, go_rx) = oneshot::channel();
+        let a = args.clone();
+        let task = tokio::spawn(async move {
+            let mut conn = conn;
+            let r = run(&ctx, &p, &mut conn, &a, walked_tx, go_rx).await;
+            (conn, r)
+        });
+        Running {
+            args,
+            main,
+            walked: Some(walked_rx),
+            go: Some(go_tx),
+            task,
+        }
+    }
+
+    /// What the walk found; `None` if the batch ended without one (its error comes from
+    /// `finish`).
+    pub async fn walked(&mut self) -> Option<Walked> {
+        match self.walked.take() {
+            Some(rx) => rx.await.ok(),
+            None => None,
+        }
+    }
+
+    /// Let the batch run its statement and commit; its connection comes back unless the task
+    /// died with it.
+    pub async fn finish(mut self) -> (Option<ClientWrapper>, Result<End>) {
+        if let Some(go) = self.go.take() {
+            let _ = go.send(());
+        }
+        join(self.task).await
+    }
+
+    /// Roll the batch back (its locks go with it) and get the connection back.
+    pub async fn abandon(mut self) -> Option<ClientWrapper> {
+        self.go = None;
+        join(self.task).await.0
+    }
+}
+
+async fn join(
+    task: JoinHandle<(ClientWrapper, Result<End>)>,
+) -> (Option<ClientWrapper>, Result<End>) {
+    match task.await {
+        Ok((c, r)) => (Some(c), r),
+        Err(e) => (
+            None,
+            Err(Error::Lost(format!(
+                "internal: a batch task ended abnormally: {e}"
+            ))),
+        ),
+    }
+}
+
+/// The batch's transaction. Returning before `commit` rolls everything back.
+async fn run(
+    ctx: &Ctx,
+    p: &Prepared,
+    conn: &mut ClientWrapper,
+    a: &Args,
+    walked_tx: oneshot::Sender<Walked>,
+    go: oneshot::Receiver<()>,
+) -> Result<End> {
+    let skip_locked = ctx.spec.lock == LockMode::SkipLocked;
+    let tx = conn
+        .transaction()
+        .await
+        .map_err(|e| db_error("starting the batch transaction", &e))?;
+    let t0 = Instant::now();
+    let walk = tx
+        .prepare_cached(&p.sql.walk)
+        .await
+        .map_err(|e| db_error("preparing the batch query", &e))?;
+    let params: Vec<&(dyn ToSql + Sync)> = if skip_locked {
+        vec![&a.size, &ctx.job, &a.range_no, &a.from, &a.hi]
+    } else {
+        vec![&a.size, &a.from, &a.hi]
+    };
+    // The timeouts and the batch query go out together (one round trip).
+    let (set, row) = tokio::join!(
+        tx.batch_execute(&p.sql.begin_locals),
+        tx.query_one(&walk, &params)
+    );
+    set.map_err(|e| db_error("starting the batch transaction", &e))?;
+    let row = row.map_err(|e| db_error("selecting the batch's keys", &e))?;
+    let keys: Option<RawValue> = row.get(0);
+    let last: Option<String> = row.get(1);
+    let walked = row.get::<_, i64>(2) as u64;
+    let skipped = row.get::<_, i64>(3) as u64;
+    let (first_key, last_key): (Option<RawValue>, Option<RawValue>) = (row.get(4), row.get(5));
+    let full = (walked as i64) >= a.size;
+    let t1 = Instant::now();
+    let _ = walked_tx.send(Walked {
+        full,
+        last: last.clone(),
+    });
+    if go.await.is_err() {
+        // The transaction rolls back as it is dropped.
+        return Ok(End::Abandoned);
+    }
+    let t1b = Instant::now();
+    let rows = match &keys {
+        Some(k) => {
+            let st = tx
+                .prepare_cached(&ctx.spec.statement)
+                .await
+                .map_err(|e| db_error("preparing statement", &e))?;
+            let params: Vec<&(dyn ToSql + Sync)> = if p.info.statement_params == 3 {
+                vec![k, &first_key, &last_key]
+            } else {
+                vec![k]
+            };
+            tx.execute(&st, &params)
+                .await
+                .map_err(|e| db_error("running statement", &e))?
+        }
+        None => 0,
+    };
+    let t2 = Instant::now();
+    // A short batch scanned to the end of the range: its walk is over. The range is done in
+    // the same transaction, or waits for its retry pass if rows were skipped.
+    let next: Option<&'static str> = if !full {
+        let waiting: i64 = if skip_locked {
+            tx.query_one(&p.sql.skipped_count, &[&ctx.job, &a.range_no])
+                .await
+                .map_err(|e| db_error("counting skipped rows", &e))?
+                .get(0)
+        } else {
+            0
+        };
+        Some(if waiting == 0 { DONE } else { RETRYING })
+    } else {
+        None
+    };
+    let advance = tx
+        .prepare_cached(&p.sql.advance_walk)
+        .await
+        .map_err(|e| db_error("preparing the checkpoint", &e))?;
+    let fenced = tx
+        .query_opt(
+            &advance,
+            &[
+                &ctx.job,
+                &a.range_no,
+                &a.epoch,
+                &last,
+                &(walked as i64),
+                &(rows as i64),
+                &0i64,
+                &i64::from(walked > 0),
+                &next,
+                &a.from,
+            ],
+        )
+        .await
+        .map_err(|e| db_error("writing the checkpoint", &e))?;
+    let Some(fenced) = fenced else {
+        return Ok(End::Lost);
+    };
+    tx.commit()
+        .await
+        .map_err(|e| db_error("committing the batch", &e))?;
+    Ok(End::Committed(Done {
+        walked,
+        rows,
+        skipped,
+        last,
+        next,
+        paused: fenced.get::<_, Option<bool>>(0).unwrap_or(false),
+        timings: Timings {
+            select: t1 - t0,
+            statement: t2 - t1b,
+            commit: t2.elapsed(),
+        },
+    }))
+}
