@@ -230,3 +230,36 @@ fn usage_errors_exit_2() {
     let (code, _, _) = run(&[&"run", &"--max-runtime", &"5 minutes", &"x.yaml"]);
     assert_eq!(code, 2);
 }
+
+/// `batch.walk_ahead` holds the next batch's locks while the current statement runs: refused
+/// with a pause between batches (held through it) or an idle-in-transaction limit a statement
+/// may outlast (the batch ahead waits idle for it and would be killed).
+#[test]
+fn walk_ahead_refuses_a_pause_and_a_short_idle_limit() {
+    check(
+        &format!("{GOOD}batch:\n  walk_ahead: true\n  pause: 10ms\n"),
+        Some(7),
+        "batch.walk_ahead",
+        "cannot go with batch.pause",
+    );
+    check(
+        &format!(
+            "{GOOD}batch:\n  walk_ahead: true\nlimits:\n  statement_timeout: 30s\n  \
+             idle_in_transaction_session_timeout: 10s\n"
+        ),
+        Some(7),
+        "batch.walk_ahead",
+        "above limits.statement_timeout",
+    );
+    check(
+        &format!("{GOOD}batch:\n  walk_ahead: true\nlimits:\n  statement_timeout: 0s\n"),
+        Some(7),
+        "batch.walk_ahead",
+        "above limits.statement_timeout",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.yaml");
+    std::fs::write(&path, format!("{GOOD}batch:\n  walk_ahead: true\n")).unwrap();
+    let (code, out, err) = run(&[&"validate", &path]);
+    assert_eq!(code, 0, "{out}{err}");
+}

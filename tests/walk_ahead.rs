@@ -1,7 +1,8 @@
-//! A worker walks the next batch (locks its keys) on its second connection while the current
-//! batch's statement runs. That batch must never outlive the one before it: when a batch fails,
-//! the batch walked ahead rolls back with it; while the job is paused no row stays locked; and
-//! killing either of a worker's connections at any moment loses and doubles nothing.
+//! With `batch.walk_ahead`, a worker walks the next batch (locks its keys) on its second
+//! connection while the current batch's statement runs. That batch must never outlive the one
+//! before it: when a batch fails, the batch walked ahead rolls back with it; while the job is
+//! paused no row stays locked; and killing either of a worker's connections at any moment loses
+//! and doubles nothing.
 //!
 //! Every job inserts into a table without a unique constraint: a batch applied twice shows up
 //! as duplicate rows, a lost one as a missing row.
@@ -87,7 +88,7 @@ async fn a_failing_batch_takes_the_batch_walked_ahead_down_with_it() {
         .unwrap();
     // One range (one worker), fixed batches of 500: batches 1-8 end at 4000, batch 9
     // (4001-4500) fails, and batch 10 (4501-5000) was locked ahead while batch 9 ran.
-    let spec = spec(&db, "{size: 500, target: 0}");
+    let spec = spec(&db, "{size: 500, target: 0, walk_ahead: true}");
     let (code, _out, err) = run(&[&"run", &spec]);
     assert_eq!(code, 1, "a statement that fails is not retried:\n{err}");
     assert!(err.contains("division by zero"), "{err}");
@@ -125,7 +126,7 @@ async fn a_paused_job_holds_no_row_locks_and_goes_on_after_unpause() {
     let c = db.client().await;
     let rows = 300_000;
     tables(&c, rows).await;
-    let spec = spec(&db, "{size: 2000, target: 0}");
+    let spec = spec(&db, "{size: 2000, target: 0, walk_ahead: true}");
     let mut r = spawn(db.dir.path(), "run", &[], &spec);
     r.wait_until(
         "the first batches",
@@ -170,7 +171,7 @@ async fn either_connection_of_a_worker_killed_again_and_again_loses_and_doubles_
     let c = db.client().await;
     let rows = 120_000;
     tables(&c, rows).await;
-    let spec = spec(&db, "{size: 400, target: 0}");
+    let spec = spec(&db, "{size: 400, target: 0, walk_ahead: true}");
     let mut child = backfill().arg("run").arg(&spec).spawn().unwrap();
     // One of the run's sessions at a time, picked by a rotating index: the worker's own (its
     // locks), the one it walks ahead on, or a pooled one.

@@ -208,6 +208,7 @@ fn shared(stop: Stop) -> Arc<Shared> {
             min: 1,
             max: 100,
             pause: Duration::ZERO,
+            walk_ahead: false,
         },
         stop: stop.for_job(),
         gate: None,

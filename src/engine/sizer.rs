@@ -80,6 +80,7 @@ mod tests {
             min: 100,
             max: 100_000,
             pause: Duration::ZERO,
+            walk_ahead: false,
         }
     }
 

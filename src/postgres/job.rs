@@ -36,12 +36,10 @@ pub struct Ctx {
     pub store: Store,
     /// The spec's `workers`, or this process's worker threads if more (how many ranges to cut).
     pub workers: u32,
-    /// The worker locks the next batch's keys on a second connection while the current batch
-    /// runs. Only for a job of one worker (several workers already keep the server's cores
-    /// busy: measured, walking ahead then made 2 workers 15% slower where it made 1 worker 9%
-    /// faster), without a pause between batches (the locks would be held through it), and
-    /// when the batch walked ahead may stay idle in its transaction as long as a statement
-    /// may run (it waits for the statement before it).
+    /// Workers lock the next batch's keys on a second connection while the current batch runs,
+    /// when the spec asks (`batch.walk_ahead`: it doubles the rows locked at a time and how
+    /// long they stay locked, and so the application's lock waits; validated against
+    /// `batch.pause` and the idle-in-transaction limit).
     pub ahead: bool,
     ready: OnceLock<Arc<Prepared>>,
     /// Ranges this process gave up on for this run (rows still locked by others).
@@ -182,10 +180,7 @@ impl PgJob {
                 limits: spec.limits.clone(),
                 store: Store::new(&spec.state_schema),
                 workers: spec.workers.max(threads),
-                ahead: spec.workers.max(threads) == 1
-                    && spec.batch.pause.is_zero()
-                    && spec.limits.idle_in_transaction_session_timeout
-                        > spec.limits.statement_timeout,
+                ahead: spec.batch.walk_ahead,
                 ready: OnceLock::new(),
                 blocked: Mutex::new(HashSet::new()),
                 pids: Mutex::new(Vec::new()),

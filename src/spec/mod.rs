@@ -171,6 +171,9 @@ pub struct Batch {
     pub min: u64,
     pub max: u64,
     pub pause: Duration,
+    /// Postgres: lock the next batch's keys on a second connection while the current batch's
+    /// statement runs (faster; twice the rows locked, for twice as long). Off by default.
+    pub walk_ahead: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

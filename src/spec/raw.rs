@@ -115,6 +115,7 @@ pub struct RawBatch {
     pub min: Option<Spanned<Count>>,
     pub max: Option<Spanned<Count>>,
     pub pause: Option<Spanned<Dur>>,
+    pub walk_ahead: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -110,8 +110,40 @@ pub(super) fn validate(path: &Path, raw: RawSpec, env: &Env) -> Result<Spec> {
             );
         }
     };
+    let walk_ahead = raw
+        .batch
+        .as_ref()
+        .and_then(|b| b.value.walk_ahead.as_ref().filter(|w| w.value).cloned());
     let batch = batch(&cx, raw.batch.as_ref())?;
     let limits = limits(&cx, &raw.limits.unwrap_or_default())?;
+    if let Some(w) = &walk_ahead {
+        // The batch walked ahead holds its locks and waits, idle in its transaction, for the
+        // statement before it: not through a pause, and not past the idle limit.
+        if !batch.pause.is_zero() {
+            return cx.at(
+                w,
+                "batch.walk_ahead",
+                "cannot go with batch.pause: the rows locked for the next batch would stay \
+                 locked through every pause"
+                    .to_string(),
+            );
+        }
+        // Zero is no limit.
+        let (idle, statement) = (
+            limits.idle_in_transaction_session_timeout,
+            limits.statement_timeout,
+        );
+        if !idle.is_zero() && (statement.is_zero() || idle <= statement) {
+            return cx.at(
+                w,
+                "batch.walk_ahead",
+                "needs limits.idle_in_transaction_session_timeout above \
+                 limits.statement_timeout: the batch walked ahead waits, idle in its \
+                 transaction, for the statement before it"
+                    .to_string(),
+            );
+        }
+    }
     let state_schema = match raw.state.and_then(|s| s.schema) {
         Some(s) => {
             let v = cx.text(&s, "state.schema")?;
@@ -394,6 +426,7 @@ fn batch(cx: &Ctx, raw: Option<&Spanned<RawBatch>>) -> Result<Batch> {
         min: min.value,
         max: max.value,
         pause,
+        walk_ahead: b.walk_ahead.as_ref().is_some_and(|w| w.value),
     })
 }
 
