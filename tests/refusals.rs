@@ -375,3 +375,69 @@ async fn a_checkpoint_is_not_resumed_under_another_key_or_table() {
     drop(c);
     db.drop_db().await;
 }
+
+/// A store written before the `walks` column (an upgrade from an older release) is still the
+/// job's store for every command that only reads or deletes: `status` shows the checkpoint,
+/// `reset` deletes it. An earlier check for the newest column made such a store invisible
+/// until something wrote to it: `status` said "no checkpoint yet", `reset` deleted nothing
+/// and said so, and `run --rerun` of a finished job did nothing.
+#[tokio::test]
+async fn a_store_from_before_the_walks_column_is_still_read_and_reset() {
+    let db = TestDb::new("oldstore").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO t SELECT g, 0 FROM generate_series(1, 5000) g;
+         CREATE TABLE knob (fail_at bigint);
+         INSERT INTO knob VALUES (2001);",
+    )
+    .await
+    .unwrap();
+    let statement = "UPDATE t SET n = n + 1 WHERE id = ANY($1) \
+                     AND 1 / (CASE WHEN id = (SELECT fail_at FROM knob) THEN 0 ELSE 1 END) = 1";
+    let spec = db.spec(
+        "old.yaml",
+        &format!("name: old\n{}", job("$URL", "t", "id", "", statement, "")),
+    );
+    let (code, _o, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 1, "{err}");
+    c.batch_execute("ALTER TABLE backfill.jobs DROP COLUMN walks; UPDATE knob SET fail_at = NULL")
+        .await
+        .unwrap();
+
+    let (code, out, err) = run(&[&"status", &spec]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("no checkpoint yet"), "{out}");
+    assert!(out.contains("2000"), "status shows the checkpoint: {out}");
+
+    // The next run upgrades the store in place and resumes: every row once.
+    let (code, _o, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n <> 1").await, 0);
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM information_schema.columns
+              WHERE table_schema = 'backfill' AND table_name = 'jobs' AND column_name = 'walks'"
+        )
+        .await,
+        1
+    );
+
+    // Old again, and finished: reset deletes its checkpoint, and the next run starts over.
+    c.batch_execute("ALTER TABLE backfill.jobs DROP COLUMN walks")
+        .await
+        .unwrap();
+    let (code, out, err) = run(&[&"reset", &spec, &"--yes"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("no checkpoint to delete"), "{out}");
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM backfill.ranges WHERE job = 'old'").await,
+        0
+    );
+    let (code, _o, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n <> 2").await, 0);
+    drop(c);
+    db.drop_db().await;
+}

@@ -63,16 +63,22 @@ impl Store {
         format!("backfill:{}:{job}:{what}", self.schema)
     }
 
-    /// Whether the store's tables exist (without creating them).
+    /// Whether the store's tables exist with every column the read paths use (without creating
+    /// them): what `status`, `plan`, `reset` and `load` need.
     pub async fn exists(&self, c: &Client) -> Result<bool> {
+        self.has_column(c, "throttled").await
+    }
+
+    /// The tables exist and `jobs` has `column`.
+    async fn has_column(&self, c: &Client, column: &str) -> Result<bool> {
         let row = c
             .query_one(
                 "SELECT to_regclass(quote_ident($1) || '.jobs') IS NOT NULL
                     AND to_regclass(quote_ident($1) || '.ranges') IS NOT NULL
                     AND EXISTS (SELECT 1 FROM information_schema.columns
                                  WHERE table_schema = $1 AND table_name = 'jobs'
-                                   AND column_name = 'walks')",
-                &[&self.schema],
+                                   AND column_name = $2)",
+                &[&self.schema, &column],
             )
             .await
             .map_err(|e| db_error("reading the checkpoint store", &e))?;
@@ -81,7 +87,9 @@ impl Store {
 
     /// Create or upgrade the tables (idempotent; serialized by a transaction-level lock).
     pub async fn ensure(&self, c: &Client) -> Result<()> {
-        if self.exists(c).await? {
+        // The newest column: a store without it is upgraded in place (the read paths above
+        // need only what `exists` checks, so an older store stays visible to them).
+        if self.has_column(c, "walks").await? {
             return Ok(());
         }
         let s = &self.schema;
