@@ -177,6 +177,64 @@ throttle:
     db.drop_db().await;
 }
 
+/// The same at start-up: a first check that cannot answer (its lock_timeout) starts the job
+/// held, not failed; it runs once the check answers. A broken query still fails the start
+/// (next test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttle_check_that_cannot_answer_at_start_holds_the_job_until_it_can() {
+    let db = TestDb::new("throttle_start").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT generate_series(1, 2000);
+         CREATE TABLE control (paused bool NOT NULL);
+         INSERT INTO control VALUES (false);",
+    )
+    .await
+    .unwrap();
+    let spec = db.spec(
+        "throttled.yaml",
+        "postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: UPDATE t SET n = n + 1 WHERE id = ANY($1)
+batch: {size: 100, target: 0}
+throttle:
+  query: SELECT paused FROM control
+  interval: 100ms
+",
+    );
+    let mut m = db.client().await;
+    let tx = m.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE control IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let child = backfill()
+        .arg("run")
+        .arg(&spec)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM t WHERE n > 0").await,
+        0,
+        "batches ran while the throttle check could not answer"
+    );
+    tx.rollback().await.unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 2000);
+    drop(m);
+    db.drop_db().await;
+}
+
 #[tokio::test]
 async fn broken_throttle_query_fails_before_any_write() {
     let db = TestDb::new("throttlebad").await;

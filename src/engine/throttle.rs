@@ -1,7 +1,7 @@
 //! Throttling off the hot path: a background task asks a probe every `interval` whether to
 //! pause and publishes the answer; the batch loop only reads that answer (a cheap gate).
 
-use crate::error::Result;
+use crate::error::{DbErrorKind, Result};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,13 +24,19 @@ pub struct Gate {
 
 impl Gate {
     /// Start refreshing from `probe`. The first answer is awaited, so the first batch already
-    /// respects it, and a probe that fails then (a broken `throttle.query`) fails the start.
+    /// respects it, and a probe that fails then (a broken `throttle.query`) fails the start;
+    /// one that cannot answer yet (a lock wait or a statement timeout, a lost connection)
+    /// starts the gate closed, as it would close it later.
     /// Later failures count as "pause" (with the error as the reason): when lag cannot be
     /// measured, it is not safe to assume there is none. A check that takes longer than
     /// `PATIENCE` (or the interval, if longer) closes the gate until it answers.
     pub async fn start<P: Probe>(mut probe: P, interval: Duration) -> Result<Gate> {
         let patience = interval.max(PATIENCE);
-        let first = probe.check().await?;
+        let first = match probe.check().await {
+            Ok(v) => v,
+            Err(e) if e.db_kind().is_some_and(cannot_answer) => answer(Err(e)),
+            Err(e) => return Err(e),
+        };
         let reason = Arc::new(Mutex::new(first));
         let shared = reason.clone();
         let task = tokio::spawn(async move {
@@ -75,6 +81,12 @@ impl Drop for Gate {
             self.task.abort();
         }
     }
+}
+
+/// The check ran into the database's state (a lock, a timeout, a lost connection), not into a
+/// mistake in the spec.
+fn cannot_answer(k: DbErrorKind) -> bool {
+    k.retryable() || k == DbErrorKind::StatementTimeout
 }
 
 fn answer(r: Result<Option<String>>) -> Option<String> {
