@@ -215,3 +215,47 @@ async fn either_connection_of_a_worker_killed_again_and_again_loses_and_doubles_
     exactly_once(&c, rows).await;
     db.drop_db().await;
 }
+
+/// A statement that locks a row of the next batch (here the foreign-key check of
+/// `next_id = id + 1` takes a KEY SHARE lock on the first row past its batch) waits for the
+/// batch walked ahead, which waits for it; Postgres cannot see that deadlock, since one side
+/// waits on the client. Only lock_timeout ends it: then the worker stops walking ahead for the
+/// run and goes on. Before, every batch paid a lock_timeout and the job crawled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_that_waits_for_the_batch_ahead_turns_walking_ahead_off() {
+    let db = TestDb::new("ahead_fk").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, next_id int REFERENCES t (id));
+         INSERT INTO t (id) SELECT generate_series(1, 3001);",
+    )
+    .await
+    .unwrap();
+    let spec = db.spec(
+        "fk.yaml",
+        "name: fk
+postgres:
+  url: $URL
+  table: t
+  key: id
+  where: id <= 3000
+  statement: UPDATE t SET next_id = id + 1 WHERE id = ANY($1)
+batch: {size: 100, target: 0, walk_ahead: true}
+limits:
+  lock_timeout: 1s
+  max_runtime: 90s
+",
+    );
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("walking ahead is off"), "{err}");
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM t WHERE id <= 3000 AND next_id = id + 1"
+        )
+        .await,
+        3000
+    );
+    db.drop_db().await;
+}

@@ -38,6 +38,8 @@ pub struct PgWorker {
     spare: Option<ClientWrapper>,
     /// The next batch, walked (its keys locked) while the current one ran.
     ahead: Option<batch::Running>,
+    /// Walking ahead is off for this run: a statement waited for the batch walked ahead.
+    ahead_off: bool,
     held: Option<Held>,
     paused: bool,
 }
@@ -54,6 +56,7 @@ impl PgWorker {
             conn: Some(conn),
             spare: None,
             ahead: None,
+            ahead_off: false,
             held: None,
             paused: false,
         }
@@ -204,6 +207,7 @@ impl PgWorker {
         if let Some(w) = cur.walked().await
             && w.full
             && ctx.ahead
+            && !self.ahead_off
             && !self.paused
         {
             self.start_ahead(&cur, w.last, &args).await;
@@ -218,6 +222,20 @@ impl PgWorker {
                 return Err(self.lose(n).await);
             }
             Err(e) => {
+                // A statement that locks rows past its batch (a foreign key to the next row, a
+                // trigger) waits for the batch walked ahead, which waits for it: nothing but
+                // lock_timeout ends that. Go on without walking ahead.
+                if self.ahead.is_some()
+                    && e.db_kind() == Some(crate::error::DbErrorKind::LockTimeout)
+                {
+                    self.ahead_off = true;
+                    tracing::warn!(
+                        worker = %self.name,
+                        "the statement hit lock_timeout while the next batch was locked ahead \
+                         (it may lock rows past its batch); walking ahead is off for the rest of \
+                         this run"
+                    );
+                }
                 self.settle_ahead().await;
                 return Err(e);
             }
