@@ -1,5 +1,6 @@
 //! One Postgres worker: a connection of its own (never returned to the pool: its session holds
-//! the worker's advisory locks), a worker slot, and at most one claimed range. Every batch
+//! the worker's advisory locks), a second one for walking ahead (`batch.walk_ahead`), a worker
+//! slot, and at most one claimed range. Every batch
 //! commits together with the range's checkpoint, fenced by the claim's epoch: a worker whose
 //! claim was taken over (after its connection was lost) writes nothing and claims again.
 
@@ -168,10 +169,10 @@ impl PgWorker {
     }
 
     /// One keyset batch of the held range: lock the next keys, run the statement, advance the
-    /// range's checkpoint (fenced), commit. Any failure rolls the whole batch back. While the
-    /// statement runs, the next batch's keys are locked on the worker's other connection (one
-    /// batch ahead), so the walk costs no time of its own; that batch commits only on top of
-    /// this one (its checkpoint is fenced by the cursor it walked from).
+    /// range's checkpoint (fenced), commit. Any failure rolls the whole batch back. With
+    /// `batch.walk_ahead`, the next batch's keys are locked on the worker's other connection
+    /// while the statement runs, so the walk costs no time of its own; that batch commits only
+    /// on top of this one (its checkpoint is fenced by the cursor it walked from).
     async fn walk(&mut self, size: u64) -> Result<Outcome> {
         let ctx = self.ctx.clone();
         let p = ctx.prepared()?;
