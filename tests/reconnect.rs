@@ -124,17 +124,32 @@ limits:
         .await
         .unwrap();
     let mut r = spawn(db.dir.path(), "run", &["--ignore-preflight"], &spec);
-    let waiting = "SELECT count(*) FROM pg_stat_activity
+    let waiting = "SELECT pid FROM pg_stat_activity
          WHERE application_name = 'backfill:copy' AND datname = current_database()
            AND wait_event_type = 'Lock'";
+    // A backend whose client was cut keeps waiting for the lock (the server notices only when
+    // it next writes to the socket): each round waits for a session of the run it has not
+    // cut yet.
+    let mut cut: Vec<i32> = Vec::new();
     for round in 0..2 {
+        let mut now: Vec<i32> = Vec::new();
         r.wait_until(
             "the run to wait for the table's lock",
             Duration::from_secs(60),
             Duration::from_millis(50),
-            async || count(&c, waiting).await > 0,
+            async || {
+                now = c
+                    .query(waiting, &[])
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|row| row.get(0))
+                    .collect();
+                now.iter().any(|p| !cut.contains(p))
+            },
         )
         .await;
+        cut.extend(now);
         assert!(proxy.cut_all().await > 0, "round {round}: nothing to cut");
     }
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -38,8 +38,12 @@ fn fail(field: &str, why: impl std::fmt::Display) -> Error {
 
 /// An error while checking `field` against the database: the field's fault, unless the table
 /// could not even be locked for the check (another session holds it): then nothing is wrong
-/// with the spec, and the run stops (exit 75) to be tried again later.
+/// with the spec, and the run stops (exit 75) to be tried again later; or unless the
+/// connection was lost: then it is the database's error, typed, and the check is run again.
 fn check_failed(field: &str, what: &str, e: &tokio_postgres::Error, rel: &str) -> Error {
+    if super::errors::classify(e) == crate::error::DbErrorKind::ConnectionLost {
+        return super::errors::db_error(&format!("preflight: checking {field}"), e);
+    }
     if super::errors::sqlstate(e) == Some("55P03") {
         return Error::Stopped(crate::error::StopReason::Preflight(format!(
             "table {rel} is locked by another session (an ACCESS EXCLUSIVE lock is held or \
@@ -71,7 +75,10 @@ pub async fn inspect(client: &Client, spec: &PostgresSpec) -> Result<TableInfo> 
                 ),
             ));
         }
-        Err(e) if e.as_db_error().is_some() => {
+        Err(e)
+            if e.as_db_error().is_some()
+                && super::errors::classify(&e) != crate::error::DbErrorKind::ConnectionLost =>
+        {
             return Err(fail(
                 "postgres.table",
                 format!(
@@ -104,7 +111,7 @@ pub async fn inspect(client: &Client, spec: &PostgresSpec) -> Result<TableInfo> 
             &[&oid, &key_name],
         )
         .await
-        .map_err(|e| fail("postgres.key", describe(&e)))?;
+        .map_err(|e| check_failed("postgres.key", "", &e, &rel_text))?;
     let Some(col) = col else {
         return Err(fail(
             "postgres.key",
@@ -156,7 +163,7 @@ pub async fn inspect(client: &Client, spec: &PostgresSpec) -> Result<TableInfo> 
         Ok(client
             .query_one("SELECT format_type($1, NULL)", &[&oid])
             .await
-            .map_err(|e| fail("postgres.statement", describe(&e)))?
+            .map_err(|e| check_failed("postgres.statement", "", &e, &rel_text))?
             .get(0))
     };
     let params = stmt.params();
@@ -186,7 +193,7 @@ pub async fn inspect(client: &Client, spec: &PostgresSpec) -> Result<TableInfo> 
             &[&oid, &key_name],
         )
         .await
-        .map_err(|e| fail("postgres.key", describe(&e)))?
+        .map_err(|e| check_failed("postgres.key", "", &e, &rel_text))?
         .get(0);
     for (i, p) in params.iter().enumerate().skip(1) {
         let got = type_name(p.oid()).await?;
