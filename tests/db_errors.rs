@@ -97,6 +97,11 @@ async fn wrong_password_is_refused_and_never_shown() {
             err.contains("bf_pwtest:***@"),
             "{cmd}: want the redacted URL\n{err}"
         );
+        // A refused login is reported at once: the first contact is never retried.
+        assert!(
+            !err.contains("retrying"),
+            "{cmd}: retried a refused login\n{err}"
+        );
     }
     // `validate` never connects, but must not echo it either.
     let (code, out, err) = run(&[&"validate", &spec]);
@@ -124,6 +129,10 @@ async fn unreachable_database() {
     let (code, out, err) = run(&[&"run", &spec]);
     assert_eq!(code, 1, "stdout:\n{out}\nstderr:\n{err}");
     assert!(err.contains("cannot connect"), "{err}");
+    assert!(
+        !err.contains("retrying"),
+        "the first contact is never retried:\n{err}"
+    );
     let redacted = format!("postgres://postgres:***@127.0.0.1:1/{}", db.name);
     assert!(err.contains(&redacted), "want {redacted} in:\n{err}");
     assert!(

@@ -121,9 +121,10 @@ async fn run<B: Backend>(
 ) -> Result<JobReport> {
     let job = spec.name.as_str();
     let stop = stop.with_deadline(spec.limits.max_runtime);
-    // Start-up, like the end of a run, goes on after a lost connection: nothing is written
-    // until `start`, which is one transaction and can be run again.
-    let existing = reconnecting("reading the checkpoint", || backend.load()).await?;
+    // The first contact is not retried: an unreachable server or a refused login is reported
+    // at once. After it, start-up goes on after a lost connection, like the end of a run:
+    // nothing is written until `start`, which is one transaction and can be run again.
+    let existing = backend.load().await?;
     let mut restart = false;
     if let Some(s) = &existing {
         let changed = s.spec_hash != spec.hash;
