@@ -13,31 +13,44 @@ async fn keys_done(c: &tokio_postgres::Client) -> i64 {
     job_row(c, "throttled").await.map_or(0, |j| j.keys_done)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn custom_throttle_query_pauses_and_resumes() {
-    let db = TestDb::new("throttle").await;
-    let c = db.client().await;
-    c.batch_execute(
+/// The throttled job: `t` of `rows` rows, each batch adds 1 to `n`; `throttle.query` reads
+/// `control.paused` every 100ms. Returns the spec.
+async fn throttled_job(
+    db: &TestDb,
+    c: &tokio_postgres::Client,
+    rows: i64,
+    batch: &str,
+) -> std::path::PathBuf {
+    c.batch_execute(&format!(
         "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
-         INSERT INTO t (id) SELECT generate_series(1, 6000);
+         INSERT INTO t (id) SELECT generate_series(1, {rows});
          CREATE TABLE control (paused bool NOT NULL);
-         INSERT INTO control VALUES (false);",
-    )
+         INSERT INTO control VALUES (false);"
+    ))
     .await
     .unwrap();
-    let spec = db.spec(
+    db.spec(
         "throttled.yaml",
-        "postgres:
+        &format!(
+            "postgres:
   url: $URL
   table: t
   key: id
   statement: UPDATE t SET n = n + 1 WHERE id = ANY($1)
-batch: {size: 100, target: 0, pause: 30ms}
+batch: {batch}
 throttle:
   query: SELECT paused FROM control
   interval: 100ms
-",
-    );
+"
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_throttle_query_pauses_and_resumes() {
+    let db = TestDb::new("throttle").await;
+    let c = db.client().await;
+    let spec = throttled_job(&db, &c, 6000, "{size: 100, target: 0, pause: 30ms}").await;
     let child = backfill()
         .arg("run")
         .arg(&spec)
@@ -112,27 +125,7 @@ throttle:
 async fn a_throttle_check_stuck_behind_a_lock_holds_the_job() {
     let db = TestDb::new("throttle_stuck").await;
     let c = db.client().await;
-    c.batch_execute(
-        "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
-         INSERT INTO t (id) SELECT generate_series(1, 6000);
-         CREATE TABLE control (paused bool NOT NULL);
-         INSERT INTO control VALUES (false);",
-    )
-    .await
-    .unwrap();
-    let spec = db.spec(
-        "throttled.yaml",
-        "postgres:
-  url: $URL
-  table: t
-  key: id
-  statement: UPDATE t SET n = n + 1 WHERE id = ANY($1)
-batch: {size: 100, target: 0, pause: 30ms}
-throttle:
-  query: SELECT paused FROM control
-  interval: 100ms
-",
-    );
+    let spec = throttled_job(&db, &c, 6000, "{size: 100, target: 0, pause: 30ms}").await;
     let child = backfill()
         .arg("run")
         .arg(&spec)
@@ -184,27 +177,7 @@ throttle:
 async fn a_throttle_check_that_cannot_answer_at_start_holds_the_job_until_it_can() {
     let db = TestDb::new("throttle_start").await;
     let c = db.client().await;
-    c.batch_execute(
-        "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
-         INSERT INTO t (id) SELECT generate_series(1, 2000);
-         CREATE TABLE control (paused bool NOT NULL);
-         INSERT INTO control VALUES (false);",
-    )
-    .await
-    .unwrap();
-    let spec = db.spec(
-        "throttled.yaml",
-        "postgres:
-  url: $URL
-  table: t
-  key: id
-  statement: UPDATE t SET n = n + 1 WHERE id = ANY($1)
-batch: {size: 100, target: 0}
-throttle:
-  query: SELECT paused FROM control
-  interval: 100ms
-",
-    );
+    let spec = throttled_job(&db, &c, 2000, "{size: 100, target: 0}").await;
     let mut m = db.client().await;
     let tx = m.transaction().await.unwrap();
     tx.batch_execute("LOCK TABLE control IN ACCESS EXCLUSIVE MODE")

@@ -9,7 +9,7 @@
 
 mod common;
 use common::runner::spawn;
-use common::store::job_row;
+use common::store::copy_done_exactly_once;
 use common::{TestDb, backfill, count, run};
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
@@ -45,27 +45,6 @@ batch: {batch}
 "
         ),
     )
-}
-
-async fn exactly_once(c: &Client, rows: i64) {
-    assert_eq!(
-        count(c, "SELECT count(*) - count(DISTINCT id) FROM dst").await,
-        0,
-        "rows doubled"
-    );
-    assert_eq!(
-        count(
-            c,
-            "SELECT count(*) FROM src s WHERE NOT EXISTS (SELECT 1 FROM dst d WHERE d.id = s.id)"
-        )
-        .await,
-        0,
-        "rows lost"
-    );
-    assert_eq!(count(c, "SELECT count(*) FROM dst").await, rows);
-    let j = job_row(c, "copy").await.expect("job recorded");
-    assert_eq!(j.status, "done", "{j:?}");
-    assert_eq!(j.keys_done, rows, "{j:?}");
 }
 
 /// Rows of `src` another session cannot lock right now.
@@ -116,7 +95,7 @@ async fn a_failing_batch_takes_the_batch_walked_ahead_down_with_it() {
         .unwrap();
     let (code, _out, err) = run(&[&"run", &spec]);
     assert_eq!(code, 0, "{err}");
-    exactly_once(&c, 10_000).await;
+    copy_done_exactly_once(&c, 10_000).await;
     db.drop_db().await;
 }
 
@@ -161,7 +140,7 @@ async fn a_paused_job_holds_no_row_locks_and_goes_on_after_unpause() {
     assert_eq!(code, 0, "{err}");
     let (code, _out, err) = r.finish(Duration::from_secs(120)).await;
     assert_eq!(code, 0, "{err}");
-    exactly_once(&c, rows).await;
+    copy_done_exactly_once(&c, rows).await;
     db.drop_db().await;
 }
 
@@ -212,7 +191,7 @@ async fn either_connection_of_a_worker_killed_again_and_again_loses_and_doubles_
     assert_eq!(kills, 10, "the run ended before 10 kills");
     assert!(seen_two, "the worker never had a second connection");
     assert_eq!(status.code(), Some(0));
-    exactly_once(&c, rows).await;
+    copy_done_exactly_once(&c, rows).await;
     db.drop_db().await;
 }
 

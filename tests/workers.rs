@@ -8,7 +8,7 @@
 
 mod common;
 use common::runner::{Running, spawn};
-use common::store::job_row;
+use common::store::{copy_done_exactly_once, job_row};
 use common::{TestDb, count};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -42,45 +42,6 @@ batch: {batch}
 {extra}"
         ),
     )
-}
-
-/// Every source row exactly once in `dst`, the job done, every key counted once.
-async fn exactly_once(c: &Client, rows: i64) {
-    assert_eq!(
-        count(c, "SELECT count(*) - count(DISTINCT id) FROM dst").await,
-        0,
-        "rows doubled"
-    );
-    assert_eq!(
-        count(
-            c,
-            "SELECT count(*) FROM src WHERE id NOT IN (SELECT id FROM dst)"
-        )
-        .await,
-        0,
-        "rows lost"
-    );
-    assert_eq!(count(c, "SELECT count(*) FROM dst").await, rows);
-    let j = job_row(c, "copy").await.expect("job recorded");
-    assert_eq!(j.status, "done", "{j:?}");
-    assert_eq!(j.keys_done, rows, "{j:?}");
-    assert_eq!(j.rows_done, rows, "{j:?}");
-    assert_eq!(
-        count(
-            c,
-            "SELECT count(*) FROM backfill.ranges WHERE job = 'copy' AND status <> 'done'"
-        )
-        .await,
-        0
-    );
-    assert_eq!(
-        count(
-            c,
-            "SELECT count(*) FROM backfill.skipped_keys WHERE job = 'copy'"
-        )
-        .await,
-        0
-    );
 }
 
 /// Owners (`host:pid/wN`) of the job's ranges right now.
@@ -179,7 +140,7 @@ async fn two_processes_share_a_two_worker_job_and_a_third_is_refused() {
     let (ka, kb) = (keys_in_summary(&aout), keys_in_summary(&bout));
     assert!(ka > 0 && kb > 0, "both must work: {ka} and {kb} keys");
     assert_eq!(ka + kb, ROWS as u64, "{aout}\n{bout}");
-    exactly_once(&c, ROWS).await;
+    copy_done_exactly_once(&c, ROWS).await;
 
     drop(c);
     db.drop_db().await;
@@ -262,7 +223,7 @@ async fn one_of_two_worker_processes_killed_again_and_again_nothing_lost_or_doub
         let (code, out, err) = v.finish(Duration::from_secs(180)).await;
         assert_eq!(code, 0, "last:\n{out}\n{err}");
     }
-    exactly_once(&c, ROWS).await;
+    copy_done_exactly_once(&c, ROWS).await;
     // The killed workers' ranges were taken over: a range claimed again has a newer epoch than
     // the number of ranges (epochs come from one sequence, one per claim).
     let claims = count(&c, "SELECT max(epoch) FROM backfill.ranges").await;
@@ -378,7 +339,7 @@ async fn rows_locked_across_range_boundaries_are_skipped_then_retried_once() {
     let (code, out, err) = r.finish(Duration::from_secs(120)).await;
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("copy: done"), "{out}");
-    exactly_once(&c, ROWS).await;
+    copy_done_exactly_once(&c, ROWS).await;
     let j = job_row(&c, "copy").await.unwrap();
     assert_eq!(j.rows_retried, held.len() as i64, "{j:?}");
 
@@ -452,7 +413,7 @@ async fn three_worker_threads_in_one_process_show_in_status_json() {
     let (code, out, err) = r.finish(Duration::from_secs(120)).await;
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("by 3 workers"), "{out}");
-    exactly_once(&c, ROWS).await;
+    copy_done_exactly_once(&c, ROWS).await;
 
     // Afterwards: done, no worker left.
     let (code, out, err) = common::run(&[&"status", &"--json", &spec]);
@@ -500,7 +461,7 @@ async fn with_one_worker_a_second_runner_is_refused() {
     let (code, out, err) = first.finish(Duration::from_secs(120)).await;
     assert_eq!(code, 0, "{out}\n{err}");
     assert_eq!(keys_in_summary(&out), ROWS as u64, "{out}");
-    exactly_once(&c, ROWS).await;
+    copy_done_exactly_once(&c, ROWS).await;
     // Only the first runner ever held the job's range.
     let held_by: Vec<String> = c
         .query("SELECT owner FROM backfill.ranges WHERE job = 'copy'", &[])

@@ -82,3 +82,34 @@ pub const JOB_VIEW: &str = "(
            coalesce((SELECT sum(rows_retried) FROM backfill.ranges r WHERE r.job = j.job), 0)::bigint AS rows_retried,
            j.last_error
       FROM backfill.jobs j) jv";
+
+/// The copy job `copy` (`src` into `dst`, a table without a unique constraint) ended with every
+/// source row exactly once: none doubled, none lost, the job done with every key counted once,
+/// no range unfinished, no skipped key left.
+pub async fn copy_done_exactly_once(c: &Client, rows: i64) {
+    let n = async |sql: &str| -> i64 { c.query_one(sql, &[]).await.unwrap().get(0) };
+    assert_eq!(
+        n("SELECT count(*) - count(DISTINCT id) FROM dst").await,
+        0,
+        "rows doubled"
+    );
+    assert_eq!(
+        n("SELECT count(*) FROM src s WHERE NOT EXISTS (SELECT 1 FROM dst d WHERE d.id = s.id)")
+            .await,
+        0,
+        "rows lost"
+    );
+    assert_eq!(n("SELECT count(*) FROM dst").await, rows);
+    let j = job_row(c, "copy").await.expect("job recorded");
+    assert_eq!(j.status, "done", "{j:?}");
+    assert_eq!(j.keys_done, rows, "{j:?}");
+    assert_eq!(j.rows_done, rows, "{j:?}");
+    assert_eq!(
+        n("SELECT count(*) FROM backfill.ranges WHERE job = 'copy' AND status <> 'done'").await,
+        0
+    );
+    assert_eq!(
+        n("SELECT count(*) FROM backfill.skipped_keys WHERE job = 'copy'").await,
+        0
+    );
+}
