@@ -15,6 +15,9 @@ const TRANSIENT: [u32; 6] = [
     394, // QUERY_WAS_CANCELLED (server shutting down)
 ];
 
+/// UNKNOWN_TABLE: on a read of `system.tables`, a table another session dropped mid-read.
+pub const UNKNOWN_TABLE: u32 = 60;
+
 /// A setting the server does not let this query change: UNKNOWN_SETTING, READONLY,
 /// SETTING_CONSTRAINT_VIOLATION.
 const SETTING_REFUSED: [u32; 3] = [115, 164, 452];
@@ -22,6 +25,14 @@ const SETTING_REFUSED: [u32; 3] = [115, 164, 452];
 /// Whether `e` is the server refusing a setting (see `SETTING_REFUSED`).
 pub fn refuses_setting(e: &Error) -> bool {
     matches!(e, Error::Db { message, .. } if code(message).is_some_and(|c| SETTING_REFUSED.contains(&c)))
+}
+
+/// The server's exception code of a database error, where it sent one.
+pub fn db_code(e: &Error) -> Option<u32> {
+    match e {
+        Error::Db { message, .. } => code(message),
+        _ => None,
+    }
 }
 
 /// The exception code in a server message, e.g. `Code: 241, e.displayText() = ...` (18.16) or

@@ -20,7 +20,7 @@
 //! from the base before landing anything, unless another writer has written into it since
 //! (parts with block numbers the job did not make): then it refuses, naming the partition.
 
-use super::client::{Server, exec, fetch_text, ident, literal, number, rows};
+use super::client::{Server, exec, fetch_text, ident, literal, number, rows, table_rows};
 use crate::error::{DbErrorKind, Error, Result};
 use clickhouse::Client;
 use replay::{Found, Replay};
@@ -134,7 +134,7 @@ impl Landing {
             literal(&start)
         );
         let own = format!("{}_{}", host_tag(), std::process::id());
-        for r in rows(&self.client, &sql, "finding check tables").await? {
+        for r in table_rows(&self.client, &sql, "finding check tables").await? {
             let (Some(name), Some(old)) = (r.first(), r.get(1)) else {
                 continue;
             };
@@ -171,7 +171,7 @@ impl Landing {
             literal(&self.db),
             literal(&self.target_name)
         );
-        let engine = rows(&self.client, &sql, "reading the target table").await?;
+        let engine = table_rows(&self.client, &sql, "reading the target table").await?;
         match engine.first().and_then(|r| r.first()).map(String::as_str) {
             None => Err(Error::Preflight(format!(
                 "clickhouse.target: table {} does not exist",
@@ -248,7 +248,7 @@ impl Landing {
             db = literal(&self.db),
             s = literal(&format!("{}_s", self.prefix)),
         );
-        for r in rows(&self.client, &sql, "finding the job's staging tables").await? {
+        for r in table_rows(&self.client, &sql, "finding the job's staging tables").await? {
             if let Some(n) = r.first() {
                 self.drop(&self.q(n)).await?;
             }
@@ -260,11 +260,13 @@ impl Landing {
         let bare = table.replace('`', "");
         let (db, name) = bare.split_once('.').unwrap_or(("", &bare));
         let sql = format!(
-            "SELECT count() FROM system.tables WHERE database = {} AND name = {}",
+            "SELECT name FROM system.tables WHERE database = {} AND name = {}",
             literal(db),
             literal(name)
         );
-        Ok(number(&self.client, &sql, "looking for a table").await? > 0)
+        Ok(!table_rows(&self.client, &sql, "looking for a table")
+            .await?
+            .is_empty())
     }
 
     /// Active parts of `table` by partition id: (rows, highest block number).

@@ -12,8 +12,8 @@
 //! heartbeat is older than `TTL`; then the next runner of the same job takes over at once (or
 //! after waiting out the heartbeat of a runner on another host).
 
-use super::client::{exec, ident, literal, rows};
-use super::errors::code;
+use super::client::{exec, ident, literal, rows, table_rows};
+use super::errors::{UNKNOWN_TABLE, code};
 use crate::error::{Error, Result, StopReason};
 use clickhouse::Client;
 use std::sync::Arc;
@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 const TTL: Duration = Duration::from_secs(30);
 const HEARTBEAT: Duration = Duration::from_secs(5);
 const TABLE_EXISTS: u32 = 57;
-const UNKNOWN_TABLE: u32 = 60;
 
 /// This process: `host:pid:start` (the start time tells a reused pid from the same process).
 pub fn me() -> String {
@@ -333,7 +332,7 @@ pub async fn drop_all(client: &Client, table: &str) -> Result<()> {
         literal(db),
         literal(name)
     );
-    for r in rows(client, &sql, "finding the target's lock tables").await? {
+    for r in table_rows(client, &sql, "finding the target's lock tables").await? {
         if let Some(n) = r.first() {
             exec(
                 client,

@@ -4,7 +4,7 @@
 //! checks of the columns the spec names.
 
 use super::chunks::{Chunk, Kinds, TimeKind, ValueKind, time_predicate};
-use super::client::{ident, literal, number, rows};
+use super::client::{ident, literal, number, rows, table_rows};
 use crate::error::{Error, Result};
 use crate::spec::ClickhouseSpec;
 use chrono::{Datelike, Days, NaiveDate};
@@ -165,7 +165,7 @@ async fn partitioned_by_month(c: &Client, spec: &ClickhouseSpec) -> Result<bool>
         literal(&db),
         literal(&table)
     );
-    let keys = rows(c, &sql, "reading the source table").await?;
+    let keys = table_rows(c, &sql, "reading the source table").await?;
     let want = format!("toYYYYMM({})", spec.time_column.trim_matches('`'));
     Ok(keys
         .first()

@@ -5,7 +5,7 @@
 //! flag) and `#merges` (set while the job has the target's merges stopped). Every value is
 //! written as a literal through `query_raw`: server messages may contain `?` or quotes.
 
-use super::client::{exec, fetch_text, ident, literal};
+use super::client::{exec, fetch_text, ident, literal, table_rows};
 use crate::error::{Error, Result};
 use crate::state::{JobState, Status, runner_id};
 use chrono::{DateTime, Utc};
@@ -147,14 +147,13 @@ impl ChStore {
     pub async fn exists(&self) -> Result<bool> {
         let (db, name) = self.table.split_once('.').expect("qualified");
         let sql = format!(
-            "SELECT count() FROM system.tables WHERE database = {} AND name = {}",
+            "SELECT name FROM system.tables WHERE database = {} AND name = {}",
             literal(db.trim_matches('`')),
             literal(name.trim_matches('`'))
         );
-        Ok(fetch_text(&self.client, &sql, "reading the job's state")
+        Ok(!table_rows(&self.client, &sql, "reading the job's state")
             .await?
-            .trim()
-            != "0")
+            .is_empty())
     }
 
     pub async fn ensure(&self) -> Result<()> {

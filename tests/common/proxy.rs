@@ -37,6 +37,9 @@ pub enum Fault {
     Hold(Duration),
     /// Wait until `FaultProxy::release_held`, then forward the request as usual.
     HoldUntilReleased,
+    /// Do not forward the request; answer it with this HTTP status and body, as the server
+    /// does for an error it really gives (the text should be one seen from the real server).
+    Answer(u16, String),
 }
 
 /// Which of the matching requests a rule fires on.
@@ -189,6 +192,8 @@ pub struct Stats {
     pub dropped_requests: u64,
     pub dropped_responses: u64,
     pub held: u64,
+    /// Requests answered by the proxy itself (`Fault::Answer`).
+    pub answered: u64,
     /// Idle upstream connections the server closed (the next request opened a new one).
     pub upstream_closed: u64,
 }
@@ -924,6 +929,23 @@ async fn serve_http(
                     "dropped request",
                     format!("[{label}] {}", rr.req.summary()),
                 );
+                return Ok(());
+            }
+            Some((Fault::Answer(status, body), label)) => {
+                shared.stat(|s| s.answered += 1);
+                shared.event(
+                    id,
+                    "answered",
+                    format!("{status} [{label}] {}", rr.req.summary()),
+                );
+                let head = format!(
+                    "HTTP/1.1 {status} Error\r\nContent-Type: text/plain; charset=UTF-8\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                cw.write_all(head.as_bytes()).await?;
+                cw.write_all(body.as_bytes()).await?;
+                cw.flush().await?;
                 return Ok(());
             }
             Some((Fault::Hold(d), label)) => {
