@@ -4,7 +4,7 @@
 
 mod common;
 use common::runner::{Running, spawn};
-use common::store::job_row;
+use common::store::{has_store, job_row};
 use common::{TestDb, count};
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -292,6 +292,108 @@ limits: {lock_timeout: 200ms}
     assert_eq!(j.rows_done, ROWS, "{j:?}");
     assert_eq!(j.rows_retried, 1, "{j:?}");
 
+    drop(c);
+    db.drop_db().await;
+}
+
+/// A skipped row whose key another transaction rewrites to an equal value of another spelling
+/// (numeric `500.0` -> `500.00`) and that is locked again when the retry pass comes: its record
+/// (`500.0`) must stay until the row is done. The retry pass once compared the recorded text
+/// with the row's key as text, took the record for resolved, and the run ended `done` with the
+/// row never done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skipped_key_rewritten_to_an_equal_spelling_is_still_retried() {
+    let db = TestDb::new("respelled").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE t (id numeric PRIMARY KEY, done boolean, n int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT (g || '.0')::numeric FROM generate_series(1, 1000) g;
+         ANALYZE t;",
+    )
+    .await
+    .unwrap();
+    let spec = db.spec(
+        "respelled.yaml",
+        "name: respelled
+postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: UPDATE t SET done = true, n = n + 1 WHERE id = ANY($1)
+batch: {size: 100, target: 0}
+limits: {lock_timeout: 10s}
+",
+    );
+    let first = db.client().await;
+    first.batch_execute("BEGIN").await.unwrap();
+    first
+        .execute("SELECT id FROM t WHERE id = 500.0 FOR UPDATE", &[])
+        .await
+        .unwrap();
+    let mut r = spawn(db.dir.path(), "run", &[], &spec);
+    r.wait_until(
+        "the walk to be over with 500.0 recorded",
+        Duration::from_secs(30),
+        Duration::from_millis(10),
+        async || {
+            has_store(&c).await
+                && skipped_keys(&c, "respelled").await == ["500.0"]
+                && c.query_one(
+                    "SELECT bool_and(status IN ('retrying', 'done')) FROM backfill.ranges
+                      WHERE job = 'respelled'",
+                    &[],
+                )
+                .await
+                .ok()
+                .and_then(|row| row.get::<_, Option<bool>>(0))
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    // The same value, spelled 500.00; a second transaction queues for the row, and has it once
+    // the first commits.
+    first
+        .execute("UPDATE t SET id = 500.00 WHERE id = 500.0", &[])
+        .await
+        .unwrap();
+    let second = db.client().await;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let holder = tokio::spawn(async move {
+        second.batch_execute("BEGIN").await.unwrap();
+        second
+            .execute("SELECT id FROM t WHERE id = 500 FOR UPDATE", &[])
+            .await
+            .unwrap();
+        let _ = rx.await;
+        second.batch_execute("COMMIT").await.unwrap();
+    });
+    let waiting = "SELECT count(*) FROM pg_stat_activity
+                    WHERE wait_event_type = 'Lock' AND query LIKE '%id = 500 FOR UPDATE%'";
+    r.wait_until(
+        "the second holder to queue",
+        Duration::from_secs(10),
+        Duration::from_millis(10),
+        async || count(&c, waiting).await == 1,
+    )
+    .await;
+    first.batch_execute("COMMIT").await.unwrap();
+    // Retry rounds pass while the second transaction holds the row (they come every 0.1-1.6 s).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        skipped_keys(&c, "respelled").await,
+        ["500.0"],
+        "the record of a row still locked was dropped"
+    );
+    tx.send(()).unwrap();
+    holder.await.unwrap();
+    let (code, out, err) = r.finish(Duration::from_secs(120)).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM t WHERE n = 1 AND done").await,
+        1000,
+        "every row once: {out}"
+    );
+    assert!(skipped_keys(&c, "respelled").await.is_empty());
     drop(c);
     db.drop_db().await;
 }
