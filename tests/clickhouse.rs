@@ -683,6 +683,109 @@ async fn a_catalog_read_that_races_a_drop_is_read_again() {
     );
 }
 
+/// `days_spec` with `range` (e.g. `  to: 2025-10-05\n`) under `clickhouse:`.
+fn days_spec_in(db: &ChDb, job: &str, range: &str) -> PathBuf {
+    let path = days_spec(db, job, "$URL", "");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = text.replace(
+        "  time_column: ran_at\n",
+        &format!("  time_column: ran_at\n{range}"),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+ch_test! {
+    /// Job names once mapped to table names many to one (`fill-x` and `fill_x`), and a job's
+    /// clean-up matched by prefix (`fill_x`'s staging, `fill_x_s…`, took `fill_x_s2`'s base):
+    /// a first run of `fill_x` restored the partitions `fill-x` had landed from `fill-x`'s
+    /// ledger, losing its rows; its clean-up dropped other jobs' tables.
+    #[test]
+    fn jobs_never_share_or_drop_each_others_tables(srv) {
+        let db = ChDb::new_on(&srv, "names");
+        build_days(&db, 8, 500);
+        let reference = source_digest(&db);
+        let a = days_spec_in(&db, "fill-x", "  to: 2025-10-05\n");
+        let (code, out, err) = run(&[&"run", &a]);
+        assert_eq!(code, 0, "fill-x: {}", all_output(&out, &err));
+        // What another job's base table and a renamed lock look like, for a job named
+        // `fill_x_s2` and one named `lockfix`.
+        for decoy in ["agg__backfill_fill_x_s2_base", "agg__backfill_lockfix_base"] {
+            db.q(&format!("CREATE TABLE {decoy} AS agg"));
+        }
+        let b = days_spec_in(&db, "fill_x", "  from: 2025-10-05\n");
+        let (code, out, err) = run(&[&"run", &b]);
+        assert_eq!(code, 0, "fill_x: {}", all_output(&out, &err));
+        assert_eq!(target_digest(&db), reference, "the two jobs together differ from the source");
+        for decoy in ["agg__backfill_fill_x_s2_base", "agg__backfill_lockfix_base"] {
+            assert!(db.has_table(decoy), "{decoy} was dropped by another job: {:?}", db.tables());
+        }
+        let bases: Vec<String> =
+            db.tables().into_iter().filter(|t| t.ends_with("_base")).collect();
+        assert_eq!(bases.len(), 4, "each job keeps its own base table: {bases:?}");
+    }
+}
+
+ch_test! {
+    /// Rows with a NULL time are in no chunk: refused before anything is written, unless
+    /// `from` and `to` leave them out knowingly.
+    #[test]
+    fn a_null_time_is_refused_not_left_behind(srv) {
+        let db = ChDb::new_on(&srv, "nulltime");
+        build_days(&db, 3, 100);
+        db.q("CREATE TABLE runs_n (ran_at Nullable(DateTime), project_id UInt32,
+                                   test_case_id UInt64, duration_ms UInt32)
+              ENGINE = MergeTree ORDER BY (project_id, test_case_id)");
+        db.q("INSERT INTO runs_n SELECT * FROM runs");
+        db.q("INSERT INTO runs_n VALUES (NULL, 1, 1, 5)");
+        let spec = days_spec(&db, "nulls", "$URL", "");
+        let text = std::fs::read_to_string(&spec).unwrap().replace("  source: runs\n", "  source: runs_n\n");
+        std::fs::write(&spec, &text).unwrap();
+        let (code, out, err) = run(&[&"run", &spec]);
+        let all = all_output(&out, &err);
+        assert_eq!(code, 1, "{all}");
+        assert!(all.contains("clickhouse.time_column") && all.contains("1 row(s)"), "{all}");
+        assert_eq!(db.num("SELECT count() FROM agg"), 0, "{all}");
+        let ranged = text.replace(
+            "  time_column: ran_at\n",
+            "  time_column: ran_at\n  from: 2025-10-01\n  to: 2025-10-04\n",
+        );
+        std::fs::write(&spec, ranged).unwrap();
+        let (code, out, err) = run(&[&"run", &spec]);
+        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        assert_eq!(target_digest(&db), source_digest(&db));
+    }
+}
+
+/// `DateTime64` (current servers) holds times a Date cannot: the chunks' dates would wrap them
+/// around and no chunk would read them. Refused, naming the field.
+#[test]
+fn a_time_outside_what_a_date_holds_is_refused() {
+    let srv = common::ch::ChServer::current();
+    let db = ChDb::new_on(&srv, "widetime");
+    build_days(&db, 3, 100);
+    db.q(
+        "CREATE TABLE runs_w (ran_at DateTime64(3), project_id UInt32, test_case_id UInt64,
+                               duration_ms UInt32)
+          ENGINE = MergeTree ORDER BY (project_id, test_case_id)",
+    );
+    db.q("INSERT INTO runs_w SELECT * FROM runs");
+    db.q("INSERT INTO runs_w VALUES ('1965-06-01 00:00:00', 1, 1, 5), ('2200-03-01 00:00:00', 1, 2, 5)");
+    let spec = days_spec(&db, "wide", "$URL", "");
+    let text = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("  source: runs\n", "  source: runs_w\n");
+    std::fs::write(&spec, &text).unwrap();
+    let (code, out, err) = run(&[&"run", &spec]);
+    let all = all_output(&out, &err);
+    assert_eq!(code, 1, "{all}");
+    assert!(
+        all.contains("clickhouse.time_column") && all.contains("2 row(s)"),
+        "{all}"
+    );
+    assert_eq!(db.num("SELECT count() FROM agg"), 0, "{all}");
+}
+
 ch_test! {
     #[test]
     fn rerun_reset_and_a_dropped_state_table_land_every_chunk_once(srv) {
@@ -1411,6 +1514,22 @@ fn spec_error_bad_date() {
         Some(7),
         "clickhouse.to",
         "is not after",
+    );
+}
+
+#[test]
+fn spec_error_a_backtick_inside_a_table_name() {
+    spec_error(
+        &GOOD_CH.replace("  target: agg", "  target: \"a`gg\""),
+        Some(7),
+        "clickhouse.target",
+        "backtick",
+    );
+    spec_error(
+        &GOOD_CH.replace("  source: runs", "  source: \"db.r\\\\uns\""),
+        Some(3),
+        "clickhouse.source",
+        "backslash",
     );
 }
 

@@ -27,6 +27,8 @@ use replay::{Found, Replay};
 use std::collections::HashMap;
 use std::time::Duration;
 
+mod names;
+pub use names::starts_then;
 mod replay;
 mod restore;
 
@@ -63,6 +65,9 @@ pub struct Landing {
     db: String,
     target_name: String,
     prefix: String,
+    /// The prefix job names with other characters than letters, digits and `_` had before
+    /// names were made unique; `adopt_legacy` keeps a job started under it on its tables.
+    legacy: Option<String>,
     /// The base table and the ledger exist (created by this process; never dropped by it).
     kept: std::sync::atomic::AtomicBool,
 }
@@ -76,18 +81,37 @@ impl Landing {
             ),
             None => (database.to_string(), target.trim_matches('`').to_string()),
         };
-        let safe: String = job
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-            .collect();
         Landing {
             client,
             server,
-            prefix: format!("{t}__backfill_{safe}"),
+            prefix: names::prefix(&t, job),
+            legacy: names::legacy_prefix(&t, job),
             db,
             target_name: t,
             kept: Default::default(),
         }
+    }
+
+    pub fn has_legacy(&self) -> bool {
+        self.legacy.is_some()
+    }
+
+    /// A job started before its name's tables were made unique keeps the tables it has: with
+    /// `has_job` (the job has a record), no table under the new prefix, and the base or ledger
+    /// under the old one.
+    pub async fn adopt_legacy(&mut self, has_job: bool) -> Result<()> {
+        let Some(legacy) = self.legacy.clone() else {
+            return Ok(());
+        };
+        if !has_job || self.exists(&self.ledger()).await? || self.exists(&self.base()).await? {
+            return Ok(());
+        }
+        let old = |t: &str| self.q(&format!("{legacy}_{t}"));
+        if self.exists(&old("ledger")).await? || self.exists(&old("base")).await? {
+            tracing::info!(prefix = %legacy, "the job keeps the tables it was started with");
+            self.prefix = legacy;
+        }
+        Ok(())
     }
 
     fn q(&self, name: &str) -> String {
@@ -129,9 +153,9 @@ impl Landing {
         let start = format!("{}_check_", self.prefix);
         let sql = format!(
             "SELECT name, (now() - metadata_modification_time) > 3600 FROM system.tables
-              WHERE database = {} AND startsWith(name, {})",
+              WHERE database = {} AND {}",
             literal(&self.db),
-            literal(&start)
+            names::check_tables(&self.prefix)
         );
         let own = format!("{}_{}", host_tag(), std::process::id());
         for r in table_rows(&self.client, &sql, "finding check tables").await? {
@@ -235,18 +259,14 @@ impl Landing {
     /// another runner may be in its preflight, about to be refused, and using its own).
     pub async fn drop_staging_tables(&self, checks: bool) -> Result<()> {
         let check = if checks {
-            format!(
-                " OR startsWith(name, {})",
-                literal(&format!("{}_check", self.prefix))
-            )
+            format!(" OR {}", names::check_tables(&self.prefix))
         } else {
             String::new()
         };
         let sql = format!(
-            "SELECT name FROM system.tables WHERE database = {db}
-                AND (startsWith(name, {s}){check})",
+            "SELECT name FROM system.tables WHERE database = {db} AND ({s}{check})",
             db = literal(&self.db),
-            s = literal(&format!("{}_s", self.prefix)),
+            s = names::staging_tables(&self.prefix),
         );
         for r in table_rows(&self.client, &sql, "finding the job's staging tables").await? {
             if let Some(n) = r.first() {

@@ -327,10 +327,14 @@ impl ChLock {
 pub async fn drop_all(client: &Client, table: &str) -> Result<()> {
     let unquoted = table.replace('`', "");
     let (db, name) = unquoted.split_once('.').unwrap_or(("", &unquoted));
+    // The lock table and the tables it was renamed to by takeovers (`<lock>_gone_<token>`,
+    // letters and digits): never a job's table whose name merely starts the same way (a job
+    // named `lockfix` keeps `<target>__backfill_lockfix_base`).
     let sql = format!(
-        "SELECT name FROM system.tables WHERE database = {} AND startsWith(name, {})",
+        "SELECT name FROM system.tables WHERE database = {} AND (name = {} OR {})",
         literal(db),
-        literal(name)
+        literal(name),
+        super::landing::starts_then(&format!("{name}_gone_"), "[A-Za-z0-9]+")
     );
     for r in table_rows(client, &sql, "finding the target's lock tables").await? {
         if let Some(n) = r.first() {

@@ -123,19 +123,26 @@ impl ChJob {
             .settings
             .iter()
             .fold(base.clone(), |c, (k, v)| c.with_setting(k, v));
+        let store = StateStore::open(spec, ch, &base, access)?;
+        let mut landing = Landing::new(
+            base.clone(),
+            server.clone(),
+            &ch.database,
+            &ch.target,
+            &spec.name,
+        );
+        if landing.has_legacy() {
+            let records = store.records(&spec.name).await?;
+            let has_job = records.iter().any(|r| r.chunk == store::JOB_ROW);
+            landing.adopt_legacy(has_job).await?;
+        }
         Ok(ChJob {
             ctx: Arc::new(Ctx {
                 job: spec.name.clone(),
                 spec: ch.clone(),
                 spec_hash: spec.hash.clone(),
-                store: StateStore::open(spec, ch, &base, access)?,
-                landing: Landing::new(
-                    base.clone(),
-                    server.clone(),
-                    &ch.database,
-                    &ch.target,
-                    &spec.name,
-                ),
+                store,
+                landing,
                 db: Db {
                     client: base,
                     server,

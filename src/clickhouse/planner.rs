@@ -214,6 +214,7 @@ pub async fn check_source(c: &Client, spec: &ClickhouseSpec) -> Result<Kinds> {
             literal(&spec.time_column)
         ))
     })?;
+    left_behind(c, spec, &time_type).await?;
     let value = match &spec.split_column {
         Some(col) => {
             ValueKind::of(&type_of(col).ok_or_else(|| missing("clickhouse.split_column", col))?)
@@ -221,4 +222,58 @@ pub async fn check_source(c: &Client, spec: &ClickhouseSpec) -> Result<Kinds> {
         None => ValueKind::default(),
     };
     Ok(Kinds { time, value })
+}
+
+/// Refuse a source with rows no chunk would ever read: a NULL time (in no day), or, in a
+/// `DateTime64` or `Date32` column, a time outside what a `Date` holds (1970-01-01 to
+/// 2149-06-05), which the chunks' dates would wrap around. With `from` and `to` both set, the
+/// rows outside them (NULL times included) are left out knowingly and do not count.
+async fn left_behind(c: &Client, spec: &ClickhouseSpec, time_type: &str) -> Result<()> {
+    let inner = time_type
+        .trim_start_matches("Nullable(")
+        .trim_start_matches("LowCardinality(");
+    let nullable = time_type.starts_with("Nullable(");
+    let wide = inner.starts_with("DateTime64") || inner.starts_with("Date32");
+    if (!nullable && !wide) || (spec.from.is_some() && spec.to.is_some()) {
+        return Ok(());
+    }
+    let col = ident(&spec.time_column);
+    // An end the spec gives leaves the rows beyond it out knowingly.
+    let mut out = vec!["0".to_string()];
+    if wide && spec.from.is_none() {
+        out.push(format!("{col} < '1970-01-01'"));
+    }
+    if wide && spec.to.is_none() {
+        out.push(format!("{col} >= '2149-06-06'"));
+    }
+    let sql = format!(
+        "SELECT countIf(isNull({col})), countIf(NOT isNull({col}) AND ({})) FROM {}",
+        out.join(" OR "),
+        ident(&spec.source)
+    );
+    let r = rows(c, &sql, "looking for rows no chunk would read").await?;
+    let n = |i: usize| -> u64 {
+        r.first()
+            .and_then(|r| r.get(i))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let (nulls, outside) = (n(0), n(1));
+    if nulls > 0 {
+        return Err(Error::Preflight(format!(
+            "clickhouse.time_column: {nulls} row(s) of {} have a NULL {}; chunks are cut by \
+             time, so no chunk would read them. Give them a time, or set clickhouse.from and \
+             clickhouse.to to leave them out knowingly",
+            spec.source, spec.time_column
+        )));
+    }
+    if outside > 0 {
+        return Err(Error::Preflight(format!(
+            "clickhouse.time_column: {outside} row(s) of {} have a {} before 1970-01-01 or \
+             after 2149-06-05, which chunks (dates) cannot hold; set clickhouse.from and \
+             clickhouse.to to leave them out knowingly",
+            spec.source, spec.time_column
+        )));
+    }
+    Ok(())
 }

@@ -85,6 +85,21 @@ pub(super) fn validate(cx: &mut Ctx, ch: &Spanned<RawClickhouse>) -> Result<Clic
         );
     }
     let target = cx.text(&c.target, "clickhouse.target")?;
+    for (name, field, span) in [
+        (&source, "clickhouse.source", &c.source),
+        (&target, "clickhouse.target", &c.target),
+    ] {
+        if let Some(why) = bad_table_name(name) {
+            return cx.at(span, field, why);
+        }
+    }
+    if let Some(why) = bad_table_name(&database) {
+        return cx.at(
+            &c.url,
+            "clickhouse.url",
+            format!("the database name: {why}"),
+        );
+    }
     let statement = cx.text(&c.statement, "clickhouse.statement")?;
     for placeholder in ["{chunk}", "{target}"] {
         if !statement.contains(placeholder) {
@@ -135,6 +150,18 @@ pub(super) fn validate(cx: &mut Ctx, ch: &Spanned<RawClickhouse>) -> Result<Clic
     })
 }
 
+/// Why a table name (`table` or `db.table`, each part optionally in backticks) cannot be used:
+/// a backtick or backslash inside a part would have to be escaped in every name the job builds
+/// from it and read back unescaped from the server's tables; refused instead.
+fn bad_table_name(name: &str) -> Option<String> {
+    name.split('.')
+        .map(|p| p.trim_matches('`'))
+        .any(|p| p.contains('`') || p.contains('\\'))
+        .then(|| {
+            format!("{name:?} has a backtick or backslash inside a name, which is not supported")
+        })
+}
+
 /// `INSERT INTO {target}` first, after comments and whitespace, and one statement only.
 fn starts_with_insert_into_target(sql: &str) -> bool {
     let mut rest = sql.trim_start();
@@ -183,16 +210,17 @@ fn split_url(raw: &str) -> std::result::Result<UrlParts, String> {
     let host = u.host_str().ok_or_else(|| format!("{shown} has no host"))?;
     let port = u.port_or_known_default().unwrap_or(8123);
     let endpoint = format!("{}://{host}:{port}", u.scheme());
-    let database = u.path().trim_matches('/').to_string();
-    let database = if database.is_empty() {
-        "default".to_string()
-    } else {
-        database
-    };
     let decode = |s: &str| {
         percent_encoding::percent_decode_str(s)
             .decode_utf8_lossy()
             .into_owned()
+    };
+    // The path is percent-encoded like the user and password (`/%C3%BCber` is `über`).
+    let database = decode(u.path().trim_matches('/'));
+    let database = if database.is_empty() {
+        "default".to_string()
+    } else {
+        database
     };
     let user = (!u.username().is_empty()).then(|| decode(u.username()));
     let password = u.password().map(decode);
