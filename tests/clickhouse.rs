@@ -683,6 +683,41 @@ async fn a_catalog_read_that_races_a_drop_is_read_again() {
     );
 }
 
+/// 18.16 lands by attaching with the target's merges stopped. When they could not be started
+/// again after the last chunk (here: five `SYSTEM START MERGES` in a row answered with a network
+/// error), the job ended done with exit 0 and the merges stopped for good; now it starts them
+/// before it is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merges_stopped_for_a_landing_run_again_when_the_job_is_done() {
+    let srv = common::ch::ChServer::v18();
+    let db = ChDb::new_on(&srv, "merges");
+    build_days(&db, 4, 500);
+    let reference = source_digest(&db);
+    let proxy = FaultProxy::start_http(srv.addr()).await;
+    let failed = proxy.add_rule(
+        Rule::new(Fault::Answer(
+            500,
+            "Code: 210, e.displayText() = DB::NetException: Connection reset by peer, \
+             e.what() = DB::NetException\n"
+                .into(),
+        ))
+        .when_contains("START MERGES")
+        .times(5),
+    );
+    let spec = days_spec(&db, "merges", &proxy.url_for(&db.url), "");
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{}", all_output(&out, &err));
+    assert_eq!(proxy.rule_fired(failed), 5, "{}", all_output(&out, &err));
+    assert_eq!(target_digest(&db), reference);
+    // With merges stopped, 18.16 answers OPTIMIZE with Code 236 (ABORTED).
+    db.q("INSERT INTO agg SELECT 99, 1, countState(), sumState(toUInt32(1)) FROM numbers(1)");
+    let optimized = db.try_q("OPTIMIZE TABLE agg FINAL");
+    assert!(
+        optimized.is_ok(),
+        "the target's merges are stopped: {optimized:?}"
+    );
+}
+
 /// `days_spec` with `range` (e.g. `  to: 2025-10-05\n`) under `clickhouse:`.
 fn days_spec_in(db: &ChDb, job: &str, range: &str) -> PathBuf {
     let path = days_spec(db, job, "$URL", "");

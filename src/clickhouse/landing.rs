@@ -578,8 +578,18 @@ impl Landing {
         })
     }
 
+    /// `SYSTEM START MERGES` on the target, again after a transient failure.
     pub async fn resume_merges(&self) -> Result<()> {
+        use backon::{ExponentialBuilder, Retryable};
         let sql = format!("SYSTEM START MERGES {}", self.target());
-        exec(&self.client, &sql, "restarting merges on the target").await
+        (|| exec(&self.client, &sql, "restarting merges on the target"))
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(200))
+                    .with_max_times(4)
+                    .with_jitter(),
+            )
+            .when(|e: &Error| e.db_kind().is_some_and(DbErrorKind::retryable))
+            .await
     }
 }

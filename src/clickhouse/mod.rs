@@ -474,9 +474,31 @@ impl Backend for ChJob {
         })
     }
 
+    /// Every chunk landed, and the target's merges run: a landing that could not start them
+    /// again (stopped for an attach) only warned, and a job that ended done is never started
+    /// again, so they would stay stopped for good (parts pile up, then TOO_MANY_PARTS). Not
+    /// done (the run fails, the next one starts them) while they cannot be started.
     async fn all_done(&self) -> Result<bool> {
-        let t = self.ctx.tree.lock().await;
-        Ok(t.as_ref().is_some_and(|t| t.done(&self.ctx.spec)))
+        let ctx = &self.ctx;
+        let done = ctx
+            .tree
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(|t| t.done(&ctx.spec));
+        if !done || ctx.landing.moves() {
+            return Ok(done);
+        }
+        let records = ctx.store.records(&ctx.job).await?;
+        if records
+            .iter()
+            .any(|r| r.chunk == store::MERGES_ROW && r.status == "stopped")
+        {
+            tracing::info!("restarting the target's merges before the job is done");
+            ctx.landing.resume_merges().await?;
+            ctx.merges_stopped(false).await?;
+        }
+        Ok(true)
     }
 
     async fn verify(&self) -> Result<Option<i64>> {
