@@ -180,12 +180,15 @@ impl BatchSql {
             // The recorded texts themselves, not the rows' keys as text: a key updated to an
             // equal value of another spelling (numeric 1.0 -> 1.00, a case-insensitive
             // collation) would match no recorded text, and its record would be forgotten.
+            // Both comparisons are on the column, in its collation (a case-insensitive one
+            // locks `abc` for a record `ABC`: compared as plain text, it stayed "still locked").
             still_needed: format!(
-                "SELECT coalesce(array_agg(bf_p.bf_key), '{{}}')
-                   FROM unnest($1::text[]) AS bf_p(bf_key)
-                  WHERE EXISTS (SELECT 1 FROM {rel}
-                                 WHERE {key} = CAST(bf_p.bf_key AS {ty}) AND {filter})
-                    AND NOT (CAST(bf_p.bf_key AS {ty}) = ANY(CAST($2::text[] AS {ty}[])))"
+                "SELECT coalesce(array_agg(backfill__pending.backfill__key), '{{}}')
+                   FROM unnest($1::text[]) AS backfill__pending(backfill__key)
+                  WHERE EXISTS (
+                      SELECT 1 FROM {rel}
+                       WHERE {key} = CAST(backfill__pending.backfill__key AS {ty}) AND {filter}
+                         AND NOT ({key} = ANY(CAST($2::text[] AS {ty}[]))))"
             ),
             forget: format!("DELETE FROM {skipped} WHERE job = $1 AND key = ANY($2::text[])"),
             skipped_count: format!(
