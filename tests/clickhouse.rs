@@ -718,6 +718,58 @@ async fn merges_stopped_for_a_landing_run_again_when_the_job_is_done() {
     );
 }
 
+ch_test! {
+    /// A chunk split at a String value that is not UTF-8: the bound came back altered (U+FFFD),
+    /// the predicate on it never split the chunk, and the run split the same chunk forever
+    /// (26.9, seen 2.5 minutes without progress). Now it fails, naming the chunk and the column.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_split_at_a_value_that_is_not_utf8_fails_instead_of_looping(srv) {
+        let db = ChDb::new_on(&srv, "nonutf");
+        db.q("CREATE TABLE src (ran_at DateTime, tag String, n UInt32)
+              ENGINE = MergeTree ORDER BY (tag, ran_at)");
+        db.q("CREATE TABLE dst (ran_at DateTime, tag String, n UInt32)
+              ENGINE = MergeTree ORDER BY (tag, ran_at)");
+        db.q("INSERT INTO src SELECT toDateTime('2025-10-01 00:00:00') + number,
+                     [unhex('61'), unhex('C328'), unhex('C428')][number % 3 + 1], number
+                FROM numbers(300)");
+        let proxy = FaultProxy::start_http(srv.addr()).await;
+        let oom = proxy.add_rule(
+            Rule::new(Fault::Answer(
+                500,
+                "Code: 241, e.displayText() = DB::Exception: Memory limit (for query) exceeded: \
+                 would use 11.87 MiB (attempt to allocate chunk of 3145728 bytes), maximum: \
+                 9.54 MiB, e.what() = DB::Exception\n"
+                    .into(),
+            ))
+            .matching(|r| {
+                let t = r.text();
+                t.contains("INSERT INTO") && t.contains("__backfill_nonutf_s_")
+            }),
+        );
+        let spec = db.spec(
+            "nonutf.yaml",
+            "name: nonutf
+clickhouse:
+  url: $URL
+  source: src
+  time_column: ran_at
+  split_column: tag
+  chunks: [day, split]
+  target: dst
+  statement: INSERT INTO {target} SELECT * FROM src WHERE {chunk}
+",
+        );
+        let spec_text = std::fs::read_to_string(&spec).unwrap();
+        std::fs::write(&spec, spec_text.replace(&db.url, &proxy.url_for(&db.url))).unwrap();
+        let r = spawn(db.dir.path(), "run", &[], &spec);
+        let (code, out, err) = r.finish(Duration::from_secs(120)).await;
+        let all = all_output(&out, &err);
+        assert!(proxy.rule_fired(oom) > 0, "{all}");
+        assert_eq!(code, 1, "{all}");
+        assert!(all.contains("not UTF-8") && all.contains("split_column"), "{all}");
+    }
+}
+
 /// `days_spec` with `range` (e.g. `  to: 2025-10-05\n`) under `clickhouse:`.
 fn days_spec_in(db: &ChDb, job: &str, range: &str) -> PathBuf {
     let path = days_spec(db, job, "$URL", "");

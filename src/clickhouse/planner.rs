@@ -124,18 +124,33 @@ pub async fn median(
     if n < 2 {
         return Ok(None);
     }
+    // As hex: the bound is written back into the chunk's predicate, so it must be the value's
+    // very bytes; a String that is not UTF-8 would come back altered (U+FFFD), and a predicate
+    // on the altered value never splits the chunk, which was split again and again.
     let at = |i: u64| {
         format!(
-            "SELECT toString(v) FROM (SELECT DISTINCT {col} AS v FROM {src} WHERE {pred})
+            "SELECT hex(toString(v)) FROM (SELECT DISTINCT {col} AS v FROM {src} WHERE {pred})
               ORDER BY v LIMIT 1 OFFSET {i}"
         )
     };
     let value = async |i: u64| -> Result<String> {
         let r = rows(c, &at(i), "finding where to split the chunk").await?;
-        r.into_iter()
+        let h = r
+            .into_iter()
             .next()
             .and_then(|r| r.into_iter().next())
-            .ok_or_else(|| Error::fatal("finding where to split the chunk: the source changed"))
+            .ok_or_else(|| Error::fatal("finding where to split the chunk: the source changed"))?;
+        let bytes = hex::decode(&h)
+            .map_err(|e| Error::fatal(format!("finding where to split the chunk: {e}")))?;
+        String::from_utf8(bytes).map_err(|e| {
+            Error::fatal(format!(
+                "chunk {}: a value of clickhouse.split_column is not UTF-8 text ({:?}), so the \
+                 chunk cannot be split at it; split by another column, or give the chunk \
+                 more memory (clickhouse.settings)",
+                chunk.id(spec),
+                String::from_utf8_lossy(e.as_bytes())
+            ))
+        })
     };
     let m = n / 2;
     let mid = value(m).await?;
