@@ -810,6 +810,26 @@ ch_test! {
         let bases: Vec<String> =
             db.tables().into_iter().filter(|t| t.ends_with("_base")).collect();
         assert_eq!(bases.len(), 4, "each job keeps its own base table: {bases:?}");
+
+        // `fill.x` once had `fill_x`'s tables too: they are `fill_x`'s (it has a record), and
+        // `fill.x` keeps its own (an empty range: done, nothing landed).
+        let c = days_spec_in(&db, "fill.x", "  from: 2025-09-01\n  to: 2025-10-01\n");
+        let (code, out, err) = run(&[&"run", &c]);
+        assert_eq!(code, 0, "fill.x: {}", all_output(&out, &err));
+        assert_eq!(target_digest(&db), reference);
+        // Tables an earlier version left under a name no job with a record has: whose they are
+        // cannot be told, so the job refuses, saying what to rename, and writes nothing.
+        for t in ["agg__backfill_fill_y_base", "agg__backfill_fill_y_ledger"] {
+            db.q(&format!("CREATE TABLE {t} AS agg"));
+        }
+        let before = db.tables();
+        let d = days_spec_in(&db, "fill-y", "  from: 2025-09-01\n  to: 2025-10-01\n");
+        let (code, out, err) = run(&[&"run", &d]);
+        let all = all_output(&out, &err);
+        assert_eq!(code, 1, "fill-y: {all}");
+        assert!(all.contains("RENAME TABLE") && all.contains("agg__backfill_fill_y_base"), "{all}");
+        assert_eq!(db.tables(), before, "the refused run wrote tables");
+        assert!(db.records("fill-y").is_empty(), "the refused run wrote its state");
     }
 }
 

@@ -28,7 +28,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 mod names;
-pub use names::starts_then;
+pub use names::{sanitized, starts_then};
 mod replay;
 mod restore;
 
@@ -66,7 +66,7 @@ pub struct Landing {
     target_name: String,
     prefix: String,
     /// The prefix job names with other characters than letters, digits and `_` had before
-    /// names were made unique; `adopt_legacy` keeps a job started under it on its tables.
+    /// names were made unique (see `legacy_tables`).
     legacy: Option<String>,
     /// The base table and the ledger exist (created by this process; never dropped by it).
     kept: std::sync::atomic::AtomicBool,
@@ -92,26 +92,43 @@ impl Landing {
         }
     }
 
-    pub fn has_legacy(&self) -> bool {
-        self.legacy.is_some()
-    }
-
-    /// A job started before its name's tables were made unique keeps the tables it has: with
-    /// `has_job` (the job has a record), no table under the new prefix, and the base or ledger
-    /// under the old one.
-    pub async fn adopt_legacy(&mut self, has_job: bool) -> Result<()> {
+    /// The prefix of tables an earlier version named this job's, when they exist and no table
+    /// under this version's name does. Earlier versions gave names that differ only in other
+    /// characters than letters, digits and `_` the same tables, so whose they are is not known:
+    /// adopting them could take another job's (a later reset or rerun would restore its
+    /// partitions), and ignoring them could leave this job's base behind (a reset would then
+    /// land every chunk again on top). The caller refuses and says how to settle it.
+    pub async fn legacy_tables(&self) -> Result<Option<String>> {
         let Some(legacy) = self.legacy.clone() else {
-            return Ok(());
+            return Ok(None);
         };
-        if !has_job || self.exists(&self.ledger()).await? || self.exists(&self.base()).await? {
-            return Ok(());
+        if self.exists(&self.ledger()).await? || self.exists(&self.base()).await? {
+            return Ok(None);
         }
         let old = |t: &str| self.q(&format!("{legacy}_{t}"));
         if self.exists(&old("ledger")).await? || self.exists(&old("base")).await? {
-            tracing::info!(prefix = %legacy, "the job keeps the tables it was started with");
-            self.prefix = legacy;
+            return Ok(Some(legacy));
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// How to settle `legacy_tables`: what to rename, or whose they may be.
+    pub fn legacy_refusal(&self, legacy: &str, job: &str) -> Error {
+        let t = |p: &str, s: &str| self.q(&format!("{p}_{s}"));
+        Error::Preflight(format!(
+            "clickhouse.target: {} and {} were left by an earlier backfill version, which gave \
+             jobs whose names differ only in other characters than letters, digits and _ the \
+             same tables; this version keeps job {job:?}'s as {}_*. If they are this job's, \
+             rename them (RENAME TABLE {} TO {}, {} TO {}, and any {legacy}_s_* staging table \
+             likewise) and run again; if they are another job's, leave them to it",
+            t(legacy, "base"),
+            t(legacy, "ledger"),
+            self.prefix,
+            t(legacy, "base"),
+            t(&self.prefix, "base"),
+            t(legacy, "ledger"),
+            t(&self.prefix, "ledger"),
+        ))
     }
 
     fn q(&self, name: &str) -> String {

@@ -124,17 +124,22 @@ impl ChJob {
             .iter()
             .fold(base.clone(), |c, (k, v)| c.with_setting(k, v));
         let store = StateStore::open(spec, ch, &base, access)?;
-        let mut landing = Landing::new(
+        let landing = Landing::new(
             base.clone(),
             server.clone(),
             &ch.database,
             &ch.target,
             &spec.name,
         );
-        if landing.has_legacy() {
-            let records = store.records(&spec.name).await?;
-            let has_job = records.iter().any(|r| r.chunk == store::JOB_ROW);
-            landing.adopt_legacy(has_job).await?;
+        if access == Access::ReadWrite
+            && let Some(legacy) = landing.legacy_tables().await?
+        {
+            // They are the job's whose name is the old one itself (`fill_x` for `fill-x`),
+            // if it has a record; else nobody can tell.
+            let records = store.records(&landing::sanitized(&spec.name)).await?;
+            if !records.iter().any(|r| r.chunk == store::JOB_ROW) {
+                return Err(landing.legacy_refusal(&legacy, &spec.name));
+            }
         }
         Ok(ChJob {
             ctx: Arc::new(Ctx {

@@ -26,7 +26,8 @@ pub fn legacy_prefix(target: &str, job: &str) -> Option<String> {
     (safe != job).then(|| format!("{target}__backfill_{safe}"))
 }
 
-fn sanitized(job: &str) -> String {
+/// The job name an earlier version's table names came from: other characters as `_`.
+pub fn sanitized(job: &str) -> String {
     job.chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect()
