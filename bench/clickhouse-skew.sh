@@ -33,7 +33,7 @@
 #      retried once after BUILD_RETRY_SECS). Afterwards: backfill_chunks FINAL (chunks per level
 #      and status, attempts; every chunk that ran out of memory) and, from system.query_log when
 #      the server has it, its chunk INSERTs into the workers' staging tables
-#      test_case_runs_recent_100__backfill_chbench_skew_s_<chunk hash>: peak memory per level and month.
+#      test_case_runs_recent_100__backfill_chbench_skew_<name hash>_s_<chunk hash>: peak memory per level and month.
 #      Without query_log, the per-level table comes from backfill_chunks (attempts, seconds from
 #      a chunk's first attempt to its record done or split).
 #   6. Verify: both targets grouped by key (countMerge, sumMerge, sumMerge, maxMerge) must hold
@@ -77,7 +77,9 @@ TARGET=test_case_runs_recent_100
 REF=${TARGET}_reference       # the unchunked query's copy of the target
 SCRATCH=${TARGET}_scratch     # per-month and capped runs: their rows are thrown away
 JOB=chbench-skew
-STAGING=${TARGET}__backfill_chbench_skew_s   # + _<chunk hash>: backfill's staging tables for job $JOB
+# + _<chunk hash>: backfill's staging tables for job $JOB (a name with other characters than
+# letters, digits and _ gets the first 4 bytes of its SHA-256 after it: landing/names.rs)
+STAGING=${TARGET}__backfill_chbench_skew_$(printf %s "$JOB" | sha256sum | cut -c1-8)_s
 WORKERS=${WORKERS:-}
 MONTHS=(2025-11 2025-12 2026-01 2026-02 2026-03 2026-04)
 BIG=2026-01

@@ -763,8 +763,7 @@ clickhouse:
   statement: INSERT INTO {target} SELECT * FROM src WHERE {chunk}
 ",
         );
-        let spec_text = std::fs::read_to_string(&spec).unwrap();
-        std::fs::write(&spec, spec_text.replace(&db.url, &proxy.url_for(&db.url))).unwrap();
+        edit_spec(&spec, &db.url, &proxy.url_for(&db.url));
         let r = spawn(db.dir.path(), "run", &[], &spec);
         let (code, out, err) = r.finish(Duration::from_secs(60)).await;
         let all = all_output(&out, &err);
@@ -777,13 +776,21 @@ clickhouse:
 /// `days_spec` with `range` (e.g. `  to: 2025-10-05\n`) under `clickhouse:`.
 fn days_spec_in(db: &ChDb, job: &str, range: &str) -> PathBuf {
     let path = days_spec(db, job, "$URL", "");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let text = text.replace(
+    edit_spec(
+        &path,
         "  time_column: ran_at\n",
         &format!("  time_column: ran_at\n{range}"),
     );
-    std::fs::write(&path, text).unwrap();
     path
+}
+
+/// Replace `from` with `to` in the spec file at `path`; returns the new text.
+fn edit_spec(path: &std::path::Path, from: &str, to: &str) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.contains(from), "{from:?} is not in {}", path.display());
+    let text = text.replace(from, to);
+    std::fs::write(path, &text).unwrap();
+    text
 }
 
 ch_test! {
@@ -850,18 +857,17 @@ ch_test! {
         db.q("INSERT INTO runs_n SELECT * FROM runs");
         db.q("INSERT INTO runs_n VALUES (NULL, 1, 1, 5)");
         let spec = days_spec(&db, "nulls", "$URL", "");
-        let text = std::fs::read_to_string(&spec).unwrap().replace("  source: runs\n", "  source: runs_n\n");
-        std::fs::write(&spec, &text).unwrap();
+        edit_spec(&spec, "  source: runs\n", "  source: runs_n\n");
         let (code, out, err) = run(&[&"run", &spec]);
         let all = all_output(&out, &err);
         assert_eq!(code, 1, "{all}");
         assert!(all.contains("clickhouse.time_column") && all.contains("1 row(s)"), "{all}");
         assert_eq!(db.num("SELECT count() FROM agg"), 0, "{all}");
-        let ranged = text.replace(
+        edit_spec(
+            &spec,
             "  time_column: ran_at\n",
             "  time_column: ran_at\n  from: 2025-10-01\n  to: 2025-10-04\n",
         );
-        std::fs::write(&spec, ranged).unwrap();
         let (code, out, err) = run(&[&"run", &spec]);
         assert_eq!(code, 0, "{}", all_output(&out, &err));
         assert_eq!(target_digest(&db), source_digest(&db));
@@ -883,10 +889,7 @@ fn a_time_outside_what_a_date_holds_is_refused() {
     db.q("INSERT INTO runs_w SELECT * FROM runs");
     db.q("INSERT INTO runs_w VALUES ('1965-06-01 00:00:00', 1, 1, 5), ('2200-03-01 00:00:00', 1, 2, 5)");
     let spec = days_spec(&db, "wide", "$URL", "");
-    let text = std::fs::read_to_string(&spec)
-        .unwrap()
-        .replace("  source: runs\n", "  source: runs_w\n");
-    std::fs::write(&spec, &text).unwrap();
+    edit_spec(&spec, "  source: runs\n", "  source: runs_w\n");
     let (code, out, err) = run(&[&"run", &spec]);
     let all = all_output(&out, &err);
     assert_eq!(code, 1, "{all}");
