@@ -12,7 +12,7 @@
 mod common;
 use common::ch::{ChDb, Record};
 use common::proxy::{Fault, FaultProxy, Rule};
-use common::runner::spawn;
+use common::runner::{in_own_pid_namespace, spawn, spawn_cmd};
 use common::skew::{BIG_MONTH, HEAVY_DAY, SKEW_K, build_skew};
 use common::{path_str, run};
 use std::collections::BTreeMap;
@@ -2167,56 +2167,134 @@ ch_test! {
     /// Now each runner has its own: one runs the job, the other is refused with 75.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn two_runners_starting_together_run_once_and_refuse_once(srv) {
-        let db = ChDb::new_on(&srv, "together");
+        start_together(&srv, "together", false).await;
+    }
+}
+
+ch_test! {
+    /// The same in two containers that share the host's name, each its runner as pid 1: their
+    /// check tables were named after host and pid alone, so the second runner's CREATE met the
+    /// first's table (exit 1).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_runners_starting_together_as_pid_1_of_two_namespaces(srv) {
+        start_together(&srv, "together_ns", true).await;
+    }
+}
+
+/// Start two runners of one `workers: 2` job so that both run their preflight before either
+/// takes the target's lock (each in a pid namespace of its own if `own_ns`): one runs the job,
+/// the other is refused with 75.
+async fn start_together(srv: &common::ch::ChServer, name: &str, own_ns: bool) {
+    let db = ChDb::new_on(srv, name);
+    build_days(&db, 4, 500);
+    let reference = source_digest(&db);
+    let start = |tag: &str, spec: &std::path::Path| {
+        let mut cmd = common::backfill();
+        cmd.arg("run").arg(spec);
+        let cmd = if own_ns {
+            in_own_pid_namespace(&cmd)
+        } else {
+            cmd
+        };
+        spawn_cmd(db.dir.path(), tag, cmd)
+    };
+    let check = |t: &str| t.contains("_check") && t.contains("INSERT INTO");
+    let first = FaultProxy::start_http(srv.addr()).await;
+    let held = first.add_rule(
+        Rule::new(Fault::HoldUntilReleased)
+            .matching(move |r| check(&r.text()))
+            .nth(1),
+    );
+    let spec_a = days_spec(&db, "together", &first.url_for(&db.url), "workers: 2\n");
+    let a = start("a", &spec_a);
+    common::runner::wait_until(
+        "the first runner's preflight to be held",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        async || first.rule_fired(held) > 0,
+    )
+    .await;
+    // The second creates its check table meanwhile, passes its preflight, takes the lock,
+    // and is held at its first landing (so that it still holds the lock).
+    let second = FaultProxy::start_http(srv.addr()).await;
+    let created = second.add_rule(
+        Rule::new(Fault::Hold(Duration::ZERO))
+            .matching(|r| r.text().contains("_check") && r.text().contains("CREATE TABLE")),
+    );
+    let landing = second.add_rule(
+        Rule::new(Fault::HoldUntilReleased)
+            .matching(|r| lands(&r.text()))
+            .nth(1),
+    );
+    let spec_b = days_spec(&db, "together", &second.url_for(&db.url), "workers: 2\n");
+    let mut b = start("b", &spec_b);
+    b.wait_until(
+        "the second runner to create its check table and reach a landing",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        async || second.rule_fired(created) > 0 && second.rule_fired(landing) > 0,
+    )
+    .await;
+    first.release_held();
+    let (ca, oa, ea) = a.finish(Duration::from_secs(120)).await;
+    second.release_held();
+    let (cb, ob, eb) = b.finish(Duration::from_secs(120)).await;
+    let all = format!("a:\n{}\nb:\n{}", all_output(&oa, &ea), all_output(&ob, &eb));
+    let mut codes = [ca, cb];
+    codes.sort();
+    assert_eq!(codes, [0, 75], "{all}");
+    assert_eq!(target_digest(&db), reference, "{all}");
+    assert_eq!(
+        working_tables(&db),
+        ["agg", "backfill_chunks", "runs"],
+        "{all}"
+    );
+}
+
+ch_test! {
+    /// Two containers on one host can share its name (`docker run --network host` gives each
+    /// the host's) while each numbers its processes from 1. A runner took another's lock for
+    /// dead when the pid written in it was not running in its own pid namespace, took it over
+    /// and ran the job beside the live runner. Here the first runner is pid 1 of a namespace
+    /// of its own, held at its first landing: the second must be refused (75), and every
+    /// chunk land once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_runner_in_another_pid_namespace_is_not_taken_for_dead(srv) {
+        let db = ChDb::new_on(&srv, "pidns");
         build_days(&db, 4, 500);
         let reference = source_digest(&db);
-        let check = |t: &str| t.contains("_check") && t.contains("INSERT INTO");
-        let first = FaultProxy::start_http(srv.addr()).await;
-        let held = first.add_rule(
-            Rule::new(Fault::HoldUntilReleased)
-                .matching(move |r| check(&r.text()))
-                .nth(1),
-        );
-        let spec_a = days_spec(&db, "together", &first.url_for(&db.url), "workers: 2\n");
-        let a = spawn(db.dir.path(), "a", &[], &spec_a);
-        common::runner::wait_until(
-            "the first runner's preflight to be held",
-            Duration::from_secs(60),
-            Duration::from_millis(20),
-            async || first.rule_fired(held) > 0,
-        )
-        .await;
-        // The second creates its check table meanwhile, passes its preflight, takes the lock,
-        // and is held at its first landing (so that it still holds the lock).
-        let second = FaultProxy::start_http(srv.addr()).await;
-        let created = second.add_rule(
-            Rule::new(Fault::Hold(Duration::ZERO))
-                .matching(|r| r.text().contains("_check") && r.text().contains("CREATE TABLE")),
-        );
-        let landing = second.add_rule(
+        let proxy = FaultProxy::start_http(srv.addr()).await;
+        let landing = proxy.add_rule(
             Rule::new(Fault::HoldUntilReleased)
                 .matching(|r| lands(&r.text()))
                 .nth(1),
         );
-        let spec_b = days_spec(&db, "together", &second.url_for(&db.url), "workers: 2\n");
-        let b = spawn(db.dir.path(), "b", &[], &spec_b);
-        common::runner::wait_until(
-            "the second runner to create its check table and reach a landing",
+        let spec_a = days_spec(&db, "pidns", &proxy.url_for(&db.url), "");
+        let mut cmd = common::backfill();
+        cmd.arg("run").arg(&spec_a);
+        let mut a = spawn_cmd(db.dir.path(), "a", in_own_pid_namespace(&cmd));
+        a.wait_until(
+            "the first runner to reach its first landing",
             Duration::from_secs(60),
             Duration::from_millis(20),
-            async || second.rule_fired(created) > 0 && second.rule_fired(landing) > 0,
+            async || proxy.rule_fired(landing) > 0,
         )
         .await;
-        first.release_held();
-        let (ca, oa, ea) = a.finish(Duration::from_secs(120)).await;
-        second.release_held();
-        let (cb, ob, eb) = b.finish(Duration::from_secs(120)).await;
-        let all = format!("a:\n{}\nb:\n{}", all_output(&oa, &ea), all_output(&ob, &eb));
-        let mut codes = [ca, cb];
-        codes.sort();
-        assert_eq!(codes, [0, 75], "{all}");
+        let spec_b = db.spec(
+            "pidns-direct.yaml",
+            &std::fs::read_to_string(&spec_a)
+                .unwrap()
+                .replace(&proxy.url_for(&db.url), &db.url),
+        );
+        let (code, out, err) = run(&[&"run", &spec_b]);
+        let b = all_output(&out, &err);
+        proxy.release_held();
+        let (code_a, out_a, err_a) = a.finish(Duration::from_secs(120)).await;
+        let all = format!("a:\n{}\nb:\n{b}", all_output(&out_a, &err_a));
+        assert_eq!(code, 75, "the second runner ran beside the first: {all}");
+        assert!(b.contains(":1:"), "the refusal names the first runner: {all}");
+        assert_eq!(code_a, 0, "{all}");
         assert_eq!(target_digest(&db), reference, "{all}");
-        assert_eq!(working_tables(&db), ["agg", "backfill_chunks", "runs"], "{all}");
     }
 }
 

@@ -47,10 +47,12 @@ pub struct Touched {
     pub foreign_rows: u64,
 }
 
-/// This host's tag in check table names (a hash of its name).
+/// This host's tag in check table names (a hash of its name and pid namespace).
 fn host_tag() -> String {
     use sha2::{Digest, Sha256};
-    hex::encode(&Sha256::digest(crate::state::hostname().as_bytes())[..4])
+    // The pid namespace too: containers of one host can share its name, each with a pid 1.
+    let here = format!("{}:{}", crate::state::hostname(), super::lock::here());
+    hex::encode(&Sha256::digest(here.as_bytes())[..4])
 }
 
 /// Partition id -> (rows, highest block number) of a table's active parts, summed.

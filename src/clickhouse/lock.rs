@@ -25,13 +25,41 @@ const TTL: Duration = Duration::from_secs(30);
 const HEARTBEAT: Duration = Duration::from_secs(5);
 const TABLE_EXISTS: u32 = 57;
 
-/// This process: `host:pid:start` (the start time tells a reused pid from the same process).
+/// This process: `host:pid:start:here` (the start time tells a reused pid from the same
+/// process; `here` names the pid namespace and the boot, see `here`).
 pub fn me() -> String {
     format!(
-        "{}:{}",
+        "{}:{}:{}",
         crate::state::runner_id(),
-        start_ticks(std::process::id()).unwrap_or(0)
+        start_ticks(std::process::id()).unwrap_or(0),
+        here()
     )
+}
+
+/// Where this process's pids mean something: its pid namespace and the kernel's boot. Two
+/// containers on one host can share a host name (`docker run --network host` gives each the
+/// host's) while each numbers its processes from 1: a runner's pid can be looked up in
+/// `/proc` only by a process in the same pid namespace of the same boot. Empty if unknown.
+pub(super) fn here() -> String {
+    let ns = std::fs::read_link("/proc/self/ns/pid")
+        .ok()
+        .map(|l| {
+            l.to_string_lossy()
+                .chars()
+                .filter(char::is_ascii_digit)
+                .collect::<String>()
+        })
+        .unwrap_or_default();
+    let boot: String = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .unwrap_or_default()
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .take(12)
+        .collect();
+    if ns.is_empty() || boot.is_empty() {
+        return String::new();
+    }
+    format!("{ns}.{boot}")
 }
 
 /// A process's start time in clock ticks since boot (`/proc/<pid>/stat`, field 22).
@@ -41,20 +69,35 @@ fn start_ticks(pid: u32) -> Option<u64> {
     after_name.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// Whether the runner `host:pid:start` is certainly gone (it ran on this host and that process
-/// is not running any more).
-pub(super) fn gone_here(runner: &str) -> bool {
-    let mut it = runner.rsplitn(3, ':');
-    let (Some(start), Some(pid), Some(host)) = (it.next(), it.next(), it.next()) else {
-        return false;
+/// The runner `host:pid:start:here` if it ran where this process can see its pid: the same
+/// host name, pid namespace and boot. `(pid, start)`.
+fn seen_from_here(runner: &str) -> Option<(u32, u64)> {
+    let mut it = runner.rsplitn(4, ':');
+    let (Some(here_of), Some(start), Some(pid), Some(host)) =
+        (it.next(), it.next(), it.next(), it.next())
+    else {
+        return None;
     };
-    if host != crate::state::hostname() {
-        return false;
+    let ours = here();
+    if ours.is_empty() || here_of != ours || host != crate::state::hostname() {
+        return None;
     }
-    let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) else {
-        return false;
-    };
-    start_ticks(pid) != Some(start)
+    Some((pid.parse().ok()?, start.parse().ok()?))
+}
+
+/// Whether the runner is certainly gone: it ran where this process can see its pid, and that
+/// process is not running any more. A runner in another pid namespace (another container
+/// with the same host name) or from an older version is never taken for gone: its heartbeat
+/// decides.
+pub(super) fn gone_here(runner: &str) -> bool {
+    seen_from_here(runner).is_some_and(|(pid, start)| start_ticks(pid) != Some(start))
+}
+
+/// Whether the runner is certainly alive: another process this process can see, still
+/// running.
+fn alive_here(runner: &str) -> bool {
+    runner != me()
+        && seen_from_here(runner).is_some_and(|(pid, start)| start_ticks(pid) == Some(start))
 }
 
 /// The holder as the lock table says.
@@ -213,12 +256,20 @@ pub async fn acquire(client: &Client, database: &str, target: &str, job: &str) -
                 h.job, h.runner
             ))));
         }
+        if !h.released && alive_here(&h.runner) {
+            // A process of this host that is running: no heartbeat to wait for.
+            return Err(Error::Stopped(StopReason::LockHeld(format!(
+                "runner {} on this host, running (its heartbeat is {}s old)",
+                h.runner, h.age
+            ))));
+        }
         let dead = h.released || gone_here(&h.runner) || h.age >= TTL.as_secs();
         if dead {
             take_over(client, &table, &h.token).await?;
             continue;
         }
-        // Alive as far as we can tell: another host's runner whose heartbeat is fresh. Watch
+        // Alive as far as we can tell: a runner this process cannot see (another host, or
+        // another container of this one) whose heartbeat is fresh. Watch
         // it: a heartbeat that moves means a live runner (exit 75); one that stops moving for
         // TTL means a dead one.
         if last_age.is_some_and(|a| h.age < a) {
@@ -230,7 +281,8 @@ pub async fn acquire(client: &Client, database: &str, target: &str, job: &str) -
         last_age = Some(h.age);
         if !waiting_said {
             tracing::warn!(
-                "job {job} is held by runner {} on another host, last seen {}s ago: waiting up \
+                "job {job} is held by runner {} on another host or container, last seen {}s \
+                 ago: waiting up \
                  to {}s for its heartbeat (a live runner keeps this one out; a dead one is taken \
                  over)",
                 h.runner,
@@ -357,8 +409,28 @@ mod tests {
     fn this_process_is_alive_and_a_made_up_one_is_not() {
         let me = me();
         assert!(!gone_here(&me), "{me}");
+        assert!(!alive_here(&me), "this process is not another runner");
         let host = crate::state::hostname();
-        assert!(gone_here(&format!("{host}:{}:1", std::process::id())));
-        assert!(!gone_here("some-other-host:1:1"));
+        let here = here();
+        assert!(!here.is_empty());
+        assert!(gone_here(&format!(
+            "{host}:{}:1:{here}",
+            std::process::id()
+        )));
+        // pid 1 of this namespace is running, and is not this process.
+        let init = format!("{host}:1:{}:{here}", start_ticks(1).unwrap());
+        assert!(alive_here(&init) && !gone_here(&init), "{init}");
+        assert!(!gone_here(&format!("some-other-host:1:1:{here}")));
+        // Another pid namespace, or an older runner that did not say which: its pid means
+        // nothing here.
+        assert!(!gone_here(&format!(
+            "{host}:{}:1:1.{here}",
+            std::process::id()
+        )));
+        assert!(!gone_here(&format!("{host}:{}:1", std::process::id())));
+        assert!(!alive_here(&format!(
+            "{host}:1:{}",
+            start_ticks(1).unwrap()
+        )));
     }
 }

@@ -54,17 +54,39 @@ pub struct Running {
 
 /// Start `backfill run <args> <spec>`, with stdout and stderr in `<dir>/<tag>.out` and `.err`.
 pub fn spawn(dir: &Path, tag: &str, args: &[&str], spec: &Path) -> Running {
+    let mut cmd = backfill();
+    cmd.arg("run").args(args).arg(spec);
+    spawn_cmd(dir, tag, cmd)
+}
+
+/// Start `cmd`, with stdout and stderr in `<dir>/<tag>.out` and `.err`.
+pub fn spawn_cmd(dir: &Path, tag: &str, mut cmd: Command) -> Running {
     let out = dir.join(format!("{tag}.out"));
     let err = dir.join(format!("{tag}.err"));
-    let child = backfill()
-        .arg("run")
-        .args(args)
-        .arg(spec)
+    let child = cmd
         .stdout(Stdio::from(std::fs::File::create(&out).unwrap()))
         .stderr(Stdio::from(std::fs::File::create(&err).unwrap()))
         .spawn()
         .expect("spawn backfill run");
     Running { child, out, err }
+}
+
+/// `cmd` run as pid 1 of a pid namespace of its own, with its own `/proc` (as in a container
+/// that shares the host's name): `unshare --pid --fork --mount-proc`, which exits with its
+/// status and takes it down if killed itself.
+pub fn in_own_pid_namespace(cmd: &Command) -> Command {
+    let mut c = Command::new("unshare");
+    c.args(["--pid", "--fork", "--kill-child", "--mount-proc"])
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .stdin(Stdio::null());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c
 }
 
 impl Running {
