@@ -2049,6 +2049,139 @@ async fn v18_a_replay_after_merges_keeps_one_foreign_row_in_an_unattached_partit
     assert_eq!(db.num(FOREIGN_COUNT), 1, "{all}");
 }
 
+/// On current servers a chunk lands by MOVE PARTITION, one partition at a time. When the answer
+/// to a move is lost (the server moved the parts; the connection dropped before its reply), the
+/// chunk is landed again: its moved parts are no longer staged, so nothing moves twice, but they
+/// were counted as rows another writer had put into the partition, and the run after a `reset`
+/// refused to restore the target, naming rows nobody else wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn current_a_lost_answer_to_a_move_is_not_taken_for_another_writer() {
+    let srv = common::ch::ChServer::current();
+    let db = ChDb::new_on(&srv, "lostmove");
+    build_days(&db, 6, 1000);
+    let reference = source_digest(&db);
+    let proxy = FaultProxy::start_http(srv.addr()).await;
+    let lost = proxy.add_rule(
+        Rule::new(Fault::DropResponse)
+            .matching(|r| lands(&r.text()))
+            .nth(3),
+    );
+    let spec = days_spec(&db, "lostmove", &proxy.url_for(&db.url), "");
+    let mut all = String::new();
+    for _ in 0..3 {
+        let (code, out, err) = run(&[&"run", &spec]);
+        all += &all_output(&out, &err);
+        if code != 75 {
+            assert_eq!(code, 0, "{all}");
+            break;
+        }
+    }
+    assert_eq!(proxy.rule_fired(lost), 1, "{all}");
+    assert_eq!(target_digest(&db), reference, "{all}");
+    assert!(!all.contains("another writer"), "{all}");
+    // Reset, then run again: the run restores the partitions (nobody else wrote into them)
+    // and lands every chunk once more.
+    let (code, out, err) = run(&[&"reset", &"--yes", &spec]);
+    all += &all_output(&out, &err);
+    assert_eq!(code, 0, "{all}");
+    assert!(out.contains("restores"), "{all}");
+    let (code, out, err) = run(&[&"run", &spec]);
+    all += &all_output(&out, &err);
+    assert_eq!(code, 0, "{all}");
+    assert!(all.contains("restored"), "{all}");
+    assert_eq!(target_digest(&db), reference, "{all}");
+}
+
+/// Killed after a move went through but before the ledger noted it (current servers), then
+/// reset: whether the move went through is told by its staging table, which the reset drops.
+/// The reset notes the moved rows as the job's own first, so the next run restores the target
+/// (it used to count them as another writer's and refuse) and lands every chunk once; rows
+/// another writer put into the target meanwhile still make it refuse.
+async fn move_killed_before_its_note_then_reset(name: &str, foreign: bool) {
+    let srv = common::ch::ChServer::current();
+    let db = ChDb::new_on(&srv, name);
+    build_days(&db, 6, 1000);
+    let reference = source_digest(&db);
+    let proxy = FaultProxy::start_http(srv.addr()).await;
+    let moved = std::sync::atomic::AtomicBool::new(false);
+    let held = proxy.add_rule(
+        Rule::new(Fault::HoldUntilReleased)
+            .matching(move |r| {
+                let t = r.text();
+                if lands(&t) {
+                    moved.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                moved.load(std::sync::atomic::Ordering::SeqCst)
+                    && t.contains("INSERT INTO")
+                    && t.contains("_ledger")
+            })
+            .nth(3),
+    );
+    let spec = days_spec(&db, name, &proxy.url_for(&db.url), "");
+    let mut r = spawn(db.dir.path(), "killed", &[], &spec);
+    r.wait_until(
+        "the note after a move to be held",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        async || proxy.rule_fired(held) > 0,
+    )
+    .await;
+    r.kill();
+    if foreign {
+        db.q(FOREIGN_ROWS);
+    }
+    let spec = days_spec(&db, name, &db.url, "");
+    let (code, out, err) = run(&[&"reset", &"--yes", &spec]);
+    let mut all = all_output(&out, &err);
+    assert_eq!(code, 0, "{all}");
+    let (code, out, err) = run(&[&"run", &spec]);
+    all += &all_output(&out, &err);
+    if foreign {
+        assert_eq!(code, 1, "{all}");
+        assert!(all.contains("another writer"), "{all}");
+        assert_eq!(db.num(FOREIGN_COUNT), 4, "{all}");
+    } else {
+        assert_eq!(code, 0, "{all}");
+        assert!(all.contains("restored"), "{all}");
+        assert_eq!(target_digest(&db), reference, "{all}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn current_a_move_killed_before_its_note_then_reset_lands_once() {
+    move_killed_before_its_note_then_reset("movekilled", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn current_a_move_killed_before_its_note_keeps_another_writers_rows() {
+    move_killed_before_its_note_then_reset("movekilledforeign", true).await;
+}
+
+ch_test! {
+    /// A job landing when the engine was upgraded: its ledger, made by an earlier version,
+    /// lacks the columns of a move under way. The new version reads it, adds them where it
+    /// moves parts, and finishes the job once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_ledger_of_an_earlier_version_is_read_and_extended(srv) {
+        let db = ChDb::new_on(&srv, "oldledger");
+        build_days(&db, 6, 1000);
+        let reference = source_digest(&db);
+        let (_first, _) = kill_while_landing(&srv, &db, "oldledger", "", 18, |_| true).await;
+        let ledger = db
+            .tables()
+            .into_iter()
+            .find(|t| t.ends_with("_ledger"))
+            .expect("a ledger");
+        db.q(&format!(
+            "ALTER TABLE {ledger} DROP COLUMN moving_rows, DROP COLUMN moving_from"
+        ));
+        let spec = days_spec(&db, "oldledger", &db.url, "");
+        let (code, out, err) = run(&[&"run", &spec]);
+        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        assert_eq!(target_digest(&db), reference, "{}", all_output(&out, &err));
+    }
+}
+
 /// Another writer's row in a partition the killed landing had attached and noted already: the
 /// replay (nothing merged) finishes, counts the row as that writer's, and a later `--rerun`
 /// refuses to restore the partition rather than drop it (an earlier version subtracted the

@@ -27,6 +27,8 @@ use replay::{Found, Replay};
 use std::collections::HashMap;
 use std::time::Duration;
 
+mod ledger;
+pub use ledger::Touched;
 mod names;
 pub use names::{sanitized, starts_then};
 mod replay;
@@ -35,17 +37,6 @@ mod restore;
 /// How long to wait for parts a restore replaced to leave the disk (18.16 removes them once they
 /// are older than the table's `old_parts_lifetime`, 480 s by default).
 const CLEANUP_WAIT: Duration = Duration::from_secs(600);
-
-/// What the ledger says of one partition the job has touched.
-#[derive(Debug, Clone, Default)]
-pub struct Touched {
-    pub base_rows: u64,
-    /// The highest block number in the target's partition after the job's last write to it.
-    pub last_block: i64,
-    /// Rows other writers put into the partition while the job ran (kept, but a restore would
-    /// drop them).
-    pub foreign_rows: u64,
-}
 
 /// This host's tag in check table names (a hash of its name and pid namespace).
 fn host_tag() -> String {
@@ -72,6 +63,8 @@ pub struct Landing {
     legacy: Option<String>,
     /// The base table and the ledger exist (created by this process; never dropped by it).
     kept: std::sync::atomic::AtomicBool,
+    /// Whether the ledger has the columns of a move under way (see `ledger`).
+    moving_columns: ledger::Columns,
 }
 
 impl Landing {
@@ -91,6 +84,7 @@ impl Landing {
             db,
             target_name: t,
             kept: Default::default(),
+            moving_columns: Default::default(),
         }
     }
 
@@ -196,10 +190,6 @@ impl Landing {
 
     fn base(&self) -> String {
         self.q(&format!("{}_base", self.prefix))
-    }
-
-    fn ledger(&self) -> String {
-        self.q(&format!("{}_ledger", self.prefix))
     }
 
     /// Whether landing moves parts (current servers) or replaces partitions (18.16).
@@ -330,48 +320,6 @@ impl Landing {
             .collect())
     }
 
-    /// The ledger of touched partitions (empty if the job never landed anything).
-    pub async fn touched(&self) -> Result<HashMap<String, Touched>> {
-        let kept = self.kept.load(std::sync::atomic::Ordering::Relaxed);
-        if !kept && !self.exists(&self.ledger()).await? {
-            return Ok(HashMap::new());
-        }
-        let sql = format!(
-            "SELECT partition, argMax(base_rows, version), argMax(last_block, version),
-                    argMax(foreign_rows, version)
-               FROM {} GROUP BY partition",
-            self.ledger()
-        );
-        Ok(rows(&self.client, &sql, "reading the job's ledger")
-            .await?
-            .into_iter()
-            .filter_map(|r| {
-                Some((
-                    r.first()?.clone(),
-                    Touched {
-                        base_rows: r.get(1)?.parse().ok()?,
-                        last_block: r.get(2)?.parse().ok()?,
-                        foreign_rows: r.get(3)?.parse().ok()?,
-                    },
-                ))
-            })
-            .collect())
-    }
-
-    async fn note(&self, partition: &str, t: &Touched) -> Result<()> {
-        let version = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0).max(0);
-        let sql = format!(
-            "INSERT INTO {} (partition, base_rows, last_block, foreign_rows, version)
-             VALUES ({}, {}, {}, {}, {version})",
-            self.ledger(),
-            literal(partition),
-            t.base_rows,
-            t.last_block,
-            t.foreign_rows
-        );
-        exec(&self.client, &sql, "writing the job's ledger").await
-    }
-
     /// Before the job first writes into `partitions`: keep the target's content of each in the
     /// base table, and note it in the ledger. Returns the ledger.
     pub async fn keep_base(&self, partitions: &[String]) -> Result<HashMap<String, Touched>> {
@@ -382,12 +330,7 @@ impl Landing {
                 self.base(),
                 self.target()
             ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} (partition String, base_rows UInt64,
-                     last_block Int64, foreign_rows UInt64, version UInt64)
-                 ENGINE = ReplacingMergeTree(version) ORDER BY partition",
-                self.ledger()
-            ),
+            self.create_ledger(),
         ]
         .iter()
         .filter(|_| !self.kept.load(kept))
@@ -420,7 +363,7 @@ impl Landing {
             let t = Touched {
                 base_rows: rows,
                 last_block: block,
-                foreign_rows: 0,
+                ..Touched::default()
             };
             self.note(p, &t).await?;
             known.insert(p.clone(), t);
@@ -456,9 +399,11 @@ impl Landing {
             .map_or(0, |v| v.iter().filter(|x| x.1 > since).map(|x| x.0).sum())
     }
 
-    /// Rows other writers put into `p` since the job last wrote to it (by block numbers).
-    async fn foreign(&self, p: &str, since: i64) -> Result<u64> {
-        Ok(Self::rows_since(&self.target_parts().await?, p, since))
+    /// Rows other writers put into `p` since the job last noted it (by block numbers, less
+    /// the job's own of a move that went through unnoted).
+    async fn since_noted(&self, p: &str, t: &Touched) -> Result<u64> {
+        let since = Self::rows_since(&self.target_parts().await?, p, t.last_block);
+        Ok(since.saturating_sub(self.unnoted_own(p, t).await?))
     }
 
     /// The highest block number any part of the target has had (active or not): parts added
@@ -519,7 +464,10 @@ impl Landing {
             // chunk's own attached parts.
             let (already, others) = match found {
                 Found::Landed { foreign_rows } => (true, foreign_rows),
-                Found::NotLanded => (false, Self::rows_since(&target, p, t.last_block)),
+                Found::NotLanded => {
+                    let since = Self::rows_since(&target, p, t.last_block);
+                    (false, since.saturating_sub(self.unnoted_own(p, &t).await?))
+                }
                 Found::Unsure => {
                     return Err(Error::fatal(format!(
                         "partition {p} of {} changed while chunk {chunk} was replayed (merges \
@@ -532,7 +480,14 @@ impl Landing {
                 self.warn_foreign(p, others);
                 t.foreign_rows += others;
             }
-            if staged.contains_key(p) && !already {
+            if let Some(&(rows, _)) = staged.get(p).filter(|_| !already) {
+                if self.moves() {
+                    // Noted before the move: if its answer is lost, the rows it moved are
+                    // still told from another writer's (`unnoted_own`).
+                    t.moving_rows = rows;
+                    t.moving_from = staging.to_string();
+                    self.note_moving(p, &t).await?;
+                }
                 let sql = if self.moves() {
                     format!(
                         "ALTER TABLE {staging} MOVE PARTITION ID {} TO TABLE {}",
@@ -551,6 +506,8 @@ impl Landing {
             }
             let top = target.get(p).and_then(|v| v.iter().map(|x| x.1).max());
             t.last_block = top.unwrap_or(t.last_block);
+            t.moving_rows = 0;
+            t.moving_from.clear();
             self.note(p, &t).await?;
         }
         Ok(())

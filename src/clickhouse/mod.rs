@@ -644,6 +644,8 @@ impl Backend for ChJob {
         {
             ctx.landing.resume_merges().await?;
         }
+        // What a move under way carried is told by its staging table: noted before it goes.
+        ctx.landing.settle_moves().await?;
         ctx.landing.drop_staging_tables(true).await?;
         let discarded = if discard_foreign {
             ctx.landing.adopt_foreign().await?

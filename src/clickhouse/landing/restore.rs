@@ -98,7 +98,7 @@ impl Landing {
             return Ok(0);
         }
         for (p, t) in &ledger {
-            let others = t.foreign_rows + self.foreign(p, t.last_block).await?;
+            let others = t.foreign_rows + self.since_noted(p, t).await?;
             if others > 0 {
                 return Err(Error::Preflight(format!(
                     "partition {p} of {} holds {others} row(s) another writer put there while \
@@ -149,6 +149,8 @@ impl Landing {
                 .await?
                 .get(p)
                 .map_or(t.last_block, |x| x.1);
+            t.moving_rows = 0;
+            t.moving_from.clear();
             self.note(p, &t).await?;
         }
         Ok(ledger.len())
@@ -161,7 +163,7 @@ impl Landing {
         let target = self.parts(&self.target()).await?;
         let mut adopted = 0;
         for (p, t) in self.touched().await? {
-            let others = t.foreign_rows + self.foreign(&p, t.last_block).await?;
+            let others = t.foreign_rows + self.since_noted(&p, &t).await?;
             if others == 0 {
                 continue;
             }
@@ -169,6 +171,8 @@ impl Landing {
             let t = Touched {
                 last_block: t.last_block.max(top),
                 foreign_rows: 0,
+                moving_rows: 0,
+                moving_from: String::new(),
                 ..t
             };
             self.note(&p, &t).await?;

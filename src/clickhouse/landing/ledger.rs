@@ -1,0 +1,183 @@
+//! The job's ledger (`<prefix>_ledger`, a ReplacingMergeTree beside the target): for each
+//! partition the job has touched, what the target held before, the highest block the job's
+//! last write left there, the rows other writers put there, and, from just before a chunk's
+//! parts are moved into it until that move is noted, how many rows the move carries and from
+//! which staging table. Without that last part a move whose answer was lost left the chunk's
+//! own rows above the noted block, where they counted as another writer's.
+
+use super::Landing;
+use crate::clickhouse::client::{exec, literal, rows};
+use crate::error::Result;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// What the ledger says of one partition the job has touched.
+#[derive(Debug, Clone, Default)]
+pub struct Touched {
+    pub base_rows: u64,
+    /// The highest block number in the target's partition after the job's last write to it.
+    pub last_block: i64,
+    /// Rows other writers put into the partition while the job ran (kept, but a restore would
+    /// drop them).
+    pub foreign_rows: u64,
+    /// Rows of a chunk's staged parts being moved into the partition (current servers), noted
+    /// before the move and cleared with the note after it.
+    pub moving_rows: u64,
+    /// The staging table they are moved from; empty once `settle_moves` has turned
+    /// `moving_rows` into the job's own rows above `last_block`.
+    pub moving_from: String,
+}
+
+/// Whether the ledger has the columns of a move under way (ledgers made by earlier versions
+/// lack them): false until seen, then true for the process (columns are only ever added).
+#[derive(Debug, Default)]
+pub(super) struct Columns(AtomicBool);
+
+impl Landing {
+    pub(super) fn ledger(&self) -> String {
+        self.q(&format!("{}_ledger", self.prefix))
+    }
+
+    pub(super) fn create_ledger(&self) -> String {
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} (partition String, base_rows UInt64,
+                 last_block Int64, foreign_rows UInt64, version UInt64,
+                 moving_rows UInt64 DEFAULT 0, moving_from String DEFAULT '')
+             ENGINE = ReplacingMergeTree(version) ORDER BY partition",
+            self.ledger()
+        )
+    }
+
+    /// Whether the ledger has the moving columns (reads only).
+    async fn has_moving_columns(&self) -> Result<bool> {
+        if self.moving_columns.0.load(Ordering::Relaxed) {
+            return Ok(true);
+        }
+        let bare = self.ledger().replace('`', "");
+        let (db, name) = bare.split_once('.').unwrap_or(("", &bare));
+        let sql = format!(
+            "SELECT count() FROM system.columns
+              WHERE database = {} AND table = {} AND name IN ('moving_rows', 'moving_from')",
+            literal(db),
+            literal(name)
+        );
+        let n: u64 = rows(&self.client, &sql, "reading the job's ledger")
+            .await?
+            .first()
+            .and_then(|r| r.first()?.parse().ok())
+            .unwrap_or(0);
+        let present = n == 2;
+        self.moving_columns.0.store(present, Ordering::Relaxed);
+        Ok(present)
+    }
+
+    /// The ledger of touched partitions (empty if the job never landed anything).
+    pub async fn touched(&self) -> Result<HashMap<String, Touched>> {
+        let kept = self.kept.load(Ordering::Relaxed);
+        if !kept && !self.exists(&self.ledger()).await? {
+            return Ok(HashMap::new());
+        }
+        let moving = if self.has_moving_columns().await? {
+            "argMax(moving_rows, version), argMax(moving_from, version)"
+        } else {
+            "toUInt64(0), ''"
+        };
+        let sql = format!(
+            "SELECT partition, argMax(base_rows, version), argMax(last_block, version),
+                    argMax(foreign_rows, version), {moving}
+               FROM {} GROUP BY partition",
+            self.ledger()
+        );
+        Ok(rows(&self.client, &sql, "reading the job's ledger")
+            .await?
+            .into_iter()
+            .filter_map(|r| {
+                Some((
+                    r.first()?.clone(),
+                    Touched {
+                        base_rows: r.get(1)?.parse().ok()?,
+                        last_block: r.get(2)?.parse().ok()?,
+                        foreign_rows: r.get(3)?.parse().ok()?,
+                        moving_rows: r.get(4)?.parse().ok()?,
+                        moving_from: r.get(5)?.clone(),
+                    },
+                ))
+            })
+            .collect())
+    }
+
+    pub(super) async fn note(&self, partition: &str, t: &Touched) -> Result<()> {
+        let version = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0).max(0);
+        let (columns, values) = if self.has_moving_columns().await? {
+            (
+                ", moving_rows, moving_from",
+                format!(", {}, {}", t.moving_rows, literal(&t.moving_from)),
+            )
+        } else {
+            ("", String::new())
+        };
+        let sql = format!(
+            "INSERT INTO {} (partition, base_rows, last_block, foreign_rows, version{columns})
+             VALUES ({}, {}, {}, {}, {version}{values})",
+            self.ledger(),
+            literal(partition),
+            t.base_rows,
+            t.last_block,
+            t.foreign_rows
+        );
+        exec(&self.client, &sql, "writing the job's ledger").await
+    }
+
+    /// Note a move about to start (`t.moving_*` set), adding the columns to a ledger an
+    /// earlier version made.
+    pub(super) async fn note_moving(&self, partition: &str, t: &Touched) -> Result<()> {
+        if !self.has_moving_columns().await? {
+            let sql = format!(
+                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS moving_rows UInt64 DEFAULT 0,
+                                ADD COLUMN IF NOT EXISTS moving_from String DEFAULT ''",
+                self.ledger()
+            );
+            exec(&self.client, &sql, "adding columns to the job's ledger").await?;
+            self.moving_columns.0.store(true, Ordering::Relaxed);
+        }
+        self.note(partition, t).await
+    }
+
+    /// The job's own rows in partition `p` above its noted block: those of a move noted as
+    /// under way that went through (its answer lost, or the process killed before the note
+    /// after it), told by what its staging table no longer holds of `p`; or as `settle_moves`
+    /// left them. 0 when that cannot be told (the staging table is gone): the rows then count
+    /// as another writer's, and a restore refuses rather than drops them.
+    pub(super) async fn unnoted_own(&self, p: &str, t: &Touched) -> Result<u64> {
+        if t.moving_rows == 0 {
+            return Ok(0);
+        }
+        if t.moving_from.is_empty() {
+            return Ok(t.moving_rows);
+        }
+        if !self.exists(&t.moving_from).await? {
+            return Ok(0);
+        }
+        let still = self.parts(&t.moving_from).await?.get(p).map_or(0, |x| x.0);
+        Ok(t.moving_rows.saturating_sub(still))
+    }
+
+    /// Before staging tables are dropped (a reset): note how many of each move under way went
+    /// through, which only the staging table can tell, as rows of the job's own above the
+    /// noted block (`moving_from` empty).
+    pub async fn settle_moves(&self) -> Result<()> {
+        for (p, t) in self.touched().await? {
+            if t.moving_from.is_empty() || !self.exists(&t.moving_from).await? {
+                continue;
+            }
+            let own = self.unnoted_own(&p, &t).await?;
+            let settled = Touched {
+                moving_rows: own,
+                moving_from: String::new(),
+                ..t
+            };
+            self.note(&p, &settled).await?;
+        }
+        Ok(())
+    }
+}
