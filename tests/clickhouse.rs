@@ -1710,6 +1710,21 @@ fn lands(sql: &str) -> bool {
     sql.contains("ATTACH PARTITION") || sql.contains("MOVE PARTITION")
 }
 
+/// `run` the spec until it ends (75: stopped to start over, as an operator would run it again),
+/// at most three times; the last run must exit 0. Returns all their output.
+fn run_until_ended(spec: &std::path::Path) -> String {
+    let mut all = String::new();
+    for _ in 0..3 {
+        let (code, out, err) = run(&[&"run", &spec]);
+        all += &all_output(&out, &err);
+        if code != 75 {
+            assert_eq!(code, 0, "{all}");
+            return all;
+        }
+    }
+    panic!("still stopping with 75 after three runs: {all}");
+}
+
 /// Run `job` (the `build_days` job, `extra` appended to its spec) through a proxy that holds
 /// the `nth` landing request that `pick` also accepts, and kill -9 the runner there: a chunk is
 /// left staged, perhaps partly in the target. The proxy is returned so that the held request is
@@ -1851,15 +1866,7 @@ ch_test! {
         db.q(FOREIGN_ROWS);
         let spec = days_spec(&db, "foreignreplay", &db.url, "");
         // Run until the job ends (75: stopped to start over), as an operator would.
-        let mut all = String::new();
-        for _ in 0..3 {
-            let (code, out, err) = run(&[&"run", &spec]);
-            all += &all_output(&out, &err);
-            if code != 75 {
-                assert_eq!(code, 0, "{all}");
-                break;
-            }
-        }
+        let all = run_until_ended(&spec);
         assert_eq!(db.record("foreignreplay", "").map(|r| r.status), Some("done".into()), "{all}");
         assert_eq!(
             db.num("SELECT count() FROM agg WHERE project_id >= 100"),
@@ -2067,15 +2074,7 @@ async fn current_a_lost_answer_to_a_move_is_not_taken_for_another_writer() {
             .nth(3),
     );
     let spec = days_spec(&db, "lostmove", &proxy.url_for(&db.url), "");
-    let mut all = String::new();
-    for _ in 0..3 {
-        let (code, out, err) = run(&[&"run", &spec]);
-        all += &all_output(&out, &err);
-        if code != 75 {
-            assert_eq!(code, 0, "{all}");
-            break;
-        }
-    }
+    let mut all = run_until_ended(&spec);
     assert_eq!(proxy.rule_fired(lost), 1, "{all}");
     assert_eq!(target_digest(&db), reference, "{all}");
     assert!(!all.contains("another writer"), "{all}");
