@@ -37,7 +37,11 @@
 # open longer than 1 s (sampled), longest batch <= 2x batch.target (when TARGET_MS is set), OLTP
 # p99 during backfill <= 2x idle, 0 wrong rows after every run, engine peak RSS under 30 MB.
 #
-# Environment: ROWS, BACKFILL, WORKERS ("1 2"), TARGET_MS (unset), CONTENDERS ("single keyset
+# APART=1 gives the application a copy of flowsheet of its own (flowsheet_app, same rows and
+# indexes): it then shares the server's CPUs, WAL, disk and buffers with the contender but never a
+# row, so the p99 measured is the floor that a contender of that size leaves whatever its locks.
+#
+# Environment: ROWS, BACKFILL, APART (0), WORKERS ("1 2"), TARGET_MS (unset), CONTENDERS ("single keyset
 # backfill": which to run), RATE (200), CLIENTS (4), THREADS (2), LATENCY_LIMIT_MS (50),
 # IDLE_SECS (10), WARMUP_SECS (3), TAIL_SECS (3), RUN_TIMEOUT (1800 s per contender),
 # KEEP_TEMPLATE=1 (keep backfill_oltp_tpl), KEEP_WORK=1 (keep the logs directory).
@@ -78,6 +82,7 @@ BATCH=5000          # the keyset loop's fixed batch
 TARGET_MS=${TARGET_MS:-}      # backfill's batch.target in ms; unset = the engine's default
 WORKERS=${WORKERS:-1 2}       # backfill runs, one per worker count
 CONTENDERS=${CONTENDERS:-single keyset backfill}
+APART=${APART:-0}
 TPL=backfill_oltp_tpl
 export LOG_TAG=oltp
 
@@ -90,6 +95,7 @@ for v in ROWS RATE CLIENTS THREADS LATENCY_LIMIT_MS IDLE_SECS WARMUP_SECS TAIL_S
 done
 [ -f "$SPEC" ] || die "$SPEC is missing"
 for f in bench/oltp-update.sql bench/oltp-read.sql; do [ -f "$f" ] || die "$f is missing"; done
+case $APART in 0 | 1) ;; *) die "APART must be 0 or 1, got '$APART'" ;; esac
 command -v jq >/dev/null 2>&1 || die "jq is needed to read backfill's JSON log (apt-get install jq)"
 PGBENCH=$(command -v pgbench || true)
 if [ -z "$PGBENCH" ]; then
@@ -109,6 +115,15 @@ done
 wants() { case " $CONTENDERS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 WORK=$(mktemp -d)
+# The application's scripts, pointed at its own copy of the table when APART=1.
+for f in update read; do
+    if [ "$APART" = 1 ]; then
+        sed 's/wxyc_schema\.flowsheet /wxyc_schema.flowsheet_app /' "bench/oltp-$f.sql" >"$WORK/oltp-$f.sql"
+        grep -q flowsheet_app "$WORK/oltp-$f.sql" || die "could not point bench/oltp-$f.sql at flowsheet_app"
+    else
+        cp "bench/oltp-$f.sql" "$WORK/oltp-$f.sql"
+    fi
+done
 # The job as written, with `workers: N` and (if TARGET_MS is set) batch.target: $WORK/spec-N.yaml.
 for n in $WORKERS; do
     spec_with_workers "$n" >"$WORK/spec-$n.yaml"
@@ -185,7 +200,7 @@ pgbench_start() { # db tag
     "$PGBENCH" -h 127.0.0.1 -p 5432 -U postgres -n -c "$CLIENTS" -j "$THREADS" -R "$RATE" \
         -T $((RUN_TIMEOUT + IDLE_SECS + 120)) --latency-limit="$LATENCY_LIMIT_MS" \
         -l --log-prefix="$WORK/pgb.$tag" -D rows="$ROWS" -D nshows="$NSHOWS" \
-        -f bench/oltp-update.sql@1 -f bench/oltp-read.sql@1 "$db" >"$WORK/pgbench.$tag.out" 2>&1 &
+        -f "$WORK/oltp-update.sql@1" -f "$WORK/oltp-read.sql@1" "$db" >"$WORK/pgbench.$tag.out" 2>&1 &
     PGB_PID=$!
     while [ "$n" -lt "$CLIENTS" ]; do
         if ! kill -0 "$PGB_PID" 2>/dev/null || [ "$i" -ge 150 ]; then
@@ -363,6 +378,15 @@ scripts/services.sh
 HAVE_BACKFILL=1
 find_backfill || HAVE_BACKFILL=0
 build_template "$ROWS"
+if [ "$APART" = 1 ]; then
+    log "APART=1: the application gets its own copy of flowsheet (flowsheet_app)"
+    psql_admin -d postgres -c "ALTER DATABASE ${TPL} IS_TEMPLATE false"
+    psql_admin -d "$TPL" -c "CREATE TABLE wxyc_schema.flowsheet_app AS TABLE wxyc_schema.flowsheet" \
+        -c "ALTER TABLE wxyc_schema.flowsheet_app ADD PRIMARY KEY (id)" \
+        -c "CREATE INDEX ON wxyc_schema.flowsheet_app (show_id)" \
+        -c "VACUUM (FREEZE, ANALYZE) wxyc_schema.flowsheet_app"
+    psql_admin -d postgres -c "ALTER DATABASE ${TPL} IS_TEMPLATE true"
+fi
 TARGET_ROWS=$(psql_value -d "$TPL" -c \
     "SELECT count(*) FROM wxyc_schema.flowsheet WHERE entry_type = 'track' AND dj_name IS NULL")
 [ "$TARGET_ROWS" -gt 0 ] || die "no rows to update: ROWS=${ROWS} is too small"
@@ -392,7 +416,7 @@ ratio() { # a b -> a/b with an x, or -
 }
 
 echo
-echo "OLTP benchmark: ${ROWS} flowsheet rows, ${TARGET_ROWS} track rows to fill; load = pgbench ${CLIENTS} clients, -R ${RATE}, latency limit ${LATENCY_LIMIT_MS} ms ($(psql_value -d postgres -c 'SHOW server_version'), $(nproc) CPUs)"
+echo "OLTP benchmark: ${ROWS} flowsheet rows, ${TARGET_ROWS} track rows to fill; load = pgbench ${CLIENTS} clients, -R ${RATE}, latency limit ${LATENCY_LIMIT_MS} ms$([ "$APART" = 0 ] || echo ', on its own copy of the table (APART=1)') ($(psql_value -d postgres -c 'SHOW server_version'), $(nproc) CPUs)"
 p() { case $1 in -) echo - ;; *) echo "$1 ms" ;; esac; }
 fmt='%-18s %-7s %8s %8s %8s %9s %9s %8s %8s %9s %13s %6s %9s  %s\n'
 # shellcheck disable=SC2059  # the format is ours
