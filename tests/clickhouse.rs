@@ -11,6 +11,7 @@
 
 mod common;
 use common::ch::{ChDb, Record};
+use common::days::build_days;
 use common::proxy::{Fault, FaultProxy, Rule};
 use common::runner::{in_own_pid_namespace, spawn, spawn_cmd};
 use common::skew::{BIG_MONTH, HEAVY_DAY, SKEW_K, build_skew};
@@ -323,35 +324,6 @@ ch_test! {
 // ------------------------------------------------------------------------------------------------
 // Kills, dropped requests, starting over
 // ------------------------------------------------------------------------------------------------
-
-/// `runs` and `agg` as in the skew tests, over `days` days from 2025-10-01 with `per_day` rows
-/// each (3,000 test cases in 8 projects), and the target partitioned by `project_id % 4`: every
-/// chunk lands in four partitions. On 18.16 a restore (rerun, reset, lost state) waits until the
-/// parts it replaced are off disk, which takes `old_parts_lifetime` (8 minutes by default): the
-/// target here lets them go after a second.
-fn build_days(db: &ChDb, days: u64, per_day: u64) {
-    db.q(
-        "CREATE TABLE runs (ran_at DateTime, project_id UInt32, test_case_id UInt64,
-                             duration_ms UInt32)
-          ENGINE = MergeTree PARTITION BY toYYYYMM(ran_at)
-          ORDER BY (project_id, test_case_id, ran_at)",
-    );
-    db.q("CREATE TABLE agg (project_id UInt32, test_case_id UInt64,
-                            runs AggregateFunction(count), total AggregateFunction(sum, UInt32))
-          ENGINE = AggregatingMergeTree PARTITION BY project_id % 4
-          ORDER BY (project_id, test_case_id)
-          SETTINGS old_parts_lifetime = 1, cleanup_delay_period = 1,
-                   cleanup_delay_period_random_add = 0");
-    db.q(&format!(
-        "INSERT INTO runs
-         SELECT toDateTime('2025-10-01 00:00:00') + intDiv(number, {per_day}) * 86400
-                  + intHash32(number) % 86400,
-                toUInt32(tc % 8 + 1), intHash32(number + 3) % 3000 AS tc,
-                toUInt32(number % 1000)
-           FROM numbers({})",
-        days * per_day
-    ));
-}
 
 /// A day-chunked job over `build_days`, with `extra` spec lines.
 fn days_spec(db: &ChDb, job: &str, url: &str, extra: &str) -> PathBuf {

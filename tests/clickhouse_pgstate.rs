@@ -11,6 +11,7 @@
 mod common;
 use common::ch::ChDb;
 use common::cluster::{ClusterOpts, PgCluster};
+use common::days::build_days;
 use common::runner::{spawn, wait_runner_sessions_gone};
 use common::{TestDb, path_str, run};
 use std::path::PathBuf;
@@ -27,32 +28,6 @@ const SECRET: &str = "Pg-st4te-s3cret";
 
 fn all_output(out: &str, err: &str) -> String {
     format!("--- stdout\n{out}--- stderr\n{err}")
-}
-
-/// `runs` (source: `days` days of `per_day` rows from 2025-10-01, partitioned by month) and
-/// `agg` (AggregatingMergeTree target).
-fn build_days(db: &ChDb, days: u64, per_day: u64) {
-    db.q(
-        "CREATE TABLE runs (ran_at DateTime, project_id UInt32, test_case_id UInt64,
-                             duration_ms UInt32)
-          ENGINE = MergeTree PARTITION BY toYYYYMM(ran_at)
-          ORDER BY (project_id, test_case_id, ran_at)",
-    );
-    db.q("CREATE TABLE agg (project_id UInt32, test_case_id UInt64,
-                            runs AggregateFunction(count), total AggregateFunction(sum, UInt32))
-          ENGINE = AggregatingMergeTree PARTITION BY project_id % 4
-          ORDER BY (project_id, test_case_id)
-          SETTINGS old_parts_lifetime = 1, cleanup_delay_period = 1,
-                   cleanup_delay_period_random_add = 0");
-    db.q(&format!(
-        "INSERT INTO runs
-         SELECT toDateTime('2025-10-01 00:00:00') + intDiv(number, {per_day}) * 86400
-                  + intHash32(number) % 86400,
-                toUInt32(tc % 8 + 1), intHash32(number + 3) % 3000 AS tc,
-                toUInt32(number % 1000)
-           FROM numbers({})",
-        days * per_day
-    ));
 }
 
 /// A day-chunked job over `build_days` with its state at `state_url`.

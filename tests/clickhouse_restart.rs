@@ -16,6 +16,7 @@
 mod common;
 use common::ch::ChDb;
 use common::chserver::PrivateCh;
+use common::days::{build_runs, create_agg};
 use common::run;
 use common::runner::spawn;
 use std::path::PathBuf;
@@ -30,31 +31,9 @@ SELECT project_id, test_case_id, countState(), sumState(duration_ms)
 /// partitioned by `project_id % 4` (every chunk lands in four partitions), and `reference`, the
 /// same table filled by one unchunked INSERT ... SELECT.
 fn build(db: &ChDb, days: u64, per_day: u64) {
-    db.q(
-        "CREATE TABLE runs (ran_at DateTime, project_id UInt32, test_case_id UInt64,
-                             duration_ms UInt32)
-          ENGINE = MergeTree PARTITION BY toYYYYMM(ran_at)
-          ORDER BY (project_id, test_case_id, ran_at)",
-    );
-    db.q(&format!(
-        "INSERT INTO runs
-         SELECT toDateTime('2025-10-01 00:00:00') + intDiv(number, {per_day}) * 86400
-                  + intHash32(number) % 86400,
-                toUInt32(tc % 8 + 1), intHash32(number + 3) % 3000 AS tc,
-                toUInt32(number % 1000)
-           FROM numbers({})",
-        days * per_day
-    ));
+    build_runs(db, days, per_day);
     for t in ["agg", "reference"] {
-        db.q(&format!(
-            "CREATE TABLE {t} (project_id UInt32, test_case_id UInt64,
-                                runs AggregateFunction(count),
-                                total AggregateFunction(sum, UInt32))
-              ENGINE = AggregatingMergeTree PARTITION BY project_id % 4
-              ORDER BY (project_id, test_case_id)
-              SETTINGS old_parts_lifetime = 5, cleanup_delay_period = 1,
-                       cleanup_delay_period_random_add = 0"
-        ));
+        create_agg(db, t, 5);
     }
     db.q("INSERT INTO reference
           SELECT project_id, test_case_id, countState(), sumState(duration_ms)

@@ -5,6 +5,7 @@
 pub mod ch;
 pub mod chserver;
 pub mod cluster;
+pub mod days;
 pub mod docker;
 pub mod prom;
 pub mod proxy;
