@@ -2,10 +2,9 @@
 //! and surviving a statement timeout by halving the batch.
 
 mod common;
-use common::runner::wait_until;
+use common::runner::{spawn, wait_until};
 use common::store::job_row;
 use common::{TestDb, backfill, count, run};
-use std::process::Stdio;
 use std::time::Duration;
 
 /// keys_done of the job (0 before the store or its record exists).
@@ -51,13 +50,7 @@ async fn custom_throttle_query_pauses_and_resumes() {
     let db = TestDb::new("throttle").await;
     let c = db.client().await;
     let spec = throttled_job(&db, &c, 6000, "{size: 100, target: 0, pause: 30ms}").await;
-    let child = backfill()
-        .arg("run")
-        .arg(&spec)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn(db.dir.path(), "run", &[], &spec);
     wait_until(
         "the first batches",
         Duration::from_secs(30),
@@ -97,12 +90,8 @@ async fn custom_throttle_query_pauses_and_resumes() {
     c.batch_execute("UPDATE control SET paused = false")
         .await
         .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let (code, stdout, stderr) = child.finish(Duration::from_secs(120)).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(
         stdout.contains("throttled "),
         "report says time throttled: {stdout}"
@@ -126,13 +115,7 @@ async fn a_throttle_check_stuck_behind_a_lock_holds_the_job() {
     let db = TestDb::new("throttle_stuck").await;
     let c = db.client().await;
     let spec = throttled_job(&db, &c, 6000, "{size: 100, target: 0, pause: 30ms}").await;
-    let child = backfill()
-        .arg("run")
-        .arg(&spec)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn(db.dir.path(), "run", &[], &spec);
     wait_until(
         "the first batches",
         Duration::from_secs(30),
@@ -158,12 +141,8 @@ async fn a_throttle_check_stuck_behind_a_lock_holds_the_job() {
     );
     assert!(held_at < 6000, "the job finished before the lock was taken");
     tx.rollback().await.unwrap();
-    let out = child.wait_with_output().unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let (code, stdout, stderr) = child.finish(Duration::from_secs(120)).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stderr.contains("throttle"), "{stderr}");
     assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 6000);
     drop(m);
@@ -183,13 +162,7 @@ async fn a_throttle_check_that_cannot_answer_at_start_holds_the_job_until_it_can
     tx.batch_execute("LOCK TABLE control IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
-    let child = backfill()
-        .arg("run")
-        .arg(&spec)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn(db.dir.path(), "run", &[], &spec);
     tokio::time::sleep(Duration::from_millis(3000)).await;
     assert_eq!(
         count(&c, "SELECT count(*) FROM t WHERE n > 0").await,
@@ -197,12 +170,8 @@ async fn a_throttle_check_that_cannot_answer_at_start_holds_the_job_until_it_can
         "batches ran while the throttle check could not answer"
     );
     tx.rollback().await.unwrap();
-    let out = child.wait_with_output().unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let (code, stdout, stderr) = child.finish(Duration::from_secs(120)).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
     assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 2000);
     drop(m);
     db.drop_db().await;
