@@ -745,6 +745,67 @@ clickhouse:
     }
 }
 
+ch_test! {
+    /// A NULL `split_column` value is in no range of values: the halves of a split chunk left
+    /// its NULL rows out, and the split stopped the job with exit 1 ("the source changed while
+    /// the job ran?"). The lowest half of each split keeps them now. Every chunk of more than
+    /// one value runs out of memory here, so splits go down to single values.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rows_whose_split_value_is_null_go_with_the_lowest_half(srv) {
+        let db = ChDb::new_on(&srv, "nullsplit");
+        for t in ["src", "dst"] {
+            db.q(&format!(
+                "CREATE TABLE {t} (ran_at DateTime, project Nullable(UInt32), n UInt32)
+                  ENGINE = MergeTree ORDER BY (ran_at, n)"
+            ));
+        }
+        db.q("INSERT INTO src SELECT toDateTime('2025-10-01 00:00:00') + number,
+                     [1, 2, 3, NULL][number % 4 + 1], number
+                FROM numbers(300)");
+        let proxy = FaultProxy::start_http(srv.addr()).await;
+        let oom = proxy.add_rule(
+            Rule::new(Fault::Answer(
+                500,
+                "Code: 241, e.displayText() = DB::Exception: Memory limit (for query) exceeded: \
+                 would use 11.87 MiB (attempt to allocate chunk of 3145728 bytes), maximum: \
+                 9.54 MiB, e.what() = DB::Exception\n"
+                    .into(),
+            ))
+            .matching(|r| {
+                let t = r.text();
+                t.contains("SELECT * FROM src WHERE")
+                    && t.contains("__backfill_nullsplit_s_")
+                    && !t.contains("`project` = ")
+            }),
+        );
+        let spec = db.spec(
+            "nullsplit.yaml",
+            "name: nullsplit
+clickhouse:
+  url: $URL
+  source: src
+  time_column: ran_at
+  split_column: project
+  chunks: [day, split]
+  target: dst
+  statement: INSERT INTO {target} SELECT * FROM src WHERE {chunk}
+",
+        );
+        edit_spec(&spec, &db.url, &proxy.url_for(&db.url));
+        let (code, out, err) = run(&[&"run", &spec]);
+        let all = all_output(&out, &err);
+        assert!(proxy.rule_fired(oom) > 0, "{all}");
+        assert_eq!(code, 0, "{all}");
+        let digest = "SELECT count(), sum(n), countIf(isNull(project)), sum(ifNull(project, 0))
+                        FROM {t}";
+        assert_eq!(
+            db.q(&digest.replace("{t}", "dst")),
+            db.q(&digest.replace("{t}", "src")),
+            "{all}"
+        );
+    }
+}
+
 /// `days_spec` with `range` (e.g. `  to: 2025-10-05\n`) under `clickhouse:`.
 fn days_spec_in(db: &ChDb, job: &str, range: &str) -> PathBuf {
     let path = days_spec(db, job, "$URL", "");

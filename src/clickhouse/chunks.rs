@@ -9,13 +9,17 @@ use chrono::{Datelike, Days, Months, NaiveDate};
 use serde::{Deserialize, Serialize};
 
 /// A range of `split_column` values: `lo <= v < hi` (an end that is `None` is open), or the
-/// one value `lo` when `single`.
+/// one value `lo` when `single`; and the rows whose value is NULL when `nulls`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Values {
     pub lo: Option<String>,
     pub hi: Option<String>,
     #[serde(default)]
     pub single: bool,
+    /// A NULL is in no range: the lowest half of every split keeps them, so that the halves
+    /// of a chunk hold all its rows.
+    #[serde(default)]
+    pub nulls: bool,
 }
 
 /// A unit of a ClickHouse job: a time range, perhaps narrowed to some `split_column` values.
@@ -111,34 +115,45 @@ impl Chunk {
             return time;
         };
         let c = ident(col);
+        let mut conds = Vec::new();
         if v.single {
             let lo = v.lo.as_deref().unwrap_or("");
-            return format!("{time} AND {c} = {}", kinds.value.sql(lo));
+            conds.push(format!("{c} = {}", kinds.value.sql(lo)));
+        } else {
+            if let Some(lo) = &v.lo {
+                conds.push(format!("{c} >= {}", kinds.value.sql(lo)));
+            }
+            if let Some(hi) = &v.hi {
+                conds.push(format!("{c} < {}", kinds.value.sql(hi)));
+            }
         }
-        let mut p = time;
-        if let Some(lo) = &v.lo {
-            p.push_str(&format!(" AND {c} >= {}", kinds.value.sql(lo)));
+        match (conds.is_empty(), v.nulls) {
+            (true, _) => time,
+            (false, false) => format!("{time} AND {}", conds.join(" AND ")),
+            (false, true) => format!("{time} AND ({} OR {c} IS NULL)", conds.join(" AND ")),
         }
-        if let Some(hi) = &v.hi {
-            p.push_str(&format!(" AND {c} < {}", kinds.value.sql(hi)));
-        }
-        p
     }
 
     /// The two halves of this chunk's values, cut at `median` (the first value of the upper
     /// half); `single` marks a half that holds one value.
     pub fn halves(&self, median: &str, low_single: Option<&str>, high_single: bool) -> [Chunk; 2] {
-        let v = self.values.clone().unwrap_or_default();
+        // An unsplit chunk holds the NULLs: its lower half keeps them.
+        let v = self.values.clone().unwrap_or(Values {
+            nulls: true,
+            ..Values::default()
+        });
         let low = match low_single {
             Some(only) => Values {
                 lo: Some(only.to_string()),
                 hi: None,
                 single: true,
+                nulls: v.nulls,
             },
             None => Values {
                 lo: v.lo.clone(),
                 hi: Some(median.to_string()),
                 single: false,
+                nulls: v.nulls,
             },
         };
         let high = if high_single {
@@ -146,12 +161,14 @@ impl Chunk {
                 lo: Some(median.to_string()),
                 hi: None,
                 single: true,
+                nulls: false,
             }
         } else {
             Values {
                 lo: Some(median.to_string()),
                 hi: v.hi.clone(),
                 single: false,
+                nulls: false,
             }
         };
         let child = |values| Chunk {
@@ -344,16 +361,29 @@ pub(super) mod tests {
         let [a, b] = day.halves("9", None, false);
         assert_eq!(a.id(&spec), "2025-11-03/project_id[..9)");
         assert_eq!(b.id(&spec), "2025-11-03/project_id[9..)");
-        assert!(a.predicate(&spec, kinds).ends_with("AND `project_id` < 9"));
+        // The lowest half of every split keeps the rows whose value is NULL.
+        assert!(
+            a.predicate(&spec, kinds)
+                .ends_with("AND (`project_id` < 9 OR `project_id` IS NULL)")
+        );
+        assert!(b.predicate(&spec, kinds).ends_with("AND `project_id` >= 9"));
         let [c, e] = b.halves("12", Some("9"), true);
         assert_eq!(c.id(&spec), "2025-11-03/project_id=9");
         assert!(c.predicate(&spec, kinds).ends_with("AND `project_id` = 9"));
         assert_eq!(e.id(&spec), "2025-11-03/project_id=12");
+        let [g, _] = a.halves("5", Some("1"), false);
+        assert!(
+            g.predicate(&spec, kinds)
+                .ends_with("AND (`project_id` = 1 OR `project_id` IS NULL)")
+        );
         let text = Kinds {
             time: TimeKind::Date,
             value: ValueKind::Text,
         };
-        assert!(a.predicate(&spec, text).ends_with("AND `project_id` < '9'"));
+        assert!(
+            a.predicate(&spec, text)
+                .ends_with("AND (`project_id` < '9' OR `project_id` IS NULL)")
+        );
         assert_eq!(ValueKind::Number.sql("1; DROP"), "'1; DROP'");
     }
 }

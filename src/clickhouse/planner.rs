@@ -129,7 +129,8 @@ pub async fn median(
     // on the altered value never splits the chunk, which was split again and again.
     let at = |i: u64| {
         format!(
-            "SELECT hex(toString(v)) FROM (SELECT DISTINCT {col} AS v FROM {src} WHERE {pred})
+            "SELECT hex(toString(v)) FROM (SELECT DISTINCT {col} AS v FROM {src}
+                                            WHERE {pred} AND {col} IS NOT NULL)
               ORDER BY v LIMIT 1 OFFSET {i}"
         )
     };
