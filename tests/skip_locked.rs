@@ -494,3 +494,119 @@ limits: {lock_timeout: 1s}
     drop(c);
     db.drop_db().await;
 }
+
+/// A row locked elsewhere is passed over by the walk while, during that same walk, another row's
+/// key is moved into the batch: the walk locks the moved row under its new key, which the
+/// walk's snapshot does not hold. The walk used to compare counts (snapshot keys up to the
+/// batch's last key against keys locked), the moved row made up for the skipped one, and the
+/// skipped row was never recorded: the run ended `done`, exit 0, without it. Here `where`
+/// sleeps on the row whose key moves (110 -> 65), so the move lands while the walk is at it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_locked_elsewhere_is_recorded_when_another_key_moves_into_the_batch() {
+    let db = TestDb::new("keymove").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE t (id bigint PRIMARY KEY, done boolean NOT NULL DEFAULT false);
+         INSERT INTO t (id) SELECT g * 10 FROM generate_series(1, 11) g;
+         ANALYZE t;",
+    )
+    .await
+    .unwrap();
+    let spec = db.spec(
+        "keymove.yaml",
+        "name: keymove
+postgres:
+  url: $URL
+  table: t
+  key: id
+  where: NOT done AND (id <> 110 OR pg_sleep(1.5) IS NOT NULL)
+  statement: UPDATE t SET done = true WHERE id = ANY($1)
+batch: {size: 10, target: 0}
+limits: {lock_timeout: 1s}
+",
+    );
+    let holder = lock_rows(&db, &[50]).await;
+    let mut r = spawn(db.dir.path(), "run", &[], &spec);
+    r.wait_until(
+        "the walk to reach key 110",
+        Duration::from_secs(30),
+        Duration::from_millis(10),
+        async || {
+            count(
+                &c,
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event = 'PgSleep'
+                    AND application_name LIKE 'backfill:%'",
+            )
+            .await
+                > 0
+        },
+    )
+    .await;
+    c.batch_execute("UPDATE t SET id = 65 WHERE id = 110")
+        .await
+        .unwrap();
+    wait_cursor_past(&c, "keymove", 100, &mut r).await;
+    let recorded = skipped_keys(&c, "keymove").await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    let (code, out, err) = r.finish(Duration::from_secs(60)).await;
+    assert_eq!(recorded, ["50"], "{out}\n{err}");
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM t WHERE NOT done").await,
+        0,
+        "{out}\n{err}"
+    );
+    drop(c);
+    db.drop_db().await;
+}
+
+/// A table named like one of the walk's WITH queries (`locked`): the table's name was spliced
+/// unqualified, so in the later WITH queries it meant the query, not the table. The walk
+/// then counted only the rows it had locked, recorded none of those it passed over, and the
+/// run ended `done`, exit 0, without rows 50 and 95 (with a `where` naming a column of the
+/// table, the run failed instead). The table is always schema-qualified now, and the WITH
+/// queries have names of the engine's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_named_like_a_query_of_the_walk_loses_no_row() {
+    let db = TestDb::new("ctename").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE locked (k bigint PRIMARY KEY, done boolean NOT NULL DEFAULT false);
+         INSERT INTO locked (k) SELECT g FROM generate_series(1, 95) g;
+         ANALYZE locked;",
+    )
+    .await
+    .unwrap();
+    let spec = db.spec(
+        "ctename.yaml",
+        "name: ctename
+postgres:
+  url: $URL
+  table: locked
+  key: k
+  statement: UPDATE locked SET done = true WHERE k = ANY($1)
+batch: {size: 100, target: 0}
+limits: {lock_timeout: 1s}
+",
+    );
+    let holder = db.client().await;
+    holder
+        .batch_execute("BEGIN; SELECT k FROM locked WHERE k IN (50, 95) FOR UPDATE")
+        .await
+        .unwrap();
+    let mut r = spawn(db.dir.path(), "run", &[], &spec);
+    wait_cursor_past(&c, "ctename", 95, &mut r).await;
+    let recorded = skipped_keys(&c, "ctename").await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    let (code, out, err) = r.finish(Duration::from_secs(60)).await;
+    assert_eq!(recorded, ["50", "95"], "{out}\n{err}");
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM locked WHERE NOT done").await,
+        0,
+        "{out}\n{err}"
+    );
+    drop(c);
+    db.drop_db().await;
+}

@@ -397,7 +397,7 @@ impl Backend for PgJob {
         // A checkpoint is a position in one table's key: it means nothing in another table or
         // by another key (resumed there, rows before it would be skipped and rows after it
         // done twice). A job started before this was recorded keeps going as it is.
-        let walks = format!("{} by {}", p.info.rel, p.info.key);
+        let walks = format!("{} by {}", p.info.shown, p.info.key);
         if !restart {
             let sql = format!("SELECT walks FROM {} WHERE job = $1", store.jobs());
             let before: Option<String> = tx

@@ -364,8 +364,9 @@ async fn idempotency(
         return Ok(Idempotency {
             converges: false,
             reason: format!(
-                "applied twice to the same keys, it changes the rows of {rel} again (e.g. \
-                 `n = n + 1`): a batch retried after a lost COMMIT reply would apply it twice"
+                "applied twice to the same keys, it changes the rows of {} again (e.g. \
+                 `n = n + 1`): a batch retried after a lost COMMIT reply would apply it twice",
+                p.info.shown
             ),
         });
     }

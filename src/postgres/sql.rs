@@ -82,51 +82,53 @@ impl BatchSql {
         };
         let walk = match lock {
             // Lock first: the next `size` rows of the range that can be locked, in one index
-            // range scan. Then one unlocked count over the same keys (up to the last locked
-            // key, or, when the batch came out short, to the range's last key) says whether SKIP
-            // LOCKED passed anything over; only then are those keys found and recorded for the
-            // range's retry pass, so the cursor never moves past a row nobody recorded.
-            // Aggregates go through one sorted array (every key type sorts; not all have
-            // min/max), the bound through a scalar subquery (a join would put its column names
-            // next to the table's, where `where` could find them ambiguous).
+            // range scan. Then every key of the range up to the last locked one (or, when the
+            // batch came out short, to the range's last key) that the statement's snapshot
+            // holds and that was not locked is recorded for the range's retry pass, so the
+            // cursor never moves past a row nobody recorded. (Comparing counts instead let a
+            // row locked elsewhere go unrecorded when another row's key moved into the batch
+            // meanwhile: locked under its new key, which the snapshot does not hold, it made
+            // the counts equal.) Aggregates go through one sorted array (every key type sorts;
+            // not all have min/max), the bound through a scalar subquery (a join would put its
+            // column names next to the table's, where `where` could find them ambiguous). The
+            // WITH queries have names no table of the user's is expected to have: `where` may
+            // name tables in subqueries, which a WITH query of the same name would shadow.
             LockMode::SkipLocked => {
                 let r = range(4, 5);
                 format!(
-                    "WITH locked AS (
+                    "WITH backfill__locked AS (
                          SELECT {key} AS k FROM {rel} WHERE {r}
                           ORDER BY {key} LIMIT $1 FOR UPDATE SKIP LOCKED
-                     ), l AS (
+                     ), backfill__l AS (
                          SELECT a.keys, coalesce(cardinality(a.keys), 0) AS n, a.keys[1] AS lo,
                                 a.keys[cardinality(a.keys)] AS hi
-                           FROM (SELECT array_agg(x.k ORDER BY x.k) AS keys FROM locked x) a
-                     ), top AS (
+                           FROM (SELECT array_agg(x.k ORDER BY x.k) AS keys
+                                   FROM backfill__locked x) a
+                     ), backfill__top AS (
                          -- A full batch ends at its last locked key. A short one scanned to the
                          -- end of the range: then everything up to the range's last key was
                          -- seen, so a short batch means the range's walk is over.
                          SELECT CASE WHEN l.n >= $1 THEN l.hi
                                 ELSE (SELECT {key} FROM {rel} WHERE {r} ORDER BY {key} DESC LIMIT 1)
                                 END AS b
-                           FROM l
-                     ), seen AS (
-                         SELECT count(*) AS n FROM {rel}
-                          WHERE {r} AND {key} <= (SELECT t.b FROM top t)
-                     ), skipped AS (
+                           FROM backfill__l l
+                     ), backfill__skipped AS (
                          INSERT INTO {skipped} (job, range_no, key)
                          SELECT $2, $3, {key}::text FROM {rel}
-                          WHERE (SELECT s.n FROM seen s) > (SELECT l2.n FROM l l2)
-                            AND {r} AND {key} <= (SELECT t.b FROM top t)
-                            AND {key} NOT IN (SELECT x.k FROM locked x)
+                          WHERE {r} AND {key} <= (SELECT t.b FROM backfill__top t)
+                            AND {key} NOT IN (SELECT x.k FROM backfill__locked x)
                          ON CONFLICT DO NOTHING RETURNING 1
                      )
-                     SELECT l.keys, (SELECT t.b::text FROM top t), (SELECT s.n FROM seen s),
-                            (SELECT count(*) FROM skipped), l.lo, l.hi
-                       FROM l"
+                     SELECT l.keys, (SELECT t.b::text FROM backfill__top t),
+                            l.n + (SELECT count(*) FROM backfill__skipped),
+                            (SELECT count(*) FROM backfill__skipped), l.lo, l.hi
+                       FROM backfill__l l"
                 )
             }
             LockMode::None => {
                 let r = range(2, 3);
                 format!(
-                    "WITH a AS (
+                    "WITH backfill__a AS (
                          SELECT array_agg(b.k ORDER BY b.k) AS keys FROM (
                              SELECT {key} AS k FROM {rel} WHERE {r} ORDER BY {key} LIMIT $1
                          ) b
@@ -134,18 +136,18 @@ impl BatchSql {
                      SELECT a.keys, a.keys[cardinality(a.keys)]::text,
                             coalesce(cardinality(a.keys), 0)::bigint, 0::bigint,
                             a.keys[1], a.keys[cardinality(a.keys)]
-                       FROM a"
+                       FROM backfill__a a"
                 )
             }
         };
         let r = range(2, 3);
         let sample = format!(
-            "WITH b AS (SELECT {key} AS k FROM {rel} WHERE {r} ORDER BY {key} LIMIT $1)
-             SELECT (SELECT array_agg(b.k ORDER BY b.k) FROM b),
-                    (SELECT b.k::text AS last_key FROM b ORDER BY b.k DESC LIMIT 1),
-                    (SELECT count(*) FROM b),
-                    (SELECT b.k FROM b ORDER BY b.k LIMIT 1),
-                    (SELECT b.k FROM b ORDER BY b.k DESC LIMIT 1)"
+            "WITH backfill__b AS (SELECT {key} AS k FROM {rel} WHERE {r} ORDER BY {key} LIMIT $1)
+             SELECT (SELECT array_agg(b.k ORDER BY b.k) FROM backfill__b b),
+                    (SELECT b.k::text AS last_key FROM backfill__b b ORDER BY b.k DESC LIMIT 1),
+                    (SELECT count(*) FROM backfill__b),
+                    (SELECT b.k FROM backfill__b b ORDER BY b.k LIMIT 1),
+                    (SELECT b.k FROM backfill__b b ORDER BY b.k DESC LIMIT 1)"
         );
         let relock = |wait: bool| {
             format!(

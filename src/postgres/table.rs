@@ -14,8 +14,12 @@ use tokio_postgres::Client;
 /// The target table and key as the database sees them, safe to splice into SQL.
 #[derive(Debug, Clone)]
 pub struct TableInfo {
-    /// `schema.table`, quoted as needed (from `regclass::text`).
+    /// `schema.table`, always schema-qualified and quoted as needed: spliced into SQL, where
+    /// an unqualified name could be shadowed by a WITH query of the same name.
     pub rel: String,
+    /// The table as `regclass::text` shows it (schema left out when on the search_path): for
+    /// messages and the job's record of what it walks.
+    pub shown: String,
     /// The table's schema and name, unquoted (for the catalog).
     pub schema: String,
     pub table: String,
@@ -58,7 +62,8 @@ fn check_failed(field: &str, what: &str, e: &tokio_postgres::Error, rel: &str) -
 pub async fn inspect(client: &Client, spec: &PostgresSpec) -> Result<TableInfo> {
     let rel = client
         .query_opt(
-            "SELECT c.oid, c.oid::regclass::text, n.nspname::text, c.relname::text
+            "SELECT c.oid, c.oid::regclass::text, n.nspname::text, c.relname::text,
+                    quote_ident(n.nspname) || '.' || quote_ident(c.relname)
                FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
               WHERE c.oid = to_regclass($1)",
             &[&spec.table],
@@ -210,7 +215,8 @@ pub async fn inspect(client: &Client, spec: &PostgresSpec) -> Result<TableInfo> 
         }
     }
     Ok(TableInfo {
-        rel: rel_text,
+        rel: rel.get(4),
+        shown: rel_text,
         schema: rel.get(2),
         table: rel.get(3),
         key,
