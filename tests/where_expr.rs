@@ -218,3 +218,64 @@ limits:
     drop((c, fresh));
     db.drop_db().await;
 }
+
+/// `where` and `statement` mean what they mean in the operator's own session: the engine's
+/// sessions used to run in UTC with a year-month-day date order, whatever the database said.
+/// In a database set to New York time and day-month-year dates, `created_at::date` then read
+/// UTC dates (the job did other rows than psql counts) and `'09/03/2024'` was no longer the
+/// 9th of March. The key here is the timestamptz itself, hourly across the spring-forward
+/// night, in batches of 7: cursors read back in that zone must lose and repeat nothing.
+#[tokio::test]
+async fn where_reads_times_and_dates_as_the_database_says() {
+    let db = TestDb::new("where_tz").await;
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "ALTER DATABASE {} SET timezone = 'America/New_York';
+         ALTER DATABASE {} SET datestyle = 'ISO, DMY';
+         CREATE TABLE t (created_at timestamptz PRIMARY KEY, day date, n int NOT NULL DEFAULT 0);
+         INSERT INTO t (created_at)
+         SELECT g FROM generate_series(timestamptz '2024-03-08 00:00:00+00',
+                                       timestamptz '2024-03-12 23:00:00+00', '1 hour') g;",
+        db.name, db.name
+    ))
+    .await
+    .unwrap();
+    let spec = db.spec(
+        "tz.yaml",
+        "name: tz
+postgres:
+  url: $URL
+  table: t
+  key: created_at
+  where: created_at::date = '10/03/2024' AND day IS NULL
+  statement: UPDATE t SET day = created_at::date, n = n + 1 WHERE created_at = ANY($1)
+batch: {size: 7, target: 0}
+",
+    );
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    // A new session of this database, as psql would see it.
+    let psql = db.client().await;
+    let wanted = "(created_at AT TIME ZONE 'America/New_York')::date = date '2024-03-10'";
+    assert_eq!(
+        common::count(&psql, &format!("SELECT count(*) FROM t WHERE {wanted}")).await,
+        23,
+        "the spring-forward day has 23 hours"
+    );
+    assert_eq!(
+        common::count(
+            &psql,
+            &format!("SELECT count(*) FROM t WHERE {wanted} AND n = 1 AND day = '2024-03-10'")
+        )
+        .await,
+        23,
+        "{out}"
+    );
+    assert_eq!(
+        common::count(&psql, "SELECT count(*) FROM t WHERE n <> 0").await,
+        23,
+        "no other row: {out}"
+    );
+    drop((c, psql));
+    db.drop_db().await;
+}

@@ -7,16 +7,26 @@ use super::tls::{self, Tls};
 use crate::error::{Error, Result};
 use crate::redact::redact_url;
 use deadpool_postgres::{
-    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+    Hook, HookError, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
 };
 use std::time::Duration;
+
+/// Set on every new session: the forms in which dates and floats are printed, so that key
+/// values read back from their text are the same values (ISO dates read the same whatever the
+/// order of a date's fields; floats printed exactly). Nothing else: `where`, `statement` and
+/// `verify` run in these sessions and must mean what they mean in the operator's own (psql's)
+/// session, with the database's and role's time zone and date field order (sessions in UTC
+/// read `created_at::date` in UTC, and the job did other rows than `where` says). A `SET`
+/// after the start changes only the form of `DateStyle`, where a start-up option would also
+/// reset its field order over the database's own.
+const OUTPUT_FORMS: &str = "SET DateStyle = ISO; SET extra_float_digits = 3";
 
 /// How long to wait for a TCP connection or a free pooled connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A pool for `url`. Sessions get UTC/ISO date settings so key values round-trip through text,
-/// standard string literals (as `where` was checked),
-/// and `application_name` = `backfill:<job>` so DBAs can see who is working. TLS follows the
+/// A pool for `url`. Sessions print dates in ISO form and floats exactly (`OUTPUT_FORMS`);
+/// standard string literals (as `where` was checked); and
+/// `application_name` = `backfill:<job>` so DBAs can see who is working. TLS follows the
 /// URL's `sslmode` and `sslrootcert` (see `tls`); the CA file is read here.
 /// `read_only` sessions default to read-only transactions (`plan`, `status`, `verify`).
 pub fn pool(url: &str, job: &str, read_only: bool, size: usize) -> Result<Pool> {
@@ -32,10 +42,10 @@ pub fn pool(url: &str, job: &str, read_only: bool, size: usize) -> Result<Pool> 
     }
     // standard_conforming_strings: `where` is checked as standard SQL, where a backslash in a
     // string literal is an ordinary character. A database or role set to `off` would read
-    // `'a\' OR ...` as an escaped quote and let the rest of `where` out of its parentheses.
+    // `'a\' OR ...` as an escaped quote and let the rest of `where` out of its parentheses:
+    // it comes after the URL's own `options`, so that nothing can set it otherwise.
     let options = format!(
-        "{} -c TimeZone=UTC -c DateStyle=ISO,YMD -c extra_float_digits=3 \
-         -c standard_conforming_strings=on{}",
+        "{} -c standard_conforming_strings=on{}",
         cfg.get_options().unwrap_or(""),
         if read_only {
             " -c default_transaction_read_only=on"
@@ -55,6 +65,14 @@ pub fn pool(url: &str, job: &str, read_only: bool, size: usize) -> Result<Pool> 
         },
     );
     Pool::builder(manager)
+        .post_create(Hook::async_fn(|client, _| {
+            Box::pin(async move {
+                client
+                    .batch_execute(OUTPUT_FORMS)
+                    .await
+                    .map_err(HookError::Backend)
+            })
+        }))
         .max_size(size.max(2))
         .wait_timeout(Some(CONNECT_TIMEOUT * 3))
         .create_timeout(Some(CONNECT_TIMEOUT))
