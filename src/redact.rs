@@ -261,6 +261,11 @@ pub fn url_secrets(url: &str) -> Vec<String> {
         for (k, v) in u.query_pairs() {
             if k.to_ascii_lowercase().contains("password") {
                 found.push(v.into_owned());
+                // `?password%3Ds3cr3t` is the key `password=s3cr3t` with no value: the secret
+                // is in the key (a driver refusing the URL echoes it back).
+                if let Some((_, rest)) = k.split_once('=') {
+                    found.push(rest.trim().to_string());
+                }
             }
         }
     }
@@ -605,6 +610,17 @@ mod tests {
         assert!(s.contains(&"p/w".to_string()), "{s:?}");
         assert!(s.contains(&"p%2Fw".to_string()), "{s:?}");
         assert!(url_secrets("postgres://u@h/d").is_empty());
+        for url in [
+            "postgres://u@h/d?password%3Ds3cr3t",
+            "postgres://u@h/d?password%3D%20s3cr3t",
+        ] {
+            assert!(url_secrets(url).contains(&"s3cr3t".to_string()), "{url}");
+            assert!(
+                !redacted_url(url).contains("s3cr3t"),
+                "{}",
+                redacted_url(url)
+            );
+        }
         assert!(url_secrets("${DATABASE_URL}").is_empty());
     }
 
