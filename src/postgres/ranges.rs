@@ -28,7 +28,8 @@ pub async fn bounds(c: &Client, t: &TableInfo, n: usize) -> Result<Vec<String>> 
             "SELECT s.histogram_bounds::text::text[]
                FROM pg_stats s
               WHERE s.schemaname = $1 AND s.tablename = $2 AND s.attname = $3
-                AND s.histogram_bounds IS NOT NULL",
+                AND s.histogram_bounds IS NOT NULL
+              ORDER BY s.inherited DESC LIMIT 1",
             &[&t.schema, &t.table, &t.key_name],
         )
         .await

@@ -136,6 +136,30 @@ pub async fn inspect(client: &Client, spec: &PostgresSpec) -> Result<TableInfo> 
             ),
         ));
     }
+    // A unique index of a table holds in that table only: the tables inheriting from it (old-
+    // style inheritance; not the partitions of a partitioned table, whose unique indexes hold
+    // across them) can repeat its keys, and a walk that reads them through the parent would
+    // pass over a repeated key cut by a batch boundary.
+    let child: Option<String> = client
+        .query_opt(
+            "SELECT i.inhrelid::regclass::text FROM pg_inherits i JOIN pg_class c ON c.oid = $1
+              WHERE i.inhparent = $1 AND c.relkind = 'r' LIMIT 1",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| check_failed("postgres.table", "", &e, &rel_text))?
+        .map(|r| r.get(0));
+    if let Some(child) = child {
+        return Err(fail(
+            "postgres.table",
+            format!(
+                "table {rel_text} has tables inheriting from it ({child} among them); its unique \
+                 index on {key} holds in {rel_text} alone, so its children can repeat keys and a \
+                 keyset walk through the parent could pass over rows. Run one job per table \
+                 (the statement on `ONLY` each), or partition the table declaratively"
+            ),
+        ));
+    }
     if !not_null
         && !spec
             .where_
