@@ -26,6 +26,9 @@ pub enum StopReason {
     Aborted,
     /// This runner's lock went away under it (its connection was lost): it stopped writing.
     LockLost(String),
+    /// A lock another session holds (a migration's table lock) outlasted every retry of a
+    /// batch: nothing is wrong with the job, it waits for the next run.
+    LockWait(String),
 }
 
 impl std::fmt::Display for StopReason {
@@ -46,6 +49,11 @@ impl std::fmt::Display for StopReason {
             StopReason::Preflight(why) => write!(f, "preflight refused to start: {why}"),
             StopReason::Window(why) => write!(f, "{why}"),
             StopReason::Aborted => write!(f, "another worker of this job failed"),
+            StopReason::LockWait(why) => write!(
+                f,
+                "another session held a lock this job needs through every retry ({why}); \
+                 progress is saved: run again once it is released"
+            ),
             StopReason::LockLost(why) => write!(
                 f,
                 "this runner lost its lock ({why}); it landed and recorded nothing after that"

@@ -287,6 +287,29 @@ async fn transient_faults_are_retried_and_lost_claims_reclaimed() {
     exactly_once(&w);
 }
 
+/// A lock another session holds through every retry stops the job with its progress saved
+/// (exit 75), not as a failure; every key done before is kept, none done twice.
+#[tokio::test(start_paused = true)]
+async fn a_lock_held_through_every_retry_stops_the_job_to_run_again() {
+    let w = world(&[100]);
+    {
+        let mut g = w.lock().unwrap();
+        for n in 3..40 {
+            g.faults.insert(n, Fault::Transient);
+        }
+    }
+    let sh = shared(Stop::never());
+    let results = run(&w, &sh, 1).await;
+    assert!(
+        matches!(results[0], Err(Error::Stopped(StopReason::LockWait(_)))),
+        "{results:?}"
+    );
+    assert_eq!(results[0].as_ref().unwrap_err().exit_code(), 75);
+    let g = w.lock().unwrap();
+    assert_eq!(g.applied.len(), 20, "the two batches before the lock");
+    assert!(g.applied.values().all(|&n| n == 1));
+}
+
 #[tokio::test]
 async fn a_statement_timeout_halves_the_batch() {
     let w = world(&[100]);

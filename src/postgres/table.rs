@@ -50,8 +50,9 @@ fn check_failed(field: &str, what: &str, e: &tokio_postgres::Error, rel: &str) -
     }
     if super::errors::sqlstate(e) == Some("55P03") {
         return Error::Stopped(crate::error::StopReason::Preflight(format!(
-            "table {rel} is locked by another session (an ACCESS EXCLUSIVE lock is held or \
-             queued), so {field} could not be checked within lock_timeout: {}",
+            "{field} could not be checked within lock_timeout: a table it uses ({rel}, or \
+             another it names) is locked by another session (an ACCESS EXCLUSIVE lock is held or \
+             queued): {}",
             describe(e)
         )));
     }
