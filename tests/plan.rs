@@ -13,11 +13,20 @@ fn line_with<'a>(out: &'a str, label: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {label:?} line in:\n{out}"))
 }
 
-/// What the job below could touch: the table, the table it inserts into, schemas. (Not the
-/// sequence behind `log.id`: `nextval` is not transactional, so rolled-back samples advance it.)
+/// What the job below could touch: the table, the table it inserts into, the sequence behind
+/// `log.id` (`nextval` is not transactional: a rolled-back sample would still advance it),
+/// schemas.
 async fn snapshot(c: &Client) -> String {
+    let seq: String = c
+        .query_one(
+            "SELECT last_value::text || ' ' || is_called::text FROM log_id_seq",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
     format!(
-        "t={} log={} schemas={}",
+        "t={} log={} seq={seq} schemas={}",
         checksum(c, "t").await,
         checksum(c, "log").await,
         count(c, "SELECT count(*) FROM pg_namespace").await
@@ -55,7 +64,8 @@ batch: {size: 100, target: 0}
     );
     let before = snapshot(&c).await;
 
-    // Default: planner estimate and 3 sample batches (rolled back).
+    // Default: planner estimate and 3 sample batches (rolled back), but not of a statement
+    // that draws from a sequence: no rollback gives its values back.
     let (code, out, err) = run(&[&"plan", &spec]);
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
     assert!(line_with(&out, "resume at:").contains("the start"), "{out}");
@@ -66,11 +76,51 @@ batch: {size: 100, target: 0}
     assert!(line_with(&out, "batches:").contains("of 100"), "{out}");
     let sample = line_with(&out, "sample:");
     assert!(
-        sample.contains("3 batch(es), 300 keys") && sample.contains("rolled back"),
+        sample.contains("not run") && sample.contains("nextval('log_id_seq'"),
         "{out}"
     );
     assert_eq!(snapshot(&c).await, before, "plan changed the database");
     assert!(!has_store(&c).await, "plan created the checkpoint store");
+    // The same without the sequence: sampled, and rolled back.
+    let plain = db.spec(
+        "plain.yaml",
+        "name: plain
+postgres:
+  url: $URL
+  table: t
+  key: id
+  where: NOT done
+  statement: |
+    WITH u AS (UPDATE t SET n = n + 1, done = true WHERE id = ANY($1) RETURNING id)
+    INSERT INTO log (id, t_id) SELECT -id, id FROM u
+batch: {size: 100, target: 0}
+",
+    );
+    let (code, out, err) = run(&[&"plan", &plain]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    let sample = line_with(&out, "sample:");
+    assert!(
+        sample.contains("3 batch(es), 300 keys") && sample.contains("rolled back"),
+        "{out}"
+    );
+    assert_eq!(snapshot(&c).await, before, "plan changed the database");
+    // A trigger on a table the statement writes could draw from a sequence too.
+    c.batch_execute(
+        "CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN INSERT INTO log (t_id) VALUES (NEW.id); RETURN NEW; END $$;
+         CREATE TRIGGER t_audit AFTER UPDATE ON t FOR EACH ROW EXECUTE FUNCTION audit();",
+    )
+    .await
+    .unwrap();
+    let (code, out, err) = run(&[&"plan", &plain]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    let sample = line_with(&out, "sample:");
+    assert!(
+        sample.contains("not run") && sample.contains("t_audit on t"),
+        "{out}"
+    );
+    assert_eq!(snapshot(&c).await, before, "plan changed the database");
+    c.batch_execute("DROP TRIGGER t_audit ON t").await.unwrap();
 
     // --exact counts, and the batch count follows from it.
     let (code, out, err) = run(&[&"plan", &"--exact", &spec]);

@@ -93,7 +93,17 @@ pub async fn plan(job: &PgJob, spec: &Spec, opts: PlanOptions) -> Result<Plan> {
         .find(|r| r.status != super::store::DONE)
         .map(|r| (r.cursor.clone(), r.hi.clone()));
     let (cursor, hi) = start.unwrap_or((None, None));
-    let (sampled, idem) = samples(&c, &p, spec, cursor, hi, opts.samples).await?;
+    let (sampled, idem) = match samples(&c, &p, spec, cursor, hi, opts.samples).await? {
+        Sample::Ran(sampled, idem) => (sampled, idem),
+        Sample::Skipped(why) => {
+            plan.notes.push(format!(
+                "sample: not run: {why}; a rolled-back sample would draw values from it that \
+                 no rollback gives back (`plan` writes nothing), so time and WAL are not \
+                 forecast and idempotency is not checked"
+            ));
+            return Ok(plan);
+        }
+    };
     let keys: u64 = sampled.iter().map(|s| s.keys).sum();
     let rows: u64 = sampled.iter().map(|s| s.rows).sum();
     let took: Duration = sampled.iter().map(|s| s.elapsed).sum();
@@ -140,6 +150,68 @@ pub async fn plan(job: &PgJob, spec: &Spec, opts: PlanOptions) -> Result<Plan> {
     Ok(plan)
 }
 
+/// Whether running the statement would draw values from a sequence, which no rollback gives
+/// back: a `nextval` in its plan (a serial or identity column it inserts into, or a call of its
+/// own), or a trigger on a table it writes (a trigger can draw from one, an audit table's id
+/// say, and its body is not in the plan). The plan is only explained, not run. Returns why.
+async fn draws(c: &Client, p: &Prepared, params: &[&(dyn ToSql + Sync)]) -> Result<Option<String>> {
+    let sql = format!("EXPLAIN (VERBOSE, COSTS OFF, FORMAT JSON) {}", p.statement);
+    let row = c
+        .query_one(&sql, params)
+        .await
+        .map_err(|e| db_error("explaining the statement", &e))?;
+    let doc = row.try_get::<_, serde_json::Value>(0).ok().or_else(|| {
+        row.try_get::<_, String>(0)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+    });
+    let Some(doc) = doc else {
+        return Ok(None);
+    };
+    let text = doc.to_string();
+    if let Some(at) = text.find("nextval(") {
+        let call: String = text[at..].chars().take_while(|&c| c != ')').collect();
+        return Ok(Some(format!(
+            "the statement draws from a sequence ({call}))"
+        )));
+    }
+    fn written<'a>(node: &'a serde_json::Value, out: &mut Vec<(&'a str, &'a str)>) {
+        if node["Node Type"] == "ModifyTable"
+            && let (Some(s), Some(r)) = (node["Schema"].as_str(), node["Relation Name"].as_str())
+        {
+            out.push((s, r));
+        }
+        for child in node["Plans"].as_array().into_iter().flatten() {
+            written(child, out);
+        }
+    }
+    let mut tables = Vec::new();
+    written(&doc[0]["Plan"], &mut tables);
+    for (schema, table) in tables {
+        let trigger: Option<String> = c
+            .query_opt(
+                "WITH r AS (SELECT format('%I.%I', $1::text, $2::text)::regclass AS rel)
+                 SELECT format('%s on %s', t.tgname, t.tgrelid::regclass)
+                   FROM pg_trigger t, r
+                  WHERE (t.tgrelid = r.rel
+                         OR t.tgrelid IN (SELECT p.relid FROM pg_partition_tree(r.rel) p))
+                    AND NOT t.tgisinternal AND t.tgenabled <> 'D'
+                  ORDER BY 1 LIMIT 1",
+                &[&schema, &table],
+            )
+            .await
+            .map_err(|e| db_error("looking for triggers", &e))?
+            .map(|r| r.get(0));
+        if let Some(t) = trigger {
+            return Ok(Some(format!(
+                "a table the statement writes has a trigger ({t}), which could draw from a \
+                 sequence"
+            )));
+        }
+    }
+    Ok(None)
+}
+
 /// Rows this transaction has inserted, updated or deleted so far, in every user table.
 async fn rows_written(c: &Client) -> Result<i64> {
     Ok(c.query_one(
@@ -183,8 +255,15 @@ fn statement_wal(doc: &serde_json::Value) -> Option<i64> {
     Some(wal)
 }
 
+/// What the sample batches gave, or why none ran.
+enum Sample {
+    Ran(Vec<Sampled>, Option<Idempotency>),
+    /// The statement would draw from a sequence: the reason, naming it.
+    Skipped(String),
+}
+
 /// Run up to `count` batches from `cursor` and the idempotency check, inside one transaction
-/// that is always rolled back.
+/// that is always rolled back; none if the statement would draw from a sequence (`draws`).
 async fn samples(
     c: &Client,
     p: &Prepared,
@@ -192,7 +271,7 @@ async fn samples(
     cursor: Option<String>,
     hi: Option<String>,
     count: u32,
-) -> Result<(Vec<Sampled>, Option<Idempotency>)> {
+) -> Result<Sample> {
     // The session defaults to read-only; this one transaction may write, and is rolled back.
     c.batch_execute(&format!("BEGIN READ WRITE; {}", p.sql.begin_locals))
         .await
@@ -230,6 +309,11 @@ async fn samples(
             } else {
                 vec![&keys]
             };
+            if i == 0
+                && let Some(why) = draws(c, p, &params).await?
+            {
+                return Ok(Sample::Skipped(why));
+            }
             let before = rows_written(c).await?;
             let report = c
                 .query_one(&explained, &params)
@@ -255,7 +339,7 @@ async fn samples(
             }
             cursor = row.get(1);
         }
-        Ok((out, idem))
+        Ok(Sample::Ran(out, idem))
     }
     .await;
     // Always rolled back: `plan` writes nothing.
