@@ -213,7 +213,7 @@ pub async fn inspect(client: &Client, spec: &PostgresSpec) -> Result<TableInfo> 
             "postgres.statement",
             format!(
                 "$1 is used as {got}, but it is the batch's keys: it must be {array_type} \
-                 (e.g. `WHERE {key} = ANY($1)`)"
+                 (e.g. `WHERE {key} = ANY($1::{array_type})`)"
             ),
         ));
     }
