@@ -376,6 +376,44 @@ async fn a_checkpoint_is_not_resumed_under_another_key_or_table() {
     db.drop_db().await;
 }
 
+/// The same table is the same table under another search_path: a checkpoint records the table
+/// schema-qualified. It recorded the name as `regclass::text` prints it, without the schema
+/// when the schema is on the search_path, so a resume under another search_path was refused
+/// as if it walked another table.
+#[tokio::test]
+async fn a_checkpoint_resumes_under_another_search_path() {
+    let db = TestDb::new("rekey_path").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE SCHEMA s;
+         CREATE TABLE s.t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO s.t SELECT g, 0 FROM generate_series(1, 1000) g;
+         CREATE TABLE public.knob (fail_at bigint);
+         INSERT INTO public.knob VALUES (501);",
+    )
+    .await
+    .unwrap();
+    let statement = "UPDATE s.t SET n = n + 1 WHERE id = ANY($1) \
+                     AND 1 / (CASE WHEN id = (SELECT fail_at FROM public.knob) THEN 0 ELSE 1 END) = 1";
+    let write = |url: &str| {
+        db.spec(
+            "path.yaml",
+            &format!("name: path\n{}", job(url, "s.t", "id", "", statement, "")),
+        )
+    };
+    let (code, _o, err) = run(&[&"run", &write("$URL")]);
+    assert_eq!(code, 1, "the statement fails at id 501:\n{err}");
+    c.execute("UPDATE public.knob SET fail_at = NULL", &[])
+        .await
+        .unwrap();
+    let url = format!("{}?options=-c%20search_path%3Ds,public", db.url);
+    let (code, out, err) = run(&[&"run", &write(&url)]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(count(&c, "SELECT count(*) FROM s.t WHERE n <> 1").await, 0);
+    drop(c);
+    db.drop_db().await;
+}
+
 /// A store written before the `walks` column (an upgrade from an older release) is still the
 /// job's store for every command that only reads or deletes: `status` shows the checkpoint,
 /// `reset` deletes it. An earlier check for the newest column made such a store invisible

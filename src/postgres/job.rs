@@ -397,7 +397,10 @@ impl Backend for PgJob {
         // A checkpoint is a position in one table's key: it means nothing in another table or
         // by another key (resumed there, rows before it would be skipped and rows after it
         // done twice). A job started before this was recorded keeps going as it is.
-        let walks = format!("{} by {}", p.info.shown, p.info.key);
+        // Recorded schema-qualified, so that a search_path of another run reads the same; a
+        // record of an earlier version (the name as regclass::text printed it) still matches.
+        let walks = format!("{} by {}", p.info.rel, p.info.key);
+        let walked_before = format!("{} by {}", p.info.shown, p.info.key);
         if !restart {
             let sql = format!("SELECT walks FROM {} WHERE job = $1", store.jobs());
             let before: Option<String> = tx
@@ -405,7 +408,7 @@ impl Backend for PgJob {
                 .await
                 .map_err(|e| db_error("reading the checkpoint store", &e))?
                 .and_then(|r| r.get(0));
-            if let Some(before) = before.filter(|b| *b != walks) {
+            if let Some(before) = before.filter(|b| *b != walks && *b != walked_before) {
                 return Err(Error::Spec(format!(
                     "{}: postgres.table / postgres.key: job {job} has a checkpoint in {before}, \
                      but the spec now walks {walks}; a checkpoint cannot carry over to another \
