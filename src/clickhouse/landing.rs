@@ -42,7 +42,7 @@ const CLEANUP_WAIT: Duration = Duration::from_secs(600);
 fn host_tag() -> String {
     use sha2::{Digest, Sha256};
     // The pid namespace too: containers of one host can share its name, each with a pid 1.
-    let here = format!("{}:{}", crate::state::hostname(), super::lock::here());
+    let here = format!("{}:{}", crate::state::hostname(), crate::state::here());
     hex::encode(&Sha256::digest(here.as_bytes())[..4])
 }
 

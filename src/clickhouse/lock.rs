@@ -32,34 +32,8 @@ pub fn me() -> String {
         "{}:{}:{}",
         crate::state::runner_id(),
         start_ticks(std::process::id()).unwrap_or(0),
-        here()
+        crate::state::here()
     )
-}
-
-/// Where this process's pids mean something: its pid namespace and the kernel's boot. Two
-/// containers on one host can share a host name (`docker run --network host` gives each the
-/// host's) while each numbers its processes from 1: a runner's pid can be looked up in
-/// `/proc` only by a process in the same pid namespace of the same boot. Empty if unknown.
-pub(super) fn here() -> String {
-    let ns = std::fs::read_link("/proc/self/ns/pid")
-        .ok()
-        .map(|l| {
-            l.to_string_lossy()
-                .chars()
-                .filter(char::is_ascii_digit)
-                .collect::<String>()
-        })
-        .unwrap_or_default();
-    let boot: String = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .unwrap_or_default()
-        .chars()
-        .filter(char::is_ascii_hexdigit)
-        .take(12)
-        .collect();
-    if ns.is_empty() || boot.is_empty() {
-        return String::new();
-    }
-    format!("{ns}.{boot}")
 }
 
 /// A process's start time in clock ticks since boot (`/proc/<pid>/stat`, field 22).
@@ -78,7 +52,7 @@ fn seen_from_here(runner: &str) -> Option<(u32, u64)> {
     else {
         return None;
     };
-    let ours = here();
+    let ours = crate::state::here();
     if ours.is_empty() || here_of != ours || host != crate::state::hostname() {
         return None;
     }
@@ -411,7 +385,7 @@ mod tests {
         assert!(!gone_here(&me), "{me}");
         assert!(!alive_here(&me), "this process is not another runner");
         let host = crate::state::hostname();
-        let here = here();
+        let here = crate::state::here();
         assert!(!here.is_empty());
         assert!(gone_here(&format!(
             "{host}:{}:1:{here}",

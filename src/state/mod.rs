@@ -109,3 +109,29 @@ pub fn hostname() -> String {
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())
 }
+
+/// Where this process's pids mean something: its pid namespace and the kernel's boot. Two
+/// containers on one host can share a host name (`docker run --network host` gives each the
+/// host's) while each numbers its processes from 1: a runner's pid can be looked up in
+/// `/proc` only by a process in the same pid namespace of the same boot. Empty if unknown.
+pub fn here() -> String {
+    let ns = std::fs::read_link("/proc/self/ns/pid")
+        .ok()
+        .map(|l| {
+            l.to_string_lossy()
+                .chars()
+                .filter(char::is_ascii_digit)
+                .collect::<String>()
+        })
+        .unwrap_or_default();
+    let boot: String = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .unwrap_or_default()
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .take(12)
+        .collect();
+    if ns.is_empty() || boot.is_empty() {
+        return String::new();
+    }
+    format!("{ns}.{boot}")
+}
