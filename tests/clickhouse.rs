@@ -2214,6 +2214,143 @@ ch_test! {
     }
 }
 
+ch_test! {
+    /// Another writer's row that arrives in a partition between the landing's read of the
+    /// target before a move (or attach) and its read after: the partition's new top was noted
+    /// as the job's own, the row with it, and a `--rerun` restored the partition over it, exit
+    /// 0, the row gone. It is counted by rows now (what arrived above the old top, less the
+    /// chunk's), and the rerun refuses.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_row_written_while_a_partition_lands_is_another_writers(srv) {
+        let db = ChDb::new_on(&srv, "window");
+        build_days(&db, 4, 500);
+        let proxy = FaultProxy::start_http(srv.addr()).await;
+        let landed = std::sync::atomic::AtomicBool::new(false);
+        let held = proxy.add_rule(
+            Rule::new(Fault::HoldUntilReleased)
+                .matching(move |r| {
+                    let t = r.text();
+                    if lands(&t) && t.contains("PARTITION ID '0'") {
+                        landed.store(true, std::sync::atomic::Ordering::SeqCst);
+                        return false;
+                    }
+                    landed.load(std::sync::atomic::Ordering::SeqCst)
+                        && t.contains("SELECT partition_id, rows, max_block_number FROM system.parts")
+                })
+                .nth(1),
+        );
+        let spec = days_spec(&db, "window", &proxy.url_for(&db.url), "");
+        let mut r = spawn(db.dir.path(), "run", &[], &spec);
+        r.wait_until(
+            "the read after the first landing in partition 0",
+            Duration::from_secs(60),
+            Duration::from_millis(20),
+            async || proxy.rule_fired(held) > 0,
+        )
+        .await;
+        db.q("INSERT INTO agg SELECT toUInt32(100), 7, countState(), sumState(toUInt32(5))
+                FROM numbers(1)");
+        proxy.release_held();
+        let (code, out, err) = r.finish(Duration::from_secs(120)).await;
+        let mut all = all_output(&out, &err);
+        assert_eq!(code, 0, "{all}");
+        assert!(all.contains("partition 0") && all.contains("another writer"), "{all}");
+        assert_eq!(own_digest(&db), source_digest(&db), "{all}");
+        let spec = days_spec(&db, "window", &db.url, "");
+        let (code, out, err) = run(&[&"run", &"--rerun", &spec]);
+        all += &all_output(&out, &err);
+        assert_eq!(code, 1, "{all}");
+        assert!(err.contains("partition 0"), "{all}");
+        assert_eq!(db.num(FOREIGN_COUNT), 1, "the other writer's row is kept: {all}");
+    }
+}
+
+ch_test! {
+    /// A runner stopped (SIGSTOP, a frozen VM) past its lock's 30 s heartbeat, in the middle of
+    /// a landing, while another runner takes the lock over and finishes the job. Resumed, it
+    /// went on landing and noting on the strength of a heartbeat flag that had not caught up
+    /// (and stays up when the heartbeat's read fails): stale ledger notes made the next
+    /// `--rerun` refuse "another writer's rows", its next move failed on a staging table the
+    /// new holder had dropped (exit 1) and it overwrote the done job's status with `failed`. Now
+    /// each write of a landing reads the lock first: it stops with 75 and writes nothing.
+    /// (Runner A is in a pid namespace of its own, so B judges it by its heartbeat alone.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_runner_resumed_after_a_takeover_writes_nothing(srv) {
+        let db = ChDb::new_on(&srv, "resumed");
+        build_days(&db, 4, 500);
+        let reference = source_digest(&db);
+        let proxy = FaultProxy::start_http(srv.addr()).await;
+        let landed = std::sync::atomic::AtomicBool::new(false);
+        let held = proxy.add_rule(
+            Rule::new(Fault::HoldUntilReleased)
+                .matching(move |r| {
+                    let t = r.text();
+                    if lands(&t) && t.contains("PARTITION ID '1'") {
+                        landed.store(true, std::sync::atomic::Ordering::SeqCst);
+                        return false;
+                    }
+                    landed.load(std::sync::atomic::Ordering::SeqCst)
+                        && t.contains("SELECT partition_id, rows, max_block_number FROM system.parts")
+                })
+                .nth(2),
+        );
+        let spec_a = days_spec(&db, "resumed", &proxy.url_for(&db.url), "");
+        let mut cmd = common::backfill();
+        cmd.arg("run").arg(&spec_a);
+        let mut a = spawn_cmd(db.dir.path(), "a", in_own_pid_namespace(&cmd));
+        a.wait_until(
+            "runner A to be held after a landing",
+            Duration::from_secs(60),
+            Duration::from_millis(20),
+            async || proxy.rule_fired(held) > 0,
+        )
+        .await;
+        // Stop A's whole namespace (unshare and the runner): no heartbeat from here on.
+        let pgid = a.child.id().to_string();
+        let signal = |sig: &str| {
+            let st = std::process::Command::new("pkill")
+                .args([sig, "-P", &pgid])
+                .status()
+                .unwrap();
+            assert!(st.success(), "pkill {sig}");
+        };
+        signal("-STOP");
+        let spec_b = db.spec(
+            "resumed-direct.yaml",
+            &std::fs::read_to_string(&spec_a)
+                .unwrap()
+                .replace(&proxy.url_for(&db.url), &db.url),
+        );
+        // B is refused (75) while A's last heartbeat is younger than the lock's 30 s TTL,
+        // then takes the lock over and finishes the job.
+        let mut all = String::new();
+        let started = Instant::now();
+        loop {
+            let (code_b, out_b, err_b) = run(&[&"run", &spec_b]);
+            all += &format!("b:\n{}", all_output(&out_b, &err_b));
+            if code_b == 0 {
+                break;
+            }
+            assert_eq!(code_b, 75, "{all}");
+            assert!(started.elapsed() < Duration::from_secs(90), "{all}");
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        assert_eq!(target_digest(&db), reference, "{all}");
+        let status = db.record("resumed", "").map(|r| r.status);
+        proxy.release_held();
+        signal("-CONT");
+        let (code_a, out_a, err_a) = a.finish(Duration::from_secs(120)).await;
+        all += &format!("\na:\n{}", all_output(&out_a, &err_a));
+        assert_eq!(code_a, 75, "{all}");
+        assert_eq!(db.record("resumed", "").map(|r| r.status), status, "{all}");
+        assert_eq!(target_digest(&db), reference, "{all}");
+        let (code, out, err) = run(&[&"run", &"--rerun", &spec_b]);
+        all += &all_output(&out, &err);
+        assert_eq!(code, 0, "{all}");
+        assert_eq!(target_digest(&db), reference, "{all}");
+    }
+}
+
 /// Another writer's row in a partition the killed landing had attached and noted already: the
 /// replay (nothing merged) finishes, counts the row as that writer's, and a later `--rerun`
 /// refuses to restore the partition rather than drop it (an earlier version subtracted the

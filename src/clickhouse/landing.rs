@@ -431,6 +431,7 @@ impl Landing {
         partitions: &[String],
         mark: i64,
         fresh: Option<(Parts, HashMap<String, Touched>)>,
+        fence: Option<&super::state::TargetLock>,
     ) -> Result<()> {
         // A replay of an attach (18.16) must tell which partitions went in already: what it
         // found of each staged partition (read once, before anything is landed).
@@ -480,7 +481,13 @@ impl Landing {
                 self.warn_foreign(p, others);
                 t.foreign_rows += others;
             }
+            // Every write of a runner that may have been paused past its lock's TTL is
+            // checked against the lock first (another runner may be landing this chunk).
+            if let Some(l) = fence {
+                l.check().await?;
+            }
             if let Some(&(rows, _)) = staged.get(p).filter(|_| !already) {
+                let before = target.get(p).and_then(|v| v.iter().map(|x| x.1).max());
                 if self.moves() {
                     // Noted before the move: if its answer is lost, the rows it moved are
                     // still told from another writer's (`unnoted_own`).
@@ -503,11 +510,23 @@ impl Landing {
                 };
                 exec(&self.client, &sql, "moving the chunk into the target").await?;
                 target = self.target_parts().await?;
+                // The partition's top after the move is noted as the job's own: rows another
+                // writer put there between the read before the move and the read after it are
+                // told by count (what arrived above the old top, less the chunk's rows).
+                let arrived =
+                    Self::rows_since(&target, p, before.unwrap_or(-1)).saturating_sub(rows);
+                if arrived > 0 {
+                    self.warn_foreign(p, arrived);
+                    t.foreign_rows += arrived;
+                }
             }
             let top = target.get(p).and_then(|v| v.iter().map(|x| x.1).max());
             t.last_block = top.unwrap_or(t.last_block);
             t.moving_rows = 0;
             t.moving_from.clear();
+            if let Some(l) = fence {
+                l.check().await?;
+            }
             self.note(p, &t).await?;
         }
         Ok(())
