@@ -326,9 +326,27 @@ fn start(client: &Client, table: String, job: &str, token: String) -> ChLock {
 }
 
 impl ChLock {
-    /// Whether another runner took the lock (this one must stop writing).
+    /// Whether another runner took the lock (this one must stop writing), as the heartbeat
+    /// last saw.
     pub fn lost(&self) -> bool {
         self.lost.load(Ordering::SeqCst)
+    }
+
+    /// Whether this runner still holds the lock, read now: the heartbeat looks every few
+    /// seconds, and a runner stopped (SIGSTOP, a frozen VM) for longer than the TTL resumes
+    /// believing it holds a lock another runner has taken over; a failed heartbeat read kept
+    /// it believing so. Every write a runner makes after a pause is checked with this first.
+    pub async fn verify(&self) -> Result<bool> {
+        if self.lost() {
+            return Ok(false);
+        }
+        let ours = holder(&self.client, &self.table)
+            .await?
+            .is_some_and(|h| h.token == self.token && !h.released);
+        if !ours {
+            self.lost.store(true, Ordering::SeqCst);
+        }
+        Ok(ours)
     }
 
     /// Stop renewing; the job keeps the target (for its next run only).

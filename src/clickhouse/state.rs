@@ -157,19 +157,21 @@ impl TargetLock {
     /// connection that held it is gone): it must not land or record anything more.
     pub async fn check(&self) -> Result<()> {
         match self {
-            TargetLock::Clickhouse(l) if l.lost() => Err(Error::Stopped(StopReason::LockHeld(
-                "another runner took over the target's lock".into(),
-            ))),
-            TargetLock::Clickhouse(_) => Ok(()),
+            TargetLock::Clickhouse(l) => match l.verify().await? {
+                true => Ok(()),
+                false => Err(Error::Stopped(StopReason::LockHeld(
+                    "another runner took over the target's lock".into(),
+                ))),
+            },
             TargetLock::Postgres(l) => l.check().await,
         }
     }
 
-    /// Whether this run's writes are fenced by the lock and the lock is gone (Postgres): then
-    /// not even the job's final status may be written.
+    /// Whether the lock is gone (or cannot be read to tell): then not even the job's final
+    /// status may be written.
     pub async fn fence_gone(&self) -> bool {
         match self {
-            TargetLock::Clickhouse(_) => false,
+            TargetLock::Clickhouse(l) => !matches!(l.verify().await, Ok(true)),
             TargetLock::Postgres(l) => l.check().await.is_err(),
         }
     }

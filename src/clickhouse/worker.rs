@@ -330,8 +330,16 @@ impl ChWorker {
                 }
                 None => None,
             };
+            let held = ctx.lock.lock().await.clone();
             ctx.landing
-                .land(&id, &staging, &rec.partitions, rec.mark, known)
+                .land(
+                    &id,
+                    &staging,
+                    &rec.partitions,
+                    rec.mark,
+                    known,
+                    held.as_deref(),
+                )
                 .await?;
             rec.status = DONE.into();
             rec.error.clear();
