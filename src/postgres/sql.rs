@@ -84,7 +84,9 @@ impl BatchSql {
             // Lock first: the next `size` rows of the range that can be locked, in one index
             // range scan. Then every key of the range up to the last locked one (or, when the
             // batch came out short, to the range's last key) that the statement's snapshot
-            // holds and that was not locked is recorded for the range's retry pass, so the
+            // holds and that was not locked (an anti-join, hashed, which spills to disk rather
+            // than turn quadratic as `NOT IN` does past work_mem) is recorded for the range's
+            // retry pass, so the
             // cursor never moves past a row nobody recorded. (Comparing counts instead let a
             // row locked elsewhere go unrecorded when another row's key moved into the batch
             // meanwhile: locked under its new key, which the snapshot does not hold, it made
@@ -116,7 +118,8 @@ impl BatchSql {
                          INSERT INTO {skipped} (job, range_no, key)
                          SELECT $2, $3, {key}::text FROM {rel}
                           WHERE {r} AND {key} <= (SELECT t.b FROM backfill__top t)
-                            AND {key} NOT IN (SELECT x.k FROM backfill__locked x)
+                            AND NOT EXISTS (SELECT 1 FROM backfill__locked x
+                                             WHERE x.k = {rel}.{key})
                          ON CONFLICT DO NOTHING RETURNING 1
                      )
                      SELECT l.keys, (SELECT t.b::text FROM backfill__top t),
