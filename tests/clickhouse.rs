@@ -705,41 +705,7 @@ ch_test! {
                      [unhex('61'), unhex('62'), unhex('C328'), unhex('C428')][number % 4 + 1],
                      number
                 FROM numbers(300)");
-        let proxy = FaultProxy::start_http(srv.addr()).await;
-        let oom = proxy.add_rule(
-            Rule::new(Fault::Answer(
-                500,
-                "Code: 241, e.displayText() = DB::Exception: Memory limit (for query) exceeded: \
-                 would use 11.87 MiB (attempt to allocate chunk of 3145728 bytes), maximum: \
-                 9.54 MiB, e.what() = DB::Exception\n"
-                    .into(),
-            ))
-            // Every chunk of more than one value runs out of memory: splits go down to values.
-            .matching(|r| {
-                let t = r.text();
-                t.contains("SELECT * FROM src WHERE")
-                    && t.contains("__backfill_nonutf_s_")
-                    && !t.contains("`tag` = ")
-            }),
-        );
-        let spec = db.spec(
-            "nonutf.yaml",
-            "name: nonutf
-clickhouse:
-  url: $URL
-  source: src
-  time_column: ran_at
-  split_column: tag
-  chunks: [day, split]
-  target: dst
-  statement: INSERT INTO {target} SELECT * FROM src WHERE {chunk}
-",
-        );
-        edit_spec(&spec, &db.url, &proxy.url_for(&db.url));
-        let r = spawn(db.dir.path(), "run", &[], &spec);
-        let (code, out, err) = r.finish(Duration::from_secs(60)).await;
-        let all = all_output(&out, &err);
-        assert!(proxy.rule_fired(oom) > 0, "{all}");
+        let (code, all) = split_to_single_values(&srv, &db, "nonutf", "tag").await;
         assert_eq!(code, 1, "{all}");
         assert!(all.contains("not UTF-8") && all.contains("split_column"), "{all}");
     }
@@ -762,39 +728,7 @@ ch_test! {
         db.q("INSERT INTO src SELECT toDateTime('2025-10-01 00:00:00') + number,
                      [1, 2, 3, NULL][number % 4 + 1], number
                 FROM numbers(300)");
-        let proxy = FaultProxy::start_http(srv.addr()).await;
-        let oom = proxy.add_rule(
-            Rule::new(Fault::Answer(
-                500,
-                "Code: 241, e.displayText() = DB::Exception: Memory limit (for query) exceeded: \
-                 would use 11.87 MiB (attempt to allocate chunk of 3145728 bytes), maximum: \
-                 9.54 MiB, e.what() = DB::Exception\n"
-                    .into(),
-            ))
-            .matching(|r| {
-                let t = r.text();
-                t.contains("SELECT * FROM src WHERE")
-                    && t.contains("__backfill_nullsplit_s_")
-                    && !t.contains("`project` = ")
-            }),
-        );
-        let spec = db.spec(
-            "nullsplit.yaml",
-            "name: nullsplit
-clickhouse:
-  url: $URL
-  source: src
-  time_column: ran_at
-  split_column: project
-  chunks: [day, split]
-  target: dst
-  statement: INSERT INTO {target} SELECT * FROM src WHERE {chunk}
-",
-        );
-        edit_spec(&spec, &db.url, &proxy.url_for(&db.url));
-        let (code, out, err) = run(&[&"run", &spec]);
-        let all = all_output(&out, &err);
-        assert!(proxy.rule_fired(oom) > 0, "{all}");
+        let (code, all) = split_to_single_values(&srv, &db, "nullsplit", "project").await;
         assert_eq!(code, 0, "{all}");
         let digest = "SELECT count(), sum(n), countIf(isNull(project)), sum(ifNull(project, 0))
                         FROM {t}";
@@ -804,6 +738,56 @@ clickhouse:
             "{all}"
         );
     }
+}
+
+/// Run job `job` (`src` into `dst` by day, split by `split_column`) through a proxy that answers
+/// MEMORY_LIMIT_EXCEEDED to every chunk of more than one value, so that splits go down to single
+/// values; returns the exit code and the output, after checking that the proxy did answer so.
+async fn split_to_single_values(
+    srv: &common::ch::ChServer,
+    db: &ChDb,
+    job: &str,
+    split_column: &str,
+) -> (i32, String) {
+    let proxy = FaultProxy::start_http(srv.addr()).await;
+    let (staging, single) = (
+        format!("__backfill_{job}_s_"),
+        format!("`{split_column}` = "),
+    );
+    let oom = proxy.add_rule(
+        Rule::new(Fault::Answer(
+            500,
+            "Code: 241, e.displayText() = DB::Exception: Memory limit (for query) exceeded: \
+             would use 11.87 MiB (attempt to allocate chunk of 3145728 bytes), maximum: \
+             9.54 MiB, e.what() = DB::Exception\n"
+                .into(),
+        ))
+        .matching(move |r| {
+            let t = r.text();
+            t.contains("SELECT * FROM src WHERE") && t.contains(&staging) && !t.contains(&single)
+        }),
+    );
+    let spec = db.spec(
+        &format!("{job}.yaml"),
+        &format!(
+            "name: {job}
+clickhouse:
+  url: {}
+  source: src
+  time_column: ran_at
+  split_column: {split_column}
+  chunks: [day, split]
+  target: dst
+  statement: INSERT INTO {{target}} SELECT * FROM src WHERE {{chunk}}
+",
+            proxy.url_for(&db.url)
+        ),
+    );
+    let r = spawn(db.dir.path(), "run", &[], &spec);
+    let (code, out, err) = r.finish(Duration::from_secs(60)).await;
+    let all = all_output(&out, &err);
+    assert!(proxy.rule_fired(oom) > 0, "{all}");
+    (code, all)
 }
 
 /// `days_spec` with `range` (e.g. `  to: 2025-10-05\n`) under `clickhouse:`.
