@@ -482,6 +482,63 @@ batch: {{size: 100, target: 0}}
     db.drop_db().await;
 }
 
+/// A statement whose plan reads the whole table for every batch (`= ANY($1)` over a large share
+/// of the table makes Postgres choose a sequential scan) is named by `plan`, with the fix; the
+/// same statement bounded by the batch's key range is not.
+#[tokio::test]
+async fn plan_names_a_statement_that_reads_the_whole_table_per_batch() {
+    let db = TestDb::new("plan_seqscan").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0, pad text);
+         INSERT INTO t (id, pad) SELECT i, repeat('x', 50) FROM generate_series(1, 40000) i;
+         ANALYZE t;",
+    )
+    .await
+    .unwrap();
+    let spec_with = |name: &str, cond: &str| {
+        db.spec(
+            name,
+            &format!(
+                "postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: UPDATE t SET n = 1 WHERE {cond}
+batch:
+  size: 10000
+  target: 0ms
+"
+            ),
+        )
+    };
+    let notes = |doc: &serde_json::Value| -> Vec<String> {
+        doc["notes"]
+            .as_array()
+            .expect("notes")
+            .iter()
+            .filter_map(|n| n.as_str().map(str::to_string))
+            .filter(|n| n.contains("sequential scan"))
+            .collect()
+    };
+    let plain = plan_json(&spec_with("plain.yaml", "id = ANY($1)"));
+    let flagged = notes(&plain);
+    assert_eq!(flagged.len(), 1, "{plain}");
+    assert!(
+        flagged[0].contains("read 40000 rows of t")
+            && flagged[0].contains("id BETWEEN $2 AND $3 AND coalesce(id = ANY($1), false)"),
+        "{}",
+        flagged[0]
+    );
+    let ranged = plan_json(&spec_with(
+        "ranged.yaml",
+        "id BETWEEN $2 AND $3 AND coalesce(id = ANY($1), false)",
+    ));
+    assert!(notes(&ranged).is_empty(), "{ranged}");
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n <> 0").await, 0);
+    db.drop_db().await;
+}
+
 #[tokio::test]
 async fn plan_does_not_flag_the_shipped_demo_jobs() {
     let db = TestDb::new("plan_demo").await;

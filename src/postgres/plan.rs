@@ -22,7 +22,14 @@ struct Sampled {
     rows: u64,
     elapsed: Duration,
     wal: Option<i64>,
+    /// Rows the statement read from the job's table (or its partitions) by sequential scans.
+    seq_read: u64,
 }
+
+/// A sample batch whose statement read more than this many times its keys (and at least
+/// `SEQ_READ_MIN` rows) from the job's table by a sequential scan reads the table, not the batch.
+const SEQ_READ_FACTOR: u64 = 2;
+const SEQ_READ_MIN: u64 = 10_000;
 
 pub async fn plan(job: &PgJob, spec: &Spec, opts: PlanOptions) -> Result<Plan> {
     let (database, target) = job.describe();
@@ -119,6 +126,9 @@ pub async fn plan(job: &PgJob, spec: &Spec, opts: PlanOptions) -> Result<Plan> {
         seconds: took.as_secs_f64(),
         rows_per_second: rate,
     });
+    if let Some(note) = whole_table_note(&sampled, &p) {
+        plan.notes.push(note);
+    }
     let mut sizer = Sizer::new(&spec.batch);
     for s in &sampled {
         sizer.observe(s.keys, s.elapsed);
@@ -255,6 +265,75 @@ fn statement_wal(doc: &serde_json::Value) -> Option<i64> {
     Some(wal)
 }
 
+/// The job's table and every partition under it, as (schema, name): the relations a scan node
+/// of the statement's plan may name for it.
+async fn own_relations(c: &Client, p: &Prepared) -> Result<Vec<(String, String)>> {
+    let rows = c
+        .query(
+            "WITH RECURSIVE tree(oid) AS (
+                 SELECT $1::text::regclass::oid
+                 UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree t ON i.inhparent = t.oid
+             )
+             SELECT n.nspname::text, r.relname::text
+               FROM tree t JOIN pg_class r ON r.oid = t.oid
+               JOIN pg_namespace n ON n.oid = r.relnamespace",
+            &[&p.info.rel],
+        )
+        .await
+        .map_err(|e| db_error("listing the table's partitions", &e))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Rows that sequential scans of `own` read in an `EXPLAIN (ANALYZE, VERBOSE, FORMAT JSON)`
+/// plan node and its children (kept and filtered out, over all loops).
+fn seq_scanned(node: &serde_json::Value, own: &[(String, String)]) -> u64 {
+    let here = if node["Node Type"] == "Seq Scan"
+        && own.iter().any(|(schema, name)| {
+            node["Schema"].as_str() == Some(schema) && node["Relation Name"].as_str() == Some(name)
+        }) {
+        let per_loop = node["Actual Rows"].as_f64().unwrap_or(0.0)
+            + node["Rows Removed by Filter"].as_f64().unwrap_or(0.0);
+        (per_loop * node["Actual Loops"].as_f64().unwrap_or(1.0)) as u64
+    } else {
+        0
+    };
+    here + node["Plans"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| seq_scanned(n, own))
+        .sum::<u64>()
+}
+
+/// A warning when the sample batches' statement read the job's table sequentially, many times
+/// the batch's keys: every batch of the run would read the whole table again.
+fn whole_table_note(sampled: &[Sampled], p: &Prepared) -> Option<String> {
+    let s = sampled.iter().find(|s| {
+        s.keys > 0
+            && s.seq_read >= SEQ_READ_MIN
+            && s.seq_read > s.keys.saturating_mul(SEQ_READ_FACTOR)
+    })?;
+    let key = &p.info.key;
+    let advice = if p.info.statement_params == 3 {
+        format!(
+            "it takes $2/$3, yet the plan does not use them: bound the rows with \
+             `{key} BETWEEN $2 AND $3` and keep `= ANY($1)` out of the index condition \
+             (`coalesce({key} = ANY($1), false)`)"
+        )
+    } else {
+        format!(
+            "give it the batch's key range, e.g. `{key} BETWEEN $2 AND $3 AND \
+             coalesce({key} = ANY($1), false)` in place of `{key} = ANY($1)`, so that a batch \
+             is one index range scan (README: one batch is one transaction)"
+        )
+    };
+    Some(format!(
+        "statement: a sample batch of {} keys read {} rows of {} by a sequential scan, and \
+         every batch of the run would read the table again: {advice}",
+        s.keys, s.seq_read, p.info.shown
+    ))
+}
+
 /// What the sample batches gave, or why none ran.
 enum Sample {
     Ran(Vec<Sampled>, Option<Idempotency>),
@@ -286,14 +365,15 @@ async fn samples(
             .await
             .map_err(|e| db_error("preparing statement", &e))?;
         // The sample batches run through EXPLAIN ANALYZE, which executes the statement and
-        // counts the WAL it writes.
+        // counts the WAL it writes (VERBOSE: scan nodes name their relation's schema).
         let explained = c
             .prepare(&format!(
-                "EXPLAIN (ANALYZE, WAL, TIMING OFF, COSTS OFF, FORMAT JSON) {}",
+                "EXPLAIN (ANALYZE, VERBOSE, WAL, TIMING OFF, COSTS OFF, FORMAT JSON) {}",
                 p.statement
             ))
             .await
             .map_err(|e| db_error("preparing statement", &e))?;
+        let own = own_relations(c, p).await?;
         for i in 0..count {
             let t0 = Instant::now();
             let row = c
@@ -328,11 +408,13 @@ async fn samples(
                     .and_then(|t| serde_json::from_str(&t).ok())
             });
             let wal = doc.as_ref().and_then(statement_wal);
+            let seq_read = doc.as_ref().map_or(0, |d| seq_scanned(&d[0]["Plan"], &own));
             out.push(Sampled {
                 keys: walked,
                 rows,
                 elapsed: t0.elapsed(),
                 wal,
+                seq_read,
             });
             if i == 0 {
                 idem = Some(idempotency(c, p, &statement, &params, &keys).await?);
