@@ -263,3 +263,46 @@ fn walk_ahead_refuses_a_pause_and_a_short_idle_limit() {
     let (code, out, err) = run(&[&"validate", &path]);
     assert_eq!(code, 0, "{out}{err}");
 }
+
+/// A URL is checked by what the environment gave, even when the value holds `${` itself (a
+/// password, say): only a variable that is not set leaves the check for later. It once skipped
+/// the checks, and a ClickHouse URL's database was then taken as `default`.
+#[test]
+fn a_url_whose_value_holds_dollar_brace_is_still_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "pg.yaml",
+            GOOD.replace("postgres://u:pw@localhost/db", "${BF_TEST_URL}"),
+            "postgres://u:Hunt${er@x@localhost/db",
+            "more than one `@`",
+        ),
+        (
+            "ch.yaml",
+            "clickhouse:
+  url: ${BF_TEST_URL}
+  source: src
+  time_column: ts
+  target: dst
+  statement: INSERT INTO {target} SELECT * FROM src WHERE {chunk}
+"
+            .to_string(),
+            "ftp://default:pw${x@127.0.0.1:8123/db",
+            "clickhouse.url",
+        ),
+    ];
+    for (file, yaml, url, want) in cases {
+        let path = dir.path().join(file);
+        std::fs::write(&path, yaml).unwrap();
+        let out = common::backfill()
+            .arg("validate")
+            .arg(&path)
+            .env("BF_TEST_URL", url)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{file}: {err}");
+        assert!(err.contains(want), "{file}: want {want:?} in {err}");
+        assert!(!err.contains("Hunt") && !err.contains("pw$"), "{err}");
+    }
+}

@@ -9,10 +9,10 @@ use serde_saphyr::Spanned;
 
 pub(super) fn validate(cx: &mut Ctx, ch: &Spanned<RawClickhouse>) -> Result<ClickhouseSpec> {
     let c = &ch.value;
-    let raw_url = cx.text(&c.url, "clickhouse.url")?;
+    let (raw_url, resolved) = cx.text_or_unset(&c.url, "clickhouse.url")?;
     // Before anything can print it: the password, however the URL is written.
     crate::redact::register_url(&raw_url);
-    let (endpoint, database, url_user, url_password) = if raw_url.contains("${") {
+    let (endpoint, database, url_user, url_password) = if !resolved {
         // `validate` without the secret: keep going to check the rest.
         (raw_url.clone(), "default".to_string(), None, None)
     } else {

@@ -44,11 +44,23 @@ impl Ctx<'_> {
 
     /// Expand `${VAR}`s in a string field; reject it if empty afterwards.
     pub(super) fn text(&mut self, s: &Spanned<String>, field: &str) -> Result<String> {
-        let value = match expand(&s.value, self.env.lookup) {
-            Ok(v) => v,
+        self.text_or_unset(s, field).map(|(value, _)| value)
+    }
+
+    /// `text`, and whether every `${VAR}` in it was set: `false` only where unset variables
+    /// are allowed (`validate`), and then the value is the text as written. Whether a value is
+    /// a template is known here, never guessed from it: an expanded value may contain `${`
+    /// itself (a password, say).
+    pub(super) fn text_or_unset(
+        &mut self,
+        s: &Spanned<String>,
+        field: &str,
+    ) -> Result<(String, bool)> {
+        let (value, resolved) = match expand(&s.value, self.env.lookup) {
+            Ok(v) => (v, true),
             Err(var) if self.env.allow_unset => {
                 self.unresolved.push(format!("{field}: ${{{var}}}"));
-                s.value.clone()
+                (s.value.clone(), false)
             }
             Err(var) => {
                 return self.at(
@@ -63,7 +75,7 @@ impl Ctx<'_> {
         if value.trim().is_empty() {
             return self.at(s, field, "must not be empty");
         }
-        Ok(value)
+        Ok((value, resolved))
     }
 }
 
@@ -226,10 +238,10 @@ pub(super) fn validate(path: &Path, raw: RawSpec, env: &Env) -> Result<Spec> {
 /// would misread it or it names no database. A URL with an unset `${VAR}` is checked once the
 /// variable is known (`validate` without the secret keeps going).
 pub(super) fn postgres_url(cx: &mut Ctx, at: &Spanned<String>, field: &str) -> Result<String> {
-    let url = cx.text(at, field)?;
+    let (url, resolved) = cx.text_or_unset(at, field)?;
     // Before anything can print it: the password, however the URL is written.
     crate::redact::register_url(&url);
-    if url.contains("${") {
+    if !resolved {
         return Ok(url);
     }
     super::urls::check_postgres(&url).or_else(|why| cx.at(at, field, why))?;
