@@ -208,6 +208,16 @@ fn split_url(raw: &str) -> std::result::Result<UrlParts, String> {
         ));
     }
     let host = u.host_str().ok_or_else(|| format!("{shown} has no host"))?;
+    // Nothing after the path is read: a `?database=` or `?password=` would be dropped and the
+    // job would run against another database, or without its password.
+    if u.query().is_some() || u.fragment().is_some() {
+        return Err(format!(
+            "{shown}: a ClickHouse URL takes no ?parameters or #fragment (they would be \
+             ignored): name the database in the path (http://host:8123/DATABASE), the user \
+             and password before the host or as clickhouse.user and clickhouse.password, and \
+             server settings under clickhouse.settings"
+        ));
+    }
     let port = u.port_or_known_default().unwrap_or(8123);
     let endpoint = format!("{}://{host}:{port}", u.scheme());
     let decode = |s: &str| {
@@ -219,6 +229,10 @@ fn split_url(raw: &str) -> std::result::Result<UrlParts, String> {
     let database = decode(u.path().trim_matches('/'));
     let database = if database.is_empty() {
         "default".to_string()
+    } else if database.contains('/') {
+        return Err(format!(
+            "{shown}: the path must be one database name (http://host:8123/DATABASE)"
+        ));
     } else {
         database
     };
@@ -245,6 +259,33 @@ pub(super) fn hash(ch: &ClickhouseSpec) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_url_is_read_whole_or_refused() {
+        use super::split_url;
+        let (endpoint, db, user, pw) =
+            split_url("http://u:p%40ss@ch.local:8123/analytics").unwrap();
+        assert_eq!(
+            (
+                endpoint.as_str(),
+                db.as_str(),
+                user.as_deref(),
+                pw.as_deref()
+            ),
+            ("http://ch.local:8123", "analytics", Some("u"), Some("p@ss"))
+        );
+        assert_eq!(split_url("https://ch.local:8443/").unwrap().1, "default");
+        // Parameters would be dropped: the job would run against `default`, or unauthenticated.
+        for url in [
+            "http://127.0.0.1:8123/?database=analytics",
+            "http://127.0.0.1:8123/analytics?password=secret1",
+            "http://127.0.0.1:8123/analytics#x",
+            "http://127.0.0.1:8123/analytics/extra",
+        ] {
+            let why = split_url(url).expect_err(url);
+            assert!(!why.contains("secret1"), "{why}");
+        }
+    }
+
     #[test]
     fn the_statement_inserts_into_the_target() {
         use super::starts_with_insert_into_target as ok;
