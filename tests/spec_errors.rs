@@ -306,3 +306,42 @@ fn a_url_whose_value_holds_dollar_brace_is_still_checked() {
         assert!(!err.contains("Hunt") && !err.contains("pw$"), "{err}");
     }
 }
+
+/// A YAML error prints the lines around it: a password there is masked however the spec
+/// writes it (a flow mapping, a query parameter, a folded URL's second line, `password:`
+/// inside braces), in text and in JSON logs.
+#[test]
+fn passwords_in_yaml_error_snippets_are_masked() {
+    let dir = tempfile::tempdir().unwrap();
+    let specs = [
+        "postgres: {url: \"host=h password=Hunter2Secret\", bogus: 1}\n",
+        "postgres: {\"url\": \"postgres://u@127.0.0.1:5/db?sslmode=disable&password=Hunter2Secret\", x: }\n",
+        "postgres: {table: t, url: \"host=127.0.0.1 password=Hunter2Secret dbname=x\", key: id, statement: \"UPDATE t SET n=1 WHERE id = ANY($1)\"}\nbatch: {size: abc}\n",
+        "postgres:\n  url: >-\n    host=127.0.0.1 port=5\n    password=Hunter2Secret dbname=d\n  table: [t\n",
+        "clickhouse: {url: \"http://127.0.0.1:8123/db\", password: Hunter2Secret, source: [x}\n",
+    ];
+    for (i, yaml) in specs.iter().enumerate() {
+        let path = dir.path().join(format!("s{i}.yaml"));
+        std::fs::write(&path, yaml).unwrap();
+        for format in ["text", "json"] {
+            let o = std::process::Command::new(env!("CARGO_BIN_EXE_backfill"))
+                .args(["--log-format", format, "validate"])
+                .arg(&path)
+                .env("NO_COLOR", "1")
+                .output()
+                .unwrap();
+            let (code, out, err) = (
+                o.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr),
+            );
+            assert_eq!(code, 2, "{yaml}\n{err}");
+            // The spec's own error, not a usage error.
+            assert!(err.contains(&format!("s{i}.yaml:")), "{err}");
+            assert!(
+                !out.contains("Hunter2") && !err.contains("Hunter2"),
+                "{format}, spec:\n{yaml}\nprinted:\n{out}{err}"
+            );
+        }
+    }
+}
