@@ -76,7 +76,7 @@ batch: {size: 100, target: 0}
     assert!(line_with(&out, "batches:").contains("of 100"), "{out}");
     let sample = line_with(&out, "sample:");
     assert!(
-        sample.contains("not run") && sample.contains("nextval('log_id_seq'"),
+        sample.contains("not run") && sample.contains("pg_catalog.nextval"),
         "{out}"
     );
     assert_eq!(snapshot(&c).await, before, "plan changed the database");
@@ -536,6 +536,151 @@ batch:
     ));
     assert!(notes(&ranged).is_empty(), "{ranged}");
     assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n <> 0").await, 0);
+    db.drop_db().await;
+}
+
+/// Functions that write where neither a rollback nor a read-only transaction reaches: a
+/// sequence drawn (`nextval`, also inside a plpgsql function or through a serial column it
+/// inserts into) and `dblink_exec` (a connection of its own). `plan` evaluates no `where` or
+/// statement that calls one, and `verify` refuses one; a STABLE function still works.
+#[tokio::test]
+async fn plan_and_verify_call_nothing_that_writes_past_their_transaction() {
+    let db = TestDb::new("plan_effects").await;
+    let c = db.client().await;
+    let conn = format!("'{}'", db.url.replace('\'', "''"));
+    c.batch_execute(&format!(
+        "CREATE EXTENSION IF NOT EXISTS dblink;
+         CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0, done bool NOT NULL DEFAULT false);
+         INSERT INTO t (id) SELECT i FROM generate_series(1, 3000) i;
+         CREATE TABLE audit (id bigserial PRIMARY KEY, note text);
+         CREATE SEQUENCE s;
+         CREATE FUNCTION side(x bigint) RETURNS bigint LANGUAGE plpgsql AS $$
+           BEGIN PERFORM nextval('s'); RETURN x; END $$;
+         CREATE FUNCTION side_ins(x bigint) RETURNS bool LANGUAGE plpgsql AS $$
+           BEGIN INSERT INTO audit (note) VALUES ('side_ins ' || x); RETURN true; END $$;
+         CREATE FUNCTION side_dblink() RETURNS bool LANGUAGE sql AS $$
+           SELECT dblink_exec({conn}, 'INSERT INTO audit (note) VALUES (''dblink'')') IS NOT NULL $$;
+         CREATE FUNCTION still_open(x bigint) RETURNS bool LANGUAGE sql STABLE AS $$
+           SELECT NOT done FROM t WHERE id = x $$;
+         ANALYZE t;",
+    ))
+    .await
+    .unwrap();
+    let snapshot = async |c: &Client| {
+        count(
+            c,
+            "SELECT (SELECT last_value FROM s) * 1000000 + (SELECT last_value FROM audit_id_seq) * 1000
+                    + (SELECT count(*) FROM audit) + (SELECT sum(n) FROM t)",
+        )
+        .await
+    };
+    let before = snapshot(&c).await;
+    let spec = |name: &str, where_: &str, statement: &str, verify: &str| {
+        db.spec(
+            &format!("{name}.yaml"),
+            &format!(
+                "name: {name}
+postgres:
+  url: $URL
+  table: t
+  key: id
+  where: {where_}
+  statement: {statement}
+  verify: {verify}
+batch: {{size: 100, target: 0}}
+"
+            ),
+        )
+    };
+    let plain = "UPDATE t SET n = n + 1 WHERE id = ANY($1)";
+    let open = "SELECT count(*) FROM t WHERE NOT done";
+    // `where`: no sample batch and no exact count evaluates it.
+    for (name, where_, called) in [
+        (
+            "w_nextval",
+            "nextval('s') > 0 AND NOT done",
+            "pg_catalog.nextval",
+        ),
+        ("w_ins", "side_ins(id) AND NOT done", "public.side_ins"),
+        (
+            "w_dblink",
+            "side_dblink() AND NOT done",
+            "public.dblink_exec",
+        ),
+    ] {
+        for args in [vec!["plan"], vec!["plan", "--exact"]] {
+            let path = spec(name, where_, plain, open);
+            let mut argv: Vec<&dyn AsRef<std::ffi::OsStr>> = args
+                .iter()
+                .map(|a| a as &dyn AsRef<std::ffi::OsStr>)
+                .collect();
+            argv.push(&path);
+            let (code, out, err) = run(&argv);
+            assert_eq!(code, 0, "{name} {args:?}:\n{out}\n{err}");
+            assert!(
+                out.contains(&format!("where calls {called}")) && !out.contains("rolled back"),
+                "{name} {args:?}:\n{out}"
+            );
+            assert_eq!(snapshot(&c).await, before, "{name} {args:?} wrote:\n{out}");
+        }
+    }
+    // The statement: no sample batch runs it.
+    for (name, statement, called) in [
+        (
+            "st_side",
+            "UPDATE t SET n = side(id) - id + n + 1 WHERE id = ANY($1)",
+            "public.side",
+        ),
+        (
+            "st_dblink",
+            "UPDATE t SET n = n + 1 WHERE id = ANY($1) AND side_dblink()",
+            "public.dblink_exec",
+        ),
+    ] {
+        let (code, out, err) = run(&[&"plan", &spec(name, "NOT done", statement, open)]);
+        assert_eq!(code, 0, "{name}:\n{out}\n{err}");
+        let sample = line_with(&out, "sample:");
+        assert!(
+            sample.contains("not run") && sample.contains(called),
+            "{name}:\n{out}"
+        );
+        assert_eq!(snapshot(&c).await, before, "{name} wrote:\n{out}");
+    }
+    // verify: refused, before it runs.
+    for (name, verify, called) in [
+        (
+            "v_dblink",
+            "SELECT count(*) - count(*) FROM (SELECT side_dblink() AS z OFFSET 0) x",
+            "public.dblink_exec",
+        ),
+        (
+            "v_side",
+            "SELECT count(*) - count(*) FROM (SELECT side(1) AS z OFFSET 0) x",
+            "public.side",
+        ),
+    ] {
+        let (code, out, err) = run(&[&"verify", &spec(name, "NOT done", plain, verify)]);
+        assert_eq!(code, 1, "{name}:\n{out}\n{err}");
+        assert!(
+            err.contains(&format!("postgres.verify calls {called}")),
+            "{name}:\n{err}"
+        );
+        assert_eq!(snapshot(&c).await, before, "{name} wrote:\n{err}");
+    }
+    // A STABLE function is read-only: sampled, counted and verified as before.
+    let stable = spec(
+        "stable",
+        "still_open(id)",
+        plain,
+        "SELECT count(*) FROM t WHERE still_open(id)",
+    );
+    let (code, out, err) = run(&[&"plan", &"--exact", &stable]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(line_with(&out, "sample:").contains("rolled back"), "{out}");
+    let (code, out, err) = run(&[&"verify", &stable]);
+    assert_eq!(code, 1, "3000 rows are open: {out}\n{err}");
+    assert!(out.contains("verify returned 3000"), "{out}\n{err}");
+    assert_eq!(snapshot(&c).await, before);
     db.drop_db().await;
 }
 

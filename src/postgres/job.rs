@@ -333,8 +333,13 @@ impl Backend for PgJob {
         .await
         .map_err(|e| db_error("preflight", &e))?;
         let info = table::inspect(&c, &self.ctx.spec).await;
+        let verify = match (&info, &self.verify) {
+            (Ok(_), Some(sql)) => super::readonly::refuse_outside_calls(&c, sql).await,
+            _ => Ok(()),
+        };
         let _ = c.batch_execute("ROLLBACK").await;
         let info = info?;
+        verify?;
         let sql = BatchSql::new(&info, self.ctx.spec.lock, &self.ctx.limits, &self.ctx.store);
         let _ = self.ctx.ready.set(Arc::new(Prepared {
             info,

@@ -7,6 +7,7 @@ pub mod advisory;
 mod batch;
 mod blockers;
 pub mod connect;
+mod effects;
 pub mod errors;
 mod job;
 mod plan;

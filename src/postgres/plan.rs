@@ -61,18 +61,39 @@ pub async fn plan(job: &PgJob, spec: &Spec, opts: PlanOptions) -> Result<Plan> {
     }
     plan.blockers = job.blockers().await?;
     job.preflight().await?;
-    let est = job.pending(opts.exact).await?;
-    plan.pending_rows = est.rows;
-    plan.pending_exact = est.exact;
-    plan.pending_retry = est.pending_retry;
-    let pending = est.rows + est.pending_retry;
-    plan.batches = pending.div_ceil(spec.batch.size.max(1));
     let ctx = job.ctx();
     let c = ctx
         .pool
         .get()
         .await
         .map_err(|e| crate::error::Error::Connect(format!("cannot connect: {e}")))?;
+    let p = ctx.prepared()?;
+    // `where` runs in every sample batch and in the exact count: not at all if it could write
+    // where no rollback or read-only transaction reaches.
+    let where_calls = if p.info.filter == "true" {
+        Vec::new()
+    } else {
+        let sql = format!("SELECT 1 FROM {} WHERE {}", p.info.rel, p.info.filter);
+        super::effects::outside_calls(&c, &sql, &[]).await?
+    };
+    if !where_calls.is_empty() {
+        plan.notes.push(format!(
+            "where calls {}, which can draw from a sequence or write where no rollback reaches: \
+             plan runs nothing that evaluates it (no sample batches{})",
+            where_calls.join(", "),
+            if opts.exact {
+                "; rows are estimated, not counted"
+            } else {
+                ""
+            }
+        ));
+    }
+    let est = job.pending(opts.exact && where_calls.is_empty()).await?;
+    plan.pending_rows = est.rows;
+    plan.pending_exact = est.exact;
+    plan.pending_retry = est.pending_retry;
+    let pending = est.rows + est.pending_retry;
+    plan.batches = pending.div_ceil(spec.batch.size.max(1));
     let ranges = ctx.store.ranges_of(&c, &ctx.job).await?;
     plan.units = ranges
         .iter()
@@ -91,10 +112,9 @@ pub async fn plan(job: &PgJob, spec: &Spec, opts: PlanOptions) -> Result<Plan> {
             }
         })
         .collect();
-    if opts.samples == 0 || pending == 0 {
+    if opts.samples == 0 || pending == 0 || !where_calls.is_empty() {
         return Ok(plan);
     }
-    let p = ctx.prepared()?;
     let start = ranges
         .iter()
         .find(|r| r.status != super::store::DONE)
@@ -160,10 +180,11 @@ pub async fn plan(job: &PgJob, spec: &Spec, opts: PlanOptions) -> Result<Plan> {
     Ok(plan)
 }
 
-/// Whether running the statement would draw values from a sequence, which no rollback gives
-/// back: a `nextval` in its plan (a serial or identity column it inserts into, or a call of its
-/// own), or a trigger on a table it writes (a trigger can draw from one, an audit table's id
-/// say, and its body is not in the plan). The plan is only explained, not run. Returns why.
+/// Whether running the statement would do what no rollback undoes: call a volatile function
+/// (`nextval` for a serial or identity column it inserts into, a function of its own that
+/// inserts, `dblink_exec`; see `effects`), or write a table with a trigger (a trigger can draw
+/// from a sequence, an audit table's id say, and its body is not in the plan). The plan is
+/// only explained, not run. Returns why.
 async fn draws(c: &Client, p: &Prepared, params: &[&(dyn ToSql + Sync)]) -> Result<Option<String>> {
     let sql = format!("EXPLAIN (VERBOSE, COSTS OFF, FORMAT JSON) {}", p.statement);
     let row = c
@@ -178,11 +199,12 @@ async fn draws(c: &Client, p: &Prepared, params: &[&(dyn ToSql + Sync)]) -> Resu
     let Some(doc) = doc else {
         return Ok(None);
     };
-    let text = doc.to_string();
-    if let Some(at) = text.find("nextval(") {
-        let call: String = text[at..].chars().take_while(|&c| c != ')').collect();
+    let calls = super::effects::outside_calls(c, &p.statement, params).await?;
+    if !calls.is_empty() {
         return Ok(Some(format!(
-            "the statement draws from a sequence ({call}))"
+            "the statement calls {}, which can draw from a sequence or write where no \
+             rollback reaches",
+            calls.join(", ")
         )));
     }
     fn written<'a>(node: &'a serde_json::Value, out: &mut Vec<(&'a str, &'a str)>) {

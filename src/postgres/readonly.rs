@@ -9,6 +9,7 @@ use tokio_postgres::Client;
 
 /// Run the spec's `verify:` query in a read-only transaction: one integer, 0 = done.
 pub async fn verify(c: &Client, sql: &str, limits: &Limits) -> Result<i64> {
+    refuse_outside_calls(c, sql).await?;
     c.batch_execute(&format!(
         "BEGIN READ ONLY; SET LOCAL statement_timeout = {}",
         limits.statement_timeout.as_millis()
@@ -36,4 +37,19 @@ pub async fn verify(c: &Client, sql: &str, limits: &Limits) -> Result<i64> {
             )
         })?;
     Ok(n)
+}
+
+/// Refuse a `verify:` query that calls a function whose effects a read-only transaction does
+/// not stop (a sequence drawn, `dblink_exec` writing through a connection of its own).
+pub async fn refuse_outside_calls(c: &Client, sql: &str) -> Result<()> {
+    let calls = super::effects::outside_calls(c, sql, &[]).await?;
+    if calls.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Preflight(format!(
+        "postgres.verify calls {}: a volatile function can write where a read-only transaction \
+         does not reach (a sequence, another connection), and verify writes nothing; declare \
+         it STABLE if it only reads, or check without it",
+        calls.join(", ")
+    )))
 }
