@@ -345,3 +345,24 @@ fn passwords_in_yaml_error_snippets_are_masked() {
         }
     }
 }
+
+/// Two specs under one job name would share one checkpoint: `validate` refuses them as `run`
+/// does, naming both files.
+#[test]
+fn validate_refuses_two_specs_with_one_job_name() {
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["a.yaml", "b.yaml"] {
+        std::fs::write(dir.path().join(file), format!("name: samejob\n{GOOD}")).unwrap();
+    }
+    let (code, out, err) = run(&[&"validate", &dir.path()]);
+    assert_eq!(code, 2, "{out}{err}");
+    let (a, b) = (dir.path().join("a.yaml"), dir.path().join("b.yaml"));
+    assert!(
+        err.contains(&format!(
+            "{}: job name \"samejob\" is also the name of {}",
+            b.display(),
+            a.display()
+        )),
+        "{err}"
+    );
+}

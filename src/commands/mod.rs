@@ -100,15 +100,8 @@ fn load_all(paths: &[PathBuf]) -> Result<Vec<Spec>> {
         .iter()
         .map(|p| load_file(p, &env))
         .collect::<Result<Vec<_>>>()?;
-    let mut seen = std::collections::HashSet::new();
-    for s in &specs {
-        if !seen.insert(&s.name) {
-            return Err(crate::Error::Spec(format!(
-                "{}: job name {:?} is used by two specs; names key the checkpoint and must be unique",
-                s.file.display(),
-                s.name
-            )));
-        }
+    if let Some((_, why)) = crate::spec::duplicate_names(&specs).into_iter().next() {
+        return Err(crate::Error::Spec(why));
     }
     Ok(specs)
 }

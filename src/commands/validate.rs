@@ -13,6 +13,7 @@ pub fn validate(paths: &[PathBuf]) -> Result<()> {
         allow_unset: true,
     };
     let mut failed = Vec::new();
+    let mut loaded = Vec::new();
     for path in expand_paths(paths)? {
         match load_file(&path, &env) {
             Ok(spec) => {
@@ -22,12 +23,17 @@ pub fn validate(paths: &[PathBuf]) -> Result<()> {
                     format!(" (not set here: {})", spec.unresolved.join(", "))
                 };
                 outln!("ok  {} (job {}){note}", path.display(), spec.name);
+                loaded.push(spec);
             }
             Err(e) => {
                 crate::progress::print_error(&e.to_string(), None);
                 failed.push(path.display().to_string());
             }
         }
+    }
+    for (file, why) in crate::spec::duplicate_names(&loaded) {
+        crate::progress::print_error(&why, None);
+        failed.push(file.display().to_string());
     }
     if failed.is_empty() {
         Ok(())

@@ -54,6 +54,31 @@ pub fn expand_paths(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
 }
 
 /// Read, parse and validate one spec file.
+/// Each spec whose job name an earlier spec of `specs` already has, with why that is refused:
+/// the name keys the checkpoint, so two specs under one name would share one job's progress.
+pub fn duplicate_names<'a>(specs: impl IntoIterator<Item = &'a Spec>) -> Vec<(&'a Path, String)> {
+    let mut seen: std::collections::HashMap<&str, &Path> = std::collections::HashMap::new();
+    let mut out = Vec::new();
+    for s in specs {
+        match seen.get(s.name.as_str()) {
+            Some(first) => out.push((
+                s.file.as_path(),
+                format!(
+                    "{}: job name {:?} is also the name of {}; names key the checkpoint and \
+                     must be unique (set `name:` in one of them)",
+                    s.file.display(),
+                    s.name,
+                    first.display()
+                ),
+            )),
+            None => {
+                seen.insert(&s.name, &s.file);
+            }
+        }
+    }
+    out
+}
+
 pub fn load_file(path: &Path, env: &Env) -> Result<Spec> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::Spec(format!("{}: cannot read spec: {e}", path.display())))?;

@@ -11,7 +11,7 @@ mod validate;
 mod where_expr;
 
 pub use duration::{format as format_duration, parse as parse_duration};
-pub use load::{Env, expand_paths, load_file};
+pub use load::{Env, duplicate_names, expand_paths, load_file};
 pub use raw::{ChunkLevel, LockMode};
 pub use where_expr::{check as check_where, wrap as where_sql};
 
