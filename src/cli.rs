@@ -85,8 +85,8 @@ pub enum Command {
         /// Redraw every few seconds (workers, rate, ETA, paused or throttled) until interrupted.
         #[arg(long)]
         watch: bool,
-        /// How often `--watch` redraws.
-        #[arg(long, value_parser = parse_interval, default_value = "2s", value_name = "DURATION")]
+        /// How often `--watch` redraws (at least 100ms).
+        #[arg(long, value_parser = parse_watch_interval, default_value = "2s", value_name = "DURATION")]
         interval: Duration,
     },
     /// Run the spec's `verify:` check alone (read-only): exit 0 when it returns 0.
@@ -141,6 +141,15 @@ fn parse_runtime(s: &str) -> Result<Duration, String> {
 
 fn parse_interval(s: &str) -> Result<Duration, String> {
     parse_bounded(s, Duration::ZERO, crate::spec::MAX_SHORT_DURATION)
+}
+
+/// `status --watch`: each refresh reads the store; a zero interval would read it in a loop.
+fn parse_watch_interval(s: &str) -> Result<Duration, String> {
+    parse_bounded(
+        s,
+        Duration::from_millis(100),
+        crate::spec::MAX_SHORT_DURATION,
+    )
 }
 
 fn parse_push_interval(s: &str) -> Result<Duration, String> {

@@ -220,4 +220,8 @@ fn command_line_durations_are_bounded() {
         assert_eq!(code, 2, "{args:?}: {err}");
         assert!(err.contains("out of range"), "{args:?}: {err}");
     }
+    // A watch that redraws in a loop would read the store as fast as it answers.
+    let (code, _, err) = run(&[&"status", &"--watch", &"--interval", &"0s", &path]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("out of range: 100ms to 1h"), "{err}");
 }

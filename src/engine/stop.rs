@@ -74,7 +74,11 @@ impl Stop {
                 };
                 seen += 1;
                 if seen > 1 {
-                    eprintln!("{name} again: exiting now; the open batch is rolled back");
+                    // As every other last line: JSON under --log-format json, with the code.
+                    crate::progress::print_stopped(
+                        &format!("{name} again: exiting now; the open batch is rolled back"),
+                        EXIT_STOPPED,
+                    );
                     std::process::exit(EXIT_STOPPED);
                 }
                 tracing::warn!(
