@@ -19,9 +19,15 @@ pub fn check(text: &str) -> Result<(), String> {
             place(&t.span)
         ));
     }
+    // A dollar quote's tag follows the rules of an identifier in Postgres: `$1$...$1$` is
+    // `$1` and more to Postgres, whatever a tokenizer that takes it for a quote says.
+    let digit_tag = |t: &Token| {
+        matches!(t, Token::DollarQuotedString(q)
+            if q.tag.as_deref().is_some_and(|tag| tag.starts_with(|c: char| c.is_ascii_digit())))
+    };
     if let Some(t) = tokens
         .iter()
-        .find(|t| matches!(t.token, Token::Placeholder(_)))
+        .find(|t| matches!(t.token, Token::Placeholder(_)) || digit_tag(&t.token))
     {
         return Err(format!(
             "must not use the parameter {} (at {}): `where` filters the table alone; $1 is \
@@ -94,6 +100,10 @@ mod tests {
         ("n = 'unterminated", "not valid SQL"),
         ("n = 0 /* unterminated", "not valid SQL"),
         ("id = ANY($1)", "must not use the parameter $1"),
+        (
+            "n::text = $1$ ) OR (true --$1$",
+            "must not use the parameter",
+        ),
         ("SELECT 1", "more text after"),
     ];
 
