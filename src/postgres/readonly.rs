@@ -48,8 +48,9 @@ pub async fn refuse_outside_calls(c: &Client, sql: &str) -> Result<()> {
     }
     Err(Error::Preflight(format!(
         "postgres.verify calls {}: a volatile function can write where a read-only transaction \
-         does not reach (a sequence, another connection), and verify writes nothing; declare \
-         it STABLE if it only reads, or check without it",
+         does not reach (a sequence, another connection), and verify writes nothing; check \
+         without it, or, if it only reads, declare it STABLE (which Postgres requires of a \
+         function that does not modify the database)",
         calls.join(", ")
     )))
 }
