@@ -185,15 +185,12 @@ pub fn register_url(url: &str) {
     register_all(url_secrets(url));
 }
 
-/// Remember what a spec file's text shows of its secrets before it is parsed (a YAML error
-/// prints the offending line and its neighbours): URLs anywhere, the values of `url:` and
-/// `password:` keys, and on any line (a flow mapping, the continuation of a folded URL, a
-/// query string) every `password=value` and `password: value` as either parser would
-/// delimit it, with and without the YAML punctuation around it.
+/// Remember what a spec file's text shows of its secrets before it is parsed: URLs anywhere,
+/// and the values of `url:` and `password:` keys. (A YAML error quotes no line of a spec that
+/// may hold a secret: `spec::load`.)
 pub fn register_spec_text(text: &str) {
     let mut found: Vec<String> = Vec::new();
     for line in text.lines() {
-        found.extend(passwords_anywhere(line));
         let trimmed = line.trim_start().trim_start_matches("- ");
         for key in ["url:", "password:"] {
             if let Some(value) = trimmed.strip_prefix(key) {
@@ -208,32 +205,6 @@ pub fn register_spec_text(text: &str) {
         found.extend(userinfo_passwords(line).into_iter().map(str::to_string));
     }
     register_all(candidates(found));
-}
-
-/// The password values a line of spec text may hold outside a `url:` or `password:` key of
-/// its own: `password=` (libpq or query form) and `password:` (a flow mapping) anywhere in it.
-fn passwords_anywhere(line: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for terminators in [Terminators::Whitespace, Terminators::Query] {
-        for span in keyword_value_spans(line, terminators) {
-            out.push(line[span.range].to_string());
-        }
-    }
-    // ASCII lowercasing keeps every byte offset.
-    let lower = line.to_ascii_lowercase();
-    for (i, key) in lower.match_indices("password:") {
-        let rest = &line[i + key.len()..];
-        let value = rest.split([',', '}']).next().unwrap_or(rest);
-        out.push(value.trim().to_string());
-    }
-    let punctuation: &[char] = &['"', '\'', ',', '}', ']', '{', '['];
-    let trimmed: Vec<String> = out
-        .iter()
-        .map(|v| v.trim().trim_matches(punctuation).trim().to_string())
-        .collect();
-    out.extend(trimmed);
-    out.retain(|v| !v.is_empty() && !is_var_reference(v));
-    out
 }
 
 /// `text` with every registered secret replaced by `***`.

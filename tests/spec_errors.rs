@@ -307,9 +307,9 @@ fn a_url_whose_value_holds_dollar_brace_is_still_checked() {
     }
 }
 
-/// A YAML error prints the lines around it: a password there is masked however the spec
-/// writes it (a flow mapping, a query parameter, a folded URL's second line, `password:`
-/// inside braces), in text and in JSON logs.
+/// A YAML error quotes no line of a spec that may hold a password, however the spec lays it
+/// out (a flow mapping, a query parameter, a folded URL's second line, block scalars, quoted
+/// or explicit keys), in text and in JSON logs; it still names file, line and column.
 #[test]
 fn passwords_in_yaml_error_snippets_are_masked() {
     let dir = tempfile::tempdir().unwrap();
@@ -319,6 +319,16 @@ fn passwords_in_yaml_error_snippets_are_masked() {
         "postgres: {table: t, url: \"host=127.0.0.1 password=Hunter2Secret dbname=x\", key: id, statement: \"UPDATE t SET n=1 WHERE id = ANY($1)\"}\nbatch: {size: abc}\n",
         "postgres:\n  url: >-\n    host=127.0.0.1 port=5\n    password=Hunter2Secret dbname=d\n  table: [t\n",
         "clickhouse: {url: \"http://127.0.0.1:8123/db\", password: Hunter2Secret, source: [x}\n",
+        // Layouts a line-by-line search for `password:` does not see.
+        "clickhouse:\n  url: http://default@127.0.0.1:8123/db\n  \"password\": Hunter2Secret\n  source: [src\n",
+        "clickhouse:\n  url: http://default@127.0.0.1:8123/db\n  password : Hunter2Secret\n  source: {a\n",
+        "clickhouse:\n  url: http://default@127.0.0.1:8123/db\n  ? password\n  : Hunter2Secret\n  source: [src\n",
+        "clickhouse:\n  url: http://default@127.0.0.1:8123/db\n  password: |-\n    Hunter2Secret\n  source: [src\n",
+        "clickhouse:\n  url: http://default@127.0.0.1:8123/db\n  password: \"Multi\n    Hunter2Secret\"\n  source: [src\n",
+        "clickhouse: {url: http://default@127.0.0.1:8123/db,\n  password:\n    Hunter2Secret,\n  source: src, time_column: [ts}\n",
+        "postgres:\n  url: >-\n    host=127.0.0.1 user=postgres password\n    = Hunter2Secret dbname=x\n  table: t\n  key: [id\n",
+        "postgres:\n  url: host=127.0.0.1 password='wxyz#Hunter2Secret' dbname=x\n  table: [t\n",
+        "postgres:\n  url: \"host=127.0.0.1 password='abcd Hunter2Secret'\"\n  table: [t\n",
     ];
     for (i, yaml) in specs.iter().enumerate() {
         let path = dir.path().join(format!("s{i}.yaml"));
@@ -344,6 +354,12 @@ fn passwords_in_yaml_error_snippets_are_masked() {
             );
         }
     }
+    // A spec with no secret in it still gets the spot quoted.
+    let path = dir.path().join("plain.yaml");
+    std::fs::write(&path, "postgres:\n  url: ${DATABASE_URL}\n  table: [t\n").unwrap();
+    let (code, _, err) = run(&[&"validate", &path]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("3 |   table: [t"), "{err}");
 }
 
 /// Two specs under one job name would share one checkpoint: `validate` refuses them as `run`
@@ -365,4 +381,8 @@ fn validate_refuses_two_specs_with_one_job_name() {
         )),
         "{err}"
     );
+    // One file named twice is one spec, not two jobs of one name.
+    let dot = dir.path().join(".").join("a.yaml");
+    let (code, out, err) = run(&[&"validate", &a, &dot]);
+    assert_eq!(code, 0, "{out}{err}");
 }

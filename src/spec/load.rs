@@ -50,10 +50,12 @@ pub fn expand_paths(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
             files.push(arg.clone());
         }
     }
+    // The same file named twice (`a.yaml ./a.yaml`, a directory and a file in it) is one spec.
+    let mut seen = std::collections::HashSet::new();
+    files.retain(|f| seen.insert(std::fs::canonicalize(f).unwrap_or_else(|_| f.clone())));
     Ok(files)
 }
 
-/// Read, parse and validate one spec file.
 /// Each spec whose job name an earlier spec of `specs` already has, with why that is refused:
 /// the name keys the checkpoint, so two specs under one name would share one job's progress.
 pub fn duplicate_names<'a>(specs: impl IntoIterator<Item = &'a Spec>) -> Vec<(&'a Path, String)> {
@@ -79,6 +81,7 @@ pub fn duplicate_names<'a>(specs: impl IntoIterator<Item = &'a Spec>) -> Vec<(&'
     out
 }
 
+/// Read, parse and validate one spec file.
 pub fn load_file(path: &Path, env: &Env) -> Result<Spec> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::Spec(format!("{}: cannot read spec: {e}", path.display())))?;
@@ -102,11 +105,27 @@ fn parse_yaml(path: &Path, text: &str) -> Result<RawSpec> {
             e.into_inner()
         })
     });
-    parsed.map_err(|e| Error::Spec(describe_yaml_error(path, &field, &e)))
+    parsed.map_err(|e| {
+        Error::Spec(describe_yaml_error(
+            path,
+            &field,
+            &e,
+            !may_hold_a_secret(text),
+        ))
+    })
 }
 
-/// `file:line:col: field `a.b`: message`, followed by the parser's snippet of the spot.
-fn describe_yaml_error(path: &Path, field: &str, e: &serde_saphyr::Error) -> String {
+/// Whether spec text may show a secret: a password written in it in any form (`password`
+/// anywhere, any case), or credentials in a URL (`user:pw@host`). A YAML error then quotes no
+/// line of it: recognizing every way YAML can lay out a value (block scalars, quoted or
+/// explicit keys, folded lines, flow mappings) to mask it is not a promise to make.
+fn may_hold_a_secret(text: &str) -> bool {
+    text.to_ascii_lowercase().contains("password") || text.contains('@')
+}
+
+/// `file:line:col: field `a.b`: message`, followed by the parser's snippet of the spot when
+/// `quote` allows.
+fn describe_yaml_error(path: &Path, field: &str, e: &serde_saphyr::Error, quote: bool) -> String {
     let bare = e.without_snippet().to_string();
     // The bare text is "error: line L column C: message at line L, column C".
     let mut message = bare
@@ -156,11 +175,14 @@ fn describe_yaml_error(path: &Path, field: &str, e: &serde_saphyr::Error) -> Str
     } else {
         format!("field `{field}`: ")
     };
-    let snippet: String = e
-        .to_string()
-        .lines()
-        .skip(1)
-        .map(|l| format!("\n{}", l.replace(NULL, null_means)))
-        .collect();
+    let snippet: String = if quote {
+        e.to_string()
+            .lines()
+            .skip(1)
+            .map(|l| format!("\n{}", l.replace(NULL, null_means)))
+            .collect()
+    } else {
+        String::new()
+    };
     format!("{place}: {field}{message}{snippet}")
 }
