@@ -351,7 +351,7 @@ fn whole_table_note(sampled: &[Sampled], p: &Prepared) -> Option<String> {
     };
     Some(format!(
         "statement: a sample batch of {} keys read {} rows of {} by a sequential scan, and \
-         every batch of the run would read the table again: {advice}",
+         every batch of the run would read as many again: {advice}",
         s.keys, s.seq_read, p.info.shown
     ))
 }

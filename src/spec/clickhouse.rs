@@ -218,6 +218,20 @@ fn split_url(raw: &str) -> std::result::Result<UrlParts, String> {
              server settings under clickhouse.settings"
         ));
     }
+    // `.` and `..` segments (also as `%2e`) are resolved by the parser before the path below
+    // is read: `/analytics/..` would quietly be database `default`. Look at the path as written.
+    let written = raw.split_once("://").map_or(raw, |(_, rest)| rest);
+    let written = written.find('/').map_or("", |i| &written[i..]);
+    let dot_segment = written.split('/').any(|seg| {
+        let seg = percent_encoding::percent_decode_str(seg).decode_utf8_lossy();
+        seg == "." || seg == ".."
+    });
+    if dot_segment {
+        return Err(format!(
+            "{shown}: the path must be one database name (http://host:8123/DATABASE), without \
+             `.` or `..`"
+        ));
+    }
     let port = u.port_or_known_default().unwrap_or(8123);
     let endpoint = format!("{}://{host}:{port}", u.scheme());
     let decode = |s: &str| {
@@ -280,6 +294,10 @@ mod tests {
             "http://127.0.0.1:8123/analytics?password=secret1",
             "http://127.0.0.1:8123/analytics#x",
             "http://127.0.0.1:8123/analytics/extra",
+            "http://127.0.0.1:8123/analytics/..",
+            "http://127.0.0.1:8123/analytics/%2e%2E",
+            "http://127.0.0.1:8123/other/../analytics",
+            "http://127.0.0.1:8123/./analytics",
         ] {
             let why = split_url(url).expect_err(url);
             assert!(!why.contains("secret1"), "{why}");
