@@ -646,6 +646,23 @@ batch: {{size: 100, target: 0}}
         );
         assert_eq!(snapshot(&c).await, before, "{name} wrote:\n{out}");
     }
+    // MERGE: EXPLAIN does not print its actions, nor the serial default an insert would use.
+    c.batch_execute("CREATE TABLE q (id serial PRIMARY KEY, src bigint UNIQUE, v int)")
+        .await
+        .unwrap();
+    let q_seq =
+        async |c: &Client| count(c, "SELECT last_value + is_called::int FROM q_id_seq").await;
+    let q_before = q_seq(&c).await;
+    let merge = "MERGE INTO q USING (SELECT id FROM t WHERE id = ANY($1)) s ON q.src = s.id \
+                 WHEN NOT MATCHED THEN INSERT (src, v) VALUES (s.id, 1)";
+    let (code, out, err) = run(&[&"plan", &spec("st_merge", "NOT done", merge, open)]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let sample = line_with(&out, "sample:");
+    assert!(
+        sample.contains("not run") && sample.contains("q.id"),
+        "{out}"
+    );
+    assert_eq!(q_seq(&c).await, q_before, "plan drew from q_id_seq:\n{out}");
     // verify: refused, before it runs.
     for (name, verify, called) in [
         (

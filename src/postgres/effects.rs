@@ -4,8 +4,9 @@
 //! `EXPLAIN (VERBOSE)` (views and SQL functions are expanded there) and looked up in
 //! `pg_proc`. `plan` runs no sample over them and `verify` refuses them: those commands promise
 //! to write nothing, whatever the spec says. Not seen by this check: functions reached through
-//! an operator, a cast, a domain's CHECK, a user-defined aggregate, a table's CHECK constraint
-//! or default, or parts of a plan EXPLAIN does not print (MERGE and ON CONFLICT actions, LIMIT);
+//! an operator, a cast, a domain's CHECK, a user-defined aggregate, a table's CHECK constraint,
+//! or parts of a plan EXPLAIN does not print (MERGE and ON CONFLICT actions, LIMIT; for MERGE
+//! the written table's defaults are checked instead: `effectful_default`);
 //! and planning itself may run STABLE functions (a function that writes while declared STABLE
 //! breaks Postgres's own rules too).
 
@@ -103,6 +104,48 @@ pub async fn outside_calls(
         .await
         .map_err(|e| db_error("looking up the functions the spec's SQL calls", &e))?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// A column of `schema.table` (or of a partition under it) that an insert fills by itself
+/// with an effect past the transaction: an identity column, or a default that uses a sequence
+/// (`serial`) or calls a volatile function counted by `outside_calls`. EXPLAIN prints the
+/// defaults a plain INSERT uses, but not MERGE's actions. Returns `table.column`.
+pub async fn effectful_default(c: &Client, schema: &str, table: &str) -> Result<Option<String>> {
+    let effectful: Vec<String> = EFFECTFUL.iter().map(|s| s.to_string()).collect();
+    let row = c
+        .query_opt(
+            "WITH r AS (SELECT format('%I.%I', $1::text, $2::text)::regclass AS rel),
+                  rels AS (SELECT p.relid FROM r, pg_partition_tree(r.rel) p
+                           UNION SELECT r.rel FROM r)
+             SELECT format('%s.%s', a.attrelid::regclass, a.attname)
+               FROM pg_attribute a JOIN rels ON a.attrelid = rels.relid
+              WHERE a.attnum > 0 AND NOT a.attisdropped
+                AND (a.attidentity <> ''
+                     OR EXISTS (
+                        SELECT 1 FROM pg_attrdef d
+                          JOIN pg_depend dep ON dep.classid = 'pg_attrdef'::regclass
+                                            AND dep.objid = d.oid
+                          LEFT JOIN pg_class seq ON dep.refclassid = 'pg_class'::regclass
+                                                AND seq.oid = dep.refobjid
+                          LEFT JOIN pg_proc f ON dep.refclassid = 'pg_proc'::regclass
+                                             AND f.oid = dep.refobjid
+                          LEFT JOIN pg_namespace fn ON fn.oid = f.pronamespace
+                         WHERE d.adrelid = a.attrelid AND d.adnum = a.attnum
+                           AND (seq.relkind = 'S'
+                                OR (f.provolatile = 'v'
+                                    AND (fn.nspname <> 'pg_catalog'
+                                         OR f.proname = ANY($3::text[]))))))
+              ORDER BY 1 LIMIT 1",
+            &[&schema, &table, &effectful],
+        )
+        .await
+        .map_err(|e| {
+            db_error(
+                "looking at the defaults of a table the statement writes",
+                &e,
+            )
+        })?;
+    Ok(row.map(|r| r.get(0)))
 }
 
 /// Every string in a JSON document (the expressions of an EXPLAIN plan).

@@ -207,11 +207,13 @@ async fn draws(c: &Client, p: &Prepared, params: &[&(dyn ToSql + Sync)]) -> Resu
             calls.join(", ")
         )));
     }
-    fn written<'a>(node: &'a serde_json::Value, out: &mut Vec<(&'a str, &'a str)>) {
+    /// (schema, table, whether it merges: a MERGE may insert, and EXPLAIN does not print its
+    /// actions, so the defaults they would use are not in the plan; a plain INSERT's are).
+    fn written<'a>(node: &'a serde_json::Value, out: &mut Vec<(&'a str, &'a str, bool)>) {
         if node["Node Type"] == "ModifyTable"
             && let (Some(s), Some(r)) = (node["Schema"].as_str(), node["Relation Name"].as_str())
         {
-            out.push((s, r));
+            out.push((s, r, node["Operation"] == "Merge"));
         }
         for child in node["Plans"].as_array().into_iter().flatten() {
             written(child, out);
@@ -219,7 +221,13 @@ async fn draws(c: &Client, p: &Prepared, params: &[&(dyn ToSql + Sync)]) -> Resu
     }
     let mut tables = Vec::new();
     written(&doc[0]["Plan"], &mut tables);
-    for (schema, table) in tables {
+    for (schema, table, merges) in tables {
+        if merges && let Some(column) = super::effects::effectful_default(c, schema, table).await? {
+            return Ok(Some(format!(
+                "the statement merges into a table whose column {column} fills itself from a \
+                 sequence or a volatile function when a row is inserted"
+            )));
+        }
         let trigger: Option<String> = c
             .query_opt(
                 "WITH r AS (SELECT format('%I.%I', $1::text, $2::text)::regclass AS rel)
