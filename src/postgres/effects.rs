@@ -64,8 +64,9 @@ const EFFECTFUL: &[&str] = &[
     "pg_log_backend_memory_contexts",
 ];
 
-/// The volatile functions (as `schema.name`) that `sql` would call, other than the harmless
-/// built-ins. Only explains `sql`, never runs it; `params` as `sql` takes them.
+/// The volatile functions (as `schema.name`) that `sql` would call: every one outside
+/// `pg_catalog`, and the built-ins in `EFFECTFUL`. Only explains `sql` (planning may still run
+/// STABLE functions, as Postgres's planner does for any query); `params` as `sql` takes them.
 pub async fn outside_calls(
     c: &Client,
     sql: &str,

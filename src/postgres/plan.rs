@@ -183,8 +183,9 @@ pub async fn plan(job: &PgJob, spec: &Spec, opts: PlanOptions) -> Result<Plan> {
 /// Whether running the statement would do what no rollback undoes: call a volatile function
 /// (`nextval` for a serial or identity column it inserts into, a function of its own that
 /// inserts, `dblink_exec`; see `effects`), or write a table with a trigger (a trigger can draw
-/// from a sequence, an audit table's id say, and its body is not in the plan). The plan is
-/// only explained, not run. Returns why.
+/// from a sequence, an audit table's id say, and its body is not in the plan), or MERGE into
+/// a table whose inserts fill a column from a sequence. The statement is only explained, not
+/// executed (what `effects` cannot see is listed there). Returns why.
 async fn draws(c: &Client, p: &Prepared, params: &[&(dyn ToSql + Sync)]) -> Result<Option<String>> {
     let sql = format!("EXPLAIN (VERBOSE, COSTS OFF, FORMAT JSON) {}", p.statement);
     let row = c
