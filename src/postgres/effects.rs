@@ -12,8 +12,8 @@
 
 use super::errors::db_error;
 use crate::error::Result;
-use tokio_postgres::Client;
 use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Row};
 
 /// Built-ins with effects past the transaction, or on other sessions: a sequence drawn or
 /// set, a large object or a file written, a session-level lock kept, another backend ended,
@@ -64,6 +64,34 @@ const EFFECTFUL: &[&str] = &[
     "pg_log_backend_memory_contexts",
 ];
 
+/// The JSON document of an EXPLAIN's one row: type json, or text on some servers and
+/// poolers; none if it is neither.
+pub fn explain_json(row: &Row) -> Option<serde_json::Value> {
+    row.try_get::<_, serde_json::Value>(0).ok().or_else(|| {
+        row.try_get::<_, String>(0)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+    })
+}
+
+/// `EXPLAIN (VERBOSE, COSTS OFF, FORMAT JSON)` of `sql`, which is planned, not run; `params`
+/// as `sql` takes them, `doing` for the error.
+pub async fn explain(
+    c: &Client,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+    doing: &str,
+) -> Result<Option<serde_json::Value>> {
+    let row = c
+        .query_one(
+            &format!("EXPLAIN (VERBOSE, COSTS OFF, FORMAT JSON) {sql}"),
+            params,
+        )
+        .await
+        .map_err(|e| db_error(doing, &e))?;
+    Ok(explain_json(&row))
+}
+
 /// The volatile functions (as `schema.name`) that `sql` would call: every one outside
 /// `pg_catalog`, and the built-ins in `EFFECTFUL`. Only explains `sql` (planning may still run
 /// STABLE functions, as Postgres's planner does for any query); `params` as `sql` takes them.
@@ -72,22 +100,16 @@ pub async fn outside_calls(
     sql: &str,
     params: &[&(dyn ToSql + Sync)],
 ) -> Result<Vec<String>> {
-    let row = c
-        .query_one(
-            &format!("EXPLAIN (VERBOSE, COSTS OFF, FORMAT JSON) {sql}"),
-            params,
-        )
-        .await
-        .map_err(|e| db_error("explaining the spec's SQL", &e))?;
-    let doc = row.try_get::<_, serde_json::Value>(0).ok().or_else(|| {
-        row.try_get::<_, String>(0)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-    });
-    let mut texts = Vec::new();
-    if let Some(doc) = &doc {
-        strings(doc, &mut texts);
+    match explain(c, sql, params, "explaining the spec's SQL").await? {
+        Some(doc) => calls_in(c, &doc).await,
+        None => Ok(Vec::new()),
     }
+}
+
+/// `outside_calls` of a plan already explained (`explain`).
+pub async fn calls_in(c: &Client, doc: &serde_json::Value) -> Result<Vec<String>> {
+    let mut texts = Vec::new();
+    strings(doc, &mut texts);
     let names: Vec<String> = texts.iter().flat_map(|t| called(t)).collect();
     if names.is_empty() {
         return Ok(Vec::new());

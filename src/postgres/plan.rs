@@ -187,20 +187,11 @@ pub async fn plan(job: &PgJob, spec: &Spec, opts: PlanOptions) -> Result<Plan> {
 /// a table whose inserts fill a column from a sequence. The statement is only explained, not
 /// executed (what `effects` cannot see is listed there). Returns why.
 async fn draws(c: &Client, p: &Prepared, params: &[&(dyn ToSql + Sync)]) -> Result<Option<String>> {
-    let sql = format!("EXPLAIN (VERBOSE, COSTS OFF, FORMAT JSON) {}", p.statement);
-    let row = c
-        .query_one(&sql, params)
-        .await
-        .map_err(|e| db_error("explaining the statement", &e))?;
-    let doc = row.try_get::<_, serde_json::Value>(0).ok().or_else(|| {
-        row.try_get::<_, String>(0)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-    });
-    let Some(doc) = doc else {
+    let explained = super::effects::explain(c, &p.statement, params, "explaining the statement");
+    let Some(doc) = explained.await? else {
         return Ok(None);
     };
-    let calls = super::effects::outside_calls(c, &p.statement, params).await?;
+    let calls = super::effects::calls_in(c, &doc).await?;
     if !calls.is_empty() {
         return Ok(Some(format!(
             "the statement calls {}, which can draw from a sequence or write where no \
@@ -431,13 +422,7 @@ async fn samples(
                 .await
                 .map_err(|e| db_error("running statement on a sample batch", &e))?;
             let rows = (rows_written(c).await? - before).max(0) as u64;
-            // EXPLAIN's JSON comes as type json (text on some servers and poolers).
-            let doc = report.try_get::<_, serde_json::Value>(0).ok().or_else(|| {
-                report
-                    .try_get::<_, String>(0)
-                    .ok()
-                    .and_then(|t| serde_json::from_str(&t).ok())
-            });
+            let doc = super::effects::explain_json(&report);
             let wal = doc.as_ref().and_then(statement_wal);
             let seq_read = doc.as_ref().map_or(0, |d| seq_scanned(&d[0]["Plan"], &own));
             out.push(Sampled {
