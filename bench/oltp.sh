@@ -37,13 +37,17 @@
 # open longer than 1 s (sampled), longest batch <= 2x batch.target (when TARGET_MS is set), OLTP
 # p99 during backfill <= 2x idle, 0 wrong rows after every run, engine peak RSS under 30 MB.
 #
+# The contender `cpu` (CONTENDERS="cpu ...", only under the load) runs HOGS busy loops (default: one
+# per CPU) for CPU_SECS seconds that touch no database: the application's p99 then is what any
+# work that keeps every CPU busy costs it, however it locks, writes or batches.
+#
 # APART=1 gives the application a copy of flowsheet of its own (flowsheet_app, same rows and
 # indexes): it then shares the server's CPUs, WAL, disk and buffers with the contender but never a
 # row, so the p99 measured is the floor that a contender of that size leaves whatever its locks.
 #
 # Environment: ROWS, BACKFILL, APART (0), WORKERS ("1 2"), TARGET_MS (unset), CONTENDERS ("single keyset
 # backfill": which to run), RATE (200), CLIENTS (4), THREADS (2), LATENCY_LIMIT_MS (50),
-# IDLE_SECS (10), WARMUP_SECS (3), TAIL_SECS (3), RUN_TIMEOUT (1800 s per contender),
+# IDLE_SECS (10), HOGS (nproc), CPU_SECS (8), WARMUP_SECS (3), TAIL_SECS (3), RUN_TIMEOUT (1800 s per contender),
 # KEEP_TEMPLATE=1 (keep backfill_oltp_tpl), KEEP_WORK=1 (keep the logs directory).
 # Clones and (unless KEEP_TEMPLATE=1) the template are dropped on exit, also on failure or ^C.
 # Exit status 1 if a contender failed, or the single UPDATE or backfill left wrong rows (with
@@ -76,6 +80,8 @@ IDLE_SECS=${IDLE_SECS:-10}
 WARMUP_SECS=${WARMUP_SECS:-3}
 TAIL_SECS=${TAIL_SECS:-3}
 RUN_TIMEOUT=${RUN_TIMEOUT:-1800}
+HOGS=${HOGS:-$(nproc)}
+CPU_SECS=${CPU_SECS:-8}
 KEEP_TEMPLATE=${KEEP_TEMPLATE:-0}
 KEEP_WORK=${KEEP_WORK:-0}
 BATCH=5000          # the keyset loop's fixed batch
@@ -110,7 +116,7 @@ for n in $WORKERS; do
     case $n in '' | *[!0-9]* | 0) die "WORKERS must be whole numbers above 0, got '$WORKERS'" ;; esac
 done
 for c in $CONTENDERS; do
-    case $c in single | keyset | backfill) ;; *) die "CONTENDERS: unknown contender '$c'" ;; esac
+    case $c in single | keyset | backfill | cpu) ;; *) die "CONTENDERS: unknown contender '$c'" ;; esac
 done
 wants() { case " $CONTENDERS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
@@ -305,6 +311,15 @@ run_backfill() { # db tag workers
     C_NOTE="exit ${status}"
     return "$status"
 }
+run_cpu() {
+    local pids=() i
+    C_NOTE="${CPU_SECS}s, no database"
+    for ((i = 0; i < HOGS; i++)); do
+        timeout "$CPU_SECS" sh -c 'while :; do :; done' &
+        pids+=($!)
+    done
+    wait "${pids[@]}" || true   # timeout ends each loop with status 124
+}
 backfill_breakdown() { # tag wall_seconds -> one line for B_LINE
     awk -v wall="$2" '
         $2 + $3 > 0 { n++; keys += $2; retried += $3; last = $1 }
@@ -326,6 +341,7 @@ run() { # kind load(none|pgbench)
         keyset) name="keyset loop (${BATCH})" ;;
         backfill*) workers=${kind#backfill} name="backfill ${workers}w" kind=backfill ;;
         idle) name="(pgbench alone)" ;;
+        cpu) name="cpu: ${HOGS} busy loops" ;;
     esac
     clone "$db"
     [ "$load" = none ] || pgbench_start "$db" "$tag"
@@ -338,6 +354,7 @@ run() { # kind load(none|pgbench)
         keyset) run_keyset "$db" "$tag" || status=$? ;;
         backfill) run_backfill "$db" "$tag" "$workers" || status=$? ;;
         idle) sleep "$IDLE_SECS" ;;
+        cpu) run_cpu ;;
     esac
     t1=$(now)
     xact=$(sampler_stop "$tag")
@@ -355,10 +372,10 @@ run() { # kind load(none|pgbench)
         C_NOTE="FAILED: exit ${status}"
     fi
     [ "$status" = 0 ] || FAILED=1
-    if [ "$kind" = idle ]; then
+    if [ "$kind" = idle ] || [ "$kind" = cpu ]; then
         wrong=-
         secs=-
-        C_NOTE="${IDLE_SECS}s of load, no contender"
+        [ "$kind" = cpu ] || C_NOTE="${IDLE_SECS}s of load, no contender"
     else
         wrong=$(wrong_rows "$db")
         if [ "$wrong" != 0 ] && { [ "$kind" != keyset ] || [ "$load" = none ]; }; then FAILED=1; fi
@@ -394,6 +411,7 @@ log "${TARGET_ROWS} track rows to fill; load: ${CLIENTS} clients, ${RATE} tx/s, 
 
 for load in none pgbench; do
     [ "$load" = none ] || run idle pgbench
+    if wants cpu && [ "$load" != none ]; then run cpu "$load"; fi
     if wants single; then run single "$load"; fi
     if wants keyset; then run keyset "$load"; fi
     if wants backfill && [ "$HAVE_BACKFILL" = 1 ]; then
@@ -486,6 +504,10 @@ for i in "${!R_NAME[@]}"; do
     fi
     verdict "$(awk -v r="${R_RSS[$i]% MB}" 'BEGIN { print (r != "n/a" && r + 0 < 30) ? 1 : 0 }')" \
         "${name}: engine peak RSS < 30 MB (load ${load}): ${R_RSS[$i]}"
+done
+for i in "${!R_NAME[@]}"; do
+    case ${R_NAME[$i]} in "cpu: "*) ;; *) continue ;; esac
+    echo "  (info)  ${R_NAME[$i]}, no database: OLTP p99 ${R_P99[$i]} ms ($(ratio "${R_P99[$i]}" "$idle_p99") idle): the floor for any contender that keeps every CPU busy"
 done
 bad=()
 for i in "${!R_NAME[@]}"; do
