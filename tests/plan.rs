@@ -562,6 +562,22 @@ async fn plan_and_verify_call_nothing_that_writes_past_their_transaction() {
            SELECT dblink_exec({conn}, 'INSERT INTO audit (note) VALUES (''dblink'')') IS NOT NULL $$;
          CREATE FUNCTION still_open(x bigint) RETURNS bool LANGUAGE sql STABLE AS $$
            SELECT NOT done FROM t WHERE id = x $$;
+         -- Reached without a call in the text: an operator, an aggregate's step, a domain's
+         -- CHECK, a written table's CHECK.
+         CREATE FUNCTION side_op(a bigint, b int) RETURNS bool LANGUAGE plpgsql AS $$
+           BEGIN PERFORM nextval('s'); RETURN a > b; END $$;
+         CREATE OPERATOR @@ (LEFTARG = bigint, RIGHTARG = int, FUNCTION = side_op);
+         CREATE FUNCTION side_step(st bigint, v bigint) RETURNS bigint LANGUAGE plpgsql AS $$
+           BEGIN PERFORM nextval('s'); RETURN st + v; END $$;
+         CREATE AGGREGATE side_sum(bigint) (SFUNC = side_step, STYPE = bigint, INITCOND = '0');
+         CREATE FUNCTION side_dom(x bigint) RETURNS bool LANGUAGE plpgsql AS $$
+           BEGIN PERFORM nextval('s'); RETURN x > 0; END $$;
+         CREATE DOMAIN pos AS bigint CHECK (side_dom(VALUE));
+         CREATE FUNCTION side_chk(x bigint) RETURNS bool LANGUAGE plpgsql AS $$
+           BEGIN PERFORM nextval('s'); RETURN x > 0; END $$;
+         CREATE TABLE checked (id bigint PRIMARY KEY, v bigint CHECK (side_chk(v)));
+         CREATE TABLE dommed (id bigint PRIMARY KEY, v pos);
+         CREATE TABLE upserted (id bigint PRIMARY KEY, v bigint);
          ANALYZE t;",
     ))
     .await
@@ -607,6 +623,8 @@ batch: {{size: 100, target: 0}}
             "side_dblink() AND NOT done",
             "public.dblink_exec",
         ),
+        ("w_operator", "id @@ 0 AND NOT done", "public.side_op"),
+        ("w_domain", "id::pos > 0 AND NOT done", "public.side_dom"),
     ] {
         for args in [vec!["plan"], vec!["plan", "--exact"]] {
             let path = spec(name, where_, plain, open);
@@ -635,6 +653,21 @@ batch: {{size: 100, target: 0}}
             "st_dblink",
             "UPDATE t SET n = n + 1 WHERE id = ANY($1) AND side_dblink()",
             "public.dblink_exec",
+        ),
+        (
+            "st_check",
+            "INSERT INTO checked SELECT id, id FROM t WHERE id = ANY($1)",
+            "public.side_chk",
+        ),
+        (
+            "st_domain_column",
+            "INSERT INTO dommed SELECT id, id FROM t WHERE id = ANY($1)",
+            "public.side_dom",
+        ),
+        (
+            "st_on_conflict",
+            "INSERT INTO upserted SELECT id, 1 FROM t WHERE id = ANY($1) ON CONFLICT (id) DO UPDATE SET v = side(excluded.v)",
+            "public.side",
         ),
     ] {
         let (code, out, err) = run(&[&"plan", &spec(name, "NOT done", statement, open)]);
@@ -673,6 +706,16 @@ batch: {{size: 100, target: 0}}
         (
             "v_side",
             "SELECT count(*) - count(*) FROM (SELECT side(1) AS z OFFSET 0) x",
+            "public.side",
+        ),
+        (
+            "v_aggregate",
+            "SELECT side_sum(id) - side_sum(id) FROM t",
+            "public.side_step",
+        ),
+        (
+            "v_limit",
+            "SELECT count(*) - count(*) FROM (SELECT 1 FROM t LIMIT side(5)) x",
             "public.side",
         ),
     ] {

@@ -1,16 +1,19 @@
 //! What SQL from the spec could do that no rollback and no read-only transaction undoes: the
-//! volatile functions its plan calls (`nextval`, a plpgsql function that inserts and so draws a
-//! serial, `dblink_exec`, which writes through a connection of its own), found by name in
-//! `EXPLAIN (VERBOSE)` (views and SQL functions are expanded there) and looked up in
-//! `pg_proc`. `plan` runs no sample over them and `verify` refuses them: those commands promise
-//! to write nothing, whatever the spec says. Not seen by this check: functions reached through
-//! an operator, a cast, a domain's CHECK, a user-defined aggregate, a table's CHECK constraint,
-//! or parts of a plan EXPLAIN does not print (MERGE and ON CONFLICT actions, LIMIT; for MERGE
-//! the written table's defaults are checked instead: `effectful_default`);
-//! and planning itself may run STABLE functions (a function that writes while declared STABLE
-//! breaks Postgres's own rules too).
+//! volatile functions it would call (`nextval`, a plpgsql function that inserts and so draws a
+//! serial, `dblink_exec`, which writes through a connection of its own). `plan` runs no sample
+//! over them and `verify` refuses them: those commands promise to write nothing, whatever the
+//! spec says. The names, operators and `::` types are read (`mentions`) from
+//! `EXPLAIN (VERBOSE)` (views and SQL functions expanded there) and from the SQL as written
+//! (MERGE and ON CONFLICT actions, LIMIT), then looked up in the catalog with what they reach:
+//! an operator's function, an aggregate's steps, a cast's function, a domain's CHECK, and the
+//! CHECKs of the tables written and of their domain columns. For MERGE the written table's
+//! defaults are checked too (`effectful_default`). Not seen: implicit casts through a
+//! user-defined volatile function, and functions declared STABLE or IMMUTABLE that write
+//! (planning, this check's own EXPLAIN included, may run those; such a function breaks
+//! Postgres's own rules).
 
 use super::errors::db_error;
+use super::mentions::Mentions;
 use crate::error::Result;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row};
@@ -92,41 +95,141 @@ pub async fn explain(
     Ok(explain_json(&row))
 }
 
-/// The volatile functions (as `schema.name`) that `sql` would call: every one outside
-/// `pg_catalog`, and the built-ins in `EFFECTFUL`. Only explains `sql` (planning may still run
-/// STABLE functions, as Postgres's planner does for any query); `params` as `sql` takes them.
+/// The volatile functions (as `schema.name`, with how they are reached) that `sql` would
+/// call: every one outside `pg_catalog`, and the built-ins in `EFFECTFUL`. Only explains
+/// `sql` (planning may still run STABLE functions, as Postgres's planner does for any query);
+/// `params` as `sql` takes them.
 pub async fn outside_calls(
     c: &Client,
     sql: &str,
     params: &[&(dyn ToSql + Sync)],
 ) -> Result<Vec<String>> {
     match explain(c, sql, params, "explaining the spec's SQL").await? {
-        Some(doc) => calls_in(c, &doc).await,
+        Some(doc) => calls_in(c, &doc, sql).await,
         None => Ok(Vec::new()),
     }
 }
 
-/// `outside_calls` of a plan already explained (`explain`).
-pub async fn calls_in(c: &Client, doc: &serde_json::Value) -> Result<Vec<String>> {
+/// `outside_calls` of `sql`, already explained (`doc`, from `explain`). What it names is read
+/// from the plan (views and SQL functions expanded) and from `sql` as written (MERGE and ON
+/// CONFLICT actions and LIMIT are not printed in a plan): functions and aggregates by name,
+/// operators by symbol, casts and domains by the type after `::`. Then the CHECK constraints
+/// that a write evaluates without printing them, the written tables' and their domain
+/// columns', and those of the domains named, are read the same way, a few levels deep.
+pub async fn calls_in(c: &Client, doc: &serde_json::Value, sql: &str) -> Result<Vec<String>> {
     let mut texts = Vec::new();
     strings(doc, &mut texts);
-    let names: Vec<String> = texts.iter().flat_map(|t| called(t)).collect();
-    if names.is_empty() {
-        return Ok(Vec::new());
-    }
+    let mut m = Mentions::default();
+    texts.iter().for_each(|t| m.read(t));
+    m.read(sql);
+    let written: Vec<String> = written_tables(doc)
+        .into_iter()
+        .map(|(schema, table, _)| format!("{}.{}", quoted(schema), quoted(table)))
+        .collect();
     let effectful: Vec<String> = EFFECTFUL.iter().map(|s| s.to_string()).collect();
-    let rows = c
-        .query(
-            "SELECT DISTINCT format('%s.%s', n.nspname, p.proname)
-               FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-              WHERE p.proname = ANY($1::text[]) AND p.provolatile = 'v'
-                AND (n.nspname <> 'pg_catalog' OR p.proname = ANY($2::text[]))
-              ORDER BY 1",
-            &[&names, &effectful],
-        )
-        .await
-        .map_err(|e| db_error("looking up the functions the spec's SQL calls", &e))?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    let mut found = Vec::new();
+    let mut checks_read: Vec<String> = Vec::new();
+    for round in 0..4 {
+        m.tidy();
+        let rows = c
+            .query(LOOKUP, &[&m.calls, &m.operators, &m.types, &effectful])
+            .await
+            .map_err(|e| db_error("looking up the functions the spec's SQL calls", &e))?;
+        found.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+        // The checks a write of these tables, or a cast to these domains, evaluates.
+        let tables: &[String] = if round == 0 { &written } else { &[] };
+        let rows = c
+            .query(CHECKS, &[&m.types, &tables])
+            .await
+            .map_err(|e| db_error("reading the CHECK constraints the spec's SQL meets", &e))?;
+        let new: Vec<String> = rows
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .filter(|t| !checks_read.contains(t))
+            .collect();
+        if new.is_empty() {
+            break;
+        }
+        m = Mentions::default();
+        new.iter().for_each(|t| m.read(t));
+        checks_read.extend(new);
+    }
+    found.sort();
+    found.dedup();
+    Ok(found)
+}
+
+/// The volatile functions with an effect past the transaction ($4: the `EFFECTFUL` built-ins)
+/// reached through the names ($1), operator symbols ($2) and `::` types ($3) of `Mentions`.
+/// An operator's estimators run while planning, so they count too.
+const LOOKUP: &str = "
+    WITH eff AS (
+        SELECT p.oid, format('%s.%s', n.nspname, p.proname) AS name
+          FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+         WHERE p.provolatile = 'v' AND (n.nspname <> 'pg_catalog' OR p.proname = ANY($4::text[])))
+    SELECT e.name FROM eff e JOIN pg_proc p ON p.oid = e.oid WHERE p.proname = ANY($1::text[])
+    UNION
+    SELECT format('%s (in aggregate %s)', e.name, a.aggfnoid::regprocedure)
+      FROM pg_aggregate a JOIN pg_proc p ON p.oid = a.aggfnoid
+      JOIN eff e ON e.oid IN (a.aggtransfn::oid, a.aggfinalfn::oid, a.aggcombinefn::oid,
+                              a.aggserialfn::oid, a.aggdeserialfn::oid, a.aggmtransfn::oid,
+                              a.aggminvtransfn::oid, a.aggmfinalfn::oid)
+     WHERE p.proname = ANY($1::text[])
+    UNION
+    SELECT format('%s (behind operator %s)', e.name, o.oid::regoperator)
+      FROM pg_operator o JOIN eff e ON e.oid IN (o.oprcode::oid, o.oprrest::oid, o.oprjoin::oid)
+     WHERE o.oprname = ANY($2::text[])
+    UNION
+    SELECT format('%s (behind a cast to %s)', e.name, format_type(k.casttarget, NULL))
+      FROM pg_cast k JOIN pg_type t ON t.oid = k.casttarget JOIN eff e ON e.oid = k.castfunc
+     WHERE t.typname = ANY($3::text[])
+    ORDER BY 1";
+
+/// The text of the CHECK constraints of the domains named ($1, and the domains they are
+/// based on) and of the tables written ($2, `schema.table`, with their partitions and the
+/// domains of their columns).
+const CHECKS: &str = "
+    WITH RECURSIVE rels AS (
+        SELECT p.relid FROM unnest($2::text[]) w, pg_partition_tree(w::regclass) p
+        UNION SELECT w::regclass FROM unnest($2::text[]) w),
+    doms AS (
+        SELECT t.oid FROM pg_type t WHERE t.typtype = 'd' AND t.typname = ANY($1::text[])
+        UNION
+        SELECT t.oid FROM pg_attribute a JOIN rels ON a.attrelid = rels.relid
+          JOIN pg_type t ON t.oid IN (a.atttypid, (SELECT e.typelem FROM pg_type e
+                                                   WHERE e.oid = a.atttypid))
+         WHERE t.typtype = 'd' AND a.attnum > 0 AND NOT a.attisdropped
+        UNION
+        SELECT t.typbasetype FROM doms d JOIN pg_type t ON t.oid = d.oid
+          JOIN pg_type b ON b.oid = t.typbasetype AND b.typtype = 'd')
+    SELECT pg_get_constraintdef(k.oid) FROM pg_constraint k
+     WHERE k.contype = 'c'
+       AND (k.contypid IN (SELECT oid FROM doms) OR k.conrelid IN (SELECT relid FROM rels))";
+
+/// Tables a plan writes, from its ModifyTable nodes: (schema, table, whether it merges: a
+/// MERGE may insert, and EXPLAIN does not print its actions, so the defaults they would use
+/// are not in the plan; a plain INSERT's are).
+pub fn written_tables(doc: &serde_json::Value) -> Vec<(&str, &str, bool)> {
+    fn walk<'a>(node: &'a serde_json::Value, out: &mut Vec<(&'a str, &'a str, bool)>) {
+        if node["Node Type"] == "ModifyTable"
+            && let (Some(s), Some(r)) = (node["Schema"].as_str(), node["Relation Name"].as_str())
+        {
+            out.push((s, r, node["Operation"] == "Merge"));
+        }
+        for child in node["Plans"].as_array().into_iter().flatten() {
+            walk(child, out);
+        }
+    }
+    let mut out = Vec::new();
+    for query in doc.as_array().into_iter().flatten() {
+        walk(&query["Plan"], &mut out);
+    }
+    out
+}
+
+/// `name` as an identifier Postgres reads back unchanged.
+fn quoted(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// A column of `schema.table` (or of a partition under it) that an insert fills by itself
@@ -178,84 +281,5 @@ fn strings<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
         serde_json::Value::Array(a) => a.iter().for_each(|x| strings(x, out)),
         serde_json::Value::Object(o) => o.values().for_each(|x| strings(x, out)),
         _ => {}
-    }
-}
-
-/// The names written just before a `(` in an expression, outside its string literals
-/// (`public.f(x)` gives `f`; a quoted `"F"(x)` gives `F`, `"a""b"(x)` gives `a"b`; unquoted
-/// names fold to lower case). Words that are not functions (`AND (`) find nothing in
-/// `pg_proc`.
-fn called(expr: &str) -> Vec<String> {
-    // String literals out, as EXPLAIN writes them ('...' with '' for a quote).
-    let mut code = String::with_capacity(expr.len());
-    let mut in_string = false;
-    let mut chars = expr.chars().peekable();
-    while let Some(c) = chars.next() {
-        match (in_string, c) {
-            (false, '\'') => in_string = true,
-            (true, '\'') if chars.peek() == Some(&'\'') => {
-                chars.next();
-            }
-            (true, '\'') => {
-                in_string = false;
-                code.push_str("''");
-            }
-            (true, _) => {}
-            (false, c) => code.push(c),
-        }
-    }
-    let b = code.as_bytes();
-    let mut out = Vec::new();
-    for (i, _) in code.match_indices('(') {
-        let mut end = i;
-        while end > 0 && b[end - 1] == b' ' {
-            end -= 1;
-        }
-        if end > 0 && b[end - 1] == b'"' {
-            // Back to the opening quote, over doubled ones.
-            let mut k = end - 1;
-            let open = loop {
-                match code[..k].rfind('"') {
-                    Some(q) if q > 0 && b[q - 1] == b'"' => k = q - 1,
-                    Some(q) => break Some(q),
-                    None => break None,
-                }
-            };
-            if let Some(open) = open {
-                out.push(code[open + 1..end - 1].replace("\"\"", "\""));
-            }
-            continue;
-        }
-        let mut start = end;
-        while start > 0
-            && (b[start - 1].is_ascii_alphanumeric() || matches!(b[start - 1], b'_' | b'$'))
-        {
-            start -= 1;
-        }
-        if start < end && !b[start].is_ascii_digit() {
-            out.push(code[start..end].to_ascii_lowercase());
-        }
-    }
-    out.sort();
-    out.dedup();
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::called;
-
-    #[test]
-    fn names_before_parentheses() {
-        assert_eq!(
-            called("(public.side_ins(t.id) AND (nextval('s'::regclass) > 0))"),
-            ["and", "nextval", "side_ins"]
-        );
-        assert_eq!(called("\"My \"\"F\"\"\"(x) + f2 (y)"), ["My \"F\"", "f2"]);
-        assert_eq!(called("\"bad\"\"fn\"(1)"), ["bad\"fn"]);
-        assert!(called("(t.id = ANY ('{1,2}'::bigint[]))").contains(&"any".to_string()));
-        assert!(called("(1 + (2))").is_empty());
-        // Text in a literal is not a call.
-        assert!(called("(t.note = 'legacy system (v1) it''s f(x)'::text)").is_empty());
     }
 }

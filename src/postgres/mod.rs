@@ -10,6 +10,7 @@ pub mod connect;
 mod effects;
 pub mod errors;
 mod job;
+mod mentions;
 mod plan;
 mod ranges;
 mod raw;

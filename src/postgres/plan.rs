@@ -191,7 +191,7 @@ async fn draws(c: &Client, p: &Prepared, params: &[&(dyn ToSql + Sync)]) -> Resu
     let Some(doc) = explained.await? else {
         return Ok(None);
     };
-    let calls = super::effects::calls_in(c, &doc).await?;
+    let calls = super::effects::calls_in(c, &doc, &p.statement).await?;
     if !calls.is_empty() {
         return Ok(Some(format!(
             "the statement calls {}, which can draw from a sequence or write where no \
@@ -199,20 +199,7 @@ async fn draws(c: &Client, p: &Prepared, params: &[&(dyn ToSql + Sync)]) -> Resu
             calls.join(", ")
         )));
     }
-    /// (schema, table, whether it merges: a MERGE may insert, and EXPLAIN does not print its
-    /// actions, so the defaults they would use are not in the plan; a plain INSERT's are).
-    fn written<'a>(node: &'a serde_json::Value, out: &mut Vec<(&'a str, &'a str, bool)>) {
-        if node["Node Type"] == "ModifyTable"
-            && let (Some(s), Some(r)) = (node["Schema"].as_str(), node["Relation Name"].as_str())
-        {
-            out.push((s, r, node["Operation"] == "Merge"));
-        }
-        for child in node["Plans"].as_array().into_iter().flatten() {
-            written(child, out);
-        }
-    }
-    let mut tables = Vec::new();
-    written(&doc[0]["Plan"], &mut tables);
+    let tables = super::effects::written_tables(&doc);
     for (schema, table, merges) in tables {
         if merges && let Some(column) = super::effects::effectful_default(c, schema, table).await? {
             return Ok(Some(format!(

@@ -1,0 +1,173 @@
+//! What a piece of SQL names, read with sqlparser's Postgres tokenizer so that nothing inside a
+//! string literal, a dollar quote or a comment counts: the names written before `(` (functions
+//! and aggregates), the operator symbols, and the type names after `::`. `effects` looks them
+//! up in the catalog; a name that is not a function (`AND (`) simply finds nothing there.
+
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::tokenizer::{Token, Tokenizer};
+
+/// Characters an operator is made of in Postgres.
+const OPERATOR_CHARS: &str = "+-*/<>=~!@#%^&|`?";
+
+#[derive(Debug, Default, PartialEq)]
+pub struct Mentions {
+    /// Names before `(`: unquoted ones folded to lower case, as Postgres folds them.
+    pub calls: Vec<String>,
+    /// Every run of operator characters, and each of its substrings (Postgres splits `<-` in
+    /// `a<-1` into `<` and `-`): more candidates than operators, never fewer.
+    pub operators: Vec<String>,
+    /// Type names after `::`.
+    pub types: Vec<String>,
+}
+
+impl Mentions {
+    /// What `text` mentions, added to what was already there.
+    pub fn read(&mut self, text: &str) {
+        let dialect = PostgreSqlDialect {};
+        let Ok(tokens) = Tokenizer::new(&dialect, text).tokenize() else {
+            // Not SQL to this tokenizer: every word before `(` and every symbol run counts.
+            self.calls.extend(words_before_parens(text));
+            self.operators.extend(operator_runs(text));
+            return;
+        };
+        let words: Vec<&Token> = tokens
+            .iter()
+            .filter(|t| !matches!(t, Token::Whitespace(_)))
+            .collect();
+        for (i, t) in words.iter().enumerate() {
+            let Token::Word(w) = t else { continue };
+            if words.get(i + 1) == Some(&&Token::LParen) {
+                self.calls.push(folded(w));
+            }
+            if i > 0 && words[i - 1] == &Token::DoubleColon {
+                // `::schema.type`: the last name of the chain.
+                let mut last = w;
+                let mut j = i;
+                while words.get(j + 1) == Some(&&Token::Period)
+                    && let Some(Token::Word(n)) = words.get(j + 2)
+                {
+                    last = n;
+                    j += 2;
+                }
+                self.types.push(folded(last));
+            }
+        }
+        // Operators from the code with every literal, identifier and comment taken out, tokens
+        // kept adjacent as written (`===` may come as `==` and `=`).
+        let mut code = String::new();
+        for t in &tokens {
+            let s = t.to_string();
+            if !matches!(t, Token::Whitespace(_)) && s.chars().all(|c| OPERATOR_CHARS.contains(c)) {
+                code.push_str(&s);
+            } else {
+                code.push(' ');
+            }
+        }
+        self.operators.extend(operator_runs(&code));
+    }
+
+    /// Sorted, without repeats.
+    pub fn tidy(&mut self) {
+        for v in [&mut self.calls, &mut self.operators, &mut self.types] {
+            v.sort();
+            v.dedup();
+        }
+    }
+}
+
+fn folded(w: &sqlparser::tokenizer::Word) -> String {
+    if w.quote_style.is_some() {
+        w.value.clone()
+    } else {
+        w.value.to_lowercase()
+    }
+}
+
+/// Runs of operator characters in `code`, and all their substrings.
+fn operator_runs(code: &str) -> Vec<String> {
+    let chars: Vec<char> = code.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        if !OPERATOR_CHARS.contains(chars[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < chars.len() && OPERATOR_CHARS.contains(chars[i]) {
+            i += 1;
+        }
+        // Runs are short (a few characters): every substring is a candidate name.
+        let run = &chars[start..i.min(start + 63)];
+        for a in 0..run.len() {
+            for b in a + 1..=run.len() {
+                out.push(run[a..b].iter().collect());
+            }
+        }
+    }
+    out
+}
+
+/// The fallback for text the tokenizer refuses: alphanumeric words right before `(`.
+fn words_before_parens(text: &str) -> Vec<String> {
+    let b = text.as_bytes();
+    let mut out = Vec::new();
+    for (i, _) in text.match_indices('(') {
+        let mut end = i;
+        while end > 0 && b[end - 1] == b' ' {
+            end -= 1;
+        }
+        let mut start = end;
+        while start > 0 && (b[start - 1].is_ascii_alphanumeric() || b[start - 1] == b'_') {
+            start -= 1;
+        }
+        if start < end {
+            out.push(text[start..end].to_ascii_lowercase());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Mentions;
+
+    fn read(text: &str) -> Mentions {
+        let mut m = Mentions::default();
+        m.read(text);
+        m.tidy();
+        m
+    }
+
+    #[test]
+    fn names_before_parentheses() {
+        assert_eq!(
+            read("(public.side_ins(t.id) AND (nextval('s'::regclass) > 0))").calls,
+            ["and", "nextval", "side_ins"]
+        );
+        assert_eq!(
+            read("\"My \"\"F\"\"\"(x) + f2 (y)").calls,
+            ["My \"F\"", "f2"]
+        );
+        assert!(read("(1 + (2))").calls.is_empty());
+        // Text in a literal, a dollar quote or a comment is not a call.
+        assert!(
+            read("(t.note = 'legacy system (v1) it''s f(x)'::text)")
+                .calls
+                .is_empty()
+        );
+        assert!(read("t.note = $q$ g(x) $q$ -- h(y)\n").calls.is_empty());
+        assert!(read("t.note = E'\\' k(x)' /* m(z) */").calls.is_empty());
+    }
+
+    #[test]
+    fn operators_and_types() {
+        let m = read("(t.n === 3) AND t.x OPERATOR(public.@@!) 'a <-> b' AND t.y::public.dpos > 0");
+        for op in ["===", "==", "=", "@@!", "!", ">"] {
+            assert!(m.operators.contains(&op.to_string()), "{op}: {m:?}");
+        }
+        assert!(!m.operators.contains(&"<->".to_string()), "{m:?}");
+        assert_eq!(m.types, ["dpos"]);
+        assert_eq!(read("(x)::dpos").types, ["dpos"]);
+    }
+}
