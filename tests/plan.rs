@@ -679,6 +679,27 @@ batch: {{size: 100, target: 0}}
         );
         assert_eq!(snapshot(&c).await, before, "{name} wrote:\n{out}");
     }
+    // An assignment cast through a volatile function: no plan prints it.
+    c.batch_execute(
+        "CREATE TYPE mood AS ENUM ('calm');
+         CREATE FUNCTION side_cast(m mood) RETURNS bigint LANGUAGE plpgsql AS $$
+           BEGIN PERFORM nextval('s'); RETURN 1; END $$;
+         CREATE CAST (mood AS bigint) WITH FUNCTION side_cast(mood) AS ASSIGNMENT;
+         CREATE TABLE moody (id bigint PRIMARY KEY, m mood NOT NULL DEFAULT 'calm', v bigint);
+         INSERT INTO moody (id) SELECT i FROM generate_series(1, 3000) i;",
+    )
+    .await
+    .unwrap();
+    let cast = "UPDATE moody SET v = moody.m FROM t WHERE moody.id = t.id AND t.id = ANY($1)";
+    let (code, out, err) = run(&[&"plan", &spec("st_cast", "NOT done", cast, open)]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let sample = line_with(&out, "sample:");
+    assert!(
+        sample.contains("not run") && sample.contains("public.side_cast"),
+        "{out}"
+    );
+    assert_eq!(snapshot(&c).await, before, "st_cast wrote:\n{out}");
+    c.batch_execute("DROP CAST (mood AS bigint)").await.unwrap();
     // MERGE: EXPLAIN does not print its actions, nor the serial default an insert would use.
     c.batch_execute("CREATE TABLE q (id serial PRIMARY KEY, src bigint UNIQUE, v int)")
         .await

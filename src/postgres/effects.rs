@@ -7,10 +7,11 @@
 //! (MERGE and ON CONFLICT actions, LIMIT), then looked up in the catalog with what they reach:
 //! an operator's function, an aggregate's steps, a cast's function, a domain's CHECK, and the
 //! CHECKs of the tables written and of their domain columns. For MERGE the written table's
-//! defaults are checked too (`effectful_default`). Not seen: implicit casts through a
-//! user-defined volatile function, and functions declared STABLE or IMMUTABLE that write
-//! (planning, this check's own EXPLAIN included, may run those; such a function breaks
-//! Postgres's own rules).
+//! defaults are checked too (`effectful_default`). An implicit cast through such a function
+//! (a plan does not print it) counts when it casts from a column type of a relation in the
+//! plan. Not seen: functions declared STABLE or
+//! IMMUTABLE that write (planning, this check's own EXPLAIN included, may run those; such a
+//! function breaks Postgres's own rules).
 
 use super::errors::db_error;
 use super::mentions::Mentions;
@@ -126,13 +127,22 @@ pub async fn calls_in(c: &Client, doc: &serde_json::Value, sql: &str) -> Result<
         .into_iter()
         .map(|(schema, table, _)| format!("{}.{}", quoted(schema), quoted(table)))
         .collect();
+    let mut relations = Vec::new();
+    for query in doc.as_array().into_iter().flatten() {
+        relations_in(&query["Plan"], &mut relations);
+    }
+    relations.sort();
+    relations.dedup();
     let effectful: Vec<String> = EFFECTFUL.iter().map(|s| s.to_string()).collect();
     let mut found = Vec::new();
     let mut checks_read: Vec<String> = Vec::new();
     for round in 0..4 {
         m.tidy();
         let rows = c
-            .query(LOOKUP, &[&m.calls, &m.operators, &m.types, &effectful])
+            .query(
+                LOOKUP,
+                &[&m.calls, &m.operators, &m.types, &effectful, &relations],
+            )
             .await
             .map_err(|e| db_error("looking up the functions the spec's SQL calls", &e))?;
         found.extend(rows.iter().map(|r| r.get::<_, String>(0)));
@@ -161,7 +171,9 @@ pub async fn calls_in(c: &Client, doc: &serde_json::Value, sql: &str) -> Result<
 
 /// The volatile functions with an effect past the transaction ($4: the `EFFECTFUL` built-ins)
 /// reached through the names ($1), operator symbols ($2) and `::` types ($3) of `Mentions`.
-/// An operator's estimators run while planning, so they count too.
+/// An operator's estimators run while planning, so they count too. Implicit and assignment
+/// casts leave no trace in a plan's text: one through such a function counts when it casts
+/// from a type of a column of the relations in the plan ($5, `schema.table`) or a type named.
 const LOOKUP: &str = "
     WITH eff AS (
         SELECT p.oid, format('%s.%s', n.nspname, p.proname) AS name
@@ -183,6 +195,14 @@ const LOOKUP: &str = "
     SELECT format('%s (behind a cast to %s)', e.name, format_type(k.casttarget, NULL))
       FROM pg_cast k JOIN pg_type t ON t.oid = k.casttarget JOIN eff e ON e.oid = k.castfunc
      WHERE t.typname = ANY($3::text[])
+    UNION
+    SELECT format('%s (behind an implicit cast from %s to %s, which no plan prints)', e.name,
+                  format_type(k.castsource, NULL), format_type(k.casttarget, NULL))
+      FROM pg_cast k JOIN eff e ON e.oid = k.castfunc
+     WHERE k.castcontext IN ('i', 'a')
+       AND (k.castsource IN (SELECT a.atttypid FROM pg_attribute a
+                              WHERE a.attrelid IN (SELECT r::regclass FROM unnest($5::text[]) r))
+            OR k.castsource IN (SELECT t.oid FROM pg_type t WHERE t.typname = ANY($3::text[])))
     ORDER BY 1";
 
 /// The text of the CHECK constraints of the domains named ($1, and the domains they are
@@ -225,6 +245,16 @@ pub fn written_tables(doc: &serde_json::Value) -> Vec<(&str, &str, bool)> {
         walk(&query["Plan"], &mut out);
     }
     out
+}
+
+/// Every relation a plan scans or writes, as `schema.table`.
+fn relations_in(node: &serde_json::Value, out: &mut Vec<String>) {
+    if let (Some(s), Some(r)) = (node["Schema"].as_str(), node["Relation Name"].as_str()) {
+        out.push(format!("{}.{}", quoted(s), quoted(r)));
+    }
+    for child in node["Plans"].as_array().into_iter().flatten() {
+        relations_in(child, out);
+    }
 }
 
 /// `name` as an identifier Postgres reads back unchanged.
