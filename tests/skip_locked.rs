@@ -610,3 +610,69 @@ limits: {lock_timeout: 1s}
     drop(c);
     db.drop_db().await;
 }
+
+/// Rows skipped under `lock: skip_locked` by a run that was stopped mid-walk stay recorded; a
+/// run resumed with `lock: none` must still retry them before calling the job done. The end of
+/// a range once counted the recorded rows only under skip_locked, so the resumed run marked
+/// the range done and the skipped row was never processed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_skipped_before_a_resume_with_lock_none_are_still_retried() {
+    const ROWS: i64 = 2_000;
+    const HELD: i64 = 500;
+    let db = TestDb::new("locknone").await;
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT g FROM generate_series(1, {ROWS}) g;
+         ANALYZE t;"
+    ))
+    .await
+    .unwrap();
+    let spec = |lock: &str| {
+        db.spec(
+            "locknone.yaml",
+            &format!(
+                "name: lock-none
+postgres:
+  url: $URL
+  table: t
+  key: id
+  where: n = 0
+  lock: {lock}
+  statement: UPDATE t SET n = n + 1 WHERE id = ANY($1)
+batch: {{size: 100, target: 0, pause: 200ms}}
+"
+            ),
+        )
+    };
+    let holder = lock_rows(&db, &[HELD]).await;
+    let first = spec("skip_locked");
+    let mut r = spawn(db.dir.path(), "first", &[], &first);
+    r.wait_until(
+        "the held row to be recorded",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        async || has_store(&c).await && skipped_keys(&c, "lock-none").await == [HELD.to_string()],
+    )
+    .await;
+    let (code, out, err) = r.stop(Duration::from_secs(60)).await;
+    assert_eq!(code, 75, "stopped mid-walk:\n{out}\n{err}");
+    assert!(
+        count(&c, "SELECT count(*) FROM t WHERE n = 0").await > 1,
+        "the first run must stop before its walk is over"
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
+
+    let second = spec("none");
+    let r = spawn(db.dir.path(), "second", &[], &second);
+    let (code, out, err) = r.finish(Duration::from_secs(120)).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM t WHERE n = 1").await,
+        ROWS,
+        "every row once, the skipped one too:\n{out}"
+    );
+    assert!(skipped_keys(&c, "lock-none").await.is_empty());
+    drop(c);
+    db.drop_db().await;
+}

@@ -201,16 +201,14 @@ async fn run(
     };
     let t2 = Instant::now();
     // A short batch scanned to the end of the range: its walk is over. The range is done in
-    // the same transaction, or waits for its retry pass if rows were skipped.
+    // the same transaction, or waits for its retry pass if rows were skipped: by this run, or
+    // by an earlier one under `skip_locked` when this one resumed with `lock: none`.
     let next: Option<&'static str> = if !full {
-        let waiting: i64 = if skip_locked {
-            tx.query_one(&p.sql.skipped_count, &[&ctx.job, &a.range_no])
-                .await
-                .map_err(|e| db_error("counting skipped rows", &e))?
-                .get(0)
-        } else {
-            0
-        };
+        let waiting: i64 = tx
+            .query_one(&p.sql.skipped_count, &[&ctx.job, &a.range_no])
+            .await
+            .map_err(|e| db_error("counting skipped rows", &e))?
+            .get(0);
         Some(if waiting == 0 { DONE } else { RETRYING })
     } else {
         None
