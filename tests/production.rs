@@ -411,3 +411,80 @@ limits: {statement_timeout: 300ms}
     );
     db.drop_db().await;
 }
+
+/// A migration that takes ACCESS EXCLUSIVE on the table mid-run and keeps it: the batches hit
+/// lock_timeout and the run stops with 75 while the lock is still held. The progress refresh
+/// (an EXPLAIN of the table, every 30 s) once ran on a session with no lock_timeout, queued
+/// behind the lock, and held the loop that collects the workers' results: the run hung, its
+/// worker slot taken, and SIGTERM did not stop it, for as long as the migration held its lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_taken_mid_run_and_kept_stops_the_run_while_it_is_held() {
+    let db = TestDb::new("midlock").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT generate_series(1, 100000); ANALYZE t;",
+    )
+    .await
+    .unwrap();
+    // Slow batches: the run is still going when the refresh comes, 30 s in.
+    let spec = db.spec(
+        "job.yaml",
+        "name: midlock
+postgres:
+  url: $URL
+  table: t
+  key: id
+  where: n = 0
+  statement: UPDATE t SET n = n + 1 FROM (SELECT pg_sleep(0.05)) s WHERE id = ANY($1)
+batch: {size: 100, target: 0}
+limits: {lock_timeout: 1s}
+",
+    );
+    let child = spawn(db.dir.path(), "run", &[], &spec);
+    wait_until(
+        "the first batches",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        async || count(&c, "SELECT count(*) FROM t WHERE n = 1").await >= 300,
+    )
+    .await;
+    let mut m = db.client().await;
+    let tx = m.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let locked = std::time::Instant::now();
+    let (code, out, err) = child.finish(Duration::from_secs(120)).await;
+    eprintln!(
+        "the run stopped {:?} after the lock was taken",
+        locked.elapsed()
+    );
+    assert_eq!(
+        code, 75,
+        "a run behind a lock it cannot get stops:\n{out}\n{err}"
+    );
+    tx.rollback().await.unwrap();
+    let left = count(&c, "SELECT count(*) FROM t WHERE n = 0").await;
+    assert!(left > 0, "the run was meant to stop before its end");
+    // Resumed without the sleep (the same job, its statement edited).
+    let fast = db.spec(
+        "job.yaml",
+        "name: midlock
+postgres:
+  url: $URL
+  table: t
+  key: id
+  where: n = 0
+  statement: UPDATE t SET n = n + 1 WHERE id = ANY($1)
+",
+    );
+    let (code, out, err) = run(&[&"run", &fast]);
+    assert_eq!(code, 0, "resumed once the lock is gone:\n{out}\n{err}");
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM t WHERE n = 1").await,
+        100000
+    );
+    drop(m);
+    db.drop_db().await;
+}

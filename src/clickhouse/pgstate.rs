@@ -65,6 +65,10 @@ fn lock_lost(why: impl std::fmt::Display) -> Error {
     )))
 }
 
+/// How long a store session waits for a lock (a migration's on the store's tables, say)
+/// before its statement fails and the run stops, rather than hang for as long as it is held.
+const STORE_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 const COLUMNS: &str = "chunk, def, level, status, rows, source_rows, attempts, memory_bytes, \
                        code, light, error, staging, partitions, part_rows, mark, children, \
                        spec_hash, runner, started, updated, finished";
@@ -74,7 +78,7 @@ impl PgState {
     /// verify) cannot write, whatever happens. Connects lazily.
     pub fn open(url: &str, schema: &str, job: &str, read_only: bool) -> Result<PgState> {
         Ok(PgState {
-            pool: connect::pool(url, job, read_only, 4)?,
+            pool: connect::pool(url, job, read_only, 4, STORE_LOCK_TIMEOUT)?,
             url: url.to_string(),
             schema: schema.to_string(),
             fence: std::sync::Mutex::new(None),

@@ -12,6 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
+/// The longest a progress refresh may hold the loop that collects the workers' results.
+const ESTIMATE_REFRESH: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     /// Run finished jobs again from the start.
@@ -393,9 +396,11 @@ async fn run_workers<B: Backend>(
             _ = tick.tick() => {
                 let due = shared.progress.lock().expect("progress lock").needs_refresh();
                 if due {
-                    match backend.estimate().await {
-                        Ok(e) => shared.progress.lock().expect("progress lock").refresh(e),
-                        Err(e) => tracing::debug!(error = %e, "could not refresh the estimate"),
+                    // Bounded: the workers' results and the stop wait on this loop.
+                    match tokio::time::timeout(ESTIMATE_REFRESH, backend.estimate()).await {
+                        Ok(Ok(e)) => shared.progress.lock().expect("progress lock").refresh(e),
+                        Ok(Err(e)) => tracing::debug!(error = %e, "could not refresh the estimate"),
+                        Err(_) => tracing::debug!("the estimate took too long; kept the last one"),
                     }
                 }
             }

@@ -29,7 +29,16 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// `application_name` = `backfill:<job>` so DBAs can see who is working. TLS follows the
 /// URL's `sslmode` and `sslrootcert` (see `tls`); the CA file is read here.
 /// `read_only` sessions default to read-only transactions (`plan`, `status`, `verify`).
-pub fn pool(url: &str, job: &str, read_only: bool, size: usize) -> Result<Pool> {
+/// `lock_timeout` (zero: the server's) bounds every lock wait of the session: a batch sets
+/// its own per transaction, but the store's writes, the estimate's EXPLAIN and the preflight
+/// would otherwise queue behind a migration's ACCESS EXCLUSIVE lock for as long as it is held.
+pub fn pool(
+    url: &str,
+    job: &str,
+    read_only: bool,
+    size: usize,
+    lock_timeout: Duration,
+) -> Result<Pool> {
     let invalid = |e: String| Error::Connect(format!("{}: invalid URL: {e}", redact_url(url)));
     let (rest, tls) = tls::split_url(url).map_err(invalid)?;
     let mut cfg: tokio_postgres::Config = rest.parse().map_err(|e| invalid(format!("{e}")))?;
@@ -44,15 +53,19 @@ pub fn pool(url: &str, job: &str, read_only: bool, size: usize) -> Result<Pool> 
     // string literal is an ordinary character. A database or role set to `off` would read
     // `'a\' OR ...` as an escaped quote and let the rest of `where` out of its parentheses:
     // it comes after the URL's own `options`, so that nothing can set it otherwise.
-    let options = format!(
-        "{} -c standard_conforming_strings=on{}",
-        cfg.get_options().unwrap_or(""),
-        if read_only {
-            " -c default_transaction_read_only=on"
-        } else {
-            ""
-        }
+    let mut options = format!(
+        "{} -c standard_conforming_strings=on",
+        cfg.get_options().unwrap_or("")
     );
+    if read_only {
+        options.push_str(" -c default_transaction_read_only=on");
+    }
+    if !lock_timeout.is_zero() {
+        options.push_str(&format!(
+            " -c lock_timeout={}",
+            lock_timeout.as_millis().max(1)
+        ));
+    }
     cfg.options(options.trim());
     if cfg.get_connect_timeout().is_none() {
         cfg.connect_timeout(CONNECT_TIMEOUT);

@@ -46,6 +46,7 @@ pub fn open(spec: &Spec, pg: &PostgresSpec, access: Access, workers: u32) -> Res
         &spec.name,
         access == Access::ReadOnly,
         workers as usize + 4,
+        spec.limits.lock_timeout,
     )?;
     Ok(PgJob::new(pool, spec, pg, pg.verify.clone(), workers))
 }
