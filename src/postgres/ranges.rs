@@ -1,7 +1,8 @@
 //! Cutting a job's key space into ranges `(lo, hi]` that workers claim: bounds from the key's
 //! histogram in `pg_stats` (equal numbers of rows per range), else from a block sample of the
 //! table, never from a full scan. The first range starts below every key and the last one has
-//! no upper bound, so keys inserted later anywhere are still covered.
+//! no upper bound, so no key falls outside every range. (Rows committed behind a cursor after
+//! the walk passed, or whose key moves behind it, are not walked: README, "What a walk sees".)
 
 use super::errors::db_error;
 use super::store::Store;
