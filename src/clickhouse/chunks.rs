@@ -75,7 +75,7 @@ impl ValueKind {
 }
 
 /// What the source's columns hold (read at preflight): how chunk predicates are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Kinds {
     pub time: TimeKind,
     pub value: ValueKind,
@@ -109,8 +109,8 @@ impl Chunk {
     }
 
     /// The predicate substituted for `{chunk}`.
-    pub fn predicate(&self, spec: &ClickhouseSpec, kinds: Kinds) -> String {
-        let time = time_predicate(spec, kinds.time, self.from, self.to);
+    pub fn predicate(&self, spec: &ClickhouseSpec, kinds: &Kinds) -> String {
+        let time = time_predicate(spec, &kinds.time, self.from, self.to);
         let (Some(v), Some(col)) = (&self.values, &spec.split_column) else {
             return time;
         };
@@ -182,11 +182,17 @@ impl Chunk {
 }
 
 /// What `time_column` holds, read from the server: it decides how boundaries are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TimeKind {
     Date,
-    #[default]
-    DateTime,
+    /// With the column's own time zone (`DateTime('Asia/Tokyo')`), if its type names one.
+    DateTime(Option<String>),
+}
+
+impl Default for TimeKind {
+    fn default() -> TimeKind {
+        TimeKind::DateTime(None)
+    }
 }
 
 impl TimeKind {
@@ -197,7 +203,12 @@ impl TimeKind {
             .trim_start_matches("Nullable(")
             .trim_start_matches("LowCardinality(");
         if t.starts_with("DateTime") {
-            Some(TimeKind::DateTime)
+            // The zone is the type's one quoted argument: DateTime64(3, 'Asia/Tokyo').
+            let zone = t
+                .split_once('\'')
+                .and_then(|(_, rest)| rest.split_once('\''))
+                .map(|(zone, _)| zone.to_string());
+            Some(TimeKind::DateTime(zone))
         } else if t.starts_with("Date") {
             Some(TimeKind::Date)
         } else {
@@ -207,21 +218,35 @@ impl TimeKind {
 }
 
 /// `col >= '2025-11-01 00:00:00' AND col < '2025-12-01 00:00:00'`: the column compared with
-/// string literals, which ClickHouse parses in the column's own time zone (so boundaries agree
-/// with `toDate(col)`), and which prune partitions and the primary key. Wrapping the column in
-/// `toDate()` instead reads the whole table on 18.16 (measured: 30M of 30M rows per day chunk).
+/// constants, which prune partitions and the primary key (wrapping the column in `toDate()`
+/// instead reads the whole table on 18.16: measured 30M of 30M rows per day chunk). The
+/// boundaries must agree with `toDate(col)`, which cuts days in the column's time zone: a
+/// column with a zone of its own gets `toDateTime('...', 'zone')` (18.16 reads a bare string
+/// in the server's zone, 26.x in the column's), one without gets a bare string (both read it
+/// in the server's zone, as `toDate` does). A chunk from 1970-01-01, the least `Date`, has no
+/// lower bound: `toDate` puts every earlier time there (epoch 0 in a zone west of UTC is
+/// 1969-12-31 there, and would otherwise be in no chunk).
 pub fn time_predicate(
     spec: &ClickhouseSpec,
-    kind: TimeKind,
+    kind: &TimeKind,
     from: NaiveDate,
     to: NaiveDate,
 ) -> String {
     let col = ident(&spec.time_column);
     let at = |d: NaiveDate| match kind {
         TimeKind::Date => literal(&d.to_string()),
-        TimeKind::DateTime => literal(&format!("{d} 00:00:00")),
+        TimeKind::DateTime(None) => literal(&format!("{d} 00:00:00")),
+        TimeKind::DateTime(Some(zone)) => format!(
+            "toDateTime({}, {})",
+            literal(&format!("{d} 00:00:00")),
+            literal(zone)
+        ),
     };
-    format!("{col} >= {} AND {col} < {}", at(from), at(to))
+    let upper = format!("{col} < {}", at(to));
+    if from <= NaiveDate::from_ymd_opt(1970, 1, 1).expect("a date") {
+        return upper;
+    }
+    format!("{col} >= {} AND {upper}", at(from))
 }
 
 fn month_start(d: NaiveDate) -> NaiveDate {
@@ -330,10 +355,16 @@ pub(super) mod tests {
 
     #[test]
     fn boundaries_compare_the_column_itself() {
-        assert_eq!(TimeKind::of("DateTime('UTC')"), Some(TimeKind::DateTime));
+        let zoned = |z: &str| Some(TimeKind::DateTime(Some(z.to_string())));
+        assert_eq!(TimeKind::of("DateTime('UTC')"), zoned("UTC"));
+        assert_eq!(TimeKind::of("DateTime"), Some(TimeKind::DateTime(None)));
         assert_eq!(
             TimeKind::of("Nullable(DateTime64(3))"),
-            Some(TimeKind::DateTime)
+            Some(TimeKind::DateTime(None))
+        );
+        assert_eq!(
+            TimeKind::of("Nullable(DateTime64(3, 'Asia/Tokyo'))"),
+            zoned("Asia/Tokyo")
         );
         assert_eq!(TimeKind::of("Date"), Some(TimeKind::Date));
         assert_eq!(TimeKind::of("Date32"), Some(TimeKind::Date));
@@ -341,12 +372,22 @@ pub(super) mod tests {
         let spec = spec();
         let (f, t) = (d("2025-11-01"), d("2025-12-01"));
         assert_eq!(
-            time_predicate(&spec, TimeKind::DateTime, f, t),
+            time_predicate(&spec, &TimeKind::DateTime(None), f, t),
             "`ran_at` >= '2025-11-01 00:00:00' AND `ran_at` < '2025-12-01 00:00:00'"
         );
         assert_eq!(
-            time_predicate(&spec, TimeKind::Date, f, t),
+            time_predicate(&spec, &TimeKind::DateTime(Some("Asia/Tokyo".into())), f, t),
+            "`ran_at` >= toDateTime('2025-11-01 00:00:00', 'Asia/Tokyo') \
+             AND `ran_at` < toDateTime('2025-12-01 00:00:00', 'Asia/Tokyo')"
+        );
+        assert_eq!(
+            time_predicate(&spec, &TimeKind::Date, f, t),
             "`ran_at` >= '2025-11-01' AND `ran_at` < '2025-12-01'"
+        );
+        // The least Date takes every earlier time: no lower bound.
+        assert_eq!(
+            time_predicate(&spec, &TimeKind::Date, d("1970-01-01"), t),
+            "`ran_at` < '2025-12-01'"
         );
     }
 
@@ -363,17 +404,20 @@ pub(super) mod tests {
         assert_eq!(b.id(&spec), "2025-11-03/project_id[9..)");
         // The lowest half of every split keeps the rows whose value is NULL.
         assert!(
-            a.predicate(&spec, kinds)
+            a.predicate(&spec, &kinds)
                 .ends_with("AND (`project_id` < 9 OR `project_id` IS NULL)")
         );
-        assert!(b.predicate(&spec, kinds).ends_with("AND `project_id` >= 9"));
+        assert!(
+            b.predicate(&spec, &kinds)
+                .ends_with("AND `project_id` >= 9")
+        );
         let [c, e] = b.halves("12", Some("9"), true);
         assert_eq!(c.id(&spec), "2025-11-03/project_id=9");
-        assert!(c.predicate(&spec, kinds).ends_with("AND `project_id` = 9"));
+        assert!(c.predicate(&spec, &kinds).ends_with("AND `project_id` = 9"));
         assert_eq!(e.id(&spec), "2025-11-03/project_id=12");
         let [g, _] = a.halves("5", Some("1"), false);
         assert!(
-            g.predicate(&spec, kinds)
+            g.predicate(&spec, &kinds)
                 .ends_with("AND (`project_id` = 1 OR `project_id` IS NULL)")
         );
         let text = Kinds {
@@ -381,7 +425,7 @@ pub(super) mod tests {
             value: ValueKind::Text,
         };
         assert!(
-            a.predicate(&spec, text)
+            a.predicate(&spec, &text)
                 .ends_with("AND (`project_id` < '9' OR `project_id` IS NULL)")
         );
         assert_eq!(ValueKind::Number.sql("1; DROP"), "'1; DROP'");

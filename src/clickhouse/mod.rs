@@ -67,7 +67,7 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn kinds(&self) -> Kinds {
-        self.kinds.get().copied().unwrap_or_default()
+        self.kinds.get().cloned().unwrap_or_default()
     }
 
     /// `Err(Stopped)` once the lock was taken over by another runner or its connection is
@@ -198,7 +198,7 @@ impl ChJob {
         let kinds = self.ctx.kinds();
         let rows = match spec.chunks.first() {
             Some(ChunkLevel::Month) => {
-                planner::month_rows(&self.ctx.db.client, spec, kinds.time, from, to).await?
+                planner::month_rows(&self.ctx.db.client, spec, &kinds.time, from, to).await?
             }
             Some(ChunkLevel::Day) => {
                 let all = chunks::Chunk {
@@ -209,13 +209,13 @@ impl ChJob {
                     values: None,
                     rows: None,
                 };
-                planner::day_rows(&self.ctx.db.client, spec, kinds, &all).await?
+                planner::day_rows(&self.ctx.db.client, spec, &kinds, &all).await?
             }
             _ => Default::default(),
         };
         for c in &mut top {
             c.rows = if rows.is_empty() && spec.chunks.first() == Some(&ChunkLevel::Split) {
-                Some(planner::chunk_rows(&self.ctx.db.client, spec, kinds, c).await?)
+                Some(planner::chunk_rows(&self.ctx.db.client, spec, &kinds, c).await?)
             } else {
                 Some(rows.get(&c.label).copied().unwrap_or(0))
             };

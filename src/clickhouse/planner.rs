@@ -28,9 +28,15 @@ pub async fn range(c: &Client, spec: &ClickhouseSpec) -> Result<Option<(NaiveDat
     if r[2] == "0" {
         return Ok(None);
     }
-    let parse = |s: &str| {
-        s.parse::<NaiveDate>()
-            .map_err(|e| Error::Preflight(format!("source time range {s:?}: {e}")))
+    // 18.16 prints the least Date (1970-01-01, where `toDate` puts a DateTime never set, epoch
+    // 0, and every earlier time of a zone west of UTC) as 0000-00-00.
+    let parse = |s: &str| match s {
+        "0000-00-00" => Ok(NaiveDate::from_ymd_opt(1970, 1, 1).expect("a date")),
+        _ => s.parse::<NaiveDate>().map_err(|e| {
+            Error::Preflight(format!(
+                "source time range {s:?}: {e}; set clickhouse.from and clickhouse.to"
+            ))
+        }),
     };
     let from = spec.from.unwrap_or(parse(&r[0])?);
     let to = spec.to.unwrap_or(parse(&r[1])? + Days::new(1));
@@ -41,7 +47,7 @@ pub async fn range(c: &Client, spec: &ClickhouseSpec) -> Result<Option<(NaiveDat
 pub async fn month_rows(
     c: &Client,
     spec: &ClickhouseSpec,
-    kind: TimeKind,
+    kind: &TimeKind,
     from: NaiveDate,
     to: NaiveDate,
 ) -> Result<HashMap<String, u64>> {
@@ -77,7 +83,7 @@ pub async fn month_rows(
 pub async fn day_rows(
     c: &Client,
     spec: &ClickhouseSpec,
-    kinds: Kinds,
+    kinds: &Kinds,
     chunk: &Chunk,
 ) -> Result<HashMap<String, u64>> {
     let sql = format!(
@@ -93,7 +99,7 @@ pub async fn day_rows(
 pub async fn chunk_rows(
     c: &Client,
     spec: &ClickhouseSpec,
-    kinds: Kinds,
+    kinds: &Kinds,
     chunk: &Chunk,
 ) -> Result<u64> {
     let sql = format!(
@@ -110,7 +116,7 @@ pub async fn chunk_rows(
 pub async fn median(
     c: &Client,
     spec: &ClickhouseSpec,
-    kinds: Kinds,
+    kinds: &Kinds,
     chunk: &Chunk,
 ) -> Result<Option<(String, Option<String>, bool)>> {
     let col = ident(spec.split_column.as_deref().unwrap_or_default());

@@ -91,7 +91,7 @@ impl ChWorker {
     /// `split_column` value (or the ladder ends).
     async fn children(&self, c: &Chunk) -> Result<Vec<Chunk>> {
         let ctx = &self.ctx;
-        let (spec, kinds, client) = (&ctx.spec, ctx.kinds(), &ctx.db.client);
+        let (spec, kinds, client) = (&ctx.spec, &ctx.kinds(), &ctx.db.client);
         let below = if c.values.is_some() || c.level == ChunkLevel::Split {
             Some(ChunkLevel::Split)
         } else {
@@ -100,13 +100,14 @@ impl ChWorker {
         let mut kids = match below {
             None | Some(ChunkLevel::Month) => Vec::new(),
             Some(ChunkLevel::Day) => {
+                // Every day, the empty ones too: together they cover the chunk, and rows that
+                // arrive later on a day empty now are still in one of them.
                 let rows = planner::day_rows(client, spec, kinds, c).await?;
                 super::chunks::days(c.from, c.to)
                     .into_iter()
-                    .filter_map(|mut d| {
-                        let n = rows.get(&d.label).copied().unwrap_or(0);
-                        d.rows = Some(n);
-                        (n > 0).then_some(d)
+                    .map(|mut d| {
+                        d.rows = Some(rows.get(&d.label).copied().unwrap_or(0));
+                        d
                     })
                     .collect()
             }
@@ -212,7 +213,7 @@ impl ChWorker {
         let sql = spec
             .statement
             .replace("{target}", &staging)
-            .replace("{chunk}", &c.predicate(spec, ctx.kinds()));
+            .replace("{chunk}", &c.predicate(spec, &ctx.kinds()));
         ctx.landing.fresh(&staging).await?;
         // The lighter settings come last: where both set one, theirs wins.
         let capped = ctx.capped.get().map_or(&[][..], Vec::as_slice);
