@@ -1040,6 +1040,52 @@ ch_test! {
 }
 
 ch_test! {
+    /// `run --rerun` of a finished job, killed while it restores the target (one partition
+    /// back to what it held before the job, the next one not yet): the next run must not take
+    /// the job for done. It did, because the restore came before the job's records were
+    /// forgotten: "skipped (already done)", exit 0, and the restored partition's rows gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rerun_killed_while_it_restores_loses_no_row(srv) {
+        let db = ChDb::new_on(&srv, "rerunkill");
+        build_days(&db, 6, 1000);
+        let reference = source_digest(&db);
+        let spec = days_spec(&db, "rerunkill", "$URL", "");
+        let (code, out, err) = run(&[&"run", &spec]);
+        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        assert_eq!(target_digest(&db), reference);
+        // The target (agg) has four partitions: the restore's second one is held, after the
+        // first is dropped.
+        let proxy = FaultProxy::start_http(srv.addr()).await;
+        let held = proxy.add_rule(
+            Rule::new(Fault::HoldUntilReleased)
+                .matching(|r| {
+                    let t = r.text();
+                    t.contains("DROP PARTITION") || t.contains("REPLACE PARTITION")
+                })
+                .nth(2),
+        );
+        let via = days_spec(&db, "rerunkill", &proxy.url_for(&db.url), "");
+        let mut r = spawn(db.dir.path(), "rerun", &["--rerun"], &via);
+        r.wait_until(
+            "the restore's second partition",
+            Duration::from_secs(120),
+            Duration::from_millis(20),
+            async || proxy.rule_fired(held) > 0,
+        )
+        .await;
+        r.kill();
+        drop(proxy);
+        assert_ne!(target_digest(&db), reference, "the first partition was restored");
+        let spec = days_spec(&db, "rerunkill", "$URL", "");
+        let (code, out, err) = run(&[&"run", &spec]);
+        let all = all_output(&out, &err);
+        assert_eq!(code, 0, "{all}");
+        assert!(!out.contains("0 run, 1 skipped"), "taken for done: {all}");
+        assert_eq!(target_digest(&db), reference, "every row once: {all}");
+    }
+}
+
+ch_test! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn another_writer_keeps_its_rows_and_another_job_is_refused(srv) {
         let db = ChDb::new_on(&srv, "writers");

@@ -236,7 +236,14 @@ impl ChJob {
         let restart = restart || start_over;
         if restart || !has_job {
             // A --rerun, a reset, or a lost state table: whatever the job landed before must
-            // not be landed on top of again.
+            // not be landed on top of again. Its records go first, as `reset` does: killed
+            // while restoring, the job is then one with no state, whose next run restores
+            // again (restoring twice is restoring once), never one still recorded done
+            // whose rows the restore already took out of the target.
+            if restart {
+                ctx.store.forget(&ctx.job).await?;
+                records.clear();
+            }
             let replaces = !ctx.landing.moves();
             if replaces {
                 ctx.merges_stopped(true).await?;
@@ -250,10 +257,6 @@ impl ChJob {
                     "restored {restored} partition(s) of the target to what they held before \
                      this job first landed in them; every chunk lands again"
                 );
-            }
-            if restart {
-                ctx.store.forget(&ctx.job).await?;
-                records.clear();
             }
         }
         let range = self.range(&records).await?;
