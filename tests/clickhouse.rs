@@ -2073,6 +2073,31 @@ ch_test! {
     }
 }
 
+/// 18.16: the state write noting that the target's merges run again after a chunk landed loses
+/// its answer. The chunk is recorded done; its retry once found it done but left it among the
+/// chunks in flight, and the run waited for it for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v18_a_lost_answer_after_a_chunk_landed_does_not_hold_the_run() {
+    let srv = common::ch::ChServer::v18();
+    let db = ChDb::new_on(&srv, "mergesnote");
+    build_days(&db, 3, 1000);
+    let reference = source_digest(&db);
+    let proxy = FaultProxy::start_http(srv.addr()).await;
+    // The first such note is written at the start, the second after the first chunk landed.
+    let lost = proxy.add_rule(
+        Rule::new(Fault::DropResponse)
+            .matching(|r| r.text().contains("'#merges', '', '', ''"))
+            .nth(2),
+    );
+    let spec = days_spec(&db, "mergesnote", &proxy.url_for(&db.url), "");
+    let r = spawn(db.dir.path(), "run", &[], &spec);
+    let (code, out, err) = r.finish(Duration::from_secs(120)).await;
+    let all = all_output(&out, &err);
+    assert_eq!(proxy.rule_fired(lost), 1, "{all}");
+    assert_eq!(code, 0, "{all}");
+    assert_eq!(target_digest(&db), reference, "{all}");
+}
+
 /// A pause does not hold back the landing of a chunk an earlier run left staged: on 18.16 the
 /// target's merges stay stopped until it has landed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -401,6 +401,12 @@ impl ChWorker {
             return self.land(&c, rec, None).await;
         }
         if rec.status == DONE {
+            // Done by an earlier attempt of this run whose last step failed (the state write
+            // after the landing, say), or by another runner: out of the tree's chunks in flight
+            // too, or the job waits on it for ever.
+            if let Some(t) = ctx.tree.lock().await.as_mut() {
+                t.finish(&ctx.spec, &c, false);
+            }
             self.held = None;
             return Ok(Outcome {
                 unit_done: true,
