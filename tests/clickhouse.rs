@@ -249,6 +249,47 @@ ch_test! {
 }
 
 ch_test! {
+    /// A day chunk keeps the rows it had when its month was split. A row arriving on that day
+    /// before the day itself is split (a run killed in between) once made every later run
+    /// refuse the split ("its smaller chunks hold N+1 rows, the chunk N"), for good.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_chunk_whose_source_grew_since_it_was_cut_is_still_split(srv) {
+        let db = ChDb::new_on(&srv, "grew");
+        skew(&db, false);
+        let proxy = FaultProxy::start_http(srv.addr()).await;
+        let heavy = format!("`ran_at` >= '{HEAVY_DAY} 00:00:00'");
+        let held = proxy.add_rule(Rule::new(Fault::HoldUntilReleased).matching(move |r| {
+            let t = r.text();
+            t.contains("INSERT INTO") && t.contains(&heavy)
+        }));
+        let via = skew_spec(&db, "grew.yaml", "grew", PINNED, SKEW_STATEMENT);
+        let url = db.url.clone();
+        edit_spec(&via, &url, &proxy.url_for(&url));
+        let mut r = spawn(db.dir.path(), "first", &[], &via);
+        r.wait_until(
+            "the heavy day's attempt",
+            Duration::from_secs(120),
+            Duration::from_millis(20),
+            async || proxy.rule_fired(held) > 0,
+        )
+        .await;
+        r.kill();
+        drop(proxy);
+        db.q(&format!("INSERT INTO runs VALUES ('{HEAVY_DAY} 12:00:00', 3, 42, 7)"));
+        let reference = source_digest(&db);
+        let spec = skew_spec(&db, "grew.yaml", "grew", PINNED, SKEW_STATEMENT);
+        let (code, out, err) = run(&[&"run", &spec]);
+        let all = all_output(&out, &err);
+        assert_eq!(code, 0, "{all}");
+        assert!(
+            err.contains(&format!("splitting chunk {HEAVY_DAY} into 2 split chunk(s)")),
+            "{all}"
+        );
+        assert_eq!(target_digest(&db), reference, "{all}");
+    }
+}
+
+ch_test! {
     #[test]
     fn a_month_that_runs_out_of_memory_fits_with_lighter_settings(srv) {
         let db = ChDb::new_on(&srv, "light");

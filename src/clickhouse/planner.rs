@@ -110,6 +110,43 @@ pub async fn chunk_rows(
     number(c, &sql, "counting the chunk's rows").await
 }
 
+/// A chunk's source rows and each of its children's, read in one query (one set of parts),
+/// so that rows written meanwhile count on both sides: (the chunk's rows, each child's).
+pub async fn cover(
+    c: &Client,
+    spec: &ClickhouseSpec,
+    kinds: &Kinds,
+    chunk: &Chunk,
+    kids: &[Chunk],
+) -> Result<(u64, Vec<u64>)> {
+    let each: Vec<String> = kids
+        .iter()
+        .map(|k| format!("countIf({})", k.predicate(spec, kinds)))
+        .collect();
+    let sql = format!(
+        "SELECT count(), {} FROM {} WHERE {}",
+        each.join(", "),
+        ident(&spec.source),
+        chunk.predicate(spec, kinds)
+    );
+    let r = rows(
+        c,
+        &sql,
+        "counting the rows of a chunk and of its smaller chunks",
+    )
+    .await?;
+    let nums: Vec<u64> = r
+        .first()
+        .map(|r| r.iter().filter_map(|v| v.parse().ok()).collect())
+        .unwrap_or_default();
+    match nums.split_first() {
+        Some((&n, each)) if each.len() == kids.len() => Ok((n, each.to_vec())),
+        _ => Err(Error::fatal(
+            "counting the rows of a chunk and of its smaller chunks: no answer",
+        )),
+    }
+}
+
 /// Where to cut a chunk's `split_column` values in half: `None` if it holds fewer than two;
 /// else the first value of the upper half, with the lower half's only value if it has one, and
 /// whether the upper half has one.

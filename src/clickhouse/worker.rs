@@ -163,13 +163,18 @@ impl ChWorker {
                 self.even_lighter()
             )));
         }
-        let covered: u64 = kids.iter().filter_map(|k| k.rows).sum();
-        if let Some(n) = c.rows
-            && covered != n
-        {
+        // The children must hold every row of the chunk: counted together, now (the count
+        // kept with the chunk dates from when it was cut, and the source may have grown).
+        let mut kids = kids;
+        let (n, each) = planner::cover(&ctx.db.client, &ctx.spec, &ctx.kinds(), c, &kids).await?;
+        for (k, rows) in kids.iter_mut().zip(&each) {
+            k.rows = Some(*rows);
+        }
+        let covered: u64 = each.iter().sum();
+        if covered != n {
             return Err(Error::fatal(format!(
-                "chunk {id}: its {} smaller chunks hold {covered} rows, the chunk {n}; the \
-                 source changed while the job ran? Not splitting",
+                "chunk {id}: its {} smaller chunks hold {covered} of its {n} rows, counted \
+                 together: not splitting a chunk whose parts would leave rows out",
                 kids.len()
             )));
         }
