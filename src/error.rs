@@ -136,6 +136,12 @@ impl Error {
         match self {
             Error::Spec(_) | Error::Usage(_) => EXIT_USAGE,
             Error::Stopped(_) | Error::Lost(_) => EXIT_STOPPED,
+            // Another session's lock outlasted lock_timeout (a migration's, on the table or the
+            // store): nothing is wrong with the job or the spec; run again later.
+            Error::Db {
+                kind: DbErrorKind::LockTimeout,
+                ..
+            } => EXIT_STOPPED,
             Error::Connect(_)
             | Error::Preflight(_)
             | Error::Db { .. }

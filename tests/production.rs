@@ -488,3 +488,99 @@ postgres:
     drop(m);
     db.drop_db().await;
 }
+
+/// A lock held elsewhere past lock_timeout outside the batches is a reason to run again later,
+/// not a failure: the final verify behind a migration's lock stops the run with 75 and the job
+/// recorded `stopped`, and `verify` alone exits 75 (not 1, which means "not done"). Both once
+/// exited 1, and the run recorded the job `failed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_outside_the_batches_stops_with_75_not_a_failure() {
+    let db = TestDb::new("verifylock").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT generate_series(1, 500);
+         CREATE TABLE audit (id int);",
+    )
+    .await
+    .unwrap();
+    let spec = db.spec(
+        "job.yaml",
+        "name: verifylock
+postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: UPDATE t SET n = n + 1 WHERE id = ANY($1)
+  verify: SELECT (SELECT count(*) FROM t WHERE n = 0) + (SELECT count(*) FROM audit)
+batch: {size: 10, target: 0, pause: 50ms}
+limits: {lock_timeout: 500ms}
+",
+    );
+    // The migration takes its lock once the walk is under way; the verify at the end meets it.
+    let child = spawn(db.dir.path(), "run", &[], &spec);
+    wait_until(
+        "the first batches",
+        Duration::from_secs(30),
+        Duration::from_millis(20),
+        async || count(&c, "SELECT count(*) FROM t WHERE n = 1").await >= 50,
+    )
+    .await;
+    let mut m = db.client().await;
+    let tx = m.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE audit IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let (code, out, err) = child.finish(Duration::from_secs(60)).await;
+    assert_eq!(code, 75, "{out}\n{err}");
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 500);
+    let j = job_row(&c, "verifylock").await.expect("job recorded");
+    assert_eq!(j.status, "stopped", "{j:?}");
+    let (code, out, err) = run(&[&"verify", &spec]);
+    assert_eq!(code, 75, "{out}\n{err}");
+    tx.rollback().await.unwrap();
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (code, out, err) = run(&[&"verify", &spec]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    drop(m);
+    db.drop_db().await;
+}
+
+/// `plan` on a busy table: a row of the first sample batch held by the application. The
+/// sample once waited for it and failed the plan on lock_timeout (exit 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_samples_pass_over_rows_the_application_holds() {
+    let db = TestDb::new("planbusy").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT generate_series(1, 500);",
+    )
+    .await
+    .unwrap();
+    let spec = db.spec(
+        "job.yaml",
+        "name: planbusy
+postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: UPDATE t SET n = n + 1 WHERE id = ANY($1)
+batch: {size: 100, target: 0}
+limits: {lock_timeout: 300ms}
+",
+    );
+    let mut m = db.client().await;
+    let tx = m.transaction().await.unwrap();
+    tx.batch_execute("SELECT 1 FROM t WHERE id = 3 FOR UPDATE")
+        .await
+        .unwrap();
+    let (code, out, err) = run(&[&"plan", &spec]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("rolled back"), "the samples ran: {out}");
+    tx.rollback().await.unwrap();
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n > 0").await, 0);
+    drop(m);
+    db.drop_db().await;
+}

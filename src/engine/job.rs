@@ -280,6 +280,14 @@ async fn run<B: Backend>(
     let (status, message) = match &result {
         Ok(()) => (Status::Done, None),
         Err(Error::Stopped(r)) => (Status::Stopped, Some(r.to_string())),
+        // A lock held elsewhere past lock_timeout outside the batches (the final verify, the
+        // store): stopped, to be run again, as a batch's exhausted lock retries are.
+        Err(
+            e @ Error::Db {
+                kind: crate::error::DbErrorKind::LockTimeout,
+                ..
+            },
+        ) => (Status::Stopped, Some(e.to_string())),
         Err(e) => (Status::Failed, Some(e.to_string())),
     };
     crate::metrics::status(job, status.as_str());

@@ -379,6 +379,11 @@ impl Backend for PgJob {
             .await
             .map_err(|e| db_error("writing the checkpoint store", &e))?;
         let lock = store.lock_key(job, "start");
+        // Runners of one job starting together queue here behind each other's short start
+        // transactions: not bounded by the session's lock_timeout (another session's locks).
+        tx.batch_execute("SET LOCAL lock_timeout = '60s'")
+            .await
+            .map_err(|e| db_error("writing the checkpoint store", &e))?;
         tx.execute(
             "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
             &[&lock],

@@ -144,8 +144,11 @@ impl BatchSql {
             }
         };
         let r = range(2, 3);
+        // plan's sample batches lock their keys as a walk does, passing over rows the
+        // application holds: waiting on one would fail the plan on a busy table.
         let sample = format!(
-            "WITH backfill__b AS (SELECT {key} AS k FROM {rel} WHERE {r} ORDER BY {key} LIMIT $1)
+            "WITH backfill__b AS (SELECT {key} AS k FROM {rel} WHERE {r} ORDER BY {key} LIMIT $1
+                                  FOR UPDATE SKIP LOCKED)
              SELECT (SELECT array_agg(b.k ORDER BY b.k) FROM backfill__b b),
                     (SELECT b.k::text AS last_key FROM backfill__b b ORDER BY b.k DESC LIMIT 1),
                     (SELECT count(*) FROM backfill__b),

@@ -95,6 +95,10 @@ impl Store {
         let s = &self.schema;
         let ddl = format!(
             "BEGIN;
+             -- Runners starting together wait here for the first one's DDL, a short
+             -- transaction: longer than the session's lock_timeout, which is for other
+             -- sessions' locks.
+             SET LOCAL lock_timeout = '60s';
              SELECT pg_advisory_xact_lock(hashtext('backfill state ddl'));
              CREATE SCHEMA IF NOT EXISTS {s};
              CREATE SEQUENCE IF NOT EXISTS {s}.epochs;
