@@ -1015,6 +1015,103 @@ clickhouse:
     }
 }
 
+/// Current servers: a chunk's bounds must not move with the spec's `session_timezone` (the
+/// range and the days are cut without it, in the server's zone), and a job from 1970-01-01 on
+/// a Date32 column leaves the days before it out (the open first chunk is for DateTime's
+/// saturated times only): both once lost or doubled rows.
+#[test]
+fn bounds_ignore_session_timezone_and_date32_keeps_its_first_bound() {
+    let srv = common::ch::ChServer::current();
+    let db = ChDb::new_on(&srv, "sesstz");
+    db.q("CREATE TABLE src (ran_at DateTime, d Date32, v UInt64)
+          ENGINE = MergeTree PARTITION BY toYYYYMM(ran_at) ORDER BY ran_at");
+    db.q(
+        "INSERT INTO src SELECT toDateTime('2025-01-01 00:00:00') + number * 60,
+                                 toDate32('1969-12-22') + intDiv(number, 144), number
+            FROM numbers(2880)",
+    );
+    for t in ["by_time", "by_time_ref", "by_date", "by_date_ref"] {
+        db.q(&format!(
+            "CREATE TABLE {t} (day Date32, n UInt64, s UInt64) ENGINE = MergeTree ORDER BY day"
+        ));
+    }
+    db.q(
+        "INSERT INTO by_time_ref SELECT toDate(ran_at) AS day, count(), sum(v) FROM src
+           GROUP BY day",
+    );
+    db.q(
+        "INSERT INTO by_date_ref SELECT d AS day, count(), sum(v) FROM src
+           WHERE d >= toDate32('1970-01-01') AND d < toDate32('1970-02-01') GROUP BY day",
+    );
+    let job = |name: &str, column: &str, target: &str, extra: &str| {
+        db.spec(
+            &format!("{name}.yaml"),
+            &format!(
+                "name: {name}
+clickhouse:
+  url: $URL
+  source: src
+  time_column: {column}
+  target: {target}
+{extra}  statement: |
+    INSERT INTO {{target}} SELECT {day} AS day, count(), sum(v) FROM src WHERE {{chunk}} GROUP BY day
+",
+                day = if column == "d" { "d" } else { "toDate(ran_at)" },
+            ),
+        )
+    };
+    let digest = |t: &str| {
+        db.q(&format!(
+            "SELECT day, sum(n), sum(s) FROM {t} GROUP BY day ORDER BY day"
+        ))
+    };
+    let by_time = job(
+        "bytime",
+        "ran_at",
+        "by_time",
+        "  settings: { session_timezone: 'Asia/Tokyo' }\n",
+    );
+    let (code, out, err) = run(&[&"run", &by_time]);
+    assert_eq!(code, 0, "{}", all_output(&out, &err));
+    assert_eq!(digest("by_time"), digest("by_time_ref"));
+    let by_date = job(
+        "bydate",
+        "d",
+        "by_date",
+        "  from: 1970-01-01\n  to: 1970-02-01\n",
+    );
+    let (code, out, err) = run(&[&"run", &by_date]);
+    assert_eq!(code, 0, "{}", all_output(&out, &err));
+    assert_eq!(
+        digest("by_date"),
+        digest("by_date_ref"),
+        "no day before 1970"
+    );
+}
+
+ch_test! {
+    /// A job's range is fixed at its first run. A `to` moved later on a job not yet done was
+    /// ignored ("resuming at the checkpoint with the new spec"), and the job ended done without
+    /// the added days: refused now, naming the field.
+    #[test]
+    fn a_range_edited_after_the_first_run_is_refused(srv) {
+        let db = ChDb::new_on(&srv, "edited");
+        build_days(&db, 4, 100);
+        let spec = days_spec(&db, "edited", "$URL", "");
+        // The first run fails on its second day: the job stays unfinished.
+        edit_spec(&spec, "  time_column: ran_at\n", "  time_column: ran_at\n  from: 2025-10-01\n  to: 2025-10-03\n");
+        edit_spec(&spec, "FROM runs WHERE {chunk}", "FROM runs WHERE {chunk} AND throwIf(toDate(ran_at) = '2025-10-02') = 0");
+        let (code, out, err) = run(&[&"run", &spec]);
+        assert_eq!(code, 1, "{}", all_output(&out, &err));
+        edit_spec(&spec, " AND throwIf(toDate(ran_at) = '2025-10-02') = 0", "");
+        edit_spec(&spec, "  to: 2025-10-03\n", "  to: 2025-10-05\n");
+        let (code, out, err) = run(&[&"run", &spec]);
+        let all = all_output(&out, &err);
+        assert_eq!(code, 2, "{all}");
+        assert!(err.contains("clickhouse.to") && err.contains("2025-10-01..2025-10-03"), "{all}");
+    }
+}
+
 /// `DateTime64` (current servers) holds times a Date cannot: the chunks' dates would wrap them
 /// around and no chunk would read them. Refused, naming the field.
 #[test]

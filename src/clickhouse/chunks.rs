@@ -184,14 +184,19 @@ impl Chunk {
 /// What `time_column` holds, read from the server: it decides how boundaries are written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TimeKind {
-    Date,
-    /// With the column's own time zone (`DateTime('Asia/Tokyo')`), if its type names one.
-    DateTime(Option<String>),
+    /// `wide`: Date32, which holds days before 1970.
+    Date { wide: bool },
+    /// With the column's own time zone (`DateTime('Asia/Tokyo')`), if its type names one;
+    /// `wide`: DateTime64, which holds times before 1970.
+    DateTime { zone: Option<String>, wide: bool },
 }
 
 impl Default for TimeKind {
     fn default() -> TimeKind {
-        TimeKind::DateTime(None)
+        TimeKind::DateTime {
+            zone: None,
+            wide: false,
+        }
     }
 }
 
@@ -208,9 +213,14 @@ impl TimeKind {
                 .split_once('\'')
                 .and_then(|(_, rest)| rest.split_once('\''))
                 .map(|(zone, _)| zone.to_string());
-            Some(TimeKind::DateTime(zone))
+            Some(TimeKind::DateTime {
+                zone,
+                wide: t.starts_with("DateTime64"),
+            })
         } else if t.starts_with("Date") {
-            Some(TimeKind::Date)
+            Some(TimeKind::Date {
+                wide: t.starts_with("Date32"),
+            })
         } else {
             None
         }
@@ -225,7 +235,8 @@ impl TimeKind {
 /// in the server's zone, 26.x in the column's), one without gets a bare string (both read it
 /// in the server's zone, as `toDate` does). A chunk from 1970-01-01, the least `Date`, has no
 /// lower bound: `toDate` puts every earlier time there (epoch 0 in a zone west of UTC is
-/// 1969-12-31 there, and would otherwise be in no chunk).
+/// 1969-12-31 there, and would otherwise be in no chunk). Not so for Date32 and DateTime64,
+/// which hold earlier days: a job from 1970-01-01 leaves those to another job (`to`).
 pub fn time_predicate(
     spec: &ClickhouseSpec,
     kind: &TimeKind,
@@ -234,16 +245,22 @@ pub fn time_predicate(
 ) -> String {
     let col = ident(&spec.time_column);
     let at = |d: NaiveDate| match kind {
-        TimeKind::Date => literal(&d.to_string()),
-        TimeKind::DateTime(None) => literal(&format!("{d} 00:00:00")),
-        TimeKind::DateTime(Some(zone)) => format!(
+        TimeKind::Date { .. } => literal(&d.to_string()),
+        TimeKind::DateTime { zone: None, .. } => literal(&format!("{d} 00:00:00")),
+        TimeKind::DateTime {
+            zone: Some(zone), ..
+        } => format!(
             "toDateTime({}, {})",
             literal(&format!("{d} 00:00:00")),
             literal(zone)
         ),
     };
     let upper = format!("{col} < {}", at(to));
-    if from <= NaiveDate::from_ymd_opt(1970, 1, 1).expect("a date") {
+    let wide = matches!(
+        kind,
+        TimeKind::Date { wide: true } | TimeKind::DateTime { wide: true, .. }
+    );
+    if !wide && from <= NaiveDate::from_ymd_opt(1970, 1, 1).expect("a date") {
         return upper;
     }
     format!("{col} >= {} AND {upper}", at(from))
@@ -355,47 +372,61 @@ pub(super) mod tests {
 
     #[test]
     fn boundaries_compare_the_column_itself() {
-        let zoned = |z: &str| Some(TimeKind::DateTime(Some(z.to_string())));
-        assert_eq!(TimeKind::of("DateTime('UTC')"), zoned("UTC"));
-        assert_eq!(TimeKind::of("DateTime"), Some(TimeKind::DateTime(None)));
+        let dt = |zone: Option<&str>, wide| TimeKind::DateTime {
+            zone: zone.map(str::to_string),
+            wide,
+        };
+        let date = |wide| TimeKind::Date { wide };
+        assert_eq!(
+            TimeKind::of("DateTime('UTC')"),
+            Some(dt(Some("UTC"), false))
+        );
+        assert_eq!(TimeKind::of("DateTime"), Some(dt(None, false)));
         assert_eq!(
             TimeKind::of("Nullable(DateTime64(3))"),
-            Some(TimeKind::DateTime(None))
+            Some(dt(None, true))
         );
         assert_eq!(
             TimeKind::of("Nullable(DateTime64(3, 'Asia/Tokyo'))"),
-            zoned("Asia/Tokyo")
+            Some(dt(Some("Asia/Tokyo"), true))
         );
-        assert_eq!(TimeKind::of("Date"), Some(TimeKind::Date));
-        assert_eq!(TimeKind::of("Date32"), Some(TimeKind::Date));
+        assert_eq!(TimeKind::of("Date"), Some(date(false)));
+        assert_eq!(TimeKind::of("Date32"), Some(date(true)));
         assert_eq!(TimeKind::of("UInt32"), None);
         let spec = spec();
         let (f, t) = (d("2025-11-01"), d("2025-12-01"));
         assert_eq!(
-            time_predicate(&spec, &TimeKind::DateTime(None), f, t),
+            time_predicate(&spec, &dt(None, false), f, t),
             "`ran_at` >= '2025-11-01 00:00:00' AND `ran_at` < '2025-12-01 00:00:00'"
         );
         assert_eq!(
-            time_predicate(&spec, &TimeKind::DateTime(Some("Asia/Tokyo".into())), f, t),
+            time_predicate(&spec, &dt(Some("Asia/Tokyo"), false), f, t),
             "`ran_at` >= toDateTime('2025-11-01 00:00:00', 'Asia/Tokyo') \
              AND `ran_at` < toDateTime('2025-12-01 00:00:00', 'Asia/Tokyo')"
         );
         assert_eq!(
-            time_predicate(&spec, &TimeKind::Date, f, t),
+            time_predicate(&spec, &date(false), f, t),
             "`ran_at` >= '2025-11-01' AND `ran_at` < '2025-12-01'"
         );
-        // The least Date takes every earlier time: no lower bound.
+        // The least Date takes every earlier time: no lower bound. Date32 and DateTime64 hold
+        // earlier days, which a job from 1970-01-01 leaves out.
+        let epoch = d("1970-01-01");
         assert_eq!(
-            time_predicate(&spec, &TimeKind::Date, d("1970-01-01"), t),
+            time_predicate(&spec, &date(false), epoch, t),
             "`ran_at` < '2025-12-01'"
         );
+        assert_eq!(
+            time_predicate(&spec, &date(true), epoch, t),
+            "`ran_at` >= '1970-01-01' AND `ran_at` < '2025-12-01'"
+        );
+        assert!(time_predicate(&spec, &dt(None, true), epoch, t).contains(">= '1970-01-01"));
     }
 
     #[test]
     fn halves_name_their_values_and_prune_on_them() {
         let spec = spec();
         let kinds = Kinds {
-            time: TimeKind::Date,
+            time: TimeKind::Date { wide: false },
             value: ValueKind::Number,
         };
         let day = days(d("2025-11-03"), d("2025-11-04")).remove(0);
@@ -421,7 +452,7 @@ pub(super) mod tests {
                 .ends_with("AND (`project_id` = 1 OR `project_id` IS NULL)")
         );
         let text = Kinds {
-            time: TimeKind::Date,
+            time: TimeKind::Date { wide: false },
             value: ValueKind::Text,
         };
         assert!(

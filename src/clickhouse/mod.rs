@@ -178,8 +178,25 @@ impl ChJob {
         if let Some(r) = records.iter().find(|r| r.chunk == store::JOB_ROW)
             && let Ok(v) = serde_json::from_str::<serde_json::Value>(&r.def)
             && let (Some(f), Some(t)) = (v["from"].as_str(), v["to"].as_str())
-            && let (Ok(f), Ok(t)) = (f.parse(), t.parse())
+            && let (Ok(f), Ok(t)) = (f.parse::<NaiveDate>(), t.parse::<NaiveDate>())
         {
+            // The range is fixed at the job's first start: its chunks (months clipped to it)
+            // and their records are cut from it. A `from`/`to` edited since would be ignored,
+            // and the job called done without the rows it added: refused instead.
+            let spec = &self.ctx.spec;
+            for (field, given, kept) in [("from", spec.from, f), ("to", spec.to, t)] {
+                if let Some(given) = given
+                    && given != kept
+                {
+                    return Err(Error::Spec(format!(
+                        "clickhouse.{field}: the job's range was fixed at its first run as \
+                         {f}..{t} (to exclusive), and its chunks are cut from it; the spec now \
+                         says {field}: {given}. Finish the job with its range and give the new \
+                         dates a job of their own (another `name`), or `backfill reset` it to \
+                         start over on the new range"
+                    )));
+                }
+            }
             return Ok(Some((f, t)));
         }
         planner::range(&self.ctx.db.client, &self.ctx.spec).await

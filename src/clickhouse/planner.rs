@@ -273,6 +273,17 @@ pub async fn check_source(c: &Client, spec: &ClickhouseSpec) -> Result<Kinds> {
             literal(&spec.time_column)
         ))
     })?;
+    // A DateTime without a zone of its own is read in the server's zone by `toDate()` here,
+    // but a chunk query carries the spec's settings, and `session_timezone` among them would
+    // read a bare bound in another zone: the bounds name the server's zone.
+    let time = match time {
+        TimeKind::DateTime { zone: None, wide } => {
+            let server = rows(c, "SELECT timezone()", "reading the server's time zone").await?;
+            let zone = server.first().and_then(|r| r.first()).cloned();
+            TimeKind::DateTime { zone, wide }
+        }
+        other => other,
+    };
     left_behind(c, spec, &time_type).await?;
     let value = match &spec.split_column {
         Some(col) => {
