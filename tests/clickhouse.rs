@@ -257,10 +257,14 @@ ch_test! {
         let db = ChDb::new_on(&srv, "grew");
         skew(&db, false);
         let proxy = FaultProxy::start_http(srv.addr()).await;
-        let heavy = format!("`ran_at` >= '{HEAVY_DAY} 00:00:00'");
+        // The heavy day's own chunk: its lower bound is that day (the day before ends there).
+        let heavy = [
+            format!(">= '{HEAVY_DAY}"),
+            format!(">= toDateTime('{HEAVY_DAY}"),
+        ];
         let held = proxy.add_rule(Rule::new(Fault::HoldUntilReleased).matching(move |r| {
             let t = r.text();
-            t.contains("INSERT INTO") && t.contains(&heavy)
+            t.contains("INSERT INTO") && heavy.iter().any(|h| t.contains(h.as_str()))
         }));
         let via = skew_spec(&db, "grew.yaml", "grew", PINNED, SKEW_STATEMENT);
         let url = db.url.clone();
@@ -1020,7 +1024,7 @@ clickhouse:
 /// a Date32 column leaves the days before it out (the open first chunk is for DateTime's
 /// saturated times only): both once lost or doubled rows.
 #[test]
-fn bounds_ignore_session_timezone_and_date32_keeps_its_first_bound() {
+fn current_servers_cut_chunks_by_the_day_itself() {
     let srv = common::ch::ChServer::current();
     let db = ChDb::new_on(&srv, "sesstz");
     db.q("CREATE TABLE src (ran_at DateTime, d Date32, v UInt64)
@@ -1087,6 +1091,66 @@ clickhouse:
         digest("by_date_ref"),
         "no day before 1970"
     );
+    // A zone whose clocks spring forward at midnight (2025-09-07 starts at 01:00 in Santiago),
+    // the greatest DateTime (a "never" sentinel), and DateTime64 past 2106: a bound written
+    // as a local midnight or a DateTime lost rows of each.
+    for (name, column, rows) in [
+        (
+            "santiago",
+            "DateTime('America/Santiago')",
+            "SELECT toDateTime('2025-09-05 00:00:00', 'America/Santiago') + number * 60, number
+               FROM numbers(2880)",
+        ),
+        (
+            "never",
+            "DateTime",
+            "SELECT toDateTime('2025-01-01 00:00:00') + number * 60, number FROM numbers(100)
+             UNION ALL SELECT toDateTime(4294967295), 7",
+        ),
+        (
+            "far",
+            "DateTime64(3, 'UTC')",
+            "SELECT toDateTime64('2120-01-01 00:00:00', 3, 'UTC') + number * 600, number
+               FROM numbers(500)",
+        ),
+    ] {
+        db.q(&format!(
+            "CREATE TABLE {name} (ran_at {column}, v UInt64) ENGINE = MergeTree ORDER BY ran_at"
+        ));
+        db.q(&format!("INSERT INTO {name} {rows}"));
+        for t in [format!("{name}_days"), format!("{name}_ref")] {
+            db.q(&format!(
+                "CREATE TABLE {t} (day Date32, n UInt64, s UInt64) ENGINE = MergeTree ORDER BY day"
+            ));
+        }
+        db.q(&format!(
+            "INSERT INTO {name}_ref SELECT toDate32(ran_at) AS day, count(), sum(v) FROM {name}
+              GROUP BY day"
+        ));
+        let spec = db.spec(
+            &format!("{name}.yaml"),
+            &format!(
+                "name: {name}
+clickhouse:
+  url: $URL
+  source: {name}
+  time_column: ran_at
+  split_column: v
+  chunks: [split]
+  target: {name}_days
+  statement: |
+    INSERT INTO {{target}} SELECT toDate32(ran_at) AS day, count(), sum(v) FROM {name} WHERE {{chunk}} GROUP BY day
+"
+            ),
+        );
+        let (code, out, err) = run(&[&"run", &spec]);
+        assert_eq!(code, 0, "{name}: {}", all_output(&out, &err));
+        assert_eq!(
+            digest(&format!("{name}_days")),
+            digest(&format!("{name}_ref")),
+            "{name}"
+        );
+    }
 }
 
 ch_test! {

@@ -186,9 +186,15 @@ impl Chunk {
 pub enum TimeKind {
     /// `wide`: Date32, which holds days before 1970.
     Date { wide: bool },
-    /// With the column's own time zone (`DateTime('Asia/Tokyo')`), if its type names one;
-    /// `wide`: DateTime64, which holds times before 1970.
-    DateTime { zone: Option<String>, wide: bool },
+    /// With the column's own time zone (`DateTime('Asia/Tokyo')`), if its type names one
+    /// (else the server's, filled in at preflight); `wide`: DateTime64, which holds times before
+    /// 1970; `by_date`: the server prunes on `toDate(col)` (20.1 and later), so bounds compare
+    /// the day itself.
+    DateTime {
+        zone: Option<String>,
+        wide: bool,
+        by_date: bool,
+    },
 }
 
 impl Default for TimeKind {
@@ -196,6 +202,7 @@ impl Default for TimeKind {
         TimeKind::DateTime {
             zone: None,
             wide: false,
+            by_date: false,
         }
     }
 }
@@ -216,6 +223,7 @@ impl TimeKind {
             Some(TimeKind::DateTime {
                 zone,
                 wide: t.starts_with("DateTime64"),
+                by_date: false,
             })
         } else if t.starts_with("Date") {
             Some(TimeKind::Date {
@@ -244,6 +252,29 @@ pub fn time_predicate(
     to: NaiveDate,
 ) -> String {
     let col = ident(&spec.time_column);
+    // Current servers: the day itself, as `toDate` labels it (toDate32 for DateTime64, which
+    // holds days a Date does not), in the column's zone named outright (a `session_timezone`
+    // in the spec's settings changes nothing). Exact in every zone, a day that starts at 01:00
+    // (clocks springing forward at midnight) and the greatest DateTime included.
+    if let TimeKind::DateTime {
+        zone,
+        wide,
+        by_date: true,
+    } = kind
+    {
+        let day = format!(
+            "{}({col}{})",
+            if *wide { "toDate32" } else { "toDate" },
+            zone.as_deref()
+                .map(|z| format!(", {}", literal(z)))
+                .unwrap_or_default()
+        );
+        return format!(
+            "{day} >= {} AND {day} < {}",
+            literal(&from.to_string()),
+            literal(&to.to_string())
+        );
+    }
     let at = |d: NaiveDate| match kind {
         TimeKind::Date { .. } => literal(&d.to_string()),
         TimeKind::DateTime { zone: None, .. } => literal(&format!("{d} 00:00:00")),
@@ -375,6 +406,7 @@ pub(super) mod tests {
         let dt = |zone: Option<&str>, wide| TimeKind::DateTime {
             zone: zone.map(str::to_string),
             wide,
+            by_date: false,
         };
         let date = |wide| TimeKind::Date { wide };
         assert_eq!(
@@ -420,6 +452,18 @@ pub(super) mod tests {
             "`ran_at` >= '1970-01-01' AND `ran_at` < '2025-12-01'"
         );
         assert!(time_predicate(&spec, &dt(None, true), epoch, t).contains(">= '1970-01-01"));
+        // Current servers compare the day itself, in the zone named.
+        let by_date = |wide| TimeKind::DateTime {
+            zone: Some("America/Santiago".into()),
+            wide,
+            by_date: true,
+        };
+        assert_eq!(
+            time_predicate(&spec, &by_date(false), f, t),
+            "toDate(`ran_at`, 'America/Santiago') >= '2025-11-01' \
+             AND toDate(`ran_at`, 'America/Santiago') < '2025-12-01'"
+        );
+        assert!(time_predicate(&spec, &by_date(true), epoch, t).starts_with("toDate32("));
     }
 
     #[test]

@@ -167,7 +167,12 @@ impl ChJob {
 
     /// The read-only part of preflight (for `plan`): the source's columns and the target.
     pub(crate) async fn preflight_readonly(&self) -> Result<()> {
-        let kinds = planner::check_source(&self.ctx.db.client, &self.ctx.spec).await?;
+        let kinds = planner::check_source(
+            &self.ctx.db.client,
+            &self.ctx.spec,
+            self.ctx.landing.moves(),
+        )
+        .await?;
         let _ = self.ctx.kinds.set(kinds);
         self.ctx.landing.check_target().await
     }
@@ -367,7 +372,7 @@ impl Backend for ChJob {
 
     async fn preflight(&self) -> Result<()> {
         let ctx = &self.ctx;
-        let kinds = planner::check_source(&ctx.db.client, &ctx.spec).await?;
+        let kinds = planner::check_source(&ctx.db.client, &ctx.spec, ctx.landing.moves()).await?;
         let _ = ctx.kinds.set(kinds);
         ctx.landing.check_target().await?;
         // The settings first, on their own: an unknown one is the settings' fault.

@@ -234,7 +234,7 @@ async fn partitioned_by_month(c: &Client, spec: &ClickhouseSpec) -> Result<bool>
 
 /// Check that the source has the columns the spec names, with types the chunks can use;
 /// returns how their values are written.
-pub async fn check_source(c: &Client, spec: &ClickhouseSpec) -> Result<Kinds> {
+pub async fn check_source(c: &Client, spec: &ClickhouseSpec, by_date: bool) -> Result<Kinds> {
     let (db, table) = qualified(spec);
     let sql = format!(
         "SELECT name, type FROM system.columns WHERE database = {} AND table = {}",
@@ -277,10 +277,20 @@ pub async fn check_source(c: &Client, spec: &ClickhouseSpec) -> Result<Kinds> {
     // but a chunk query carries the spec's settings, and `session_timezone` among them would
     // read a bare bound in another zone: the bounds name the server's zone.
     let time = match time {
-        TimeKind::DateTime { zone: None, wide } => {
-            let server = rows(c, "SELECT timezone()", "reading the server's time zone").await?;
-            let zone = server.first().and_then(|r| r.first()).cloned();
-            TimeKind::DateTime { zone, wide }
+        TimeKind::DateTime { zone, wide, .. } => {
+            let zone = match zone {
+                Some(z) => Some(z),
+                None => rows(c, "SELECT timezone()", "reading the server's time zone")
+                    .await?
+                    .first()
+                    .and_then(|r| r.first())
+                    .cloned(),
+            };
+            TimeKind::DateTime {
+                zone,
+                wide,
+                by_date,
+            }
         }
         other => other,
     };
