@@ -761,6 +761,24 @@ batch: {{size: 100, target: 0}}
     let (code, out, err) = run(&[&"verify", &stable]);
     assert_eq!(code, 1, "3000 rows are open: {out}\n{err}");
     assert!(out.contains("verify returned 3000"), "{out}\n{err}");
+    // Names mean what the parser makes of them: pgcrypto's volatile public.gen_random_uuid()
+    // is hidden by the gen_random_uuid() of pg_catalog, first on the search path, and does not
+    // stop a sample or a verify.
+    c.batch_execute("CREATE EXTENSION IF NOT EXISTS pgcrypto")
+        .await
+        .unwrap();
+    let uuid = spec(
+        "uuid",
+        "NOT done",
+        "UPDATE t SET n = n + 1 WHERE id = ANY($1) AND gen_random_uuid() IS NOT NULL",
+        "SELECT count(*) FROM t WHERE done = false",
+    );
+    let (code, out, err) = run(&[&"plan", &uuid]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(line_with(&out, "sample:").contains("rolled back"), "{out}");
+    let (code, out, err) = run(&[&"verify", &uuid]);
+    assert_eq!(code, 1, "3000 rows are open: {out}\n{err}");
+    assert!(out.contains("verify returned 3000"), "{out}\n{err}");
     assert_eq!(snapshot(&c).await, before);
     db.drop_db().await;
 }

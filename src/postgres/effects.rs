@@ -138,10 +138,22 @@ pub async fn calls_in(c: &Client, doc: &serde_json::Value, sql: &str) -> Result<
     let mut checks_read: Vec<String> = Vec::new();
     for round in 0..4 {
         m.tidy();
+        let (schemas, names): (Vec<String>, Vec<String>) =
+            m.qualified_calls.iter().cloned().unzip();
+        let writes = !written.is_empty();
         let rows = c
             .query(
                 LOOKUP,
-                &[&m.calls, &m.operators, &m.types, &effectful, &relations],
+                &[
+                    &m.calls,
+                    &m.operators,
+                    &m.types,
+                    &effectful,
+                    &relations,
+                    &schemas,
+                    &names,
+                    &writes,
+                ],
             )
             .await
             .map_err(|e| db_error("looking up the functions the spec's SQL calls", &e))?;
@@ -170,7 +182,13 @@ pub async fn calls_in(c: &Client, doc: &serde_json::Value, sql: &str) -> Result<
 }
 
 /// The volatile functions with an effect past the transaction ($4: the `EFFECTFUL` built-ins)
-/// reached through the names ($1), operator symbols ($2) and `::` types ($3) of `Mentions`.
+/// reached through the names ($1 bare; $6, $7 schema and name when qualified), operator
+/// symbols ($2) and `::` types ($3) of `Mentions`. A bare name or symbol counts unless a schema
+/// earlier on the search path has one of the same name and argument types, which the parser
+/// would take instead: pgcrypto's `public.gen_random_uuid()` is not the `gen_random_uuid()` of
+/// `pg_catalog`. (Which overload a call takes needs its argument types, which the text does not
+/// give: every overload not so hidden counts, so another type's volatile `=` still does.)
+/// Assignment casts count only when something is written ($8).
 /// An operator's estimators run while planning, so they count too. Implicit and assignment
 /// casts leave no trace in a plan's text: one through such a function counts when it casts
 /// from a type of a column of the relations in the plan ($5, `schema.table`) or a type named.
@@ -178,19 +196,38 @@ const LOOKUP: &str = "
     WITH eff AS (
         SELECT p.oid, format('%s.%s', n.nspname, p.proname) AS name
           FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-         WHERE p.provolatile = 'v' AND (n.nspname <> 'pg_catalog' OR p.proname = ANY($4::text[])))
-    SELECT e.name FROM eff e JOIN pg_proc p ON p.oid = e.oid WHERE p.proname = ANY($1::text[])
+         WHERE p.provolatile = 'v' AND (n.nspname <> 'pg_catalog' OR p.proname = ANY($4::text[]))),
+    path AS (
+        SELECT n.oid AS nsp, p.ord
+          FROM unnest(current_schemas(true)) WITH ORDINALITY AS p(s, ord)
+          JOIN pg_namespace n ON n.nspname = p.s),
+    called AS (
+        SELECT p.oid FROM pg_proc p LEFT JOIN path ON path.nsp = p.pronamespace
+         WHERE p.proname = ANY($1::text[])
+           AND NOT EXISTS (SELECT 1 FROM pg_proc f JOIN path q ON q.nsp = f.pronamespace
+                            WHERE f.proname = p.proname AND f.proargtypes = p.proargtypes
+                              AND q.ord < coalesce(path.ord, 2147483647))
+        UNION
+        SELECT p.oid FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+          JOIN unnest($6::text[], $7::text[]) AS w(s, f) ON w.s = n.nspname AND w.f = p.proname),
+    oper AS (
+        SELECT o.oid, o.oprcode, o.oprrest, o.oprjoin
+          FROM pg_operator o LEFT JOIN path ON path.nsp = o.oprnamespace
+         WHERE o.oprname = ANY($2::text[])
+           AND NOT EXISTS (SELECT 1 FROM pg_operator x JOIN path q ON q.nsp = x.oprnamespace
+                            WHERE x.oprname = o.oprname AND x.oprleft = o.oprleft
+                              AND x.oprright = o.oprright
+                              AND q.ord < coalesce(path.ord, 2147483647)))
+    SELECT e.name FROM eff e JOIN called c ON c.oid = e.oid
     UNION
     SELECT format('%s (in aggregate %s)', e.name, a.aggfnoid::regprocedure)
-      FROM pg_aggregate a JOIN pg_proc p ON p.oid = a.aggfnoid
+      FROM pg_aggregate a JOIN called c ON c.oid = a.aggfnoid
       JOIN eff e ON e.oid IN (a.aggtransfn::oid, a.aggfinalfn::oid, a.aggcombinefn::oid,
                               a.aggserialfn::oid, a.aggdeserialfn::oid, a.aggmtransfn::oid,
                               a.aggminvtransfn::oid, a.aggmfinalfn::oid)
-     WHERE p.proname = ANY($1::text[])
     UNION
     SELECT format('%s (behind operator %s)', e.name, o.oid::regoperator)
-      FROM pg_operator o JOIN eff e ON e.oid IN (o.oprcode::oid, o.oprrest::oid, o.oprjoin::oid)
-     WHERE o.oprname = ANY($2::text[])
+      FROM oper o JOIN eff e ON e.oid IN (o.oprcode::oid, o.oprrest::oid, o.oprjoin::oid)
     UNION
     SELECT format('%s (behind a cast to %s)', e.name, format_type(k.casttarget, NULL))
       FROM pg_cast k JOIN pg_type t ON t.oid = k.casttarget JOIN eff e ON e.oid = k.castfunc
@@ -199,7 +236,7 @@ const LOOKUP: &str = "
     SELECT format('%s (behind an implicit cast from %s to %s, which no plan prints)', e.name,
                   format_type(k.castsource, NULL), format_type(k.casttarget, NULL))
       FROM pg_cast k JOIN eff e ON e.oid = k.castfunc
-     WHERE k.castcontext IN ('i', 'a')
+     WHERE (k.castcontext = 'i' OR (k.castcontext = 'a' AND $8))
        AND (k.castsource IN (SELECT a.atttypid FROM pg_attribute a
                               WHERE a.attrelid IN (SELECT r::regclass FROM unnest($5::text[]) r))
             OR k.castsource IN (SELECT t.oid FROM pg_type t WHERE t.typname = ANY($3::text[])))

@@ -11,8 +11,11 @@ const OPERATOR_CHARS: &str = "+-*/<>=~!@#%^&|`?";
 
 #[derive(Debug, Default, PartialEq)]
 pub struct Mentions {
-    /// Names before `(`: unquoted ones folded to lower case, as Postgres folds them.
+    /// Names before `(` written bare: unquoted ones folded to lower case, as Postgres folds
+    /// them.
     pub calls: Vec<String>,
+    /// Names before `(` written with their schema: (schema, name).
+    pub qualified_calls: Vec<(String, String)>,
     /// Every run of operator characters, and each of its substrings (Postgres splits `<-` in
     /// `a<-1` into `<` and `-`): more candidates than operators, never fewer.
     pub operators: Vec<String>,
@@ -37,7 +40,15 @@ impl Mentions {
         for (i, t) in words.iter().enumerate() {
             let Token::Word(w) = t else { continue };
             if words.get(i + 1) == Some(&&Token::LParen) {
-                self.calls.push(folded(w));
+                match (
+                    i.checked_sub(2).map(|j| words[j]),
+                    i.checked_sub(1).map(|j| words[j]),
+                ) {
+                    (Some(Token::Word(schema)), Some(Token::Period)) => {
+                        self.qualified_calls.push((folded(schema), folded(w)))
+                    }
+                    _ => self.calls.push(folded(w)),
+                }
             }
             if i > 0 && words[i - 1] == &Token::DoubleColon {
                 // `::schema.type`: the last name of the chain.
@@ -72,6 +83,8 @@ impl Mentions {
             v.sort();
             v.dedup();
         }
+        self.qualified_calls.sort();
+        self.qualified_calls.dedup();
     }
 }
 
@@ -141,9 +154,11 @@ mod tests {
 
     #[test]
     fn names_before_parentheses() {
+        let m = read("(public.side_ins(t.id) AND (nextval('s'::regclass) > 0))");
+        assert_eq!(m.calls, ["and", "nextval"]);
         assert_eq!(
-            read("(public.side_ins(t.id) AND (nextval('s'::regclass) > 0))").calls,
-            ["and", "nextval", "side_ins"]
+            m.qualified_calls,
+            [("public".to_string(), "side_ins".to_string())]
         );
         assert_eq!(
             read("\"My \"\"F\"\"\"(x) + f2 (y)").calls,
