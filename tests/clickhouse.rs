@@ -1153,6 +1153,77 @@ clickhouse:
     }
 }
 
+/// 18.16's calendar ends with 2105: it reads a date written past it as 0
+/// (`toDateTime('2106-01-01 00:00:00')` is 0), and its `toDate` puts the times of a DateTime's
+/// last day, 2106-02-07 (the greatest DateTime, a "never" sentinel, among them), on day 0.
+/// Those rows were in no chunk, and a chunk with a bound past 2105 read nothing at all: both
+/// jobs ended done with exit 0. Now bounds past 2105 count days from its last day, and the
+/// first chunk takes the rows of day 0, as `toDate` labels them.
+#[test]
+fn v18_times_past_the_calendar_are_in_exactly_one_chunk() {
+    let srv = common::ch::ChServer::v18();
+    let db = ChDb::new_on(&srv, "calendarend");
+    db.q("CREATE TABLE src (ran_at DateTime, v UInt64) ENGINE = MergeTree ORDER BY ran_at");
+    db.q("INSERT INTO src SELECT toDateTime(number * 3600), number FROM numbers(100)");
+    // From 2105-12-28 00:00 UTC every 10 hours to 2106-02-07 04:00, then the greatest DateTime.
+    db.q(
+        "INSERT INTO src SELECT toDateTime(4291401600 + number * 36000), 1000 + number
+           FROM numbers(100)",
+    );
+    db.q("INSERT INTO src SELECT toDateTime(4294967295), 7");
+    for t in ["first", "last", "reference"] {
+        db.q(&format!(
+            "CREATE TABLE {t} (day Date, n UInt64, s UInt64) ENGINE = MergeTree ORDER BY day"
+        ));
+    }
+    db.q(
+        "INSERT INTO reference SELECT toDate(ran_at) AS day, count(), sum(v) FROM src GROUP BY day",
+    );
+    for (name, range) in [
+        (
+            "first",
+            "  chunks: [day]\n  from: 1970-01-01\n  to: 1970-01-06\n",
+        ),
+        (
+            "last",
+            "  chunks: [month]\n  from: 2105-12-27\n  to: 2106-02-08\n",
+        ),
+    ] {
+        let spec = db.spec(
+            &format!("{name}.yaml"),
+            &format!(
+                "name: {name}
+clickhouse:
+  url: $URL
+  source: src
+  time_column: ran_at
+{range}  target: {name}
+  statement: |
+    INSERT INTO {{target}} SELECT toDate(ran_at) AS day, count(), sum(v) FROM src WHERE {{chunk}} GROUP BY day
+"
+            ),
+        );
+        let (code, out, err) = run(&[&"run", &spec]);
+        assert_eq!(code, 0, "{name}: {}", all_output(&out, &err));
+    }
+    let digest = |t: &str| {
+        db.q(&format!(
+            "SELECT day, sum(n), sum(s) FROM {t} GROUP BY day ORDER BY day"
+        ))
+    };
+    let both = "(SELECT * FROM first UNION ALL SELECT * FROM last)";
+    assert_eq!(
+        digest(both),
+        digest("reference"),
+        "every row in exactly one chunk"
+    );
+    assert_eq!(
+        db.num("SELECT sum(n) FROM last"),
+        99,
+        "2105-12-28 to 2106-02-06"
+    );
+}
+
 ch_test! {
     /// A job's range is fixed at its first run. A `to` moved later on a job not yet done was
     /// ignored ("resuming at the checkpoint with the new spec"), and the job ended done without

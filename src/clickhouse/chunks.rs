@@ -235,16 +235,16 @@ impl TimeKind {
     }
 }
 
-/// `col >= '2025-11-01 00:00:00' AND col < '2025-12-01 00:00:00'`: the column compared with
-/// constants, which prune partitions and the primary key (wrapping the column in `toDate()`
-/// instead reads the whole table on 18.16: measured 30M of 30M rows per day chunk). The
-/// boundaries must agree with `toDate(col)`, which cuts days in the column's time zone: a
-/// column with a zone of its own gets `toDateTime('...', 'zone')` (18.16 reads a bare string
-/// in the server's zone, 26.x in the column's), one without gets a bare string (both read it
-/// in the server's zone, as `toDate` does). A chunk from 1970-01-01, the least `Date`, has no
-/// lower bound: `toDate` puts every earlier time there (epoch 0 in a zone west of UTC is
-/// 1969-12-31 there, and would otherwise be in no chunk). Not so for Date32 and DateTime64,
-/// which hold earlier days: a job from 1970-01-01 leaves those to another job (`to`).
+/// The time part of a chunk's predicate. It must agree with `toDate(col)`, which labels the
+/// days and months, in the column's zone (its own, else the server's, filled in at preflight).
+/// - Current servers (`by_date`): the day itself, `toDate(col, 'zone') >= '2025-11-01' AND ...`,
+///   which they prune on.
+/// - 18.16: the column compared with constants, `col >= toDateTime('2025-11-01 00:00:00',
+///   'zone') AND ...` (wrapping the column in `toDate()` reads the whole table there: measured
+///   30M of 30M rows per day chunk; a bare string would be read in the server's zone, not the
+///   column's). A chunk from 1970-01-01, the least `Date`, has no lower bound: `toDate` puts
+///   every earlier time there (epoch 0 in a zone west of UTC). Not so for Date32 and
+///   DateTime64, which hold earlier days: a job from 1970-01-01 leaves those to another job.
 pub fn time_predicate(
     spec: &ClickhouseSpec,
     kind: &TimeKind,
@@ -275,7 +275,7 @@ pub fn time_predicate(
             literal(&to.to_string())
         );
     }
-    let at = |d: NaiveDate| match kind {
+    let written = |d: NaiveDate| match kind {
         TimeKind::Date { .. } => literal(&d.to_string()),
         TimeKind::DateTime { zone: None, .. } => literal(&format!("{d} 00:00:00")),
         TimeKind::DateTime {
@@ -286,15 +286,60 @@ pub fn time_predicate(
             literal(zone)
         ),
     };
-    let upper = format!("{col} < {}", at(to));
+    // 18.16 reads a date written past 2105 as 0 (its calendar ends there), and its `toDate`
+    // puts the times of a DateTime's last day, 2106-02-07 (the greatest DateTime, a "never"
+    // sentinel, among them), on day 0, 1970-01-01. So a bound past 2105 counts days from
+    // 2105-12-31 (no bound at all past the last day a type holds), and the times `toDate`
+    // puts on day 0 go with the chunk from 1970-01-01, as their day says.
+    let date = |y, m, d| NaiveDate::from_ymd_opt(y, m, d).expect("a date");
     let wide = matches!(
         kind,
         TimeKind::Date { wide: true } | TimeKind::DateTime { wide: true, .. }
     );
-    if !wide && from <= NaiveDate::from_ymd_opt(1970, 1, 1).expect("a date") {
-        return upper;
+    let last_written = date(2105, 12, 31);
+    let datetime = matches!(kind, TimeKind::DateTime { wide: false, .. });
+    let holds_up_to = if datetime {
+        date(2106, 2, 7)
+    } else {
+        date(2149, 6, 6)
+    };
+    let at = |d: NaiveDate| {
+        if d <= last_written || wide {
+            return Some(written(d));
+        }
+        let days = (d - last_written).num_days();
+        (d <= holds_up_to).then(|| match kind {
+            TimeKind::Date { .. } => format!("(toDate('{last_written}') + {days})"),
+            TimeKind::DateTime { zone, .. } => format!(
+                "(toDateTime('{last_written} 00:00:00'{}) + {})",
+                zone.as_deref()
+                    .map(|z| format!(", {}", literal(z)))
+                    .unwrap_or_default(),
+                days * 86_400
+            ),
+        })
+    };
+    let day_zero = format!("toUInt16(toDate({col})) = 0");
+    let open_below = !wide && from <= date(1970, 1, 1);
+    let mut conds = Vec::new();
+    if !open_below {
+        match at(from) {
+            Some(lo) => conds.push(format!("{col} >= {lo}")),
+            None => return "0 = 1".to_string(),
+        }
     }
-    format!("{col} >= {} AND {upper}", at(from))
+    if let Some(hi) = at(to) {
+        conds.push(format!("{col} < {hi}"));
+    }
+    if datetime && to > last_written {
+        conds.push(format!("NOT {day_zero}"));
+    }
+    match (conds.len(), open_below && datetime) {
+        (0, _) => "1 = 1".to_string(),
+        (_, false) => conds.join(" AND "),
+        (1, true) => format!("({} OR {day_zero})", conds[0]),
+        (_, true) => format!("(({}) OR {day_zero})", conds.join(" AND ")),
+    }
 }
 
 fn month_start(d: NaiveDate) -> NaiveDate {
@@ -452,6 +497,34 @@ pub(super) mod tests {
             "`ran_at` >= '1970-01-01' AND `ran_at` < '2025-12-01'"
         );
         assert!(time_predicate(&spec, &dt(None, true), epoch, t).contains(">= '1970-01-01"));
+        // 18.16's calendar ends with 2105: bounds past it count days from its last day, and
+        // the times its `toDate` puts on day 0 go with the first chunk.
+        let (feb, end) = (d("2106-02-01"), d("2106-03-01"));
+        assert_eq!(
+            time_predicate(&spec, &dt(None, false), epoch, t),
+            "(`ran_at` < '2025-12-01 00:00:00' OR toUInt16(toDate(`ran_at`)) = 0)"
+        );
+        assert_eq!(
+            time_predicate(&spec, &dt(None, false), f, feb),
+            "`ran_at` >= '2025-11-01 00:00:00' AND `ran_at` < (toDateTime('2105-12-31 00:00:00') + 2764800) \
+             AND NOT toUInt16(toDate(`ran_at`)) = 0"
+        );
+        assert_eq!(
+            time_predicate(&spec, &dt(None, false), feb, end),
+            "`ran_at` >= (toDateTime('2105-12-31 00:00:00') + 2764800) AND NOT toUInt16(toDate(`ran_at`)) = 0"
+        );
+        assert_eq!(
+            time_predicate(&spec, &dt(None, false), epoch, end),
+            "(NOT toUInt16(toDate(`ran_at`)) = 0 OR toUInt16(toDate(`ran_at`)) = 0)"
+        );
+        assert_eq!(
+            time_predicate(&spec, &date(false), f, end),
+            "`ran_at` >= '2025-11-01' AND `ran_at` < (toDate('2105-12-31') + 60)"
+        );
+        assert_eq!(
+            time_predicate(&spec, &date(true), f, end),
+            "`ran_at` >= '2025-11-01' AND `ran_at` < '2106-03-01'"
+        );
         // Current servers compare the day itself, in the zone named.
         let by_date = |wide| TimeKind::DateTime {
             zone: Some("America/Santiago".into()),

@@ -202,12 +202,20 @@ pub async fn median(
     Ok(Some((mid, low_single, n - m == 1)))
 }
 
+/// Rows per label (18.16 prints day 0, 1970-01-01, as 0000-00-00).
 async fn counts(c: &Client, sql: &str, what: &str) -> Result<HashMap<String, u64>> {
-    Ok(rows(c, sql, what)
-        .await?
-        .into_iter()
-        .filter_map(|r| Some((r.first()?.clone(), r.get(1)?.parse().ok()?)))
-        .collect())
+    let mut out = HashMap::new();
+    for r in rows(c, sql, what).await? {
+        if let (Some(label), Some(Ok(n))) = (r.first(), r.get(1).map(|n| n.parse::<u64>())) {
+            let label = match label.as_str() {
+                "0000-00-00" => "1970-01-01",
+                "0000-00" => "1970-01",
+                l => l,
+            };
+            *out.entry(label.to_string()).or_default() += n;
+        }
+    }
+    Ok(out)
 }
 
 fn qualified(spec: &ClickhouseSpec) -> (String, String) {
