@@ -1328,26 +1328,11 @@ ch_test! {
         assert_eq!(target_digest(&db), reference);
         // The target (agg) has four partitions: the restore's second one is held, after the
         // first is dropped.
-        let proxy = FaultProxy::start_http(srv.addr()).await;
-        let held = proxy.add_rule(
-            Rule::new(Fault::HoldUntilReleased)
-                .matching(|r| {
-                    let t = r.text();
-                    t.contains("DROP PARTITION") || t.contains("REPLACE PARTITION")
-                })
-                .nth(2),
-        );
-        let via = days_spec(&db, "rerunkill", &proxy.url_for(&db.url), "");
-        let mut r = spawn(db.dir.path(), "rerun", &["--rerun"], &via);
-        r.wait_until(
-            "the restore's second partition",
-            Duration::from_secs(120),
-            Duration::from_millis(20),
-            async || proxy.rule_fired(held) > 0,
-        )
+        let what = "the restore's second partition";
+        kill_when_held(&srv, &db, "rerunkill", &["--rerun"], "", 2, what, |t| {
+            t.contains("DROP PARTITION") || t.contains("REPLACE PARTITION")
+        })
         .await;
-        r.kill();
-        drop(proxy);
         assert_ne!(target_digest(&db), reference, "the first partition was restored");
         let spec = days_spec(&db, "rerunkill", "$URL", "");
         let (code, out, err) = run(&[&"run", &spec]);
@@ -2144,10 +2129,43 @@ fn run_until_ended(spec: &std::path::Path) -> String {
     panic!("still stopping with 75 after three runs: {all}");
 }
 
-/// Run `job` (the `build_days` job, `extra` appended to its spec) through a proxy that holds
-/// the `nth` landing request that `pick` also accepts, and kill -9 the runner there: a chunk is
-/// left staged, perhaps partly in the target. The proxy is returned so that the held request is
-/// never forwarded while the test goes on; the spec returned names it.
+/// Run `job` (the `build_days` job, `extra` appended to its spec; `args` after `run`) through a
+/// proxy that holds the `nth` request whose SQL `pick` accepts, and kill -9 the runner there
+/// (`what`: the moment, for a timeout's message). The proxy is returned so that the held
+/// request is never forwarded while the test goes on; the spec returned names it (it replaces
+/// the job's spec file: write it again to run without the proxy).
+#[allow(clippy::too_many_arguments)]
+async fn kill_when_held(
+    srv: &common::ch::ChServer,
+    db: &ChDb,
+    job: &str,
+    args: &[&str],
+    extra: &str,
+    nth: u64,
+    what: &str,
+    pick: impl Fn(&str) -> bool + Send + Sync + 'static,
+) -> (FaultProxy, PathBuf) {
+    let proxy = FaultProxy::start_http(srv.addr()).await;
+    let held = proxy.add_rule(
+        Rule::new(Fault::HoldUntilReleased)
+            .matching(move |r| pick(&r.text()))
+            .nth(nth),
+    );
+    let spec = days_spec(db, job, &proxy.url_for(&db.url), extra);
+    let mut r = spawn(db.dir.path(), &format!("{job}-killed"), args, &spec);
+    r.wait_until(
+        what,
+        Duration::from_secs(120),
+        Duration::from_millis(20),
+        async || proxy.rule_fired(held) > 0,
+    )
+    .await;
+    r.kill();
+    (proxy, spec)
+}
+
+/// `kill_when_held` at the `nth` landing request (a move or attach) that `pick` also accepts:
+/// a chunk is left staged, perhaps partly in the target.
 async fn kill_while_landing(
     srv: &common::ch::ChServer,
     db: &ChDb,
@@ -2156,26 +2174,11 @@ async fn kill_while_landing(
     nth: u64,
     pick: impl Fn(&str) -> bool + Send + Sync + 'static,
 ) -> (FaultProxy, PathBuf) {
-    let proxy = FaultProxy::start_http(srv.addr()).await;
-    let held = proxy.add_rule(
-        Rule::new(Fault::HoldUntilReleased)
-            .matching(move |r| {
-                let t = r.text();
-                lands(&t) && pick(&t)
-            })
-            .nth(nth),
-    );
-    let spec = days_spec(db, job, &proxy.url_for(&db.url), extra);
-    let mut r = spawn(db.dir.path(), &format!("{job}-killed"), &[], &spec);
-    r.wait_until(
-        "a landing to be held",
-        Duration::from_secs(60),
-        Duration::from_millis(20),
-        async || proxy.rule_fired(held) > 0,
-    )
-    .await;
-    r.kill();
-    (proxy, spec)
+    let what = "a landing to be held";
+    kill_when_held(srv, db, job, &[], extra, nth, what, move |t| {
+        lands(t) && pick(t)
+    })
+    .await
 }
 
 /// 18.16 lands by attaching, and a replay after a kill recognises the attached parts by their
@@ -2535,41 +2538,31 @@ async fn current_a_lost_answer_to_a_move_is_not_taken_for_another_writer() {
     assert_eq!(target_digest(&db), reference, "{all}");
 }
 
-/// Killed after a move went through but before the ledger noted it (current servers), then
-/// reset: whether the move went through is told by its staging table, which the reset drops.
-/// The reset notes the moved rows as the job's own first, so the next run restores the target
-/// (it used to count them as another writer's and refuse) and lands every chunk once; rows
-/// another writer put into the target meanwhile still make it refuse.
-async fn move_killed_before_its_note_then_reset(name: &str, foreign: bool) {
-    let srv = common::ch::ChServer::current();
-    let db = ChDb::new_on(&srv, name);
+/// Killed after a chunk's move (current servers) or attach (18.16) went through but before the
+/// ledger noted it, then reset: whether it went through is told by its staging table, which
+/// the reset drops. The reset notes the landed rows as the job's own first, so the next run
+/// restores the target (it used to count them as another writer's and refuse; on 18.16, where
+/// the attach was not noted as under way at all, it still did) and lands every chunk once;
+/// rows another writer put into the target meanwhile still make it refuse.
+async fn landing_killed_before_its_note_then_reset(
+    srv: &common::ch::ChServer,
+    name: &str,
+    foreign: bool,
+) {
+    let db = ChDb::new_on(srv, name);
     build_days(&db, 6, 1000);
     let reference = source_digest(&db);
-    let proxy = FaultProxy::start_http(srv.addr()).await;
     let moved = std::sync::atomic::AtomicBool::new(false);
-    let held = proxy.add_rule(
-        Rule::new(Fault::HoldUntilReleased)
-            .matching(move |r| {
-                let t = r.text();
-                if lands(&t) {
-                    moved.store(true, std::sync::atomic::Ordering::SeqCst);
-                }
-                moved.load(std::sync::atomic::Ordering::SeqCst)
-                    && t.contains("INSERT INTO")
-                    && t.contains("_ledger")
-            })
-            .nth(3),
-    );
-    let spec = days_spec(&db, name, &proxy.url_for(&db.url), "");
-    let mut r = spawn(db.dir.path(), "killed", &[], &spec);
-    r.wait_until(
-        "the note after a move to be held",
-        Duration::from_secs(60),
-        Duration::from_millis(20),
-        async || proxy.rule_fired(held) > 0,
-    )
+    let what = "the note after a landing to be held";
+    let _proxy = kill_when_held(srv, &db, name, &[], "", 3, what, move |t| {
+        if lands(t) {
+            moved.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        moved.load(std::sync::atomic::Ordering::SeqCst)
+            && t.contains("INSERT INTO")
+            && t.contains("_ledger")
+    })
     .await;
-    r.kill();
     if foreign {
         db.q(FOREIGN_ROWS);
     }
@@ -2590,14 +2583,52 @@ async fn move_killed_before_its_note_then_reset(name: &str, foreign: bool) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn current_a_move_killed_before_its_note_then_reset_lands_once() {
-    move_killed_before_its_note_then_reset("movekilled", false).await;
+ch_test! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_landing_killed_before_its_note_then_reset_lands_once(srv) {
+        landing_killed_before_its_note_then_reset(&srv, "landkilled", false).await;
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn current_a_move_killed_before_its_note_keeps_another_writers_rows() {
-    move_killed_before_its_note_then_reset("movekilledforeign", true).await;
+ch_test! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_landing_killed_before_its_note_keeps_another_writers_rows(srv) {
+        landing_killed_before_its_note_then_reset(&srv, "landkilledforeign", true).await;
+    }
+}
+
+ch_test! {
+    /// `run --rerun` of a finished job on a target that held rows before it, killed after the
+    /// restore put one partition back from the base table: the base's copies have new block
+    /// numbers, above the block the ledger had noted. The next run counted them as another
+    /// writer's and refused to start over (exit 1), offering a reset that would drop them.
+    /// The restore is noted as under way before each replace now: the next run restores again
+    /// and lands every chunk once, the rows from before the job kept once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rerun_killed_after_restoring_rows_from_before_the_job_starts_over(srv) {
+        let db = ChDb::new_on(&srv, "rerunbase");
+        build_days(&db, 6, 1000);
+        db.q(FOREIGN_ROWS);
+        let reference = source_digest(&db);
+        let spec = days_spec(&db, "rerunbase", "$URL", "");
+        let (code, out, err) = run(&[&"run", &spec]);
+        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        assert_eq!(own_digest(&db), reference);
+        // Every partition of agg held a row before the job: the restore replaces all four.
+        let what = "the restore's second partition";
+        kill_when_held(&srv, &db, "rerunbase", &["--rerun"], "", 2, what, |t| {
+            t.contains("REPLACE PARTITION")
+        })
+        .await;
+        let spec = days_spec(&db, "rerunbase", "$URL", "");
+        let (code, out, err) = run(&[&"run", &spec]);
+        let all = all_output(&out, &err);
+        assert_eq!(code, 0, "{all}");
+        assert!(all.contains("restored 4 partition"), "{all}");
+        assert!(!all.contains("another writer"), "{all}");
+        assert_eq!(own_digest(&db), reference, "every row of the job once: {all}");
+        assert_eq!(db.num(FOREIGN_COUNT), 4, "the rows from before the job once: {all}");
+    }
 }
 
 ch_test! {
@@ -3020,22 +3051,11 @@ ch_test! {
         let db = ChDb::new_on(&srv, "checkleft");
         build_days(&db, 3, 200);
         let reference = source_digest(&db);
-        let proxy = FaultProxy::start_http(srv.addr()).await;
-        let held = proxy.add_rule(
-            Rule::new(Fault::HoldUntilReleased)
-                .matching(|r| r.text().contains("_check_") && r.text().contains("INSERT INTO"))
-                .nth(1),
-        );
-        let killed = days_spec(&db, "checkleft", &proxy.url_for(&db.url), "");
-        let mut r = spawn(db.dir.path(), "killed", &[], &killed);
-        r.wait_until(
-            "the preflight's check to be held",
-            Duration::from_secs(60),
-            Duration::from_millis(20),
-            async || proxy.rule_fired(held) > 0,
-        )
+        let what = "the preflight's check to be held";
+        let _proxy = kill_when_held(&srv, &db, "checkleft", &[], "", 1, what, |t| {
+            t.contains("_check_") && t.contains("INSERT INTO")
+        })
         .await;
-        r.kill();
         let left: Vec<String> = db.tables().into_iter().filter(|t| t.contains("_check_")).collect();
         assert_eq!(left.len(), 1, "the killed runner's check table: {left:?}");
         let elsewhere = "agg__backfill_checkleft_check_00000000_1";

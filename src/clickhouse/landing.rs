@@ -188,7 +188,7 @@ impl Landing {
         Ok(())
     }
 
-    fn base(&self) -> String {
+    pub(super) fn base(&self) -> String {
         self.q(&format!("{}_base", self.prefix))
     }
 
@@ -488,13 +488,11 @@ impl Landing {
             }
             if let Some(&(rows, _)) = staged.get(p).filter(|_| !already) {
                 let before = target.get(p).and_then(|v| v.iter().map(|x| x.1).max());
-                if self.moves() {
-                    // Noted before the move: if its answer is lost, the rows it moved are
-                    // still told from another writer's (`unnoted_own`).
-                    t.moving_rows = rows;
-                    t.moving_from = staging.to_string();
-                    self.note_moving(p, &t).await?;
-                }
+                // Noted before the move or attach: if its answer is lost, the rows it landed
+                // are still told from another writer's (`unnoted_own`).
+                t.moving_rows = rows;
+                t.moving_from = staging.to_string();
+                self.note_moving(p, &t).await?;
                 let sql = if self.moves() {
                     format!(
                         "ALTER TABLE {staging} MOVE PARTITION ID {} TO TABLE {}",

@@ -663,14 +663,16 @@ impl Backend for ChJob {
             .acquire(&ctx.spec.database, &ctx.spec.target, &ctx.job, false)
             .await?;
         let records = ctx.store.records(&ctx.job).await?;
+        // What a move or attach under way carried is told by its staging table: noted before
+        // it goes, and before merges start again (on 18.16 an attach is told by its parts'
+        // twins in the target, which merges fold away).
+        ctx.landing.settle_moves().await?;
         if records
             .iter()
             .any(|r| r.chunk == store::MERGES_ROW && r.status == "stopped")
         {
             ctx.landing.resume_merges().await?;
         }
-        // What a move under way carried is told by its staging table: noted before it goes.
-        ctx.landing.settle_moves().await?;
         ctx.landing.drop_staging_tables(true).await?;
         let discarded = if discard_foreign {
             ctx.landing.adopt_foreign().await?

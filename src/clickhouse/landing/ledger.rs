@@ -1,9 +1,10 @@
 //! The job's ledger (`<prefix>_ledger`, a ReplacingMergeTree beside the target): for each
 //! partition the job has touched, what the target held before, the highest block the job's
-//! last write left there, the rows other writers put there, and, from just before a chunk's
-//! parts are moved into it until that move is noted, how many rows the move carries and from
-//! which staging table. Without that last part a move whose answer was lost left the chunk's
-//! own rows above the noted block, where they counted as another writer's.
+//! last write left there, the rows other writers put there, and, from just before the job
+//! writes into it (a chunk's move or attach, a restore from the base) until that write is
+//! noted, how many rows the write carries and from which table. Without that last part a write
+//! whose answer was lost left the job's own rows above the noted block, where they counted as
+//! another writer's and the next restore refused.
 
 use super::Landing;
 use crate::clickhouse::client::{exec, literal, rows};
@@ -28,6 +29,12 @@ pub struct Touched {
     pub moving_from: String,
 }
 
+/// The columns of a write under way, which ledgers of earlier versions lack, with their types.
+const MOVING_COLUMNS: [(&str, &str); 2] = [
+    ("moving_rows", "UInt64 DEFAULT 0"),
+    ("moving_from", "String DEFAULT ''"),
+];
+
 /// Whether the ledger has the columns of a move under way (ledgers made by earlier versions
 /// lack them): false until seen, then true for the process (columns are only ever added).
 #[derive(Debug, Default)]
@@ -48,27 +55,38 @@ impl Landing {
         )
     }
 
-    /// Whether the ledger has the moving columns (reads only).
-    async fn has_moving_columns(&self) -> Result<bool> {
+    /// Which of the moving columns the ledger lacks (reads only).
+    async fn missing_moving_columns(&self) -> Result<Vec<&'static str>> {
         if self.moving_columns.0.load(Ordering::Relaxed) {
-            return Ok(true);
+            return Ok(Vec::new());
         }
         let bare = self.ledger().replace('`', "");
         let (db, name) = bare.split_once('.').unwrap_or(("", &bare));
         let sql = format!(
-            "SELECT count() FROM system.columns
+            "SELECT name FROM system.columns
               WHERE database = {} AND table = {} AND name IN ('moving_rows', 'moving_from')",
             literal(db),
             literal(name)
         );
-        let n: u64 = rows(&self.client, &sql, "reading the job's ledger")
+        let present: Vec<String> = rows(&self.client, &sql, "reading the job's ledger")
             .await?
-            .first()
-            .and_then(|r| r.first()?.parse().ok())
-            .unwrap_or(0);
-        let present = n == 2;
-        self.moving_columns.0.store(present, Ordering::Relaxed);
-        Ok(present)
+            .into_iter()
+            .filter_map(|r| r.first().cloned())
+            .collect();
+        let missing: Vec<&'static str> = MOVING_COLUMNS
+            .iter()
+            .map(|(c, _)| *c)
+            .filter(|c| !present.iter().any(|p| p == c))
+            .collect();
+        self.moving_columns
+            .0
+            .store(missing.is_empty(), Ordering::Relaxed);
+        Ok(missing)
+    }
+
+    /// Whether the ledger has the moving columns (reads only).
+    async fn has_moving_columns(&self) -> Result<bool> {
+        Ok(self.missing_moving_columns().await?.is_empty())
     }
 
     /// The ledger of touched partitions (empty if the job never landed anything).
@@ -131,23 +149,30 @@ impl Landing {
     /// Note a move about to start (`t.moving_*` set), adding the columns to a ledger an
     /// earlier version made.
     pub(super) async fn note_moving(&self, partition: &str, t: &Touched) -> Result<()> {
-        if !self.has_moving_columns().await? {
-            let sql = format!(
-                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS moving_rows UInt64 DEFAULT 0,
-                                ADD COLUMN IF NOT EXISTS moving_from String DEFAULT ''",
-                self.ledger()
-            );
+        let missing = self.missing_moving_columns().await?;
+        if !missing.is_empty() {
+            // Only those missing: 18.16 has no `ADD COLUMN IF NOT EXISTS`.
+            let add: Vec<String> = MOVING_COLUMNS
+                .iter()
+                .filter(|(c, _)| missing.contains(c))
+                .map(|(c, t)| format!("ADD COLUMN {c} {t}"))
+                .collect();
+            let sql = format!("ALTER TABLE {} {}", self.ledger(), add.join(", "));
             exec(&self.client, &sql, "adding columns to the job's ledger").await?;
             self.moving_columns.0.store(true, Ordering::Relaxed);
         }
         self.note(partition, t).await
     }
 
-    /// The job's own rows in partition `p` above its noted block: those of a move noted as
+    /// The job's own rows in partition `p` above its noted block: those of a write noted as
     /// under way that went through (its answer lost, or the process killed before the note
-    /// after it), told by what its staging table no longer holds of `p`; or as `settle_moves`
-    /// left them. 0 when that cannot be told (the staging table is gone): the rows then count
-    /// as another writer's, and a restore refuses rather than drops them.
+    /// after it), or as `settle_moves` left them. 0 when that cannot be told: the rows then
+    /// count as another writer's, and a restore refuses rather than drops them. The write is
+    /// told by what it came from:
+    /// - a move (current servers): by what its staging table no longer holds of `p`;
+    /// - an attach (18.16, which copies): by twins of the staged parts above the noted block;
+    /// - a restore from the base table: every part the job had noted is gone (replaced by the
+    ///   base's copies, with new block numbers).
     pub(super) async fn unnoted_own(&self, p: &str, t: &Touched) -> Result<u64> {
         if t.moving_rows == 0 {
             return Ok(0);
@@ -155,8 +180,24 @@ impl Landing {
         if t.moving_from.is_empty() {
             return Ok(t.moving_rows);
         }
+        if t.moving_from == self.base() {
+            let before = self.target_parts().await?;
+            let kept = before
+                .get(p)
+                .is_some_and(|v| v.iter().any(|x| x.1 <= t.last_block));
+            return Ok(if kept { 0 } else { t.moving_rows });
+        }
         if !self.exists(&t.moving_from).await? {
             return Ok(0);
+        }
+        if !self.moves() {
+            let found = self
+                .found(&t.moving_from, p, t.last_block, t.last_block)
+                .await?;
+            return Ok(match found {
+                super::replay::Found::Landed { .. } => t.moving_rows,
+                _ => 0,
+            });
         }
         let still = self.parts(&t.moving_from).await?.get(p).map_or(0, |x| x.0);
         Ok(t.moving_rows.saturating_sub(still))
@@ -167,7 +208,11 @@ impl Landing {
     /// noted block (`moving_from` empty).
     pub async fn settle_moves(&self) -> Result<()> {
         for (p, t) in self.touched().await? {
-            if t.moving_from.is_empty() || !self.exists(&t.moving_from).await? {
+            // A restore under way is told by the base table, which stays.
+            if t.moving_from.is_empty()
+                || t.moving_from == self.base()
+                || !self.exists(&t.moving_from).await?
+            {
                 continue;
             }
             let own = self.unnoted_own(&p, &t).await?;

@@ -116,8 +116,21 @@ impl Landing {
         if !self.moves() {
             self.pause_merges().await?;
         }
-        for p in ledger.keys() {
-            let sql = if base.contains_key(p) {
+        let now = self.parts(&self.target()).await?;
+        for (p, t) in &ledger {
+            let sql = if let Some(&(rows, _)) = base.get(p) {
+                // Noted before the replace: the base's copies get new block numbers above the
+                // noted block, and, killed before the note after it, they would count as
+                // another writer's rows and the next start would refuse (`unnoted_own`). The
+                // partition's top now is the job's (no other writer's rows, checked above).
+                let top = now.get(p).map_or(t.last_block, |x| x.1);
+                let restoring = Touched {
+                    last_block: t.last_block.max(top),
+                    moving_rows: rows,
+                    moving_from: self.base(),
+                    ..t.clone()
+                };
+                self.note_moving(p, &restoring).await?;
                 format!(
                     "ALTER TABLE {} REPLACE PARTITION ID {} FROM {}",
                     self.target(),
