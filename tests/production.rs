@@ -412,6 +412,31 @@ limits: {statement_timeout: 300ms}
     db.drop_db().await;
 }
 
+/// Once a run has updated `n` rows of `t` (`n = 1`), take an ACCESS EXCLUSIVE lock on `table`
+/// in a transaction of a session of its own, as a migration would: the session is returned
+/// holding it (`ROLLBACK` lets go).
+async fn lock_once_under_way(
+    db: &TestDb,
+    c: &tokio_postgres::Client,
+    n: i64,
+    table: &str,
+) -> tokio_postgres::Client {
+    wait_until(
+        "the first batches",
+        Duration::from_secs(30),
+        Duration::from_millis(20),
+        async || count(c, "SELECT count(*) FROM t WHERE n = 1").await >= n,
+    )
+    .await;
+    let m = db.client().await;
+    m.batch_execute(&format!(
+        "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+    ))
+    .await
+    .unwrap();
+    m
+}
+
 /// A migration that takes ACCESS EXCLUSIVE on the table mid-run and keeps it: the batches hit
 /// lock_timeout and the run stops with 75 while the lock is still held. The progress refresh
 /// (an EXPLAIN of the table, every 30 s) once ran on a session with no lock_timeout, queued
@@ -442,18 +467,7 @@ limits: {lock_timeout: 1s}
 ",
     );
     let child = spawn(db.dir.path(), "run", &[], &spec);
-    wait_until(
-        "the first batches",
-        Duration::from_secs(30),
-        Duration::from_millis(50),
-        async || count(&c, "SELECT count(*) FROM t WHERE n = 1").await >= 300,
-    )
-    .await;
-    let mut m = db.client().await;
-    let tx = m.transaction().await.unwrap();
-    tx.batch_execute("LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let m = lock_once_under_way(&db, &c, 300, "t").await;
     let locked = std::time::Instant::now();
     let (code, out, err) = child.finish(Duration::from_secs(120)).await;
     eprintln!(
@@ -464,7 +478,7 @@ limits: {lock_timeout: 1s}
         code, 75,
         "a run behind a lock it cannot get stops:\n{out}\n{err}"
     );
-    tx.rollback().await.unwrap();
+    m.batch_execute("ROLLBACK").await.unwrap();
     let left = count(&c, "SELECT count(*) FROM t WHERE n = 0").await;
     assert!(left > 0, "the run was meant to stop before its end");
     // Resumed without the sleep (the same job, its statement edited).
@@ -519,18 +533,7 @@ limits: {lock_timeout: 500ms}
     );
     // The migration takes its lock once the walk is under way; the verify at the end meets it.
     let child = spawn(db.dir.path(), "run", &[], &spec);
-    wait_until(
-        "the first batches",
-        Duration::from_secs(30),
-        Duration::from_millis(20),
-        async || count(&c, "SELECT count(*) FROM t WHERE n = 1").await >= 50,
-    )
-    .await;
-    let mut m = db.client().await;
-    let tx = m.transaction().await.unwrap();
-    tx.batch_execute("LOCK TABLE audit IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let m = lock_once_under_way(&db, &c, 50, "audit").await;
     let (code, out, err) = child.finish(Duration::from_secs(60)).await;
     assert_eq!(code, 75, "{out}\n{err}");
     assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 500);
@@ -538,7 +541,7 @@ limits: {lock_timeout: 500ms}
     assert_eq!(j.status, "stopped", "{j:?}");
     let (code, out, err) = run(&[&"verify", &spec]);
     assert_eq!(code, 75, "{out}\n{err}");
-    tx.rollback().await.unwrap();
+    m.batch_execute("ROLLBACK").await.unwrap();
     let (code, out, err) = run(&[&"run", &spec]);
     assert_eq!(code, 0, "{out}\n{err}");
     let (code, out, err) = run(&[&"verify", &spec]);
