@@ -489,7 +489,10 @@ impl Landing {
             if let Some(&(rows, _)) = staged.get(p).filter(|_| !already) {
                 let before = target.get(p).and_then(|v| v.iter().map(|x| x.1).max());
                 // Noted before the move or attach: if its answer is lost, the rows it landed
-                // are still told from another writer's (`unnoted_own`).
+                // are still told from another writer's (`unnoted_own`). Everything up to the
+                // partition's top is accounted for by now (the job's, or counted as another
+                // writer's just above), so the note replaces any earlier write under way.
+                t.last_block = t.last_block.max(before.unwrap_or(t.last_block));
                 t.moving_rows = rows;
                 t.moving_from = staging.to_string();
                 self.note_moving(p, &t).await?;
