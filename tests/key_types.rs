@@ -273,6 +273,76 @@ batch: {size: 10, target: 0}
     db.drop_db().await;
 }
 
+/// A key unique only by an index that orders it otherwise than the column (another collation,
+/// another operator class) is refused before anything is written. Under a case-insensitive
+/// column collation, such an index held `k0004` and `K0004` apart while the walk (`key >
+/// cursor`, in the column's collation) took them for equal: a batch that ended on one passed
+/// over the other, and 125 of 1000 rows were never touched, the job done with exit 0. Under a
+/// deterministic collation nothing was lost, but no index served the walk's order: a sort of
+/// the whole range per batch.
+#[tokio::test]
+async fn a_key_unique_only_in_another_ordering_is_refused() {
+    let db = TestDb::new("kt_collation").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
+         CREATE TABLE t (k text COLLATE ci NOT NULL, n int NOT NULL DEFAULT 0);
+         CREATE UNIQUE INDEX t_k_c ON t (k COLLATE \"C\");
+         INSERT INTO t (k) SELECT 'k' || lpad(g::text, 4, '0') FROM generate_series(1, 500) g;
+         INSERT INTO t (k) SELECT 'K' || lpad(g::text, 4, '0') FROM generate_series(1, 500) g;
+         CREATE TABLE u (k text COLLATE \"en-x-icu\" NOT NULL, n int NOT NULL DEFAULT 0);
+         CREATE UNIQUE INDEX u_k_pattern ON u (k text_pattern_ops);
+         INSERT INTO u (k) SELECT 'k' || g FROM generate_series(1, 100) g;",
+    )
+    .await
+    .unwrap();
+    for (table, index) in [
+        ("t", "t_k_c (COLLATE \"C\")"),
+        ("u", "operator class text_pattern_ops"),
+    ] {
+        let spec = db.spec(
+            "job.yaml",
+            &format!(
+                "postgres:
+  url: $URL
+  table: {table}
+  key: k
+  statement: UPDATE {table} SET n = n + 1 WHERE k COLLATE \"C\" = ANY($1::text[] COLLATE \"C\")
+batch: {{size: 7, target: 0}}
+"
+            ),
+        );
+        let (code, out, err) = run(&[&"run", &spec]);
+        assert_eq!(code, 1, "{table}: {out}{err}");
+        assert!(
+            err.contains("postgres.key") && err.contains(index),
+            "{table}: {err}"
+        );
+        assert!(err.contains("orders it otherwise"), "{table}: {err}");
+        let written = count(&c, &format!("SELECT count(*) FROM {table} WHERE n <> 0")).await;
+        assert_eq!(written, 0, "{table}");
+    }
+    // With a unique index in the column's own ordering beside it, the walk has one to use.
+    c.batch_execute("CREATE UNIQUE INDEX u_k ON u (k)")
+        .await
+        .unwrap();
+    let spec = db.spec(
+        "job.yaml",
+        "postgres:
+  url: $URL
+  table: u
+  key: k
+  statement: UPDATE u SET n = n + 1 WHERE k = ANY($1)
+batch: {size: 7, target: 0}
+",
+    );
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(count(&c, "SELECT count(*) FROM u WHERE n = 1").await, 100);
+    drop(c);
+    db.drop_db().await;
+}
+
 /// Tables inheriting from the job's table can repeat its keys (a unique index holds in one
 /// table): the job is refused before anything is written, naming a child. Before, the run
 /// failed reading the key's histogram (`pg_stats` has a row for the parent alone and one for

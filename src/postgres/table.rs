@@ -107,11 +107,24 @@ pub async fn inspect(client: &Client, spec: &PostgresSpec) -> Result<TableInfo> 
     let col = client
         .query_opt(
             "SELECT quote_ident(a.attname), format_type(a.atttypid, a.atttypmod), a.attnotnull,
-                    EXISTS (SELECT 1 FROM pg_index i
+                    EXISTS (SELECT 1 FROM pg_index i JOIN pg_opclass oc ON oc.oid = i.indclass[0]
                              WHERE i.indrelid = a.attrelid AND i.indisunique AND i.indisvalid
                                AND i.indnkeyatts = 1 AND i.indkey[0] = a.attnum
-                               AND i.indpred IS NULL),
-                    format_type(t.typarray, NULL)
+                               AND i.indpred IS NULL AND i.indcollation[0] = a.attcollation
+                               AND oc.opcdefault),
+                    format_type(t.typarray, NULL),
+                    (SELECT string_agg(format('%s (%s%s)', i.indexrelid::regclass,
+                                              coalesce('COLLATE ' || quote_ident(co.collname),
+                                                       'no collation'),
+                                              CASE WHEN oc.opcdefault THEN ''
+                                                   ELSE ', operator class ' || oc.opcname END),
+                                       ', ')
+                       FROM pg_index i JOIN pg_opclass oc ON oc.oid = i.indclass[0]
+                       LEFT JOIN pg_collation co ON co.oid = i.indcollation[0]
+                      WHERE i.indrelid = a.attrelid AND i.indisunique AND i.indisvalid
+                        AND i.indnkeyatts = 1 AND i.indkey[0] = a.attnum
+                        AND i.indpred IS NULL),
+                    (SELECT quote_ident(collname) FROM pg_collation WHERE oid = a.attcollation)
                FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
               WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
             &[&oid, &key_name],
@@ -128,6 +141,21 @@ pub async fn inspect(client: &Client, spec: &PostgresSpec) -> Result<TableInfo> 
     let key_type: String = col.get(1);
     let not_null: bool = col.get(2);
     let array_type: String = col.get(4);
+    if let (false, Some(others)) = (col.get::<_, bool>(3), col.get::<_, Option<String>>(5)) {
+        // Unique by another ordering than the column's: the walk compares keys as the column
+        // does (`ORDER BY key`, `key > cursor`), which such an index cannot serve (a sort of
+        // the whole range per batch), and under a nondeterministic collation two keys it holds
+        // apart can be equal there, and a batch that ends on one passes over the other.
+        let own = col
+            .get::<_, Option<String>>(6)
+            .map_or("no collation".to_string(), |c| format!("COLLATE {c}"));
+        return Err(fail(
+            "postgres.key",
+            format!(
+                "column {key} of {rel_text} is unique only by an index that orders it otherwise                  than the column ({own}, the type's default operator class): {others}. The walk                  orders keys as the column does, which that index cannot serve, and keys it holds                  apart can compare equal there (rows passed over). Add a unique index on {key}                  with the column's collation and operator class (CREATE UNIQUE INDEX ON                  {rel_text} ({key}))"
+            ),
+        ));
+    }
     if !col.get::<_, bool>(3) {
         return Err(fail(
             "postgres.key",
