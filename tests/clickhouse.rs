@@ -2631,6 +2631,125 @@ ch_test! {
     }
 }
 
+/// The partition id a `... PARTITION ID 'x' ...` statement names.
+fn partition_of(sql: &str) -> Option<String> {
+    let (_, rest) = sql.split_once("PARTITION ID '")?;
+    Some(rest.split_once('\'')?.0.to_string())
+}
+
+/// A row of another writer in partition `p` of `agg` (`project_id % 4`), project 200 + p.
+fn foreign_row_in(db: &ChDb, p: &str) {
+    let project = 200 + p.parse::<u32>().expect("a partition of agg");
+    db.q(&format!(
+        "INSERT INTO agg SELECT toUInt32({project}), 9, countState(), sumState(toUInt32(5))
+           FROM numbers(1)"
+    ));
+}
+
+/// A request after the first one `first` accepts: held by `kill_when_held`, with the partition
+/// that one named.
+fn after_first(
+    first: impl Fn(&str) -> bool + Send + Sync + 'static,
+) -> (
+    std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    impl Fn(&str) -> bool + Send + Sync + 'static,
+) {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let mine = seen.clone();
+    let pick = move |t: &str| {
+        let mut p = mine.lock().unwrap();
+        if p.is_some() {
+            return true;
+        }
+        if first(t) {
+            *p = partition_of(t);
+        }
+        false
+    };
+    (seen, pick)
+}
+
+ch_test! {
+    /// A rerun's restore notes each partition's new top block once the base is back in it:
+    /// rows another writer puts there in between are theirs. The note came only after every
+    /// partition was restored (on 18.16 after the replaced parts had left the disk, minutes),
+    /// and took those rows as the job's own: the next rerun dropped them silently.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rows_written_while_a_restore_runs_are_another_writers(srv) {
+        let db = ChDb::new_on(&srv, "restorewrite");
+        build_days(&db, 6, 1000);
+        db.q(FOREIGN_ROWS);
+        let reference = source_digest(&db);
+        let spec = days_spec(&db, "restorewrite", "$URL", "");
+        let (code, out, err) = run(&[&"run", &spec]);
+        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        // The rerun is held at the request after its first replace from the base, while
+        // another writer inserts into that partition, then let go.
+        let (restored, pick) = after_first(|t| t.contains("REPLACE PARTITION") && t.contains("_base`"));
+        let proxy = FaultProxy::start_http(srv.addr()).await;
+        let held = proxy.add_rule(
+            Rule::new(Fault::HoldUntilReleased)
+                .matching(move |r| pick(&r.text()))
+                .nth(1),
+        );
+        let via = days_spec(&db, "restorewrite", &proxy.url_for(&db.url), "");
+        let r = spawn(db.dir.path(), "rerun", &["--rerun"], &via);
+        common::runner::wait_until(
+            "the request after the first restored partition",
+            Duration::from_secs(120),
+            Duration::from_millis(20),
+            async || proxy.rule_fired(held) > 0,
+        )
+        .await;
+        let p = restored.lock().unwrap().clone().expect("a partition restored");
+        foreign_row_in(&db, &p);
+        proxy.release_held();
+        let (code, out, err) = r.finish(Duration::from_secs(300)).await;
+        let mut all = all_output(&out, &err);
+        assert_eq!(code, 0, "{all}");
+        assert!(all.contains("another writer"), "{all}");
+        assert_eq!(own_digest(&db), reference, "{all}");
+        // Starting over again would drop that row: refused, naming its partition.
+        let spec = days_spec(&db, "restorewrite", "$URL", "");
+        let (code, out, err) = run(&[&"run", &"--rerun", &spec]);
+        all += &all_output(&out, &err);
+        assert_eq!(code, 1, "{all}");
+        assert!(all.contains(&format!("partition {p} ")), "{all}");
+        assert_eq!(db.num("SELECT count() FROM agg WHERE project_id >= 200"), 1, "{all}");
+        assert_eq!(db.num(FOREIGN_COUNT), 5, "{all}");
+    }
+}
+
+ch_test! {
+    /// Killed right after the target's partition was copied into the base, before the copy was
+    /// noted; another writer then inserts there. The next run found the copy and noted the
+    /// partition's top as it was then, the other writer's row under it: a later rerun dropped
+    /// that row silently. The partition is noted before the copy now, with its top.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_killed_after_keeping_the_base_counts_later_rows_as_another_writers(srv) {
+        let db = ChDb::new_on(&srv, "keptkill");
+        build_days(&db, 6, 1000);
+        db.q(FOREIGN_ROWS);
+        let reference = source_digest(&db);
+        let (kept, pick) = after_first(|t| t.contains("_base` REPLACE PARTITION"));
+        let what = "the request after the first copy into the base";
+        let _proxy = kill_when_held(&srv, &db, "keptkill", &[], "", 1, what, pick).await;
+        let p = kept.lock().unwrap().clone().expect("a partition kept");
+        foreign_row_in(&db, &p);
+        let spec = days_spec(&db, "keptkill", "$URL", "");
+        let (code, out, err) = run(&[&"run", &spec]);
+        let mut all = all_output(&out, &err);
+        assert_eq!(code, 0, "{all}");
+        assert_eq!(own_digest(&db), reference, "{all}");
+        let (code, out, err) = run(&[&"run", &"--rerun", &spec]);
+        all += &all_output(&out, &err);
+        assert_eq!(code, 1, "{all}");
+        assert!(all.contains(&format!("partition {p} ")), "{all}");
+        assert_eq!(db.num("SELECT count() FROM agg WHERE project_id >= 200"), 1, "{all}");
+        assert_eq!(db.num(FOREIGN_COUNT), 5, "{all}");
+    }
+}
+
 ch_test! {
     /// A job landing when the engine was upgraded: its ledger, made by an earlier version,
     /// lacks the columns of a move under way. The new version reads it, adds them where it

@@ -343,32 +343,58 @@ impl Landing {
             .iter()
             .filter(|p| !known.contains_key(*p))
             .collect();
-        if new.is_empty() {
+        // Copies into the base a killed run had noted but perhaps not made.
+        let unfinished: Vec<String> = known
+            .iter()
+            .filter(|(_, t)| t.moving_from == ledger::KEEPING)
+            .map(|(p, _)| p.clone())
+            .collect();
+        if new.is_empty() && unfinished.is_empty() {
             return Ok(known);
         }
         let target = self.parts(&self.target()).await?;
         let base = self.parts(&self.base()).await?;
         for p in new {
             let (rows, block) = target.get(p).copied().unwrap_or((0, 0));
-            // Kept already by a run killed before it noted it: never copy it twice.
-            if rows > 0 && !base.contains_key(p) {
-                let sql = format!(
-                    "ALTER TABLE {} REPLACE PARTITION ID {} FROM {}",
-                    self.base(),
-                    literal(p),
-                    self.target()
-                );
-                exec(&self.client, &sql, "keeping the target's partition").await?;
-            }
-            let t = Touched {
+            let mut t = Touched {
                 base_rows: rows,
                 last_block: block,
                 ..Touched::default()
             };
+            if rows > 0 {
+                // Noted before the copy, with the partition's top: rows another writer puts
+                // there from now on stay above it and count as theirs, whether or not this
+                // run is killed before the copy is noted as made.
+                t.moving_from = ledger::KEEPING.to_string();
+                self.note(p, &t).await?;
+                self.keep(p, &base).await?;
+                t.moving_from.clear();
+            }
             self.note(p, &t).await?;
             known.insert(p.clone(), t);
         }
+        for p in unfinished {
+            let Some(t) = known.get_mut(&p) else { continue };
+            self.keep(&p, &base).await?;
+            t.moving_from.clear();
+            self.note(&p, t).await?;
+        }
         Ok(known)
+    }
+
+    /// Copy the target's partition `p` into the base table, unless it is there already (kept
+    /// by a run killed before it noted the copy as made: never copied twice).
+    async fn keep(&self, p: &str, base: &Parts) -> Result<()> {
+        if base.contains_key(p) {
+            return Ok(());
+        }
+        let sql = format!(
+            "ALTER TABLE {} REPLACE PARTITION ID {} FROM {}",
+            self.base(),
+            literal(p),
+            self.target()
+        );
+        exec(&self.client, &sql, "keeping the target's partition").await
     }
 
     /// The target's active parts, one by one.

@@ -25,9 +25,14 @@ pub struct Touched {
     /// before the move and cleared with the note after it.
     pub moving_rows: u64,
     /// The staging table they are moved from; empty once `settle_moves` has turned
-    /// `moving_rows` into the job's own rows above `last_block`.
+    /// `moving_rows` into the job's own rows above `last_block`. `KEEPING` while the target's
+    /// partition is being copied into the base, before the job first writes into it.
     pub moving_from: String,
 }
+
+/// `moving_from` while the partition is being copied into the base (`keep_base`): the job has
+/// not written into it yet, and the base may not hold it yet.
+pub const KEEPING: &str = "keeping";
 
 /// The columns of a write under way, which ledgers of earlier versions lack, with their types.
 const MOVING_COLUMNS: [(&str, &str); 2] = [
@@ -211,6 +216,7 @@ impl Landing {
             // A restore under way is told by the base table, which stays.
             if t.moving_from.is_empty()
                 || t.moving_from == self.base()
+                || t.moving_from == KEEPING
                 || !self.exists(&t.moving_from).await?
             {
                 continue;

@@ -2,6 +2,7 @@
 //! job (from the base table), unless another writer has written into it since; on 18.16, only
 //! once the replaced parts are off disk.
 
+use super::ledger::KEEPING;
 use super::{CLEANUP_WAIT, Landing, Touched};
 use crate::clickhouse::client::{exec, literal, number, rows};
 use crate::error::{DbErrorKind, Error, Result};
@@ -97,7 +98,7 @@ impl Landing {
         if ledger.is_empty() {
             return Ok(0);
         }
-        for (p, t) in &ledger {
+        for (p, t) in ledger.iter().filter(|(_, t)| t.moving_from != KEEPING) {
             let others = t.foreign_rows + self.since_noted(p, t).await?;
             if others > 0 {
                 return Err(Error::Preflight(format!(
@@ -118,15 +119,23 @@ impl Landing {
         }
         let now = self.parts(&self.target()).await?;
         for (p, t) in &ledger {
-            let sql = if let Some(&(rows, _)) = base.get(p) {
-                // Noted before the replace: the base's copies get new block numbers above the
-                // noted block, and, killed before the note after it, they would count as
-                // another writer's rows and the next start would refuse (`unnoted_own`). The
-                // partition's top now is the job's (no other writer's rows, checked above).
-                let top = now.get(p).map_or(t.last_block, |x| x.1);
+            // Being copied into the base when a run was killed: the job has not written there,
+            // and what the base holds of it may be nothing yet.
+            if t.moving_from == KEEPING {
+                continue;
+            }
+            // The partition's top now is the job's (no other writer's rows, checked above):
+            // whatever the replace or drop leaves above it is the base's copies (new block
+            // numbers) and other writers' rows that arrive from then on.
+            let mark = t.last_block.max(now.get(p).map_or(t.last_block, |x| x.1));
+            let own = base.get(p).map_or(0, |x| x.0);
+            let sql = if own > 0 {
+                // Noted before the replace: killed before the note after it, the base's copies
+                // would count as another writer's rows and the next start would refuse
+                // (`unnoted_own`).
                 let restoring = Touched {
-                    last_block: t.last_block.max(top),
-                    moving_rows: rows,
+                    last_block: mark,
+                    moving_rows: own,
                     moving_from: self.base(),
                     ..t.clone()
                 };
@@ -150,21 +159,27 @@ impl Landing {
                 "restoring a partition the job had landed in",
             )
             .await?;
+            // Noted at once (on 18.16 merges are still stopped, so the count is exact): rows
+            // another writer puts there from now on, while replaced parts leave the disk say,
+            // stay above the noted block and count as theirs.
+            let after = self.target_parts().await?;
+            let arrived = Self::rows_since(&after, p, mark).saturating_sub(own);
+            let mut t = t.clone();
+            if arrived > 0 {
+                self.warn_foreign(p, arrived);
+                t.foreign_rows += arrived;
+            }
+            let top = after.get(p).and_then(|v| v.iter().map(|x| x.1).max());
+            t.last_block = top.unwrap_or(mark).max(mark);
+            t.moving_rows = 0;
+            t.moving_from.clear();
+            self.note(p, &t).await?;
         }
         if !self.moves() {
             self.resume_merges().await?;
         }
         for p in ledger.keys() {
             self.wait_replaced_gone(p).await?;
-            let mut t = ledger[p].clone();
-            t.last_block = self
-                .parts(&self.target())
-                .await?
-                .get(p)
-                .map_or(t.last_block, |x| x.1);
-            t.moving_rows = 0;
-            t.moving_from.clear();
-            self.note(p, &t).await?;
         }
         Ok(ledger.len())
     }
@@ -181,11 +196,17 @@ impl Landing {
                 continue;
             }
             let top = target.get(&p).map_or(t.last_block, |x| x.1);
+            // A copy into the base under way stays noted (the next run makes it).
+            let keeping = if t.moving_from == KEEPING {
+                KEEPING.to_string()
+            } else {
+                String::new()
+            };
             let t = Touched {
                 last_block: t.last_block.max(top),
                 foreign_rows: 0,
                 moving_rows: 0,
-                moving_from: String::new(),
+                moving_from: keeping,
                 ..t
             };
             self.note(&p, &t).await?;
