@@ -51,6 +51,11 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    if matches!(cli.command, backfill::cli::Command::Run { .. }) {
+        // At once: SIGTERM while the specs load is a stop (75), not the default death (143).
+        let _in_runtime = runtime.enter();
+        backfill::engine::Stop::install();
+    }
     let code = runtime.block_on(async {
         match backfill::commands::execute(cli.command).await {
             Ok(()) => backfill::error::EXIT_DONE,

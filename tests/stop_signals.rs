@@ -350,3 +350,59 @@ async fn status_json_after_a_stopped_run() {
     drop(c);
     db.drop_db().await;
 }
+
+/// Whether process `pid` has a handler for SIGTERM (bit 15 of `SigCgt` in /proc/<pid>/status).
+fn catches_sigterm(pid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << 14) != 0)
+}
+
+/// SIGTERM while `run` still loads the specs of a directory is a stop like any other: exit 75,
+/// no job started, and the next run does the work. The signal handler was installed only after
+/// loading, so such a SIGTERM killed the process with the default action (exit 143, nothing
+/// said), and a stop asked for before a job began did not keep it from starting.
+#[tokio::test]
+async fn sigterm_while_the_specs_load_starts_no_job() {
+    let db = TestDb::new("sigload").await;
+    let c = db.client().await;
+    copy_tables(&c, 500).await;
+    let dir = db.dir.path().join("specs");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(
+        dir.join("a.yaml"),
+        copy_spec("sigload", "{size: 50, target: 0}", "").replace("$URL", &db.url),
+    )
+    .unwrap();
+    // Enough specs that loading them takes a while (each is parsed and checked).
+    for i in 0..3000 {
+        std::fs::write(
+            dir.join(format!("b{i:04}.yaml")),
+            copy_spec(&format!("filler{i}"), "{size: 50}", "").replace("$URL", &db.url),
+        )
+        .unwrap();
+    }
+    let mut r = spawn(db.dir.path(), "loading", &[], &dir);
+    let pid = r.child.id();
+    r.wait_until(
+        "the SIGTERM handler",
+        Duration::from_secs(30),
+        Duration::from_millis(1),
+        async || catches_sigterm(pid),
+    )
+    .await;
+    let (code, out, err) = r.stop(Duration::from_secs(120)).await;
+    // The list of specs not tried is long: the first lines say what happened.
+    let head: String = format!("{out}\n{err}").chars().take(600).collect();
+    assert_eq!(code, 75, "{head}");
+    assert!(out.contains("sigload: not started"), "{head}");
+    assert_eq!(count(&c, "SELECT count(*) FROM dst").await, 0, "{head}");
+    // The next run does the work, every row once.
+    let spec = db.dir.path().join("specs").join("a.yaml");
+    run_to_end(&spec, "the run after the stop");
+    assert_exactly_once(&c, "sigload", 500).await;
+    db.drop_db().await;
+}

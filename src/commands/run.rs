@@ -37,6 +37,14 @@ pub async fn run(specs: &[Spec], max_runtime: Option<Duration>, opts: &RunOption
         line
     };
     for (i, spec) in specs.iter().enumerate() {
+        // Between two jobs is a boundary too: a SIGTERM while the specs loaded, or a deadline
+        // passed during the job before, starts no further job.
+        if let Some(reason) = stop.check() {
+            crate::outln!("{}: not started ({})", spec.name, spec.file.display());
+            crate::outln!("{}", tally(ran, skipped, "stopped"));
+            not_tried(&specs[i + 1..]);
+            return Err(Error::Stopped(reason));
+        }
         let threads = opts.workers.unwrap_or(spec.workers).max(spec.workers);
         let report = with_backend(
             spec,
@@ -45,15 +53,7 @@ pub async fn run(specs: &[Spec], max_runtime: Option<Duration>, opts: &RunOption
             RunJob { opts, stop: &stop },
         )
         .await;
-        let untried = || {
-            let rest: Vec<String> = specs[i + 1..]
-                .iter()
-                .map(|s| s.file.display().to_string())
-                .collect();
-            if !rest.is_empty() {
-                crate::outln!("not tried: {}", rest.join(", "));
-            }
-        };
+        let untried = || not_tried(&specs[i + 1..]);
         let report = match report {
             Ok(r) => r,
             Err(e) => {
@@ -91,4 +91,12 @@ pub async fn run(specs: &[Spec], max_runtime: Option<Duration>, opts: &RunOption
     }
     crate::outln!("{}", tally(ran, skipped, ""));
     Ok(())
+}
+
+/// Name the specs a run that ended early did not get to.
+fn not_tried(rest: &[Spec]) {
+    if !rest.is_empty() {
+        let files: Vec<String> = rest.iter().map(|s| s.file.display().to_string()).collect();
+        crate::outln!("not tried: {}", files.join(", "));
+    }
 }

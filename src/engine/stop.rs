@@ -52,8 +52,15 @@ impl Stop {
     }
 
     /// Listen for SIGTERM and SIGINT. The first asks for a stop at the next batch boundary;
-    /// the second exits the process right away (exit 75).
+    /// the second exits the process right away (exit 75). Once per process: `run` installs it
+    /// as it starts, inside the runtime (a signal before that ends the process with the
+    /// default action, 143), and later calls get the same listener.
     pub fn install() -> Stop {
+        static INSTALLED: std::sync::OnceLock<Stop> = std::sync::OnceLock::new();
+        INSTALLED.get_or_init(Stop::listen).clone()
+    }
+
+    fn listen() -> Stop {
         use tokio::signal::unix::{SignalKind, signal};
         let stop = Stop::never();
         // Registered before returning, so a signal that arrives early is not the default kill.
