@@ -162,3 +162,61 @@ limits:
     drop(m);
     db.drop_db().await;
 }
+
+/// The network goes silent mid-run (packets dropped without a word: the socket stays open and
+/// no error ever comes, and the server keeps the session). The run waited for the answer for
+/// ever, its session's locks held, and neither `max_runtime` nor a SIGTERM could end it. A
+/// batch's round trip now waits at most twice `statement_timeout` plus `lock_timeout` (and a
+/// few seconds) before the connection is taken for lost: the worker drops it, reconnects, ends
+/// its earlier session, still open on the server with the worker's slot (it used to stop
+/// there with 75, "slot taken"), and the job finishes with every row once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_gone_silent_is_taken_for_lost_and_replaced() {
+    let db = TestDb::new("silent").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE src (id bigint PRIMARY KEY, v int);
+         INSERT INTO src SELECT i, i % 7 FROM generate_series(1, 5000) i;
+         CREATE TABLE dst (id bigint, v int);",
+    )
+    .await
+    .unwrap();
+    let upstream = {
+        let u = url::Url::parse(&db.url).unwrap();
+        format!("{}:{}", u.host_str().unwrap(), u.port().unwrap_or(5432))
+            .parse()
+            .unwrap()
+    };
+    let proxy = FaultProxy::start(upstream).await;
+    let spec = db.spec(
+        "copy.yaml",
+        &format!(
+            "name: copy
+postgres:
+  url: {}
+  table: src
+  key: id
+  statement: INSERT INTO dst SELECT id, v FROM src WHERE id = ANY($1)
+batch: {{size: 100, target: 0, pause: 20ms}}
+limits: {{statement_timeout: 1s, lock_timeout: 1s}}
+",
+            proxy.url_for(&db.url)
+        ),
+    );
+    let mut r = spawn(db.dir.path(), "run", &[], &spec);
+    r.wait_until(
+        "the first batches",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        async || count(&c, "SELECT count(*) FROM dst").await >= 1000,
+    )
+    .await;
+    proxy.freeze_open();
+    let (code, out, err) = r.finish(Duration::from_secs(120)).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("no answer from the server"), "{err}");
+    assert!(err.contains("ended this worker's earlier session"), "{err}");
+    assert_eq!(count(&c, "SELECT count(*) FROM dst").await, 5000);
+    assert_eq!(count(&c, "SELECT count(DISTINCT id) FROM dst").await, 5000);
+    db.drop_db().await;
+}

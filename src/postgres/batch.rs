@@ -9,11 +9,11 @@ use super::job::{Ctx, Prepared};
 use super::raw::RawValue;
 use super::store::{DONE, RETRYING};
 use crate::engine::Timings;
-use crate::error::{Error, Result};
-use crate::spec::LockMode;
+use crate::error::{DbErrorKind, Error, Result};
+use crate::spec::{Limits, LockMode};
 use deadpool_postgres::ClientWrapper;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_postgres::types::ToSql;
@@ -135,6 +135,43 @@ async fn join(
     }
 }
 
+/// How much longer than its own limits (twice `statement_timeout`, and `lock_timeout`) a
+/// server may take to answer one of a batch's round trips before the connection is taken for
+/// lost.
+const ANSWER_SLACK: Duration = Duration::from_secs(5);
+
+/// How long to wait for the answer to one of a batch's round trips: its `statement_timeout`
+/// and `lock_timeout` bound what the server does, so an answer that has not come long after
+/// them was lost on the way (a network that drops packets silently leaves the socket open and
+/// the client waiting for ever, its session's locks held). `None` when the spec lets a
+/// statement or a lock wait run unbounded (a timeout of 0).
+pub fn answer_limit(limits: &Limits) -> Option<Duration> {
+    (!limits.statement_timeout.is_zero() && !limits.lock_timeout.is_zero())
+        .then(|| limits.statement_timeout * 2 + limits.lock_timeout + ANSWER_SLACK)
+}
+
+/// `fut`, one round trip on the batch's connection, or a lost connection once `limit` passes
+/// without its answer.
+async fn answered<T>(
+    limit: Option<Duration>,
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    let Some(limit) = limit else {
+        return fut.await;
+    };
+    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
+        Err(Error::Db {
+            message: format!(
+                "{what}: no answer from the server in {}s, long past statement_timeout and \
+                 lock_timeout; the connection is taken for lost",
+                limit.as_secs()
+            ),
+            kind: DbErrorKind::ConnectionLost,
+        })
+    })
+}
+
 /// The batch's transaction. Returning before `commit` rolls everything back.
 async fn run(
     ctx: &Ctx,
@@ -145,27 +182,35 @@ async fn run(
     go: oneshot::Receiver<()>,
 ) -> Result<End> {
     let skip_locked = ctx.spec.lock == LockMode::SkipLocked;
-    let tx = conn
-        .transaction()
-        .await
-        .map_err(|e| db_error("starting the batch transaction", &e))?;
+    let limit = answer_limit(&ctx.limits);
+    let what = "starting the batch transaction";
+    let tx = answered(limit, what, async {
+        conn.transaction().await.map_err(|e| db_error(what, &e))
+    })
+    .await?;
     let t0 = Instant::now();
-    let walk = tx
-        .prepare_cached(&p.sql.walk)
-        .await
-        .map_err(|e| db_error("preparing the batch query", &e))?;
+    let what = "preparing the batch query";
+    let walk = answered(limit, what, async {
+        tx.prepare_cached(&p.sql.walk)
+            .await
+            .map_err(|e| db_error(what, &e))
+    })
+    .await?;
     let params: Vec<&(dyn ToSql + Sync)> = if skip_locked {
         vec![&a.size, &ctx.job, &a.range_no, &a.from, &a.hi]
     } else {
         vec![&a.size, &a.from, &a.hi]
     };
     // The timeouts and the batch query go out together (one round trip).
-    let (set, row) = tokio::join!(
-        tx.batch_execute(&p.sql.begin_locals),
-        tx.query_one(&walk, &params)
-    );
-    set.map_err(|e| db_error("starting the batch transaction", &e))?;
-    let row = row.map_err(|e| db_error("selecting the batch's keys", &e))?;
+    let row = answered(limit, "selecting the batch's keys", async {
+        let (set, row) = tokio::join!(
+            tx.batch_execute(&p.sql.begin_locals),
+            tx.query_one(&walk, &params)
+        );
+        set.map_err(|e| db_error("starting the batch transaction", &e))?;
+        row.map_err(|e| db_error("selecting the batch's keys", &e))
+    })
+    .await?;
     let keys: Option<RawValue> = row.get(0);
     let last: Option<String> = row.get(1);
     let walked = row.get::<_, i64>(2) as u64;
@@ -184,18 +229,24 @@ async fn run(
     let t1b = Instant::now();
     let rows = match &keys {
         Some(k) => {
-            let st = tx
-                .prepare_cached(&ctx.spec.statement)
-                .await
-                .map_err(|e| db_error("preparing statement", &e))?;
+            let what = "preparing statement";
+            let st = answered(limit, what, async {
+                tx.prepare_cached(&ctx.spec.statement)
+                    .await
+                    .map_err(|e| db_error(what, &e))
+            })
+            .await?;
             let params: Vec<&(dyn ToSql + Sync)> = if p.info.statement_params == 3 {
                 vec![k, &first_key, &last_key]
             } else {
                 vec![k]
             };
-            tx.execute(&st, &params)
-                .await
-                .map_err(|e| db_error("running statement", &e))?
+            answered(limit, "running statement", async {
+                tx.execute(&st, &params)
+                    .await
+                    .map_err(|e| db_error("running statement", &e))
+            })
+            .await?
         }
         None => 0,
     };
@@ -204,21 +255,28 @@ async fn run(
     // the same transaction, or waits for its retry pass if rows were skipped: by this run, or
     // by an earlier one under `skip_locked` when this one resumed with `lock: none`.
     let next: Option<&'static str> = if !full {
-        let waiting: i64 = tx
-            .query_one(&p.sql.skipped_count, &[&ctx.job, &a.range_no])
-            .await
-            .map_err(|e| db_error("counting skipped rows", &e))?
-            .get(0);
+        let what = "counting skipped rows";
+        let waiting: i64 = answered(limit, what, async {
+            tx.query_one(&p.sql.skipped_count, &[&ctx.job, &a.range_no])
+                .await
+                .map_err(|e| db_error(what, &e))
+        })
+        .await?
+        .get(0);
         Some(if waiting == 0 { DONE } else { RETRYING })
     } else {
         None
     };
-    let advance = tx
-        .prepare_cached(&p.sql.advance_walk)
-        .await
-        .map_err(|e| db_error("preparing the checkpoint", &e))?;
-    let fenced = tx
-        .query_opt(
+    let what = "preparing the checkpoint";
+    let advance = answered(limit, what, async {
+        tx.prepare_cached(&p.sql.advance_walk)
+            .await
+            .map_err(|e| db_error(what, &e))
+    })
+    .await?;
+    let what = "writing the checkpoint";
+    let fenced = answered(limit, what, async {
+        tx.query_opt(
             &advance,
             &[
                 &ctx.job,
@@ -234,13 +292,17 @@ async fn run(
             ],
         )
         .await
-        .map_err(|e| db_error("writing the checkpoint", &e))?;
+        .map_err(|e| db_error(what, &e))
+    })
+    .await?;
     let Some(fenced) = fenced else {
         return Ok(End::Lost);
     };
-    tx.commit()
-        .await
-        .map_err(|e| db_error("committing the batch", &e))?;
+    let what = "committing the batch";
+    answered(limit, what, async {
+        tx.commit().await.map_err(|e| db_error(what, &e))
+    })
+    .await?;
     Ok(End::Committed(Done {
         walked,
         rows,

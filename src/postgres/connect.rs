@@ -24,6 +24,12 @@ const OUTPUT_FORMS: &str = "SET DateStyle = ISO; SET extra_float_digits = 3";
 /// How long to wait for a TCP connection or a free pooled connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// TCP keepalive: the first probe after this long without traffic, then one every
+/// `KEEPALIVE_INTERVAL`, the connection closed after `KEEPALIVE_RETRIES` unanswered.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 3;
+
 /// A pool for `url`. Sessions print dates in ISO form and floats exactly (`OUTPUT_FORMS`);
 /// standard string literals (as `where` was checked); and
 /// `application_name` = `backfill:<job>` so DBAs can see who is working. TLS follows the
@@ -70,11 +76,29 @@ pub fn pool(
     if cfg.get_connect_timeout().is_none() {
         cfg.connect_timeout(CONNECT_TIMEOUT);
     }
+    // A peer gone without a word (a network that drops packets silently) is noticed within a
+    // minute, not after the two hours of the default keepalive: the socket is closed and the
+    // worker reconnects. The URL's own settings win.
+    if cfg.get_keepalives_idle() == Duration::from_secs(2 * 3600) {
+        cfg.keepalives_idle(KEEPALIVE_IDLE);
+    }
+    if cfg.get_keepalives_interval().is_none() {
+        cfg.keepalives_interval(KEEPALIVE_INTERVAL);
+    }
+    if cfg.get_keepalives_retries().is_none() {
+        cfg.keepalives_retries(KEEPALIVE_RETRIES);
+    }
+    if cfg.get_tcp_user_timeout().is_none() {
+        cfg.tcp_user_timeout(KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_RETRIES);
+    }
     let manager = Manager::from_config(
         cfg,
         connector,
         ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
+            // Verified: an idle connection is asked a round trip before it is handed out again
+            // (bounded by `recycle_timeout`), so one that went silent while idle is dropped and
+            // replaced instead of hanging the caller.
+            recycling_method: RecyclingMethod::Verified,
         },
     );
     Pool::builder(manager)

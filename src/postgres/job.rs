@@ -15,7 +15,7 @@ use crate::error::{Error, Result, StopReason};
 use crate::spec::{Limits, PostgresSpec};
 use crate::state::{JobState, Status};
 use deadpool_postgres::{ClientWrapper, Object, Pool};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 use tokio_postgres::Client;
 
@@ -46,6 +46,8 @@ pub struct Ctx {
     pub blocked: Mutex<HashSet<i32>>,
     /// Backend pids of this process's workers.
     pids: Mutex<Vec<i32>>,
+    /// The session each worker slot of this process was last taken on: (pid, backend start).
+    sessions: Mutex<HashMap<u32, (i32, String)>>,
 }
 
 /// SQL that finds the sessions holding an advisory lock keyed by $1 (text) in this database.
@@ -86,6 +88,7 @@ impl Ctx {
         first: u32,
         cap: u32,
     ) -> Result<std::result::Result<u32, String>> {
+        self.end_earlier_session(c, first).await;
         let job_key = self.store.lock_key(&self.job, "job");
         let shared = advisory::try_lock(c, &job_key, true, "joining the job").await?;
         if !shared {
@@ -99,12 +102,20 @@ impl Ctx {
             let slot = (first + k) % cap;
             let key = self.store.lock_key(&self.job, &format!("slot:{slot}"));
             if advisory::try_lock(c, &key, false, "taking a worker slot").await? {
-                let pid: i32 = c
-                    .query_one("SELECT pg_backend_pid()", &[])
+                let me = c
+                    .query_one(
+                        "SELECT pid, backend_start::text FROM pg_stat_activity
+                          WHERE pid = pg_backend_pid()",
+                        &[],
+                    )
                     .await
-                    .map_err(|e| db_error("taking a worker slot", &e))?
-                    .get(0);
+                    .map_err(|e| db_error("taking a worker slot", &e))?;
+                let pid: i32 = me.get(0);
                 self.pids.lock().expect("pids lock").push(pid);
+                self.sessions
+                    .lock()
+                    .expect("sessions lock")
+                    .insert(slot, (pid, me.get(1)));
                 return Ok(Ok(slot));
             }
         }
@@ -134,6 +145,30 @@ impl Ctx {
                 who.join("; ")
             }
         )))
+    }
+
+    /// A worker reconnecting after its connection was taken for lost: its earlier session may
+    /// still be open on the server (a network that dropped the connection silently leaves it
+    /// there until the server's own keepalive gives up, hours by default), holding the
+    /// worker's slot and range locks, so that neither this worker nor another runner could
+    /// take them. That session is this process's own, given up on: it is ended (matched by
+    /// pid and start time, so never another session that got the pid since). Best effort: a
+    /// role that may not end it leaves it to the server.
+    async fn end_earlier_session(&self, c: &Client, slot: u32) {
+        let earlier = self.sessions.lock().expect("sessions lock").remove(&slot);
+        let Some((pid, started)) = earlier else {
+            return;
+        };
+        let end = "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
+                    WHERE pid = $1 AND backend_start::text = $2 AND pid <> pg_backend_pid()";
+        match c.query(end, &[&pid, &started]).await {
+            Ok(rows) if !rows.is_empty() => tracing::warn!(
+                "ended this worker's earlier session (backend pid {pid}), still open on the \
+                 server after its connection was given up as lost"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::debug!("ending the earlier session {pid}: {e}"),
+        }
     }
 
     /// Sessions of other processes holding the job's shared lock (live workers).
@@ -184,6 +219,7 @@ impl PgJob {
                 ready: OnceLock::new(),
                 blocked: Mutex::new(HashSet::new()),
                 pids: Mutex::new(Vec::new()),
+                sessions: Mutex::new(HashMap::new()),
             }),
             verify,
             spec: spec.clone(),

@@ -221,6 +221,8 @@ struct Shared {
     /// Whether the listener is bound right now.
     listening: watch::Sender<bool>,
     release: watch::Sender<u64>,
+    /// Connections with an id up to this one relay nothing more (`freeze_open`).
+    frozen_upto: Mutex<Option<u64>>,
 }
 
 impl Shared {
@@ -299,9 +301,22 @@ impl FaultProxy {
             refuse_until: watch::Sender::new(None),
             listening: watch::Sender::new(true),
             release: watch::Sender::new(0),
+            frozen_upto: Mutex::new(None),
         });
         let task = tokio::spawn(accept_loop(shared.clone(), addr, listener));
         FaultProxy { addr, shared, task }
+    }
+
+    /// Every connection open now goes silent for good, as behind a network that drops packets
+    /// without a word: the proxy keeps reading both sides (so neither sees an error or a full
+    /// buffer) and forwards nothing more, not even a close (the server keeps the session of a
+    /// client that gave up on it, until it is ended there). New connections work as usual.
+    /// Plain TCP mode only.
+    pub fn freeze_open(&self) {
+        let last = self.shared.open.lock().unwrap().keys().next_back().copied();
+        *self.shared.frozen_upto.lock().unwrap() = last;
+        self.shared
+            .event(0, "froze", format!("connections up to {last:?}"));
     }
 
     /// Where clients connect: 127.0.0.1:<port>.
@@ -531,8 +546,16 @@ async fn connection(shared: Arc<Shared>, client: TcpStream, id: u64) {
                 shared.event(id, "closed", e.to_string());
             }
         } else {
-            let (mut client, mut upstream) = (client, upstream);
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            let (cr, cw) = client.into_split();
+            let (ur, uw) = upstream.into_split();
+            let frozen = || {
+                shared
+                    .frozen_upto
+                    .lock()
+                    .unwrap()
+                    .is_some_and(|upto| id <= upto)
+            };
+            tokio::join!(relay(cr, uw, &frozen), relay(ur, cw, &frozen));
         }
     };
     tokio::select! {
@@ -543,6 +566,31 @@ async fn connection(shared: Arc<Shared>, client: TcpStream, id: u64) {
     }
     shared.open.lock().unwrap().remove(&id);
     shared.stat(|s| s.open -= 1);
+}
+
+/// Copy `from` to `to` until `from` ends, then close `to`; while `frozen`, what is read is
+/// dropped, and the end is not passed on (`to` stays open until the connection is cut).
+async fn relay(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: &impl Fn() -> bool,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) if frozen() => {}
+            Ok(n) => {
+                if to.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    if frozen() {
+        std::future::pending::<()>().await;
+    }
+    let _ = to.shutdown().await;
 }
 
 /// A buffered reader that hands out raw bytes: heads, lines, n bytes.
