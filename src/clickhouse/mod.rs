@@ -673,14 +673,17 @@ impl Backend for ChJob {
         {
             ctx.landing.resume_merges().await?;
         }
-        ctx.landing.drop_staging_tables(true).await?;
         let discarded = if discard_foreign {
             ctx.landing.adopt_foreign().await?
         } else {
             0
         };
         let touched = ctx.landing.touched().await?.len();
+        // The records go before the staging tables: killed in between, the job is one with no
+        // state (its next run restores and lands every chunk again, and drops the tables left),
+        // never one whose staged chunks' tables are gone.
         ctx.store.forget(&ctx.job).await?;
+        ctx.landing.drop_staging_tables(true).await?;
         l.free().await?;
         if records.is_empty() && touched == 0 {
             return Ok(None);

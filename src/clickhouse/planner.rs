@@ -17,8 +17,10 @@ pub async fn range(c: &Client, spec: &ClickhouseSpec) -> Result<Option<(NaiveDat
         return Ok(Some((f, t)));
     }
     let col = ident(&spec.time_column);
+    // Day numbers, not dates as text: 18.16 prints a Date past 2106-02-07 as 1970-01-01 (its
+    // calendar ends there), and the range came out empty, the job done with nothing landed.
     let sql = format!(
-        "SELECT toString(min(toDate({col}))), toString(max(toDate({col}))), count() FROM {}",
+        "SELECT toUInt16(min(toDate({col}))), toUInt16(max(toDate({col}))), count() FROM {}",
         ident(&spec.source)
     );
     let r = rows(c, &sql, "finding the source's time range").await?;
@@ -28,15 +30,15 @@ pub async fn range(c: &Client, spec: &ClickhouseSpec) -> Result<Option<(NaiveDat
     if r[2] == "0" {
         return Ok(None);
     }
-    // 18.16 prints the least Date (1970-01-01, where `toDate` puts a DateTime never set, epoch
-    // 0, and every earlier time of a zone west of UTC) as 0000-00-00.
-    let parse = |s: &str| match s {
-        "0000-00-00" => Ok(NaiveDate::from_ymd_opt(1970, 1, 1).expect("a date")),
-        _ => s.parse::<NaiveDate>().map_err(|e| {
+    // Day 0 is 1970-01-01, where `toDate` puts a DateTime never set (epoch 0), and every
+    // earlier time of a zone west of UTC.
+    let parse = |s: &str| {
+        let days: u64 = s.parse().map_err(|e| {
             Error::Preflight(format!(
-                "source time range {s:?}: {e}; set clickhouse.from and clickhouse.to"
+                "source time range: day {s:?}: {e}; set clickhouse.from and clickhouse.to"
             ))
-        }),
+        })?;
+        Ok::<_, Error>(NaiveDate::from_ymd_opt(1970, 1, 1).expect("a date") + Days::new(days))
     };
     let from = spec.from.unwrap_or(parse(&r[0])?);
     let to = spec.to.unwrap_or(parse(&r[1])? + Days::new(1));

@@ -90,14 +90,12 @@ impl Landing {
             .count() as u64)
     }
 
-    /// Put every partition the job has touched back to what it held before the job (a new
-    /// start after a --rerun, a reset, or a lost state table). Refuses if another writer wrote
-    /// into one since: restoring would drop its rows.
-    pub async fn restore(&self) -> Result<usize> {
-        let ledger = self.touched().await?;
-        if ledger.is_empty() {
-            return Ok(0);
-        }
+    /// Refuse to restore when another writer has written into a partition the job touched:
+    /// restoring would drop its rows.
+    async fn check_no_foreign(
+        &self,
+        ledger: &std::collections::HashMap<String, Touched>,
+    ) -> Result<()> {
         for (p, t) in ledger.iter().filter(|(_, t)| t.moving_from != KEEPING) {
             let others = t.foreign_rows + self.since_noted(p, t).await?;
             if others > 0 {
@@ -113,9 +111,29 @@ impl Landing {
                 )));
             }
         }
+        Ok(())
+    }
+
+    /// Put every partition the job has touched back to what it held before the job (a new
+    /// start after a --rerun, a reset, or a lost state table). Refuses if another writer wrote
+    /// into one since: restoring would drop its rows.
+    pub async fn restore(&self) -> Result<usize> {
+        let ledger = self.touched().await?;
+        if ledger.is_empty() {
+            return Ok(0);
+        }
         let base = self.parts(&self.base()).await?;
+        // Merges paused first (on 18.16, up to 10 minutes until a running one ends): the check
+        // for other writers' rows, and the read of each partition's top that counts what is
+        // under it as the job's, come after that wait, never before it.
         if !self.moves() {
             self.pause_merges().await?;
+        }
+        if let Err(e) = self.check_no_foreign(&ledger).await {
+            if !self.moves() {
+                self.resume_merges().await?;
+            }
+            return Err(e);
         }
         let now = self.parts(&self.target()).await?;
         for (p, t) in &ledger {
