@@ -247,11 +247,19 @@ impl Landing {
         )))
     }
 
-    /// A fresh, empty table with the target's structure, engine and partitioning.
+    /// A fresh, empty table with the target's structure, engine and partitioning. On servers
+    /// that land by attaching (18.16) its merges are stopped from the start: a replay tells
+    /// whether the chunk went in by twins of its staged parts in the target, which a merge in
+    /// the staging table would leave it unable to tell (the job then refused every run).
     pub async fn fresh(&self, table: &str) -> Result<()> {
         self.drop(table).await?;
         let sql = format!("CREATE TABLE {table} AS {}", self.target());
-        exec(&self.client, &sql, "creating the staging table").await
+        exec(&self.client, &sql, "creating the staging table").await?;
+        if self.moves() {
+            return Ok(());
+        }
+        let sql = format!("SYSTEM STOP MERGES {table}");
+        exec(&self.client, &sql, "stopping merges on the staging table").await
     }
 
     pub async fn drop(&self, table: &str) -> Result<()> {
@@ -490,6 +498,12 @@ impl Landing {
             // Rows written since the job last wrote to `p` are another writer's, but for the
             // chunk's own attached parts.
             let (already, others) = match found {
+                // Less the rows of another chunk's write under way in `p` (its answer lost
+                // too, its own replay to come), which are the job's.
+                Found::Landed { foreign_rows } if t.moving_from != staging => (
+                    true,
+                    foreign_rows.saturating_sub(self.unnoted_own(p, &t).await?),
+                ),
                 Found::Landed { foreign_rows } => (true, foreign_rows),
                 Found::NotLanded => {
                     let since = Self::rows_since(&target, p, t.last_block);

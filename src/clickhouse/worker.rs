@@ -347,9 +347,14 @@ impl ChWorker {
                     held.as_deref(),
                 )
                 .await?;
-            rec.status = DONE.into();
-            rec.error.clear();
-            ctx.put(&[&rec]).await
+            // Done once recorded so: a failed write leaves the chunk staged, here as in the
+            // store (merges then stay stopped for its replay).
+            let mut done = rec.clone();
+            done.status = DONE.into();
+            done.error.clear();
+            ctx.put(&[&done]).await?;
+            rec = done;
+            Ok(())
         }
         .await;
         // Merges start again once the chunk is done, or when nothing of it can be in the
