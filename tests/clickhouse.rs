@@ -2859,6 +2859,35 @@ ch_test! {
 }
 
 ch_test! {
+    /// A restore's lost answer (the replace ran, its answer never came) is retried: restoring
+    /// twice is restoring once. It failed the rerun with exit 1.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_answer_while_restoring_is_retried(srv) {
+        let db = ChDb::new_on(&srv, "restorelost");
+        build_days(&db, 6, 1000);
+        db.q(FOREIGN_ROWS);
+        let reference = source_digest(&db);
+        let spec = days_spec(&db, "restorelost", "$URL", "");
+        let (code, out, err) = run(&[&"run", &spec]);
+        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        let proxy = FaultProxy::start_http(srv.addr()).await;
+        let lost = proxy.add_rule(
+            Rule::new(Fault::DropResponse)
+                .matching(|r| r.text().contains("REPLACE PARTITION") && r.text().contains("_base`"))
+                .nth(2),
+        );
+        let via = days_spec(&db, "restorelost", &proxy.url_for(&db.url), "");
+        let (code, out, err) = run(&[&"run", &"--rerun", &via]);
+        let all = all_output(&out, &err);
+        assert_eq!(proxy.rule_fired(lost), 1, "{all}");
+        assert_eq!(code, 0, "{all}");
+        assert!(!all.contains("another writer"), "{all}");
+        assert_eq!(own_digest(&db), reference, "{all}");
+        assert_eq!(db.num(FOREIGN_COUNT), 4, "{all}");
+    }
+}
+
+ch_test! {
     /// A job landing when the engine was upgraded: its ledger, made by an earlier version,
     /// lacks the columns of a move under way. The new version reads it, adds them where it
     /// moves parts, and finishes the job once.

@@ -270,7 +270,26 @@ impl ChJob {
             if replaces {
                 ctx.merges_stopped(true).await?;
             }
-            let restored = ctx.landing.restore().await?;
+            // Restoring twice is restoring once (each write is noted as under way before it
+            // is made): a lost answer or a dropped connection is retried, not the run failed.
+            let restored = {
+                use backon::{ExponentialBuilder, Retryable};
+                (|| ctx.landing.restore())
+                    .retry(
+                        ExponentialBuilder::default()
+                            .with_min_delay(std::time::Duration::from_millis(500))
+                            .with_max_times(5)
+                            .with_jitter(),
+                    )
+                    .when(|e: &Error| {
+                        e.db_kind()
+                            .is_some_and(crate::error::DbErrorKind::retryable)
+                    })
+                    .notify(|e, d| {
+                        tracing::warn!("restoring the target failed, retrying in {d:?}: {e}")
+                    })
+                    .await?
+            };
             if replaces {
                 ctx.merges_stopped(false).await?;
             }
