@@ -292,13 +292,23 @@ async fn a_key_unique_only_in_another_ordering_is_refused() {
          INSERT INTO t (k) SELECT 'K' || lpad(g::text, 4, '0') FROM generate_series(1, 500) g;
          CREATE TABLE u (k text COLLATE \"en-x-icu\" NOT NULL, n int NOT NULL DEFAULT 0);
          CREATE UNIQUE INDEX u_k_pattern ON u (k text_pattern_ops);
-         INSERT INTO u (k) SELECT 'k' || g FROM generate_series(1, 100) g;",
+         INSERT INTO u (k) SELECT 'k' || g FROM generate_series(1, 100) g;
+         CREATE EXTENSION citext;
+         CREATE TABLE v (k citext NOT NULL, n int NOT NULL DEFAULT 0);
+         CREATE UNIQUE INDEX v_k_text ON v (k text_ops);
+         INSERT INTO v (k) SELECT unnest(ARRAY['a', 'A', 'b', 'B', 'c', 'C', 'd', 'D']);",
     )
     .await
     .unwrap();
+    // citext's own ordering is case-blind; a unique index by text's (its default operator
+    // class, but text's) held 'a' and 'A' apart.
     for (table, index) in [
-        ("t", "t_k_c (COLLATE \"C\")"),
+        ("t", "t_k_c (COLLATE \"C\""),
         ("u", "operator class text_pattern_ops"),
+        (
+            "v",
+            "v_k_text (COLLATE \"default\", operator class text_ops)",
+        ),
     ] {
         let spec = db.spec(
             "job.yaml",

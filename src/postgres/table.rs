@@ -111,13 +111,18 @@ pub async fn inspect(client: &Client, spec: &PostgresSpec) -> Result<TableInfo> 
                              WHERE i.indrelid = a.attrelid AND i.indisunique AND i.indisvalid
                                AND i.indnkeyatts = 1 AND i.indkey[0] = a.attnum
                                AND i.indpred IS NULL AND i.indcollation[0] = a.attcollation
-                               AND oc.opcdefault),
+                               AND oc.opcdefault
+                               -- the default of the column's own type (citext's, not text's),
+                               -- or of the type it is read as when it has none (varchar)
+                               AND (oc.opcintype = b.oid
+                                    OR NOT EXISTS (SELECT 1 FROM pg_opclass d
+                                                    WHERE d.opcmethod = oc.opcmethod
+                                                      AND d.opcdefault AND d.opcintype = b.oid))),
                     format_type(t.typarray, NULL),
                     (SELECT string_agg(format('%s (%s%s)', i.indexrelid::regclass,
                                               coalesce('COLLATE ' || quote_ident(co.collname),
                                                        'no collation'),
-                                              CASE WHEN oc.opcdefault THEN ''
-                                                   ELSE ', operator class ' || oc.opcname END),
+                                              ', operator class ' || oc.opcname),
                                        ', ')
                        FROM pg_index i JOIN pg_opclass oc ON oc.oid = i.indclass[0]
                        LEFT JOIN pg_collation co ON co.oid = i.indcollation[0]
@@ -126,6 +131,7 @@ pub async fn inspect(client: &Client, spec: &PostgresSpec) -> Result<TableInfo> 
                         AND i.indpred IS NULL),
                     (SELECT quote_ident(collname) FROM pg_collation WHERE oid = a.attcollation)
                FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+               JOIN pg_type b ON b.oid = CASE t.typtype WHEN 'd' THEN t.typbasetype ELSE t.oid END
               WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
             &[&oid, &key_name],
         )
@@ -152,7 +158,12 @@ pub async fn inspect(client: &Client, spec: &PostgresSpec) -> Result<TableInfo> 
         return Err(fail(
             "postgres.key",
             format!(
-                "column {key} of {rel_text} is unique only by an index that orders it otherwise                  than the column ({own}, the type's default operator class): {others}. The walk                  orders keys as the column does, which that index cannot serve, and keys it holds                  apart can compare equal there (rows passed over). Add a unique index on {key}                  with the column's collation and operator class (CREATE UNIQUE INDEX ON                  {rel_text} ({key}))"
+                "column {key} of {rel_text} is unique only by an index that orders it otherwise \
+                 than the column ({own}, the type's default operator class): {others}. The walk \
+                 orders keys as the column does, which that index cannot serve, and keys it holds \
+                 apart can compare equal there (rows passed over). Add a unique index on {key} \
+                 with the column's collation and operator class (CREATE UNIQUE INDEX ON \
+                 {rel_text} ({key}))"
             ),
         ));
     }
