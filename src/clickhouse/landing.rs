@@ -247,19 +247,12 @@ impl Landing {
         )))
     }
 
-    /// A fresh, empty table with the target's structure, engine and partitioning. On servers
-    /// that land by attaching (18.16) its merges are stopped from the start: a replay tells
-    /// whether the chunk went in by twins of its staged parts in the target, which a merge in
-    /// the staging table would leave it unable to tell (the job then refused every run).
+    /// A fresh, empty table with the target's structure, engine and partitioning. (Its merges
+    /// run: stopped, a chunk written in many blocks fails with TOO_MANY_PARTS at every try.)
     pub async fn fresh(&self, table: &str) -> Result<()> {
         self.drop(table).await?;
         let sql = format!("CREATE TABLE {table} AS {}", self.target());
-        exec(&self.client, &sql, "creating the staging table").await?;
-        if self.moves() {
-            return Ok(());
-        }
-        let sql = format!("SYSTEM STOP MERGES {table}");
-        exec(&self.client, &sql, "stopping merges on the staging table").await
+        exec(&self.client, &sql, "creating the staging table").await
     }
 
     pub async fn drop(&self, table: &str) -> Result<()> {
