@@ -2640,12 +2640,7 @@ ch_test! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_rerun_killed_after_restoring_rows_from_before_the_job_starts_over(srv) {
         let db = ChDb::new_on(&srv, "rerunbase");
-        build_days(&db, 6, 1000);
-        db.q(FOREIGN_ROWS);
-        let reference = source_digest(&db);
-        let spec = days_spec(&db, "rerunbase", "$URL", "");
-        let (code, out, err) = run(&[&"run", &spec]);
-        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        let reference = done_over_rows_from_before(&db, "rerunbase");
         assert_eq!(own_digest(&db), reference);
         // Every partition of agg held a row before the job: the restore replaces all four.
         let what = "the restore's second partition";
@@ -2662,6 +2657,18 @@ ch_test! {
         assert_eq!(own_digest(&db), reference, "every row of the job once: {all}");
         assert_eq!(db.num(FOREIGN_COUNT), 4, "the rows from before the job once: {all}");
     }
+}
+
+/// `build_days` with a row of another writer in every partition of `agg` from before the job
+/// (`FOREIGN_ROWS`), and job `name` run to done. Returns the source's digest.
+fn done_over_rows_from_before(db: &ChDb, name: &str) -> String {
+    build_days(db, 6, 1000);
+    db.q(FOREIGN_ROWS);
+    let reference = source_digest(db);
+    let spec = days_spec(db, name, "$URL", "");
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{}", all_output(&out, &err));
+    reference
 }
 
 /// The partition id a `... PARTITION ID 'x' ...` statement names.
@@ -2710,12 +2717,7 @@ ch_test! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn rows_written_while_a_restore_runs_are_another_writers(srv) {
         let db = ChDb::new_on(&srv, "restorewrite");
-        build_days(&db, 6, 1000);
-        db.q(FOREIGN_ROWS);
-        let reference = source_digest(&db);
-        let spec = days_spec(&db, "restorewrite", "$URL", "");
-        let (code, out, err) = run(&[&"run", &spec]);
-        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        let reference = done_over_rows_from_before(&db, "restorewrite");
         // The rerun is held at the request after its first replace from the base, while
         // another writer inserts into that partition, then let go.
         let (restored, pick) = after_first(|t| t.contains("REPLACE PARTITION") && t.contains("_base`"));
@@ -2864,12 +2866,7 @@ ch_test! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lost_answer_while_restoring_is_retried(srv) {
         let db = ChDb::new_on(&srv, "restorelost");
-        build_days(&db, 6, 1000);
-        db.q(FOREIGN_ROWS);
-        let reference = source_digest(&db);
-        let spec = days_spec(&db, "restorelost", "$URL", "");
-        let (code, out, err) = run(&[&"run", &spec]);
-        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        let reference = done_over_rows_from_before(&db, "restorelost");
         let proxy = FaultProxy::start_http(srv.addr()).await;
         let lost = proxy.add_rule(
             Rule::new(Fault::DropResponse)

@@ -9,17 +9,31 @@ use common::runner::spawn;
 use common::{TestDb, backfill, count};
 use std::time::{Duration, Instant};
 
+/// `src(id, v)` with `rows` rows, and an unconstrained `dst(id, v)` (a batch applied twice
+/// shows as duplicate ids there).
+async fn copy_tables(c: &tokio_postgres::Client, rows: i64) {
+    c.batch_execute(&format!(
+        "CREATE TABLE src (id bigint PRIMARY KEY, v int);
+         INSERT INTO src SELECT i, i % 7 FROM generate_series(1, {rows}) i;
+         CREATE TABLE dst (id bigint, v int);"
+    ))
+    .await
+    .unwrap();
+}
+
+/// The Postgres server `db` is on, for a proxy in front of it.
+fn server_of(db: &TestDb) -> std::net::SocketAddr {
+    let u = url::Url::parse(&db.url).unwrap();
+    format!("{}:{}", u.host_str().unwrap(), u.port().unwrap_or(5432))
+        .parse()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminated_batch_connection_is_replaced_without_double_apply() {
     let db = TestDb::new("reconnect").await;
     let c = db.client().await;
-    c.batch_execute(
-        "CREATE TABLE src (id bigint PRIMARY KEY, v int);
-         INSERT INTO src SELECT i, i % 7 FROM generate_series(1, 12000) i;
-         CREATE TABLE dst (id bigint, v int);",
-    )
-    .await
-    .unwrap();
+    copy_tables(&c, 12000).await;
     let spec = db.spec(
         "copy.yaml",
         "name: copy
@@ -86,20 +100,8 @@ batch: {size: 200, target: 0, pause: 30ms}
 async fn connections_cut_during_start_up_are_opened_again() {
     let db = TestDb::new("reconnect_start").await;
     let c = db.client().await;
-    c.batch_execute(
-        "CREATE TABLE src (id bigint PRIMARY KEY, v int);
-         INSERT INTO src SELECT i, i % 7 FROM generate_series(1, 3000) i;
-         CREATE TABLE dst (id bigint, v int);",
-    )
-    .await
-    .unwrap();
-    let upstream = {
-        let u = url::Url::parse(&db.url).unwrap();
-        format!("{}:{}", u.host_str().unwrap(), u.port().unwrap_or(5432))
-            .parse()
-            .unwrap()
-    };
-    let proxy = FaultProxy::start(upstream).await;
+    copy_tables(&c, 3000).await;
+    let proxy = FaultProxy::start(server_of(&db)).await;
     let spec = db.spec(
         "copy.yaml",
         &format!(
@@ -174,20 +176,8 @@ limits:
 async fn a_connection_gone_silent_is_taken_for_lost_and_replaced() {
     let db = TestDb::new("silent").await;
     let c = db.client().await;
-    c.batch_execute(
-        "CREATE TABLE src (id bigint PRIMARY KEY, v int);
-         INSERT INTO src SELECT i, i % 7 FROM generate_series(1, 5000) i;
-         CREATE TABLE dst (id bigint, v int);",
-    )
-    .await
-    .unwrap();
-    let upstream = {
-        let u = url::Url::parse(&db.url).unwrap();
-        format!("{}:{}", u.host_str().unwrap(), u.port().unwrap_or(5432))
-            .parse()
-            .unwrap()
-    };
-    let proxy = FaultProxy::start(upstream).await;
+    copy_tables(&c, 5000).await;
+    let proxy = FaultProxy::start(server_of(&db)).await;
     let spec = db.spec(
         "copy.yaml",
         &format!(
