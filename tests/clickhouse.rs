@@ -2536,6 +2536,117 @@ async fn v18_a_replay_after_merges_keeps_one_foreign_row_in_an_unattached_partit
     assert_eq!(db.num(FOREIGN_COUNT), 1, "{all}");
 }
 
+/// 18.16: a chunk's staging table merges its own parts before the landing begins (a chunk
+/// inserted in several blocks), the runner is killed before the second partition's attach
+/// reaches the server, and another writer inserts into every partition. The replay finds no
+/// twin of the merged staged parts above the chunk's mark but another writer's part: it once
+/// could not tell an attach that never ran from one whose parts had merged since, and refused
+/// for good. The staging table's parts as its landing began are noted (and its merges stopped):
+/// the replay lands the rest once and keeps the other writer's rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v18_a_staging_table_that_merged_before_its_landing_is_replayed_beside_another_writer() {
+    let srv = common::ch::ChServer::v18();
+    let db = ChDb::new_on(&srv, "stagedmerged");
+    build_days(&db, 6, 1000);
+    let reference = source_digest(&db);
+    // Two halves of the groups (by a hash of the test case: its parity decides the project's,
+    // and so the partition), not squashed into one block: every staged partition gets two
+    // parts.
+    let half = |parity: u32| {
+        format!(
+            "SELECT project_id, test_case_id, countState(), sumState(duration_ms)
+               FROM runs WHERE {{chunk}} AND cityHash64(test_case_id) % 2 = {parity}
+              GROUP BY project_id, test_case_id"
+        )
+    };
+    let statement = format!(
+        "INSERT INTO {{target}}\n{}\nUNION ALL\n{}\n",
+        half(0),
+        half(1)
+    );
+    let spec_of = |url: &str| {
+        db.spec(
+            "stagedmerged.yaml",
+            &format!(
+                "name: stagedmerged
+clickhouse:
+  url: {url}
+  source: runs
+  time_column: ran_at
+  chunks: [day]
+  target: agg
+  settings: {{min_insert_block_size_rows: 0, min_insert_block_size_bytes: 0}}
+  statement: |
+{}",
+                indent(&statement, 4)
+            ),
+        )
+    };
+    let proxy = FaultProxy::start_http(srv.addr()).await;
+    // The fifth chunk's mark, read between its insert and its landing.
+    let staged = proxy.add_rule(
+        Rule::new(Fault::HoldUntilReleased)
+            .matching(|r| r.text().contains("SELECT max(max_block_number)"))
+            .nth(5),
+    );
+    // That chunk's second attach: the first run is killed holding it (never sent).
+    let second = proxy.add_rule(
+        Rule::new(Fault::HoldUntilReleased)
+            .matching(|r| lands(&r.text()))
+            .nth(18),
+    );
+    let spec = spec_of(&proxy.url_for(&db.url));
+    let mut r = spawn(db.dir.path(), "killed", &[], &spec);
+    r.wait_until(
+        "the fifth chunk to be staged",
+        Duration::from_secs(120),
+        Duration::from_millis(20),
+        async || proxy.rule_fired(staged) > 0,
+    )
+    .await;
+    let staging = db.q("SELECT name FROM system.tables
+          WHERE database = currentDatabase() AND name LIKE 'agg__backfill_stagedmerged_s_%'");
+    let staging = staging.trim();
+    assert!(
+        !staging.is_empty() && !staging.contains('\n'),
+        "{staging:?}"
+    );
+    // What the staging table's own merges do within seconds of its insert, here at once.
+    for p in 0..4 {
+        db.q(&format!(
+            "OPTIMIZE TABLE {staging} PARTITION ID '{p}' FINAL"
+        ));
+    }
+    assert_eq!(
+        db.num(&format!(
+            "SELECT countIf(min_block_number < max_block_number) FROM system.parts
+              WHERE database = currentDatabase() AND table = '{staging}' AND active"
+        )),
+        4,
+        "each staged partition is one merged part"
+    );
+    proxy.release_held();
+    r.wait_until(
+        "the fifth chunk's second attach to be held",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        async || proxy.rule_fired(second) > 0,
+    )
+    .await;
+    r.kill();
+    db.q(FOREIGN_ROWS);
+    let spec = spec_of(&db.url);
+    let (code, out, err) = run(&[&"run", &spec]);
+    let all = all_output(&out, &err);
+    assert_eq!(code, 0, "{all}");
+    assert_eq!(
+        db.num(FOREIGN_COUNT),
+        4,
+        "the other writer's rows are kept: {all}"
+    );
+    assert_eq!(own_digest(&db), reference, "every chunk landed once: {all}");
+}
+
 /// On current servers a chunk lands by MOVE PARTITION, one partition at a time. When the answer
 /// to a move is lost (the server moved the parts; the connection dropped before its reply), the
 /// chunk is landed again: its moved parts are no longer staged, so nothing moves twice, but they

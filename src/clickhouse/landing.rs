@@ -7,8 +7,9 @@
 //! - on older servers (18.16), each partition's parts are attached to the target from the
 //!   staging table (`ATTACH PARTITION ... FROM`, hard links): nothing of the target is replaced,
 //!   so there is nothing a restart could bring back. The chunk's record keeps the target's
-//!   highest block number from before (the mark), and merges of the target are stopped from
-//!   the attach to the record: a replay skips a partition whose staged parts all have twins
+//!   highest block number from before (the mark), and merges of the target and of the staging
+//!   table (whose part names are noted first) are stopped from before the attach to the
+//!   record: a replay skips a partition whose staged parts all have twins
 //!   (same rows, sizes and rows' digest: hard links) among the target's parts above the mark.
 //!   Another writer's inserts are not mistaken for the chunk's parts, unless one is a copy of
 //!   a staged part row for row (which no SQL on 18.16 can tell from the attached part).
@@ -33,6 +34,7 @@ mod names;
 pub use names::{sanitized, starts_then};
 mod replay;
 mod restore;
+mod staged;
 
 /// How long to wait for parts a restore replaced to leave the disk (18.16 removes them once they
 /// are older than the table's `old_parts_lifetime`, 480 s by default).

@@ -326,9 +326,11 @@ impl ChWorker {
             let known = match fresh {
                 Some(staged) => {
                     let ledger = ctx.landing.keep_base(&rec.partitions).await?;
-                    // Only a replay of an attach needs it (moving cannot land twice).
+                    // Only a replay of an attach needs them (moving cannot land twice): the
+                    // target's top, and the staging table's parts, whose merges stop here.
                     if attach {
                         rec.mark = ctx.landing.mark().await?;
+                        ctx.landing.note_staged(&staging).await?;
                     }
                     rec.status = STAGED.into();
                     ctx.put(&[&rec]).await?;

@@ -196,8 +196,9 @@ impl Landing {
             return Ok(0);
         }
         if !self.moves() {
+            let noted = self.staged_notes(&t.moving_from).await?;
             let found = self
-                .found(&t.moving_from, p, t.last_block, t.last_block)
+                .found(&t.moving_from, p, t.last_block, t.last_block, noted.get(p))
                 .await?;
             return Ok(match found {
                 super::replay::Found::Landed { .. } => t.moving_rows,

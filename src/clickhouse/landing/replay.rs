@@ -100,21 +100,27 @@ impl Landing {
     /// no part on either side is a merge product: the staging table holds what the attach
     /// copied, and the target's parts above the mark are as they were added. Then the target's
     /// parts above `since` (the block the job last noted for `p`) that are not twins are another
-    /// writer's: kept, and counted as theirs.
+    /// writer's: kept, and counted as theirs. `noted`: the names of the staging table's parts
+    /// of `p` as noted before its landing began (its merges stopped): while they are the same,
+    /// the staged parts are those the landing attached even if they are merge products.
     pub(super) async fn found(
         &self,
         staging: &str,
         p: &str,
         mark: i64,
         since: i64,
+        noted: Option<&Vec<String>>,
     ) -> Result<Found> {
         let ours = self.parts_of(staging, p, "").await?;
         let low = mark.min(since);
         let mut theirs = self
             .parts_of(&self.target(), p, &format!("AND max_block_number > {low}"))
             .await?;
-        let settled =
-            !theirs.iter().any(|x| x.merged && x.block > mark) && !ours.iter().any(|x| x.merged);
+        let mut names: Vec<&str> = ours.iter().map(|x| x.name.as_str()).collect();
+        names.sort_unstable();
+        let as_noted = noted.is_some_and(|n| n.iter().map(String::as_str).eq(names));
+        let settled = !theirs.iter().any(|x| x.merged && x.block > mark)
+            && (as_noted || !ours.iter().any(|x| x.merged));
         let like = |a: &Part, b: &Part| b.block > mark && a.rows == b.rows && a.sizes == b.sizes;
         // Parts that match in size are read to compare their rows (only those: a replay is
         // rare, but a target's parts can be large).
@@ -183,9 +189,10 @@ impl Landing {
             mark,
         } = *replay;
         let mut seen = HashMap::new();
+        let noted = self.staged_notes(staging).await?;
         for p in partitions.iter().filter(|p| staged.contains_key(*p)) {
             let since = ledger.get(p).map_or(0, |t| t.last_block);
-            let found = self.found(staging, p, mark, since).await?;
+            let found = self.found(staging, p, mark, since, noted.get(p)).await?;
             if found != Found::Unsure {
                 seen.insert(p.clone(), found);
                 continue;

@@ -1,0 +1,147 @@
+//! What each staging table held when its landing began (18.16, which lands by attaching
+//! copies): the names of its active parts per partition, kept in `<prefix>_landings` beside the
+//! target. A replay compares the staged parts with their copies in the target; that comparison
+//! holds only while the staging table's parts are the ones that were attached. Its merges stop
+//! before the names are noted, so a replay that finds the same names knows the parts are those
+//! the landing attached (or was about to), even when they are themselves merge products of the
+//! insert. Without the note, a chunk whose staging table merged before its landing and whose
+//! attach never reached the server was refused for good as soon as anything else (another
+//! writer, another chunk) had a part above the chunk's mark.
+
+use super::Landing;
+use crate::clickhouse::client::{exec, fetch_text, literal, rows};
+use crate::error::{DbErrorKind, Error, Result};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// How long to wait for a staging table's running merges to end once new ones are stopped.
+const MERGES_WAIT: Duration = Duration::from_secs(600);
+
+/// Partition id -> the names of a staging table's active parts in it, sorted.
+pub(super) type Names = HashMap<String, Vec<String>>;
+
+impl Landing {
+    fn landings(&self) -> String {
+        self.q(&format!("{}_landings", self.prefix))
+    }
+
+    /// The names of `table`'s active parts, by partition.
+    async fn part_names(&self, table: &str) -> Result<Names> {
+        let bare = table.replace('`', "");
+        let (db, name) = bare.split_once('.').unwrap_or(("", &bare));
+        let sql = format!(
+            "SELECT partition_id, name FROM system.parts
+              WHERE database = {} AND table = {} AND active",
+            literal(db),
+            literal(name)
+        );
+        let mut names = Names::new();
+        for r in rows(&self.client, &sql, "reading a table's parts").await? {
+            if let (Some(p), Some(n)) = (r.first(), r.get(1)) {
+                names.entry(p.clone()).or_default().push(n.clone());
+            }
+        }
+        names.values_mut().for_each(|v| v.sort());
+        Ok(names)
+    }
+
+    /// Stop `table`'s merges and wait (bounded) until none of its merges runs.
+    pub(super) async fn pause_merges_of(&self, table: &str) -> Result<()> {
+        exec(
+            &self.client,
+            &format!("SYSTEM STOP MERGES {table}"),
+            "stopping merges",
+        )
+        .await?;
+        let bare = table.replace('`', "");
+        let (db, name) = bare.split_once('.').unwrap_or(("", &bare));
+        let running = format!(
+            "SELECT count() FROM system.merges WHERE database = {} AND table = {}",
+            literal(db),
+            literal(name)
+        );
+        let started = std::time::Instant::now();
+        while fetch_text(&self.client, &running, "waiting for merges")
+            .await?
+            .trim()
+            != "0"
+        {
+            if started.elapsed() > MERGES_WAIT {
+                return Err(Error::Db {
+                    message: format!(
+                        "a merge of {table} is still running {}s after merges were stopped",
+                        MERGES_WAIT.as_secs()
+                    ),
+                    kind: DbErrorKind::Transient,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    /// Before a chunk's first attach (18.16): stop the staging table's merges and note the
+    /// names of its parts. Written in one insert, before anything of the chunk is attached; a
+    /// later landing of the same staging table (the chunk inserted again after a reset)
+    /// replaces the note.
+    pub async fn note_staged(&self, staging: &str) -> Result<()> {
+        if self.moves() {
+            return Ok(());
+        }
+        self.pause_merges_of(staging).await?;
+        let names = self.part_names(staging).await?;
+        if names.is_empty() {
+            return Ok(());
+        }
+        let create = format!(
+            "CREATE TABLE IF NOT EXISTS {} (staging String, partition String,
+                 parts Array(String), version UInt64)
+             ENGINE = ReplacingMergeTree(version) ORDER BY (staging, partition)",
+            self.landings()
+        );
+        exec(&self.client, &create, "creating the job's landing notes").await?;
+        let version = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0).max(0);
+        let values: Vec<String> = names
+            .iter()
+            .map(|(p, parts)| {
+                let list: Vec<String> = parts.iter().map(|n| literal(n)).collect();
+                format!(
+                    "({}, {}, [{}], {version})",
+                    literal(staging),
+                    literal(p),
+                    list.join(", ")
+                )
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO {} (staging, partition, parts, version) VALUES {}",
+            self.landings(),
+            values.join(", ")
+        );
+        exec(&self.client, &sql, "noting the staged parts").await
+    }
+
+    /// What `note_staged` noted of `staging` (empty when nothing was: a chunk staged by an
+    /// earlier version, or one killed before its note, which then attached nothing).
+    pub(super) async fn staged_notes(&self, staging: &str) -> Result<Names> {
+        if !self.exists(&self.landings()).await? {
+            return Ok(Names::new());
+        }
+        let sql = format!(
+            "SELECT partition, arrayStringConcat(argMax(parts, version), ' ')
+               FROM {} WHERE staging = {} GROUP BY partition",
+            self.landings(),
+            literal(staging)
+        );
+        Ok(rows(&self.client, &sql, "reading the job's landing notes")
+            .await?
+            .into_iter()
+            .filter_map(|r| {
+                let mut parts: Vec<String> =
+                    r.get(1)?.split_whitespace().map(str::to_string).collect();
+                parts.sort();
+                Some((r.first()?.clone(), parts))
+            })
+            .collect())
+    }
+}
