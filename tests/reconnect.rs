@@ -210,3 +210,69 @@ limits: {{statement_timeout: 1s, lock_timeout: 1s}}
     assert_eq!(count(&c, "SELECT count(DISTINCT id) FROM dst").await, 5000);
     db.drop_db().await;
 }
+
+/// The network goes silent while the job is paused: the worker asks every second whether it
+/// still is, on its own connection, outside any batch. That question waited for its answer for
+/// ever (as a range claim, a retry page or giving a range back did): after `unpause` the run
+/// never went on, and neither `max_runtime` nor a SIGTERM could end it. Every round trip of a
+/// worker now waits at most twice `statement_timeout` plus `lock_timeout` (and a few seconds):
+/// the connection is taken for lost and replaced, and the job finishes with every row once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_gone_silent_while_paused_is_taken_for_lost_and_replaced() {
+    let db = TestDb::new("silentpause").await;
+    let c = db.client().await;
+    copy_tables(&c, 3000).await;
+    let proxy = FaultProxy::start(server_of(&db)).await;
+    let spec = db.spec(
+        "copy.yaml",
+        &format!(
+            "name: copy
+postgres:
+  url: {}
+  table: src
+  key: id
+  statement: INSERT INTO dst SELECT id, v FROM src WHERE id = ANY($1)
+batch: {{size: 100, target: 0, pause: 20ms}}
+limits: {{statement_timeout: 1s, lock_timeout: 1s}}
+",
+            proxy.url_for(&db.url)
+        ),
+    );
+    let mut r = spawn(db.dir.path(), "run", &[], &spec);
+    r.wait_until(
+        "the first batches",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        async || count(&c, "SELECT count(*) FROM dst").await >= 500,
+    )
+    .await;
+    let control = |cmd: &str| {
+        let out = backfill().arg(cmd).arg(&spec).output().unwrap();
+        assert!(out.status.success(), "{cmd}: {out:?}");
+    };
+    control("pause");
+    r.wait_until(
+        "the run to be paused",
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        async || said_paused(&db),
+    )
+    .await;
+    // The worker's connection, open now, goes silent; the controls connect anew.
+    proxy.freeze_open();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    control("unpause");
+    let (code, out, err) = r.finish(Duration::from_secs(90)).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("reading the pause flag: no answer"), "{err}");
+    assert_eq!(count(&c, "SELECT count(*) FROM dst").await, 3000);
+    assert_eq!(count(&c, "SELECT count(DISTINCT id) FROM dst").await, 3000);
+    db.drop_db().await;
+}
+
+/// Whether the run writing `run.err` in `db`'s directory has said it is paused.
+fn said_paused(db: &TestDb) -> bool {
+    std::fs::read_to_string(db.dir.path().join("run.err"))
+        .unwrap_or_default()
+        .contains("waiting for unpause")
+}

@@ -4,16 +4,17 @@
 //! walked from, so a batch walked ahead (while the batch before it was still running, on the
 //! worker's other connection) commits only on top of that batch, never after its rollback.
 
+use super::answer::{answer_limit, answered};
 use super::errors::db_error;
 use super::job::{Ctx, Prepared};
 use super::raw::RawValue;
 use super::store::{DONE, RETRYING};
 use crate::engine::Timings;
-use crate::error::{DbErrorKind, Error, Result};
-use crate::spec::{Limits, LockMode};
+use crate::error::{Error, Result};
+use crate::spec::LockMode;
 use deadpool_postgres::ClientWrapper;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_postgres::types::ToSql;
@@ -133,43 +134,6 @@ async fn join(
             ))),
         ),
     }
-}
-
-/// How much longer than its own limits (twice `statement_timeout`, and `lock_timeout`) a
-/// server may take to answer one of a batch's round trips before the connection is taken for
-/// lost.
-const ANSWER_SLACK: Duration = Duration::from_secs(5);
-
-/// How long to wait for the answer to one of a batch's round trips: its `statement_timeout`
-/// and `lock_timeout` bound what the server does, so an answer that has not come long after
-/// them was lost on the way (a network that drops packets silently leaves the socket open and
-/// the client waiting for ever, its session's locks held). `None` when the spec lets a
-/// statement or a lock wait run unbounded (a timeout of 0).
-pub fn answer_limit(limits: &Limits) -> Option<Duration> {
-    (!limits.statement_timeout.is_zero() && !limits.lock_timeout.is_zero())
-        .then(|| limits.statement_timeout * 2 + limits.lock_timeout + ANSWER_SLACK)
-}
-
-/// `fut`, one round trip on the batch's connection, or a lost connection once `limit` passes
-/// without its answer.
-async fn answered<T>(
-    limit: Option<Duration>,
-    what: &str,
-    fut: impl std::future::Future<Output = Result<T>>,
-) -> Result<T> {
-    let Some(limit) = limit else {
-        return fut.await;
-    };
-    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
-        Err(Error::Db {
-            message: format!(
-                "{what}: no answer from the server in {}s, long past statement_timeout and \
-                 lock_timeout; the connection is taken for lost",
-                limit.as_secs()
-            ),
-            kind: DbErrorKind::ConnectionLost,
-        })
-    })
 }
 
 /// The batch's transaction. Returning before `commit` rolls everything back.

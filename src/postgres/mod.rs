@@ -4,6 +4,7 @@
 //! locked. The job's tables live in the target database (`store.rs`).
 
 pub mod advisory;
+mod answer;
 mod batch;
 mod blockers;
 pub mod connect;

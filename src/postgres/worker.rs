@@ -5,6 +5,7 @@
 //! claim was taken over (after its connection was lost) writes nothing and claims again.
 
 use super::advisory;
+use super::answer::{answer_limit, answered, lost};
 use super::batch;
 use super::errors::db_error;
 use super::job::Ctx;
@@ -14,6 +15,7 @@ use crate::engine::{Claim, Outcome, Worker};
 use crate::error::{Error, Result};
 use deadpool_postgres::ClientWrapper;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The range a worker holds.
 struct Held {
@@ -67,7 +69,13 @@ impl PgWorker {
     async fn conn(&mut self) -> Result<&mut ClientWrapper> {
         if self.conn.is_none() {
             let c = self.ctx.connect_worker().await?;
-            match self.ctx.take_slot(&c, self.slot, self.cap).await? {
+            // Ending the worker's earlier session waits up to 5 s for it to go.
+            let limit = self.limit().map(|l| l + Duration::from_secs(5));
+            let slot = answered(limit, "taking a worker slot", async {
+                self.ctx.take_slot(&c, self.slot, self.cap).await
+            })
+            .await?;
+            match slot {
                 Ok(slot) => self.slot = slot,
                 Err(who) => {
                     return Err(Error::Stopped(crate::error::StopReason::LockHeld(format!(
@@ -78,6 +86,19 @@ impl PgWorker {
             self.conn = Some(c);
         }
         Ok(self.conn.as_mut().expect("connected above"))
+    }
+
+    /// How long one round trip on the worker's connections may wait for its answer.
+    fn limit(&self) -> Option<Duration> {
+        answer_limit(&self.ctx.limits)
+    }
+
+    /// After a best-effort round trip failed: a connection taken for lost is dropped (the
+    /// next use connects again and ends its session on the server).
+    fn forget_if_lost(&mut self, e: &Error) {
+        if lost(e) {
+            self.conn = None;
+        }
     }
 
     /// Roll back the batch walked ahead, if any (its locks go with it), and bring its
@@ -113,13 +134,14 @@ impl PgWorker {
         let p = ctx.prepared()?;
         let held = self.held.as_ref().expect("a range is held");
         let (n, epoch) = (held.range_no, held.epoch);
+        let limit = self.limit();
         let c = self.conn().await?;
-        let st = c
-            .prepare_cached(&p.sql.advance)
-            .await
-            .map_err(|e| db_error("preparing the checkpoint", &e))?;
-        let row = c
-            .query_opt(
+        let row = answered(limit, "writing the range's status", async {
+            let st = c
+                .prepare_cached(&p.sql.advance)
+                .await
+                .map_err(|e| db_error("preparing the checkpoint", &e))?;
+            c.query_opt(
                 &st,
                 &[
                     &ctx.job,
@@ -134,7 +156,9 @@ impl PgWorker {
                 ],
             )
             .await
-            .map_err(|e| db_error("writing the range's status", &e))?;
+            .map_err(|e| db_error("writing the range's status", &e))
+        })
+        .await?;
         match row {
             Some(r) => {
                 self.paused = r.get::<_, Option<bool>>(0).unwrap_or(false);
@@ -161,10 +185,15 @@ impl PgWorker {
             .ctx
             .store
             .lock_key(&self.ctx.job, &format!("range:{n}"));
+        let limit = self.limit();
         if let Some(c) = self.conn.as_ref()
-            && let Err(e) = advisory::unlock(c, &key, false, "unlocking a range").await
+            && let Err(e) = answered(limit, "unlocking a range", async {
+                advisory::unlock(c, &key, false, "unlocking a range").await
+            })
+            .await
         {
             tracing::debug!("unlocking range {n}: {e}");
+            self.forget_if_lost(&e);
         }
     }
 
@@ -262,11 +291,18 @@ impl PgWorker {
         }
         if done.next == Some(RETRYING) {
             let epoch = args.epoch;
+            let limit = self.limit();
             if let Some(c) = self.conn.as_ref()
-                && let Err(e) = c.execute(&p.sql.release, &[&ctx.job, &n, &epoch]).await
+                && let Err(e) = answered(limit, "parking the range", async {
+                    c.execute(&p.sql.release, &[&ctx.job, &n, &epoch])
+                        .await
+                        .map_err(|e| db_error("parking the range", &e))
+                })
+                .await
             {
                 // The claim ends with the advisory lock below anyway.
                 tracing::debug!("parking range {n}: {e}");
+                self.forget_if_lost(&e);
             }
         }
         if unit_done {
@@ -337,10 +373,11 @@ impl PgWorker {
         let p = ctx.prepared()?;
         let mut held = self.held.take().expect("a range is held");
         let (n, epoch) = (held.range_no, held.epoch);
+        let limit = self.limit();
         let result = match self.conn().await {
             Ok(c) => {
                 held.retry
-                    .step(c, &p, &ctx.job, n, epoch, size, ctx.limits.lock_timeout)
+                    .step(c, &p, &ctx.job, (n, epoch), size, &ctx.limits, limit)
                     .await
             }
             Err(e) => Err(e),
@@ -376,14 +413,18 @@ impl Worker for PgWorker {
         let ctx = self.ctx.clone();
         let p = ctx.prepared()?;
         let owner = self.owner.clone();
+        let limit = self.limit();
         let c = self.conn().await?;
-        let candidates: Vec<i32> = c
-            .query(&p.sql.candidates, &[&ctx.job])
-            .await
-            .map_err(|e| db_error("looking for a range to claim", &e))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let what = "looking for a range to claim";
+        let candidates: Vec<i32> = answered(limit, what, async {
+            c.query(&p.sql.candidates, &[&ctx.job])
+                .await
+                .map_err(|e| db_error(what, &e))
+        })
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
         if candidates.is_empty() {
             return Ok(Claim::Nothing {
                 all_done: true,
@@ -399,25 +440,37 @@ impl Worker for PgWorker {
                 continue;
             }
             let key = ctx.store.lock_key(&ctx.job, &format!("range:{n}"));
-            if !advisory::try_lock(c, &key, false, "claiming a range").await? {
+            let what = "claiming a range";
+            let taken = answered(limit, what, async {
+                if !advisory::try_lock(c, &key, false, what).await? {
+                    return Ok(None);
+                }
+                let taken = c
+                    .query_opt(&p.sql.take, &[&ctx.job, &n, &owner])
+                    .await
+                    .map_err(|e| db_error(what, &e))?;
+                if taken.is_none() {
+                    // Finished by someone else in the meantime.
+                    advisory::unlock(c, &key, false, "unlocking a range").await?;
+                    return Ok(Some(None));
+                }
+                let paused: bool = c
+                    .query_one(&p.sql.paused, &[&ctx.job])
+                    .await
+                    .map_err(|e| db_error("reading the pause flag", &e))?
+                    .get(0);
+                Ok(Some(taken.map(|r| (r, paused))))
+            })
+            .await?;
+            let Some(taken) = taken else {
                 held += 1;
                 continue;
-            }
-            let taken = c
-                .query_opt(&p.sql.take, &[&ctx.job, &n, &owner])
-                .await
-                .map_err(|e| db_error("claiming a range", &e))?;
-            let Some(r) = taken else {
-                // Finished by someone else in the meantime.
-                let _ = advisory::unlock(c, &key, false, "unlocking a range").await;
+            };
+            let Some((r, paused)) = taken else {
                 continue;
             };
+            self.paused = paused;
             let status: String = r.get(1);
-            self.paused = c
-                .query_one(&p.sql.paused, &[&ctx.job])
-                .await
-                .map_err(|e| db_error("reading the pause flag", &e))?
-                .get(0);
             self.held = Some(Held {
                 range_no: n,
                 epoch: r.get(0),
@@ -450,10 +503,15 @@ impl Worker for PgWorker {
         };
         let ctx = self.ctx.clone();
         let p = ctx.prepared()?;
+        let limit = self.limit();
         if let Some(c) = self.conn.as_ref() {
-            c.execute(&p.sql.release, &[&ctx.job, &h.range_no, &h.epoch])
-                .await
-                .map_err(|e| db_error("releasing the range", &e))?;
+            let what = "releasing the range";
+            answered(limit, what, async {
+                c.execute(&p.sql.release, &[&ctx.job, &h.range_no, &h.epoch])
+                    .await
+                    .map_err(|e| db_error(what, &e))
+            })
+            .await?;
         }
         self.unlock_range(h.range_no).await;
         Ok(())
@@ -475,12 +533,16 @@ impl Worker for PgWorker {
             self.settle_ahead().await;
             let ctx = self.ctx.clone();
             let p = ctx.prepared()?;
+            let limit = self.limit();
             let c = self.conn().await?;
-            self.paused = c
-                .query_one(&p.sql.paused, &[&ctx.job])
-                .await
-                .map_err(|e| db_error("reading the pause flag", &e))?
-                .get(0);
+            let what = "reading the pause flag";
+            self.paused = answered(limit, what, async {
+                c.query_one(&p.sql.paused, &[&ctx.job])
+                    .await
+                    .map_err(|e| db_error(what, &e))
+            })
+            .await?
+            .get(0);
         }
         Ok(self.paused)
     }
@@ -500,10 +562,19 @@ impl Worker for PgWorker {
     async fn close(&mut self) {
         self.settle_ahead().await;
         self.spare = None;
+        let limit = self.limit();
         if let Some(c) = self.conn.take() {
-            // The slot, the job's shared lock and any range lock, all at once.
-            if let Err(e) = c.execute("SELECT pg_advisory_unlock_all()", &[]).await {
-                tracing::debug!("releasing the worker's locks: {e}");
+            // The slot, the job's shared lock and any range lock, all at once (a connection
+            // that does not answer is dropped: its session's locks go when the server ends it).
+            let what = "releasing the worker's locks";
+            if let Err(e) = answered(limit, what, async {
+                c.execute("SELECT pg_advisory_unlock_all()", &[])
+                    .await
+                    .map_err(|e| db_error(what, &e))
+            })
+            .await
+            {
+                tracing::debug!("{e}");
             }
         }
         self.held = None;
