@@ -468,6 +468,10 @@ impl Landing {
         let (staged, mut ledger) = match fresh {
             Some(known) => known,
             None => {
+                if !self.moves() {
+                    // Its first landing stopped them; a server restart since started them.
+                    self.pause_merges_of(staging).await?;
+                }
                 let known = (self.parts(staging).await?, self.touched().await?);
                 if !self.moves() {
                     let r = Replay {
