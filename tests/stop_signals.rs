@@ -186,6 +186,72 @@ batch: {size: 100, target: 0}
     db.drop_db().await;
 }
 
+/// The second signal's "the open batch is rolled back" must be true once the process is gone:
+/// Postgres does not notice a closed socket while a statement runs, so a batch in a long
+/// statement kept running on the server, its rows locked, until the statement ended (here 30
+/// s) or hit statement_timeout. The exit now cancels the statements in flight first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_sigterm_leaves_no_statement_running_and_no_row_locked() {
+    let db = TestDb::new("sigterm2locks").await;
+    let c = db.client().await;
+    copy_tables(&c, 1_000).await;
+    let spec = db.spec(
+        "slow.yaml",
+        "name: slow-statement
+postgres:
+  url: $URL
+  table: src
+  key: id
+  statement: |
+    WITH s AS (SELECT pg_sleep(30))
+    UPDATE src SET v = v + 1 FROM s WHERE src.id = ANY($1)
+batch: {size: 100, target: 0}
+limits: {statement_timeout: 120s}
+",
+    );
+    let mut r = spawn(db.dir.path(), "first", &[], &spec);
+    // The first batch's statement is running (asleep) on the server.
+    r.wait_until(
+        "the first batch's statement to run",
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        async || {
+            count(
+                &c,
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND state = 'active'
+                    AND query LIKE '%pg_sleep(30)%' AND pid <> pg_backend_pid()",
+            )
+            .await
+                > 0
+        },
+    )
+    .await;
+    r.sigterm();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    r.sigterm();
+    let (code, out, err) = r.finish(Duration::from_secs(20)).await;
+    assert_eq!(code, 75, "{out}\n{err}");
+    // Right after the exit (well before the statement's own 30 s), nothing of the run is
+    // running and every row can be locked at once.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let running = count(
+        &c,
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND query LIKE '%pg_sleep(30)%'
+            AND state = 'active' AND pid <> pg_backend_pid()",
+    )
+    .await;
+    assert_eq!(running, 0, "the batch still runs on the server\n{err}");
+    c.batch_execute(
+        "SET lock_timeout = '2s'; UPDATE src SET v = v WHERE id <= 100; RESET lock_timeout",
+    )
+    .await
+    .expect("the batch's rows are free");
+    drop(c);
+    db.drop_db().await;
+}
+
 /// Slow enough to take well over 3 s: 100 batches, each followed by a 50 ms pause.
 const SLOW_ROWS: i64 = 2_000;
 const SLOW_BATCH: &str = "{size: 20, target: 0, pause: 50ms}";

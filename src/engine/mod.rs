@@ -3,6 +3,7 @@
 
 mod backend;
 mod driver;
+pub mod exit_now;
 #[cfg(test)]
 mod fake;
 mod job;

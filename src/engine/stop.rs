@@ -1,6 +1,7 @@
 //! Stopping at a batch boundary: deadlines, the end of the run window, SIGTERM/SIGINT, and a job
-//! aborted because one of its workers failed. A second signal exits at once; the server then
-//! rolls the open batch back, and the checkpoint is still the last commit.
+//! aborted because one of its workers failed. A second signal cancels the statements in flight
+//! (`exit_now`) and exits; the server rolls the open batch back, and the checkpoint is still
+//! the last commit.
 
 use crate::error::{EXIT_STOPPED, StopReason};
 use std::sync::{Arc, Mutex};
@@ -81,6 +82,9 @@ impl Stop {
                 };
                 seen += 1;
                 if seen > 1 {
+                    // The statements in flight end now, and their transactions and locks with
+                    // them (bounded: a server that does not answer is not waited for).
+                    super::exit_now::cancel_all(Duration::from_secs(3)).await;
                     // As every other last line: JSON under --log-format json, with the code.
                     crate::progress::print_stopped(
                         &format!("{name} again: exiting now; the open batch is rolled back"),

@@ -119,6 +119,22 @@ pub fn pool(
         .map_err(|e| Error::Connect(format!("{}: {e}", redact_url(url))))
 }
 
+/// Have a second signal cancel what `c` is running (`engine::exit_now`), over TLS as the URL
+/// says. Returns the registration's id.
+pub fn cancel_on_exit(c: &tokio_postgres::Client, url: &str) -> std::result::Result<u64, String> {
+    let (_, tls) = tls::split_url(url)?;
+    let connector = tls.connector()?;
+    let token = c.cancel_token();
+    Ok(crate::engine::exit_now::register(Box::new(move || {
+        let (token, connector) = (token.clone(), connector.clone());
+        Box::pin(async move {
+            if let Err(e) = token.cancel_query(connector).await {
+                tracing::debug!("cancelling a statement in flight: {e}");
+            }
+        })
+    })))
+}
+
 /// A connection from the pool, or an error naming the (redacted) URL and what to check.
 pub async fn get(pool: &Pool, url: &str) -> Result<Object> {
     pool.get().await.map_err(|e| {

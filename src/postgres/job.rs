@@ -48,6 +48,16 @@ pub struct Ctx {
     pids: Mutex<Vec<i32>>,
     /// The session each worker slot of this process was last taken on: (pid, backend start).
     sessions: Mutex<HashMap<u32, (i32, String)>>,
+    /// The workers' sessions' cancel requests a second signal sends (`engine::exit_now`).
+    cancels: Mutex<Vec<u64>>,
+}
+
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        for id in self.cancels.lock().expect("cancels lock").drain(..) {
+            crate::engine::exit_now::forget(id);
+        }
+    }
 }
 
 /// SQL that finds the sessions holding an advisory lock keyed by $1 (text) in this database.
@@ -71,9 +81,14 @@ impl Ctx {
 
     /// A connection of the worker's own, taken out of the pool so that it is closed, never
     /// reused, when the worker ends: its session holds the worker's advisory locks.
+    /// A second signal cancels what it is running (its batch's locks go at once).
     pub async fn connect_worker(&self) -> Result<ClientWrapper> {
-        let obj = connect::get(&self.pool, &self.url).await?;
-        Ok(Object::take(obj))
+        let c = Object::take(connect::get(&self.pool, &self.url).await?);
+        match connect::cancel_on_exit(&c, &self.url) {
+            Ok(id) => self.cancels.lock().expect("cancels lock").push(id),
+            Err(e) => tracing::debug!("a second signal will not cancel this session: {e}"),
+        }
+        Ok(c)
     }
 
     async fn conn(&self) -> Result<Object> {
@@ -220,6 +235,7 @@ impl PgJob {
                 blocked: Mutex::new(HashSet::new()),
                 pids: Mutex::new(Vec::new()),
                 sessions: Mutex::new(HashMap::new()),
+                cancels: Mutex::new(Vec::new()),
             }),
             verify,
             spec: spec.clone(),
