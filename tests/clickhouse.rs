@@ -2647,6 +2647,96 @@ clickhouse:
     assert_eq!(own_digest(&db), reference, "every chunk landed once: {all}");
 }
 
+/// The one staging table of the job `job` in `db` (its name), asserting there is exactly one.
+fn the_staging_table(db: &ChDb, job: &str) -> String {
+    let name = db.q(&format!(
+        "SELECT name FROM system.tables
+          WHERE database = currentDatabase() AND name LIKE 'agg__backfill_{job}_s_%'"
+    ));
+    let name = name.trim().to_string();
+    assert!(!name.is_empty() && !name.contains('\n'), "{name:?}");
+    name
+}
+
+ch_test! {
+    /// The answer to the write that records a chunk staged is lost (the write went through).
+    /// The run's retry took the chunk for not staged and inserted it again, emptying the
+    /// staging table the store names; killed during that insert, the next run replayed the
+    /// empty table and recorded the chunk done with nothing landed. The retry now replays the
+    /// staged table, and never inserts into it again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_answer_to_the_staged_write_never_empties_the_staged_table(srv) {
+        let db = ChDb::new_on(&srv, "loststaged");
+        build_days(&db, 1, 1000);
+        let reference = source_digest(&db);
+        let proxy = FaultProxy::start_http(srv.addr()).await;
+        let lost = proxy.add_rule(
+            Rule::new(Fault::DropResponse)
+                .matching(|r| r.text().contains("INSERT INTO") && r.text().contains("'staged'"))
+                .nth(1),
+        );
+        // The chunk's statement into its staging table after the first time: the chunk again.
+        let again = proxy.add_rule(
+            Rule::new(Fault::HoldUntilReleased)
+                .matching(|r| {
+                    r.text().contains("__backfill_loststaged_s_")
+                        && r.text().contains("countState()")
+                })
+                .nth(2),
+        );
+        let spec = days_spec(&db, "loststaged", &proxy.url_for(&db.url), "");
+        let mut r = spawn(db.dir.path(), "first", &[], &spec);
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while !r.exited() && proxy.rule_fired(again) == 0 {
+            assert!(std::time::Instant::now() < deadline, "{}", r.stderr());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let inserted_again = proxy.rule_fired(again) > 0;
+        let first = if inserted_again {
+            // Killed with the second insert held (never sent): the table stays emptied.
+            r.kill();
+            String::new()
+        } else {
+            let (code, out, err) = r.finish(Duration::from_secs(60)).await;
+            assert_eq!(code, 0, "{out}{err}");
+            err
+        };
+        assert_eq!(proxy.rule_fired(lost), 1, "{first}");
+        let spec = days_spec(&db, "loststaged", &db.url, "");
+        let (code, out, err) = run(&[&"run", &spec]);
+        let all = format!("{first}{}", all_output(&out, &err));
+        assert_eq!(code, 0, "{all}");
+        assert_eq!(target_digest(&db), reference, "inserted again: {inserted_again}; {all}");
+        assert!(!inserted_again, "the staged table was emptied and filled again: {all}");
+    }
+}
+
+/// A staged chunk whose staging table lost a partition (dropped by hand) after the run that
+/// staged it was killed: the replay landed what was left and recorded the chunk done, its
+/// dropped rows never landed. It now refuses, the chunk still staged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v18_a_staged_table_changed_by_hand_is_not_landed() {
+    let srv = common::ch::ChServer::v18();
+    let db = ChDb::new_on(&srv, "stagedhand");
+    build_days(&db, 2, 1000);
+    // Killed holding the second chunk's first attach: it is staged, nothing of it landed.
+    let (_first, _) = kill_while_landing(&srv, &db, "stagedhand", "", 5, |_| true).await;
+    let staging = the_staging_table(&db, "stagedhand");
+    db.q(&format!("ALTER TABLE {staging} DROP PARTITION ID '2'"));
+    let spec = days_spec(&db, "stagedhand", &db.url, "");
+    let (code, out, err) = run(&[&"run", &spec]);
+    let all = all_output(&out, &err);
+    assert_eq!(code, 1, "{all}");
+    assert!(all.contains("no longer holds what it staged"), "{all}");
+    assert!(all.contains("partition 2: 0 of"), "{all}");
+    assert!(
+        db.records("stagedhand")
+            .iter()
+            .any(|r| r.status == "staged"),
+        "{all}"
+    );
+}
+
 /// On current servers a chunk lands by MOVE PARTITION, one partition at a time. When the answer
 /// to a move is lost (the server moved the parts; the connection dropped before its reply), the
 /// chunk is landed again: its moved parts are no longer staged, so nothing moves twice, but they

@@ -90,6 +90,13 @@ impl Ctx {
         Ok(())
     }
 
+    /// What this run knows of a chunk, without writing it (a write whose answer was lost).
+    async fn remember(&self, record: &Record) {
+        if let Some(t) = self.tree.lock().await.as_mut() {
+            t.update(record.clone());
+        }
+    }
+
     /// Note that the target's merges are stopped (or started again), so that `status` can say
     /// so and a later run or `reset` starts them if this one dies in between.
     pub async fn merges_stopped(&self, stopped: bool) -> Result<()> {

@@ -308,12 +308,8 @@ impl ChWorker {
         ctx.check_lock().await?;
         let _one = ctx.land_lock.lock().await;
         let staging = rec.staging.clone();
-        if fresh.is_none() && !ctx.landing.exists(&staging).await? {
-            return Err(Error::fatal(format!(
-                "chunk {id} is recorded as staged but its staging table {staging} is gone \
-                 (dropped by hand?): it may have landed partly; check the target, then \
-                 `backfill reset` the job"
-            )));
+        if fresh.is_none() {
+            self.check_staged(&id, &rec).await?;
         }
         let attach = !ctx.landing.moves();
         let landed = async {
@@ -333,10 +329,23 @@ impl ChWorker {
                         ctx.landing.note_staged(&staging).await?;
                     }
                     rec.status = STAGED.into();
-                    ctx.put(&[&rec]).await?;
+                    if let Err(e) = ctx.put(&[&rec]).await {
+                        // The write may have gone through, its answer lost: the store may say
+                        // staged. The staging table is whole either way, so this run's retry
+                        // replays it (recording it staged again first) and never inserts into
+                        // it again: that empties a table the store may name, and a kill then
+                        // left a staged chunk with nothing to land.
+                        ctx.remember(&rec).await;
+                        return Err(e);
+                    }
                     Some((staged, ledger))
                 }
-                None => None,
+                None => {
+                    // Staged for sure before anything of it lands (the write that said so may
+                    // have lost its answer in this run).
+                    ctx.put(&[&rec]).await?;
+                    None
+                }
             };
             let held = ctx.lock.lock().await.clone();
             ctx.landing
@@ -394,6 +403,51 @@ impl ChWorker {
             cursor: Some(id),
             ..Outcome::default()
         })
+    }
+
+    /// Before a replay: the chunk's staging table holds what its record says it staged, in
+    /// each partition (or nothing, where a move took it into the target already; an attach
+    /// copies, so on 18.16 all of it). Anything else (the table gone or emptied by hand, a
+    /// partition dropped from it) would land the wrong rows and record the chunk done.
+    async fn check_staged(&self, id: &str, rec: &Record) -> Result<()> {
+        let ctx = &self.ctx;
+        let staging = &rec.staging;
+        if !ctx.landing.exists(staging).await? {
+            return Err(Error::fatal(format!(
+                "chunk {id} is recorded as staged but its staging table {staging} is gone \
+                 (dropped by hand?): it may have landed partly; check the target, then \
+                 `backfill reset` the job"
+            )));
+        }
+        if rec.part_rows.len() != rec.partitions.len() {
+            return Ok(());
+        }
+        let now = ctx.landing.parts(staging).await?;
+        let moves = ctx.landing.moves();
+        let wrong: Vec<String> = rec
+            .partitions
+            .iter()
+            .zip(&rec.part_rows)
+            .filter_map(|(p, &want)| {
+                let has = now.get(p).map_or(0, |x| x.0);
+                (has != want && !(moves && has == 0))
+                    .then(|| format!("partition {p}: {has} of {want} row(s)"))
+            })
+            .chain(
+                now.keys()
+                    .filter(|p| !rec.partitions.contains(p))
+                    .map(|p| format!("partition {p}: not among the chunk's")),
+            )
+            .collect();
+        if wrong.is_empty() {
+            return Ok(());
+        }
+        Err(Error::fatal(format!(
+            "chunk {id} is recorded as staged, but its staging table {staging} no longer holds \
+             what it staged ({}): changed by hand? Landing it would land the wrong rows; check \
+             the target, then `backfill reset` the job",
+            wrong.join("; ")
+        )))
     }
 
     /// A chunk of the job other than `id` recorded staged (its landing under way, or waiting to
