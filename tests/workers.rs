@@ -478,3 +478,47 @@ async fn with_one_worker_a_second_runner_is_refused() {
     drop(c);
     db.drop_db().await;
 }
+
+/// One of two runner processes finishes the job (every range done, exit 0) while the other,
+/// which joined for the last range, idles with nothing to claim; that one is then stopped
+/// (SIGTERM, 75). The job's record said `stopped` from then on, whoever wrote last winning:
+/// `status` showed a finished job as stopped and a directory `run` did not skip it. A job
+/// concluded done stays done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_stopped_after_another_finished_the_job_leaves_it_done() {
+    let db = TestDb::new("stopafterdone").await;
+    let c = db.client().await;
+    tables(&c, 8000).await;
+    let spec = spec(&db, 2, "{size: 100, target: 0, pause: 20ms}", "");
+    let mut a = runner(db.dir.path(), "a", &spec);
+    a.wait_until(
+        "all but the last range done",
+        Duration::from_secs(60),
+        Duration::from_millis(10),
+        async || {
+            let store = "SELECT count(*) FROM pg_tables
+                          WHERE schemaname = 'backfill' AND tablename = 'ranges'";
+            count(&c, store).await > 0
+                && count(&c, "SELECT count(*) FROM backfill.ranges").await > 1
+                && count(
+                    &c,
+                    "SELECT count(*) FILTER (WHERE status = 'done') - count(*) + 1
+                       FROM backfill.ranges WHERE job = 'copy'",
+                )
+                .await
+                    >= 0
+        },
+    )
+    .await;
+    let b = runner(db.dir.path(), "b", &spec);
+    let (code, out, err) = a.finish(Duration::from_secs(60)).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (code, out, err) = b.stop(Duration::from_secs(30)).await;
+    // 75: it had joined the job (one that found it done would have left with 0).
+    assert_eq!(code, 75, "{out}\n{err}");
+    let j = job_row(&c, "copy").await.expect("the job's record");
+    assert_eq!(j.status, "done", "{j:?}");
+    copy_done_exactly_once(&c, 8000).await;
+    drop(c);
+    db.drop_db().await;
+}

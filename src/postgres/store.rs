@@ -305,10 +305,13 @@ impl Store {
         status: Status,
         error: Option<&str>,
     ) -> Result<()> {
+        // A job another runner concluded done stays done: this runner's own end (stopped by a
+        // signal while it had nothing left to claim, or failed) is its process's exit code,
+        // not the job's state. (`--rerun` and `reset` start a done job over first.)
         let sql = format!(
             "UPDATE {} SET status = $2, last_error = $3, updated_at = now(), throttled = NULL,
                  finished_at = CASE WHEN $2 = 'done' THEN now() END
-               WHERE job = $1",
+               WHERE job = $1 AND (status <> 'done' OR $2 = 'done')",
             self.jobs()
         );
         c.execute(&sql, &[&job, &status.as_str(), &error])
