@@ -2737,6 +2737,46 @@ async fn v18_a_staged_table_changed_by_hand_is_not_landed() {
     );
 }
 
+/// 18.16: a runner killed after its chunk's first partition was attached; merges run again (a
+/// server restart, or a `reset` killed after starting them) and the application's `ALTER ...
+/// DELETE` rewrites the attached part. A mutated part keeps its block number, so the replay took
+/// the partition for settled, found no twin of the staged part, and attached it again: every
+/// row of the chunk in that partition twice, exit 0. A mutation's rewrite is no twin and no
+/// proof of absence: the replay refuses, as after merges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v18_a_replay_after_a_mutation_of_an_attached_part_refuses_rather_than_attach_twice() {
+    let srv = common::ch::ChServer::v18();
+    let db = ChDb::new_on(&srv, "mutatedreplay");
+    build_days(&db, 2, 1000);
+    // The first chunk's first partition (0) is attached; the runner is killed holding the next.
+    let (_first, _) = kill_while_landing(&srv, &db, "mutatedreplay", "", 2, |_| true).await;
+    let rows_of_0 = db.num("SELECT count() FROM agg WHERE project_id % 4 = 0");
+    assert!(rows_of_0 > 0, "partition 0 was attached");
+    db.q("SYSTEM START MERGES agg");
+    db.q("ALTER TABLE agg DELETE WHERE project_id % 4 = 0 AND test_case_id % 7 = 0");
+    let mut waited = 0;
+    while db.num(
+        "SELECT count() FROM system.mutations
+          WHERE database = currentDatabase() AND table = 'agg' AND is_done = 0",
+    ) > 0
+    {
+        assert!(waited < 600, "the mutation did not finish");
+        std::thread::sleep(Duration::from_millis(100));
+        waited += 1;
+    }
+    let left = db.num("SELECT count() FROM agg WHERE project_id % 4 = 0");
+    let spec = days_spec(&db, "mutatedreplay", &db.url, "");
+    let (code, out, err) = run(&[&"run", &spec]);
+    let all = all_output(&out, &err);
+    assert_eq!(code, 1, "{all}");
+    assert!(all.contains("could double the chunk"), "{all}");
+    assert_eq!(
+        db.num("SELECT count() FROM agg WHERE project_id % 4 = 0"),
+        left,
+        "nothing attached again: {all}"
+    );
+}
+
 /// On current servers a chunk lands by MOVE PARTITION, one partition at a time. When the answer
 /// to a move is lost (the server moved the parts; the connection dropped before its reply), the
 /// chunk is landed again: its moved parts are no longer staged, so nothing moves twice, but they

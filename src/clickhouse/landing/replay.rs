@@ -15,7 +15,9 @@ pub(super) struct Part {
     sizes: (String, String),
     /// Its highest block number.
     block: i64,
-    /// A merge product (spans more than one block number).
+    /// Not as it was added: a merge product (spans more than one block number) or a
+    /// mutation's rewrite (`ALTER ... DELETE/UPDATE`: its name carries the mutation's version),
+    /// whose rows can differ from those of the part it replaced.
     merged: bool,
 }
 
@@ -41,6 +43,14 @@ pub(super) enum Found {
     Unsure,
 }
 
+/// Whether the part `name` of partition `p` is a mutation's rewrite: `<p>_<min>_<max>_<level>`
+/// as added or merged, with `_<mutation version>` after a mutation.
+fn mutated(name: &str, p: &str) -> bool {
+    name.strip_prefix(p)
+        .and_then(|rest| rest.strip_prefix('_'))
+        .is_some_and(|rest| rest.split('_').count() > 3)
+}
+
 impl Landing {
     /// Active parts of partition `p` of `table` (`extra`: a further condition).
     async fn parts_of(&self, table: &str, p: &str, extra: &str) -> Result<Vec<Part>> {
@@ -60,12 +70,13 @@ impl Landing {
             .into_iter()
             .filter_map(|r| {
                 let block = r.get(4)?.parse().ok()?;
+                let name = r.get(5)?.clone();
                 Some(Part {
-                    name: r.get(5)?.clone(),
+                    merged: r.get(3)?.parse::<i64>().ok()? != block || mutated(&name, p),
+                    name,
                     rows: r.first()?.parse().ok()?,
                     sizes: (r.get(1)?.clone(), r.get(2)?.clone()),
                     block,
-                    merged: r.get(3)?.parse::<i64>().ok()? != block,
                 })
             })
             .collect())
@@ -210,5 +221,21 @@ impl Landing {
             )));
         }
         Ok(seen)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mutated;
+
+    #[test]
+    fn a_mutations_rewrite_is_told_by_its_name() {
+        assert!(!mutated("0_1_1_0", "0"));
+        assert!(!mutated("3_5_9_2", "3"));
+        assert!(mutated("0_1_1_0_7", "0"));
+        assert!(!mutated("202511_4_4_0", "202511"));
+        assert!(mutated("202511_4_4_0_12", "202511"));
+        assert!(!mutated("all_1_1_0", "all"));
+        assert!(mutated("ab12-7_1_1_0_3", "ab12-7"));
     }
 }
