@@ -18,21 +18,34 @@ use std::sync::{Arc, LazyLock, RwLock};
 /// What a secret is replaced with.
 pub const MASK: &str = "***";
 
-/// `println!` whose text goes through `redact` first: commands print with this.
+/// `println!` whose text goes through `redact` first: commands print with this. A stdout
+/// that cannot be written (a pipe whose reader has gone: `| head`, a log shipper that died)
+/// loses the line and nothing else: `println!` panicked there (exit 101), and `run dir/` died
+/// after its first job's summary, the next jobs never started.
 #[macro_export]
 macro_rules! outln {
-    () => { ::std::println!() };
+    () => { $crate::redact::write_line(false, "") };
     ($($arg:tt)*) => {
-        ::std::println!("{}", $crate::redact::redact(&::std::format!($($arg)*)))
+        $crate::redact::write_line(false, &$crate::redact::redact(&::std::format!($($arg)*)))
     };
 }
 
-/// `eprintln!` whose text goes through `redact` first.
+/// `eprintln!` whose text goes through `redact` first (and, like `outln!`, never panics).
 #[macro_export]
 macro_rules! errln {
-    () => { ::std::eprintln!() };
+    () => { $crate::redact::write_line(true, "") };
     ($($arg:tt)*) => {
-        ::std::eprintln!("{}", $crate::redact::redact(&::std::format!($($arg)*)))
+        $crate::redact::write_line(true, &$crate::redact::redact(&::std::format!($($arg)*)))
+    };
+}
+
+/// `line` and a newline on stderr (`err`) or stdout; a failed write is ignored.
+pub fn write_line(err: bool, line: &str) {
+    use std::io::Write;
+    let _ = if err {
+        writeln!(std::io::stderr().lock(), "{line}")
+    } else {
+        writeln!(std::io::stdout().lock(), "{line}")
     };
 }
 

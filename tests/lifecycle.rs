@@ -589,3 +589,58 @@ async fn lock_holder_named_is_in_the_jobs_own_database() {
     drop(c);
     db.drop_db().await;
 }
+
+/// stdout is a pipe whose reader has gone (`| head`, a log shipper that died): the output is
+/// lost, nothing else. `println!` panicked there (exit 101, a backtrace), and `run dir/` died
+/// after the first job's summary, the second job never started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stdout_loses_the_output_and_nothing_else() {
+    let db = TestDb::new("lc_pipe").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE a (id int PRIMARY KEY, v int NOT NULL DEFAULT 0);
+         CREATE TABLE b (id int PRIMARY KEY, v int NOT NULL DEFAULT 0);
+         INSERT INTO a (id) SELECT generate_series(1, 300);
+         INSERT INTO b (id) SELECT generate_series(1, 300);",
+    )
+    .await
+    .unwrap();
+    let dir = db.dir.path().join("jobs");
+    std::fs::create_dir(&dir).unwrap();
+    for t in ["a", "b"] {
+        let yaml = format!(
+            "postgres:\n  url: {}\n  table: {t}\n  key: id\n  \
+             statement: UPDATE {t} SET v = v + 1 WHERE id = ANY($1)\n\
+             batch: {{size: 100, target: 0}}\n",
+            db.url
+        );
+        std::fs::write(dir.join(format!("{t}.yaml")), yaml).unwrap();
+    }
+    let closed = |args: &[&dyn AsRef<std::ffi::OsStr>]| {
+        let mut child = common::backfill()
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader goes away before anything is written.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = closed(&[&"run", &dir]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!err.contains("panic"), "{err}");
+    for t in ["a", "b"] {
+        let n = count(&c, &format!("SELECT count(*) FROM {t} WHERE v = 1")).await;
+        assert_eq!(n, 300, "table {t}: {err}");
+    }
+    let (code, err) = closed(&[&"status", &dir]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!err.contains("panic"), "{err}");
+    drop(c);
+    db.drop_db().await;
+}

@@ -149,7 +149,7 @@ async fn watch_loop(specs: &[Spec], json: bool, every: Duration) -> Result<()> {
             frame.push((e, rate));
         }
         if tty && !json {
-            print!("\x1b[2J\x1b[H");
+            let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), b"\x1b[2J\x1b[H");
         }
         if json {
             // One line per redraw, with the rate and ETA the text shows.
