@@ -977,3 +977,55 @@ batch: {size: 1000, target: 0}
     }
     drop(c);
 }
+
+/// The statement deletes from a table whose rows another table references `ON DELETE CASCADE`,
+/// and that table has a trigger that draws from a sequence. The cascade runs through the
+/// server's internal triggers, which no plan shows: `plan` ran its sample batches and rolled
+/// them back, and the sequence had moved by 300. Triggers of tables a cascade writes count as
+/// the statement's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_sees_the_triggers_a_foreign_keys_cascade_runs() {
+    let db = TestDb::new("plan_cascade").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE parent (id bigint PRIMARY KEY);
+         INSERT INTO parent SELECT generate_series(1, 1000);
+         CREATE TABLE child (id bigint PRIMARY KEY,
+                             parent_id bigint REFERENCES parent ON DELETE CASCADE);
+         INSERT INTO child SELECT i, i FROM generate_series(1, 1000) i;
+         CREATE TABLE grandchild (id bigint PRIMARY KEY,
+                                  child_id bigint REFERENCES child ON DELETE SET NULL);
+         INSERT INTO grandchild SELECT i, i FROM generate_series(1, 1000) i;
+         CREATE SEQUENCE audit_seq;
+         CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM nextval('audit_seq'); RETURN NEW; END $$;
+         CREATE TRIGGER grandchild_audit AFTER UPDATE ON grandchild
+           FOR EACH ROW EXECUTE FUNCTION audit();
+         ANALYZE parent;",
+    )
+    .await
+    .unwrap();
+    let spec = db.spec(
+        "job.yaml",
+        "postgres:
+  url: $URL
+  table: parent
+  key: id
+  statement: DELETE FROM parent WHERE id = ANY($1)
+batch: {size: 100, target: 0}
+",
+    );
+    let seq = "SELECT last_value * 10 + is_called::int FROM audit_seq";
+    let before = count(&c, seq).await;
+    let (code, out, err) = run(&[&"plan", &spec]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    let sample = line_with(&out, "sample:");
+    assert!(
+        sample.contains("not run") && sample.contains("grandchild_audit on grandchild"),
+        "{out}"
+    );
+    assert_eq!(count(&c, seq).await, before, "plan drew from the sequence");
+    assert_eq!(count(&c, "SELECT count(*) FROM parent").await, 1000);
+    drop(c);
+    db.drop_db().await;
+}

@@ -207,13 +207,25 @@ async fn draws(c: &Client, p: &Prepared, params: &[&(dyn ToSql + Sync)]) -> Resu
                  sequence or a volatile function when a row is inserted"
             )));
         }
+        // The tables it writes, their partitions, and every table a foreign key's cascading
+        // action writes in turn (ON DELETE/UPDATE CASCADE, SET NULL, SET DEFAULT: run by the
+        // server's internal triggers, which no plan shows), transitively.
         let trigger: Option<String> = c
             .query_opt(
-                "WITH r AS (SELECT format('%I.%I', $1::text, $2::text)::regclass AS rel)
+                "WITH RECURSIVE edges(src, dst) AS (
+                     SELECT inhparent, inhrelid FROM pg_inherits
+                     UNION ALL
+                     SELECT confrelid, conrelid FROM pg_constraint
+                      WHERE contype = 'f'
+                        AND (confdeltype NOT IN ('a', 'r') OR confupdtype NOT IN ('a', 'r'))
+                 ), written(rel) AS (
+                     SELECT format('%I.%I', $1::text, $2::text)::regclass::oid
+                     UNION
+                     SELECT e.dst FROM written w JOIN edges e ON e.src = w.rel
+                 )
                  SELECT format('%s on %s', t.tgname, t.tgrelid::regclass)
-                   FROM pg_trigger t, r
-                  WHERE (t.tgrelid = r.rel
-                         OR t.tgrelid IN (SELECT p.relid FROM pg_partition_tree(r.rel) p))
+                   FROM pg_trigger t
+                  WHERE t.tgrelid IN (SELECT rel FROM written)
                     AND NOT t.tgisinternal AND t.tgenabled <> 'D'
                   ORDER BY 1 LIMIT 1",
                 &[&schema, &table],
@@ -223,8 +235,8 @@ async fn draws(c: &Client, p: &Prepared, params: &[&(dyn ToSql + Sync)]) -> Resu
             .map(|r| r.get(0));
         if let Some(t) = trigger {
             return Ok(Some(format!(
-                "a table the statement writes has a trigger ({t}), which could draw from a \
-                 sequence"
+                "a table the statement writes (or a foreign key's cascade from it writes) has a \
+                 trigger ({t}), which could draw from a sequence"
             )));
         }
     }
