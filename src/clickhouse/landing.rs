@@ -266,9 +266,10 @@ impl Landing {
         .await
     }
 
-    /// Drop every staging table of the job; `checks`: also the check tables of preflights (a
-    /// reset, which refuses while a runner of the job is alive: never at the end of a run, when
-    /// another runner may be in its preflight, about to be refused, and using its own).
+    /// Drop every staging table of the job, and the notes of their parts; `checks`: also the
+    /// check tables of preflights (a reset, which refuses while a runner of the job is alive:
+    /// never at the end of a run, when another runner may be in its preflight, about to be
+    /// refused, and using its own).
     pub async fn drop_staging_tables(&self, checks: bool) -> Result<()> {
         let check = if checks {
             format!(" OR {}", names::check_tables(&self.prefix))
@@ -285,7 +286,8 @@ impl Landing {
                 self.drop(&self.q(n)).await?;
             }
         }
-        Ok(())
+        // What the staging tables held when their landings began: of no use without them.
+        self.drop(&self.landings()).await
     }
 
     pub async fn exists(&self, table: &str) -> Result<bool> {

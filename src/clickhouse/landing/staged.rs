@@ -21,7 +21,7 @@ const MERGES_WAIT: Duration = Duration::from_secs(600);
 pub(super) type Names = HashMap<String, Vec<String>>;
 
 impl Landing {
-    fn landings(&self) -> String {
+    pub(super) fn landings(&self) -> String {
         self.q(&format!("{}_landings", self.prefix))
     }
 
