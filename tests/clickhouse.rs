@@ -2777,6 +2777,54 @@ async fn v18_a_replay_after_a_mutation_of_an_attached_part_refuses_rather_than_a
     );
 }
 
+ch_test! {
+    /// `run --rerun` restores every partition the job touched from its base. Another writer
+    /// inserts a row into a partition while the restore works on it (here: while its note
+    /// before the replace is written). The restore checked for other writers' rows once, up
+    /// front, and the replace then dropped the row without a word. Each partition is now
+    /// checked again right before its replace: the restore refuses and the row is kept.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_row_written_while_a_restore_works_on_its_partition_is_not_dropped(srv) {
+        let db = ChDb::new_on(&srv, "restorerace");
+        build_days(&db, 2, 500);
+        // Rows from before the job in every partition: restoring partition 3 replaces it.
+        db.q(FOREIGN_ROWS);
+        let spec = days_spec(&db, "restorerace", &db.url, "");
+        let (code, out, err) = run(&[&"run", &spec]);
+        assert_eq!(code, 0, "{out}{err}");
+        let proxy = FaultProxy::start_http(srv.addr()).await;
+        let held = proxy.add_rule(
+            Rule::new(Fault::HoldUntilReleased)
+                .matching(|r| {
+                    let t = r.text();
+                    t.contains("_ledger") && t.contains("('3',") && t.contains("_base")
+                })
+                .nth(1),
+        );
+        let spec = days_spec(&db, "restorerace", &proxy.url_for(&db.url), "");
+        let mut r = spawn(db.dir.path(), "rerun", &["--rerun"], &spec);
+        r.wait_until(
+            "partition 3's restore to be under way",
+            Duration::from_secs(60),
+            Duration::from_millis(20),
+            async || proxy.rule_fired(held) > 0,
+        )
+        .await;
+        db.q("INSERT INTO agg SELECT toUInt32(107), 7, countState(), sumState(toUInt32(5))
+                FROM numbers(1)");
+        proxy.release_held();
+        let (code, out, err) = r.finish(Duration::from_secs(120)).await;
+        let all = all_output(&out, &err);
+        assert_eq!(
+            db.num("SELECT count() FROM agg WHERE project_id = 107"),
+            1,
+            "the other writer's row is kept: {all}"
+        );
+        assert_eq!(code, 1, "{all}");
+        assert!(all.contains("another writer"), "{all}");
+    }
+}
+
 /// On current servers a chunk lands by MOVE PARTITION, one partition at a time. When the answer
 /// to a move is lost (the server moved the parts; the connection dropped before its reply), the
 /// chunk is landed again: its moved parts are no longer staged, so nothing moves twice, but they

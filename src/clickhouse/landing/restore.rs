@@ -97,21 +97,30 @@ impl Landing {
         ledger: &std::collections::HashMap<String, Touched>,
     ) -> Result<()> {
         for (p, t) in ledger.iter().filter(|(_, t)| t.moving_from != KEEPING) {
-            let others = t.foreign_rows + self.since_noted(p, t).await?;
-            if others > 0 {
-                return Err(Error::Preflight(format!(
-                    "partition {p} of {} holds {others} row(s) another writer put there while \
-                     this job had landed chunks in it; starting the job over would restore the \
-                     partition to what it held before the job and drop them. Copy them \
-                     elsewhere if they are needed, then `backfill reset --yes \
-                     --discard-foreign-rows` the job and run again (dropping the base and \
-                     ledger tables instead would land every chunk again on top of the first \
-                     landing)",
-                    self.target(),
-                )));
-            }
+            self.check_partition(p, t).await?;
         }
         Ok(())
+    }
+
+    /// Refuse if partition `p` holds rows another writer put there since the job last noted it.
+    async fn check_partition(&self, p: &str, t: &Touched) -> Result<()> {
+        let others = t.foreign_rows + self.since_noted(p, t).await?;
+        if others > 0 {
+            return Err(self.foreign_refusal(p, others));
+        }
+        Ok(())
+    }
+
+    fn foreign_refusal(&self, p: &str, others: u64) -> Error {
+        Error::Preflight(format!(
+            "partition {p} of {} holds {others} row(s) another writer put there while this job \
+             had landed chunks in it; starting the job over would restore the partition to \
+             what it held before the job and drop them. Copy them elsewhere if they are needed, \
+             then `backfill reset --yes --discard-foreign-rows` the job and run again \
+             (dropping the base and ledger tables instead would land every chunk again on top \
+             of the first landing)",
+            self.target(),
+        ))
     }
 
     /// Put every partition the job has touched back to what it held before the job (a new
@@ -129,22 +138,41 @@ impl Landing {
         if !self.moves() {
             self.pause_merges().await?;
         }
-        if let Err(e) = self.check_no_foreign(&ledger).await {
-            if !self.moves() {
-                self.resume_merges().await?;
-            }
-            return Err(e);
+        let restored = self.restore_partitions(&ledger, &base).await;
+        // Merges start again when the restore is done or refused; a write that failed leaves
+        // them paused for its retry (the job's record says they are stopped).
+        if !self.moves() && matches!(restored, Ok(()) | Err(Error::Preflight(_))) {
+            self.resume_merges().await?;
         }
-        let now = self.parts(&self.target()).await?;
-        for (p, t) in &ledger {
+        restored?;
+        for p in ledger.keys() {
+            self.wait_replaced_gone(p).await?;
+        }
+        Ok(ledger.len())
+    }
+
+    /// `restore`'s writes, merges paused on 18.16. Another writer can write at any moment, so
+    /// each partition is checked again right before its own write, with its note under way in
+    /// place: a row that arrives while earlier partitions are restored refuses the restore
+    /// there, where a single check up front let the replace drop it silently (what is left is
+    /// the one request between the last check and the replace).
+    async fn restore_partitions(
+        &self,
+        ledger: &std::collections::HashMap<String, Touched>,
+        base: &super::Parts,
+    ) -> Result<()> {
+        self.check_no_foreign(ledger).await?;
+        for (p, t) in ledger {
             // Being copied into the base when a run was killed: the job has not written there,
             // and what the base holds of it may be nothing yet.
             if t.moving_from == KEEPING {
                 continue;
             }
-            // The partition's top now is the job's (no other writer's rows, checked above):
-            // whatever the replace or drop leaves above it is the base's copies (new block
-            // numbers) and other writers' rows that arrive from then on.
+            // The partition's top now is the job's (no other writer's rows, checked just
+            // before): whatever the replace or drop leaves above it is the base's copies (new
+            // block numbers) and other writers' rows that arrive from then on.
+            self.check_partition(p, t).await?;
+            let now = self.parts(&self.target()).await?;
             let mark = t.last_block.max(now.get(p).map_or(t.last_block, |x| x.1));
             let own = base.get(p).map_or(0, |x| x.0);
             let sql = if own > 0 {
@@ -158,6 +186,11 @@ impl Landing {
                     ..t.clone()
                 };
                 self.note_moving(p, &restoring).await?;
+                // Rows that arrived while the note was written are above the mark.
+                let arrived = Self::rows_since(&self.target_parts().await?, p, mark);
+                if arrived > 0 {
+                    return Err(self.foreign_refusal(p, arrived));
+                }
                 format!(
                     "ALTER TABLE {} REPLACE PARTITION ID {} FROM {}",
                     self.target(),
@@ -193,13 +226,7 @@ impl Landing {
             t.moving_from.clear();
             self.note(p, &t).await?;
         }
-        if !self.moves() {
-            self.resume_merges().await?;
-        }
-        for p in ledger.keys() {
-            self.wait_replaced_gone(p).await?;
-        }
-        Ok(ledger.len())
+        Ok(())
     }
 
     /// Take every row other writers put into the partitions the job touched as the job's own,
