@@ -2825,6 +2825,86 @@ ch_test! {
     }
 }
 
+/// The staging table of day chunk `day` of job `job` (as the engine names it).
+fn staging_of(job: &str, day: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let h = Sha256::digest(day.as_bytes());
+    format!("agg__backfill_{job}_s_{}", hex::encode(&h[..8]))
+}
+
+/// 18.16, two workers. Partition 0 of `agg` holds one project with one nightly run (test 1, 0
+/// ms), so each day's staged part of it is the same single row, byte for byte. The first day's
+/// attach of partition 0 is lost before it reaches the server; the second day lands, its own
+/// identical part included, while the first waits for its retry. The replay took the second
+/// day's part for its own attached one and never attached: one nightly run lost, exit 0. The
+/// second day's landing now settles the first day's attach still under way before replacing
+/// its note (it had not gone in), and notes that for the replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v18_a_replay_does_not_take_another_chunks_identical_part_for_its_own() {
+    let srv = common::ch::ChServer::v18();
+    let db = ChDb::new_on(&srv, "twinchunks");
+    db.q(
+        "CREATE TABLE runs (ran_at DateTime, project_id UInt32, test_case_id UInt64,
+                             duration_ms UInt32)
+          ENGINE = MergeTree PARTITION BY toYYYYMM(ran_at)
+          ORDER BY (project_id, test_case_id, ran_at)",
+    );
+    db.q("INSERT INTO runs
+          SELECT toDateTime('2025-10-01 00:00:00') + intDiv(number, 400) * 86400
+                   + intHash32(number) % 86400,
+                 toUInt32(arrayElement([1, 2, 3, 5, 6, 7], intHash32(number) % 6 + 1)),
+                 intHash32(number + 3) % 3000, toUInt32(number % 1000)
+            FROM numbers(800)");
+    db.q(
+        "INSERT INTO runs SELECT toDateTime('2025-10-01 02:00:00') + number * 86400, 4, 1, 0
+            FROM numbers(2)",
+    );
+    common::days::create_agg(&db, "agg", 1);
+    let reference = source_digest(&db);
+    let (first, second) = (
+        staging_of("twinchunks", "2025-10-01"),
+        staging_of("twinchunks", "2025-10-02"),
+    );
+    let proxy = FaultProxy::start_http(srv.addr()).await;
+    // The second day waits, staged, before its landing; the first day's attach of partition
+    // 0 is held meanwhile (the landing's lock held), then lost.
+    let waits = proxy.add_rule(
+        Rule::new(Fault::HoldUntilReleased)
+            .matching(move |r| {
+                let t = r.text();
+                t.contains("FROM system.parts") && t.contains(&second) && t.contains("sum(rows)")
+            })
+            .nth(1),
+    );
+    let lost = proxy.add_rule(
+        Rule::new(Fault::HoldThenDrop)
+            .matching(move |r| {
+                let t = r.text();
+                t.contains("ATTACH PARTITION ID '0' FROM") && t.contains(&first)
+            })
+            .nth(1),
+    );
+    let spec = days_spec(&db, "twinchunks", &proxy.url_for(&db.url), "workers: 2\n");
+    let mut r = spawn(db.dir.path(), "run", &[], &spec);
+    r.wait_until(
+        "both days to be held",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        async || proxy.rule_fired(waits) > 0 && proxy.rule_fired(lost) > 0,
+    )
+    .await;
+    proxy.release_held();
+    let (code, out, err) = r.finish(Duration::from_secs(120)).await;
+    let all = all_output(&out, &err);
+    assert_eq!(code, 0, "{all}");
+    assert_eq!(
+        db.num("SELECT countMerge(runs) FROM agg WHERE project_id = 4"),
+        2,
+        "both nightly runs landed: {all}"
+    );
+    assert_eq!(target_digest(&db), reference, "{all}");
+}
+
 /// On current servers a chunk lands by MOVE PARTITION, one partition at a time. When the answer
 /// to a move is lost (the server moved the parts; the connection dropped before its reply), the
 /// chunk is landed again: its moved parts are no longer staged, so nothing moves twice, but they

@@ -491,6 +491,11 @@ impl Landing {
         let mut target = self.target_parts().await?;
         for p in partitions {
             let mut t = ledger.remove(p).unwrap_or_default();
+            // Another chunk's attach into `p` still under way (its answer lost): settled and
+            // noted for its replay before this landing's notes replace its own.
+            if !self.moves() {
+                self.settle_other(p, &t, staging).await?;
+            }
             // A partition without staged parts has nothing of the chunk to land.
             let found = replay
                 .as_mut()
@@ -551,6 +556,11 @@ impl Landing {
                     )
                 };
                 exec(&self.client, &sql, "moving the chunk into the target").await?;
+                if replay.is_some() {
+                    // An outcome another chunk's landing noted for this partition (not landed)
+                    // must not outlive this attach.
+                    self.note_outcome(staging, p, true).await?;
+                }
                 target = self.target_parts().await?;
                 // The partition's top after the move is noted as the job's own: rows another
                 // writer put there between the read before the move and the read after it are

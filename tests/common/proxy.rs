@@ -37,6 +37,10 @@ pub enum Fault {
     Hold(Duration),
     /// Wait until `FaultProxy::release_held`, then forward the request as usual.
     HoldUntilReleased,
+    /// Wait until `FaultProxy::release_held`, then close the client's connection without
+    /// forwarding the request (the server never sees it): a request lost at a moment the
+    /// test chooses.
+    HoldThenDrop,
     /// Do not forward the request; answer it with this HTTP status and body, as the server
     /// does for an error it really gives (the text should be one seen from the real server).
     Answer(u16, String),
@@ -1000,6 +1004,19 @@ async fn serve_http(
                 shared.stat(|s| s.held += 1);
                 shared.event(id, "held", format!("{d:?} [{label}] {}", rr.req.summary()));
                 tokio::time::sleep(*d).await;
+            }
+            Some((Fault::HoldThenDrop, label)) => {
+                release.borrow_and_update();
+                shared.stat(|s| s.held += 1);
+                shared.event(
+                    id,
+                    "held, to drop",
+                    format!("[{label}] {}", rr.req.summary()),
+                );
+                let _ = release.changed().await;
+                shared.stat(|s| s.dropped_requests += 1);
+                shared.event(id, "dropped request", rr.req.summary());
+                return Ok(());
             }
             Some((Fault::HoldUntilReleased, label)) => {
                 // Only releases from now on count (before `held` is visible to the test).

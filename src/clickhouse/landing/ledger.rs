@@ -198,7 +198,13 @@ impl Landing {
         if !self.moves() {
             let noted = self.staged_notes(&t.moving_from).await?;
             let found = self
-                .found(&t.moving_from, p, t.last_block, t.last_block, noted.get(p))
+                .found(
+                    &t.moving_from,
+                    p,
+                    t.last_block,
+                    t.last_block,
+                    noted.get(p).map(|n| &n.parts),
+                )
                 .await?;
             return Ok(match found {
                 super::replay::Found::Landed { .. } => t.moving_rows,

@@ -203,7 +203,21 @@ impl Landing {
         let noted = self.staged_notes(staging).await?;
         for p in partitions.iter().filter(|p| staged.contains_key(*p)) {
             let since = ledger.get(p).map_or(0, |t| t.last_block);
-            let found = self.found(staging, p, mark, since, noted.get(p)).await?;
+            let note = noted.get(p);
+            // Another chunk's landing replaced this one's note under way in the ledger, and
+            // settled first whether its attach went in: the target's parts above the mark
+            // can no longer tell (the other chunk's may be alike row for row).
+            let replaced = ledger.get(p).is_none_or(|t| t.moving_from != staging);
+            let found = match note.and_then(|n| n.landed).filter(|_| replaced) {
+                Some(false) => Found::NotLanded,
+                Some(true) => Found::Landed {
+                    foreign_rows: Self::rows_since(&self.target_parts().await?, p, since),
+                },
+                None => {
+                    let names = note.map(|n| &n.parts);
+                    self.found(staging, p, mark, since, names).await?
+                }
+            };
             if found != Found::Unsure {
                 seen.insert(p.clone(), found);
                 continue;

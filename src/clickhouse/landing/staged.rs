@@ -20,6 +20,25 @@ const MERGES_WAIT: Duration = Duration::from_secs(600);
 /// Partition id -> the names of a staging table's active parts in it, sorted.
 pub(super) type Names = HashMap<String, Vec<String>>;
 
+/// What the notes say of one partition of a staging table.
+#[derive(Debug, Default, Clone)]
+pub(super) struct Noted {
+    /// Its parts' names when its landing began, sorted.
+    pub parts: Vec<String>,
+    /// Whether its attach went in, once another chunk's landing settled it (`None`: not
+    /// settled so). See `note_outcome`.
+    pub landed: Option<bool>,
+}
+
+/// `landed` as the notes spell it.
+fn outcome(landed: Option<bool>) -> &'static str {
+    match landed {
+        Some(true) => "landed",
+        Some(false) => "not landed",
+        None => "",
+    }
+}
+
 impl Landing {
     pub(super) fn landings(&self) -> String {
         self.q(&format!("{}_landings", self.prefix))
@@ -95,40 +114,103 @@ impl Landing {
         }
         let create = format!(
             "CREATE TABLE IF NOT EXISTS {} (staging String, partition String,
-                 parts Array(String), version UInt64)
+                 parts Array(String), outcome String, version UInt64)
              ENGINE = ReplacingMergeTree(version) ORDER BY (staging, partition)",
             self.landings()
         );
         exec(&self.client, &create, "creating the job's landing notes").await?;
-        let version = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0).max(0);
-        let values: Vec<String> = names
-            .iter()
+        let notes: Vec<(String, Noted)> = names
+            .into_iter()
             .map(|(p, parts)| {
-                let list: Vec<String> = parts.iter().map(|n| literal(n)).collect();
+                let landed = None;
+                (p, Noted { parts, landed })
+            })
+            .collect();
+        self.write_notes(staging, &notes).await
+    }
+
+    /// One row per partition, in one insert.
+    async fn write_notes(&self, staging: &str, rows: &[(String, Noted)]) -> Result<()> {
+        let version = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0).max(0);
+        let values: Vec<String> = rows
+            .iter()
+            .map(|(p, n)| {
+                let list: Vec<String> = n.parts.iter().map(|x| literal(x)).collect();
                 format!(
-                    "({}, {}, [{}], {version})",
+                    "({}, {}, [{}], {}, {version})",
                     literal(staging),
                     literal(p),
-                    list.join(", ")
+                    list.join(", "),
+                    literal(outcome(n.landed))
                 )
             })
             .collect();
         let sql = format!(
-            "INSERT INTO {} (staging, partition, parts, version) VALUES {}",
+            "INSERT INTO {} (staging, partition, parts, outcome, version) VALUES {}",
             self.landings(),
             values.join(", ")
         );
         exec(&self.client, &sql, "noting the staged parts").await
     }
 
+    /// Before a landing writes into partition `p` (18.16): if the ledger `t` still has
+    /// another staging table's attach under way there, tell whether it went in and note it.
+    pub(super) async fn settle_other(
+        &self,
+        p: &str,
+        t: &super::Touched,
+        staging: &str,
+    ) -> Result<()> {
+        let other = t.moving_from.as_str();
+        if other.is_empty()
+            || other == staging
+            || other == super::ledger::KEEPING
+            || other == self.base()
+            || !self.exists(other).await?
+        {
+            return Ok(());
+        }
+        let notes = self.staged_notes(other).await?;
+        let names = notes.get(p).map(|n| &n.parts);
+        let found = self
+            .found(other, p, t.last_block, t.last_block, names)
+            .await?;
+        match found {
+            super::replay::Found::Landed { .. } => self.note_outcome(other, p, true).await,
+            super::replay::Found::NotLanded => self.note_outcome(other, p, false).await,
+            super::replay::Found::Unsure => Ok(()),
+        }
+    }
+
+    /// Note whether `staging`'s attach of partition `p` went in (18.16). Another chunk's
+    /// landing settles it when it finds that attach still under way in the ledger, just before
+    /// its own note replaces that one: after it, the chunk's replay could no longer tell its
+    /// parts from the other chunk's when both are alike row for row (one nightly row a day,
+    /// say), took the other chunk's part for its own, and never attached. A chunk's own
+    /// attach notes `landed` before the ledger's note after it, so that an outcome noted for
+    /// it earlier never outlives its attach.
+    pub(super) async fn note_outcome(&self, staging: &str, p: &str, landed: bool) -> Result<()> {
+        if self.moves() || !self.exists(&self.landings()).await? {
+            return Ok(());
+        }
+        let mut noted = self.staged_notes(staging).await?;
+        let Some(mut n) = noted.remove(p) else {
+            // Its landing noted nothing (an earlier version staged it): no replay will read it.
+            return Ok(());
+        };
+        n.landed = Some(landed);
+        self.write_notes(staging, &[(p.to_string(), n)]).await
+    }
+
     /// What `note_staged` noted of `staging` (empty when nothing was: a chunk staged by an
     /// earlier version, or one killed before its note, which then attached nothing).
-    pub(super) async fn staged_notes(&self, staging: &str) -> Result<Names> {
+    pub(super) async fn staged_notes(&self, staging: &str) -> Result<HashMap<String, Noted>> {
         if !self.exists(&self.landings()).await? {
-            return Ok(Names::new());
+            return Ok(HashMap::new());
         }
         let sql = format!(
-            "SELECT partition, arrayStringConcat(argMax(parts, version), ' ')
+            "SELECT partition, arrayStringConcat(argMax(parts, version), ' '),
+                    argMax(outcome, version)
                FROM {} WHERE staging = {} GROUP BY partition",
             self.landings(),
             literal(staging)
@@ -140,7 +222,12 @@ impl Landing {
                 let mut parts: Vec<String> =
                     r.get(1)?.split_whitespace().map(str::to_string).collect();
                 parts.sort();
-                Some((r.first()?.clone(), parts))
+                let landed = match r.get(2)?.as_str() {
+                    "landed" => Some(true),
+                    "not landed" => Some(false),
+                    _ => None,
+                };
+                Some((r.first()?.clone(), Noted { parts, landed }))
             })
             .collect())
     }
