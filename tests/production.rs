@@ -412,6 +412,41 @@ limits: {statement_timeout: 300ms}
     db.drop_db().await;
 }
 
+/// A statement too slow even for `batch.min` keys: halved down to it, the run fails (1) with
+/// what to change, not Postgres's bare "canceling statement due to statement timeout".
+#[tokio::test]
+async fn statement_timeout_at_the_smallest_batch_says_what_to_change() {
+    let db = TestDb::new("halvedout").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT generate_series(1, 500);",
+    )
+    .await
+    .unwrap();
+    let spec = db.spec(
+        "slow.yaml",
+        "postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: |
+    UPDATE t SET n = n + 1 FROM (SELECT pg_sleep(1)) cost WHERE id = ANY($1)
+batch: {size: 200, target: 0, min: 50}
+limits: {statement_timeout: 200ms}
+",
+    );
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("even at the smallest batch size (50 keys, batch.min)")
+            && err.contains("raise limits.statement_timeout"),
+        "{err}"
+    );
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n > 0").await, 0);
+    db.drop_db().await;
+}
+
 /// Once a run has updated `n` rows of `t` (`n = 1`), take an ACCESS EXCLUSIVE lock on `table`
 /// in a transaction of a session of its own, as a migration would: the session is returned
 /// holding it (`ROLLBACK` lets go).

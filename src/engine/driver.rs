@@ -121,6 +121,19 @@ pub async fn drive<W: Worker>(w: &mut W, sh: &Shared) -> Result<()> {
                             "batch hit statement_timeout; retrying at half the size: {e}"
                         );
                     }
+                    // Halved down to batch.min and still too slow: say what to change.
+                    Some(DbErrorKind::StatementTimeout) if claimed => {
+                        break Err(Error::Db {
+                            message: format!(
+                                "{e}; the batch hit limits.statement_timeout even at the \
+                                 smallest batch size ({} keys, batch.min): raise \
+                                 limits.statement_timeout, or make the statement cheaper per \
+                                 key (an index for what it joins or filters on)",
+                                sizer.size()
+                            ),
+                            kind: DbErrorKind::StatementTimeout,
+                        });
+                    }
                     Some(k) if k.retryable() => {
                         if k == DbErrorKind::ConnectionLost {
                             w.reset_connection();
