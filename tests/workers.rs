@@ -522,3 +522,35 @@ async fn a_runner_stopped_after_another_finished_the_job_leaves_it_done() {
     drop(c);
     db.drop_db().await;
 }
+
+/// A partitioned table has neither pages of its own nor statistics (autovacuum never analyzes
+/// a partitioned parent): it was cut into a single range, and three of four workers sat idle.
+/// Its size is now its partitions'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_table_is_cut_into_ranges_for_its_workers() {
+    let db = TestDb::new("partranges").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE src (id bigint PRIMARY KEY, v int) PARTITION BY RANGE (id);
+         CREATE TABLE src_a PARTITION OF src FOR VALUES FROM (MINVALUE) TO (50001);
+         CREATE TABLE src_b PARTITION OF src FOR VALUES FROM (50001) TO (100001);
+         CREATE TABLE src_c PARTITION OF src FOR VALUES FROM (100001) TO (MAXVALUE);
+         INSERT INTO src SELECT g, g % 97 FROM generate_series(1, 150000) g;
+         ANALYZE src_a; ANALYZE src_b; ANALYZE src_c;
+         CREATE TABLE dst (id bigint, v int);",
+    )
+    .await
+    .unwrap();
+    let spec = spec(&db, 4, "{size: 5000, target: 0}", "");
+    let (code, out, err) = common::run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let ranges = count(
+        &c,
+        "SELECT count(*) FROM backfill.ranges WHERE job = 'copy'",
+    )
+    .await;
+    assert!(ranges >= 8, "{ranges} range(s)");
+    copy_done_exactly_once(&c, 150000).await;
+    drop(c);
+    db.drop_db().await;
+}
