@@ -2905,6 +2905,42 @@ async fn v18_a_replay_does_not_take_another_chunks_identical_part_for_its_own() 
     assert_eq!(target_digest(&db), reference, "{all}");
 }
 
+/// 18.16: a runner killed right after the second day's attach of partition 1 went in (its
+/// note after it never written), then `reset`, which starts merges again, and a merge of
+/// partition 1 folds the first day's part with the second's. The reset had left the attach as
+/// rows of the job's own above the old noted block, so the merged part (the first day's rows
+/// included) counted as another writer's, and the next run refused, naming rows nobody else
+/// wrote. The reset now settles the attach as its note after it would have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v18_a_reset_after_an_unnoted_attach_and_a_merge_starts_over_without_a_false_refusal() {
+    let srv = common::ch::ChServer::v18();
+    let db = ChDb::new_on(&srv, "resetmerge");
+    build_days(&db, 2, 1000);
+    let reference = source_digest(&db);
+    let (proxy, _) = kill_while_landing(&srv, &db, "resetmerge", "", 6, |_| true).await;
+    // The held attach goes to the server after all (the runner is gone): it goes in.
+    let parts = "SELECT count() FROM system.parts
+                  WHERE database = currentDatabase() AND table = 'agg' AND active
+                    AND partition_id = '1'";
+    proxy.release_held();
+    let mut waited = 0;
+    while db.num(parts) < 2 {
+        assert!(waited < 100, "the held attach did not go in");
+        std::thread::sleep(Duration::from_millis(100));
+        waited += 1;
+    }
+    let spec = days_spec(&db, "resetmerge", &db.url, "");
+    let (code, out, err) = run(&[&"reset", &spec, &"--yes"]);
+    assert_eq!(code, 0, "{out}{err}");
+    db.q("OPTIMIZE TABLE agg PARTITION ID '1' FINAL");
+    assert_eq!(db.num(parts), 1, "partition 1 merged");
+    let (code, out, err) = run(&[&"run", &spec]);
+    let all = all_output(&out, &err);
+    assert_eq!(code, 0, "{all}");
+    assert!(!all.contains("another writer"), "{all}");
+    assert_eq!(target_digest(&db), reference, "{all}");
+}
+
 /// On current servers a chunk lands by MOVE PARTITION, one partition at a time. When the answer
 /// to a move is lost (the server moved the parts; the connection dropped before its reply), the
 /// chunk is landed again: its moved parts are no longer staged, so nothing moves twice, but they

@@ -215,10 +215,15 @@ impl Landing {
         Ok(t.moving_rows.saturating_sub(still))
     }
 
-    /// Before staging tables are dropped (a reset): note how many of each move under way went
-    /// through, which only the staging table can tell, as rows of the job's own above the
-    /// noted block (`moving_from` empty).
+    /// Before staging tables are dropped (a reset): settle each move or attach under way as
+    /// the note after it would have, from what only the staging table can tell (how much of
+    /// it went in): the rows above the noted block that are not its own are another writer's,
+    /// and the partition's top is noted, all while merges are still stopped. Left as rows of
+    /// the job's own above the old block, a merge after the reset (which starts merges again)
+    /// folded the parts below that block into one above it, and the next run took all their
+    /// rows for another writer's and refused.
     pub async fn settle_moves(&self) -> Result<()> {
+        let mut target = None;
         for (p, t) in self.touched().await? {
             // A restore under way is told by the base table, which stays.
             if t.moving_from.is_empty()
@@ -229,8 +234,19 @@ impl Landing {
                 continue;
             }
             let own = self.unnoted_own(&p, &t).await?;
+            if target.is_none() {
+                target = Some(self.target_parts().await?);
+            }
+            let parts = target.as_ref().expect("read above");
+            let others = Self::rows_since(parts, &p, t.last_block).saturating_sub(own);
+            if others > 0 {
+                self.warn_foreign(&p, others);
+            }
+            let top = parts.get(&p).and_then(|v| v.iter().map(|x| x.1).max());
             let settled = Touched {
-                moving_rows: own,
+                foreign_rows: t.foreign_rows + others,
+                last_block: top.unwrap_or(t.last_block).max(t.last_block),
+                moving_rows: 0,
                 moving_from: String::new(),
                 ..t
             };
