@@ -554,3 +554,30 @@ async fn a_partitioned_table_is_cut_into_ranges_for_its_workers() {
     drop(c);
     db.drop_db().await;
 }
+
+/// A plain table nobody has analyzed yet (just loaded): no histogram, so the ranges come from
+/// a block sample sized by the table's pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanalyzed_table_is_cut_into_ranges_for_its_workers() {
+    let db = TestDb::new("rawranges").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE src (id bigint PRIMARY KEY, v int) WITH (autovacuum_enabled = false);
+         INSERT INTO src SELECT g, g % 97 FROM generate_series(1, 150000) g;
+         CREATE TABLE dst (id bigint, v int);",
+    )
+    .await
+    .unwrap();
+    let spec = spec(&db, 4, "{size: 5000, target: 0}", "");
+    let (code, out, err) = common::run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let ranges = count(
+        &c,
+        "SELECT count(*) FROM backfill.ranges WHERE job = 'copy'",
+    )
+    .await;
+    assert!(ranges >= 8, "{ranges} range(s)");
+    copy_done_exactly_once(&c, 150000).await;
+    drop(c);
+    db.drop_db().await;
+}

@@ -44,16 +44,19 @@ pub async fn bounds(c: &Client, t: &TableInfo, n: usize) -> Result<Vec<String>> 
 }
 
 /// Keys from a block sample of about 3000 rows, sorted by the key's own order. The table's
-/// size is its leaves' (a partitioned table has no pages of its own, nor statistics until
-/// someone analyzes it by hand: it was cut into one range, whatever `workers` said).
+/// size is its own and its leaves' (a partitioned table has no pages of its own, nor
+/// statistics until someone analyzes it by hand: it was cut into one range, whatever
+/// `workers` said; `pg_partition_tree` lists nothing for a plain table).
 async fn sample(c: &Client, t: &TableInfo) -> Result<Vec<String>> {
     let (rel, key) = (&t.rel, &t.key);
     let pages: f64 = c
         .query_one(
             "SELECT coalesce(sum(greatest(c.relpages,
                         pg_relation_size(c.oid) / current_setting('block_size')::int)), 0)::float8
-               FROM pg_partition_tree(to_regclass($1)) p JOIN pg_class c ON c.oid = p.relid
-              WHERE p.isleaf",
+               FROM pg_class c
+              WHERE c.oid = to_regclass($1)
+                 OR c.oid IN (SELECT p.relid FROM pg_partition_tree(to_regclass($1)) p
+                               WHERE p.isleaf)",
             &[rel],
         )
         .await
