@@ -39,14 +39,23 @@ macro_rules! errln {
     };
 }
 
-/// `line` and a newline on stderr (`err`) or stdout; a failed write is ignored.
+/// A write to stdout has failed: nobody reads it any more (see `stdout_gone`).
+static STDOUT_GONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `line` and a newline on stderr (`err`) or stdout; a failed write is ignored (and noted for
+/// stdout).
 pub fn write_line(err: bool, line: &str) {
     use std::io::Write;
-    let _ = if err {
-        writeln!(std::io::stderr().lock(), "{line}")
-    } else {
-        writeln!(std::io::stdout().lock(), "{line}")
-    };
+    if err {
+        let _ = writeln!(std::io::stderr().lock(), "{line}");
+    } else if writeln!(std::io::stdout().lock(), "{line}").is_err() {
+        STDOUT_GONE.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Whether a write to stdout has failed: a command that only prints (`status --watch`) stops.
+pub fn stdout_gone() -> bool {
+    STDOUT_GONE.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 pub use crate::{errln, outln};

@@ -641,6 +641,27 @@ async fn a_closed_stdout_loses_the_output_and_nothing_else() {
     let (code, err) = closed(&[&"status", &dir]);
     assert_eq!(code, Some(0), "{err}");
     assert!(!err.contains("panic"), "{err}");
+    // `status --watch | head -1`: once nobody reads, watching ends (it redrew for ever).
+    let mut watch = common::backfill()
+        .args(["status", "--watch", "--interval", "200ms"])
+        .arg(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(watch.stdout.take());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = watch.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = watch.kill();
+            panic!("status --watch went on with nobody reading its output");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
     drop(c);
     db.drop_db().await;
 }

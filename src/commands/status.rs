@@ -172,6 +172,10 @@ async fn watch_loop(specs: &[Spec], json: bool, every: Duration) -> Result<()> {
                 print(e, *rate);
             }
         }
+        // Nobody reads the output any more (`| head -1`): nothing left to watch for.
+        if crate::redact::stdout_gone() {
+            return Ok(());
+        }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = tokio::signal::ctrl_c() => return Ok(()),
