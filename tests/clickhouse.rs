@@ -2463,32 +2463,20 @@ async fn replay_after_merges(db: &ChDb, job: &str, foreign: Option<&str>) -> (i3
     (code, all_output(&out, &err))
 }
 
-/// After merges have folded the attached parts, a replay cannot tell whether its chunk is in
-/// the target, nor (by block numbers) whether another writer has written since: it neither
-/// lands again (could double) nor starts over on its own (the restore would drop such rows).
-/// It fails naming the partition, the chunk still staged; the operator's `reset
-/// --discard-foreign-rows` then starts over, and the target ends equal to one landing.
+/// After merges have folded the attached parts, the target's parts cannot tell whether the
+/// chunk is in. The replay once refused there, the chunk staged, and the operator had to
+/// start over. The landing notes now say it for every partition whose attach is no longer
+/// under way (the one attached before the kill went in, those after it did not), and the
+/// held partition, never sent, has no part above the mark: the replay lands the rest once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v18_a_replay_after_merges_refuses_and_a_reset_that_discards_starts_over_once() {
+async fn v18_a_replay_after_merges_lands_the_rest_once_by_its_notes() {
     let db = ChDb::new_on(&common::ch::ChServer::v18(), "mergedalone");
     build_days(&db, 6, 1000);
     let reference = source_digest(&db);
     let (code, all) = replay_after_merges(&db, "mergedalone", None).await;
-    assert_eq!(code, 1, "{all}");
-    assert!(all.contains("could double the chunk"), "{all}");
-    assert!(all.contains("--discard-foreign-rows"), "{all}");
-    assert!(
-        db.records("mergedalone")
-            .iter()
-            .any(|r| r.status == "staged"),
-        "the chunk is still staged: {all}"
-    );
-    let spec = days_spec(&db, "mergedalone", &db.url, "");
-    let (code, out, err) = run(&[&"reset", &spec, &"--yes", &"--discard-foreign-rows"]);
-    assert_eq!(code, 0, "{out}{err}");
-    let (code, out, err) = run(&[&"run", &spec]);
-    assert_eq!(code, 0, "{out}{err}");
-    assert_eq!(target_digest(&db), reference, "{out}{err}");
+    assert_eq!(code, 0, "{all}");
+    assert!(!all.contains("another writer"), "{all}");
+    assert_eq!(target_digest(&db), reference, "{all}");
 }
 
 /// The same with another writer's rows in every partition: the replay refuses and keeps them; a
@@ -2748,8 +2736,13 @@ async fn v18_a_replay_after_a_mutation_of_an_attached_part_refuses_rather_than_a
     let srv = common::ch::ChServer::v18();
     let db = ChDb::new_on(&srv, "mutatedreplay");
     build_days(&db, 2, 1000);
-    // The first chunk's first partition (0) is attached; the runner is killed holding the next.
-    let (_first, _) = kill_while_landing(&srv, &db, "mutatedreplay", "", 2, |_| true).await;
+    // The first chunk's first partition (0) is attached; the runner is killed before its notes
+    // say so (the ledger has the attach under way: the replay compares parts).
+    let what = "the first attach's outcome note";
+    let (_first, _) = kill_when_held(&srv, &db, "mutatedreplay", &[], "", 1, what, |t| {
+        t.contains("_landings") && t.contains("'landed'")
+    })
+    .await;
     let rows_of_0 = db.num("SELECT count() FROM agg WHERE project_id % 4 = 0");
     assert!(rows_of_0 > 0, "partition 0 was attached");
     db.q("SYSTEM START MERGES agg");
@@ -2833,16 +2826,14 @@ fn staging_of(job: &str, day: &str) -> String {
 }
 
 /// 18.16, two workers. Partition 0 of `agg` holds one project with one nightly run (test 1, 0
-/// ms), so each day's staged part of it is the same single row, byte for byte. The first day's
-/// attach of partition 0 is lost before it reaches the server; the second day lands, its own
-/// identical part included, while the first waits for its retry. The replay took the second
-/// day's part for its own attached one and never attached: one nightly run lost, exit 0. The
-/// second day's landing now settles the first day's attach still under way before replacing
-/// its note (it had not gone in), and notes that for the replay.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v18_a_replay_does_not_take_another_chunks_identical_part_for_its_own() {
+/// ms), so each day's staged part of it is the same single row, byte for byte. The first day
+/// loses a request that `lost` picks (held until the second day waits for the landing, then
+/// dropped before it reaches the server); the second day lands, its own identical part
+/// included, while the first waits for its retry. Returns the run's exit code and output and
+/// how many nightly runs (of 2) landed, against the source's digest.
+async fn twin_chunks(job: &str, lost: fn(&str, &str) -> bool) -> (i32, String, u64, bool) {
     let srv = common::ch::ChServer::v18();
-    let db = ChDb::new_on(&srv, "twinchunks");
+    let db = ChDb::new_on(&srv, job);
     db.q(
         "CREATE TABLE runs (ran_at DateTime, project_id UInt32, test_case_id UInt64,
                              duration_ms UInt32)
@@ -2861,13 +2852,10 @@ async fn v18_a_replay_does_not_take_another_chunks_identical_part_for_its_own() 
     );
     common::days::create_agg(&db, "agg", 1);
     let reference = source_digest(&db);
-    let (first, second) = (
-        staging_of("twinchunks", "2025-10-01"),
-        staging_of("twinchunks", "2025-10-02"),
-    );
+    let (first, second) = (staging_of(job, "2025-10-01"), staging_of(job, "2025-10-02"));
     let proxy = FaultProxy::start_http(srv.addr()).await;
-    // The second day waits, staged, before its landing; the first day's attach of partition
-    // 0 is held meanwhile (the landing's lock held), then lost.
+    // The second day waits, staged, before its landing; the first day's request is held
+    // meanwhile (the landing's lock held), then lost.
     let waits = proxy.add_rule(
         Rule::new(Fault::HoldUntilReleased)
             .matching(move |r| {
@@ -2876,33 +2864,59 @@ async fn v18_a_replay_does_not_take_another_chunks_identical_part_for_its_own() 
             })
             .nth(1),
     );
-    let lost = proxy.add_rule(
+    let dropped = proxy.add_rule(
         Rule::new(Fault::HoldThenDrop)
-            .matching(move |r| {
-                let t = r.text();
-                t.contains("ATTACH PARTITION ID '0' FROM") && t.contains(&first)
-            })
+            .matching(move |r| lost(&r.text(), &first))
             .nth(1),
     );
-    let spec = days_spec(&db, "twinchunks", &proxy.url_for(&db.url), "workers: 2\n");
+    let spec = days_spec(&db, job, &proxy.url_for(&db.url), "workers: 2\n");
     let mut r = spawn(db.dir.path(), "run", &[], &spec);
     r.wait_until(
         "both days to be held",
         Duration::from_secs(60),
         Duration::from_millis(20),
-        async || proxy.rule_fired(waits) > 0 && proxy.rule_fired(lost) > 0,
+        async || proxy.rule_fired(waits) > 0 && proxy.rule_fired(dropped) > 0,
     )
     .await;
     proxy.release_held();
     let (code, out, err) = r.finish(Duration::from_secs(120)).await;
-    let all = all_output(&out, &err);
+    let nightly = db.num("SELECT countMerge(runs) FROM agg WHERE project_id = 4");
+    (
+        code,
+        all_output(&out, &err),
+        nightly,
+        target_digest(&db) == reference,
+    )
+}
+
+/// The first day's attach of partition 0 is lost. The replay took the second day's identical
+/// part for its own attached one and never attached: one nightly run lost, exit 0. The second
+/// day's landing now settles the first day's attach still under way before replacing its note
+/// (it had not gone in), and notes that for the replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v18_a_replay_does_not_take_another_chunks_identical_part_for_its_own() {
+    let (code, all, nightly, same) = twin_chunks("twinchunks", |t, first| {
+        t.contains("ATTACH PARTITION ID '0' FROM") && t.contains(first)
+    })
+    .await;
     assert_eq!(code, 0, "{all}");
-    assert_eq!(
-        db.num("SELECT countMerge(runs) FROM agg WHERE project_id = 4"),
-        2,
-        "both nightly runs landed: {all}"
-    );
-    assert_eq!(target_digest(&db), reference, "{all}");
+    assert_eq!(nightly, 2, "both nightly runs landed: {all}");
+    assert!(same, "{all}");
+}
+
+/// The first day's write recording it staged is lost before it reaches the server (nothing of
+/// it attached, no attach under way in the ledger): its retry replays it from the table it
+/// remembers staged, and took the second day's identical part for its own. Nothing noted and
+/// no attach under way means it did not go in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v18_a_chunk_remembered_staged_does_not_take_another_chunks_identical_part() {
+    let (code, all, nightly, same) = twin_chunks("twinstaged", |t, first| {
+        t.contains("INSERT INTO") && t.contains("'staged'") && t.contains(first)
+    })
+    .await;
+    assert_eq!(code, 0, "{all}");
+    assert_eq!(nightly, 2, "both nightly runs landed: {all}");
+    assert!(same, "{all}");
 }
 
 /// 18.16: a runner killed right after the second day's attach of partition 1 went in (its

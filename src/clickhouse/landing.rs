@@ -556,11 +556,10 @@ impl Landing {
                     )
                 };
                 exec(&self.client, &sql, "moving the chunk into the target").await?;
-                if replay.is_some() {
-                    // An outcome another chunk's landing noted for this partition (not landed)
-                    // must not outlive this attach.
-                    self.note_outcome(staging, p, true).await?;
-                }
+                // Before the ledger's note after it: a replay that finds that note replaced
+                // reads this one (18.16).
+                self.note_outcome(staging, p, staged::Outcome::Landed)
+                    .await?;
                 target = self.target_parts().await?;
                 // The partition's top after the move is noted as the job's own: rows another
                 // writer put there between the read before the move and the read after it are

@@ -405,10 +405,12 @@ impl ChWorker {
         })
     }
 
-    /// Before a replay: the chunk's staging table holds what its record says it staged, in
-    /// each partition (or nothing, where a move took it into the target already; an attach
-    /// copies, so on 18.16 all of it). Anything else (the table gone or emptied by hand, a
-    /// partition dropped from it) would land the wrong rows and record the chunk done.
+    /// Before a replay: the chunk's staging table still holds what its record says it staged,
+    /// in each partition: on 18.16 (an attach copies) some of it in every partition (its own
+    /// merges may have folded rows since they were counted), on current servers that or
+    /// nothing (a move took it into the target already), and never more. Anything else (the
+    /// table gone or emptied, a partition dropped from it) would land the wrong rows and
+    /// record the chunk done.
     async fn check_staged(&self, id: &str, rec: &Record) -> Result<()> {
         let ctx = &self.ctx;
         let staging = &rec.staging;
@@ -430,8 +432,10 @@ impl ChWorker {
             .zip(&rec.part_rows)
             .filter_map(|(p, &want)| {
                 let has = now.get(p).map_or(0, |x| x.0);
-                (has != want && !(moves && has == 0))
-                    .then(|| format!("partition {p}: {has} of {want} row(s)"))
+                // The staging table's own merges can fold rows (its engine is the target's: a
+                // Replacing or Summing one), never add any; and on 18.16 nothing leaves it.
+                let gone = has == 0 && want > 0 && !moves;
+                (has > want || gone).then(|| format!("partition {p}: {has} of {want} row(s)"))
             })
             .chain(
                 now.keys()
@@ -453,6 +457,17 @@ impl ChWorker {
     /// A chunk of the job other than `id` recorded staged (its landing under way, or waiting to
     /// be replayed), if any.
     async fn other_staged(&self, id: &str) -> Result<Option<String>> {
+        // This run's own knowledge first: a chunk remembered staged after the write that said
+        // so lost its answer may not be staged in the store.
+        let remembered = self.ctx.tree.lock().await.as_ref().and_then(|t| {
+            t.records
+                .values()
+                .find(|r| r.status == STAGED && r.chunk != id)
+                .map(|r| r.chunk.clone())
+        });
+        if remembered.is_some() {
+            return Ok(remembered);
+        }
         let records = self.ctx.store.records(&self.ctx.job).await?;
         Ok(records
             .into_iter()

@@ -21,12 +21,13 @@ pub struct Touched {
     /// Rows other writers put into the partition while the job ran (kept, but a restore would
     /// drop them).
     pub foreign_rows: u64,
-    /// Rows of a chunk's staged parts being moved into the partition (current servers), noted
-    /// before the move and cleared with the note after it.
+    /// Rows of a write into the partition under way (a chunk's move or attach, a restore's
+    /// replace from the base), noted before it and cleared with the note after it.
     pub moving_rows: u64,
-    /// The staging table they are moved from; empty once `settle_moves` has turned
-    /// `moving_rows` into the job's own rows above `last_block`. `KEEPING` while the target's
-    /// partition is being copied into the base, before the job first writes into it.
+    /// What that write comes from: a staging table, or the base table. Empty with rows
+    /// above `last_block` that are the job's own in ledgers an earlier version's reset
+    /// settled. `KEEPING` while the target's partition is being copied into the base, before
+    /// the job first writes into it.
     pub moving_from: String,
 }
 
@@ -171,7 +172,8 @@ impl Landing {
 
     /// The job's own rows in partition `p` above its noted block: those of a write noted as
     /// under way that went through (its answer lost, or the process killed before the note
-    /// after it), or as `settle_moves` left them. 0 when that cannot be told: the rows then
+    /// after it), or as an earlier version's `settle_moves` left them. 0 when that cannot be
+    /// told: the rows then
     /// count as another writer's, and a restore refuses rather than drops them. The write is
     /// told by what it came from:
     /// - a move (current servers): by what its staging table no longer holds of `p`;

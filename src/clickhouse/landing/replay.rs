@@ -2,6 +2,7 @@
 //! the target already, told from the target's parts above the chunk's mark, and a refusal when
 //! merges have made that impossible to tell.
 
+use super::staged::Outcome;
 use super::{Landing, Parts};
 use crate::clickhouse::client::{literal, rows};
 use crate::error::{Error, Result};
@@ -204,19 +205,19 @@ impl Landing {
         for p in partitions.iter().filter(|p| staged.contains_key(*p)) {
             let since = ledger.get(p).map_or(0, |t| t.last_block);
             let note = noted.get(p);
-            // Another chunk's landing replaced this one's note under way in the ledger, and
-            // settled first whether its attach went in: the target's parts above the mark
-            // can no longer tell (the other chunk's may be alike row for row).
-            let replaced = ledger.get(p).is_none_or(|t| t.moving_from != staging);
-            let found = match note.and_then(|n| n.landed).filter(|_| replaced) {
-                Some(false) => Found::NotLanded,
-                Some(true) => Found::Landed {
+            let names = note.map(|n| &n.parts);
+            // While the ledger has this chunk's attach of `p` under way, the target's parts
+            // above the mark tell whether it went in. Once another note replaced that one, the
+            // landing notes say (`note_outcome`): the target's parts above the mark can no
+            // longer tell, another chunk's may be alike row for row.
+            let under_way = ledger.get(p).is_some_and(|t| t.moving_from == staging);
+            let found = match note.map(|n| n.outcome).filter(|_| !under_way) {
+                Some(Outcome::Landed) => Found::Landed {
                     foreign_rows: Self::rows_since(&self.target_parts().await?, p, since),
                 },
-                None => {
-                    let names = note.map(|n| &n.parts);
-                    self.found(staging, p, mark, since, names).await?
-                }
+                Some(Outcome::NotLanded | Outcome::Unknown) => Found::NotLanded,
+                // Under way, settled unsure, or staged by an earlier version (no notes).
+                Some(Outcome::Unsure) | None => self.found(staging, p, mark, since, names).await?,
             };
             if found != Found::Unsure {
                 seen.insert(p.clone(), found);

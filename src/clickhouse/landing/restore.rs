@@ -138,16 +138,19 @@ impl Landing {
         if !self.moves() {
             self.pause_merges().await?;
         }
-        let restored = self.restore_partitions(&ledger, &base).await;
+        let mut replaced = Vec::new();
+        let restored = self.restore_partitions(&ledger, &base, &mut replaced).await;
         // Merges start again when the restore is done or refused; a write that failed leaves
         // them paused for its retry (the job's record says they are stopped).
         if !self.moves() && matches!(restored, Ok(()) | Err(Error::Preflight(_))) {
             self.resume_merges().await?;
         }
-        restored?;
-        for p in ledger.keys() {
+        // Refused part-way too: what was replaced must be off disk before the run ends (a
+        // restart would load it again).
+        for p in &replaced {
             self.wait_replaced_gone(p).await?;
         }
+        restored?;
         Ok(ledger.len())
     }
 
@@ -160,6 +163,7 @@ impl Landing {
         &self,
         ledger: &std::collections::HashMap<String, Touched>,
         base: &super::Parts,
+        replaced: &mut Vec<String>,
     ) -> Result<()> {
         self.check_no_foreign(ledger).await?;
         for (p, t) in ledger {
@@ -186,9 +190,11 @@ impl Landing {
                     ..t.clone()
                 };
                 self.note_moving(p, &restoring).await?;
-                // Rows that arrived while the note was written are above the mark.
+                // Rows that arrived while the note was written are above the mark: refused,
+                // the note taken back (the replace will not be made).
                 let arrived = Self::rows_since(&self.target_parts().await?, p, mark);
                 if arrived > 0 {
+                    self.note(p, t).await?;
                     return Err(self.foreign_refusal(p, arrived));
                 }
                 format!(
@@ -204,6 +210,7 @@ impl Landing {
                     literal(p)
                 )
             };
+            replaced.push(p.clone());
             exec(
                 &self.client,
                 &sql,

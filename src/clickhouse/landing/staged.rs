@@ -25,17 +25,41 @@ pub(super) type Names = HashMap<String, Vec<String>>;
 pub(super) struct Noted {
     /// Its parts' names when its landing began, sorted.
     pub parts: Vec<String>,
-    /// Whether its attach went in, once another chunk's landing settled it (`None`: not
-    /// settled so). See `note_outcome`.
-    pub landed: Option<bool>,
+    /// Whether its attach went in, as noted (see `note_outcome`).
+    pub outcome: Outcome,
 }
 
-/// `landed` as the notes spell it.
-fn outcome(landed: Option<bool>) -> &'static str {
-    match landed {
-        Some(true) => "landed",
-        Some(false) => "not landed",
-        None => "",
+/// Whether a staging table's attach of a partition went in, as the notes say.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outcome {
+    /// Nothing noted: no attach of it has gone in, unless the ledger still has it under way.
+    #[default]
+    Unknown,
+    /// Its attach went in (noted by the landing itself, or settled by another chunk's).
+    Landed,
+    /// Settled by another chunk's landing: it had not gone in.
+    NotLanded,
+    /// Another chunk's landing could not tell (merges ran): the replay compares again.
+    Unsure,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Unknown => "",
+            Outcome::Landed => "landed",
+            Outcome::NotLanded => "not landed",
+            Outcome::Unsure => "unsure",
+        }
+    }
+
+    fn parse(s: &str) -> Outcome {
+        match s {
+            "landed" => Outcome::Landed,
+            "not landed" => Outcome::NotLanded,
+            "unsure" => Outcome::Unsure,
+            _ => Outcome::Unknown,
+        }
     }
 }
 
@@ -101,7 +125,7 @@ impl Landing {
 
     /// Before a chunk's first attach (18.16): stop the staging table's merges and note the
     /// names of its parts. Written in one insert, before anything of the chunk is attached; a
-    /// later landing of the same staging table (the chunk inserted again after a reset)
+    /// later landing of the same staging table (the chunk inserted again after `run --rerun`)
     /// replaces the note.
     pub async fn note_staged(&self, staging: &str) -> Result<()> {
         if self.moves() {
@@ -122,8 +146,8 @@ impl Landing {
         let notes: Vec<(String, Noted)> = names
             .into_iter()
             .map(|(p, parts)| {
-                let landed = None;
-                (p, Noted { parts, landed })
+                let outcome = Outcome::Unknown;
+                (p, Noted { parts, outcome })
             })
             .collect();
         self.write_notes(staging, &notes).await
@@ -141,7 +165,7 @@ impl Landing {
                     literal(staging),
                     literal(p),
                     list.join(", "),
-                    literal(outcome(n.landed))
+                    literal(n.outcome.as_str())
                 )
             })
             .collect();
@@ -175,22 +199,28 @@ impl Landing {
         let found = self
             .found(other, p, t.last_block, t.last_block, names)
             .await?;
-        match found {
-            super::replay::Found::Landed { .. } => self.note_outcome(other, p, true).await,
-            super::replay::Found::NotLanded => self.note_outcome(other, p, false).await,
-            super::replay::Found::Unsure => Ok(()),
-        }
+        let outcome = match found {
+            super::replay::Found::Landed { .. } => Outcome::Landed,
+            super::replay::Found::NotLanded => Outcome::NotLanded,
+            super::replay::Found::Unsure => Outcome::Unsure,
+        };
+        self.note_outcome(other, p, outcome).await
     }
 
-    /// Note whether `staging`'s attach of partition `p` went in (18.16). Another chunk's
-    /// landing settles it when it finds that attach still under way in the ledger, just before
-    /// its own note replaces that one: after it, the chunk's replay could no longer tell its
-    /// parts from the other chunk's when both are alike row for row (one nightly row a day,
-    /// say), took the other chunk's part for its own, and never attached. A chunk's own
-    /// attach notes `landed` before the ledger's note after it, so that an outcome noted for
-    /// it earlier never outlives its attach.
-    pub(super) async fn note_outcome(&self, staging: &str, p: &str, landed: bool) -> Result<()> {
-        if self.moves() || !self.exists(&self.landings()).await? {
+    /// Note whether `staging`'s attach of partition `p` went in (18.16). A landing notes
+    /// `Landed` right after each of its attaches, before the ledger's note after it; another
+    /// chunk's landing, finding the attach still under way in the ledger, settles it before
+    /// its own note replaces that one. So once the ledger no longer has the attach under way,
+    /// the notes say whether it went in, and nothing noted means it did not: the target's
+    /// parts above the chunk's mark cannot tell when another chunk's are alike row for row
+    /// (one nightly row a day, say), and the replay took the other chunk's part for its own.
+    pub(super) async fn note_outcome(
+        &self,
+        staging: &str,
+        p: &str,
+        outcome: Outcome,
+    ) -> Result<()> {
+        if self.moves() {
             return Ok(());
         }
         let mut noted = self.staged_notes(staging).await?;
@@ -198,7 +228,7 @@ impl Landing {
             // Its landing noted nothing (an earlier version staged it): no replay will read it.
             return Ok(());
         };
-        n.landed = Some(landed);
+        n.outcome = outcome;
         self.write_notes(staging, &[(p.to_string(), n)]).await
     }
 
@@ -222,12 +252,8 @@ impl Landing {
                 let mut parts: Vec<String> =
                     r.get(1)?.split_whitespace().map(str::to_string).collect();
                 parts.sort();
-                let landed = match r.get(2)?.as_str() {
-                    "landed" => Some(true),
-                    "not landed" => Some(false),
-                    _ => None,
-                };
-                Some((r.first()?.clone(), Noted { parts, landed }))
+                let outcome = Outcome::parse(r.get(2)?);
+                Some((r.first()?.clone(), Noted { parts, outcome }))
             })
             .collect())
     }
