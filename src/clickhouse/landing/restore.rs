@@ -141,14 +141,17 @@ impl Landing {
         let mut replaced = Vec::new();
         let restored = self.restore_partitions(&ledger, &base, &mut replaced).await;
         // Merges start again when the restore is done or refused; a write that failed leaves
-        // them paused for its retry (the job's record says they are stopped).
-        if !self.moves() && matches!(restored, Ok(()) | Err(Error::Preflight(_))) {
+        // them paused for its retry (the job's record says they are stopped), which waits.
+        let ended = matches!(restored, Ok(()) | Err(Error::Preflight(_)));
+        if !self.moves() && ended {
             self.resume_merges().await?;
         }
         // Refused part-way too: what was replaced must be off disk before the run ends (a
         // restart would load it again).
-        for p in &replaced {
-            self.wait_replaced_gone(p).await?;
+        if ended {
+            for p in &replaced {
+                self.wait_replaced_gone(p).await?;
+            }
         }
         restored?;
         Ok(ledger.len())
