@@ -489,6 +489,12 @@ impl Landing {
         // One read of the target's parts per partition: after each landing, it gives that
         // partition's new highest block and the next one's rows from other writers.
         let mut target = self.target_parts().await?;
+        // What `note_staged` noted of this staging table (18.16), read once for the landing.
+        let notes = if self.moves() {
+            HashMap::new()
+        } else {
+            self.staged_notes(staging).await?
+        };
         for p in partitions {
             let mut t = ledger.remove(p).unwrap_or_default();
             // Another chunk's attach into `p` still under way (its answer lost): settled and
@@ -558,8 +564,10 @@ impl Landing {
                 exec(&self.client, &sql, "moving the chunk into the target").await?;
                 // Before the ledger's note after it: a replay that finds that note replaced
                 // reads this one (18.16).
-                self.note_outcome(staging, p, staged::Outcome::Landed)
-                    .await?;
+                if !self.moves() {
+                    self.note_outcome(staging, p, staged::Outcome::Landed, &notes)
+                        .await?;
+                }
                 target = self.target_parts().await?;
                 // The partition's top after the move is noted as the job's own: rows another
                 // writer put there between the read before the move and the read after it are

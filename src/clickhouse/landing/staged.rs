@@ -204,7 +204,7 @@ impl Landing {
             super::replay::Found::NotLanded => Outcome::NotLanded,
             super::replay::Found::Unsure => Outcome::Unsure,
         };
-        self.note_outcome(other, p, outcome).await
+        self.note_outcome(other, p, outcome, &notes).await
     }
 
     /// Note whether `staging`'s attach of partition `p` went in (18.16). A landing notes
@@ -214,21 +214,23 @@ impl Landing {
     /// the notes say whether it went in, and nothing noted means it did not: the target's
     /// parts above the chunk's mark cannot tell when another chunk's are alike row for row
     /// (one nightly row a day, say), and the replay took the other chunk's part for its own.
+    /// `noted`: `staging`'s notes as read already (their parts never change once its landing
+    /// began; only outcomes are noted since, and this one replaces them).
     pub(super) async fn note_outcome(
         &self,
         staging: &str,
         p: &str,
         outcome: Outcome,
+        noted: &HashMap<String, Noted>,
     ) -> Result<()> {
-        if self.moves() {
-            return Ok(());
-        }
-        let mut noted = self.staged_notes(staging).await?;
-        let Some(mut n) = noted.remove(p) else {
+        let Some(n) = noted.get(p) else {
             // Its landing noted nothing (an earlier version staged it): no replay will read it.
             return Ok(());
         };
-        n.outcome = outcome;
+        let n = Noted {
+            parts: n.parts.clone(),
+            outcome,
+        };
         self.write_notes(staging, &[(p.to_string(), n)]).await
     }
 
