@@ -29,6 +29,49 @@ fn server_of(db: &TestDb) -> std::net::SocketAddr {
         .unwrap()
 }
 
+/// `dst` holds every one of `rows` ids of `src`, each once.
+async fn every_row_once(c: &tokio_postgres::Client, rows: i64) {
+    assert_eq!(count(c, "SELECT count(*) FROM dst").await, rows);
+    assert_eq!(count(c, "SELECT count(DISTINCT id) FROM dst").await, rows);
+}
+
+/// A copy job of `rows` rows through a proxy (small batches, 1 s timeouts), run until `first`
+/// rows are in `dst`: the proxy, the spec and the run, for a test to make the network go
+/// silent under.
+async fn copy_through_proxy(
+    db: &TestDb,
+    c: &tokio_postgres::Client,
+    rows: i64,
+    first: i64,
+) -> (FaultProxy, std::path::PathBuf, common::runner::Running) {
+    copy_tables(c, rows).await;
+    let proxy = FaultProxy::start(server_of(db)).await;
+    let spec = db.spec(
+        "copy.yaml",
+        &format!(
+            "name: copy
+postgres:
+  url: {}
+  table: src
+  key: id
+  statement: INSERT INTO dst SELECT id, v FROM src WHERE id = ANY($1)
+batch: {{size: 100, target: 0, pause: 20ms}}
+limits: {{statement_timeout: 1s, lock_timeout: 1s}}
+",
+            proxy.url_for(&db.url)
+        ),
+    );
+    let mut r = spawn(db.dir.path(), "run", &[], &spec);
+    r.wait_until(
+        "the first batches",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        async || count(c, "SELECT count(*) FROM dst").await >= first,
+    )
+    .await;
+    (proxy, spec, r)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminated_batch_connection_is_replaced_without_double_apply() {
     let db = TestDb::new("reconnect").await;
@@ -77,8 +120,7 @@ batch: {size: 200, target: 0, pause: 30ms}
         "the run ended before its connection could be killed 3 times"
     );
     assert_eq!(status.code(), Some(0));
-    assert_eq!(count(&c, "SELECT count(*) FROM dst").await, 12000);
-    assert_eq!(count(&c, "SELECT count(DISTINCT id) FROM dst").await, 12000);
+    every_row_once(&c, 12000).await;
     assert_eq!(
         count(
             &c,
@@ -159,8 +201,7 @@ limits:
     let (code, out, err) = r.finish(Duration::from_secs(120)).await;
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(err.contains("retrying"), "{err}");
-    assert_eq!(count(&c, "SELECT count(*) FROM dst").await, 3000);
-    assert_eq!(count(&c, "SELECT count(DISTINCT id) FROM dst").await, 3000);
+    every_row_once(&c, 3000).await;
     drop(m);
     db.drop_db().await;
 }
@@ -176,38 +217,13 @@ limits:
 async fn a_connection_gone_silent_is_taken_for_lost_and_replaced() {
     let db = TestDb::new("silent").await;
     let c = db.client().await;
-    copy_tables(&c, 5000).await;
-    let proxy = FaultProxy::start(server_of(&db)).await;
-    let spec = db.spec(
-        "copy.yaml",
-        &format!(
-            "name: copy
-postgres:
-  url: {}
-  table: src
-  key: id
-  statement: INSERT INTO dst SELECT id, v FROM src WHERE id = ANY($1)
-batch: {{size: 100, target: 0, pause: 20ms}}
-limits: {{statement_timeout: 1s, lock_timeout: 1s}}
-",
-            proxy.url_for(&db.url)
-        ),
-    );
-    let mut r = spawn(db.dir.path(), "run", &[], &spec);
-    r.wait_until(
-        "the first batches",
-        Duration::from_secs(60),
-        Duration::from_millis(20),
-        async || count(&c, "SELECT count(*) FROM dst").await >= 1000,
-    )
-    .await;
+    let (proxy, _spec, r) = copy_through_proxy(&db, &c, 5000, 1000).await;
     proxy.freeze_open();
     let (code, out, err) = r.finish(Duration::from_secs(120)).await;
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(err.contains("no answer from the server"), "{err}");
     assert!(err.contains("ended this worker's earlier session"), "{err}");
-    assert_eq!(count(&c, "SELECT count(*) FROM dst").await, 5000);
-    assert_eq!(count(&c, "SELECT count(DISTINCT id) FROM dst").await, 5000);
+    every_row_once(&c, 5000).await;
     db.drop_db().await;
 }
 
@@ -221,31 +237,7 @@ limits: {{statement_timeout: 1s, lock_timeout: 1s}}
 async fn a_connection_gone_silent_while_paused_is_taken_for_lost_and_replaced() {
     let db = TestDb::new("silentpause").await;
     let c = db.client().await;
-    copy_tables(&c, 3000).await;
-    let proxy = FaultProxy::start(server_of(&db)).await;
-    let spec = db.spec(
-        "copy.yaml",
-        &format!(
-            "name: copy
-postgres:
-  url: {}
-  table: src
-  key: id
-  statement: INSERT INTO dst SELECT id, v FROM src WHERE id = ANY($1)
-batch: {{size: 100, target: 0, pause: 20ms}}
-limits: {{statement_timeout: 1s, lock_timeout: 1s}}
-",
-            proxy.url_for(&db.url)
-        ),
-    );
-    let mut r = spawn(db.dir.path(), "run", &[], &spec);
-    r.wait_until(
-        "the first batches",
-        Duration::from_secs(60),
-        Duration::from_millis(20),
-        async || count(&c, "SELECT count(*) FROM dst").await >= 500,
-    )
-    .await;
+    let (proxy, spec, mut r) = copy_through_proxy(&db, &c, 3000, 500).await;
     let control = |cmd: &str| {
         let out = backfill().arg(cmd).arg(&spec).output().unwrap();
         assert!(out.status.success(), "{cmd}: {out:?}");
@@ -265,8 +257,7 @@ limits: {{statement_timeout: 1s, lock_timeout: 1s}}
     let (code, out, err) = r.finish(Duration::from_secs(90)).await;
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(err.contains("reading the pause flag: no answer"), "{err}");
-    assert_eq!(count(&c, "SELECT count(*) FROM dst").await, 3000);
-    assert_eq!(count(&c, "SELECT count(DISTINCT id) FROM dst").await, 3000);
+    every_row_once(&c, 3000).await;
     db.drop_db().await;
 }
 
