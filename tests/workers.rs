@@ -523,6 +523,23 @@ async fn a_runner_stopped_after_another_finished_the_job_leaves_it_done() {
     db.drop_db().await;
 }
 
+/// The copy of `src`'s 150,000 rows with 4 workers: cut into at least 8 ranges, every row
+/// once.
+async fn four_workers_share_ranges(db: TestDb, c: tokio_postgres::Client) {
+    let spec = spec(&db, 4, "{size: 5000, target: 0}", "");
+    let (code, out, err) = common::run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let ranges = count(
+        &c,
+        "SELECT count(*) FROM backfill.ranges WHERE job = 'copy'",
+    )
+    .await;
+    assert!(ranges >= 8, "{ranges} range(s)");
+    copy_done_exactly_once(&c, 150000).await;
+    drop(c);
+    db.drop_db().await;
+}
+
 /// A partitioned table has neither pages of its own nor statistics (autovacuum never analyzes
 /// a partitioned parent): it was cut into a single range, and three of four workers sat idle.
 /// Its size is now its partitions'.
@@ -541,18 +558,7 @@ async fn a_partitioned_table_is_cut_into_ranges_for_its_workers() {
     )
     .await
     .unwrap();
-    let spec = spec(&db, 4, "{size: 5000, target: 0}", "");
-    let (code, out, err) = common::run(&[&"run", &spec]);
-    assert_eq!(code, 0, "{out}\n{err}");
-    let ranges = count(
-        &c,
-        "SELECT count(*) FROM backfill.ranges WHERE job = 'copy'",
-    )
-    .await;
-    assert!(ranges >= 8, "{ranges} range(s)");
-    copy_done_exactly_once(&c, 150000).await;
-    drop(c);
-    db.drop_db().await;
+    four_workers_share_ranges(db, c).await;
 }
 
 /// A plain table nobody has analyzed yet (just loaded): no histogram, so the ranges come from
@@ -568,16 +574,5 @@ async fn an_unanalyzed_table_is_cut_into_ranges_for_its_workers() {
     )
     .await
     .unwrap();
-    let spec = spec(&db, 4, "{size: 5000, target: 0}", "");
-    let (code, out, err) = common::run(&[&"run", &spec]);
-    assert_eq!(code, 0, "{out}\n{err}");
-    let ranges = count(
-        &c,
-        "SELECT count(*) FROM backfill.ranges WHERE job = 'copy'",
-    )
-    .await;
-    assert!(ranges >= 8, "{ranges} range(s)");
-    copy_done_exactly_once(&c, 150000).await;
-    drop(c);
-    db.drop_db().await;
+    four_workers_share_ranges(db, c).await;
 }
