@@ -206,9 +206,7 @@ throttle:
 async fn access_exclusive_holder_blocks_start_and_is_named() {
     let db = TestDb::new("preflight").await;
     let c = db.client().await;
-    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0); INSERT INTO t (id) SELECT generate_series(1, 100)")
-        .await
-        .unwrap();
+    common::make_int_table(&c, 100).await;
     let spec = db.spec(
         "job.yaml",
         "postgres:
@@ -258,9 +256,7 @@ async fn access_exclusive_holder_blocks_start_and_is_named() {
 async fn old_transaction_blocks_start_unless_ignored() {
     let db = TestDb::new("oldxact").await;
     let c = db.client().await;
-    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0); INSERT INTO t (id) SELECT generate_series(1, 100)")
-        .await
-        .unwrap();
+    common::make_int_table(&c, 100).await;
     let spec = db.spec(
         "job.yaml",
         "postgres:
@@ -324,12 +320,7 @@ async fn adaptive_size_grows_when_cheap_and_shrinks_when_costly() {
     let db = TestDb::new("adaptive").await;
     let c = db.client().await;
     // Rows up to 6000 cost nothing; rows above cost 2ms each.
-    c.batch_execute(
-        "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
-         INSERT INTO t (id) SELECT generate_series(1, 8500);",
-    )
-    .await
-    .unwrap();
+    common::make_int_table(&c, 8500).await;
     let spec = db.spec(
         "adaptive.yaml",
         "postgres:
@@ -377,12 +368,7 @@ batch: {size: 200, target: 100ms, min: 10, max: 1000}
 async fn statement_timeout_halves_the_batch() {
     let db = TestDb::new("halving").await;
     let c = db.client().await;
-    c.batch_execute(
-        "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
-         INSERT INTO t (id) SELECT generate_series(1, 1200);",
-    )
-    .await
-    .unwrap();
+    common::make_int_table(&c, 1200).await;
     // 1ms per key: a batch of 800 takes 0.8s, over the 300ms statement_timeout; 200 fits.
     let spec = db.spec(
         "halving.yaml",
@@ -418,12 +404,7 @@ limits: {statement_timeout: 300ms}
 async fn statement_timeout_at_the_smallest_batch_says_what_to_change() {
     let db = TestDb::new("halvedout").await;
     let c = db.client().await;
-    c.batch_execute(
-        "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
-         INSERT INTO t (id) SELECT generate_series(1, 500);",
-    )
-    .await
-    .unwrap();
+    common::make_int_table(&c, 500).await;
     let spec = db.spec(
         "slow.yaml",
         "postgres:
@@ -591,12 +572,7 @@ limits: {lock_timeout: 500ms}
 async fn plan_samples_pass_over_rows_the_application_holds() {
     let db = TestDb::new("planbusy").await;
     let c = db.client().await;
-    c.batch_execute(
-        "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
-         INSERT INTO t (id) SELECT generate_series(1, 500);",
-    )
-    .await
-    .unwrap();
+    common::make_int_table(&c, 500).await;
     let spec = db.spec(
         "job.yaml",
         "name: planbusy

@@ -11,12 +11,7 @@ use std::time::Duration;
 async fn locked_tail_rows_are_recorded_and_retried() {
     let db = TestDb::new("skiptail").await;
     let c = db.client().await;
-    c.batch_execute(
-        "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
-         INSERT INTO t (id) SELECT generate_series(1, 10);",
-    )
-    .await
-    .unwrap();
+    common::make_int_table(&c, 10).await;
     let spec = db.spec(
         "tail.yaml",
         "postgres:

@@ -145,6 +145,16 @@ pub async fn checksum(c: &Client, table: &str) -> String {
     .get(0)
 }
 
+/// `t (id int PRIMARY KEY, n int)` with ids 1..=rows, not analyzed.
+pub async fn make_int_table(c: &Client, rows: i64) {
+    c.batch_execute(&format!(
+        "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT generate_series(1, {rows});"
+    ))
+    .await
+    .expect("create t");
+}
+
 /// `t (id bigint PRIMARY KEY, n int)` with ids 1..=rows.
 pub async fn make_table(c: &Client, rows: i64) {
     c.batch_execute(&format!(
