@@ -541,7 +541,9 @@ batch:
 
 /// Functions that write where neither a rollback nor a read-only transaction reaches: a
 /// sequence drawn (`nextval`, also inside a plpgsql function or through a serial column it
-/// inserts into) and `dblink_exec` (a connection of its own). `plan` evaluates no `where` or
+/// inserts into), `dblink_exec` (a connection of its own), built-ins that run SQL given as
+/// text (`query_to_xml`) or rewrite an index even read-only (`brin_summarize_new_values`):
+/// every volatile built-in counts but those known to be harmless. `plan` evaluates no `where` or
 /// statement that calls one, and `verify` refuses one; a STABLE function still works.
 #[tokio::test]
 async fn plan_and_verify_call_nothing_that_writes_past_their_transaction() {
@@ -578,6 +580,7 @@ async fn plan_and_verify_call_nothing_that_writes_past_their_transaction() {
          CREATE TABLE checked (id bigint PRIMARY KEY, v bigint CHECK (side_chk(v)));
          CREATE TABLE dommed (id bigint PRIMARY KEY, v pos);
          CREATE TABLE upserted (id bigint PRIMARY KEY, v bigint);
+         CREATE INDEX audit_brin ON audit USING brin (id);
          ANALYZE t;",
     ))
     .await
@@ -625,6 +628,12 @@ batch: {{size: 100, target: 0}}
         ),
         ("w_operator", "id @@ 0 AND NOT done", "public.side_op"),
         ("w_domain", "id::pos > 0 AND NOT done", "public.side_dom"),
+        // A built-in that runs SQL given as text, which no plan shows.
+        (
+            "w_query_to_xml",
+            "query_to_xml('SELECT nextval(''s'')', true, false, '') IS NOT NULL AND NOT done",
+            "pg_catalog.query_to_xml",
+        ),
     ] {
         for args in [vec!["plan"], vec!["plan", "--exact"]] {
             let path = spec(name, where_, plain, open);
@@ -653,6 +662,11 @@ batch: {{size: 100, target: 0}}
             "st_dblink",
             "UPDATE t SET n = n + 1 WHERE id = ANY($1) AND side_dblink()",
             "public.dblink_exec",
+        ),
+        (
+            "st_query_to_xml",
+            "UPDATE t SET n = n + 1 WHERE id = ANY($1) AND query_to_xml('SELECT nextval(''s'')', true, false, '') IS NOT NULL",
+            "pg_catalog.query_to_xml",
         ),
         (
             "st_check",
@@ -738,6 +752,18 @@ batch: {{size: 100, target: 0}}
             "v_limit",
             "SELECT count(*) - count(*) FROM (SELECT 1 FROM t LIMIT side(5)) x",
             "public.side",
+        ),
+        // Built-ins that write what a read-only transaction does not stop: SQL given as text
+        // (another backend ended, here), and a BRIN index's summaries.
+        (
+            "v_query_to_xml",
+            "SELECT count(*) - count(*) FROM (SELECT query_to_xml('SELECT pg_terminate_backend(0)', true, false, '') AS z OFFSET 0) x",
+            "pg_catalog.query_to_xml",
+        ),
+        (
+            "v_brin",
+            "SELECT brin_summarize_new_values('audit_brin') * 0",
+            "pg_catalog.brin_summarize_new_values",
         ),
     ] {
         let (code, out, err) = run(&[&"verify", &spec(name, "NOT done", plain, verify)]);

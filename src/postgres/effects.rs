@@ -19,53 +19,121 @@ use crate::error::Result;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row};
 
-/// Built-ins with effects past the transaction, or on other sessions: a sequence drawn or
-/// set, a large object or a file written, a session-level lock kept, another backend ended,
-/// WAL or a replication slot written, statistics reset. Other volatile built-ins only read
-/// (`pg_lock_status` behind `pg_locks`, `pg_stat_get_activity`) or end with the transaction
-/// (`random`, `set_config`); every volatile function outside `pg_catalog` counts.
-const EFFECTFUL: &[&str] = &[
-    "nextval",
-    "setval",
-    "pg_terminate_backend",
-    "pg_cancel_backend",
-    "pg_reload_conf",
-    "pg_rotate_logfile",
-    "pg_switch_wal",
-    "pg_create_restore_point",
-    "pg_logical_emit_message",
-    "pg_create_physical_replication_slot",
-    "pg_create_logical_replication_slot",
-    "pg_copy_physical_replication_slot",
-    "pg_copy_logical_replication_slot",
-    "pg_drop_replication_slot",
-    "pg_replication_slot_advance",
-    "pg_replication_origin_create",
-    "pg_replication_origin_drop",
-    "pg_replication_origin_advance",
-    "pg_replication_origin_session_setup",
-    "pg_logical_slot_get_changes",
-    "pg_logical_slot_get_binary_changes",
-    "pg_promote",
-    "pg_advisory_lock",
-    "pg_advisory_lock_shared",
-    "pg_try_advisory_lock",
-    "pg_try_advisory_lock_shared",
-    "pg_advisory_unlock",
-    "pg_advisory_unlock_shared",
-    "pg_advisory_unlock_all",
-    "lo_import",
-    "lo_export",
-    "lo_unlink",
-    "pg_stat_reset",
-    "pg_stat_reset_shared",
-    "pg_stat_reset_single_table_counters",
-    "pg_stat_reset_single_function_counters",
-    "pg_stat_reset_slru",
-    "pg_stat_reset_replication_slot",
-    "pg_stat_reset_subscription_stats",
-    "pg_import_system_collations",
-    "pg_log_backend_memory_contexts",
+/// The volatile built-ins known to have no effect past the transaction or on other sessions:
+/// they read (the clock, sizes, `pg_lock_status` behind `pg_locks`, files and the WAL's
+/// position), draw random numbers, sleep, or take locks and settings that end with the
+/// transaction. Every other volatile function counts: in `pg_catalog` (a sequence drawn, a
+/// backend ended, a BRIN or GIN index rewritten even in a read-only transaction, a slot or
+/// the WAL written, and `query_to_xml` or `ts_stat`, which run SQL given as text, invisible
+/// to EXPLAIN) and outside it alike. A list of the harmless ones, not of the harmful: a
+/// built-in it does not name (one a later Postgres adds) counts, where a list of effects let
+/// every one it missed through.
+const HARMLESS: &[&str] = &[
+    "amvalidate",
+    "bernoulli",
+    "clock_timestamp",
+    "current_query",
+    "currtid2",
+    "currval",
+    "gen_random_uuid",
+    "lastval",
+    "lo_close",
+    "lo_get",
+    "lo_lseek",
+    "lo_lseek64",
+    "lo_open",
+    "lo_tell",
+    "lo_tell64",
+    "loread",
+    "pg_advisory_xact_lock",
+    "pg_advisory_xact_lock_shared",
+    "pg_blocking_pids",
+    "pg_collation_actual_version",
+    "pg_control_checkpoint",
+    "pg_control_init",
+    "pg_control_recovery",
+    "pg_control_system",
+    "pg_current_logfile",
+    "pg_current_wal_flush_lsn",
+    "pg_current_wal_insert_lsn",
+    "pg_current_wal_lsn",
+    "pg_database_collation_actual_version",
+    "pg_database_size",
+    "pg_export_snapshot",
+    "pg_get_backend_memory_contexts",
+    "pg_get_multixact_members",
+    "pg_get_shmem_allocations",
+    "pg_get_wal_replay_pause_state",
+    "pg_get_wal_resource_managers",
+    "pg_hba_file_rules",
+    "pg_ident_file_mappings",
+    "pg_indexes_size",
+    "pg_is_in_recovery",
+    "pg_is_wal_replay_paused",
+    "pg_isolation_test_session_is_blocked",
+    "pg_jit_available",
+    "pg_last_committed_xact",
+    "pg_last_wal_receive_lsn",
+    "pg_last_wal_replay_lsn",
+    "pg_last_xact_replay_timestamp",
+    "pg_lock_status",
+    "pg_ls_archive_statusdir",
+    "pg_ls_dir",
+    "pg_ls_logdir",
+    "pg_ls_logicalmapdir",
+    "pg_ls_logicalsnapdir",
+    "pg_ls_replslotdir",
+    "pg_ls_tmpdir",
+    "pg_ls_waldir",
+    "pg_notification_queue_usage",
+    "pg_partition_ancestors",
+    "pg_partition_tree",
+    "pg_prepared_xact",
+    "pg_read_binary_file",
+    "pg_read_file",
+    "pg_read_file_old",
+    "pg_relation_size",
+    "pg_replication_origin_progress",
+    "pg_replication_origin_session_is_setup",
+    "pg_replication_origin_session_progress",
+    "pg_safe_snapshot_blocking_pids",
+    "pg_sequence_last_value",
+    "pg_show_all_file_settings",
+    "pg_show_replication_origin_status",
+    "pg_sleep",
+    "pg_sleep_for",
+    "pg_sleep_until",
+    "pg_stat_clear_snapshot",
+    "pg_stat_file",
+    "pg_stat_get_recovery_prefetch",
+    "pg_stat_get_xact_blocks_fetched",
+    "pg_stat_get_xact_blocks_hit",
+    "pg_stat_get_xact_function_calls",
+    "pg_stat_get_xact_function_self_time",
+    "pg_stat_get_xact_function_total_time",
+    "pg_stat_get_xact_numscans",
+    "pg_stat_get_xact_tuples_deleted",
+    "pg_stat_get_xact_tuples_fetched",
+    "pg_stat_get_xact_tuples_hot_updated",
+    "pg_stat_get_xact_tuples_inserted",
+    "pg_stat_get_xact_tuples_returned",
+    "pg_stat_get_xact_tuples_updated",
+    "pg_stat_have_stats",
+    "pg_table_size",
+    "pg_tablespace_size",
+    "pg_total_relation_size",
+    "pg_try_advisory_xact_lock",
+    "pg_try_advisory_xact_lock_shared",
+    "pg_xact_commit_timestamp",
+    "pg_xact_commit_timestamp_origin",
+    "pg_xact_status",
+    "random",
+    "random_normal",
+    "set_config",
+    "setseed",
+    "system",
+    "timeofday",
+    "txid_status",
 ];
 
 /// The JSON document of an EXPLAIN's one row: type json, or text on some servers and
@@ -97,7 +165,7 @@ pub async fn explain(
 }
 
 /// The volatile functions (as `schema.name`, with how they are reached) that `sql` would
-/// call: every one outside `pg_catalog`, and the built-ins in `EFFECTFUL`. Only explains
+/// call: every one but the built-ins in `HARMLESS`. Only explains
 /// `sql` (planning may still run STABLE functions, as Postgres's planner does for any query);
 /// `params` as `sql` takes them.
 pub async fn outside_calls(
@@ -133,7 +201,7 @@ pub async fn calls_in(c: &Client, doc: &serde_json::Value, sql: &str) -> Result<
     }
     relations.sort();
     relations.dedup();
-    let effectful: Vec<String> = EFFECTFUL.iter().map(|s| s.to_string()).collect();
+    let harmless: Vec<String> = HARMLESS.iter().map(|s| s.to_string()).collect();
     let mut found = Vec::new();
     let mut checks_read: Vec<String> = Vec::new();
     for round in 0..4 {
@@ -148,7 +216,7 @@ pub async fn calls_in(c: &Client, doc: &serde_json::Value, sql: &str) -> Result<
                     &m.calls,
                     &m.operators,
                     &m.types,
-                    &effectful,
+                    &harmless,
                     &relations,
                     &schemas,
                     &names,
@@ -181,7 +249,8 @@ pub async fn calls_in(c: &Client, doc: &serde_json::Value, sql: &str) -> Result<
     Ok(found)
 }
 
-/// The volatile functions with an effect past the transaction ($4: the `EFFECTFUL` built-ins)
+/// The volatile functions with an effect past the transaction (all but $4, the `HARMLESS`
+/// built-ins)
 /// reached through the names ($1 bare; $6, $7 schema and name when qualified), operator
 /// symbols ($2) and `::` types ($3) of `Mentions`. A bare name or symbol counts unless a schema
 /// earlier on the search path has one of the same name and argument types, which the parser
@@ -196,7 +265,7 @@ const LOOKUP: &str = "
     WITH eff AS (
         SELECT p.oid, format('%s.%s', n.nspname, p.proname) AS name
           FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-         WHERE p.provolatile = 'v' AND (n.nspname <> 'pg_catalog' OR p.proname = ANY($4::text[]))),
+         WHERE p.provolatile = 'v' AND (n.nspname <> 'pg_catalog' OR NOT p.proname = ANY($4::text[]))),
     path AS (
         SELECT n.oid AS nsp, p.ord
           FROM unnest(current_schemas(true)) WITH ORDINALITY AS p(s, ord)
@@ -304,7 +373,7 @@ fn quoted(name: &str) -> String {
 /// (`serial`) or calls a volatile function counted by `outside_calls`. EXPLAIN prints the
 /// defaults a plain INSERT uses, but not MERGE's actions. Returns `table.column`.
 pub async fn effectful_default(c: &Client, schema: &str, table: &str) -> Result<Option<String>> {
-    let effectful: Vec<String> = EFFECTFUL.iter().map(|s| s.to_string()).collect();
+    let harmless: Vec<String> = HARMLESS.iter().map(|s| s.to_string()).collect();
     let row = c
         .query_opt(
             "WITH r AS (SELECT format('%I.%I', $1::text, $2::text)::regclass AS rel),
@@ -327,9 +396,9 @@ pub async fn effectful_default(c: &Client, schema: &str, table: &str) -> Result<
                            AND (seq.relkind = 'S'
                                 OR (f.provolatile = 'v'
                                     AND (fn.nspname <> 'pg_catalog'
-                                         OR f.proname = ANY($3::text[]))))))
+                                         OR NOT f.proname = ANY($3::text[]))))))
               ORDER BY 1 LIMIT 1",
-            &[&schema, &table, &effectful],
+            &[&schema, &table, &harmless],
         )
         .await
         .map_err(|e| {
