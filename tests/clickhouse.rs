@@ -1280,6 +1280,27 @@ ch_test! {
     }
 }
 
+ch_test! {
+    /// A `to` in the future: the chunks of days to come ran empty, were recorded done, and the
+    /// rows those days brought were never filled (exit 0, the job done). Refused now by `plan`
+    /// and `run` alike (and `validate`), before anything is written.
+    #[test]
+    fn a_range_ending_after_tomorrow_is_refused(srv) {
+        let db = ChDb::new_on(&srv, "future");
+        build_days(&db, 2, 100);
+        let spec = days_spec_in(&db, "future", "  from: 2025-10-01\n  to: 2099-01-01\n");
+        for cmd in ["validate", "plan", "run"] {
+            let (code, out, err) = run(&[&cmd, &spec]);
+            let all = all_output(&out, &err);
+            assert_eq!(code, 2, "{cmd}: {all}");
+            assert!(err.contains("`clickhouse.to`: 2099-01-01 is after tomorrow"), "{cmd}: {all}");
+        }
+        assert_eq!(db.num("SELECT count() FROM agg"), 0);
+        let left: Vec<String> = db.tables().into_iter().filter(|t| t.contains("__backfill")).collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+}
+
 /// `DateTime64` (current servers) holds times a Date cannot: the chunks' dates would wrap them
 /// around and no chunk would read them. Refused, naming the field.
 #[test]
@@ -2020,6 +2041,22 @@ fn spec_error_statement_without_chunk() {
         Some(8),
         "clickhouse.statement",
         "{chunk}",
+    );
+}
+
+/// `{target}` names the chunk's staging table: read in the statement (an anti-join against
+/// what the target holds), it read that empty table, and every row the target had was
+/// inserted again (exit 0). Refused: the statement reads the target by its name.
+#[test]
+fn spec_error_statement_reading_its_target_through_the_placeholder() {
+    spec_error(
+        &GOOD_CH.replace(
+            " WHERE {chunk}",
+            " WHERE {chunk} AND project_id NOT IN (SELECT project_id FROM {target})",
+        ),
+        Some(8),
+        "clickhouse.statement",
+        "uses {target} more than once",
     );
 }
 
