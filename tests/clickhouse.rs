@@ -1281,6 +1281,41 @@ ch_test! {
 }
 
 ch_test! {
+    /// A job's clean-up cut short after its done record (here a lost answer to the query that
+    /// finds its staging tables; a kill in between does the same): the job said done, exit 0,
+    /// but its lock table stayed, and every other job on the target stopped with 75 for good
+    /// ("it keeps the target until it is done"), a rerun of the done job only skipping it. A
+    /// target kept by a job recorded done, with no runner left, is free now.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_done_job_whose_clean_up_was_cut_short_frees_the_target(srv) {
+        let db = ChDb::new_on(&srv, "cutshort");
+        build_days(&db, 4, 200);
+        let reference = source_digest(&db);
+        let proxy = FaultProxy::start_http(srv.addr()).await;
+        let lost = proxy.add_rule(
+            Rule::new(Fault::DropResponse)
+                .matching(|r| {
+                    let t = r.text();
+                    t.contains("FROM system.tables") && t.contains("startsWith") && t.contains("_s_")
+                })
+                .nth(1),
+        );
+        let first = days_spec(&db, "first", &proxy.url_for(&db.url), "");
+        edit_spec(&first, "  time_column: ran_at\n", "  time_column: ran_at\n  from: 2025-10-01\n  to: 2025-10-03\n");
+        let (code, out, err) = run(&[&"run", &first]);
+        let all = all_output(&out, &err);
+        assert_eq!(code, 0, "{all}");
+        assert_eq!(proxy.rule_fired(lost), 1, "{all}");
+        let second = days_spec_in(&db, "second", "  from: 2025-10-03\n  to: 2025-10-05\n");
+        let (code, out, err) = run(&[&"run", &second]);
+        let all = all_output(&out, &err);
+        assert_eq!(code, 0, "{all}");
+        assert!(err.contains("is done but still kept the target"), "{all}");
+        assert_eq!(target_digest(&db), reference, "{all}");
+    }
+}
+
+ch_test! {
     /// A `to` in the future: the chunks of days to come ran empty, were recorded done, and the
     /// rows those days brought were never filled (exit 0, the job done). Refused now by `plan`
     /// and `run` alike (and `validate`), before anything is written.

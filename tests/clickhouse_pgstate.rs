@@ -12,6 +12,7 @@ mod common;
 use common::ch::ChDb;
 use common::cluster::{ClusterOpts, PgCluster};
 use common::days::build_days;
+use common::proxy::{Fault, FaultProxy, Rule};
 use common::runner::{spawn, wait_runner_sessions_gone};
 use common::{TestDb, path_str, run};
 use std::path::PathBuf;
@@ -151,6 +152,48 @@ fn assert_no_secret(what: &str, out: &str, err: &str) {
         "{what} showed the state_url's password:\n{}",
         all_output(out, err)
     );
+}
+
+ch_test! {
+    /// A job's clean-up cut short after its done record (a lost answer; a kill does the same)
+    /// left it keeping the target in `clickhouse_targets`, and every other job on the target
+    /// stopped with 75 for good. A keeper recorded done, with no runner left, frees it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_done_job_whose_clean_up_was_cut_short_frees_the_target(srv) {
+        let db = ChDb::new_on(&srv, "pgcutshort");
+        let pg = TestDb::new("chcutshort").await;
+        build_days(&db, 4, 200);
+        let reference = source_digest(&db);
+        let proxy = FaultProxy::start_http(srv.addr()).await;
+        let lost = proxy.add_rule(
+            Rule::new(Fault::DropResponse)
+                .matching(|r| {
+                    let t = r.text();
+                    t.contains("FROM system.tables") && t.contains("startsWith") && t.contains("_s_")
+                })
+                .nth(1),
+        );
+        let range = |from: &str, to: &str| format!("  from: {from}\n  to: {to}\n");
+        let first = job_spec(&db, "first", &pg.url, "");
+        let text = std::fs::read_to_string(&first).unwrap()
+            .replace(&format!("  url: {}\n", db.url), &format!("  url: {}\n", proxy.url_for(&db.url)))
+            .replace("  time_column: ran_at\n", &format!("  time_column: ran_at\n{}", range("2025-10-01", "2025-10-03")));
+        std::fs::write(&first, text).unwrap();
+        let (code, out, err) = run(&[&"run", &first]);
+        let all = all_output(&out, &err);
+        assert_eq!(code, 0, "{all}");
+        assert_eq!(proxy.rule_fired(lost), 1, "{all}");
+        let second = job_spec(&db, "second", &pg.url, "");
+        let text = std::fs::read_to_string(&second).unwrap()
+            .replace("  time_column: ran_at\n", &format!("  time_column: ran_at\n{}", range("2025-10-03", "2025-10-05")));
+        std::fs::write(&second, text).unwrap();
+        let (code, out, err) = run(&[&"run", &second]);
+        let all = all_output(&out, &err);
+        assert_eq!(code, 0, "{all}");
+        assert!(err.contains("is done but still kept the target"), "{all}");
+        assert_eq!(target_digest(&db), reference, "{all}");
+        pg.drop_db().await;
+    }
 }
 
 ch_test! {

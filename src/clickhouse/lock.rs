@@ -85,6 +85,14 @@ struct Holder {
     released: bool,
 }
 
+impl Holder {
+    /// Whether its runner is gone: it released the lock, ran on this host and its process is
+    /// gone, or its heartbeat is older than `TTL`.
+    fn dead(&self) -> bool {
+        self.released || gone_here(&self.runner) || self.age >= TTL.as_secs()
+    }
+}
+
 /// A held lock: dropped or released explicitly; `lost` turns true if another runner took it.
 pub struct ChLock {
     client: Client,
@@ -169,28 +177,42 @@ async fn append(
 
 /// Who keeps `job` out of the target right now, if anyone: another job, or a live runner of
 /// this one. Reads only.
+/// `done`: whether a job is done (see `acquire`).
 pub async fn held_by_other(
     client: &Client,
     database: &str,
     target: &str,
     job: &str,
+    done: impl AsyncFn(&str) -> Result<bool>,
 ) -> Result<Option<String>> {
     let table = table_for(database, target);
     Ok(match holder(client, &table).await? {
+        Some(h) if h.job != job && h.dead() && done(&h.job).await? => None,
         Some(h) if h.job != job => Some(format!(
             "job {:?} (runner {}): it writes the same target, and one job at a time may; \
              it keeps the target until it is done or `backfill reset`",
             h.job, h.runner
         )),
-        Some(h) if !(h.released || gone_here(&h.runner) || h.age >= TTL.as_secs()) => Some(
-            format!("runner {} (its heartbeat is {}s old)", h.runner, h.age),
-        ),
+        Some(h) if !h.dead() => Some(format!(
+            "runner {} (its heartbeat is {}s old)",
+            h.runner, h.age
+        )),
         _ => None,
     })
 }
 
-/// Take the target's lock for `job`, or say who holds it (`Err(Stopped(LockHeld))`).
-pub async fn acquire(client: &Client, database: &str, target: &str, job: &str) -> Result<ChLock> {
+/// Take the target's lock for `job`, or say who holds it (`Err(Stopped(LockHeld))`). Another
+/// job keeps the target until it is done: `done` tells whether a job is, for a lock table left
+/// by a job recorded done whose runner is gone (its clean-up cut short by a lost answer or a
+/// kill after its record): the target is free, and the table is moved out of the way as a dead
+/// runner's is. Without that, every other job on the target stopped with 75 for good.
+pub async fn acquire(
+    client: &Client,
+    database: &str,
+    target: &str,
+    job: &str,
+    done: impl AsyncFn(&str) -> Result<bool>,
+) -> Result<ChLock> {
     let table = table_for(database, target);
     let token = format!(
         "{:x}{:x}",
@@ -223,6 +245,15 @@ pub async fn acquire(client: &Client, database: &str, target: &str, job: &str) -
             }
             continue;
         };
+        if h.job != job && h.dead() && done(&h.job).await? {
+            tracing::warn!(
+                "job {:?} is done but still kept the target (its clean-up was cut short): it \
+                 is free for job {job:?}",
+                h.job
+            );
+            take_over(client, &table, &h.token).await?;
+            continue;
+        }
         if h.job != job {
             return Err(Error::Stopped(StopReason::LockHeld(format!(
                 "job {:?} (runner {}): it writes the same target, and one job at a time may; \
@@ -237,8 +268,7 @@ pub async fn acquire(client: &Client, database: &str, target: &str, job: &str) -
                 h.runner, h.age
             ))));
         }
-        let dead = h.released || gone_here(&h.runner) || h.age >= TTL.as_secs();
-        if dead {
+        if h.dead() {
             take_over(client, &table, &h.token).await?;
             continue;
         }

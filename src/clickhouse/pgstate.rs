@@ -14,7 +14,7 @@
 //! read through sessions whose transactions are read-only.
 
 use super::lock::{gone_here, me};
-use super::store::{Record, now};
+use super::store::{JOB_ROW, Record, now};
 use crate::error::{Error, Result, StopReason};
 use crate::postgres::errors::{db_error, describe};
 use crate::postgres::{advisory, connect};
@@ -347,6 +347,7 @@ impl PgState {
             let owner = self.owner(&c, target).await?;
             if let Some((j, runner)) = &owner
                 && j != job
+                && !self.done_and_idle(&c, target, j).await?
             {
                 return Ok(Some(other_job(j, runner)));
             }
@@ -361,6 +362,16 @@ impl PgState {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Whether job `j`, which keeps `target`, is done and no runner holds the target's lock:
+    /// its clean-up was cut short (a lost answer, a kill after its record), and the target is
+    /// free for any job. Reads only.
+    async fn done_and_idle(&self, c: &Client, target: &str, j: &str) -> Result<bool> {
+        Ok(
+            holders(c, &lock_key(target)).await?.is_empty()
+                && self.flag(j, JOB_ROW, "done").await?,
+        )
     }
 
     /// Whether a runner of `job` holds the target's lock right now (for `status`). Reads only.
@@ -420,7 +431,23 @@ impl PgState {
             if let Some((j, runner)) = self.owner(&c, target).await?
                 && j != job
             {
-                return Err(Error::Stopped(StopReason::LockHeld(other_job(&j, &runner))));
+                // This session holds the target's lock: no runner of `j` is left.
+                if !self.flag(&j, JOB_ROW, "done").await? {
+                    return Err(Error::Stopped(StopReason::LockHeld(other_job(&j, &runner))));
+                }
+                tracing::warn!(
+                    "job {j:?} is done but still kept the target (its clean-up was cut short): \
+                     it is free for job {job:?}"
+                );
+                if !own {
+                    let sql = format!(
+                        "DELETE FROM {} WHERE target = $1 AND job = $2",
+                        self.targets_table()
+                    );
+                    c.execute(&sql, &[&target, &j])
+                        .await
+                        .map_err(|e| db_error("freeing the target", &e))?;
+                }
             }
             if own {
                 let sql = format!(

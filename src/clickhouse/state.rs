@@ -10,7 +10,7 @@
 
 use super::lock::{self, ChLock};
 use super::pgstate::{PgLock, PgState};
-use super::store::{ChStore, Record};
+use super::store::{ChStore, JOB_ROW, Record};
 use crate::error::{Error, Result, StopReason};
 use crate::postgres::Access;
 use crate::spec::{ClickhouseSpec, Spec};
@@ -103,8 +103,9 @@ impl StateStore {
         job: &str,
     ) -> Result<Option<String>> {
         match self {
-            StateStore::Clickhouse { client, .. } => {
-                lock::held_by_other(client, database, target, job).await
+            StateStore::Clickhouse { client, store } => {
+                let done = async |j: &str| store.flag(j, JOB_ROW, "done").await;
+                lock::held_by_other(client, database, target, job, done).await
             }
             StateStore::Postgres(p) => {
                 p.held_by_other(&lock::target_name(database, target), job)
@@ -134,9 +135,12 @@ impl StateStore {
         run: bool,
     ) -> Result<TargetLock> {
         match self {
-            StateStore::Clickhouse { client, .. } => lock::acquire(client, database, target, job)
-                .await
-                .map(TargetLock::Clickhouse),
+            StateStore::Clickhouse { client, store } => {
+                let done = async |j: &str| store.flag(j, JOB_ROW, "done").await;
+                lock::acquire(client, database, target, job, done)
+                    .await
+                    .map(TargetLock::Clickhouse)
+            }
             StateStore::Postgres(p) => p
                 .acquire(&lock::target_name(database, target), job, run)
                 .await
