@@ -1316,6 +1316,35 @@ ch_test! {
 }
 
 ch_test! {
+    /// A read whose answer is lost (the connection cut before it came) is sent again: one such
+    /// loss, at the first request or at a landing's read of the target's parts, failed the run
+    /// with exit 1 ("cannot connect ... is ClickHouse running?").
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_whose_answer_is_lost_is_sent_again(srv) {
+        let db = ChDb::new_on(&srv, "lostread");
+        build_days(&db, 3, 200);
+        let reference = source_digest(&db);
+        let proxy = FaultProxy::start_http(srv.addr()).await;
+        let first = proxy.add_rule(
+            Rule::new(Fault::DropResponse)
+                .matching(|r| r.text().contains("SELECT version()"))
+                .nth(1),
+        );
+        let parts = proxy.add_rule(
+            Rule::new(Fault::DropResponse)
+                .matching(|r| r.text().contains("FROM system.parts"))
+                .nth(2),
+        );
+        let spec = days_spec(&db, "lostread", &proxy.url_for(&db.url), "");
+        let (code, out, err) = run(&[&"run", &spec]);
+        let all = all_output(&out, &err);
+        assert_eq!((proxy.rule_fired(first), proxy.rule_fired(parts)), (1, 1), "{all}");
+        assert_eq!(code, 0, "{all}");
+        assert_eq!(target_digest(&db), reference, "{all}");
+    }
+}
+
+ch_test! {
     /// A `to` in the future: the chunks of days to come ran empty, were recorded done, and the
     /// rows those days brought were never filled (exit 0, the job done). Refused now by `plan`
     /// and `run` alike (and `validate`), before anything is written.

@@ -125,13 +125,29 @@ pub async fn exec(client: &Client, sql: &str, what: &str) -> Result<()> {
         .map_err(|e| ch_error(what, &e))
 }
 
-/// Run a query and return its TabSeparated text.
+/// Run a query (a read: every caller's is a SELECT) and return its TabSeparated text. A
+/// request lost on the way (the connection reset, the answer cut off) is sent again a few
+/// times: reading twice changes nothing, and one such loss failed a run at start (exit 1,
+/// "cannot connect ... is ClickHouse running?") or at any read of a landing. A server that
+/// does not answer at all still fails within a few seconds.
 pub async fn fetch_text(client: &Client, sql: &str, what: &str) -> Result<String> {
-    let bytes = client
-        .query_raw(sql)
-        .fetch_bytes("TabSeparated")
-        .map_err(|e| ch_error(what, &e))?
-        .collect()
+    use backon::{ExponentialBuilder, Retryable};
+    let once = async || -> std::result::Result<Vec<u8>, clickhouse::error::Error> {
+        client
+            .query_raw(sql)
+            .fetch_bytes("TabSeparated")?
+            .collect()
+            .await
+            .map(|b| b.to_vec())
+    };
+    let bytes = once
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(std::time::Duration::from_millis(100))
+                .with_max_times(3)
+                .with_jitter(),
+        )
+        .when(|e| matches!(e, clickhouse::error::Error::Network(_)))
         .await
         .map_err(|e| ch_error(what, &e))?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
