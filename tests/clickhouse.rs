@@ -767,7 +767,7 @@ ch_test! {
                      [unhex('61'), unhex('62'), unhex('C328'), unhex('C428')][number % 4 + 1],
                      number
                 FROM numbers(300)");
-        let (code, all) = split_to_single_values(&srv, &db, "nonutf", "tag").await;
+        let (code, all) = split_to_single_values(&srv, &db, "nonutf", "tag", false).await;
         assert_eq!(code, 1, "{all}");
         assert!(all.contains("not UTF-8") && all.contains("split_column"), "{all}");
     }
@@ -790,7 +790,7 @@ ch_test! {
         db.q("INSERT INTO src SELECT toDateTime('2025-10-01 00:00:00') + number,
                      [1, 2, 3, NULL][number % 4 + 1], number
                 FROM numbers(300)");
-        let (code, all) = split_to_single_values(&srv, &db, "nullsplit", "project").await;
+        let (code, all) = split_to_single_values(&srv, &db, "nullsplit", "project", false).await;
         assert_eq!(code, 0, "{all}");
         let digest = "SELECT count(), sum(n), countIf(isNull(project)), sum(ifNull(project, 0))
                         FROM {t}";
@@ -802,20 +802,67 @@ ch_test! {
     }
 }
 
+ch_test! {
+    /// The lowest value of a split keeps the NULLs down to a single value: a day whose lowest
+    /// value and NULLs each fit, but not together, failed as "one value". That chunk is cut
+    /// once more, the value and the NULLs apart.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_single_value_with_the_nulls_is_cut_into_the_two(srv) {
+        let db = ChDb::new_on(&srv, "nullapart");
+        for t in ["src", "dst"] {
+            db.q(&format!(
+                "CREATE TABLE {t} (ran_at DateTime, project Nullable(UInt32), n UInt32)
+                  ENGINE = MergeTree ORDER BY (ran_at, n)"
+            ));
+        }
+        db.q("INSERT INTO src SELECT toDateTime('2025-10-01 00:00:00') + number,
+                     [1, 2, 3, NULL][number % 4 + 1], number
+                FROM numbers(300)");
+        let (code, all) = split_to_single_values(&srv, &db, "nullapart", "project", true).await;
+        assert_eq!(code, 0, "{all}");
+        let digest = "SELECT count(), sum(n), countIf(isNull(project)), sum(ifNull(project, 0))
+                        FROM {t}";
+        assert_eq!(
+            db.q(&digest.replace("{t}", "dst")),
+            db.q(&digest.replace("{t}", "src")),
+            "{all}"
+        );
+        let ids: Vec<String> = db.records("nullapart").into_iter().map(|r| r.chunk).collect();
+        assert!(ids.iter().any(|i| i.ends_with("/project IS NULL")), "{ids:?}");
+        assert!(ids.iter().any(|i| i.ends_with("/project=1 not NULL")), "{ids:?}");
+    }
+}
+
 /// Run job `job` (`src` into `dst` by day, split by `split_column`) through a proxy that answers
 /// MEMORY_LIMIT_EXCEEDED to every chunk of more than one value, so that splits go down to single
 /// values; returns the exit code and the output, after checking that the proxy did answer so.
+/// `apart`: a single value with the NULLs is refused as well, only the value alone or the NULLs
+/// alone fit.
 async fn split_to_single_values(
     srv: &common::ch::ChServer,
     db: &ChDb,
     job: &str,
     split_column: &str,
+    apart: bool,
 ) -> (i32, String) {
     let proxy = FaultProxy::start_http(srv.addr()).await;
-    let (staging, single) = (
+    let (staging, single, nulls) = (
         format!("__backfill_{job}_s_"),
         format!("`{split_column}` = "),
+        format!("`{split_column}` IS NULL"),
     );
+    let (below, from) = (
+        format!("`{split_column}` <"),
+        format!("`{split_column}` >="),
+    );
+    let fits = move |t: &str| match apart {
+        false => t.contains(&single),
+        true => {
+            let one = t.contains(&single);
+            let only_nulls = t.contains(&nulls) && !t.contains(&below) && !t.contains(&from);
+            one != t.contains(&nulls) && (one || only_nulls)
+        }
+    };
     let oom = proxy.add_rule(
         Rule::new(Fault::Answer(
             500,
@@ -826,7 +873,7 @@ async fn split_to_single_values(
         ))
         .matching(move |r| {
             let t = r.text();
-            t.contains("SELECT * FROM src WHERE") && t.contains(&staging) && !t.contains(&single)
+            t.contains("SELECT * FROM src WHERE") && t.contains(&staging) && !fits(&t)
         }),
     );
     let spec = db.spec(

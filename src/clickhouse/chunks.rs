@@ -20,6 +20,17 @@ pub struct Values {
     /// of a chunk hold all its rows.
     #[serde(default)]
     pub nulls: bool,
+    /// A single value whose NULLs were cut off into a chunk of their own (`apart`): its id
+    /// says so, its parent (the same value with the NULLs) having the same value.
+    #[serde(default)]
+    pub nulls_apart: bool,
+}
+
+impl Values {
+    /// Only the rows whose value is NULL (`apart`'s second chunk).
+    pub fn only_nulls(&self) -> bool {
+        self.nulls && !self.single && self.lo.is_none() && self.hi.is_none()
+    }
 }
 
 /// A unit of a ClickHouse job: a time range, perhaps narrowed to some `split_column` values.
@@ -88,8 +99,15 @@ impl Chunk {
             return self.label.clone();
         };
         let col = spec.split_column.as_deref().unwrap_or("split");
+        if v.single && v.nulls_apart {
+            let lo = v.lo.as_deref().unwrap_or("");
+            return format!("{}/{col}={lo} not NULL", self.label);
+        }
         if v.single {
             return format!("{}/{col}={}", self.label, v.lo.as_deref().unwrap_or(""));
+        }
+        if v.only_nulls() {
+            return format!("{}/{col} IS NULL", self.label);
         }
         format!(
             "{}/{col}[{}..{})",
@@ -128,10 +146,38 @@ impl Chunk {
             }
         }
         match (conds.is_empty(), v.nulls) {
-            (true, _) => time,
+            (true, true) => format!("{time} AND {c} IS NULL"),
+            (true, false) => time,
             (false, false) => format!("{time} AND {}", conds.join(" AND ")),
             (false, true) => format!("{time} AND ({} OR {c} IS NULL)", conds.join(" AND ")),
         }
+    }
+
+    /// A single value that holds the NULLs too (the lowest value of a split: the lower half
+    /// keeps the NULLs all the way down), cut in two: the value alone, and the NULLs alone.
+    /// Without this, a day whose lowest value and NULLs each fit but not together failed as
+    /// "one value".
+    pub fn apart(&self) -> Option<[Chunk; 2]> {
+        let v = self.values.as_ref().filter(|v| v.single && v.nulls)?;
+        let child = |values| Chunk {
+            level: ChunkLevel::Split,
+            values: Some(values),
+            rows: None,
+            ..self.clone()
+        };
+        Some([
+            child(Values {
+                lo: v.lo.clone(),
+                hi: None,
+                single: true,
+                nulls: false,
+                nulls_apart: true,
+            }),
+            child(Values {
+                nulls: true,
+                ..Values::default()
+            }),
+        ])
     }
 
     /// The two halves of this chunk's values, cut at `median` (the first value of the upper
@@ -148,12 +194,14 @@ impl Chunk {
                 hi: None,
                 single: true,
                 nulls: v.nulls,
+                nulls_apart: false,
             },
             None => Values {
                 lo: v.lo.clone(),
                 hi: Some(median.to_string()),
                 single: false,
                 nulls: v.nulls,
+                nulls_apart: false,
             },
         };
         let high = if high_single {
@@ -162,6 +210,7 @@ impl Chunk {
                 hi: None,
                 single: true,
                 nulls: false,
+                nulls_apart: false,
             }
         } else {
             Values {
@@ -169,6 +218,7 @@ impl Chunk {
                 hi: v.hi.clone(),
                 single: false,
                 nulls: false,
+                nulls_apart: false,
             }
         };
         let child = |values| Chunk {
@@ -568,6 +618,21 @@ pub(super) mod tests {
             g.predicate(&spec, &kinds)
                 .ends_with("AND (`project_id` = 1 OR `project_id` IS NULL)")
         );
+        // That one value with the NULLs is cut once more: the value alone, the NULLs alone.
+        assert!(c.apart().is_none());
+        let [one, nulls] = g.apart().expect("a value with the NULLs");
+        assert_eq!(one.id(&spec), "2025-11-03/project_id=1 not NULL");
+        assert!(
+            one.predicate(&spec, &kinds)
+                .ends_with("AND `project_id` = 1")
+        );
+        assert_eq!(nulls.id(&spec), "2025-11-03/project_id IS NULL");
+        assert!(
+            nulls
+                .predicate(&spec, &kinds)
+                .ends_with("AND `project_id` IS NULL")
+        );
+        assert!(one.apart().is_none() && nulls.apart().is_none());
         let text = Kinds {
             time: TimeKind::Date { wide: false },
             value: ValueKind::Text,

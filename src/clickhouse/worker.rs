@@ -78,8 +78,9 @@ impl ChWorker {
     /// Whether the chunk has a rung below it.
     fn splittable(&self, c: &Chunk) -> bool {
         let spec = &self.ctx.spec;
-        if c.values.as_ref().is_some_and(|v| v.single) {
-            return false;
+        if let Some(v) = c.values.as_ref().filter(|v| v.single || v.only_nulls()) {
+            // A single value still holding the NULLs splits once more: the two apart.
+            return v.single && v.nulls;
         }
         if c.values.is_some() || c.level == ChunkLevel::Split {
             return spec.split_column.is_some();
@@ -97,6 +98,13 @@ impl ChWorker {
         } else {
             super::chunks::next_level(spec, c.level)
         };
+        if let Some(apart) = c.apart() {
+            let mut kids = apart.to_vec();
+            for k in &mut kids {
+                k.rows = Some(planner::chunk_rows(client, spec, kinds, k).await?);
+            }
+            return Ok(kids);
+        }
         let mut kids = match below {
             None | Some(ChunkLevel::Month) => Vec::new(),
             Some(ChunkLevel::Day) => {
@@ -154,6 +162,10 @@ impl ChWorker {
                 "chunk {id} exceeds the memory limit even as the smallest chunk the ladder \
                  allows ({}), {}: {why}",
                 match &c.values {
+                    Some(v) if v.only_nulls() => format!(
+                        "one day or less, only the rows whose {} is NULL",
+                        ctx.spec.split_column.as_deref().unwrap_or("split_column")
+                    ),
                     Some(v) if v.single => format!(
                         "one day or less, one {} value",
                         ctx.spec.split_column.as_deref().unwrap_or("split_column")
