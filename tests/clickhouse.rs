@@ -1345,14 +1345,16 @@ ch_test! {
                     let t = r.text();
                     t.contains("FROM system.tables") && t.contains("startsWith") && t.contains("_s_")
                 })
-                .nth(1),
+                // Past the read's retries.
+                .times(4),
         );
         let first = days_spec(&db, "first", &proxy.url_for(&db.url), "");
         edit_spec(&first, "  time_column: ran_at\n", "  time_column: ran_at\n  from: 2025-10-01\n  to: 2025-10-03\n");
         let (code, out, err) = run(&[&"run", &first]);
         let all = all_output(&out, &err);
         assert_eq!(code, 0, "{all}");
-        assert_eq!(proxy.rule_fired(lost), 1, "{all}");
+        assert_eq!(proxy.rule_fired(lost), 4, "{all}");
+        assert!(db.tables().iter().any(|t| t == "agg__backfill_lock"), "{all}");
         let second = days_spec_in(&db, "second", "  from: 2025-10-03\n  to: 2025-10-05\n");
         let (code, out, err) = run(&[&"run", &second]);
         let all = all_output(&out, &err);
@@ -1394,17 +1396,20 @@ ch_test! {
 ch_test! {
     /// A `to` in the future: the chunks of days to come ran empty, were recorded done, and the
     /// rows those days brought were never filled (exit 0, the job done). Refused now by `plan`
-    /// and `run` alike (and `validate`), before anything is written.
+    /// and `run` alike at a job's first start, before anything is written (not by `validate`:
+    /// a spec may be written ahead of its window).
     #[test]
     fn a_range_ending_after_tomorrow_is_refused(srv) {
         let db = ChDb::new_on(&srv, "future");
         build_days(&db, 2, 100);
         let spec = days_spec_in(&db, "future", "  from: 2025-10-01\n  to: 2099-01-01\n");
-        for cmd in ["validate", "plan", "run"] {
+        let (code, out, err) = run(&[&"validate", &spec]);
+        assert_eq!(code, 0, "a spec written ahead of its window: {}", all_output(&out, &err));
+        for cmd in ["plan", "run"] {
             let (code, out, err) = run(&[&cmd, &spec]);
             let all = all_output(&out, &err);
             assert_eq!(code, 2, "{cmd}: {all}");
-            assert!(err.contains("`clickhouse.to`: 2099-01-01 is after tomorrow"), "{cmd}: {all}");
+            assert!(err.contains("clickhouse.to: 2099-01-01 is after tomorrow"), "{cmd}: {all}");
         }
         assert_eq!(db.num("SELECT count() FROM agg"), 0);
         let left: Vec<String> = db.tables().into_iter().filter(|t| t.contains("__backfill")).collect();
@@ -3050,6 +3055,50 @@ async fn v18_a_replay_does_not_take_another_chunks_identical_part_for_its_own() 
     assert_eq!(code, 0, "{all}");
     assert_eq!(nightly, 2, "both nightly runs landed: {all}");
     assert!(same, "{all}");
+}
+
+/// 18.16: a landing fails right after its attach of partition 0 (the note that it went in
+/// never written); its replay finds the attach went in, notes the ledger for partition 0 (no
+/// attach under way any more), and fails at partition 1. The next replay read partition 0's
+/// notes alone, found nothing noted, took it for not landed and attached it again: a partition
+/// doubled, exit 0. The replay that finds an attach gone in now notes so first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v18_a_replay_that_finds_an_attach_gone_in_notes_it_for_the_next() {
+    let srv = common::ch::ChServer::v18();
+    let db = ChDb::new_on(&srv, "replaynote");
+    build_days(&db, 1, 1000);
+    let reference = source_digest(&db);
+    let proxy = FaultProxy::start_http(srv.addr()).await;
+    // Answered by the proxy, never sent: the note is not written, the attach not made.
+    let fail = || {
+        Fault::Answer(
+            500,
+            "Code: 209, e.displayText() = DB::NetException: Timeout: connect timed out\n".into(),
+        )
+    };
+    let note = proxy.add_rule(
+        Rule::new(fail())
+            .matching(|r| {
+                let t = r.text();
+                t.contains("_landings") && t.contains("'landed'") && t.contains("', '0', [")
+            })
+            .nth(1),
+    );
+    let attach = proxy.add_rule(
+        Rule::new(fail())
+            .matching(|r| r.text().contains("ATTACH PARTITION ID '1' FROM"))
+            .nth(1),
+    );
+    let spec = days_spec(&db, "replaynote", &proxy.url_for(&db.url), "");
+    let (code, out, err) = run(&[&"run", &spec]);
+    let all = all_output(&out, &err);
+    assert_eq!(
+        (proxy.rule_fired(note), proxy.rule_fired(attach)),
+        (1, 1),
+        "{all}"
+    );
+    assert_eq!(code, 0, "{all}");
+    assert_eq!(target_digest(&db), reference, "{all}");
 }
 
 /// The first day's write recording it staged is lost before it reaches the server (nothing of

@@ -529,6 +529,14 @@ impl Landing {
                     )));
                 }
             };
+            // Found gone in by this replay (its `Landed` note lost with the run that attached
+            // it): noted before the ledger's note below clears the attach under way, after
+            // which the notes alone say whether it went in. Unnoted, a replay after a kill past
+            // that point took it for not landed and attached it again: a partition doubled.
+            if already && !self.moves() {
+                self.note_outcome(staging, p, staged::Outcome::Landed, &notes)
+                    .await?;
+            }
             if others > 0 {
                 self.warn_foreign(p, others);
                 t.foreign_rows += others;
