@@ -393,7 +393,13 @@ impl ChLock {
     /// The job is done (or reset): the target is free for any job.
     pub async fn drop_table(&self) -> Result<()> {
         self.heartbeat.abort();
-        drop_all(&self.client, &self.table).await
+        // Only while it is still this runner's: a runner stalled past TTL after its job's done
+        // record may find the target taken over by another job (a done job keeps nothing),
+        // whose lock this must not drop.
+        match holder(&self.client, &self.table).await? {
+            Some(h) if h.token != self.token => Ok(()),
+            _ => drop_all(&self.client, &self.table).await,
+        }
     }
 }
 
