@@ -187,6 +187,9 @@ impl ChJob {
     /// The job's time range: fixed in its record at its first start, else from the spec or
     /// the source.
     pub(crate) async fn range(&self, records: &[Record]) -> Result<Option<(NaiveDate, NaiveDate)>> {
+        if !fixed(records) {
+            self.not_to_come()?;
+        }
         if let Some(r) = records.iter().find(|r| r.chunk == store::JOB_ROW)
             && let Ok(v) = serde_json::from_str::<serde_json::Value>(&r.def)
             && let (Some(f), Some(t)) = (v["from"].as_str(), v["to"].as_str())
@@ -212,6 +215,20 @@ impl ChJob {
             return Ok(Some((f, t)));
         }
         planner::range(&self.ctx.db.client, &self.ctx.spec).await
+    }
+
+    /// A first start (no range fixed yet) refuses a `to` past tomorrow (`planner::to_come`);
+    /// a job whose range was fixed by an earlier version goes on with it.
+    fn not_to_come(&self) -> Result<()> {
+        let why = self
+            .ctx
+            .spec
+            .to
+            .and_then(|t| planner::to_come(t, chrono::Utc::now().date_naive()));
+        match why {
+            Some(why) => Err(Error::Spec(format!("clickhouse.to: {why}"))),
+            None => Ok(()),
+        }
     }
 
     /// The top chunks of `range` with their source rows.
@@ -398,6 +415,10 @@ impl Backend for ChJob {
 
     async fn preflight(&self) -> Result<()> {
         let ctx = &self.ctx;
+        // Before the target's lock is taken: a refused first start keeps nothing.
+        if !fixed(&ctx.store.records(&ctx.job).await?) {
+            self.not_to_come()?;
+        }
         let kinds = planner::check_source(&ctx.db.client, &ctx.spec, ctx.landing.moves()).await?;
         let _ = ctx.kinds.set(kinds);
         ctx.landing.check_target().await?;
@@ -729,4 +750,13 @@ impl Backend for ChJob {
             "checkpoint deleted; the next run starts from the beginning".into()
         }))
     }
+}
+
+/// Whether the job's range was fixed at its first start (kept in its record).
+fn fixed(records: &[Record]) -> bool {
+    records.iter().any(|r| {
+        r.chunk == store::JOB_ROW
+            && serde_json::from_str::<serde_json::Value>(&r.def)
+                .is_ok_and(|v| v["from"].is_string() && v["to"].is_string())
+    })
 }

@@ -45,6 +45,22 @@ pub async fn range(c: &Client, spec: &ClickhouseSpec) -> Result<Option<(NaiveDat
     Ok((from < to).then_some((from, to)))
 }
 
+/// Why a `to` past tomorrow (UTC, a day of slack for the source's time zone) cannot be: the
+/// chunks of days still to come would run now, empty or short, be recorded done, and the rows
+/// those days bring never be filled, the job done all the same. Tomorrow is what `to` defaults
+/// to when the source has rows of today.
+pub fn to_come(to: NaiveDate, today: NaiveDate) -> Option<String> {
+    let tomorrow = today + chrono::Days::new(1);
+    (to > tomorrow).then(|| {
+        format!(
+            "{to} is after tomorrow ({tomorrow}): the days from {tomorrow} on have not happened \
+             yet, and their chunks would be recorded done with the rows they hold now and never \
+             filled again; set `to` to {tomorrow} or earlier (or leave it out: the day after the \
+             newest row), and give the days to come a job of their own once they are over"
+        )
+    })
+}
+
 /// Source rows per month label (`2025-11`) in [from, to).
 pub async fn month_rows(
     c: &Client,
@@ -366,4 +382,17 @@ async fn left_behind(c: &Client, spec: &ClickhouseSpec, time_type: &str) -> Resu
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_to_past_tomorrow_is_refused() {
+        use super::to_come;
+        let d = |s: &str| s.parse::<chrono::NaiveDate>().unwrap();
+        assert!(to_come(d("2026-12-02"), d("2026-12-01")).is_none());
+        assert!(to_come(d("2026-11-01"), d("2026-12-01")).is_none());
+        let why = to_come(d("2027-01-01"), d("2026-12-01")).unwrap();
+        assert!(why.contains("after tomorrow (2026-12-02)"), "{why}");
+    }
 }
