@@ -22,7 +22,7 @@ use tokio_postgres::{Client, Row};
 /// The volatile built-ins known to have no effect past the transaction or on other sessions:
 /// they read (the clock, sizes, `pg_lock_status` behind `pg_locks`, files and the WAL's
 /// position), draw random numbers, sleep, or take locks and settings that end with the
-/// transaction. Every other volatile function counts: in `pg_catalog` (a sequence drawn, a
+/// transaction or with the engine's own session (`setseed`, `set_config`). Every other volatile function counts: in `pg_catalog` (a sequence drawn, a
 /// backend ended, a BRIN or GIN index rewritten even in a read-only transaction, a slot or
 /// the WAL written, and `query_to_xml` or `ts_stat`, which run SQL given as text, invisible
 /// to EXPLAIN) and outside it alike. A list of the harmless ones, not of the harmful: a
@@ -134,6 +134,9 @@ const HARMLESS: &[&str] = &[
     "system",
     "timeofday",
     "txid_status",
+    // Postgres 18's; a name the server lacks matches nothing.
+    "uuidv4",
+    "uuidv7",
 ];
 
 /// The JSON document of an EXPLAIN's one row: type json, or text on some servers and
