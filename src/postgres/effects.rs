@@ -22,12 +22,12 @@ use tokio_postgres::{Client, Row};
 /// The volatile built-ins known to have no effect past the transaction or on other sessions:
 /// they read (the clock, sizes, `pg_lock_status` behind `pg_locks`, files and the WAL's
 /// position), draw random numbers, sleep, or take locks and settings that end with the
-/// transaction or with the engine's own session (`setseed`, `set_config`). Every other volatile function counts: in `pg_catalog` (a sequence drawn, a
-/// backend ended, a BRIN or GIN index rewritten even in a read-only transaction, a slot or
-/// the WAL written, and `query_to_xml` or `ts_stat`, which run SQL given as text, invisible
-/// to EXPLAIN) and outside it alike. A list of the harmless ones, not of the harmful: a
-/// built-in it does not name (one a later Postgres adds) counts, where a list of effects let
-/// every one it missed through.
+/// transaction or with the engine's own session (`setseed`, `set_config`). Every other
+/// volatile function counts: in `pg_catalog` (a sequence drawn, a backend ended, a BRIN or GIN
+/// index rewritten even in a read-only transaction, a slot or the WAL written, and
+/// `query_to_xml` or `ts_stat`, which run SQL given as text, invisible to EXPLAIN) and outside
+/// it alike. A list of the harmless ones, not of the harmful: a built-in it does not name (one
+/// a later Postgres adds) counts, where a list of effects let every one it missed through.
 const HARMLESS: &[&str] = &[
     "amvalidate",
     "bernoulli",
