@@ -781,24 +781,7 @@ ch_test! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn rows_whose_split_value_is_null_go_with_the_lowest_half(srv) {
         let db = ChDb::new_on(&srv, "nullsplit");
-        for t in ["src", "dst"] {
-            db.q(&format!(
-                "CREATE TABLE {t} (ran_at DateTime, project Nullable(UInt32), n UInt32)
-                  ENGINE = MergeTree ORDER BY (ran_at, n)"
-            ));
-        }
-        db.q("INSERT INTO src SELECT toDateTime('2025-10-01 00:00:00') + number,
-                     [1, 2, 3, NULL][number % 4 + 1], number
-                FROM numbers(300)");
-        let (code, all) = split_to_single_values(&srv, &db, "nullsplit", "project", false).await;
-        assert_eq!(code, 0, "{all}");
-        let digest = "SELECT count(), sum(n), countIf(isNull(project)), sum(ifNull(project, 0))
-                        FROM {t}";
-        assert_eq!(
-            db.q(&digest.replace("{t}", "dst")),
-            db.q(&digest.replace("{t}", "src")),
-            "{all}"
-        );
+        nulls_split_to_single_values(&srv, &db, "nullsplit", false).await;
     }
 }
 
@@ -809,28 +792,41 @@ ch_test! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_single_value_with_the_nulls_is_cut_into_the_two(srv) {
         let db = ChDb::new_on(&srv, "nullapart");
-        for t in ["src", "dst"] {
-            db.q(&format!(
-                "CREATE TABLE {t} (ran_at DateTime, project Nullable(UInt32), n UInt32)
-                  ENGINE = MergeTree ORDER BY (ran_at, n)"
-            ));
-        }
-        db.q("INSERT INTO src SELECT toDateTime('2025-10-01 00:00:00') + number,
-                     [1, 2, 3, NULL][number % 4 + 1], number
-                FROM numbers(300)");
-        let (code, all) = split_to_single_values(&srv, &db, "nullapart", "project", true).await;
-        assert_eq!(code, 0, "{all}");
-        let digest = "SELECT count(), sum(n), countIf(isNull(project)), sum(ifNull(project, 0))
-                        FROM {t}";
-        assert_eq!(
-            db.q(&digest.replace("{t}", "dst")),
-            db.q(&digest.replace("{t}", "src")),
-            "{all}"
-        );
+        nulls_split_to_single_values(&srv, &db, "nullapart", true).await;
         let ids: Vec<String> = db.records("nullapart").into_iter().map(|r| r.chunk).collect();
         assert!(ids.iter().any(|i| i.ends_with("/project IS NULL")), "{ids:?}");
         assert!(ids.iter().any(|i| i.ends_with("/project=1 not NULL")), "{ids:?}");
     }
+}
+
+/// `src` with a Nullable `project` (a quarter NULL), split down to single values into `dst`
+/// (`apart` as in `split_to_single_values`): exit 0 and every row once, the NULLs included.
+async fn nulls_split_to_single_values(
+    srv: &common::ch::ChServer,
+    db: &ChDb,
+    job: &str,
+    apart: bool,
+) {
+    for t in ["src", "dst"] {
+        db.q(&format!(
+            "CREATE TABLE {t} (ran_at DateTime, project Nullable(UInt32), n UInt32)
+              ENGINE = MergeTree ORDER BY (ran_at, n)"
+        ));
+    }
+    db.q(
+        "INSERT INTO src SELECT toDateTime('2025-10-01 00:00:00') + number,
+                 [1, 2, 3, NULL][number % 4 + 1], number
+            FROM numbers(300)",
+    );
+    let (code, all) = split_to_single_values(srv, db, job, "project", apart).await;
+    assert_eq!(code, 0, "{all}");
+    let digest = "SELECT count(), sum(n), countIf(isNull(project)), sum(ifNull(project, 0))
+                    FROM {t}";
+    assert_eq!(
+        db.q(&digest.replace("{t}", "dst")),
+        db.q(&digest.replace("{t}", "src")),
+        "{all}"
+    );
 }
 
 /// Run job `job` (`src` into `dst` by day, split by `split_column`) through a proxy that answers
@@ -1339,15 +1335,7 @@ ch_test! {
         build_days(&db, 4, 200);
         let reference = source_digest(&db);
         let proxy = FaultProxy::start_http(srv.addr()).await;
-        let lost = proxy.add_rule(
-            Rule::new(Fault::DropResponse)
-                .matching(|r| {
-                    let t = r.text();
-                    t.contains("FROM system.tables") && t.contains("startsWith") && t.contains("_s_")
-                })
-                // Past the read's retries.
-                .times(4),
-        );
+        let lost = proxy.lose_staging_listing();
         let first = days_spec(&db, "first", &proxy.url_for(&db.url), "");
         edit_spec(&first, "  time_column: ran_at\n", "  time_column: ran_at\n  from: 2025-10-01\n  to: 2025-10-03\n");
         let (code, out, err) = run(&[&"run", &first]);

@@ -12,7 +12,7 @@ mod common;
 use common::ch::ChDb;
 use common::cluster::{ClusterOpts, PgCluster};
 use common::days::build_days;
-use common::proxy::{Fault, FaultProxy, Rule};
+use common::proxy::FaultProxy;
 use common::runner::{spawn, wait_runner_sessions_gone};
 use common::{TestDb, path_str, run};
 use std::path::PathBuf;
@@ -165,15 +165,7 @@ ch_test! {
         build_days(&db, 4, 200);
         let reference = source_digest(&db);
         let proxy = FaultProxy::start_http(srv.addr()).await;
-        let lost = proxy.add_rule(
-            Rule::new(Fault::DropResponse)
-                .matching(|r| {
-                    let t = r.text();
-                    t.contains("FROM system.tables") && t.contains("startsWith") && t.contains("_s_")
-                })
-                // Past the read's retries.
-                .times(4),
-        );
+        let lost = proxy.lose_staging_listing();
         let range = |from: &str, to: &str| format!("  from: {from}\n  to: {to}\n");
         let first = job_spec(&db, "first", &pg.url, "");
         let text = std::fs::read_to_string(&first).unwrap()

@@ -373,6 +373,21 @@ impl FaultProxy {
     }
 
     /// Requests the rule fired on.
+    /// Lose the answers to a ClickHouse job's listing of its staging tables (the clean-up
+    /// after its done record), more times than a read is retried: the clean-up fails.
+    pub fn lose_staging_listing(&self) -> RuleId {
+        self.add_rule(
+            Rule::new(Fault::DropResponse)
+                .matching(|r| {
+                    let t = r.text();
+                    t.contains("FROM system.tables")
+                        && t.contains("startsWith")
+                        && t.contains("_s_")
+                })
+                .times(4),
+        )
+    }
+
     pub fn rule_fired(&self, id: RuleId) -> u64 {
         self.shared.rules.lock().unwrap()[id.0].fired
     }
