@@ -188,7 +188,7 @@ impl ChJob {
     /// the source.
     pub(crate) async fn range(&self, records: &[Record]) -> Result<Option<(NaiveDate, NaiveDate)>> {
         if !fixed(records) {
-            self.not_to_come()?;
+            self.not_to_come().await?;
         }
         if let Some(r) = records.iter().find(|r| r.chunk == store::JOB_ROW)
             && let Ok(v) = serde_json::from_str::<serde_json::Value>(&r.def)
@@ -219,16 +219,19 @@ impl ChJob {
 
     /// A first start (no range fixed yet) refuses a `to` past tomorrow (`planner::to_come`);
     /// a job whose range was fixed by an earlier version goes on with it.
-    fn not_to_come(&self) -> Result<()> {
-        let why = self
-            .ctx
-            .spec
-            .to
-            .and_then(|t| planner::to_come(t, chrono::Utc::now().date_naive()));
-        match why {
-            Some(why) => Err(Error::Spec(format!("clickhouse.to: {why}"))),
-            None => Ok(()),
+    /// A source that already holds rows of days to come (schedules, expiry dates) may name
+    /// them: then its `to` is taken as written.
+    async fn not_to_come(&self) -> Result<()> {
+        let spec = &self.ctx.spec;
+        let today = chrono::Utc::now().date_naive();
+        let Some(why) = spec.to.and_then(|t| planner::to_come(t, today)) else {
+            return Ok(());
+        };
+        let tomorrow = today + chrono::Days::new(1);
+        if planner::rows_from(&self.ctx.db.client, spec, tomorrow).await? > 0 {
+            return Ok(());
         }
+        Err(Error::Spec(format!("clickhouse.to: {why}")))
     }
 
     /// The top chunks of `range` with their source rows.
@@ -417,7 +420,7 @@ impl Backend for ChJob {
         let ctx = &self.ctx;
         // Before the target's lock is taken: a refused first start keeps nothing.
         if !fixed(&ctx.store.records(&ctx.job).await?) {
-            self.not_to_come()?;
+            self.not_to_come().await?;
         }
         let kinds = planner::check_source(&ctx.db.client, &ctx.spec, ctx.landing.moves()).await?;
         let _ = ctx.kinds.set(kinds);

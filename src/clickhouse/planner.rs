@@ -45,7 +45,8 @@ pub async fn range(c: &Client, spec: &ClickhouseSpec) -> Result<Option<(NaiveDat
     Ok((from < to).then_some((from, to)))
 }
 
-/// Why a `to` past tomorrow (UTC, a day of slack for the source's time zone) cannot be: the
+/// Why a `to` past tomorrow (UTC, a day of slack for the source's time zone) cannot be, unless
+/// the source already holds rows up to it (the caller checks): the
 /// chunks of days still to come would run now, empty or short, be recorded done, and the rows
 /// those days bring never be filled, the job done all the same. Tomorrow is what `to` defaults
 /// to when the source has rows of today.
@@ -59,6 +60,17 @@ pub fn to_come(to: NaiveDate, today: NaiveDate) -> Option<String> {
              newest row), and give the days to come a job of their own once they are over"
         )
     })
+}
+
+/// Source rows of `day` and later.
+pub async fn rows_from(c: &Client, spec: &ClickhouseSpec, day: NaiveDate) -> Result<u64> {
+    let sql = format!(
+        "SELECT count() FROM {} WHERE toDate({}) >= toDate({})",
+        ident(&spec.source),
+        ident(&spec.time_column),
+        literal(&day.to_string())
+    );
+    number(c, &sql, "counting the source's rows of days to come").await
 }
 
 /// Source rows per month label (`2025-11`) in [from, to).

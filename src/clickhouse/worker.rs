@@ -103,6 +103,11 @@ impl ChWorker {
             for k in &mut kids {
                 k.rows = Some(planner::chunk_rows(client, spec, kinds, k).await?);
             }
+            // Apart only when both hold rows (never when the column cannot be NULL): else the
+            // chunk is the one value it names, with no rung below it.
+            if kids.iter().any(|k| k.rows == Some(0)) {
+                return Ok(Vec::new());
+            }
             return Ok(kids);
         }
         let mut kids = match below {
