@@ -187,34 +187,28 @@ impl ChJob {
     /// The job's time range: fixed in its record at its first start, else from the spec or
     /// the source.
     pub(crate) async fn range(&self, records: &[Record]) -> Result<Option<(NaiveDate, NaiveDate)>> {
-        if !fixed(records) {
+        let Some((f, t)) = fixed(records) else {
             self.not_to_come().await?;
-        }
-        if let Some(r) = records.iter().find(|r| r.chunk == store::JOB_ROW)
-            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&r.def)
-            && let (Some(f), Some(t)) = (v["from"].as_str(), v["to"].as_str())
-            && let (Ok(f), Ok(t)) = (f.parse::<NaiveDate>(), t.parse::<NaiveDate>())
-        {
-            // The range is fixed at the job's first start: its chunks (months clipped to it)
-            // and their records are cut from it. A `from`/`to` edited since would be ignored,
-            // and the job called done without the rows it added: refused instead.
-            let spec = &self.ctx.spec;
-            for (field, given, kept) in [("from", spec.from, f), ("to", spec.to, t)] {
-                if let Some(given) = given
-                    && given != kept
-                {
-                    return Err(Error::Spec(format!(
-                        "clickhouse.{field}: the job's range was fixed at its first run as \
-                         {f}..{t} (to exclusive), and its chunks are cut from it; the spec now \
-                         says {field}: {given}. Finish the job with its range and give the new \
-                         dates a job of their own (another `name`), or `backfill reset` it to \
-                         start over on the new range"
-                    )));
-                }
+            return planner::range(&self.ctx.db.client, &self.ctx.spec).await;
+        };
+        // The range is fixed at the job's first start: its chunks (months clipped to it)
+        // and their records are cut from it. A `from`/`to` edited since would be ignored,
+        // and the job called done without the rows it added: refused instead.
+        let spec = &self.ctx.spec;
+        for (field, given, kept) in [("from", spec.from, f), ("to", spec.to, t)] {
+            if let Some(given) = given
+                && given != kept
+            {
+                return Err(Error::Spec(format!(
+                    "clickhouse.{field}: the job's range was fixed at its first run as \
+                     {f}..{t} (to exclusive), and its chunks are cut from it; the spec now \
+                     says {field}: {given}. Finish the job with its range and give the new \
+                     dates a job of their own (another `name`), or `backfill reset` it to \
+                     start over on the new range"
+                )));
             }
-            return Ok(Some((f, t)));
         }
-        planner::range(&self.ctx.db.client, &self.ctx.spec).await
+        Ok(Some((f, t)))
     }
 
     /// A first start (no range fixed yet) refuses a `to` past tomorrow (`planner::to_come`);
@@ -419,7 +413,7 @@ impl Backend for ChJob {
     async fn preflight(&self) -> Result<()> {
         let ctx = &self.ctx;
         // Before the target's lock is taken: a refused first start keeps nothing.
-        if !fixed(&ctx.store.records(&ctx.job).await?) {
+        if fixed(&ctx.store.records(&ctx.job).await?).is_none() {
             self.not_to_come().await?;
         }
         let kinds = planner::check_source(&ctx.db.client, &ctx.spec, ctx.landing.moves()).await?;
@@ -755,11 +749,10 @@ impl Backend for ChJob {
     }
 }
 
-/// Whether the job's range was fixed at its first start (kept in its record).
-fn fixed(records: &[Record]) -> bool {
-    records.iter().any(|r| {
-        r.chunk == store::JOB_ROW
-            && serde_json::from_str::<serde_json::Value>(&r.def)
-                .is_ok_and(|v| v["from"].is_string() && v["to"].is_string())
-    })
+/// The job's range, if fixed at its first start (kept in its record).
+fn fixed(records: &[Record]) -> Option<(NaiveDate, NaiveDate)> {
+    let r = records.iter().find(|r| r.chunk == store::JOB_ROW)?;
+    let v = serde_json::from_str::<serde_json::Value>(&r.def).ok()?;
+    let day = |k: &str| v[k].as_str()?.parse::<NaiveDate>().ok();
+    Some((day("from")?, day("to")?))
 }
