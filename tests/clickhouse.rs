@@ -1432,6 +1432,67 @@ fn a_time_outside_what_a_date_holds_is_refused() {
 }
 
 ch_test! {
+    /// A merge that folds a chunk's just-landed parts into the partition's older ones, between
+    /// the landing and the read of the partition after it, made the job count the older rows
+    /// as another writer's (CI, current server: `--rerun` and `reset` then refused to start
+    /// over, exit 1). Merges stay stopped from the read before a landing to the read after it,
+    /// so the background merge that this test stands in for with an `OPTIMIZE` cannot run then.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_merge_right_after_a_landing_is_not_taken_for_another_writer(srv) {
+        let db = ChDb::new_on(&srv, "mergewin");
+        build_days(&db, 3, 1000);
+        let reference = source_digest(&db);
+        let proxy = FaultProxy::start_http(srv.addr()).await;
+        // Held: the read of the target's parts that follows the fifth landing statement (the
+        // second day's first partition, which the first day's parts are in already).
+        let landed = std::sync::Arc::new(std::sync::Mutex::new((0u32, String::new())));
+        let seen = landed.clone();
+        let held = proxy.add_rule(
+            Rule::new(Fault::HoldUntilReleased)
+                .matching(move |r| {
+                    let t = r.text();
+                    let mut s = seen.lock().unwrap();
+                    if lands(&t) {
+                        s.0 += 1;
+                        if s.0 == 5 {
+                            let id = t.split("PARTITION ID '").nth(1).unwrap_or("");
+                            s.1 = id.split('\'').next().unwrap_or("").to_string();
+                        }
+                        return false;
+                    }
+                    s.0 == 5 && t.contains("partition_id, rows, max_block_number FROM system.parts")
+                })
+                .times(1),
+        );
+        let spec = days_spec(&db, "mergewin", &proxy.url_for(&db.url), "");
+        let r = spawn(db.dir.path(), "mergewin", &[], &spec);
+        let mut r = r;
+        r.wait_until(
+            "the read after a landing",
+            Duration::from_secs(120),
+            Duration::from_millis(20),
+            async || proxy.rule_fired(held) > 0,
+        )
+        .await;
+        let p = landed.lock().unwrap().1.clone();
+        assert!(!p.is_empty(), "the landing's partition");
+        // What the server's background merges may do at this moment. Refused while merges are
+        // stopped ("Cancelled merging parts"), as they would not run either.
+        let merged = db.try_q(&format!("OPTIMIZE TABLE agg PARTITION ID '{p}' FINAL"));
+        proxy.release_held();
+        let (code, out, err) = r.finish(Duration::from_secs(120)).await;
+        let all = all_output(&out, &err);
+        assert_eq!(code, 0, "{all}");
+        assert!(!err.contains("by another writer"), "merged: {merged:?}\n{all}");
+        assert_eq!(target_digest(&db), reference, "{all}");
+        // Nothing was counted as another writer's: the job starts over cleanly.
+        let (code, out, err) = run(&[&"run", &"--rerun", &spec]);
+        assert_eq!(code, 0, "merged: {merged:?}\n{}", all_output(&out, &err));
+        assert_eq!(target_digest(&db), reference);
+    }
+}
+
+ch_test! {
     #[test]
     fn rerun_reset_and_a_dropped_state_table_land_every_chunk_once(srv) {
         let db = ChDb::new_on(&srv, "again");

@@ -132,18 +132,17 @@ impl Landing {
             return Ok(0);
         }
         let base = self.parts(&self.base()).await?;
-        // Merges paused first (on 18.16, up to 10 minutes until a running one ends): the check
-        // for other writers' rows, and the read of each partition's top that counts what is
-        // under it as the job's, come after that wait, never before it.
-        if !self.moves() {
-            self.pause_merges().await?;
-        }
+        // Merges paused first (up to 10 minutes until a running one ends): the check for
+        // other writers' rows, and the read of each partition's top that counts what is under
+        // it as the job's, come after that wait, never before it; and no merge folds the
+        // base's copies with other writers' new parts before the count after each replace.
+        self.pause_merges().await?;
         let mut replaced = Vec::new();
         let restored = self.restore_partitions(&ledger, &base, &mut replaced).await;
         // Merges start again when the restore is done or refused; a write that failed leaves
         // them paused for its retry (the job's record says they are stopped), which waits.
         let ended = matches!(restored, Ok(()) | Err(Error::Preflight(_)));
-        if !self.moves() && ended {
+        if ended {
             self.resume_merges().await?;
         }
         // Refused part-way too: what was replaced must be off disk before the run ends (a
