@@ -676,6 +676,41 @@ ch_test! {
     }
 }
 
+ch_test! {
+    /// A statement that does the same when run twice (`CREATE TABLE IF NOT EXISTS`, `DROP
+    /// TABLE IF EXISTS`, `SYSTEM STOP/START MERGES`) whose answer is lost once is sent again:
+    /// the run goes on and ends done, where it failed (exit 1 at start, or a chunk retried).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_answer_to_a_statement_safe_to_repeat_is_sent_again(srv) {
+        for (n, needle) in [
+            "CREATE TABLE IF NOT EXISTS",
+            "DROP TABLE IF EXISTS",
+            "SYSTEM STOP MERGES",
+            "SYSTEM START MERGES",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let db = ChDb::new_on(&srv, &format!("again{n}"));
+            build_days(&db, 3, 500);
+            let reference = source_digest(&db);
+            let proxy = FaultProxy::start_http(srv.addr()).await;
+            let lost = proxy.add_rule(
+                Rule::new(Fault::DropResponse)
+                    .when_contains(needle)
+                    .times(1),
+            );
+            let spec = days_spec(&db, "again", &proxy.url_for(&db.url), "");
+            let (code, out, err) = run(&[&"run", &spec]);
+            let all = all_output(&out, &err);
+            assert_eq!(proxy.rule_fired(lost), 1, "{needle}: {all}");
+            assert_eq!(code, 0, "{needle}: {all}");
+            assert!(!err.contains("retrying"), "{needle}: sent again, not retried: {all}");
+            assert_eq!(target_digest(&db), reference, "{needle}: {all}");
+        }
+    }
+}
+
 /// 18.16 fails a read of `system.tables` with Code 60, naming some other table, when a table of
 /// the database is dropped while it reads (measured: about one read in a thousand while another
 /// session creates and drops tables there; a runner's staging tables are such tables). Here every

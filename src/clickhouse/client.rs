@@ -125,31 +125,48 @@ pub async fn exec(client: &Client, sql: &str, what: &str) -> Result<()> {
         .map_err(|e| ch_error(what, &e))
 }
 
-/// Run a query (a read: every caller's is a SELECT) and return its TabSeparated text. A
-/// request lost on the way (the connection reset, the answer cut off) is sent again a few
-/// times: reading twice changes nothing, and one such loss failed a run at start (exit 1,
-/// "cannot connect ... is ClickHouse running?") or at any read of a landing. A server that
-/// does not answer at all still fails within a few seconds.
-pub async fn fetch_text(client: &Client, sql: &str, what: &str) -> Result<String> {
+/// Run a statement that does the same when run twice (`CREATE TABLE IF NOT EXISTS`, `DROP
+/// TABLE IF EXISTS`, `SYSTEM STOP/START MERGES`): lost on the way, it is sent again a few times
+/// (`resend`), where one lost answer failed a run at start or sent a chunk back to be retried.
+pub async fn exec_repeatable(client: &Client, sql: &str, what: &str) -> Result<()> {
+    resend(|| client.query_raw(sql).execute())
+        .await
+        .map_err(|e| ch_error(what, &e))
+}
+
+/// `once` again while it is lost on the way (the connection reset, the answer cut off), a few
+/// times over about a second: only for requests whose second run changes nothing. A server
+/// that does not answer at all still fails within a few seconds.
+async fn resend<T, F>(once: impl FnMut() -> F) -> std::result::Result<T, clickhouse::error::Error>
+where
+    F: std::future::Future<Output = std::result::Result<T, clickhouse::error::Error>>,
+{
     use backon::{ExponentialBuilder, Retryable};
-    let once = async || -> std::result::Result<Vec<u8>, clickhouse::error::Error> {
+    once.retry(
+        ExponentialBuilder::default()
+            .with_min_delay(std::time::Duration::from_millis(100))
+            .with_max_times(3)
+            .with_jitter(),
+    )
+    .when(|e| matches!(e, clickhouse::error::Error::Network(_)))
+    .await
+}
+
+/// Run a query (a read: every caller's is a SELECT) and return its TabSeparated text. A
+/// request lost on the way is sent again (`resend`): reading twice changes nothing, and one
+/// such loss failed a run at start (exit 1, "cannot connect ... is ClickHouse running?") or at
+/// any read of a landing.
+pub async fn fetch_text(client: &Client, sql: &str, what: &str) -> Result<String> {
+    let bytes = resend(|| async {
         client
             .query_raw(sql)
             .fetch_bytes("TabSeparated")?
             .collect()
             .await
             .map(|b| b.to_vec())
-    };
-    let bytes = once
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(std::time::Duration::from_millis(100))
-                .with_max_times(3)
-                .with_jitter(),
-        )
-        .when(|e| matches!(e, clickhouse::error::Error::Network(_)))
-        .await
-        .map_err(|e| ch_error(what, &e))?;
+    })
+    .await
+    .map_err(|e| ch_error(what, &e))?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 

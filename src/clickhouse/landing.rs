@@ -21,7 +21,9 @@
 //! from the base before landing anything, unless another writer has written into it since
 //! (parts with block numbers the job did not make): then it refuses, naming the partition.
 
-use super::client::{Server, exec, fetch_text, ident, literal, number, rows, table_rows};
+use super::client::{
+    Server, exec, exec_repeatable, fetch_text, ident, literal, number, rows, table_rows,
+};
 use crate::error::{DbErrorKind, Error, Result};
 use clickhouse::Client;
 use replay::{Found, Replay};
@@ -253,12 +255,13 @@ impl Landing {
     /// run: stopped, a chunk written in many blocks fails with TOO_MANY_PARTS at every try.)
     pub async fn fresh(&self, table: &str) -> Result<()> {
         self.drop(table).await?;
-        let sql = format!("CREATE TABLE {table} AS {}", self.target());
-        exec(&self.client, &sql, "creating the staging table").await
+        // Just dropped: IF NOT EXISTS only makes the statement safe to send again.
+        let sql = format!("CREATE TABLE IF NOT EXISTS {table} AS {}", self.target());
+        exec_repeatable(&self.client, &sql, "creating the staging table").await
     }
 
     pub async fn drop(&self, table: &str) -> Result<()> {
-        exec(
+        exec_repeatable(
             &self.client,
             &format!("DROP TABLE IF EXISTS {table}"),
             "dropping the staging table",
@@ -340,7 +343,7 @@ impl Landing {
         .iter()
         .filter(|_| !self.kept.load(kept))
         {
-            exec(&self.client, sql, "creating the job's base table").await?;
+            exec_repeatable(&self.client, sql, "creating the job's base table").await?;
         }
         self.kept.store(true, kept);
         let mut known = self.touched().await?;
@@ -611,13 +614,13 @@ impl Landing {
     /// Stop new merges on the target (running ones cannot involve parts attached after this).
     pub async fn stop_merges(&self) -> Result<()> {
         let sql = format!("SYSTEM STOP MERGES {}", self.target());
-        exec(&self.client, &sql, "stopping merges on the target").await
+        exec_repeatable(&self.client, &sql, "stopping merges on the target").await
     }
 
     /// Stop merges on the target and wait until none is running (bounded: 10 minutes).
     pub async fn pause_merges(&self) -> Result<()> {
         let sql = format!("SYSTEM STOP MERGES {}", self.target());
-        exec(&self.client, &sql, "stopping merges on the target").await?;
+        exec_repeatable(&self.client, &sql, "stopping merges on the target").await?;
         let running = format!(
             "SELECT count() FROM system.merges WHERE database = {} AND table = {}",
             literal(&self.db),
@@ -644,7 +647,7 @@ impl Landing {
     pub async fn resume_merges(&self) -> Result<()> {
         use backon::{ExponentialBuilder, Retryable};
         let sql = format!("SYSTEM START MERGES {}", self.target());
-        (|| exec(&self.client, &sql, "restarting merges on the target"))
+        (|| exec_repeatable(&self.client, &sql, "restarting merges on the target"))
             .retry(
                 ExponentialBuilder::default()
                     .with_min_delay(Duration::from_millis(200))

@@ -5,7 +5,7 @@
 //! flag) and `#merges` (set while the job has the target's merges stopped). Every value is
 //! written as a literal through `query_raw`: server messages may contain `?` or quotes.
 
-use super::client::{exec, fetch_text, ident, literal, table_rows};
+use super::client::{exec, exec_repeatable, fetch_text, ident, literal, table_rows};
 use crate::error::{Error, Result};
 use crate::state::{JobState, Status, runner_id};
 use chrono::{DateTime, Utc};
@@ -168,7 +168,7 @@ impl ChStore {
              ) ENGINE = ReplacingMergeTree(version) ORDER BY (job, chunk)",
             self.table
         );
-        exec(&self.client, &sql, "creating the job's state table").await
+        exec_repeatable(&self.client, &sql, "creating the job's state table").await
     }
 
     /// Every record of a job, latest version of each (none without the table).

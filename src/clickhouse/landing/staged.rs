@@ -9,7 +9,7 @@
 //! writer, another chunk) had a part above the chunk's mark.
 
 use super::Landing;
-use crate::clickhouse::client::{exec, fetch_text, literal, rows};
+use crate::clickhouse::client::{exec, exec_repeatable, fetch_text, literal, rows};
 use crate::error::{DbErrorKind, Error, Result};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -90,7 +90,7 @@ impl Landing {
 
     /// Stop `table`'s merges and wait (bounded) until none of its merges runs.
     pub(super) async fn pause_merges_of(&self, table: &str) -> Result<()> {
-        exec(
+        exec_repeatable(
             &self.client,
             &format!("SYSTEM STOP MERGES {table}"),
             "stopping merges",
@@ -142,7 +142,7 @@ impl Landing {
              ENGINE = ReplacingMergeTree(version) ORDER BY (staging, partition)",
             self.landings()
         );
-        exec(&self.client, &create, "creating the job's landing notes").await?;
+        exec_repeatable(&self.client, &create, "creating the job's landing notes").await?;
         let notes: Vec<(String, Noted)> = names
             .into_iter()
             .map(|(p, parts)| {
