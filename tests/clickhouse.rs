@@ -1466,64 +1466,96 @@ fn a_time_outside_what_a_date_holds_is_refused() {
     assert_eq!(db.num("SELECT count() FROM agg"), 0, "{all}");
 }
 
+/// Run the `build_days` job `job` (3 days) through a proxy that holds the read of the target's
+/// parts after the fifth landing (the second day's first partition, where the first day's parts
+/// are), and meanwhile merge that partition (what the server's background merges may do then;
+/// refused on 18.16, whose landings stop merges), after `insert` (rows of another writer, into
+/// the partition of project `400 + p`) when given. Returns the run's exit code and output.
+async fn merge_right_after_a_landing(
+    srv: &common::ch::ChServer,
+    db: &ChDb,
+    job: &str,
+    insert: bool,
+) -> (i32, String) {
+    let proxy = FaultProxy::start_http(srv.addr()).await;
+    let landed = std::sync::Arc::new(std::sync::Mutex::new((0u32, String::new())));
+    let seen = landed.clone();
+    let held = proxy.add_rule(
+        Rule::new(Fault::HoldUntilReleased)
+            .matching(move |r| {
+                let t = r.text();
+                let mut s = seen.lock().unwrap();
+                if lands(&t) {
+                    s.0 += 1;
+                    if s.0 == 5 {
+                        let id = t.split("PARTITION ID '").nth(1).unwrap_or("");
+                        s.1 = id.split('\'').next().unwrap_or("").to_string();
+                    }
+                    return false;
+                }
+                s.0 == 5 && t.contains("FROM system.parts")
+            })
+            .times(1),
+    );
+    let spec = days_spec(db, job, &proxy.url_for(&db.url), "");
+    let mut r = spawn(db.dir.path(), job, &[], &spec);
+    r.wait_until(
+        "the read after a landing",
+        Duration::from_secs(120),
+        Duration::from_millis(20),
+        async || proxy.rule_fired(held) > 0,
+    )
+    .await;
+    let p = landed.lock().unwrap().1.clone();
+    assert!(!p.is_empty(), "the landing's partition");
+    if insert {
+        db.q(&format!(
+            "INSERT INTO agg SELECT toUInt32(400 + {p}), 1, countState(), sumState(toUInt32(1))
+               FROM numbers(1)"
+        ));
+    }
+    let merged = db.try_q(&format!("OPTIMIZE TABLE agg PARTITION ID '{p}' FINAL"));
+    proxy.release_held();
+    let (code, out, err) = r.finish(Duration::from_secs(120)).await;
+    (
+        code,
+        format!(
+            "partition {p}, merged: {merged:?}\n{}",
+            all_output(&out, &err)
+        ),
+    )
+}
+
 ch_test! {
-    /// A merge that folds a chunk's just-landed parts into the partition's older ones, between
-    /// the landing and the read of the partition after it, made the job count the older rows
-    /// as another writer's (CI, current server: `--rerun` and `reset` then refused to start
-    /// over, exit 1). Merges stay stopped from the read before a landing to the read after it,
-    /// so the background merge that this test stands in for with an `OPTIMIZE` cannot run then.
+    /// A merge that folded a chunk's just-moved parts into the partition's older ones, between
+    /// the move and the read after it, made the job count the older rows as another writer's
+    /// (CI, current server: `--rerun` and `reset` then refused to start over, exit 1). Each
+    /// arrival is now read from its own part, outdated by the merge but still listed: nothing
+    /// is counted then, and another writer's row that the merge folded in as well still is.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_merge_right_after_a_landing_is_not_taken_for_another_writer(srv) {
         let db = ChDb::new_on(&srv, "mergewin");
         build_days(&db, 3, 1000);
         let reference = source_digest(&db);
-        let proxy = FaultProxy::start_http(srv.addr()).await;
-        // Held: the read of the target's parts that follows the fifth landing statement (the
-        // second day's first partition, which the first day's parts are in already).
-        let landed = std::sync::Arc::new(std::sync::Mutex::new((0u32, String::new())));
-        let seen = landed.clone();
-        let held = proxy.add_rule(
-            Rule::new(Fault::HoldUntilReleased)
-                .matching(move |r| {
-                    let t = r.text();
-                    let mut s = seen.lock().unwrap();
-                    if lands(&t) {
-                        s.0 += 1;
-                        if s.0 == 5 {
-                            let id = t.split("PARTITION ID '").nth(1).unwrap_or("");
-                            s.1 = id.split('\'').next().unwrap_or("").to_string();
-                        }
-                        return false;
-                    }
-                    s.0 == 5 && t.contains("partition_id, rows, max_block_number FROM system.parts")
-                })
-                .times(1),
-        );
-        let spec = days_spec(&db, "mergewin", &proxy.url_for(&db.url), "");
-        let r = spawn(db.dir.path(), "mergewin", &[], &spec);
-        let mut r = r;
-        r.wait_until(
-            "the read after a landing",
-            Duration::from_secs(120),
-            Duration::from_millis(20),
-            async || proxy.rule_fired(held) > 0,
-        )
-        .await;
-        let p = landed.lock().unwrap().1.clone();
-        assert!(!p.is_empty(), "the landing's partition");
-        // What the server's background merges may do at this moment. Refused while merges are
-        // stopped ("Cancelled merging parts"), as they would not run either.
-        let merged = db.try_q(&format!("OPTIMIZE TABLE agg PARTITION ID '{p}' FINAL"));
-        proxy.release_held();
-        let (code, out, err) = r.finish(Duration::from_secs(120)).await;
-        let all = all_output(&out, &err);
+        let (code, all) = merge_right_after_a_landing(&srv, &db, "mergewin", false).await;
         assert_eq!(code, 0, "{all}");
-        assert!(!err.contains("by another writer"), "merged: {merged:?}\n{all}");
+        assert!(!all.contains("by another writer"), "{all}");
         assert_eq!(target_digest(&db), reference, "{all}");
-        // Nothing was counted as another writer's: the job starts over cleanly.
+        let spec = days_spec(&db, "mergewin", &db.url, "");
         let (code, out, err) = run(&[&"run", &"--rerun", &spec]);
-        assert_eq!(code, 0, "merged: {merged:?}\n{}", all_output(&out, &err));
+        assert_eq!(code, 0, "{all}\n{}", all_output(&out, &err));
         assert_eq!(target_digest(&db), reference);
+
+        let db = ChDb::new_on(&srv, "mergewin2");
+        build_days(&db, 3, 1000);
+        let (code, all) = merge_right_after_a_landing(&srv, &db, "mergewin", true).await;
+        assert_eq!(code, 0, "{all}");
+        assert!(all.contains("1 row(s) were written into partition"), "{all}");
+        let spec = days_spec(&db, "mergewin", &db.url, "");
+        let (code, out, err) = run(&[&"run", &"--rerun", &spec]);
+        let again = all_output(&out, &err);
+        assert_eq!(code, 1, "{all}\n{again}");
+        assert!(again.contains("holds 1 row(s) another writer put there"), "{again}");
     }
 }
 

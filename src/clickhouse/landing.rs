@@ -30,6 +30,7 @@ use replay::{Found, Replay};
 use std::collections::HashMap;
 use std::time::Duration;
 
+mod arrivals;
 mod ledger;
 pub use ledger::Touched;
 mod names;
@@ -582,9 +583,12 @@ impl Landing {
                 target = self.target_parts().await?;
                 // The partition's top after the move is noted as the job's own: rows another
                 // writer put there between the read before the move and the read after it are
-                // told by count (what arrived above the old top, less the chunk's rows).
-                let arrived =
-                    Self::rows_since(&target, p, before.unwrap_or(-1)).saturating_sub(rows);
+                // told by count (what arrived above the old top, less the chunk's rows; a
+                // merge may have folded the chunk's parts into older ones meanwhile).
+                let arrived = self
+                    .arrived_since(p, before.unwrap_or(-1))
+                    .await?
+                    .saturating_sub(rows);
                 if arrived > 0 {
                     self.warn_foreign(p, arrived);
                     t.foreign_rows += arrived;

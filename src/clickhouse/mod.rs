@@ -456,7 +456,8 @@ impl Backend for ChJob {
                 e.to_string().trim_start_matches(": ")
             ))
         })?;
-        // A runner killed while landing a chunk leaves the target's merges stopped.
+        // A runner killed while landing a chunk on 18.16, or restoring the target, leaves the
+        // target's merges stopped.
         let records = ctx.store.records(&ctx.job).await?;
         if records
             .iter()
@@ -464,7 +465,7 @@ impl Backend for ChJob {
         {
             if self.live().await? {
                 // Another runner of this job is landing now: its merges, its business.
-            } else if !ctx.landing.moves() && records.iter().any(|r| r.status == store::STAGED) {
+            } else if records.iter().any(|r| r.status == store::STAGED) {
                 // The killed landing is replayed first (staged chunks lead the queue), and
                 // recognises its attached parts by their sizes only while no merge has folded
                 // them: merges start again once it has landed (worker.rs `land`).
@@ -545,7 +546,7 @@ impl Backend for ChJob {
     }
 
     /// Every chunk landed, and the target's merges run: a landing that could not start them
-    /// again (stopped for a landing) only warned, and a job that ended done is never started
+    /// again (stopped for an attach) only warned, and a job that ended done is never started
     /// again, so they would stay stopped for good (parts pile up, then TOO_MANY_PARTS). Not
     /// done (the run fails, the next one starts them) while they cannot be started.
     async fn all_done(&self) -> Result<bool> {
@@ -556,7 +557,7 @@ impl Backend for ChJob {
             .await
             .as_ref()
             .is_some_and(|t| t.done(&ctx.spec));
-        if !done {
+        if !done || ctx.landing.moves() {
             return Ok(done);
         }
         let records = ctx.store.records(&ctx.job).await?;

@@ -330,14 +330,12 @@ impl ChWorker {
         }
         let attach = !ctx.landing.moves();
         let landed = async {
-            // From the read of the target's parts before a landing to the read after it, no
-            // merge may fold the landed parts into the partition's older ones: the rows above
-            // its old top are then told as the chunk's or another writer's by count (a merge
-            // in between made the older rows count as another writer's, and starting the job
-            // over was refused). On 18.16, until the chunk is recorded done: a replay
-            // recognizes the attached parts by their sizes.
-            ctx.merges_stopped(true).await?;
-            ctx.landing.stop_merges().await?;
+            if attach {
+                // From the attach to its record, no merge may fold the attached parts into
+                // others: a replay recognizes them by their sizes.
+                ctx.merges_stopped(true).await?;
+                ctx.landing.stop_merges().await?;
+            }
             let known = match fresh {
                 Some(staged) => {
                     let ledger = ctx.landing.keep_base(&rec.partitions).await?;
@@ -393,11 +391,10 @@ impl ChWorker {
         // merge has folded them, so merges stay stopped until then (and `status` says so).
         // Nor while another chunk is staged (another worker's, here or in another process,
         // whose landing failed and waits for its retry, or is under way).
-        // (Moving cannot land twice: its replay needs nothing of merges.)
         let replay_pending = landed.is_err() && rec.status == STAGED;
         if attach && replay_pending {
             tracing::warn!("the target's merges stay stopped until chunk {id} is landed again");
-        } else {
+        } else if attach {
             match self.other_staged(&id).await {
                 Ok(Some(other)) => tracing::info!(
                     "the target's merges stay stopped until chunk {other} is landed as well"

@@ -1,0 +1,161 @@
+//! Rows that arrived in a partition of the target above a block number, told right even when a
+//! merge has folded an arrival into the partition's older parts.
+//!
+//! Every insert, move or attach into a MergeTree takes new block numbers, so what arrived after
+//! a partition's top was read sits in parts above that top. A merge keeps its sources' block
+//! range: one that folds an arrival into older parts makes a part that spans the old top, whose
+//! rows are mostly old. Counting that part took the old rows for another writer's (a landing's
+//! merge on a current server: the job then refused to start over). Such a merge leaves its
+//! sources listed, outdated, for the table's `old_parts_lifetime` (8 minutes by default), far
+//! longer than the few milliseconds between a landing and its count: each arrival is then read
+//! from its own part, the one whose range is a single block.
+
+use super::Landing;
+use crate::clickhouse::client::{literal, rows};
+use crate::error::Result;
+use std::collections::HashMap;
+
+/// One part of a partition: its block range, rows, merge level and whether it is active.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct Part {
+    pub min: i64,
+    pub max: i64,
+    pub rows: u64,
+    pub level: u64,
+    pub active: bool,
+}
+
+/// Rows that arrived above block `since`, of a partition's parts (active and outdated, those
+/// whose range ends above `since`). `None` when a merge folded an arrival into older parts and
+/// the arrival's own part is no longer listed: the count is then unknown.
+pub(super) fn arrived(parts: &[Part], since: i64) -> Option<u64> {
+    let active = || parts.iter().filter(|x| x.active && x.max > since);
+    // Each arrival took one block number (a moved or attached part keeps its level, a
+    // mutation its range): its first form is the lowest-level part of that single block.
+    let mut first: HashMap<i64, Part> = HashMap::new();
+    for x in parts.iter().filter(|x| x.min == x.max && x.min > since) {
+        let e = first.entry(x.min).or_insert(*x);
+        if (x.level, !x.active) < (e.level, !e.active) {
+            *e = *x;
+        }
+    }
+    let firsts: u64 = first.values().map(|x| x.rows).sum();
+    if active().all(|x| x.min > since) {
+        // Nothing spans the old top: the active parts above it are arrivals only, whole, but
+        // a merge of arrivals folds rows (an aggregating or replacing engine) that their own
+        // parts still count.
+        return Some(active().map(|x| x.rows).sum::<u64>().max(firsts));
+    }
+    // Every active part above the old top ends with an arrival's block: if that arrival's own
+    // part is gone, others may be too.
+    if active().any(|x| !first.contains_key(&x.max)) {
+        return None;
+    }
+    Some(firsts)
+}
+
+impl Landing {
+    /// Rows that arrived in partition `p` of the target above block `since` (`arrived`). Unknown
+    /// (a merge folded an arrival away and its own part has left the list), every row of the
+    /// active parts above it: too many is a refusal to start over that an operator can lift,
+    /// too few is another writer's rows dropped by a restore.
+    pub(super) async fn arrived_since(&self, p: &str, since: i64) -> Result<u64> {
+        let sql = format!(
+            "SELECT min_block_number, max_block_number, rows, level, active FROM system.parts
+              WHERE database = {} AND table = {} AND partition_id = {}
+                AND max_block_number > {since}",
+            literal(&self.db),
+            literal(&self.target_name),
+            literal(p)
+        );
+        let parts: Vec<Part> = rows(&self.client, &sql, "reading the target's parts")
+            .await?
+            .into_iter()
+            .filter_map(|r| {
+                Some(Part {
+                    min: r.first()?.parse().ok()?,
+                    max: r.get(1)?.parse().ok()?,
+                    rows: r.get(2)?.parse().ok()?,
+                    level: r.get(3)?.parse().ok()?,
+                    active: r.get(4)? == "1",
+                })
+            })
+            .collect();
+        Ok(arrived(&parts, since).unwrap_or_else(|| {
+            parts
+                .iter()
+                .filter(|x| x.active && x.max > since)
+                .map(|x| x.rows)
+                .sum()
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(min: i64, max: i64, rows: u64, level: u64, active: bool) -> Part {
+        Part {
+            min,
+            max,
+            rows,
+            level,
+            active,
+        }
+    }
+
+    #[test]
+    fn arrivals_no_merge_touched_are_counted_whole() {
+        // Old parts end at 10; a moved part (level 1, kept from staging) and an insert.
+        let parts = [part(12, 12, 300, 1, true), part(15, 15, 7, 0, true)];
+        assert_eq!(arrived(&parts, 10), Some(307));
+        // Merged together, rows folded (an aggregating engine): counted from their own parts.
+        let merged = [
+            part(12, 15, 301, 2, true),
+            part(12, 12, 300, 1, false),
+            part(15, 15, 7, 0, false),
+        ];
+        assert_eq!(arrived(&merged, 10), Some(307));
+        // Their own parts gone: what the merged part holds.
+        assert_eq!(arrived(&merged[..1], 10), Some(301));
+    }
+
+    #[test]
+    fn an_arrival_folded_into_older_parts_is_read_from_its_own_part() {
+        // The moved part [12,12] merged with the old [1,10]: the merged part spans 10.
+        let parts = [
+            part(1, 12, 520, 3, true),
+            part(12, 12, 300, 1, false),
+            part(1, 10, 400, 2, false),
+        ];
+        assert_eq!(arrived(&parts, 10), Some(300));
+        // And another writer's insert folded in as well.
+        let parts = [
+            part(1, 15, 525, 3, true),
+            part(12, 12, 300, 1, false),
+            part(15, 15, 7, 0, false),
+        ];
+        assert_eq!(arrived(&parts, 10), Some(307));
+    }
+
+    #[test]
+    fn an_arrival_whose_own_part_is_gone_is_unknown() {
+        let parts = [part(1, 15, 525, 3, true), part(12, 12, 300, 1, false)];
+        assert_eq!(arrived(&parts, 10), None);
+    }
+
+    #[test]
+    fn a_mutated_arrival_is_counted_once() {
+        // A mutation rewrote the arrival in place (same range, same level).
+        let parts = [
+            part(1, 12, 520, 3, true),
+            part(12, 12, 300, 1, false),
+            part(12, 12, 298, 1, false),
+        ];
+        assert_eq!(
+            arrived(&parts, 10).map(|n| (298..=300).contains(&n)),
+            Some(true)
+        );
+    }
+}
