@@ -427,17 +427,10 @@ impl Landing {
         Ok(parts)
     }
 
-    /// Rows of `p` in parts above block `since` (of `target_parts`).
-    fn rows_since(parts: &TargetParts, p: &str, since: i64) -> u64 {
-        parts
-            .get(p)
-            .map_or(0, |v| v.iter().filter(|x| x.1 > since).map(|x| x.0).sum())
-    }
-
     /// Rows other writers put into `p` since the job last noted it (by block numbers, less
     /// the job's own of a move that went through unnoted).
     async fn since_noted(&self, p: &str, t: &Touched) -> Result<u64> {
-        let since = Self::rows_since(&self.target_parts().await?, p, t.last_block);
+        let since = self.arrived_since(p, t.last_block).await?;
         Ok(since.saturating_sub(self.unnoted_own(p, t).await?))
     }
 
@@ -522,7 +515,7 @@ impl Landing {
                 ),
                 Found::Landed { foreign_rows } => (true, foreign_rows),
                 Found::NotLanded => {
-                    let since = Self::rows_since(&target, p, t.last_block);
+                    let since = self.arrived_since(p, t.last_block).await?;
                     (false, since.saturating_sub(self.unnoted_own(p, &t).await?))
                 }
                 Found::Unsure => {

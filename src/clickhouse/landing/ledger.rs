@@ -240,7 +240,10 @@ impl Landing {
                 target = Some(self.target_parts().await?);
             }
             let parts = target.as_ref().expect("read above");
-            let others = Self::rows_since(parts, &p, t.last_block).saturating_sub(own);
+            let others = self
+                .arrived_since(&p, t.last_block)
+                .await?
+                .saturating_sub(own);
             if others > 0 {
                 self.warn_foreign(&p, others);
             }

@@ -194,7 +194,7 @@ impl Landing {
                 self.note_moving(p, &restoring).await?;
                 // Rows that arrived while the note was written are above the mark: refused,
                 // the note taken back (the replace will not be made).
-                let arrived = Self::rows_since(&self.target_parts().await?, p, mark);
+                let arrived = self.arrived_since(p, mark).await?;
                 if arrived > 0 {
                     self.note(p, t).await?;
                     return Err(self.foreign_refusal(p, arrived));
@@ -219,11 +219,12 @@ impl Landing {
                 "restoring a partition the job had landed in",
             )
             .await?;
-            // Noted at once (on 18.16 merges are still stopped, so the count is exact): rows
-            // another writer puts there from now on, while replaced parts leave the disk say,
-            // stay above the noted block and count as theirs.
+            // Noted at once (merges are still paused, so the count is exact; the top is read
+            // first: a row arriving between the two reads counts as another writer's twice
+            // rather than not at all): rows another writer puts there from now on, while
+            // replaced parts leave the disk say, stay above the noted block and count as theirs.
             let after = self.target_parts().await?;
-            let arrived = Self::rows_since(&after, p, mark).saturating_sub(own);
+            let arrived = self.arrived_since(p, mark).await?.saturating_sub(own);
             let mut t = t.clone();
             if arrived > 0 {
                 self.warn_foreign(p, arrived);
