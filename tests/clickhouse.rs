@@ -1470,12 +1470,14 @@ fn a_time_outside_what_a_date_holds_is_refused() {
 /// parts after the fifth landing (the second day's first partition, where the first day's parts
 /// are), and meanwhile merge that partition (what the server's background merges may do then;
 /// refused on 18.16, whose landings stop merges), after `insert` (rows of another writer, into
-/// the partition of project `400 + p`) when given. Returns the run's exit code and output.
+/// the partition of project `400 + p`) when given. `kill`: the runner is killed -9 there first
+/// (the move made, not noted). Returns the run's exit code and output.
 async fn merge_right_after_a_landing(
     srv: &common::ch::ChServer,
     db: &ChDb,
     job: &str,
     insert: bool,
+    kill: bool,
 ) -> (i32, String) {
     let proxy = FaultProxy::start_http(srv.addr()).await;
     let landed = std::sync::Arc::new(std::sync::Mutex::new((0u32, String::new())));
@@ -1508,6 +1510,9 @@ async fn merge_right_after_a_landing(
     .await;
     let p = landed.lock().unwrap().1.clone();
     assert!(!p.is_empty(), "the landing's partition");
+    if kill {
+        r.kill();
+    }
     if insert {
         db.q(&format!(
             "INSERT INTO agg SELECT toUInt32(400 + {p}), 1, countState(), sumState(toUInt32(1))
@@ -1515,6 +1520,9 @@ async fn merge_right_after_a_landing(
         ));
     }
     let merged = db.try_q(&format!("OPTIMIZE TABLE agg PARTITION ID '{p}' FINAL"));
+    if kill {
+        return (-9, format!("partition {p}, merged: {merged:?}"));
+    }
     proxy.release_held();
     let (code, out, err) = r.finish(Duration::from_secs(120)).await;
     (
@@ -1537,7 +1545,7 @@ ch_test! {
         let db = ChDb::new_on(&srv, "mergewin");
         build_days(&db, 3, 1000);
         let reference = source_digest(&db);
-        let (code, all) = merge_right_after_a_landing(&srv, &db, "mergewin", false).await;
+        let (code, all) = merge_right_after_a_landing(&srv, &db, "mergewin", false, false).await;
         assert_eq!(code, 0, "{all}");
         assert!(!all.contains("by another writer"), "{all}");
         assert_eq!(target_digest(&db), reference, "{all}");
@@ -1548,7 +1556,7 @@ ch_test! {
 
         let db = ChDb::new_on(&srv, "mergewin2");
         build_days(&db, 3, 1000);
-        let (code, all) = merge_right_after_a_landing(&srv, &db, "mergewin", true).await;
+        let (code, all) = merge_right_after_a_landing(&srv, &db, "mergewin", true, false).await;
         assert_eq!(code, 0, "{all}");
         assert!(all.contains("1 row(s) were written into partition"), "{all}");
         let spec = days_spec(&db, "mergewin", &db.url, "");
@@ -1556,6 +1564,31 @@ ch_test! {
         let again = all_output(&out, &err);
         assert_eq!(code, 1, "{all}\n{again}");
         assert!(again.contains("holds 1 row(s) another writer put there"), "{again}");
+    }
+}
+
+ch_test! {
+    /// A runner killed after a move went in, before its note: a merge that folds the moved
+    /// parts into older ones before the replay made the replay count the older rows as
+    /// another writer's (warned, and `--rerun` refused). On 18.16, merges stay stopped until
+    /// the replay (the merge is refused) and the outcome is the same.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_merge_between_a_killed_landing_and_its_replay_is_not_taken_for_another_writer(
+        srv
+    ) {
+        let db = ChDb::new_on(&srv, "mergekill");
+        build_days(&db, 3, 1000);
+        let reference = source_digest(&db);
+        let (_, how) = merge_right_after_a_landing(&srv, &db, "mergekill", false, true).await;
+        let spec = days_spec(&db, "mergekill", &db.url, "");
+        let (code, out, err) = run(&[&"run", &spec]);
+        let all = format!("{how}\n{}", all_output(&out, &err));
+        assert_eq!(code, 0, "{all}");
+        assert!(!all.contains("by another writer"), "{all}");
+        assert_eq!(target_digest(&db), reference, "{all}");
+        let (code, out, err) = run(&[&"run", &"--rerun", &spec]);
+        assert_eq!(code, 0, "{all}\n{}", all_output(&out, &err));
+        assert_eq!(target_digest(&db), reference);
     }
 }
 
