@@ -2523,6 +2523,53 @@ async fn kill_while_landing(
     .await
 }
 
+/// 18.16 lands with the target's merges stopped, and `SYSTEM STOP MERGES` cancels a merge under
+/// way: a job landing every few seconds cancelled a big target's long merges every time. A
+/// landing now waits for the running merge to end first. Here a merge of 16M rows the target
+/// held before the job runs when the job's first landing comes: it ends merged (the old code
+/// cancelled it, "Cancelled merging parts").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v18_a_landing_waits_for_a_running_merge_instead_of_cancelling_it() {
+    let srv = common::ch::ChServer::v18();
+    let db = ChDb::new_on(&srv, "mergewait");
+    build_days(&db, 1, 1000);
+    for i in 0..4 {
+        db.q(&format!(
+            "INSERT INTO agg SELECT 400, number * 4 + {i}, countState(), sumState(toUInt32(1))
+               FROM numbers(4000000) GROUP BY number"
+        ));
+    }
+    let merging = {
+        let (srv, name) = (srv.clone(), db.name.clone());
+        std::thread::spawn(move || {
+            srv.try_query(Some(&name), "OPTIMIZE TABLE agg PARTITION ID '0' FINAL")
+        })
+    };
+    let running = "SELECT count() FROM system.merges WHERE database = currentDatabase()";
+    let started = std::time::Instant::now();
+    while db.num(running) == 0 && !merging.is_finished() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the merge never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let spec = days_spec(&db, "mergewait", "$URL", "");
+    let (code, out, err) = run(&[&"run", &spec]);
+    let all = all_output(&out, &err);
+    assert_eq!(code, 0, "{all}");
+    let merged = merging.join().expect("the merge's thread");
+    assert!(merged.is_ok(), "{merged:?}\n{all}");
+    assert_eq!(
+        db.num(
+            "SELECT count() FROM system.parts WHERE database = currentDatabase()
+                  AND table = 'agg' AND active AND partition_id = '0' AND rows >= 16000000"
+        ),
+        1,
+        "the target's own merge ended merged\n{all}"
+    );
+}
+
 /// 18.16 lands by attaching, and a replay after a kill recognises the attached parts by their
 /// sizes, which only holds while no merge has folded them. So the next run keeps the target's
 /// merges stopped until the interrupted chunk has landed again, and that landing completes

@@ -43,6 +43,10 @@ mod staged;
 /// are older than the table's `old_parts_lifetime`, 480 s by default).
 const CLEANUP_WAIT: Duration = Duration::from_secs(600);
 
+/// How long a landing on 18.16 waits for the target's running merges to end before stopping
+/// merges cancels them (`stop_merges`).
+const MERGE_WAIT: Duration = Duration::from_secs(600);
+
 /// This host's tag in check table names (a hash of its name and pid namespace).
 fn host_tag() -> String {
     use sha2::{Digest, Sha256};
@@ -608,8 +612,49 @@ impl Landing {
         );
     }
 
-    /// Stop new merges on the target (running ones cannot involve parts attached after this).
+    /// Stop merges on the target for a landing (18.16). `SYSTEM STOP MERGES` cancels the merges
+    /// under way (measured on 18.16 and 26.9), so it waits first, up to `MERGE_WAIT`, until
+    /// none is running: a job that lands every few seconds cancelled a big target's long
+    /// merges at every landing, and they never finished (parts pile up). A merge starting in
+    /// between is cancelled, and done again once merges start.
     pub async fn stop_merges(&self) -> Result<()> {
+        let running = format!(
+            "SELECT count(), max(elapsed) FROM system.merges WHERE database = {} AND table = {}",
+            literal(&self.db),
+            literal(&self.target_name)
+        );
+        let started = std::time::Instant::now();
+        let mut told = false;
+        loop {
+            let text =
+                fetch_text(&self.client, &running, "waiting for the target's merges").await?;
+            let mut fields = text.split_whitespace();
+            if fields.next().is_none_or(|n| n == "0") {
+                break;
+            }
+            if started.elapsed() > MERGE_WAIT {
+                tracing::warn!(
+                    "a merge on {} is still running after {}s: stopping merges for the landing \
+                     cancels it (it runs again once the chunk is landed)",
+                    self.target(),
+                    MERGE_WAIT.as_secs()
+                );
+                break;
+            }
+            if !told {
+                told = true;
+                tracing::info!(
+                    "waiting until the merge running on {} for {:.1}s ends: stopping merges \
+                     for the landing would cancel it",
+                    self.target(),
+                    fields
+                        .next()
+                        .and_then(|x| x.parse::<f64>().ok())
+                        .unwrap_or(0.0)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         let sql = format!("SYSTEM STOP MERGES {}", self.target());
         exec_repeatable(&self.client, &sql, "stopping merges on the target").await
     }
