@@ -435,7 +435,7 @@ impl Landing {
     /// the job's own of a move that went through unnoted).
     async fn since_noted(&self, p: &str, t: &Touched) -> Result<u64> {
         let since = self.arrived_since(p, t.last_block).await?;
-        Ok(since.saturating_sub(self.unnoted_own(p, t).await?))
+        Ok(since.besides(self.unnoted_own(p, t).await?))
     }
 
     /// The highest block number any part of the target has had (active or not): parts added
@@ -520,7 +520,7 @@ impl Landing {
                 Found::Landed { foreign_rows } => (true, foreign_rows),
                 Found::NotLanded => {
                     let since = self.arrived_since(p, t.last_block).await?;
-                    (false, since.saturating_sub(self.unnoted_own(p, &t).await?))
+                    (false, since.besides(self.unnoted_own(p, &t).await?))
                 }
                 Found::Unsure => {
                     return Err(Error::fatal(format!(
@@ -585,7 +585,7 @@ impl Landing {
                 let arrived = self
                     .arrived_since(p, before.unwrap_or(-1))
                     .await?
-                    .saturating_sub(rows);
+                    .besides(rows);
                 if arrived > 0 {
                     self.warn_foreign(p, arrived);
                     t.foreign_rows += arrived;

@@ -25,11 +25,31 @@ pub(super) struct Part {
     pub active: bool,
 }
 
+/// Rows that arrived above a block, and whether that count is exact.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct Arrived {
+    pub rows: u64,
+    pub exact: bool,
+}
+
+impl Arrived {
+    /// The rows that are not `own`'s (the job's, of a move or attach it knows of). At least
+    /// one when the count is not exact: a merge folded arrivals whose own parts are gone, and
+    /// in an aggregating or replacing engine another writer's rows fold into the job's; a
+    /// count that said none let a restore drop them.
+    pub fn besides(self, own: u64) -> u64 {
+        let n = self.rows.saturating_sub(own);
+        if self.exact { n } else { n.max(1) }
+    }
+}
+
 /// Rows that arrived above block `since`, of a partition's parts (active and outdated, those
-/// whose range ends above `since`). `None` when a merge folded an arrival into older parts and
-/// the arrival's own part is no longer listed: the count is then unknown.
-pub(super) fn arrived(parts: &[Part], since: i64) -> Option<u64> {
-    let active = || parts.iter().filter(|x| x.active && x.max > since);
+/// whose range ends above `since`). Exact while every active part above `since` that a merge
+/// made still has the arrivals it took in listed at its ends; else every active row above
+/// `since`, not exact.
+pub(super) fn arrived(parts: &[Part], since: i64) -> Arrived {
+    let active: Vec<&Part> = parts.iter().filter(|x| x.active && x.max > since).collect();
+    let every: u64 = active.iter().map(|x| x.rows).sum();
     // Each arrival took one block number (a moved or attached part keeps its level, a
     // mutation its range): its first form is the lowest-level part of that single block.
     let mut first: HashMap<i64, Part> = HashMap::new();
@@ -39,27 +59,31 @@ pub(super) fn arrived(parts: &[Part], since: i64) -> Option<u64> {
             *e = *x;
         }
     }
+    let listed = |b: i64| first.contains_key(&b);
+    let known = active
+        .iter()
+        .all(|x| x.min == x.max || (listed(x.max) && (x.min <= since || listed(x.min))));
+    if !known {
+        return Arrived {
+            rows: every,
+            exact: false,
+        };
+    }
     let firsts: u64 = first.values().map(|x| x.rows).sum();
-    if active().all(|x| x.min > since) {
-        // Nothing spans the old top: the active parts above it are arrivals only, whole, but
-        // a merge of arrivals folds rows (an aggregating or replacing engine) that their own
-        // parts still count.
-        return Some(active().map(|x| x.rows).sum::<u64>().max(firsts));
+    let spans = active.iter().any(|x| x.min <= since);
+    Arrived {
+        // Spanning the old top, a merged part's rows are mostly old ones.
+        rows: if spans { firsts } else { firsts.max(every) },
+        exact: true,
     }
-    // Every active part above the old top ends with an arrival's block: if that arrival's own
-    // part is gone, others may be too.
-    if active().any(|x| !first.contains_key(&x.max)) {
-        return None;
-    }
-    Some(firsts)
 }
 
 impl Landing {
-    /// Rows that arrived in partition `p` of the target above block `since` (`arrived`). Unknown
-    /// (a merge folded an arrival away and its own part has left the list), every row of the
-    /// active parts above it: too many is a refusal to start over that an operator can lift,
-    /// too few is another writer's rows dropped by a restore.
-    pub(super) async fn arrived_since(&self, p: &str, since: i64) -> Result<u64> {
+    /// Rows that arrived in partition `p` of the target above block `since` (`arrived`). Not
+    /// exact, every row of the active parts above it, and `besides` counts at least one as
+    /// another writer's: too many is a refusal to start over that an operator can lift, too
+    /// few is another writer's rows dropped by a restore.
+    pub(super) async fn arrived_since(&self, p: &str, since: i64) -> Result<Arrived> {
         let sql = format!(
             "SELECT min_block_number, max_block_number, rows, level, active FROM system.parts
               WHERE database = {} AND table = {} AND partition_id = {}
@@ -81,13 +105,7 @@ impl Landing {
                 })
             })
             .collect();
-        Ok(arrived(&parts, since).unwrap_or_else(|| {
-            parts
-                .iter()
-                .filter(|x| x.active && x.max > since)
-                .map(|x| x.rows)
-                .sum()
-        }))
+        Ok(arrived(&parts, since))
     }
 }
 
@@ -105,20 +123,38 @@ mod tests {
         }
     }
 
+    fn exact(rows: u64) -> Arrived {
+        Arrived { rows, exact: true }
+    }
+
     #[test]
     fn arrivals_no_merge_touched_are_counted_whole() {
         // Old parts end at 10; a moved part (level 1, kept from staging) and an insert.
         let parts = [part(12, 12, 300, 1, true), part(15, 15, 7, 0, true)];
-        assert_eq!(arrived(&parts, 10), Some(307));
+        assert_eq!(arrived(&parts, 10), exact(307));
+        assert_eq!(arrived(&parts, 10).besides(300), 7);
         // Merged together, rows folded (an aggregating engine): counted from their own parts.
         let merged = [
             part(12, 15, 301, 2, true),
             part(12, 12, 300, 1, false),
             part(15, 15, 7, 0, false),
         ];
-        assert_eq!(arrived(&merged, 10), Some(307));
-        // Their own parts gone: what the merged part holds.
-        assert_eq!(arrived(&merged[..1], 10), Some(301));
+        assert_eq!(arrived(&merged, 10), exact(307));
+    }
+
+    #[test]
+    fn arrivals_merged_together_whose_own_parts_are_gone_count_another_writers_row() {
+        // Another writer's 7 rows folded into the job's 300 (same keys): 300 rows left.
+        let merged = [part(12, 15, 300, 2, true)];
+        let a = arrived(&merged, 10);
+        assert_eq!(
+            a,
+            Arrived {
+                rows: 300,
+                exact: false
+            }
+        );
+        assert_eq!(a.besides(300), 1);
     }
 
     #[test]
@@ -129,20 +165,27 @@ mod tests {
             part(12, 12, 300, 1, false),
             part(1, 10, 400, 2, false),
         ];
-        assert_eq!(arrived(&parts, 10), Some(300));
+        assert_eq!(arrived(&parts, 10), exact(300));
+        assert_eq!(arrived(&parts, 10).besides(300), 0);
         // And another writer's insert folded in as well.
         let parts = [
             part(1, 15, 525, 3, true),
             part(12, 12, 300, 1, false),
             part(15, 15, 7, 0, false),
         ];
-        assert_eq!(arrived(&parts, 10), Some(307));
+        assert_eq!(arrived(&parts, 10).besides(300), 7);
     }
 
     #[test]
-    fn an_arrival_whose_own_part_is_gone_is_unknown() {
+    fn an_arrival_whose_own_part_is_gone_is_not_exact() {
         let parts = [part(1, 15, 525, 3, true), part(12, 12, 300, 1, false)];
-        assert_eq!(arrived(&parts, 10), None);
+        assert_eq!(
+            arrived(&parts, 10),
+            Arrived {
+                rows: 525,
+                exact: false
+            }
+        );
     }
 
     #[test]
@@ -153,9 +196,7 @@ mod tests {
             part(12, 12, 300, 1, false),
             part(12, 12, 298, 1, false),
         ];
-        assert_eq!(
-            arrived(&parts, 10).map(|n| (298..=300).contains(&n)),
-            Some(true)
-        );
+        let a = arrived(&parts, 10);
+        assert!(a.exact && (298..=300).contains(&a.rows), "{a:?}");
     }
 }

@@ -240,10 +240,7 @@ impl Landing {
                 target = Some(self.target_parts().await?);
             }
             let parts = target.as_ref().expect("read above");
-            let others = self
-                .arrived_since(&p, t.last_block)
-                .await?
-                .saturating_sub(own);
+            let others = self.arrived_since(&p, t.last_block).await?.besides(own);
             if others > 0 {
                 self.warn_foreign(&p, others);
             }

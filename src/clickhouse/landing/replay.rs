@@ -213,7 +213,7 @@ impl Landing {
             let under_way = ledger.get(p).is_some_and(|t| t.moving_from == staging);
             let found = match note.map(|n| n.outcome).filter(|_| !under_way) {
                 Some(Outcome::Landed) => Found::Landed {
-                    foreign_rows: self.arrived_since(p, since).await?,
+                    foreign_rows: self.arrived_since(p, since).await?.besides(0),
                 },
                 Some(Outcome::NotLanded | Outcome::Unknown) => Found::NotLanded,
                 // Under way, settled unsure, or staged by an earlier version (no notes).

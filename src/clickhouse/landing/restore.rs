@@ -194,7 +194,7 @@ impl Landing {
                 self.note_moving(p, &restoring).await?;
                 // Rows that arrived while the note was written are above the mark: refused,
                 // the note taken back (the replace will not be made).
-                let arrived = self.arrived_since(p, mark).await?;
+                let arrived = self.arrived_since(p, mark).await?.besides(0);
                 if arrived > 0 {
                     self.note(p, t).await?;
                     return Err(self.foreign_refusal(p, arrived));
@@ -224,7 +224,7 @@ impl Landing {
             // rather than not at all): rows another writer puts there from now on, while
             // replaced parts leave the disk say, stay above the noted block and count as theirs.
             let after = self.target_parts().await?;
-            let arrived = self.arrived_since(p, mark).await?.saturating_sub(own);
+            let arrived = self.arrived_since(p, mark).await?.besides(own);
             let mut t = t.clone();
             if arrived > 0 {
                 self.warn_foreign(p, arrived);
