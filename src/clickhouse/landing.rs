@@ -582,10 +582,7 @@ impl Landing {
                 // writer put there between the read before the move and the read after it are
                 // told by count (what arrived above the old top, less the chunk's rows; a
                 // merge may have folded the chunk's parts into older ones meanwhile).
-                let arrived = self
-                    .arrived_since(p, before.unwrap_or(-1))
-                    .await?
-                    .besides(rows);
+                let arrived = self.arrived_since(p, t.last_block).await?.besides(rows);
                 if arrived > 0 {
                     self.warn_foreign(p, arrived);
                     t.foreign_rows += arrived;

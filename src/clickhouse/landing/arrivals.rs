@@ -43,17 +43,23 @@ impl Arrived {
     }
 }
 
-/// Rows that arrived above block `since`, of a partition's parts (active and outdated, those
-/// whose range ends above `since`). Exact while every active part above `since` that a merge
+/// Rows that arrived above block `since` and are still in the table, of a partition's parts
+/// (active and outdated, those whose range ends above `since`). Exact while every active part above `since` that a merge
 /// made still has the arrivals it took in listed at its ends; else every active row above
 /// `since`, not exact.
 pub(super) fn arrived(parts: &[Part], since: i64) -> Arrived {
     let active: Vec<&Part> = parts.iter().filter(|x| x.active && x.max > since).collect();
     let every: u64 = active.iter().map(|x| x.rows).sum();
     // Each arrival took one block number (a moved or attached part keeps its level, a
-    // mutation its range): its first form is the lowest-level part of that single block.
+    // mutation its range): its first form is the lowest-level part of that single block. Only
+    // arrivals still in the table count: an outdated part no active part covers was dropped
+    // or replaced (a partition dropped before the job, a restore), its rows gone.
+    let present = |b: i64| active.iter().any(|a| a.min <= b && b <= a.max);
     let mut first: HashMap<i64, Part> = HashMap::new();
-    for x in parts.iter().filter(|x| x.min == x.max && x.min > since) {
+    for x in parts
+        .iter()
+        .filter(|x| x.min == x.max && x.min > since && present(x.min))
+    {
         let e = first.entry(x.min).or_insert(*x);
         if (x.level, !x.active) < (e.level, !e.active) {
             *e = *x;
@@ -186,6 +192,20 @@ mod tests {
                 exact: false
             }
         );
+    }
+
+    #[test]
+    fn parts_dropped_or_replaced_are_not_arrivals() {
+        // A partition dropped before the job (outdated, nothing covers them), then the move.
+        let parts = [
+            part(3, 3, 50, 0, false),
+            part(4, 4, 60, 0, false),
+            part(12, 12, 300, 1, true),
+        ];
+        assert_eq!(arrived(&parts, 0), exact(300));
+        assert_eq!(arrived(&parts, 0).besides(300), 0);
+        // Nothing left at all: nothing arrived.
+        assert_eq!(arrived(&parts[..2], 0), exact(0));
     }
 
     #[test]
