@@ -615,18 +615,11 @@ impl Landing {
     /// merges at every landing, and they never finished (parts pile up). A merge starting in
     /// between is cancelled, and done again once merges start.
     pub async fn stop_merges(&self) -> Result<()> {
-        let running = format!(
-            "SELECT count(), max(elapsed) FROM system.merges WHERE database = {} AND table = {}",
-            literal(&self.db),
-            literal(&self.target_name)
-        );
         let started = std::time::Instant::now();
         let mut told = false;
         loop {
-            let text =
-                fetch_text(&self.client, &running, "waiting for the target's merges").await?;
-            let mut fields = text.split_whitespace();
-            if fields.next().is_none_or(|n| n == "0") {
+            let (running, longest) = self.running_merges().await?;
+            if running == 0 {
                 break;
             }
             if started.elapsed() > MERGE_WAIT {
@@ -641,13 +634,9 @@ impl Landing {
             if !told {
                 told = true;
                 tracing::info!(
-                    "waiting until the merge running on {} for {:.1}s ends: stopping merges \
-                     for the landing would cancel it",
+                    "waiting until the merge running on {} for {longest:.1}s ends: stopping \
+                     merges for the landing would cancel it",
                     self.target(),
-                    fields
-                        .next()
-                        .and_then(|x| x.parse::<f64>().ok())
-                        .unwrap_or(0.0)
                 );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -660,17 +649,8 @@ impl Landing {
     pub async fn pause_merges(&self) -> Result<()> {
         let sql = format!("SYSTEM STOP MERGES {}", self.target());
         exec_repeatable(&self.client, &sql, "stopping merges on the target").await?;
-        let running = format!(
-            "SELECT count() FROM system.merges WHERE database = {} AND table = {}",
-            literal(&self.db),
-            literal(&self.target_name)
-        );
         for _ in 0..6000 {
-            if fetch_text(&self.client, &running, "waiting for the target's merges")
-                .await?
-                .trim()
-                == "0"
-            {
+            if self.running_merges().await?.0 == 0 {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -680,6 +660,23 @@ impl Landing {
             message: "a merge on the target is still running after 10 minutes".into(),
             kind: DbErrorKind::Transient,
         })
+    }
+
+    /// How many merges run on the target now, and for how long the longest has (seconds).
+    async fn running_merges(&self) -> Result<(u64, f64)> {
+        let sql = format!(
+            "SELECT count(), max(elapsed) FROM system.merges WHERE database = {} AND table = {}",
+            literal(&self.db),
+            literal(&self.target_name)
+        );
+        let text = fetch_text(&self.client, &sql, "waiting for the target's merges").await?;
+        let mut fields = text.split_whitespace();
+        let running = fields
+            .next()
+            .and_then(|x| x.parse().ok())
+            .ok_or_else(|| Error::fatal(format!("reading the target's merges: {text:?}")))?;
+        let longest = fields.next().and_then(|x| x.parse().ok()).unwrap_or(0.0);
+        Ok((running, longest))
     }
 
     /// `SYSTEM START MERGES` on the target, again after a transient failure.
