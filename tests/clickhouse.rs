@@ -1666,6 +1666,103 @@ ch_test! {
     }
 }
 
+/// Current servers (after an adversarial pass): as above, but the move goes into a partition
+/// that holds the first day's rows, and the merge folds them in too. Then the merge's sources
+/// leave the list (its `old_parts_lifetime` over, cleaned up), another writer's row with
+/// another of the chunk's keys arrives, and a second merge folds it into the first one. Only
+/// the second merge's sources are listed: the first merge, which holds the first folded row,
+/// cannot be taken apart. The count took the top block's own part (one row) for all that
+/// arrived, less the move's own rows: none, and `--rerun` (or `reset`, then `run`) dropped
+/// the other writer's rows, exit 0. Every merged part is taken apart now, and one that cannot
+/// be makes the count not exact: the rerun refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn current_a_merge_of_a_merge_whose_sources_are_gone_keeps_another_writers_rows() {
+    let srv = common::ch::ChServer::current();
+    let db = ChDb::new_on(&srv, "mergemerge");
+    build_days(&db, 3, 1000);
+    const SAME_KEY: &str = "INSERT INTO agg SELECT project_id, test_case_id, countState(),
+                                   sumState(toUInt32(1000000))
+                              FROM (SELECT project_id, test_case_id FROM runs
+                                     WHERE toDate(ran_at) = '2025-10-01'
+                                       AND toString(project_id % 4) = '{p}'
+                                     ORDER BY project_id, test_case_id LIMIT 1)
+                             GROUP BY project_id, test_case_id";
+    let (_, how) = merge_right_after_a_landing(
+        &srv,
+        &db,
+        "mergemerge",
+        Window {
+            nth: 5,
+            insert: Some(SAME_KEY),
+            kill: true,
+        },
+    )
+    .await;
+    let p = how
+        .strip_prefix("partition ")
+        .and_then(|s| s.split(',').next())
+        .expect("the partition")
+        .to_string();
+    let parts = |active: u8| {
+        db.num(&format!(
+            "SELECT count() FROM system.parts WHERE database = currentDatabase()
+                AND table = 'agg' AND partition_id = '{p}' AND active = {active}"
+        ))
+    };
+    // The first merge's sources leave the list.
+    db.q("ALTER TABLE agg MODIFY SETTING old_parts_lifetime = 0");
+    let mut waited = 0;
+    while parts(0) > 0 {
+        db.q("SYSTEM START CLEANUP agg");
+        assert!(
+            waited < 600,
+            "the first merge's sources are still listed\n{how}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        waited += 1;
+    }
+    db.q("ALTER TABLE agg MODIFY SETTING old_parts_lifetime = 480");
+    // Another key the chunk has: it folds too, and the partition keeps the chunk's count.
+    db.q(&SAME_KEY
+        .replace("{p}", &p)
+        .replace("LIMIT 1", "LIMIT 1 OFFSET 1"));
+    db.q(&format!("OPTIMIZE TABLE agg PARTITION ID '{p}' FINAL"));
+    assert_eq!(parts(1), 1, "{how}");
+    assert_eq!(parts(0), 2, "the second merge's sources are listed\n{how}");
+    let spec = days_spec(&db, "mergemerge", &db.url, "");
+    let (code, out, err) = run(&[&"run", &spec]);
+    let all = format!("{how}\n{}", all_output(&out, &err));
+    assert_eq!(code, 0, "{all}");
+    let theirs = "SELECT count() FROM (SELECT sumMerge(total) AS s FROM agg
+                                        GROUP BY project_id, test_case_id)
+                   WHERE s >= 1000000";
+    assert_eq!(db.num(theirs), 2, "{all}");
+    for how in [&["run", "--rerun"][..], &["reset", "--yes"][..]] {
+        let args: Vec<&dyn AsRef<std::ffi::OsStr>> = how
+            .iter()
+            .map(|a| a as &dyn AsRef<std::ffi::OsStr>)
+            .chain([&spec as &dyn AsRef<std::ffi::OsStr>])
+            .collect();
+        let (code, out, err) = run(&args);
+        let again = all_output(&out, &err);
+        if how[0] == "reset" {
+            assert_eq!(code, 0, "{again}");
+            let (code, out, err) = run(&[&"run", &spec]);
+            let again = all_output(&out, &err);
+            assert_eq!(code, 1, "{all}\n{again}");
+            assert!(again.contains("another writer put there"), "{again}");
+        } else {
+            assert_eq!(code, 1, "{all}\n{again}");
+            assert!(again.contains("another writer put there"), "{again}");
+        }
+        assert_eq!(
+            db.num(theirs),
+            2,
+            "the other writer's rows are kept\n{again}"
+        );
+    }
+}
+
 ch_test! {
     #[test]
     fn rerun_reset_and_a_dropped_state_table_land_every_chunk_once(srv) {
@@ -2635,6 +2732,77 @@ async fn v18_a_landing_waits_for_a_running_merge_instead_of_cancelling_it() {
         1,
         "the target's own merge ended merged\n{all}"
     );
+}
+
+ch_test! {
+    /// A restore (here `--rerun`) stops the target's merges on both servers, and stopped them
+    /// first, cancelling a merge under way (a big target's merge, cancelled at every start
+    /// over). It now waits for the running merge to end, as a landing on 18.16 does. The
+    /// restore's first look at the target's merges is held until the target's own merge of
+    /// 16M rows has started.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restore_waits_for_a_running_merge_instead_of_cancelling_it(srv) {
+        let db = ChDb::new_on(&srv, "restorewait");
+        build_days(&db, 2, 1000);
+        for i in 0..4 {
+            db.q(&format!(
+                "INSERT INTO agg SELECT 400, number * 4 + {i}, countState(),
+                        sumState(toUInt32(1))
+                   FROM numbers(4000000) GROUP BY number"
+            ));
+        }
+        let reference = source_digest(&db);
+        let spec = days_spec(&db, "restorewait", "$URL", "");
+        let (code, out, err) = run(&[&"run", &spec]);
+        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        let proxy = FaultProxy::start_http(srv.addr()).await;
+        let held = proxy.add_rule(
+            Rule::new(Fault::HoldUntilReleased)
+                .matching(|r| r.text().contains("FROM system.merges"))
+                .nth(1),
+        );
+        let via = days_spec(&db, "restorewait", &proxy.url_for(&db.url), "");
+        let mut r = spawn(db.dir.path(), "rerun", &["--rerun"], &via);
+        r.wait_until(
+            "the restore's look at the target's merges",
+            Duration::from_secs(60),
+            Duration::from_millis(20),
+            async || proxy.rule_fired(held) > 0,
+        )
+        .await;
+        let merging = {
+            let (srv, name) = (srv.clone(), db.name.clone());
+            std::thread::spawn(move || {
+                srv.try_query(Some(&name), "OPTIMIZE TABLE agg PARTITION ID '0' FINAL")
+            })
+        };
+        let running = "SELECT count() FROM system.merges WHERE database = currentDatabase()";
+        let started = std::time::Instant::now();
+        while db.num(running) == 0 {
+            assert!(
+                !merging.is_finished() && started.elapsed() < Duration::from_secs(60),
+                "the merge never started: {:?}",
+                merging.is_finished().then(|| merging.join())
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        proxy.release_held();
+        let (code, out, err) = r.finish(Duration::from_secs(600)).await;
+        let all = all_output(&out, &err);
+        assert_eq!(code, 0, "{all}");
+        assert!(all.contains("waiting until the merge running on"), "{all}");
+        let merged = merging.join().expect("the merge's thread");
+        assert!(merged.is_ok(), "the target's own merge was cancelled: {merged:?}\n{all}");
+        assert_eq!(
+            db.num(
+                "SELECT count() FROM (SELECT project_id FROM agg WHERE project_id = 400
+                                       GROUP BY project_id, test_case_id)"
+            ),
+            16000000,
+            "{all}"
+        );
+        assert_eq!(own_digest(&db), reference, "{all}");
+    }
 }
 
 /// 18.16 lands by attaching, and a replay after a kill recognises the attached parts by their

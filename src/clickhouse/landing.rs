@@ -645,10 +645,10 @@ impl Landing {
         exec_repeatable(&self.client, &sql, "stopping merges on the target").await
     }
 
-    /// Stop merges on the target and wait until none is running (bounded: 10 minutes).
+    /// Stop merges on the target and wait until none is running (bounded: 10 minutes). A
+    /// merge running when it is called is waited for first (`stop_merges`), not cancelled.
     pub async fn pause_merges(&self) -> Result<()> {
-        let sql = format!("SYSTEM STOP MERGES {}", self.target());
-        exec_repeatable(&self.client, &sql, "stopping merges on the target").await?;
+        self.stop_merges().await?;
         for _ in 0..6000 {
             if self.running_merges().await?.0 == 0 {
                 return Ok(());
