@@ -3539,6 +3539,61 @@ async fn v18_a_replay_that_finds_an_attach_gone_in_notes_it_for_the_next() {
     assert_eq!(target_digest(&db), reference, "{all}");
 }
 
+/// 18.16: a replay after a kill finds the attaches of partitions 0 and 1 gone in, counting
+/// another writer's rows in each from one read, and then noted each partition's top from a
+/// later read of the target. A row another writer put into partition 1 between the two reads
+/// was below the noted top and never counted: `--rerun` restored the partition over it, exit
+/// 0, the row gone. Each note's top now comes from the read that counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v18_a_row_written_while_a_replay_checks_the_target_is_another_writers() {
+    let srv = common::ch::ChServer::v18();
+    let db = ChDb::new_on(&srv, "replayrow");
+    build_days(&db, 2, 1000);
+    let reference = source_digest(&db);
+    // The second day's attach of partition 1 held, the runner killed, then the attach let go.
+    let (first, _) = kill_while_landing(&srv, &db, "replayrow", "", 6, |_| true).await;
+    first.release_held();
+    // Held: the request after the replay's check of partition 1 (its last read there, of the
+    // target's parts' contents).
+    let proxy = FaultProxy::start_http(srv.addr()).await;
+    let checked = std::sync::atomic::AtomicBool::new(false);
+    let held = proxy.add_rule(
+        Rule::new(Fault::HoldUntilReleased)
+            .matching(move |r| {
+                let t = r.text();
+                if t.contains("_part IN (") && t.contains(".`agg`") {
+                    checked.store(true, std::sync::atomic::Ordering::SeqCst);
+                    return false;
+                }
+                checked.load(std::sync::atomic::Ordering::SeqCst)
+            })
+            .nth(1),
+    );
+    let via = days_spec(&db, "replayrow", &proxy.url_for(&db.url), "");
+    let mut r = spawn(db.dir.path(), "replay", &[], &via);
+    r.wait_until(
+        "the request after the replay's check of partition 1",
+        Duration::from_secs(120),
+        Duration::from_millis(20),
+        async || proxy.rule_fired(held) > 0,
+    )
+    .await;
+    db.q(&OTHER_PROJECT.replace("{p}", "1"));
+    proxy.release_held();
+    let (code, out, err) = r.finish(Duration::from_secs(120)).await;
+    let all = all_output(&out, &err);
+    assert_eq!(code, 0, "{all}");
+    assert_eq!(own_digest(&db), reference, "{all}");
+    let theirs = "SELECT count() FROM agg WHERE project_id = 401";
+    assert_eq!(db.num(theirs), 1, "{all}");
+    let spec = days_spec(&db, "replayrow", "$URL", "");
+    let (code, out, err) = run(&[&"run", &"--rerun", &spec]);
+    let again = all_output(&out, &err);
+    assert_eq!(code, 1, "{all}\n{again}");
+    assert!(again.contains("another writer put there"), "{again}");
+    assert_eq!(db.num(theirs), 1, "the other writer's row is kept\n{again}");
+}
+
 /// The first day's write recording it staged is lost before it reaches the server (nothing of
 /// it attached, no attach under way in the ledger): its retry replays it from the table it
 /// remembers staged, and took the second day's identical part for its own. Nothing noted and
@@ -3984,7 +4039,7 @@ ch_test! {
                         return false;
                     }
                     landed.load(std::sync::atomic::Ordering::SeqCst)
-                        && t.contains("SELECT partition_id, rows, max_block_number FROM system.parts")
+                        && t.contains("SELECT min_block_number, max_block_number, rows, level, active FROM system.parts")
                 })
                 .nth(1),
         );
@@ -4039,7 +4094,7 @@ ch_test! {
                         return false;
                     }
                     landed.load(std::sync::atomic::Ordering::SeqCst)
-                        && t.contains("SELECT partition_id, rows, max_block_number FROM system.parts")
+                        && t.contains("SELECT min_block_number, max_block_number, rows, level, active FROM system.parts")
                 })
                 .nth(2),
         );

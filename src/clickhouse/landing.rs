@@ -487,9 +487,6 @@ impl Landing {
                 known
             }
         };
-        // One read of the target's parts per partition: after each landing, it gives that
-        // partition's new highest block and the next one's rows from other writers.
-        let mut target = self.target_parts().await?;
         // What `note_staged` noted of this staging table (18.16), read once for the landing.
         let notes = if self.moves() {
             HashMap::new()
@@ -509,18 +506,20 @@ impl Landing {
                 .and_then(|r| r.remove(p))
                 .unwrap_or(Found::NotLanded);
             // Rows written since the job last wrote to `p` are another writer's, but for the
-            // chunk's own attached parts.
-            let (already, others) = match found {
+            // chunk's own attached parts. `top`: the partition's highest block in the read that
+            // counted them, which every note of `p` below covers (`arrived_and_top`).
+            let (already, others, mut top) = match found {
                 // Less the rows of another chunk's write under way in `p` (its answer lost
                 // too, its own replay to come), which are the job's.
-                Found::Landed { foreign_rows } if t.moving_from != staging => (
+                Found::Landed { foreign_rows, top } if t.moving_from != staging => (
                     true,
                     foreign_rows.saturating_sub(self.unnoted_own(p, &t).await?),
+                    top,
                 ),
-                Found::Landed { foreign_rows } => (true, foreign_rows),
+                Found::Landed { foreign_rows, top } => (true, foreign_rows, top),
                 Found::NotLanded => {
-                    let since = self.arrived_since(p, t.last_block).await?;
-                    (false, since.besides(self.unnoted_own(p, &t).await?))
+                    let (since, top) = self.arrived_and_top(p, t.last_block).await?;
+                    (false, since.besides(self.unnoted_own(p, &t).await?), top)
                 }
                 Found::Unsure => {
                     return Err(Error::fatal(format!(
@@ -548,12 +547,11 @@ impl Landing {
                 l.check().await?;
             }
             if let Some(&(rows, _)) = staged.get(p).filter(|_| !already) {
-                let before = target.get(p).and_then(|v| v.iter().map(|x| x.1).max());
                 // Noted before the move or attach: if its answer is lost, the rows it landed
                 // are still told from another writer's (`unnoted_own`). Everything up to the
                 // partition's top is accounted for by now (the job's, or counted as another
                 // writer's just above), so the note replaces any earlier write under way.
-                t.last_block = t.last_block.max(before.unwrap_or(t.last_block));
+                t.last_block = t.last_block.max(top.unwrap_or(t.last_block));
                 t.moving_rows = rows;
                 t.moving_from = staging.to_string();
                 self.note_moving(p, &t).await?;
@@ -577,19 +575,19 @@ impl Landing {
                     self.note_outcome(staging, p, staged::Outcome::Landed, &notes)
                         .await?;
                 }
-                target = self.target_parts().await?;
                 // The partition's top after the move is noted as the job's own: rows another
                 // writer put there between the read before the move and the read after it are
                 // told by count (what arrived above the old top, less the chunk's rows; a
                 // merge may have folded the chunk's parts into older ones meanwhile).
-                let arrived = self.arrived_since(p, t.last_block).await?.besides(rows);
+                let (arrived, after) = self.arrived_and_top(p, t.last_block).await?;
+                let arrived = arrived.besides(rows);
                 if arrived > 0 {
                     self.warn_foreign(p, arrived);
                     t.foreign_rows += arrived;
                 }
+                top = after;
             }
-            let top = target.get(p).and_then(|v| v.iter().map(|x| x.1).max());
-            t.last_block = top.unwrap_or(t.last_block);
+            t.last_block = t.last_block.max(top.unwrap_or(t.last_block));
             t.moving_rows = 0;
             t.moving_from.clear();
             if let Some(l) = fence {

@@ -136,6 +136,18 @@ impl Landing {
     /// another writer's: too many is a refusal to start over that an operator can lift, too
     /// few is another writer's rows dropped by a restore.
     pub(super) async fn arrived_since(&self, p: &str, since: i64) -> Result<Arrived> {
+        Ok(self.arrived_and_top(p, since).await?.0)
+    }
+
+    /// `arrived_since`, and the partition's highest block in the same read (`None`: no part).
+    /// A note of that top after that count accounts for every row up to it, once: read
+    /// before the count, a row arriving in between counted as another writer's twice; read
+    /// after it, not at all (a later restore dropped it).
+    pub(super) async fn arrived_and_top(
+        &self,
+        p: &str,
+        since: i64,
+    ) -> Result<(Arrived, Option<i64>)> {
         let sql = format!(
             "SELECT min_block_number, max_block_number, rows, level, active FROM system.parts
               WHERE database = {} AND table = {} AND partition_id = {}",
@@ -156,7 +168,8 @@ impl Landing {
                 })
             })
             .collect();
-        Ok(arrived(&parts, since))
+        let top = parts.iter().filter(|x| x.active).map(|x| x.max).max();
+        Ok((arrived(&parts, since), top))
     }
 }
 

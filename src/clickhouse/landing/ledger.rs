@@ -225,7 +225,6 @@ impl Landing {
     /// folded the parts below that block into one above it, and the next run took all their
     /// rows for another writer's and refused.
     pub async fn settle_moves(&self) -> Result<()> {
-        let mut target = None;
         for (p, t) in self.touched().await? {
             // A restore under way is told by the base table, which stays.
             if t.moving_from.is_empty()
@@ -236,15 +235,11 @@ impl Landing {
                 continue;
             }
             let own = self.unnoted_own(&p, &t).await?;
-            if target.is_none() {
-                target = Some(self.target_parts().await?);
-            }
-            let parts = target.as_ref().expect("read above");
-            let others = self.arrived_since(&p, t.last_block).await?.besides(own);
+            let (arrived, top) = self.arrived_and_top(&p, t.last_block).await?;
+            let others = arrived.besides(own);
             if others > 0 {
                 self.warn_foreign(&p, others);
             }
-            let top = parts.get(&p).and_then(|v| v.iter().map(|x| x.1).max());
             let settled = Touched {
                 foreign_rows: t.foreign_rows + others,
                 last_block: top.unwrap_or(t.last_block).max(t.last_block),

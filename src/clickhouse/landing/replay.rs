@@ -34,9 +34,11 @@ pub(in crate::clickhouse) struct Replay<'a> {
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Found {
     /// Attached already; `foreign_rows`: rows of the target's other parts above the block the
-    /// job last noted for the partition (another writer's).
+    /// job last noted for the partition (another writer's); `top`: the partition's highest
+    /// block in the read that counted them (what the note after the replay may cover).
     Landed {
         foreign_rows: u64,
+        top: Option<i64>,
     },
     NotLanded,
     /// Merges ran since the landing began (the attached parts may be folded into others), or
@@ -161,20 +163,24 @@ impl Landing {
                     .is_some_and(|d| seen.get(&b.name) == Some(d))
         };
         let mut twins = 0;
+        let mut twins_top = None;
         for part in &ours {
             if let Some(i) = theirs.iter().position(|t| same(part, t)) {
-                theirs.swap_remove(i);
+                let twin = theirs.swap_remove(i);
+                twins_top = twins_top.max(Some(twin.block));
                 twins += 1;
             }
         }
         let above_mark = theirs.iter().any(|x| x.block > mark);
+        // The twins are above `low`, so this is the partition's top.
+        let top = theirs.iter().map(|x| x.block).max().max(twins_top);
         Ok(if !ours.is_empty() && twins == ours.len() {
             let foreign_rows = theirs
                 .iter()
                 .filter(|x| x.block > since)
                 .map(|x| x.rows)
                 .sum();
-            Found::Landed { foreign_rows }
+            Found::Landed { foreign_rows, top }
         } else if twins == 0 && (settled || !above_mark) {
             Found::NotLanded
         } else {
@@ -212,9 +218,13 @@ impl Landing {
             // longer tell, another chunk's may be alike row for row.
             let under_way = ledger.get(p).is_some_and(|t| t.moving_from == staging);
             let found = match note.map(|n| n.outcome).filter(|_| !under_way) {
-                Some(Outcome::Landed) => Found::Landed {
-                    foreign_rows: self.arrived_since(p, since).await?.besides(0),
-                },
+                Some(Outcome::Landed) => {
+                    let (arrived, top) = self.arrived_and_top(p, since).await?;
+                    Found::Landed {
+                        foreign_rows: arrived.besides(0),
+                        top,
+                    }
+                }
                 Some(Outcome::NotLanded | Outcome::Unknown) => Found::NotLanded,
                 // Under way, settled unsure, or staged by an earlier version (no notes).
                 Some(Outcome::Unsure) | None => self.found(staging, p, mark, since, names).await?,

@@ -219,18 +219,17 @@ impl Landing {
                 "restoring a partition the job had landed in",
             )
             .await?;
-            // Noted at once (merges are still paused, so the count is exact; the top is read
-            // first: a row arriving between the two reads counts as another writer's twice
-            // rather than not at all): rows another writer puts there from now on, while
-            // replaced parts leave the disk say, stay above the noted block and count as theirs.
-            let after = self.target_parts().await?;
-            let arrived = self.arrived_since(p, mark).await?.besides(own);
+            // Noted at once (merges are still paused, so the count is exact; the top comes
+            // from the read that counted, so every row up to it is counted once): rows another
+            // writer puts there from now on, while replaced parts leave the disk say, stay
+            // above the noted block and count as theirs.
+            let (arrived, top) = self.arrived_and_top(p, mark).await?;
+            let arrived = arrived.besides(own);
             let mut t = t.clone();
             if arrived > 0 {
                 self.warn_foreign(p, arrived);
                 t.foreign_rows += arrived;
             }
-            let top = after.get(p).and_then(|v| v.iter().map(|x| x.1).max());
             t.last_block = top.unwrap_or(mark).max(mark);
             t.moving_rows = 0;
             t.moving_from.clear();
