@@ -139,16 +139,18 @@ pub fn status(name: &str, current: &str) {
 
 /// Where metrics go for this process; `finish` does the final push.
 pub struct Exporter {
-    handle: PrometheusHandle,
     push: Option<Push>,
 }
 
+/// The pusher: one task sends every push in turn, the final one included, so no two pushes are
+/// ever in flight together (a gateway could apply an older one last) and none is cut off midway.
 struct Push {
-    url: hyper::Uri,
-    shown: String,
-    auth: Option<String>,
+    stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
 }
+
+/// How long one push may take before it is given up; an unanswered gateway never holds the job.
+const PUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Install the recorder, start the listener and/or the pusher.
 pub fn install(
@@ -185,10 +187,10 @@ pub fn install(
     };
     describe();
     let push = match push {
-        Some(raw) => Some(start_push(raw, every, handle.clone())?),
+        Some(raw) => Some(start_push(raw, every, handle)?),
         None => None,
     };
-    Ok(Exporter { handle, push })
+    Ok(Exporter { push })
 }
 
 fn describe() {
@@ -250,39 +252,45 @@ fn start_push(raw: &str, every: Duration, handle: PrometheusHandle) -> Result<Pu
         .as_str()
         .parse()
         .map_err(|e| Error::Usage(format!("--pushgateway {shown}: {e}")))?;
-    let (u, s, a) = (url.clone(), shown.clone(), auth.clone());
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         loop {
-            tokio::time::sleep(every).await;
-            if let Err(e) = send(&u, a.as_deref(), handle.render()).await {
-                tracing::warn!("pushing metrics to {s}: {e}");
+            // A push under way when the stop comes is finished: the select has already chosen.
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = &mut stopped => break,
+            }
+            match push_once(&url, auth.as_deref(), handle.render()).await {
+                Ok(()) => {}
+                Err(e) => tracing::warn!("pushing metrics to {shown}: {e}"),
             }
         }
+        match push_once(&url, auth.as_deref(), handle.render()).await {
+            Ok(()) => tracing::debug!("pushed final metrics to {shown}"),
+            Err(e) => tracing::warn!("final metrics push to {shown}: {e}"),
+        }
     });
-    Ok(Push {
-        url,
-        shown,
-        auth,
-        task,
-    })
+    Ok(Push { stop, task })
 }
 
 impl Exporter {
-    /// Push one last time (a short-lived job's final numbers), bounded to a few seconds.
+    /// Push one last time (a short-lived job's final numbers), after any push under way, each
+    /// bounded by `PUSH_TIMEOUT`.
     pub async fn finish(self) {
         let Some(push) = self.push else { return };
-        push.task.abort();
-        let body = self.handle.render();
-        let sent = tokio::time::timeout(
-            Duration::from_secs(5),
-            send(&push.url, push.auth.as_deref(), body),
-        )
-        .await;
-        match sent {
-            Ok(Ok(())) => tracing::debug!("pushed final metrics to {}", push.shown),
-            Ok(Err(e)) => tracing::warn!("final metrics push to {} failed: {e}", push.shown),
-            Err(_) => tracing::warn!("final metrics push to {} timed out", push.shown),
-        }
+        let _ = push.stop.send(());
+        let _ = push.task.await;
+    }
+}
+
+async fn push_once(
+    url: &hyper::Uri,
+    auth: Option<&str>,
+    body: String,
+) -> std::result::Result<(), String> {
+    match tokio::time::timeout(PUSH_TIMEOUT, send(url, auth, body)).await {
+        Ok(sent) => sent,
+        Err(_) => Err(format!("no answer within {PUSH_TIMEOUT:?}")),
     }
 }
 

@@ -1,7 +1,7 @@
 //! Prometheus metrics (scraped during a real run, pushed at exit) and JSON log lines.
 
 mod common;
-use common::prom::{free_port, receiver, scrape, value};
+use common::prom::{free_port, receiver, scrape, slow_receiver, value};
 use common::{TestDb, backfill, count};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -133,6 +133,58 @@ batch: {size: 100, target: 0, pause: 20ms}
     );
     assert!(value(body, "backfill_last_success_timestamp_seconds", "pushed").is_some());
     assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 1500);
+    db.drop_db().await;
+}
+
+/// A gateway slow to answer: a periodic push is under way when the job ends. The final push
+/// must wait for it, never overlap it (the gateway could apply the older numbers last) nor cut
+/// it off midway.
+#[tokio::test]
+async fn a_push_under_way_at_exit_is_finished_before_the_final_one() {
+    let db = TestDb::new("pushslow").await;
+    table(&db, 1500).await;
+    let spec = db.spec(
+        "slowpush.yaml",
+        "postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: UPDATE t SET n = n + 1 WHERE id = ANY($1)
+batch: {size: 100, target: 0, pause: 20ms}
+",
+    );
+    let (port, got, most_open) = slow_receiver(Duration::from_millis(400));
+    let url = format!("http://127.0.0.1:{port}/metrics/job/backfill");
+    let out = backfill()
+        .args(["run", "--pushgateway", &url, "--push-interval", "10ms"])
+        .arg(&spec)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("WARN"), "a push failed: {stderr}");
+    assert_eq!(
+        most_open.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "two pushes were in flight at once"
+    );
+    let got = got.lock().unwrap().clone();
+    assert!(
+        got.len() >= 2,
+        "periodic pushes and a final one: {}",
+        got.len()
+    );
+    let (line, _, body) = got.last().unwrap();
+    assert!(line.starts_with("PUT /metrics/job/backfill "), "{line}");
+    assert_eq!(
+        value(body, "backfill_keys_total", "slowpush"),
+        Some(1500.0),
+        "{body}"
+    );
+    assert!(
+        body.contains("backfill_job_status{backfill_job=\"slowpush\",status=\"done\"} 1"),
+        "{body}"
+    );
     db.drop_db().await;
 }
 

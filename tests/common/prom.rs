@@ -4,6 +4,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,39 +44,62 @@ pub type Received = Arc<Mutex<Vec<(String, String, String)>>>;
 
 /// A tiny push gateway: records every request, answers 200.
 pub fn receiver() -> (u16, Received) {
+    let (port, got, _) = slow_receiver(Duration::ZERO);
+    (port, got)
+}
+
+/// A push gateway that takes `delay` to answer each request. Each connection is served on its
+/// own thread, as a real gateway would; a request is recorded when it has been read whole (the
+/// order a gateway applies them in), and the third value is the most connections that were
+/// ever open at once: pushes that overlap can land in either order.
+pub fn slow_receiver(delay: Duration) -> (u16, Received, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let got = Arc::new(Mutex::new(Vec::new()));
-    let sink = got.clone();
+    let (open, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (sink, peak) = (got.clone(), most.clone());
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
-            let mut r = BufReader::new(stream);
-            let mut line = String::new();
-            if r.read_line(&mut line).is_err() {
-                continue;
-            }
-            let (mut headers, mut len) = (String::new(), 0usize);
-            loop {
-                let mut h = String::new();
-                if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-                    break;
-                }
-                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-                headers.push_str(&h);
-            }
-            let mut body = vec![0; len];
-            let _ = r.read_exact(&mut body);
-            sink.lock().unwrap().push((
-                line.trim().to_string(),
-                headers,
-                String::from_utf8_lossy(&body).into_owned(),
-            ));
-            let _ = r
-                .get_mut()
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(now, Ordering::SeqCst);
+            let (sink, open) = (sink.clone(), open.clone());
+            std::thread::spawn(move || {
+                serve(stream, delay, &sink);
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
         }
     });
-    (port, got)
+    (port, got, most)
+}
+
+fn serve(stream: TcpStream, delay: Duration, sink: &Received) {
+    let mut r = BufReader::new(stream);
+    let mut line = String::new();
+    if r.read_line(&mut line).unwrap_or(0) == 0 {
+        return;
+    }
+    let (mut headers, mut len) = (String::new(), 0usize);
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+            break;
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+        headers.push_str(&h);
+    }
+    let mut body = vec![0; len];
+    if r.read_exact(&mut body).is_err() {
+        return;
+    }
+    std::thread::sleep(delay);
+    sink.lock().unwrap().push((
+        line.trim().to_string(),
+        headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    ));
+    let _ = r
+        .get_mut()
+        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
 }
