@@ -17,8 +17,8 @@ pub(super) struct Part {
     /// Its highest block number.
     block: i64,
     /// Not as it was added: a merge product (spans more than one block number) or a
-    /// mutation's rewrite (`ALTER ... DELETE/UPDATE`: its name carries the mutation's version),
-    /// whose rows can differ from those of the part it replaced.
+    /// mutation's rewrite (`ALTER ... DELETE/UPDATE`: its data version is the mutation's, not
+    /// its first block), whose rows can differ from those of the part it replaced.
     merged: bool,
 }
 
@@ -46,12 +46,12 @@ pub(super) enum Found {
     Unsure,
 }
 
-/// Whether the part `name` of partition `p` is a mutation's rewrite: `<p>_<min>_<max>_<level>`
-/// as added or merged, with `_<mutation version>` after a mutation.
-fn mutated(name: &str, p: &str) -> bool {
-    name.strip_prefix(p)
-        .and_then(|rest| rest.strip_prefix('_'))
-        .is_some_and(|rest| rest.split('_').count() > 3)
+/// Whether a part spanning blocks `min..=max` at data version `version` is not as it was added:
+/// merged (more than one block) or rewritten by a mutation (its data version is the mutation's
+/// block number; a part as added has its first block's). Read from `system.parts` columns,
+/// never from the part's name, whose shape differs between partitioning syntaxes.
+fn reshaped(min: i64, max: i64, version: i64) -> bool {
+    min != max || version != min
 }
 
 impl Landing {
@@ -61,7 +61,7 @@ impl Landing {
         let (db, name) = bare.split_once('.').unwrap_or(("", &bare));
         let sql = format!(
             "SELECT rows, data_compressed_bytes, data_uncompressed_bytes, min_block_number,
-                    max_block_number, name
+                    max_block_number, name, data_version
                FROM system.parts
               WHERE database = {} AND table = {} AND active AND partition_id = {} {extra}",
             literal(db),
@@ -73,10 +73,10 @@ impl Landing {
             .into_iter()
             .filter_map(|r| {
                 let block = r.get(4)?.parse().ok()?;
-                let name = r.get(5)?.clone();
+                let (min, version) = (r.get(3)?.parse().ok()?, r.get(6)?.parse().ok()?);
                 Some(Part {
-                    merged: r.get(3)?.parse::<i64>().ok()? != block || mutated(&name, p),
-                    name,
+                    merged: reshaped(min, block, version),
+                    name: r.get(5)?.clone(),
                     rows: r.first()?.parse().ok()?,
                     sizes: (r.get(1)?.clone(), r.get(2)?.clone()),
                     block,
@@ -251,16 +251,15 @@ impl Landing {
 
 #[cfg(test)]
 mod tests {
-    use super::mutated;
+    use super::reshaped;
 
     #[test]
-    fn a_mutations_rewrite_is_told_by_its_name() {
-        assert!(!mutated("0_1_1_0", "0"));
-        assert!(!mutated("3_5_9_2", "3"));
-        assert!(mutated("0_1_1_0_7", "0"));
-        assert!(!mutated("202511_4_4_0", "202511"));
-        assert!(mutated("202511_4_4_0_12", "202511"));
-        assert!(!mutated("all_1_1_0", "all"));
-        assert!(mutated("ab12-7_1_1_0_3", "ab12-7"));
+    fn a_part_is_reshaped_by_a_merge_or_a_mutation() {
+        // 202511_4_4_0 (or 20251101_20251130_4_4_0 in the old syntax), as added.
+        assert!(!reshaped(4, 4, 4));
+        // 202511_4_4_0_12: part 4 rewritten by mutation 12.
+        assert!(reshaped(4, 4, 12));
+        // 202511_3_9_2: a merge.
+        assert!(reshaped(3, 9, 3));
     }
 }
