@@ -90,7 +90,7 @@ fn assert_equal(db: &ChDb, what: &str) {
     };
     assert_eq!(
         db.num("SELECT countMerge(runs) FROM agg"),
-        db.num("SELECT count() FROM runs"),
+        db.num("SELECT countMerge(runs) FROM reference"),
         "{what}: every source row counted once; the target's parts:\n{}",
         parts()
     );
@@ -261,4 +261,126 @@ fn the_private_server_brings_back_a_replaced_partition_after_a_restart() {
         "18.16 loads the replaced part again after a restart (if this fails, the server no \
          longer shows the issue and the tests above prove less)"
     );
+}
+
+/// A restart while `run --rerun` waits for the parts its restore replaced to leave the disk:
+/// the server loads them again, active, next to the base's copies. The wait only counted
+/// outdated parts, found none, and the run landed every chunk on top of them: the target
+/// doubled, exit 0. A part the restore removed (at or under the partition's top before it
+/// wrote) seen active again now ends the wait with a retryable error, and the restore,
+/// retried (or the next run), replaces it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_while_a_restore_waits_for_replaced_parts_loads_nothing_twice() {
+    let mut ch = PrivateCh::start();
+    let db = ChDb::new_on(&ch.server(), "restart_restore");
+    build_runs(&db, 4, 1000);
+    // Replaced parts stay on disk 30 s: long enough to restart the server while the restore
+    // waits for them.
+    for t in ["agg", "reference"] {
+        create_agg(&db, t, 30);
+    }
+    db.q("INSERT INTO reference
+          SELECT project_id, test_case_id, countState(), sumState(duration_ms)
+            FROM runs GROUP BY project_id, test_case_id");
+    // Rows from before the job in every partition: the restore replaces each partition with
+    // the base's copy of them (a partition with nothing before the job is dropped, and 18.16
+    // takes a dropped part off disk at once).
+    for t in ["agg", "reference"] {
+        db.q(&format!(
+            "INSERT INTO {t} SELECT toUInt32(100 + number), 1, countState(), sumState(toUInt32(1))
+               FROM numbers(4) GROUP BY number"
+        ));
+    }
+    let spec = spec(&db, "restorewait");
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "first run: {}", all_output(&out, &err));
+    assert_equal(&db, "first run");
+
+    // A slow read of the target started before the restore holds the parts it will replace:
+    // 18.16 takes a replaced part off disk a second or so after the replace, once no query
+    // uses it, so without this the restart would have to land in that second. Here the
+    // replaced parts stay until the restart ends the read.
+    let reader = hold_parts(&ch, &db);
+    let mut r = spawn(db.dir.path(), "rerun", &["--rerun"], &spec);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !r.stderr().contains("waiting until the") {
+        assert!(
+            !r.exited(),
+            "the --rerun ended before its restore waited:\n{}",
+            r.stderr()
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restore never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ch.restart();
+    let _ = reader.join();
+    let (code, out, err) = r.finish(Duration::from_secs(400)).await;
+    eprintln!("the --rerun across the restart: exit {code}");
+    for l in err
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+    {
+        eprintln!("  {l}");
+    }
+    if code != 0 {
+        // Out of retries while the server was down: it must not claim done, and the next run
+        // restores again.
+        assert!(
+            !out.contains("done —"),
+            "a failed run says done: {}",
+            all_output(&out, &err)
+        );
+        let (code, out, err) = run(&[&"run", &spec]);
+        assert_eq!(
+            code,
+            0,
+            "the run after the restart: {}",
+            all_output(&out, &err)
+        );
+    }
+    assert_equal(&db, "a --rerun whose restore crossed a restart");
+    ch.restart();
+    assert_equal(
+        &db,
+        "a --rerun whose restore crossed a restart, then another restart",
+    );
+}
+
+/// Start a read of `agg` that sleeps 20 ms per row (a minute or more: a restart ends it) and
+/// wait until the server runs it: every part active now stays on disk while it runs.
+fn hold_parts(ch: &PrivateCh, db: &ChDb) -> std::thread::JoinHandle<()> {
+    use std::io::{Read, Write};
+    // 18.16 drops a query's comments from system.processes: the read is found by its id.
+    let id = format!("hold_parts_{}", db.name);
+    let sql = format!(
+        "SELECT count() FROM {}.agg WHERE sleepEachRow(0.02) = 0",
+        db.name
+    );
+    let port = ch.http_port;
+    let qid = id.clone();
+    let reader = std::thread::spawn(move || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let _ = write!(
+            s,
+            "POST /?max_block_size=1&query_id={qid} HTTP/1.0\r\nContent-Length: {}\r\n\r\n{sql}",
+            sql.len()
+        );
+        // Ends when the restart closes the connection.
+        let _ = s.read_to_end(&mut Vec::new());
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while db.num(&format!(
+        "SELECT count() FROM system.processes WHERE query_id = '{id}'"
+    )) == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slow read never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    reader
 }

@@ -11,11 +11,23 @@ use std::time::{Duration, Instant};
 impl Landing {
     /// Wait until no part that a replace or drop removed from partition `p` of the target is
     /// left on disk (18.16 would load it again at a restart: rows doubled). Parts that merges
-    /// made obsolete are covered by the merged part and are never loaded again.
-    async fn wait_replaced_gone(&self, p: &str) -> Result<()> {
+    /// made obsolete are covered by the merged part and are never loaded again. `mark`: the
+    /// partition's top block before the restore wrote; every part the write removed lies at or
+    /// under it, everything the write put there lies above it. An active part reaching down to
+    /// it is a removed part loaded again (the server restarted before it left the disk): the
+    /// wait ends with a retryable error, and the restore, retried, replaces it again.
+    async fn wait_replaced_gone(&self, p: &str, mark: i64) -> Result<()> {
         if self.moves() {
             return Ok(());
         }
+        let back = format!(
+            "SELECT count() FROM system.parts
+              WHERE database = {} AND table = {} AND partition_id = {} AND active
+                AND min_block_number <= {mark}",
+            literal(&self.db),
+            literal(&self.target_name),
+            literal(p)
+        );
         let sql = format!(
             "SELECT count() FROM system.parts o
               WHERE o.database = {db} AND o.table = {t} AND o.partition_id = {p} AND NOT o.active
@@ -35,6 +47,18 @@ impl Landing {
                 Ok(n) => n,
                 Err(_) => self.uncovered_outdated(p).await?,
             };
+            let came_back = number(&self.client, &back, "waiting for replaced parts").await?;
+            if came_back > 0 {
+                return Err(Error::Db {
+                    message: format!(
+                        "{came_back} part(s) the restore replaced in partition {p} of {} are \
+                         active again (the server restarted before they left the disk); the \
+                         partition is restored again",
+                        self.target()
+                    ),
+                    kind: DbErrorKind::Transient,
+                });
+            }
             if left == 0 {
                 return Ok(());
             }
@@ -148,8 +172,8 @@ impl Landing {
         // Refused part-way too: what was replaced must be off disk before the run ends (a
         // restart would load it again).
         if ended {
-            for p in &replaced {
-                self.wait_replaced_gone(p).await?;
+            for (p, mark) in &replaced {
+                self.wait_replaced_gone(p, *mark).await?;
             }
         }
         restored?;
@@ -165,7 +189,7 @@ impl Landing {
         &self,
         ledger: &std::collections::HashMap<String, Touched>,
         base: &super::Parts,
-        replaced: &mut Vec<String>,
+        replaced: &mut Vec<(String, i64)>,
     ) -> Result<()> {
         self.check_no_foreign(ledger).await?;
         for (p, t) in ledger {
@@ -212,7 +236,7 @@ impl Landing {
                     literal(p)
                 )
             };
-            replaced.push(p.clone());
+            replaced.push((p.clone(), mark));
             exec(
                 &self.client,
                 &sql,
