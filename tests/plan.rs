@@ -809,6 +809,142 @@ batch: {{size: 100, target: 0}}
     db.drop_db().await;
 }
 
+/// A foreign table (postgres_fdw) is read and written by its server, in a remote transaction of
+/// its own that this one's rollback or read-only mode does not make harmless: a remote view
+/// that calls `nextval`, a remote `bigserial` filled by a routed insert. `plan` evaluates no
+/// `where` or statement that reaches one, and `verify` refuses one, as they do a volatile
+/// function.
+#[tokio::test]
+async fn plan_and_verify_reach_no_foreign_server() {
+    let db = TestDb::new("plan_fdw").await;
+    let c = db.client().await;
+    let at = c
+        .query_one(
+            "SELECT coalesce(host(inet_server_addr()), '127.0.0.1'), inet_server_port()::text,
+                    current_user::text",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (host, port, user): (String, String, String) = (at.get(0), at.get(1), at.get(2));
+    c.batch_execute(&format!(
+        "CREATE EXTENSION IF NOT EXISTS postgres_fdw;
+         CREATE SERVER loop FOREIGN DATA WRAPPER postgres_fdw
+           OPTIONS (host '{host}', port '{port}', dbname '{db}');
+         CREATE USER MAPPING FOR CURRENT_USER SERVER loop OPTIONS (user '{user}');
+         CREATE SCHEMA remote;
+         CREATE SEQUENCE remote.s;
+         CREATE VIEW remote.drawing AS SELECT nextval('remote.s') AS v;
+         CREATE TABLE remote.audit (id bigserial PRIMARY KEY, note text);
+         CREATE TABLE remote.routed_r (id bigint, note text, seq bigserial);
+         CREATE FOREIGN TABLE drawing_f (v bigint) SERVER loop
+           OPTIONS (schema_name 'remote', table_name 'drawing');
+         CREATE FOREIGN TABLE audit_f (note text) SERVER loop
+           OPTIONS (schema_name 'remote', table_name 'audit');
+         CREATE TABLE routed (id bigint, note text) PARTITION BY RANGE (id);
+         CREATE FOREIGN TABLE routed_f PARTITION OF routed FOR VALUES FROM (0) TO (1000000000)
+           SERVER loop OPTIONS (schema_name 'remote', table_name 'routed_r');
+         CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0, done bool NOT NULL DEFAULT false);
+         INSERT INTO t (id) SELECT i FROM generate_series(1, 3000) i;
+         ANALYZE t;",
+        db = db.name
+    ))
+    .await
+    .unwrap();
+    // Sequences are not transactional: a draw stays after the remote transaction aborts.
+    let snapshot = async |c: &Client| {
+        count(
+            c,
+            "SELECT (SELECT last_value + is_called::int FROM remote.s) * 1000000
+                    + (SELECT last_value + is_called::int FROM remote.audit_id_seq) * 10000
+                    + (SELECT last_value + is_called::int FROM remote.routed_r_seq_seq) * 100
+                    + (SELECT count(*) FROM remote.audit) + (SELECT count(*) FROM remote.routed_r)
+                    + (SELECT sum(n) FROM t)",
+        )
+        .await
+    };
+    let before = snapshot(&c).await;
+    let spec = |name: &str, where_: &str, statement: &str, verify: &str| {
+        db.spec(
+            &format!("{name}.yaml"),
+            &format!(
+                "name: {name}
+postgres:
+  url: $URL
+  table: t
+  key: id
+  where: {where_}
+  statement: {statement}
+  verify: {verify}
+batch: {{size: 100, target: 0}}
+"
+            ),
+        )
+    };
+    let plain = "UPDATE t SET n = n + 1 WHERE id = ANY($1)";
+    let open = "SELECT count(*) FROM t WHERE NOT done";
+    let reads = "id > (SELECT count(*) - count(*) FROM drawing_f) AND NOT done";
+    for args in [vec!["plan"], vec!["plan", "--exact"]] {
+        let path = spec("w_foreign", reads, plain, open);
+        let mut argv: Vec<&dyn AsRef<std::ffi::OsStr>> = args
+            .iter()
+            .map(|a| a as &dyn AsRef<std::ffi::OsStr>)
+            .collect();
+        argv.push(&path);
+        let (code, out, err) = run(&argv);
+        assert_eq!(code, 0, "{args:?}:\n{out}\n{err}");
+        assert_eq!(snapshot(&c).await, before, "{args:?} wrote:\n{out}");
+        assert!(
+            out.contains("where calls the foreign server of drawing_f (server loop)")
+                && !out.contains("rolled back"),
+            "{args:?}:\n{out}"
+        );
+    }
+    for (name, statement, reached) in [
+        (
+            "st_foreign_insert",
+            "INSERT INTO audit_f (note) SELECT 'x' FROM t WHERE id = ANY($1)",
+            "audit_f",
+        ),
+        // Routed into a partition that is a foreign table: the plan names only the parent.
+        (
+            "st_foreign_partition",
+            "INSERT INTO routed (id, note) SELECT id, 'x' FROM t WHERE id = ANY($1)",
+            "routed_f",
+        ),
+        (
+            "st_foreign_read",
+            "UPDATE t SET n = n + 1 WHERE id = ANY($1) AND EXISTS (SELECT 1 FROM drawing_f)",
+            "drawing_f",
+        ),
+    ] {
+        let (code, out, err) = run(&[&"plan", &spec(name, "NOT done", statement, open)]);
+        assert_eq!(code, 0, "{name}:\n{out}\n{err}");
+        assert_eq!(snapshot(&c).await, before, "{name} wrote:\n{out}");
+        let sample = line_with(&out, "sample:");
+        assert!(
+            sample.contains("not run")
+                && sample.contains(&format!("the foreign server of {reached} (server loop)")),
+            "{name}:\n{out}"
+        );
+    }
+    let verify = "SELECT count(*) - count(*) FROM drawing_f";
+    let (code, out, err) = run(&[&"verify", &spec("v_foreign", "NOT done", plain, verify)]);
+    assert_eq!(snapshot(&c).await, before, "verify wrote:\n{out}\n{err}");
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        err.contains("postgres.verify calls the foreign server of drawing_f (server loop)"),
+        "{err}"
+    );
+    // A local table is still sampled and verified.
+    let local = spec("local", "NOT done", plain, open);
+    let (code, out, err) = run(&[&"plan", &local]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(line_with(&out, "sample:").contains("rolled back"), "{out}");
+    assert_eq!(snapshot(&c).await, before);
+    db.drop_db().await;
+}
+
 #[tokio::test]
 async fn plan_does_not_flag_the_shipped_demo_jobs() {
     let db = TestDb::new("plan_demo").await;
@@ -1052,6 +1188,99 @@ batch: {size: 100, target: 0}
     );
     assert_eq!(count(&c, seq).await, before, "plan drew from the sequence");
     assert_eq!(count(&c, "SELECT count(*) FROM parent").await, 1000);
+    drop(c);
+    db.drop_db().await;
+}
+
+/// What else a foreign key's cascade runs that no plan shows: a rule on the table it deletes
+/// from (the cascade's DELETE is rewritten like any other: here it inserts into a table with a
+/// `bigserial`), and the default a SET DEFAULT fills in (here one that calls `nextval`). The
+/// sample batches ran, rolled back, and the sequences had moved. Both now keep the sample from
+/// running, as a trigger there does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_sees_the_rules_and_defaults_a_foreign_keys_cascade_runs() {
+    let db = TestDb::new("plan_cascade_rules").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE parent (id bigint PRIMARY KEY);
+         INSERT INTO parent SELECT generate_series(1, 1000);
+         CREATE TABLE child (id bigint PRIMARY KEY,
+                             parent_id bigint REFERENCES parent ON DELETE CASCADE);
+         INSERT INTO child SELECT i, i FROM generate_series(1, 1000) i;
+         CREATE TABLE log (id bigserial PRIMARY KEY, note text);
+         CREATE RULE child_log AS ON DELETE TO child DO ALSO
+           INSERT INTO log (note) VALUES ('child ' || OLD.id);
+         CREATE SEQUENCE d_seq;
+         CREATE TABLE other (id bigint PRIMARY KEY,
+                             parent_id bigint
+                               DEFAULT CASE WHEN nextval('d_seq') > 0 THEN NULL::bigint END
+                               REFERENCES parent ON DELETE SET DEFAULT);
+         INSERT INTO other SELECT i, i FROM generate_series(1, 1000) i;
+         ANALYZE parent;",
+    )
+    .await
+    .unwrap();
+    let seqs = "SELECT (SELECT last_value * 10 + is_called::int FROM log_id_seq) * 100000
+                       + (SELECT last_value * 10 + is_called::int FROM d_seq)
+                       + (SELECT count(*) FROM log)";
+    let before = count(&c, seqs).await;
+    for (name, drop, reached) in [
+        // Both: the rule is the first thing found.
+        ("both", "", "a rule (child_log on child)"),
+        (
+            "set_default",
+            "DROP RULE child_log ON child",
+            "by other_parent_id_fkey",
+        ),
+    ] {
+        if !drop.is_empty() {
+            c.batch_execute(drop).await.unwrap();
+        }
+        let spec = db.spec(
+            &format!("{name}.yaml"),
+            "postgres:
+  url: $URL
+  table: parent
+  key: id
+  statement: DELETE FROM parent WHERE id = ANY($1)
+batch: {size: 100, target: 0}
+",
+        );
+        let (code, out, err) = run(&[&"plan", &spec]);
+        assert_eq!(code, 0, "{name}: stdout:\n{out}\nstderr:\n{err}");
+        assert_eq!(
+            count(&c, seqs).await,
+            before,
+            "{name}: plan drew from a sequence:\n{out}"
+        );
+        let sample = line_with(&out, "sample:");
+        assert!(
+            sample.contains("not run") && sample.contains(reached),
+            "{name}: {out}"
+        );
+    }
+    // Without either, the sample runs, and is rolled back.
+    c.batch_execute("ALTER TABLE other ALTER COLUMN parent_id SET DEFAULT NULL")
+        .await
+        .unwrap();
+    let spec = db.spec(
+        "plain.yaml",
+        "postgres:
+  url: $URL
+  table: parent
+  key: id
+  statement: DELETE FROM parent WHERE id = ANY($1)
+batch: {size: 100, target: 0}
+",
+    );
+    let (code, out, err) = run(&[&"plan", &spec]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(line_with(&out, "sample:").contains("rolled back"), "{out}");
+    assert_eq!(count(&c, "SELECT count(*) FROM parent").await, 1000);
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM other WHERE parent_id IS NULL").await,
+        0
+    );
     drop(c);
     db.drop_db().await;
 }

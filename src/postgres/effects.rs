@@ -9,9 +9,10 @@
 //! CHECKs of the tables written and of their domain columns. For MERGE the written table's
 //! defaults are checked too (`effectful_default`). An implicit cast through such a function
 //! (a plan does not print it) counts when it casts from a column type of a relation in the
-//! plan. Not seen: functions declared STABLE or
-//! IMMUTABLE that write (planning, this check's own EXPLAIN included, may run those; such a
-//! function breaks Postgres's own rules).
+//! plan. A foreign table in the plan (or a partition of a written table that is one) counts as
+//! its server: what runs there is out of sight, and not under this transaction. Not seen:
+//! functions declared STABLE or IMMUTABLE that write (planning, this check's own EXPLAIN
+//! included, may run those; such a function breaks Postgres's own rules).
 
 use super::errors::db_error;
 use super::mentions::Mentions;
@@ -139,6 +140,11 @@ const HARMLESS: &[&str] = &[
     "uuidv7",
 ];
 
+/// `HARMLESS`, as a query parameter.
+pub fn harmless() -> Vec<String> {
+    HARMLESS.iter().map(|s| s.to_string()).collect()
+}
+
 /// The JSON document of an EXPLAIN's one row: type json, or text on some servers and
 /// poolers; none if it is neither.
 pub fn explain_json(row: &Row) -> Option<serde_json::Value> {
@@ -187,7 +193,8 @@ pub async fn outside_calls(
 /// CONFLICT actions and LIMIT are not printed in a plan): functions and aggregates by name,
 /// operators by symbol, casts and domains by the type after `::`. Then the CHECK constraints
 /// that a write evaluates without printing them, the written tables' and their domain
-/// columns', and those of the domains named, are read the same way, a few levels deep.
+/// columns', and those of the domains named, are read the same way, a few levels deep. The
+/// foreign tables it reaches are named by their server (`FOREIGN`).
 pub async fn calls_in(c: &Client, doc: &serde_json::Value, sql: &str) -> Result<Vec<String>> {
     let mut texts = Vec::new();
     strings(doc, &mut texts);
@@ -204,8 +211,8 @@ pub async fn calls_in(c: &Client, doc: &serde_json::Value, sql: &str) -> Result<
     }
     relations.sort();
     relations.dedup();
-    let harmless: Vec<String> = HARMLESS.iter().map(|s| s.to_string()).collect();
-    let mut found = Vec::new();
+    let mut found = foreign_in(c, doc, &relations, &written).await?;
+    let harmless = harmless();
     let mut checks_read: Vec<String> = Vec::new();
     for round in 0..4 {
         m.tidy();
@@ -314,6 +321,23 @@ const LOOKUP: &str = "
             OR k.castsource IN (SELECT t.oid FROM pg_type t WHERE t.typname = ANY($3::text[])))
     ORDER BY 1";
 
+/// The foreign tables among the relations a plan scans ($1, names that may not resolve) and
+/// under the tables it writes
+/// ($2: a row routed into a partition that is a foreign table), as the server they reach. What
+/// the foreign server runs is out of sight here: a remote view that calls `nextval`, a remote
+/// `bigserial` filled by an insert, or a remote transaction that is not read-only (postgres_fdw
+/// opens its own, whatever this one is) writes where neither a rollback nor a read-only
+/// transaction reaches.
+const FOREIGN: &str = "
+    WITH rels AS (
+        SELECT p.relid FROM unnest($2::text[]) w, pg_partition_tree(w::regclass) p
+        UNION SELECT w::regclass FROM unnest($2::text[]) w
+        UNION SELECT to_regclass(r) FROM unnest($1::text[]) r)
+    SELECT format('the foreign server of %s (server %s)', f.ftrelid::regclass, s.srvname)
+      FROM pg_foreign_table f JOIN pg_foreign_server s ON s.oid = f.ftserver
+     WHERE f.ftrelid IN (SELECT relid FROM rels)
+     ORDER BY 1";
+
 /// The text of the CHECK constraints of the domains named ($1, and the domains they are
 /// based on) and of the tables written ($2, `schema.table`, with their partitions and the
 /// domains of their columns).
@@ -356,6 +380,63 @@ pub fn written_tables(doc: &serde_json::Value) -> Vec<(&str, &str, bool)> {
     out
 }
 
+/// The foreign servers a plan reaches (`FOREIGN`), through the foreign tables among
+/// `relations` and under `written`, and through the Foreign Scans that print no relation of
+/// their own: a join or an aggregate pushed down to the server prints only its `Relations`
+/// text, e.g. `Aggregate on (public.f)`, from which the names are read back. A Foreign Scan
+/// none of whose names resolves still counts, by that text.
+async fn foreign_in(
+    c: &Client,
+    doc: &serde_json::Value,
+    relations: &[String],
+    written: &[String],
+) -> Result<Vec<String>> {
+    let mut pushed = Vec::new();
+    for query in doc.as_array().into_iter().flatten() {
+        pushed_down(&query["Plan"], &mut pushed);
+    }
+    let mut names: Vec<String> = relations.to_vec();
+    for text in &pushed {
+        names.extend(
+            text.split(['(', ')'])
+                .filter_map(|part| part.split_whitespace().next())
+                // A quoted name cut at a space would be a syntax error to `to_regclass`.
+                .filter(|name| name.matches('"').count() % 2 == 0)
+                .map(str::to_string),
+        );
+    }
+    let mut found: Vec<String> = c
+        .query(FOREIGN, &[&names, &written])
+        .await
+        .map_err(|e| db_error("looking for foreign tables the spec's SQL reaches", &e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if found.is_empty() {
+        found.extend(
+            pushed
+                .iter()
+                .map(|t| format!("the foreign server of a scan of {t}")),
+        );
+    }
+    Ok(found)
+}
+
+/// The `Relations` text of every Foreign Scan that names no relation of its own.
+fn pushed_down(node: &serde_json::Value, out: &mut Vec<String>) {
+    if node["Node Type"] == "Foreign Scan" && node["Relation Name"].is_null() {
+        out.push(
+            node["Relations"]
+                .as_str()
+                .unwrap_or("a foreign table")
+                .to_string(),
+        );
+    }
+    for child in node["Plans"].as_array().into_iter().flatten() {
+        pushed_down(child, out);
+    }
+}
+
 /// Every relation a plan scans or writes, as `schema.table`.
 fn relations_in(node: &serde_json::Value, out: &mut Vec<String>) {
     if let (Some(s), Some(r)) = (node["Schema"].as_str(), node["Relation Name"].as_str()) {
@@ -376,7 +457,7 @@ fn quoted(name: &str) -> String {
 /// (`serial`) or calls a volatile function counted by `outside_calls`. EXPLAIN prints the
 /// defaults a plain INSERT uses, but not MERGE's actions. Returns `table.column`.
 pub async fn effectful_default(c: &Client, schema: &str, table: &str) -> Result<Option<String>> {
-    let harmless: Vec<String> = HARMLESS.iter().map(|s| s.to_string()).collect();
+    let harmless = harmless();
     let row = c
         .query_opt(
             "WITH r AS (SELECT format('%I.%I', $1::text, $2::text)::regclass AS rel),

@@ -40,17 +40,19 @@ pub async fn verify(c: &Client, sql: &str, limits: &Limits) -> Result<i64> {
 }
 
 /// Refuse a `verify:` query that calls a function whose effects a read-only transaction does
-/// not stop (a sequence drawn, `dblink_exec` writing through a connection of its own).
+/// not stop (a sequence drawn, `dblink_exec` writing through a connection of its own), or reads
+/// a foreign table (its server runs what it runs in a transaction of its own).
 pub async fn refuse_outside_calls(c: &Client, sql: &str) -> Result<()> {
     let calls = super::effects::outside_calls(c, sql, &[]).await?;
     if calls.is_empty() {
         return Ok(());
     }
     Err(Error::Preflight(format!(
-        "postgres.verify calls {}: a volatile function can write where a read-only transaction \
-         does not reach (a sequence, another connection), and verify writes nothing; check \
-         without it, or, if it only reads, declare it STABLE (which Postgres requires of a \
-         function that does not modify the database)",
+        "postgres.verify calls {}: a volatile function or a foreign server can write where a \
+         read-only transaction does not reach (a sequence, another connection, a remote \
+         transaction of its own), and verify writes nothing; check without it, or, if a \
+         function only reads, declare it STABLE (which Postgres requires of a function that \
+         does not modify the database)",
         calls.join(", ")
     )))
 }
