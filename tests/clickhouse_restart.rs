@@ -19,7 +19,7 @@ use common::chserver::PrivateCh;
 use common::days::{build_runs, create_agg};
 use common::run;
 use common::runner::spawn;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const STATEMENT: &str = "INSERT INTO {target}
@@ -70,6 +70,33 @@ clickhouse:
 
 fn all_output(out: &str, err: &str) -> String {
     format!("--- stdout\n{out}--- stderr\n{err}")
+}
+
+/// After a run that crossed a restart (`what`, ended with `code`): print what it warned of; if
+/// it failed (out of retries while the server was down), it must not claim done, and a new run
+/// of `spec` finishes the job.
+fn settle_after_restart(what: &str, code: i32, out: &str, err: &str, spec: &Path) {
+    eprintln!("{what}: exit {code}");
+    for l in err
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+    {
+        eprintln!("  {l}");
+    }
+    if code != 0 {
+        assert!(
+            !out.contains("done —"),
+            "a failed run says done: {}",
+            all_output(out, err)
+        );
+        let (code, out, err) = run(&[&"run", &spec]);
+        assert_eq!(
+            code,
+            0,
+            "the run after the restart: {}",
+            all_output(&out, &err)
+        );
+    }
 }
 
 /// The target equals the reference, and the source's row count is in it once.
@@ -179,30 +206,10 @@ async fn a_run_across_restarts_and_a_kill_leaves_the_target_equal_to_the_referen
     // Whether the runner's own requests failed depends on where it was: 18.16 finishes the
     // requests of open connections before it exits. Said, not asserted.
     eprintln!(
-        "the run across the restart: exit {code}; network errors logged: {}",
+        "network errors logged: {}",
         err.matches("network error").count()
     );
-    for l in err
-        .lines()
-        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-    {
-        eprintln!("  {l}");
-    }
-    if code != 0 {
-        // The runner may give up while the server is down; it must not claim done.
-        assert!(
-            !out.contains("done —"),
-            "a failed run says done: {}",
-            all_output(&out, &err)
-        );
-        let (code, out, err) = run(&[&"run", &spec]);
-        assert_eq!(
-            code,
-            0,
-            "the run after the restart: {}",
-            all_output(&out, &err)
-        );
-    }
+    settle_after_restart("the run across the restart", code, &out, &err, &spec);
     assert!(before < 40, "the restart came after the job ended");
     // Once seen ending 0 "done" with a chunk counted twice (4 times in ~25 runs under load):
     // the restart came between a chunk's attach and its record, the restarted server merged the
@@ -318,29 +325,8 @@ async fn a_restart_while_a_restore_waits_for_replaced_parts_loads_nothing_twice(
     ch.restart();
     let _ = reader.join();
     let (code, out, err) = r.finish(Duration::from_secs(400)).await;
-    eprintln!("the --rerun across the restart: exit {code}");
-    for l in err
-        .lines()
-        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-    {
-        eprintln!("  {l}");
-    }
-    if code != 0 {
-        // Out of retries while the server was down: it must not claim done, and the next run
-        // restores again.
-        assert!(
-            !out.contains("done —"),
-            "a failed run says done: {}",
-            all_output(&out, &err)
-        );
-        let (code, out, err) = run(&[&"run", &spec]);
-        assert_eq!(
-            code,
-            0,
-            "the run after the restart: {}",
-            all_output(&out, &err)
-        );
-    }
+    // Out of retries while the server was down, the next run restores again.
+    settle_after_restart("the --rerun across the restart", code, &out, &err, &spec);
     assert_equal(&db, "a --rerun whose restore crossed a restart");
     ch.restart();
     assert_equal(
