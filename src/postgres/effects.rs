@@ -6,8 +6,9 @@
 //! `EXPLAIN (VERBOSE)` (views and SQL functions expanded there) and from the SQL as written
 //! (MERGE and ON CONFLICT actions, LIMIT), then looked up in the catalog with what they reach:
 //! an operator's function, an aggregate's steps, a cast's function, a domain's CHECK, and the
-//! CHECKs of the tables written and of their domain columns. For MERGE the written table's
-//! defaults are checked too (`effectful_default`). An implicit cast through such a function
+//! CHECKs of the tables written and of their domain columns. What a write runs out of the
+//! plan's sight (triggers, a cascade's rules, defaults) is `hidden`'s. An implicit cast through
+//! such a function
 //! (a plan does not print it) counts when it casts from a column type of a relation in the
 //! plan. A foreign table in the plan (or a partition of a written table that is one) counts as
 //! its server: what runs there is out of sight, and not under this transaction. Not seen:
@@ -141,7 +142,7 @@ const HARMLESS: &[&str] = &[
 ];
 
 /// `HARMLESS`, as a query parameter.
-pub fn harmless() -> Vec<String> {
+fn harmless() -> Vec<String> {
     HARMLESS.iter().map(|s| s.to_string()).collect()
 }
 
@@ -450,48 +451,6 @@ fn relations_in(node: &serde_json::Value, out: &mut Vec<String>) {
 /// `name` as an identifier Postgres reads back unchanged.
 fn quoted(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// A column of `schema.table` (or of a partition under it) that an insert fills by itself
-/// with an effect past the transaction: an identity column, or a default that uses a sequence
-/// (`serial`) or calls a volatile function counted by `outside_calls`. EXPLAIN prints the
-/// defaults a plain INSERT uses, but not MERGE's actions. Returns `table.column`.
-pub async fn effectful_default(c: &Client, schema: &str, table: &str) -> Result<Option<String>> {
-    let harmless = harmless();
-    let row = c
-        .query_opt(
-            "WITH r AS (SELECT format('%I.%I', $1::text, $2::text)::regclass AS rel),
-                  rels AS (SELECT p.relid FROM r, pg_partition_tree(r.rel) p
-                           UNION SELECT r.rel FROM r)
-             SELECT format('%s.%s', a.attrelid::regclass, a.attname)
-               FROM pg_attribute a JOIN rels ON a.attrelid = rels.relid
-              WHERE a.attnum > 0 AND NOT a.attisdropped
-                AND (a.attidentity <> ''
-                     OR EXISTS (
-                        SELECT 1 FROM pg_attrdef d
-                          JOIN pg_depend dep ON dep.classid = 'pg_attrdef'::regclass
-                                            AND dep.objid = d.oid
-                          LEFT JOIN pg_class seq ON dep.refclassid = 'pg_class'::regclass
-                                                AND seq.oid = dep.refobjid
-                          LEFT JOIN pg_proc f ON dep.refclassid = 'pg_proc'::regclass
-                                             AND f.oid = dep.refobjid
-                          LEFT JOIN pg_namespace fn ON fn.oid = f.pronamespace
-                         WHERE d.adrelid = a.attrelid AND d.adnum = a.attnum
-                           AND (seq.relkind = 'S'
-                                OR (f.provolatile = 'v'
-                                    AND (fn.nspname <> 'pg_catalog'
-                                         OR NOT f.proname = ANY($3::text[]))))))
-              ORDER BY 1 LIMIT 1",
-            &[&schema, &table, &harmless],
-        )
-        .await
-        .map_err(|e| {
-            db_error(
-                "looking at the defaults of a table the statement writes",
-                &e,
-            )
-        })?;
-    Ok(row.map(|r| r.get(0)))
 }
 
 /// Every string in a JSON document (the expressions of an EXPLAIN plan).

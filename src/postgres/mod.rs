@@ -10,6 +10,7 @@ mod blockers;
 pub mod connect;
 mod effects;
 pub mod errors;
+mod hidden;
 mod job;
 mod mentions;
 mod plan;

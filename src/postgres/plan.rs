@@ -182,9 +182,9 @@ pub async fn plan(job: &PgJob, spec: &Spec, opts: PlanOptions) -> Result<Plan> {
 
 /// Whether running the statement would do what no rollback undoes: call a volatile function
 /// (`nextval` for a serial or identity column it inserts into, a function of its own that
-/// inserts, `dblink_exec`; see `effects`), or write a table with a trigger (a trigger can draw
-/// from a sequence, an audit table's id say, and its body is not in the plan), or MERGE into
-/// a table whose inserts fill a column from a sequence. The statement is only explained, not
+/// inserts, `dblink_exec`, a foreign table's server; see `effects`), or run out of its plan's
+/// sight what could (a trigger of a table it or its cascade writes, a cascade's rule, a default
+/// a MERGE or a SET DEFAULT fills in; see `hidden`). The statement is only explained, not
 /// executed (what `effects` cannot see is listed there). Returns why.
 async fn draws(c: &Client, p: &Prepared, params: &[&(dyn ToSql + Sync)]) -> Result<Option<String>> {
     let explained = super::effects::explain(c, &p.statement, params, "explaining the statement");
@@ -199,75 +199,9 @@ async fn draws(c: &Client, p: &Prepared, params: &[&(dyn ToSql + Sync)]) -> Resu
             calls.join(", ")
         )));
     }
-    let tables = super::effects::written_tables(&doc);
-    for (schema, table, merges) in tables {
-        if merges && let Some(column) = super::effects::effectful_default(c, schema, table).await? {
-            return Ok(Some(format!(
-                "the statement merges into a table whose column {column} fills itself from a \
-                 sequence or a volatile function when a row is inserted"
-            )));
-        }
-        // The tables it writes, their partitions, and every table a foreign key's cascading
-        // action writes in turn (ON DELETE/UPDATE CASCADE, SET NULL, SET DEFAULT: run by the
-        // server's internal triggers, which no plan shows), transitively. What runs there is
-        // not in the plan either: their triggers, their rules (the cascade's DELETE or UPDATE
-        // is rewritten like any other), and the defaults a SET DEFAULT fills in.
-        let hidden: Option<String> = c
-            .query_opt(
-                "WITH RECURSIVE edges(src, dst) AS (
-                     SELECT inhparent, inhrelid FROM pg_inherits
-                     UNION ALL
-                     SELECT confrelid, conrelid FROM pg_constraint
-                      WHERE contype = 'f'
-                        AND (confdeltype NOT IN ('a', 'r') OR confupdtype NOT IN ('a', 'r'))
-                 ), written(rel) AS (
-                     SELECT format('%I.%I', $1::text, $2::text)::regclass::oid
-                     UNION
-                     SELECT e.dst FROM written w JOIN edges e ON e.src = w.rel
-                 )
-                 (SELECT format('a trigger (%s on %s)', t.tgname, t.tgrelid::regclass)
-                    FROM pg_trigger t
-                   WHERE t.tgrelid IN (SELECT rel FROM written)
-                     AND NOT t.tgisinternal AND t.tgenabled <> 'D'
-                   ORDER BY 1 LIMIT 1)
-                 UNION ALL
-                 (SELECT format('a rule (%s on %s)', r.rulename, r.ev_class::regclass)
-                    FROM pg_rewrite r
-                   WHERE r.ev_class IN (SELECT rel FROM written)
-                     AND r.ev_type <> '1' AND r.ev_enabled <> 'D'
-                     -- The statement's own table's rules are in its plan already.
-                     AND r.ev_class <> format('%I.%I', $1::text, $2::text)::regclass::oid
-                   ORDER BY 1 LIMIT 1)
-                 UNION ALL
-                 (SELECT format('a column whose default a foreign key''s SET DEFAULT fills in \
-                                 (%s.%I, by %s)', a.attrelid::regclass, a.attname, k.conname)
-                    FROM pg_constraint k
-                    JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = ANY(k.conkey)
-                    JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-                   WHERE k.contype = 'f' AND 'd' IN (k.confdeltype, k.confupdtype)
-                     AND k.confrelid IN (SELECT rel FROM written)
-                     AND EXISTS (
-                         SELECT 1 FROM pg_depend dep
-                           LEFT JOIN pg_class seq ON dep.refclassid = 'pg_class'::regclass
-                                                 AND seq.oid = dep.refobjid
-                           LEFT JOIN pg_proc f ON dep.refclassid = 'pg_proc'::regclass
-                                              AND f.oid = dep.refobjid
-                          WHERE dep.classid = 'pg_attrdef'::regclass AND dep.objid = d.oid
-                            AND (seq.relkind = 'S'
-                                 OR (f.provolatile = 'v' AND NOT (f.pronamespace = 'pg_catalog'::regnamespace
-                                                                  AND f.proname = ANY($3::text[])))))
-                   ORDER BY 1 LIMIT 1)
-                 LIMIT 1",
-                &[&schema, &table, &super::effects::harmless()],
-            )
-            .await
-            .map_err(|e| db_error("looking for triggers, rules and defaults", &e))?
-            .map(|r| r.get(0));
-        if let Some(what) = hidden {
-            return Ok(Some(format!(
-                "a table the statement writes (or a foreign key's cascade from it writes) has \
-                 {what}, which could draw from a sequence"
-            )));
+    for (schema, table, merges) in super::effects::written_tables(&doc) {
+        if let Some(why) = super::hidden::effect(c, schema, table, merges).await? {
+            return Ok(Some(why));
         }
     }
     Ok(None)

@@ -1,0 +1,151 @@
+//! What a write runs that its plan does not show, for `plan`'s effect check (`effects` reads
+//! what the plan does show): the triggers of the tables it writes, and of every table a
+//! foreign key's cascade writes in turn (the server's internal triggers run it, out of the
+//! plan); the rules of those cascaded tables (their statements are rewritten like any other);
+//! the defaults a foreign key's SET DEFAULT fills in, and those a MERGE's inserts use (EXPLAIN
+//! prints neither). A default is read as SQL text, through `effects::calls_in`, as a CHECK is:
+//! `nextval('s'::text)` records no dependency in the catalog that a lookup could follow.
+
+use super::effects::calls_in;
+use super::errors::db_error;
+use crate::error::Result;
+use tokio_postgres::{Client, Row};
+
+/// The relations a write of `$1.$2` reaches (`written`): the table, its partitions and
+/// inheritance children, and every table a foreign key's cascading action (ON DELETE/UPDATE
+/// CASCADE, SET NULL, SET DEFAULT) writes from them, transitively.
+const WRITTEN: &str = "
+    WITH RECURSIVE edges(src, dst) AS (
+        SELECT inhparent, inhrelid FROM pg_inherits
+        UNION ALL
+        SELECT confrelid, conrelid FROM pg_constraint
+         WHERE contype = 'f'
+           AND (confdeltype NOT IN ('a', 'r') OR confupdtype NOT IN ('a', 'r'))
+    ), written(rel) AS (
+        SELECT format('%I.%I', $1::text, $2::text)::regclass::oid
+        UNION
+        SELECT e.dst FROM written w JOIN edges e ON e.src = w.rel
+    )";
+
+/// Whether a write of `schema.table` (a MERGE if `merges`) runs what no rollback undoes out of
+/// its plan's sight. Returns what, for the operator.
+pub async fn effect(c: &Client, schema: &str, table: &str, merges: bool) -> Result<Option<String>> {
+    if merges
+        && let Some(column) = drawing_default(c, &merge_defaults(c, schema, table).await?).await?
+    {
+        return Ok(Some(format!(
+            "the statement merges into a table whose column {column} fills itself from a \
+             sequence or a volatile function when a row is inserted"
+        )));
+    }
+    let found: Option<String> = c
+        .query_opt(
+            &format!(
+                "{WRITTEN}
+                 (SELECT format('a trigger (%s on %s)', t.tgname, t.tgrelid::regclass)
+                    FROM pg_trigger t
+                   WHERE t.tgrelid IN (SELECT rel FROM written)
+                     AND NOT t.tgisinternal AND t.tgenabled <> 'D'
+                   ORDER BY 1 LIMIT 1)
+                 UNION ALL
+                 (SELECT format('a rule (%s on %s)', r.rulename, r.ev_class::regclass)
+                    FROM pg_rewrite r
+                   WHERE r.ev_class IN (SELECT rel FROM written)
+                     AND r.ev_type <> '1' AND r.ev_enabled <> 'D'
+                     -- The statement's own table's rules are in its plan already.
+                     AND r.ev_class <> format('%I.%I', $1::text, $2::text)::regclass::oid
+                   ORDER BY 1 LIMIT 1)
+                 LIMIT 1"
+            ),
+            &[&schema, &table],
+        )
+        .await
+        .map_err(|e| db_error("looking for the triggers and rules a write runs", &e))?
+        .map(|r| r.get(0));
+    let found = match found {
+        Some(what) => Some(what),
+        None => drawing_default(c, &set_defaults(c, schema, table).await?)
+            .await?
+            .map(|column| {
+                format!("a column whose default a foreign key's SET DEFAULT fills in ({column})")
+            }),
+    };
+    Ok(found.map(|what| {
+        format!(
+            "a table the statement writes (or a foreign key's cascade from it writes) has \
+             {what}, which could draw from a sequence"
+        )
+    }))
+}
+
+/// The columns of `schema.table` and of its partitions that an insert can fill by itself:
+/// (`table.column`, identity, the default's text).
+async fn merge_defaults(c: &Client, schema: &str, table: &str) -> Result<Vec<Row>> {
+    c.query(
+        "WITH r AS (SELECT format('%I.%I', $1::text, $2::text)::regclass AS rel),
+              rels AS (SELECT p.relid FROM r, pg_partition_tree(r.rel) p
+                       UNION SELECT r.rel FROM r)
+         SELECT format('%s.%I', a.attrelid::regclass, a.attname), a.attidentity <> '',
+                pg_get_expr(d.adbin, d.adrelid)
+           FROM pg_attribute a JOIN rels ON a.attrelid = rels.relid
+           LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+          WHERE a.attnum > 0 AND NOT a.attisdropped AND (a.attidentity <> '' OR d.oid IS NOT NULL)
+          ORDER BY 1",
+        &[&schema, &table],
+    )
+    .await
+    .map_err(|e| {
+        db_error(
+            "looking at the defaults of a table the statement merges into",
+            &e,
+        )
+    })
+}
+
+/// The columns a foreign key's SET DEFAULT fills in when a write of `schema.table` (or its
+/// cascade) deletes or updates the rows they reference, in the same form as `merge_defaults`.
+async fn set_defaults(c: &Client, schema: &str, table: &str) -> Result<Vec<Row>> {
+    c.query(
+        &format!(
+            "{WRITTEN}
+             SELECT format('%s.%I, by %s', a.attrelid::regclass, a.attname, k.conname),
+                    a.attidentity <> '', pg_get_expr(d.adbin, d.adrelid)
+               FROM pg_constraint k
+               JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = ANY(k.conkey)
+               LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+              WHERE k.contype = 'f' AND 'd' IN (k.confdeltype, k.confupdtype)
+                AND k.confrelid IN (SELECT rel FROM written)
+                AND (a.attidentity <> '' OR d.oid IS NOT NULL)
+              ORDER BY 1"
+        ),
+        &[&schema, &table],
+    )
+    .await
+    .map_err(|e| {
+        db_error(
+            "looking at the defaults a foreign key's SET DEFAULT fills in",
+            &e,
+        )
+    })
+}
+
+/// The first of `columns` (as `merge_defaults` gives them) whose default has an effect past
+/// the transaction: an identity column (its sequence), or a default that calls a volatile
+/// function `calls_in` counts.
+async fn drawing_default(c: &Client, columns: &[Row]) -> Result<Option<String>> {
+    for r in columns {
+        let (column, identity, text): (String, bool, Option<String>) =
+            (r.get(0), r.get(1), r.get(2));
+        if identity {
+            return Ok(Some(column));
+        }
+        if let Some(text) = text
+            && !calls_in(c, &serde_json::Value::Null, &text)
+                .await?
+                .is_empty()
+        {
+            return Ok(Some(column));
+        }
+    }
+    Ok(None)
+}
