@@ -4,6 +4,7 @@
 mod common;
 use common::store::has_store;
 use common::{TestDb, checksum, count, make_table, run};
+use std::path::{Path, PathBuf};
 use tokio_postgres::Client;
 
 /// The value after `label` on the line of stdout that contains it.
@@ -539,6 +540,35 @@ batch:
     db.drop_db().await;
 }
 
+/// A job on table `t` of `db` with this `where`, statement and verify, batches of 100.
+fn t_spec(db: &TestDb, name: &str, where_: &str, statement: &str, verify: &str) -> PathBuf {
+    db.spec(
+        &format!("{name}.yaml"),
+        &format!(
+            "name: {name}
+postgres:
+  url: $URL
+  table: t
+  key: id
+  where: {where_}
+  statement: {statement}
+  verify: {verify}
+batch: {{size: 100, target: 0}}
+"
+        ),
+    )
+}
+
+/// `backfill ARGS SPEC`.
+fn run_on(args: &[&str], spec: &Path) -> (i32, String, String) {
+    let mut argv: Vec<&dyn AsRef<std::ffi::OsStr>> = args
+        .iter()
+        .map(|a| a as &dyn AsRef<std::ffi::OsStr>)
+        .collect();
+    argv.push(&spec);
+    run(&argv)
+}
+
 /// Functions that write where neither a rollback nor a read-only transaction reaches: a
 /// sequence drawn (`nextval`, also inside a plpgsql function or through a serial column it
 /// inserts into), `dblink_exec` (a connection of its own), built-ins that run SQL given as
@@ -595,21 +625,7 @@ async fn plan_and_verify_call_nothing_that_writes_past_their_transaction() {
     };
     let before = snapshot(&c).await;
     let spec = |name: &str, where_: &str, statement: &str, verify: &str| {
-        db.spec(
-            &format!("{name}.yaml"),
-            &format!(
-                "name: {name}
-postgres:
-  url: $URL
-  table: t
-  key: id
-  where: {where_}
-  statement: {statement}
-  verify: {verify}
-batch: {{size: 100, target: 0}}
-"
-            ),
-        )
+        t_spec(&db, name, where_, statement, verify)
     };
     let plain = "UPDATE t SET n = n + 1 WHERE id = ANY($1)";
     let open = "SELECT count(*) FROM t WHERE NOT done";
@@ -636,13 +652,7 @@ batch: {{size: 100, target: 0}}
         ),
     ] {
         for args in [vec!["plan"], vec!["plan", "--exact"]] {
-            let path = spec(name, where_, plain, open);
-            let mut argv: Vec<&dyn AsRef<std::ffi::OsStr>> = args
-                .iter()
-                .map(|a| a as &dyn AsRef<std::ffi::OsStr>)
-                .collect();
-            argv.push(&path);
-            let (code, out, err) = run(&argv);
+            let (code, out, err) = run_on(&args, &spec(name, where_, plain, open));
             assert_eq!(code, 0, "{name} {args:?}:\n{out}\n{err}");
             assert!(
                 out.contains(&format!("where calls {called}")) && !out.contains("rolled back"),
@@ -865,33 +875,13 @@ async fn plan_and_verify_reach_no_foreign_server() {
     };
     let before = snapshot(&c).await;
     let spec = |name: &str, where_: &str, statement: &str, verify: &str| {
-        db.spec(
-            &format!("{name}.yaml"),
-            &format!(
-                "name: {name}
-postgres:
-  url: $URL
-  table: t
-  key: id
-  where: {where_}
-  statement: {statement}
-  verify: {verify}
-batch: {{size: 100, target: 0}}
-"
-            ),
-        )
+        t_spec(&db, name, where_, statement, verify)
     };
     let plain = "UPDATE t SET n = n + 1 WHERE id = ANY($1)";
     let open = "SELECT count(*) FROM t WHERE NOT done";
     let reads = "id > (SELECT count(*) - count(*) FROM drawing_f) AND NOT done";
     for args in [vec!["plan"], vec!["plan", "--exact"]] {
-        let path = spec("w_foreign", reads, plain, open);
-        let mut argv: Vec<&dyn AsRef<std::ffi::OsStr>> = args
-            .iter()
-            .map(|a| a as &dyn AsRef<std::ffi::OsStr>)
-            .collect();
-        argv.push(&path);
-        let (code, out, err) = run(&argv);
+        let (code, out, err) = run_on(&args, &spec("w_foreign", reads, plain, open));
         assert_eq!(code, 0, "{args:?}:\n{out}\n{err}");
         assert_eq!(snapshot(&c).await, before, "{args:?} wrote:\n{out}");
         assert!(
@@ -1221,6 +1211,21 @@ async fn plan_sees_the_rules_and_defaults_a_foreign_keys_cascade_runs() {
     )
     .await
     .unwrap();
+    const DELETE: &str = "DELETE FROM parent WHERE id = ANY($1)";
+    let parent_spec = |name: &str, statement: &str| {
+        db.spec(
+            &format!("{name}.yaml"),
+            &format!(
+                "postgres:
+  url: $URL
+  table: parent
+  key: id
+  statement: {statement}
+batch: {{size: 100, target: 0}}
+"
+            ),
+        )
+    };
     let seqs = "SELECT (SELECT last_value * 10 + is_called::int FROM log_id_seq) * 100000
                        + (SELECT last_value * 10 + is_called::int FROM d_seq)
                        + (SELECT count(*) FROM log)";
@@ -1237,17 +1242,7 @@ async fn plan_sees_the_rules_and_defaults_a_foreign_keys_cascade_runs() {
         if !drop.is_empty() {
             c.batch_execute(drop).await.unwrap();
         }
-        let spec = db.spec(
-            &format!("{name}.yaml"),
-            "postgres:
-  url: $URL
-  table: parent
-  key: id
-  statement: DELETE FROM parent WHERE id = ANY($1)
-batch: {size: 100, target: 0}
-",
-        );
-        let (code, out, err) = run(&[&"plan", &spec]);
+        let (code, out, err) = run(&[&"plan", &parent_spec(name, DELETE)]);
         assert_eq!(code, 0, "{name}: stdout:\n{out}\nstderr:\n{err}");
         assert_eq!(
             count(&c, seqs).await,
@@ -1266,17 +1261,10 @@ batch: {size: 100, target: 0}
     )
     .await
     .unwrap();
-    let merge = db.spec(
-        "merge.yaml",
-        "postgres:
-  url: $URL
-  table: parent
-  key: id
-  statement: >-
-    MERGE INTO merged USING (SELECT id FROM parent WHERE id = ANY($1)) s ON merged.src = s.id
-    WHEN NOT MATCHED THEN INSERT (src) VALUES (s.id)
-batch: {size: 100, target: 0}
-",
+    let merge = parent_spec(
+        "merge",
+        "MERGE INTO merged USING (SELECT id FROM parent WHERE id = ANY($1)) s \
+         ON merged.src = s.id WHEN NOT MATCHED THEN INSERT (src) VALUES (s.id)",
     );
     let m_seq = "SELECT last_value * 10 + is_called::int FROM m_seq";
     let m_before = count(&c, m_seq).await;
@@ -1296,17 +1284,7 @@ batch: {size: 100, target: 0}
     c.batch_execute("ALTER TABLE other ALTER COLUMN parent_id SET DEFAULT NULL")
         .await
         .unwrap();
-    let spec = db.spec(
-        "plain.yaml",
-        "postgres:
-  url: $URL
-  table: parent
-  key: id
-  statement: DELETE FROM parent WHERE id = ANY($1)
-batch: {size: 100, target: 0}
-",
-    );
-    let (code, out, err) = run(&[&"plan", &spec]);
+    let (code, out, err) = run(&[&"plan", &parent_spec("plain", DELETE)]);
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
     assert!(line_with(&out, "sample:").contains("rolled back"), "{out}");
     assert_eq!(count(&c, "SELECT count(*) FROM parent").await, 1000);
