@@ -854,6 +854,11 @@ async fn plan_and_verify_reach_no_foreign_server() {
          CREATE TABLE routed (id bigint, note text) PARTITION BY RANGE (id);
          CREATE FOREIGN TABLE routed_f PARTITION OF routed FOR VALUES FROM (0) TO (1000000000)
            SERVER loop OPTIONS (schema_name 'remote', table_name 'routed_r');
+         -- Read-only by their own account (STABLE), and they are: here, the server is not.
+         CREATE FUNCTION reads_f() RETURNS bigint LANGUAGE sql STABLE
+           AS 'SELECT count(*) - count(*) FROM drawing_f';
+         CREATE FUNCTION calls_reads_f() RETURNS bigint LANGUAGE plpgsql STABLE
+           AS $$ BEGIN RETURN reads_f(); END $$;
          CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0, done bool NOT NULL DEFAULT false);
          INSERT INTO t (id) SELECT i FROM generate_series(1, 3000) i;
          ANALYZE t;",
@@ -918,13 +923,42 @@ async fn plan_and_verify_reach_no_foreign_server() {
             "{name}:\n{out}"
         );
     }
-    let verify = "SELECT count(*) - count(*) FROM drawing_f";
-    let (code, out, err) = run(&[&"verify", &spec("v_foreign", "NOT done", plain, verify)]);
-    assert_eq!(snapshot(&c).await, before, "verify wrote:\n{out}\n{err}");
-    assert_eq!(code, 1, "{out}\n{err}");
+    for (name, verify) in [
+        ("v_foreign", "SELECT count(*) - count(*) FROM drawing_f"),
+        // Through a STABLE function's body, and through one that calls it.
+        (
+            "v_function",
+            "SELECT reads_f() + count(*) FROM t WHERE done",
+        ),
+        (
+            "v_nested",
+            "SELECT calls_reads_f() + count(*) FROM t WHERE done",
+        ),
+    ] {
+        let (code, out, err) = run(&[&"verify", &spec(name, "NOT done", plain, verify)]);
+        assert_eq!(snapshot(&c).await, before, "{name} wrote:\n{out}\n{err}");
+        assert_eq!(code, 1, "{name}: {out}\n{err}");
+        assert!(
+            err.contains("postgres.verify calls the foreign server of drawing_f (server loop"),
+            "{name}: {err}"
+        );
+    }
+    let (code, out, err) = run_on(
+        &["plan"],
+        &spec(
+            "w_function",
+            "calls_reads_f() = 0 AND NOT done",
+            plain,
+            open,
+        ),
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(snapshot(&c).await, before, "w_function wrote:\n{out}");
     assert!(
-        err.contains("postgres.verify calls the foreign server of drawing_f (server loop)"),
-        "{err}"
+        out.contains(
+            "where calls the foreign server of drawing_f (server loop, read in reads_f())"
+        ),
+        "{out}"
     );
     // A local table is still sampled and verified.
     let local = spec("local", "NOT done", plain, open);

@@ -10,8 +10,9 @@
 //! plan's sight (triggers, a cascade's rules, defaults) is `hidden`'s. An implicit cast through
 //! such a function
 //! (a plan does not print it) counts when it casts from a column type of a relation in the
-//! plan. A foreign table in the plan (or a partition of a written table that is one) counts as
-//! its server: what runs there is out of sight, and not under this transaction. Not seen:
+//! plan. A foreign table in the plan (or a partition of a written table that is one, or one
+//! named in the body of a function it calls, even a STABLE one) counts as its server: what
+//! runs there is out of sight, and not under this transaction. Not seen:
 //! functions declared STABLE or IMMUTABLE that write (planning, this check's own EXPLAIN
 //! included, may run those; such a function breaks Postgres's own rules).
 
@@ -213,6 +214,10 @@ pub async fn calls_in(c: &Client, doc: &serde_json::Value, sql: &str) -> Result<
     relations.sort();
     relations.dedup();
     let mut found = foreign_in(c, doc, &relations, &written).await?;
+    m.tidy();
+    let mut called = m.calls.clone();
+    called.extend(m.qualified_calls.iter().map(|(_, name)| name.clone()));
+    found.extend(foreign_in_bodies(c, &called).await?);
     let harmless = harmless();
     let mut checks_read: Vec<String> = Vec::new();
     for round in 0..4 {
@@ -421,6 +426,42 @@ async fn foreign_in(
         );
     }
     Ok(found)
+}
+
+/// The foreign tables that the bodies of the functions named (`names`, outside `pg_catalog`,
+/// of any volatility), or of the functions named in those bodies, a few levels deep, name: a
+/// STABLE function may read a foreign table, whose server then works in a transaction that is
+/// not read-only (a remote view calling `nextval` draws). Read as text, word by word; a name
+/// built at run time (`EXECUTE`) is not seen.
+async fn foreign_in_bodies(c: &Client, names: &[String]) -> Result<Vec<String>> {
+    let rows = c
+        .query(
+            r#"WITH RECURSIVE ours AS (
+                   SELECT p.oid, p.proname, p.prosrc FROM pg_proc p
+                     JOIN pg_namespace n ON n.oid = p.pronamespace
+                    WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')),
+               word(oid, pattern) AS (
+                   SELECT oid, '\m' || regexp_replace(proname, '([^[:alnum:]_])', '\\\1', 'g')
+                          || '\M' FROM ours),
+               fns(oid, depth) AS (
+                   SELECT oid, 0 FROM ours WHERE proname = ANY($1::text[])
+                   UNION
+                   SELECT w.oid, f.depth + 1 FROM fns f JOIN ours p ON p.oid = f.oid
+                     JOIN word w ON p.prosrc ~* w.pattern
+                    WHERE f.depth < 4)
+               SELECT DISTINCT format('the foreign server of %s (server %s, read in %s)',
+                                      k.oid::regclass, s.srvname, p.oid::regprocedure)
+                 FROM pg_foreign_table ft JOIN pg_class k ON k.oid = ft.ftrelid
+                 JOIN pg_foreign_server s ON s.oid = ft.ftserver
+                 JOIN ours p ON p.prosrc ~* ('\m' || regexp_replace(k.relname,
+                                              '([^[:alnum:]_])', '\\\1', 'g') || '\M')
+                WHERE p.oid IN (SELECT oid FROM fns)
+                ORDER BY 1"#,
+            &[&names],
+        )
+        .await
+        .map_err(|e| db_error("reading the functions the spec's SQL calls", &e))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// The `Relations` text of every Foreign Scan that names no relation of its own.
