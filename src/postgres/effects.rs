@@ -281,7 +281,14 @@ const LOOKUP: &str = "
     WITH eff AS (
         SELECT p.oid, format('%s.%s', n.nspname, p.proname) AS name
           FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-         WHERE p.provolatile = 'v' AND (n.nspname <> 'pg_catalog' OR NOT p.proname = ANY($4::text[]))),
+         WHERE (p.provolatile = 'v' AND (n.nspname <> 'pg_catalog' OR NOT p.proname = ANY($4::text[])))
+            -- STABLE, but they read a table, view or foreign table named as text, which no
+            -- plan shows (a view's volatile function, a foreign server).
+            OR (n.nspname = 'pg_catalog' AND p.proname IN (
+                'table_to_xml', 'table_to_xmlschema', 'table_to_xml_and_xmlschema',
+                'schema_to_xml', 'schema_to_xmlschema', 'schema_to_xml_and_xmlschema',
+                'database_to_xml', 'database_to_xmlschema', 'database_to_xml_and_xmlschema',
+                'cursor_to_xml', 'cursor_to_xmlschema'))),
     path AS (
         SELECT n.oid AS nsp, p.ord
           FROM unnest(current_schemas(true)) WITH ORDINALITY AS p(s, ord)
@@ -327,8 +334,7 @@ const LOOKUP: &str = "
             OR k.castsource IN (SELECT t.oid FROM pg_type t WHERE t.typname = ANY($3::text[])))
     ORDER BY 1";
 
-/// The foreign tables among the relations a plan scans ($1, names that may not resolve) and
-/// under the tables it writes
+/// The foreign tables among the relations a plan scans ($1), under the tables it writes
 /// ($2: a row routed into a partition that is a foreign table), as the server they reach. What
 /// the foreign server runs is out of sight here: a remote view that calls `nextval`, a remote
 /// `bigserial` filled by an insert, or a remote transaction that is not read-only (postgres_fdw
@@ -338,10 +344,13 @@ const FOREIGN: &str = "
     WITH rels AS (
         SELECT p.relid FROM unnest($2::text[]) w, pg_partition_tree(w::regclass) p
         UNION SELECT w::regclass FROM unnest($2::text[]) w
-        UNION SELECT to_regclass(r) FROM unnest($1::text[]) r)
+        UNION SELECT r::regclass FROM unnest($1::text[]) r)
     SELECT format('the foreign server of %s (server %s)', f.ftrelid::regclass, s.srvname)
       FROM pg_foreign_table f JOIN pg_foreign_server s ON s.oid = f.ftserver
+      JOIN pg_class k ON k.oid = f.ftrelid JOIN pg_namespace n ON n.oid = k.relnamespace
      WHERE f.ftrelid IN (SELECT relid FROM rels)
+        OR EXISTS (SELECT 1 FROM unnest($3::text[]) x
+                    WHERE position(format('%I.%I', n.nspname, k.relname) IN x) > 0)
      ORDER BY 1";
 
 /// The text of the CHECK constraints of the domains named ($1, and the domains they are
@@ -389,8 +398,10 @@ pub fn written_tables(doc: &serde_json::Value) -> Vec<(&str, &str, bool)> {
 /// The foreign servers a plan reaches (`FOREIGN`), through the foreign tables among
 /// `relations` and under `written`, and through the Foreign Scans that print no relation of
 /// their own: a join or an aggregate pushed down to the server prints only its `Relations`
-/// text, e.g. `Aggregate on (public.f)`, from which the names are read back. A Foreign Scan
-/// none of whose names resolves still counts, by that text.
+/// text, e.g. `Aggregate on (public.f)`, which holds each table as `schema.name` quoted as
+/// an identifier: a foreign table counts when that form of its name is in the text (no name is
+/// parsed back out of it). A Foreign Scan none of whose tables is found still counts, by that
+/// text.
 async fn foreign_in(
     c: &Client,
     doc: &serde_json::Value,
@@ -401,18 +412,8 @@ async fn foreign_in(
     for query in doc.as_array().into_iter().flatten() {
         pushed_down(&query["Plan"], &mut pushed);
     }
-    let mut names: Vec<String> = relations.to_vec();
-    for text in &pushed {
-        names.extend(
-            text.split(['(', ')'])
-                .filter_map(|part| part.split_whitespace().next())
-                // A quoted name cut at a space would be a syntax error to `to_regclass`.
-                .filter(|name| name.matches('"').count() % 2 == 0)
-                .map(str::to_string),
-        );
-    }
     let mut found: Vec<String> = c
-        .query(FOREIGN, &[&names, &written])
+        .query(FOREIGN, &[&relations, &written, &pushed])
         .await
         .map_err(|e| db_error("looking for foreign tables the spec's SQL reaches", &e))?
         .iter()

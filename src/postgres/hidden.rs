@@ -79,17 +79,19 @@ pub async fn effect(c: &Client, schema: &str, table: &str, merges: bool) -> Resu
 }
 
 /// The columns of `schema.table` and of its partitions that an insert can fill by itself:
-/// (`table.column`, identity, the default's text).
+/// (`table.column`, identity, the default's text: the column's own, else its domain's).
 async fn merge_defaults(c: &Client, schema: &str, table: &str) -> Result<Vec<Row>> {
     c.query(
         "WITH r AS (SELECT format('%I.%I', $1::text, $2::text)::regclass AS rel),
               rels AS (SELECT p.relid FROM r, pg_partition_tree(r.rel) p
                        UNION SELECT r.rel FROM r)
          SELECT format('%s.%I', a.attrelid::regclass, a.attname), a.attidentity <> '',
-                pg_get_expr(d.adbin, d.adrelid)
+                coalesce(pg_get_expr(d.adbin, d.adrelid), ty.typdefault)
            FROM pg_attribute a JOIN rels ON a.attrelid = rels.relid
            LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-          WHERE a.attnum > 0 AND NOT a.attisdropped AND (a.attidentity <> '' OR d.oid IS NOT NULL)
+           LEFT JOIN pg_type ty ON ty.oid = a.atttypid AND ty.typtype = 'd'
+          WHERE a.attnum > 0 AND NOT a.attisdropped
+            AND (a.attidentity <> '' OR d.oid IS NOT NULL OR ty.typdefault IS NOT NULL)
           ORDER BY 1",
         &[&schema, &table],
     )
@@ -109,13 +111,14 @@ async fn set_defaults(c: &Client, schema: &str, table: &str) -> Result<Vec<Row>>
         &format!(
             "{WRITTEN}
              SELECT format('%s.%I, by %s', a.attrelid::regclass, a.attname, k.conname),
-                    a.attidentity <> '', pg_get_expr(d.adbin, d.adrelid)
+                    a.attidentity <> '', coalesce(pg_get_expr(d.adbin, d.adrelid), ty.typdefault)
                FROM pg_constraint k
                JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = ANY(k.conkey)
                LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+               LEFT JOIN pg_type ty ON ty.oid = a.atttypid AND ty.typtype = 'd'
               WHERE k.contype = 'f' AND 'd' IN (k.confdeltype, k.confupdtype)
                 AND k.confrelid IN (SELECT rel FROM written)
-                AND (a.attidentity <> '' OR d.oid IS NOT NULL)
+                AND (a.attidentity <> '' OR d.oid IS NOT NULL OR ty.typdefault IS NOT NULL)
               ORDER BY 1"
         ),
         &[&schema, &table],
