@@ -823,7 +823,9 @@ async fn plan_and_verify_call_nothing_that_writes_past_their_transaction() {
 /// its own that this one's rollback or read-only mode does not make harmless: a remote view
 /// that calls `nextval`, a remote `bigserial` filled by a routed insert. `plan` evaluates no
 /// `where` or statement that reaches one, and `verify` refuses one, as they do a volatile
-/// function.
+/// function: also when a function reads it (STABLE, reached by name, through an operator,
+/// with a SQL-standard body, through a view), and when only a later sample batch's keys reach
+/// it (each batch's plan is its own).
 #[tokio::test]
 async fn plan_and_verify_reach_no_foreign_server() {
     let db = TestDb::new("plan_fdw").await;
@@ -861,6 +863,17 @@ async fn plan_and_verify_reach_no_foreign_server() {
            AS 'SELECT count(*) - count(*) FROM drawing_f';
          CREATE FUNCTION calls_reads_f() RETURNS bigint LANGUAGE plpgsql STABLE
            AS $$ BEGIN RETURN reads_f(); END $$;
+         -- Reached other than by name: an operator's function.
+         CREATE FUNCTION at_f(a bigint, b int) RETURNS bool LANGUAGE plpgsql STABLE
+           AS $$ BEGIN RETURN a + (SELECT count(*) - count(*) FROM drawing_f) >= b; END $$;
+         CREATE OPERATOR %%% (LEFTARG = bigint, RIGHTARG = int, FUNCTION = at_f);
+         -- A SQL-standard body (no source text: its reads are dependencies), and a body that
+         -- reads the foreign table through a view.
+         CREATE FUNCTION reads_std() RETURNS bigint LANGUAGE sql STABLE
+           BEGIN ATOMIC SELECT count(*) - count(*) FROM drawing_f; END;
+         CREATE VIEW drawing_v AS SELECT v FROM drawing_f;
+         CREATE FUNCTION reads_v() RETURNS bigint LANGUAGE plpgsql STABLE
+           AS $$ BEGIN RETURN (SELECT count(*) - count(*) FROM drawing_v); END $$;
          CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0, done bool NOT NULL DEFAULT false);
          INSERT INTO t (id) SELECT i FROM generate_series(1, 3000) i;
          ANALYZE t;",
@@ -914,6 +927,14 @@ async fn plan_and_verify_reach_no_foreign_server() {
             "UPDATE t SET n = n + 1 WHERE id = ANY($1) AND EXISTS (SELECT 1 FROM drawing_f)",
             "drawing_f",
         ),
+        // Only from the second batch on (keys 101..200): the first batch's plan, custom for
+        // its keys, has no scan of drawing_f at all.
+        (
+            "st_later_batch",
+            "UPDATE t SET n = n + 1 WHERE id = ANY($1) \
+             AND (SELECT count(*) FROM drawing_f WHERE $1[1] > 100) >= 0",
+            "drawing_f",
+        ),
     ] {
         let (code, out, err) = run(&[&"plan", &spec(name, "NOT done", statement, open)]);
         assert_eq!(code, 0, "{name}:\n{out}\n{err}");
@@ -943,6 +964,15 @@ async fn plan_and_verify_reach_no_foreign_server() {
         ),
         // A name the pushed-down scan prints quoted, with quotes and parentheses in it.
         ("v_odd_name", r#"SELECT count(*) - count(*) FROM "a(""x)b""#),
+        (
+            "v_operator",
+            "SELECT count(*) - count(*) FROM t WHERE id %%% 0",
+        ),
+        (
+            "v_sql_body",
+            "SELECT reads_std() + count(*) FROM t WHERE done",
+        ),
+        ("v_view", "SELECT reads_v() + count(*) FROM t WHERE done"),
     ] {
         let (code, out, err) = run(&[&"verify", &spec(name, "NOT done", plain, verify)]);
         assert_eq!(snapshot(&c).await, before, "{name} wrote:\n{out}\n{err}");
@@ -973,6 +1003,25 @@ async fn plan_and_verify_reach_no_foreign_server() {
         ),
         "{out}"
     );
+    for args in [vec!["plan"], vec!["plan", "--exact"]] {
+        let (code, out, err) = run_on(
+            &args,
+            &spec("w_operator", "(id %%% 0) AND NOT done", plain, open),
+        );
+        assert_eq!(code, 0, "{args:?}:\n{out}\n{err}");
+        assert_eq!(
+            snapshot(&c).await,
+            before,
+            "w_operator {args:?} wrote:\n{out}"
+        );
+        assert!(
+            out.contains(
+                "where calls the foreign server of drawing_f (server loop, read in \
+                 at_f(bigint,integer))"
+            ),
+            "{args:?}: {out}"
+        );
+    }
     // A local table is still sampled and verified.
     let local = spec("local", "NOT done", plain, open);
     let (code, out, err) = run(&[&"plan", &local]);
@@ -1302,55 +1351,53 @@ batch: {{size: 100, target: 0}}
             "{name}: {out}"
         );
     }
+    // Defaults no plan prints: a MERGE's insert, one the column takes from its domain, and
+    // DEFAULT in the SET list of an ON CONFLICT DO UPDATE (its INSERT gives every column).
     c.batch_execute(
         "CREATE SEQUENCE m_seq;
-         CREATE TABLE merged (id bigint DEFAULT nextval('m_seq'::text), src bigint UNIQUE);",
+         CREATE TABLE merged (id bigint DEFAULT nextval('m_seq'::text), src bigint UNIQUE);
+         CREATE DOMAIN drawn AS bigint DEFAULT nextval('m_seq');
+         CREATE TABLE merged_dom (id drawn, src bigint UNIQUE);
+         CREATE TABLE upserted (src bigint PRIMARY KEY, d bigint DEFAULT nextval('m_seq'));
+         INSERT INTO upserted SELECT i, 0 FROM generate_series(1, 1000) i;",
     )
     .await
     .unwrap();
-    let merge = parent_spec(
-        "merge",
-        "MERGE INTO merged USING (SELECT id FROM parent WHERE id = ANY($1)) s \
-         ON merged.src = s.id WHEN NOT MATCHED THEN INSERT (src) VALUES (s.id)",
-    );
     let m_seq = "SELECT last_value * 10 + is_called::int FROM m_seq";
     let m_before = count(&c, m_seq).await;
-    let (code, out, err) = run(&[&"plan", &merge]);
-    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
-    assert_eq!(
-        count(&c, m_seq).await,
-        m_before,
-        "plan drew from m_seq:\n{out}"
-    );
-    let sample = line_with(&out, "sample:");
-    assert!(
-        sample.contains("not run") && sample.contains("merged.id"),
-        "{out}"
-    );
-    // A default the column takes from its domain.
-    c.batch_execute(
-        "CREATE DOMAIN drawn AS bigint DEFAULT nextval('m_seq');
-         CREATE TABLE merged_dom (id drawn, src bigint UNIQUE);",
-    )
-    .await
-    .unwrap();
-    let domain = parent_spec(
-        "merge_domain",
-        "MERGE INTO merged_dom USING (SELECT id FROM parent WHERE id = ANY($1)) s \
-         ON merged_dom.src = s.id WHEN NOT MATCHED THEN INSERT (src) VALUES (s.id)",
-    );
-    let (code, out, err) = run(&[&"plan", &domain]);
-    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
-    assert_eq!(
-        count(&c, m_seq).await,
-        m_before,
-        "plan drew from m_seq:\n{out}"
-    );
-    let sample = line_with(&out, "sample:");
-    assert!(
-        sample.contains("not run") && sample.contains("merged_dom.id"),
-        "{out}"
-    );
+    for (name, statement, column) in [
+        (
+            "merge",
+            "MERGE INTO merged USING (SELECT id FROM parent WHERE id = ANY($1)) s \
+             ON merged.src = s.id WHEN NOT MATCHED THEN INSERT (src) VALUES (s.id)",
+            "merged.id",
+        ),
+        (
+            "merge_domain",
+            "MERGE INTO merged_dom USING (SELECT id FROM parent WHERE id = ANY($1)) s \
+             ON merged_dom.src = s.id WHEN NOT MATCHED THEN INSERT (src) VALUES (s.id)",
+            "merged_dom.id",
+        ),
+        (
+            "upsert_default",
+            "INSERT INTO upserted (src, d) SELECT id, 0 FROM parent WHERE id = ANY($1) \
+             ON CONFLICT (src) DO UPDATE SET d = DEFAULT",
+            "upserted.d",
+        ),
+    ] {
+        let (code, out, err) = run(&[&"plan", &parent_spec(name, statement)]);
+        assert_eq!(code, 0, "{name}: stdout:\n{out}\nstderr:\n{err}");
+        assert_eq!(
+            count(&c, m_seq).await,
+            m_before,
+            "{name}: plan drew from m_seq:\n{out}"
+        );
+        let sample = line_with(&out, "sample:");
+        assert!(
+            sample.contains("not run") && sample.contains(column),
+            "{name}: {out}"
+        );
+    }
     // Without either, the sample runs, and is rolled back.
     c.batch_execute("ALTER TABLE other ALTER COLUMN parent_id SET DEFAULT NULL")
         .await

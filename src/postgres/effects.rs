@@ -8,11 +8,11 @@
 //! an operator's function, an aggregate's steps, a cast's function, a domain's CHECK, and the
 //! CHECKs of the tables written and of their domain columns. What a write runs out of the
 //! plan's sight (triggers, a cascade's rules, defaults) is `hidden`'s. An implicit cast through
-//! such a function
-//! (a plan does not print it) counts when it casts from a column type of a relation in the
-//! plan. A foreign table in the plan (or a partition of a written table that is one, or one
-//! named in the body of a function it calls, even a STABLE one) counts as its server: what
-//! runs there is out of sight, and not under this transaction. Not seen:
+//! such a function (a plan does not print it) counts when it casts from a column type of a
+//! relation in the plan. A foreign table in the plan (or a partition of a written table that
+//! is one, or one that a function reached any of those ways reads, even a STABLE one: `reads`)
+//! counts as its server: what runs there is out of sight, and not under this transaction.
+//! Not seen:
 //! functions declared STABLE or IMMUTABLE that write (planning, this check's own EXPLAIN
 //! included, may run those; such a function breaks Postgres's own rules).
 
@@ -196,14 +196,15 @@ pub async fn outside_calls(
 /// operators by symbol, casts and domains by the type after `::`. Then the CHECK constraints
 /// that a write evaluates without printing them, the written tables' and their domain
 /// columns', and those of the domains named, are read the same way, a few levels deep. The
-/// foreign tables it reaches are named by their server (`FOREIGN`).
+/// foreign tables it reaches, in the plan (`FOREIGN`) or read by a function it reaches
+/// (`reads`), are named by their server.
 pub async fn calls_in(c: &Client, doc: &serde_json::Value, sql: &str) -> Result<Vec<String>> {
     let mut texts = Vec::new();
     strings(doc, &mut texts);
     let mut m = Mentions::default();
     texts.iter().for_each(|t| m.read(t));
     m.read(sql);
-    let written: Vec<String> = written_tables(doc)
+    let written: Vec<String> = written_tables(doc, sql)
         .into_iter()
         .map(|(schema, table, _)| format!("{}.{}", quoted(schema), quoted(table)))
         .collect();
@@ -214,12 +215,9 @@ pub async fn calls_in(c: &Client, doc: &serde_json::Value, sql: &str) -> Result<
     relations.sort();
     relations.dedup();
     let mut found = foreign_in(c, doc, &relations, &written).await?;
-    m.tidy();
-    let mut called = m.calls.clone();
-    called.extend(m.qualified_calls.iter().map(|(_, name)| name.clone()));
-    found.extend(foreign_in_bodies(c, &called).await?);
     let harmless = harmless();
     let mut checks_read: Vec<String> = Vec::new();
+    let mut reached: Vec<u32> = Vec::new();
     for round in 0..4 {
         m.tidy();
         let (schemas, names): (Vec<String>, Vec<String>) =
@@ -241,7 +239,12 @@ pub async fn calls_in(c: &Client, doc: &serde_json::Value, sql: &str) -> Result<
             )
             .await
             .map_err(|e| db_error("looking up the functions the spec's SQL calls", &e))?;
-        found.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+        for r in &rows {
+            match r.get::<_, Option<String>>(0) {
+                Some(name) => found.push(name),
+                None => reached.push(r.get(1)),
+            }
+        }
         // The checks a write of these tables, or a cast to these domains, evaluates.
         let tables: &[String] = if round == 0 { &written } else { &[] };
         let rows = c
@@ -260,25 +263,30 @@ pub async fn calls_in(c: &Client, doc: &serde_json::Value, sql: &str) -> Result<
         new.iter().for_each(|t| m.read(t));
         checks_read.extend(new);
     }
+    reached.sort_unstable();
+    reached.dedup();
+    found.extend(super::reads::foreign_servers(c, reached).await?);
     found.sort();
     found.dedup();
     Ok(found)
 }
 
-/// The volatile functions with an effect past the transaction (all but $4, the `HARMLESS`
-/// built-ins)
-/// reached through the names ($1 bare; $6, $7 schema and name when qualified), operator
-/// symbols ($2) and `::` types ($3) of `Mentions`. A bare name or symbol counts unless a schema
-/// earlier on the search path has one of the same name and argument types, which the parser
-/// would take instead: pgcrypto's `public.gen_random_uuid()` is not the `gen_random_uuid()` of
-/// `pg_catalog`. (Which overload a call takes needs its argument types, which the text does not
-/// give: every overload not so hidden counts, so another type's volatile `=` still does.)
-/// Assignment casts count only when something is written ($8).
+/// The functions the SQL reaches, in one list: the volatile ones with an effect past the
+/// transaction (all but $4, the `HARMLESS` built-ins), by name and how they are reached; and,
+/// by oid, every one outside the catalog, of any volatility, for `reads::foreign_servers` to
+/// follow to what it reads.
+/// A function is reached through the names ($1 bare; $6, $7 schema and name when qualified),
+/// operator symbols ($2) and `::` types ($3) of `Mentions`. A bare name or symbol counts unless
+/// a schema earlier on the search path has one of the same name and argument types, which the
+/// parser would take instead: pgcrypto's `public.gen_random_uuid()` is not the
+/// `gen_random_uuid()` of `pg_catalog`. (Which overload a call takes needs its argument types,
+/// which the text does not give: every overload not so hidden counts, so another type's
+/// volatile `=` still does.) Assignment casts count only when something is written ($8).
 /// An operator's estimators run while planning, so they count too. Implicit and assignment
 /// casts leave no trace in a plan's text: one through such a function counts when it casts
 /// from a type of a column of the relations in the plan ($5, `schema.table`) or a type named.
-const LOOKUP: &str = "
-    WITH eff AS (
+const LOOKUP: &str = r#"
+    WITH RECURSIVE eff AS (
         SELECT p.oid, format('%s.%s', n.nspname, p.proname) AS name
           FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
          WHERE (p.provolatile = 'v' AND (n.nspname <> 'pg_catalog' OR NOT p.proname = ANY($4::text[])))
@@ -309,30 +317,39 @@ const LOOKUP: &str = "
            AND NOT EXISTS (SELECT 1 FROM pg_operator x JOIN path q ON q.nsp = x.oprnamespace
                             WHERE x.oprname = o.oprname AND x.oprleft = o.oprleft
                               AND x.oprright = o.oprright
-                              AND q.ord < coalesce(path.ord, 2147483647)))
-    SELECT e.name FROM eff e JOIN called c ON c.oid = e.oid
+                              AND q.ord < coalesce(path.ord, 2147483647))),
+    -- Every function reached, with how (after its name in a message).
+    reached(oid, how) AS (
+        SELECT oid, '' FROM called
+        UNION
+        SELECT s.fn, format(' (in aggregate %s)', a.aggfnoid::regprocedure)
+          FROM pg_aggregate a JOIN called c ON c.oid = a.aggfnoid,
+               unnest(ARRAY[a.aggtransfn::oid, a.aggfinalfn::oid, a.aggcombinefn::oid,
+                            a.aggserialfn::oid, a.aggdeserialfn::oid, a.aggmtransfn::oid,
+                            a.aggminvtransfn::oid, a.aggmfinalfn::oid]) AS s(fn)
+         WHERE s.fn <> 0
+        UNION
+        SELECT s.fn, format(' (behind operator %s)', o.oid::regoperator)
+          FROM oper o, unnest(ARRAY[o.oprcode::oid, o.oprrest::oid, o.oprjoin::oid]) AS s(fn)
+         WHERE s.fn <> 0
+        UNION
+        SELECT k.castfunc, format(' (behind a cast to %s)', format_type(k.casttarget, NULL))
+          FROM pg_cast k JOIN pg_type t ON t.oid = k.casttarget
+         WHERE t.typname = ANY($3::text[]) AND k.castfunc <> 0
+        UNION
+        SELECT k.castfunc, format(' (behind an implicit cast from %s to %s, which no plan prints)',
+                                  format_type(k.castsource, NULL), format_type(k.casttarget, NULL))
+          FROM pg_cast k
+         WHERE k.castfunc <> 0 AND (k.castcontext = 'i' OR (k.castcontext = 'a' AND $8))
+           AND (k.castsource IN (SELECT a.atttypid FROM pg_attribute a
+                                  WHERE a.attrelid IN (SELECT r::regclass FROM unnest($5::text[]) r))
+                OR k.castsource IN (SELECT t.oid FROM pg_type t WHERE t.typname = ANY($3::text[]))))
+    SELECT e.name || r.how, NULL::oid FROM reached r JOIN eff e ON e.oid = r.oid
     UNION
-    SELECT format('%s (in aggregate %s)', e.name, a.aggfnoid::regprocedure)
-      FROM pg_aggregate a JOIN called c ON c.oid = a.aggfnoid
-      JOIN eff e ON e.oid IN (a.aggtransfn::oid, a.aggfinalfn::oid, a.aggcombinefn::oid,
-                              a.aggserialfn::oid, a.aggdeserialfn::oid, a.aggmtransfn::oid,
-                              a.aggminvtransfn::oid, a.aggmfinalfn::oid)
-    UNION
-    SELECT format('%s (behind operator %s)', e.name, o.oid::regoperator)
-      FROM oper o JOIN eff e ON e.oid IN (o.oprcode::oid, o.oprrest::oid, o.oprjoin::oid)
-    UNION
-    SELECT format('%s (behind a cast to %s)', e.name, format_type(k.casttarget, NULL))
-      FROM pg_cast k JOIN pg_type t ON t.oid = k.casttarget JOIN eff e ON e.oid = k.castfunc
-     WHERE t.typname = ANY($3::text[])
-    UNION
-    SELECT format('%s (behind an implicit cast from %s to %s, which no plan prints)', e.name,
-                  format_type(k.castsource, NULL), format_type(k.casttarget, NULL))
-      FROM pg_cast k JOIN eff e ON e.oid = k.castfunc
-     WHERE (k.castcontext = 'i' OR (k.castcontext = 'a' AND $8))
-       AND (k.castsource IN (SELECT a.atttypid FROM pg_attribute a
-                              WHERE a.attrelid IN (SELECT r::regclass FROM unnest($5::text[]) r))
-            OR k.castsource IN (SELECT t.oid FROM pg_type t WHERE t.typname = ANY($3::text[])))
-    ORDER BY 1";
+    SELECT NULL, r.oid FROM reached r JOIN pg_proc p ON p.oid = r.oid
+      JOIN pg_namespace n ON n.oid = p.pronamespace
+     WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+    ORDER BY 1"#;
 
 /// The foreign tables among the relations a plan scans ($1), under the tables it writes
 /// ($2: a row routed into a partition that is a foreign table), as the server they reach. What
@@ -374,23 +391,32 @@ const CHECKS: &str = "
      WHERE k.contype = 'c'
        AND (k.contypid IN (SELECT oid FROM doms) OR k.conrelid IN (SELECT relid FROM rels))";
 
-/// Tables a plan writes, from its ModifyTable nodes: (schema, table, whether it merges: a
-/// MERGE may insert, and EXPLAIN does not print its actions, so the defaults they would use
-/// are not in the plan; a plain INSERT's are).
-pub fn written_tables(doc: &serde_json::Value) -> Vec<(&str, &str, bool)> {
-    fn walk<'a>(node: &'a serde_json::Value, out: &mut Vec<(&'a str, &'a str, bool)>) {
+/// Tables a plan writes, from its ModifyTable nodes: (schema, table, whether the write may
+/// fill in defaults its plan does not print). EXPLAIN prints a plain INSERT's or UPDATE's
+/// defaults in its target list, but neither a MERGE's actions (any of which may insert or say
+/// DEFAULT) nor the SET list of `ON CONFLICT DO UPDATE`, which counts when `sql`, the
+/// statement as written, says DEFAULT.
+pub fn written_tables<'a>(doc: &'a serde_json::Value, sql: &str) -> Vec<(&'a str, &'a str, bool)> {
+    fn walk<'a>(
+        node: &'a serde_json::Value,
+        says_default: bool,
+        out: &mut Vec<(&'a str, &'a str, bool)>,
+    ) {
         if node["Node Type"] == "ModifyTable"
             && let (Some(s), Some(r)) = (node["Schema"].as_str(), node["Relation Name"].as_str())
         {
-            out.push((s, r, node["Operation"] == "Merge"));
+            let unseen = node["Operation"] == "Merge"
+                || (node["Conflict Resolution"] == "UPDATE" && says_default);
+            out.push((s, r, unseen));
         }
         for child in node["Plans"].as_array().into_iter().flatten() {
-            walk(child, out);
+            walk(child, says_default, out);
         }
     }
+    let says_default = super::mentions::says_default(sql);
     let mut out = Vec::new();
     for query in doc.as_array().into_iter().flatten() {
-        walk(&query["Plan"], &mut out);
+        walk(&query["Plan"], says_default, &mut out);
     }
     out
 }
@@ -427,42 +453,6 @@ async fn foreign_in(
         );
     }
     Ok(found)
-}
-
-/// The foreign tables that the bodies of the functions named (`names`, outside `pg_catalog`,
-/// of any volatility), or of the functions named in those bodies, a few levels deep, name: a
-/// STABLE function may read a foreign table, whose server then works in a transaction that is
-/// not read-only (a remote view calling `nextval` draws). Read as text, word by word; a name
-/// built at run time (`EXECUTE`) is not seen.
-async fn foreign_in_bodies(c: &Client, names: &[String]) -> Result<Vec<String>> {
-    let rows = c
-        .query(
-            r#"WITH RECURSIVE ours AS (
-                   SELECT p.oid, p.proname, p.prosrc FROM pg_proc p
-                     JOIN pg_namespace n ON n.oid = p.pronamespace
-                    WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')),
-               word(oid, pattern) AS (
-                   SELECT oid, '\m' || regexp_replace(proname, '([^[:alnum:]_])', '\\\1', 'g')
-                          || '\M' FROM ours),
-               fns(oid, depth) AS (
-                   SELECT oid, 0 FROM ours WHERE proname = ANY($1::text[])
-                   UNION
-                   SELECT w.oid, f.depth + 1 FROM fns f JOIN ours p ON p.oid = f.oid
-                     JOIN word w ON p.prosrc ~* w.pattern
-                    WHERE f.depth < 4)
-               SELECT DISTINCT format('the foreign server of %s (server %s, read in %s)',
-                                      k.oid::regclass, s.srvname, p.oid::regprocedure)
-                 FROM pg_foreign_table ft JOIN pg_class k ON k.oid = ft.ftrelid
-                 JOIN pg_foreign_server s ON s.oid = ft.ftserver
-                 JOIN ours p ON p.prosrc ~* ('\m' || regexp_replace(k.relname,
-                                              '([^[:alnum:]_])', '\\\1', 'g') || '\M')
-                WHERE p.oid IN (SELECT oid FROM fns)
-                ORDER BY 1"#,
-            &[&names],
-        )
-        .await
-        .map_err(|e| db_error("reading the functions the spec's SQL calls", &e))?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// The `Relations` text of every Foreign Scan that names no relation of its own.

@@ -2,8 +2,8 @@
 //! what the plan does show): the triggers of the tables it writes, and of every table a
 //! foreign key's cascade writes in turn (the server's internal triggers run it, out of the
 //! plan); the rules of those cascaded tables (their statements are rewritten like any other);
-//! the defaults a foreign key's SET DEFAULT fills in, and those a MERGE's inserts use (EXPLAIN
-//! prints neither). A default is read as SQL text, through `effects::calls_in`, as a CHECK is:
+//! the defaults a foreign key's SET DEFAULT fills in, and those a MERGE's actions or an
+//! `ON CONFLICT DO UPDATE` use (EXPLAIN prints none of them). A default is read as SQL text, through `effects::calls_in`, as a CHECK is:
 //! `nextval('s'::text)` records no dependency in the catalog that a lookup could follow.
 
 use super::effects::calls_in;
@@ -27,15 +27,23 @@ const WRITTEN: &str = "
         SELECT e.dst FROM written w JOIN edges e ON e.src = w.rel
     )";
 
-/// Whether a write of `schema.table` (a MERGE if `merges`) runs what no rollback undoes out of
-/// its plan's sight. Returns what, for the operator.
-pub async fn effect(c: &Client, schema: &str, table: &str, merges: bool) -> Result<Option<String>> {
-    if merges
+/// Whether a write of `schema.table` runs what no rollback undoes out of its plan's sight;
+/// `unseen_defaults` when it may fill in defaults its plan does not print (a MERGE, an
+/// `ON CONFLICT DO UPDATE SET … = DEFAULT`: `effects::written_tables`). Returns what, for the
+/// operator.
+pub async fn effect(
+    c: &Client,
+    schema: &str,
+    table: &str,
+    unseen_defaults: bool,
+) -> Result<Option<String>> {
+    if unseen_defaults
         && let Some(column) = drawing_default(c, &merge_defaults(c, schema, table).await?).await?
     {
         return Ok(Some(format!(
-            "the statement merges into a table whose column {column} fills itself from a \
-             sequence or a volatile function when a row is inserted"
+            "the statement may fill in the default of column {column} out of its plan's sight \
+             (a MERGE's action, or DEFAULT in an ON CONFLICT DO UPDATE), which draws from a \
+             sequence or calls a volatile function"
         )));
     }
     let found: Option<String> = c
@@ -98,7 +106,7 @@ async fn merge_defaults(c: &Client, schema: &str, table: &str) -> Result<Vec<Row
     .await
     .map_err(|e| {
         db_error(
-            "looking at the defaults of a table the statement merges into",
+            "looking at the defaults of a table the statement writes",
             &e,
         )
     })

@@ -88,6 +88,20 @@ impl Mentions {
     }
 }
 
+/// Whether `text` says DEFAULT as a keyword (not in a literal, a comment or a quoted name);
+/// text the tokenizer cannot read counts as saying it.
+pub fn says_default(text: &str) -> bool {
+    let dialect = PostgreSqlDialect {};
+    Tokenizer::new(&dialect, text)
+        .tokenize()
+        .map_or(true, |tokens| {
+            tokens.iter().any(|t| {
+                matches!(t, Token::Word(w)
+                    if w.quote_style.is_none() && w.value.eq_ignore_ascii_case("default"))
+            })
+        })
+}
+
 fn folded(w: &sqlparser::tokenizer::Word) -> String {
     if w.quote_style.is_some() {
         w.value.clone()
@@ -184,5 +198,14 @@ mod tests {
         assert!(!m.operators.contains(&"<->".to_string()), "{m:?}");
         assert_eq!(m.types, ["dpos"]);
         assert_eq!(read("(x)::dpos").types, ["dpos"]);
+    }
+
+    #[test]
+    fn default_as_a_keyword_only() {
+        use super::says_default;
+        assert!(says_default("ON CONFLICT (id) DO UPDATE SET v = DEFAULT"));
+        assert!(says_default("do update set v = default, w = 1"));
+        assert!(!says_default("SET v = 'DEFAULT' -- default\n"));
+        assert!(!says_default(r#"SET "default" = 1, v = $$default$$"#));
     }
 }

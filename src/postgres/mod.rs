@@ -17,6 +17,7 @@ mod plan;
 mod ranges;
 mod raw;
 mod readonly;
+mod reads;
 mod retry_pass;
 mod sql;
 mod store;

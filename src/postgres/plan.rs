@@ -184,7 +184,7 @@ pub async fn plan(job: &PgJob, spec: &Spec, opts: PlanOptions) -> Result<Plan> {
 /// (`nextval` for a serial or identity column it inserts into, a function of its own that
 /// inserts, `dblink_exec`, a foreign table's server; see `effects`), or run out of its plan's
 /// sight what could (a trigger of a table it or its cascade writes, a cascade's rule, a default
-/// a MERGE or a SET DEFAULT fills in; see `hidden`). The statement is only explained, not
+/// a MERGE, an ON CONFLICT DO UPDATE or a SET DEFAULT fills in; see `hidden`). The statement is only explained, not
 /// executed (what `effects` cannot see is listed there). Returns why.
 async fn draws(c: &Client, p: &Prepared, params: &[&(dyn ToSql + Sync)]) -> Result<Option<String>> {
     let explained = super::effects::explain(c, &p.statement, params, "explaining the statement");
@@ -199,8 +199,8 @@ async fn draws(c: &Client, p: &Prepared, params: &[&(dyn ToSql + Sync)]) -> Resu
             calls.join(", ")
         )));
     }
-    for (schema, table, merges) in super::effects::written_tables(&doc) {
-        if let Some(why) = super::hidden::effect(c, schema, table, merges).await? {
+    for (schema, table, unseen) in super::effects::written_tables(&doc, &p.statement) {
+        if let Some(why) = super::hidden::effect(c, schema, table, unseen).await? {
             return Ok(Some(why));
         }
     }
@@ -327,7 +327,8 @@ enum Sample {
 }
 
 /// Run up to `count` batches from `cursor` and the idempotency check, inside one transaction
-/// that is always rolled back; none if the statement would draw from a sequence (`draws`).
+/// that is always rolled back; none (the report of those run dropped) as soon as one batch's
+/// statement would draw from a sequence (`draws`).
 async fn samples(
     c: &Client,
     p: &Prepared,
@@ -374,9 +375,9 @@ async fn samples(
             } else {
                 vec![&keys]
             };
-            if i == 0
-                && let Some(why) = draws(c, p, &params).await?
-            {
+            // Each batch is explained with its own keys: its plan is a custom one, which
+            // prunes by them (partitions, conditions on `$1`) what another batch's reaches.
+            if let Some(why) = draws(c, p, &params).await? {
                 return Ok(Sample::Skipped(why));
             }
             let before = rows_written(c).await?;
