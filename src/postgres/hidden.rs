@@ -142,21 +142,31 @@ async fn set_defaults(c: &Client, schema: &str, table: &str) -> Result<Vec<Row>>
 
 /// The first of `columns` (as `merge_defaults` gives them) whose default has an effect past
 /// the transaction: an identity column (its sequence), or a default that calls a volatile
-/// function `calls_in` counts.
+/// function `calls_in` counts. All the defaults are read in one pass first; only when some
+/// default counts is each read alone, to name its column.
 async fn drawing_default(c: &Client, columns: &[Row]) -> Result<Option<String>> {
-    for r in columns {
-        let (column, identity, text): (String, bool, Option<String>) =
-            (r.get(0), r.get(1), r.get(2));
-        if identity {
-            return Ok(Some(column));
-        }
-        if let Some(text) = text
-            && !calls_in(c, &serde_json::Value::Null, &text)
-                .await?
-                .is_empty()
-        {
-            return Ok(Some(column));
+    if let Some(r) = columns.iter().find(|r| r.get::<_, bool>(1)) {
+        return Ok(Some(r.get(0)));
+    }
+    let draws = async |text: &str| -> Result<bool> {
+        Ok(!calls_in(c, &serde_json::Value::Null, text)
+            .await?
+            .is_empty())
+    };
+    let texts: Vec<(String, String)> = columns
+        .iter()
+        .filter_map(|r| r.get::<_, Option<String>>(2).map(|t| (r.get(0), t)))
+        .collect();
+    let all: Vec<&str> = texts.iter().map(|(_, t)| t.as_str()).collect();
+    if all.is_empty() || !draws(&all.join(",\n")).await? {
+        return Ok(None);
+    }
+    for (column, text) in &texts {
+        if draws(text).await? {
+            return Ok(Some(column.clone()));
         }
     }
-    Ok(None)
+    // Read together they count, alone none does: count them all, on the safe side.
+    let columns: Vec<&str> = texts.iter().map(|(c, _)| c.as_str()).collect();
+    Ok(Some(columns.join(", ")))
 }
