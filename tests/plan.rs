@@ -799,15 +799,18 @@ async fn plan_and_verify_call_nothing_that_writes_past_their_transaction() {
     assert!(out.contains("verify returned 3000"), "{out}\n{err}");
     // Names mean what the parser makes of them: pgcrypto's volatile public.gen_random_uuid()
     // is hidden by the gen_random_uuid() of pg_catalog, first on the search path, and does not
-    // stop a sample or a verify.
-    c.batch_execute("CREATE EXTENSION IF NOT EXISTS pgcrypto")
-        .await
-        .unwrap();
+    // stop a sample or a verify. Nor do the random draws of uuid-ossp and pgcrypto, in C.
+    c.batch_execute(
+        "CREATE EXTENSION IF NOT EXISTS pgcrypto; CREATE EXTENSION IF NOT EXISTS \"uuid-ossp\"",
+    )
+    .await
+    .unwrap();
     let uuid = spec(
         "uuid",
         "NOT done",
-        "UPDATE t SET n = n + 1 WHERE id = ANY($1) AND gen_random_uuid() IS NOT NULL",
-        "SELECT count(*) FROM t WHERE done = false",
+        "UPDATE t SET n = n + 1 WHERE id = ANY($1) AND gen_random_uuid() IS NOT NULL \
+         AND uuid_generate_v4() IS NOT NULL AND length(gen_random_bytes(4)) = 4",
+        "SELECT count(*) FROM t WHERE done = false AND uuid_generate_v1mc() IS NOT NULL",
     );
     let (code, out, err) = run(&[&"plan", &uuid]);
     assert_eq!(code, 0, "{out}\n{err}");

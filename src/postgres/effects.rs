@@ -142,6 +142,25 @@ const HARMLESS: &[&str] = &[
     "uuidv7",
 ];
 
+/// Volatile functions of contrib extensions, in C, known to have no effect past the
+/// transaction: they draw random numbers (uuid-ossp's UUIDs, pgcrypto's random bytes, UUIDs,
+/// salts, and the session keys its `pgp_*_encrypt` draw). Named by library and C symbol: a
+/// C function can only be created by a superuser, and a function of the same name in
+/// another language (a plpgsql `uuid_generate_v4` that inserts) still counts.
+const HARMLESS_C: &[(&str, &str)] = &[
+    ("uuid-ossp", "uuid_generate_v1"),
+    ("uuid-ossp", "uuid_generate_v1mc"),
+    ("uuid-ossp", "uuid_generate_v4"),
+    ("pgcrypto", "pg_gen_salt"),
+    ("pgcrypto", "pg_gen_salt_rounds"),
+    ("pgcrypto", "pg_random_bytes"),
+    ("pgcrypto", "pg_random_uuid"),
+    ("pgcrypto", "pgp_sym_encrypt_text"),
+    ("pgcrypto", "pgp_sym_encrypt_bytea"),
+    ("pgcrypto", "pgp_pub_encrypt_text"),
+    ("pgcrypto", "pgp_pub_encrypt_bytea"),
+];
+
 /// `HARMLESS`, as a query parameter.
 fn harmless() -> Vec<String> {
     HARMLESS.iter().map(|s| s.to_string()).collect()
@@ -216,6 +235,7 @@ pub async fn calls_in(c: &Client, doc: &serde_json::Value, sql: &str) -> Result<
     relations.dedup();
     let mut found = foreign_in(c, doc, &relations, &written).await?;
     let harmless = harmless();
+    let (libraries, symbols): (Vec<&str>, Vec<&str>) = HARMLESS_C.iter().copied().unzip();
     let mut checks_read: Vec<String> = Vec::new();
     let mut reached: Vec<u32> = Vec::new();
     for round in 0..4 {
@@ -235,6 +255,8 @@ pub async fn calls_in(c: &Client, doc: &serde_json::Value, sql: &str) -> Result<
                     &schemas,
                     &names,
                     &writes,
+                    &libraries,
+                    &symbols,
                 ],
             )
             .await
@@ -272,7 +294,8 @@ pub async fn calls_in(c: &Client, doc: &serde_json::Value, sql: &str) -> Result<
 }
 
 /// The functions the SQL reaches, in one list: the volatile ones with an effect past the
-/// transaction (all but $4, the `HARMLESS` built-ins), by name and how they are reached; and,
+/// transaction (all but $4, the `HARMLESS` built-ins, and the C functions of $9 (library) and
+/// $10 (symbol), `HARMLESS_C`), by name and how they are reached; and,
 /// by oid, every one outside the catalog, of any volatility, for `reads::foreign_servers` to
 /// follow to what it reads.
 /// A function is reached through the names ($1 bare; $6, $7 schema and name when qualified),
@@ -289,7 +312,10 @@ const LOOKUP: &str = r#"
     WITH RECURSIVE eff AS (
         SELECT p.oid, format('%s.%s', n.nspname, p.proname) AS name
           FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-         WHERE (p.provolatile = 'v' AND (n.nspname <> 'pg_catalog' OR NOT p.proname = ANY($4::text[])))
+         WHERE (p.provolatile = 'v' AND (n.nspname <> 'pg_catalog' OR NOT p.proname = ANY($4::text[]))
+                AND NOT (p.prolang = (SELECT oid FROM pg_language WHERE lanname = 'c')
+                         AND (regexp_replace(p.probin, '^.*/|\.[^./]*$', '', 'g'), p.prosrc)
+                             IN (SELECT * FROM unnest($9::text[], $10::text[]))))
             -- STABLE, but they read a table, view or foreign table named as text, which no
             -- plan shows (a view's volatile function, a foreign server).
             OR (n.nspname = 'pg_catalog' AND p.proname IN (
