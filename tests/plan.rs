@@ -122,6 +122,53 @@ batch: {size: 100, target: 0}
     );
     assert_eq!(snapshot(&c).await, before, "plan changed the database");
     c.batch_execute("DROP TRIGGER t_audit ON t").await.unwrap();
+    // A trigger whose function only computes (an `updated_at` stamp) does not stop the
+    // sample; one whose WHEN draws, or whose function calls what draws, does.
+    c.batch_execute(
+        "CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN IF TG_OP = 'UPDATE' AND now() IS NOT NULL THEN NEW.n := NEW.n; END IF;
+                    RETURN NEW; END $$;
+         CREATE TRIGGER t_touch BEFORE UPDATE ON t FOR EACH ROW
+           WHEN (OLD.* IS DISTINCT FROM NEW.*) EXECUTE FUNCTION touch();",
+    )
+    .await
+    .unwrap();
+    let (code, out, err) = run(&[&"plan", &plain]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(line_with(&out, "sample:").contains("rolled back"), "{out}");
+    assert_eq!(snapshot(&c).await, before, "plan changed the database");
+    for (trigger, function) in [
+        (
+            "CREATE TRIGGER t_when BEFORE UPDATE ON t FOR EACH ROW \
+             WHEN (nextval('log_id_seq') > 0) EXECUTE FUNCTION touch()",
+            "",
+        ),
+        (
+            "CREATE TRIGGER t_when BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION stamp()",
+            "CREATE FUNCTION stamp() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN NEW.n := NEW.n + 0 * nextval('log_id_seq'); RETURN NEW; END $$;",
+        ),
+    ] {
+        c.batch_execute(&format!("{function} {trigger}"))
+            .await
+            .unwrap();
+        let (code, out, err) = run(&[&"plan", &plain]);
+        assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+        let sample = line_with(&out, "sample:");
+        assert!(
+            sample.contains("not run")
+                && sample.contains("t_when on t")
+                && sample.contains("nextval"),
+            "{trigger}: {out}"
+        );
+        assert_eq!(
+            snapshot(&c).await,
+            before,
+            "{trigger}: plan changed the database"
+        );
+        c.batch_execute("DROP TRIGGER t_when ON t").await.unwrap();
+    }
+    c.batch_execute("DROP TRIGGER t_touch ON t").await.unwrap();
 
     // --exact counts, and the batch count follows from it.
     let (code, out, err) = run(&[&"plan", &"--exact", &spec]);

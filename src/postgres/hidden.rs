@@ -1,9 +1,10 @@
 //! What a write runs that its plan does not show, for `plan`'s effect check (`effects` reads
 //! what the plan does show): the triggers of the tables it writes, and of every table a
 //! foreign key's cascade writes in turn (the server's internal triggers run it, out of the
-//! plan); the rules of those cascaded tables (their statements are rewritten like any other);
-//! the defaults a foreign key's SET DEFAULT fills in, and those a MERGE's actions or an
-//! `ON CONFLICT DO UPDATE` use (EXPLAIN prints none of them). A default is read as SQL text, through `effects::calls_in`, as a CHECK is:
+//! plan; each trigger's function is read by `triggers`); the rules of those cascaded tables
+//! (their statements are rewritten like any other); the defaults a foreign key's SET DEFAULT
+//! fills in, and those a MERGE's actions or an `ON CONFLICT DO UPDATE` use (EXPLAIN prints
+//! none of them). A default is read as SQL text, through `effects::calls_in`, as a CHECK is:
 //! `nextval('s'::text)` records no dependency in the catalog that a lookup could follow.
 
 use super::effects::calls_in;
@@ -14,7 +15,7 @@ use tokio_postgres::{Client, Row};
 /// The relations a write of `$1.$2` reaches (`written`): the table, its partitions and
 /// inheritance children, and every table a foreign key's cascading action (ON DELETE/UPDATE
 /// CASCADE, SET NULL, SET DEFAULT) writes from them, transitively.
-const WRITTEN: &str = "
+pub(super) const WRITTEN: &str = "
     WITH RECURSIVE edges(src, dst) AS (
         SELECT inhparent, inhrelid FROM pg_inherits
         UNION ALL
@@ -46,30 +47,27 @@ pub async fn effect(
              sequence or calls a volatile function"
         )));
     }
-    let found: Option<String> = c
+    let rule: Option<String> = c
         .query_opt(
             &format!(
                 "{WRITTEN}
-                 (SELECT format('a trigger (%s on %s)', t.tgname, t.tgrelid::regclass)
-                    FROM pg_trigger t
-                   WHERE t.tgrelid IN (SELECT rel FROM written)
-                     AND NOT t.tgisinternal AND t.tgenabled <> 'D'
-                   ORDER BY 1 LIMIT 1)
-                 UNION ALL
-                 (SELECT format('a rule (%s on %s)', r.rulename, r.ev_class::regclass)
-                    FROM pg_rewrite r
-                   WHERE r.ev_class IN (SELECT rel FROM written)
-                     AND r.ev_type <> '1' AND r.ev_enabled <> 'D'
-                     -- The statement's own table's rules are in its plan already.
-                     AND r.ev_class <> format('%I.%I', $1::text, $2::text)::regclass::oid
-                   ORDER BY 1 LIMIT 1)
-                 LIMIT 1"
+                 SELECT format('a rule (%s on %s)', r.rulename, r.ev_class::regclass)
+                   FROM pg_rewrite r
+                  WHERE r.ev_class IN (SELECT rel FROM written)
+                    AND r.ev_type <> '1' AND r.ev_enabled <> 'D'
+                    -- The statement's own table's rules are in its plan already.
+                    AND r.ev_class <> format('%I.%I', $1::text, $2::text)::regclass::oid
+                  ORDER BY 1 LIMIT 1"
             ),
             &[&schema, &table],
         )
         .await
-        .map_err(|e| db_error("looking for the triggers and rules a write runs", &e))?
+        .map_err(|e| db_error("looking for the rules a write runs", &e))?
         .map(|r| r.get(0));
+    let found = match rule {
+        Some(what) => Some(what),
+        None => super::triggers::fired(c, schema, table).await?,
+    };
     let found = match found {
         Some(what) => Some(what),
         None => drawing_default(c, &set_defaults(c, schema, table).await?)

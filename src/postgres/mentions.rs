@@ -102,6 +102,29 @@ pub fn says_default(text: &str) -> bool {
         })
 }
 
+/// The words that start a statement that writes, or runs one given as text.
+const WRITE_WORDS: &[&str] = &[
+    "alter", "analyze", "call", "cluster", "comment", "copy", "create", "delete", "do", "drop",
+    "execute", "grant", "import", "insert", "load", "merge", "refresh", "reindex", "revoke",
+    "security", "truncate", "update", "vacuum",
+];
+
+/// Whether `text` (a function's body) says a word that starts a statement that writes, or
+/// runs SQL given as text (`EXECUTE`), outside literals, comments and quoted names; text the
+/// tokenizer cannot read counts as saying one.
+pub fn says_write(text: &str) -> bool {
+    let dialect = PostgreSqlDialect {};
+    Tokenizer::new(&dialect, text)
+        .tokenize()
+        .map_or(true, |tokens| {
+            tokens.iter().any(|t| {
+                matches!(t, Token::Word(w)
+                    if w.quote_style.is_none()
+                        && WRITE_WORDS.contains(&w.value.to_ascii_lowercase().as_str()))
+            })
+        })
+}
+
 fn folded(w: &sqlparser::tokenizer::Word) -> String {
     if w.quote_style.is_some() {
         w.value.clone()
@@ -207,5 +230,21 @@ mod tests {
         assert!(says_default("do update set v = default, w = 1"));
         assert!(!says_default("SET v = 'DEFAULT' -- default\n"));
         assert!(!says_default(r#"SET "default" = 1, v = $$default$$"#));
+    }
+
+    #[test]
+    fn writes_in_a_body() {
+        use super::says_write;
+        assert!(says_write(
+            "BEGIN INSERT INTO log VALUES (NEW.id); RETURN NEW; END"
+        ));
+        assert!(says_write(
+            "BEGIN execute format('select 1'); RETURN NEW; END"
+        ));
+        assert!(!says_write(
+            "BEGIN IF TG_OP = 'UPDATE' THEN NEW.updated_at := now(); END IF; -- insert\n\
+             RETURN NEW; END"
+        ));
+        assert!(!says_write(r#"BEGIN NEW."update" := 1; RETURN NEW; END"#));
     }
 }

@@ -24,6 +24,7 @@ mod store;
 pub mod table;
 pub mod throttle;
 pub mod tls;
+mod triggers;
 mod worker;
 
 pub use job::PgJob;

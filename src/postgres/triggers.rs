@@ -1,0 +1,72 @@
+//! Whether a trigger that a write fires could do what no rollback undoes, for `hidden`: its
+//! function's body is read, as `plan` reads the statement. A PL/pgSQL function that only
+//! computes (an `updated_at` stamp, a check that raises) lets the sample run; one whose body
+//! writes (`INSERT`, `UPDATE`, `DELETE`, `MERGE`, `EXECUTE` and kin: the tables written may
+//! draw from their sequences or fire triggers of their own), calls a function `calls_in`
+//! counts, reads a foreign table (`reads`), or whose `WHEN` does, counts; so does a function
+//! in any other language, whose body is not read.
+
+use super::effects::calls_in;
+use super::errors::db_error;
+use super::hidden::WRITTEN;
+use super::mentions::says_write;
+use crate::error::Result;
+use tokio_postgres::Client;
+
+/// The enabled triggers of the tables a write of `$1.$2` reaches (`WRITTEN`): name (as
+/// `trigger on table`), function, its language and body, and the trigger's definition.
+fn triggers() -> String {
+    format!(
+        "{WRITTEN}
+         SELECT format('%s on %s', t.tgname, t.tgrelid::regclass), t.tgfoid, l.lanname::text,
+                p.prosrc, pg_get_triggerdef(t.oid)
+           FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+           JOIN pg_language l ON l.oid = p.prolang
+          WHERE t.tgrelid IN (SELECT rel FROM written)
+            AND NOT t.tgisinternal AND t.tgenabled <> 'D'
+          ORDER BY 1"
+    )
+}
+
+/// The first trigger a write of `schema.table` (or its cascade) fires that could do what no
+/// rollback undoes, as `a trigger (T on R) that …`.
+pub async fn fired(c: &Client, schema: &str, table: &str) -> Result<Option<String>> {
+    let rows = c
+        .query(&triggers(), &[&schema, &table])
+        .await
+        .map_err(|e| db_error("looking for the triggers a write fires", &e))?;
+    for r in rows {
+        let (name, function, language, body, definition): (String, u32, String, String, String) =
+            (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+        if language != "plpgsql" {
+            return Ok(Some(format!(
+                "a trigger ({name}) whose function is in {language}, which plan does not read"
+            )));
+        }
+        if says_write(&body) {
+            return Ok(Some(format!(
+                "a trigger ({name}) whose function writes (INSERT, UPDATE, DELETE, EXECUTE or \
+                 the like)"
+            )));
+        }
+        // The body, and the trigger's WHEN (what its definition says before the function).
+        let when = definition
+            .rfind(" EXECUTE ")
+            .map_or(definition.as_str(), |at| &definition[..at]);
+        let calls = calls_in(c, &serde_json::Value::Null, &format!("{body}\n{when}")).await?;
+        if !calls.is_empty() {
+            return Ok(Some(format!(
+                "a trigger ({name}) that calls {}",
+                calls.join(", ")
+            )));
+        }
+        let foreign = super::reads::foreign_servers(c, vec![function]).await?;
+        if !foreign.is_empty() {
+            return Ok(Some(format!(
+                "a trigger ({name}) that reads {}",
+                foreign.join(", ")
+            )));
+        }
+    }
+    Ok(None)
+}
