@@ -91,15 +91,7 @@ impl Mentions {
 /// Whether `text` says DEFAULT as a keyword (not in a literal, a comment or a quoted name);
 /// text the tokenizer cannot read counts as saying it.
 pub fn says_default(text: &str) -> bool {
-    let dialect = PostgreSqlDialect {};
-    Tokenizer::new(&dialect, text)
-        .tokenize()
-        .map_or(true, |tokens| {
-            tokens.iter().any(|t| {
-                matches!(t, Token::Word(w)
-                    if w.quote_style.is_none() && w.value.eq_ignore_ascii_case("default"))
-            })
-        })
+    says_any(text, &["default"])
 }
 
 /// The words that start a statement that writes, or runs one given as text.
@@ -113,6 +105,12 @@ const WRITE_WORDS: &[&str] = &[
 /// runs SQL given as text (`EXECUTE`), outside literals, comments and quoted names; text the
 /// tokenizer cannot read counts as saying one.
 pub fn says_write(text: &str) -> bool {
+    says_any(text, WRITE_WORDS)
+}
+
+/// Whether `text` says one of `words` (lower case) as an unquoted word, outside literals and
+/// comments; true if the tokenizer cannot read it.
+fn says_any(text: &str, words: &[&str]) -> bool {
     let dialect = PostgreSqlDialect {};
     Tokenizer::new(&dialect, text)
         .tokenize()
@@ -120,7 +118,7 @@ pub fn says_write(text: &str) -> bool {
             tokens.iter().any(|t| {
                 matches!(t, Token::Word(w)
                     if w.quote_style.is_none()
-                        && WRITE_WORDS.contains(&w.value.to_ascii_lowercase().as_str()))
+                        && words.contains(&w.value.to_ascii_lowercase().as_str()))
             })
         })
 }
