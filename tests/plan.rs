@@ -137,28 +137,41 @@ batch: {size: 100, target: 0}
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
     assert!(line_with(&out, "sample:").contains("rolled back"), "{out}");
     assert_eq!(snapshot(&c).await, before, "plan changed the database");
-    for (trigger, function) in [
+    for (trigger, function, calls) in [
         (
             "CREATE TRIGGER t_when BEFORE UPDATE ON t FOR EACH ROW \
              WHEN (nextval('log_id_seq') > 0) EXECUTE FUNCTION touch()",
             "",
+            "pg_catalog.nextval",
         ),
         (
             "CREATE TRIGGER t_when BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION stamp()",
             "CREATE FUNCTION stamp() RETURNS trigger LANGUAGE plpgsql AS
                $$ BEGIN NEW.n := NEW.n + 0 * nextval('log_id_seq'); RETURN NEW; END $$;",
+            "pg_catalog.nextval",
+        ),
+        // The function's own search path finds other.draw(), which draws; this session's
+        // path would find the harmless public.draw().
+        (
+            "CREATE TRIGGER t_when BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION pathed()",
+            "CREATE SCHEMA other;
+             CREATE FUNCTION other.draw() RETURNS bigint LANGUAGE sql
+               AS $$ SELECT 0 * nextval('log_id_seq') $$;
+             CREATE FUNCTION public.draw() RETURNS bigint LANGUAGE sql STABLE AS 'SELECT 0::bigint';
+             CREATE FUNCTION pathed() RETURNS trigger LANGUAGE plpgsql SET search_path = other, public
+               AS $$ BEGIN NEW.n := NEW.n + draw(); RETURN NEW; END $$;",
+            "other.draw",
         ),
     ] {
         c.batch_execute(&format!("{function} {trigger}"))
             .await
             .unwrap();
+        let before = snapshot(&c).await;
         let (code, out, err) = run(&[&"plan", &plain]);
         assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
         let sample = line_with(&out, "sample:");
         assert!(
-            sample.contains("not run")
-                && sample.contains("t_when on t")
-                && sample.contains("nextval"),
+            sample.contains("not run") && sample.contains("t_when on t") && sample.contains(calls),
             "{trigger}: {out}"
         );
         assert_eq!(
@@ -168,7 +181,9 @@ batch: {size: 100, target: 0}
         );
         c.batch_execute("DROP TRIGGER t_when ON t").await.unwrap();
     }
-    c.batch_execute("DROP TRIGGER t_touch ON t").await.unwrap();
+    c.batch_execute("DROP TRIGGER t_touch ON t; DROP SCHEMA other CASCADE")
+        .await
+        .unwrap();
 
     // --exact counts, and the batch count follows from it.
     let (code, out, err) = run(&[&"plan", &"--exact", &spec]);

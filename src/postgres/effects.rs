@@ -218,6 +218,23 @@ pub async fn outside_calls(
 /// foreign tables it reaches, in the plan (`FOREIGN`) or read by a function it reaches
 /// (`reads`), are named by their server.
 pub async fn calls_in(c: &Client, doc: &serde_json::Value, sql: &str) -> Result<Vec<String>> {
+    calls_with(c, doc, sql, false).await
+}
+
+/// `calls_in` of a function's body (a trigger's): its names may resolve on a search path of
+/// its own (`SET search_path` on the function), so a name counts in every schema, not only
+/// where this session's path would find it.
+pub async fn calls_in_body(c: &Client, body: &str) -> Result<Vec<String>> {
+    calls_with(c, &serde_json::Value::Null, body, true).await
+}
+
+/// `calls_in`; `any_path`: a bare name or operator counts in every schema.
+async fn calls_with(
+    c: &Client,
+    doc: &serde_json::Value,
+    sql: &str,
+    any_path: bool,
+) -> Result<Vec<String>> {
     let mut texts = Vec::new();
     strings(doc, &mut texts);
     let mut m = Mentions::default();
@@ -257,6 +274,7 @@ pub async fn calls_in(c: &Client, doc: &serde_json::Value, sql: &str) -> Result<
                     &writes,
                     &libraries,
                     &symbols,
+                    &any_path,
                 ],
             )
             .await
@@ -301,7 +319,7 @@ pub async fn calls_in(c: &Client, doc: &serde_json::Value, sql: &str) -> Result<
 /// A function is reached through the names ($1 bare; $6, $7 schema and name when qualified),
 /// operator symbols ($2) and `::` types ($3) of `Mentions`. A bare name or symbol counts unless
 /// a schema earlier on the search path has one of the same name and argument types, which the
-/// parser would take instead: pgcrypto's `public.gen_random_uuid()` is not the
+/// parser would take instead (unless $11: a function's body, which may have a path of its own): pgcrypto's `public.gen_random_uuid()` is not the
 /// `gen_random_uuid()` of `pg_catalog`. (Which overload a call takes needs its argument types,
 /// which the text does not give: every overload not so hidden counts, so another type's
 /// volatile `=` still does.) Assignment casts count only when something is written ($8).
@@ -330,9 +348,9 @@ const LOOKUP: &str = r#"
     called AS (
         SELECT p.oid FROM pg_proc p LEFT JOIN path ON path.nsp = p.pronamespace
          WHERE p.proname = ANY($1::text[])
-           AND NOT EXISTS (SELECT 1 FROM pg_proc f JOIN path q ON q.nsp = f.pronamespace
+           AND ($11 OR NOT EXISTS (SELECT 1 FROM pg_proc f JOIN path q ON q.nsp = f.pronamespace
                             WHERE f.proname = p.proname AND f.proargtypes = p.proargtypes
-                              AND q.ord < coalesce(path.ord, 2147483647))
+                              AND q.ord < coalesce(path.ord, 2147483647)))
         UNION
         SELECT p.oid FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
           JOIN unnest($6::text[], $7::text[]) AS w(s, f) ON w.s = n.nspname AND w.f = p.proname),
@@ -340,10 +358,10 @@ const LOOKUP: &str = r#"
         SELECT o.oid, o.oprcode, o.oprrest, o.oprjoin
           FROM pg_operator o LEFT JOIN path ON path.nsp = o.oprnamespace
          WHERE o.oprname = ANY($2::text[])
-           AND NOT EXISTS (SELECT 1 FROM pg_operator x JOIN path q ON q.nsp = x.oprnamespace
+           AND ($11 OR NOT EXISTS (SELECT 1 FROM pg_operator x JOIN path q ON q.nsp = x.oprnamespace
                             WHERE x.oprname = o.oprname AND x.oprleft = o.oprleft
                               AND x.oprright = o.oprright
-                              AND q.ord < coalesce(path.ord, 2147483647))),
+                              AND q.ord < coalesce(path.ord, 2147483647)))),
     -- Every function reached, with how (after its name in a message).
     reached(oid, how) AS (
         SELECT oid, '' FROM called

@@ -3,10 +3,11 @@
 //! computes (an `updated_at` stamp, a check that raises) lets the sample run; one whose body
 //! writes (`INSERT`, `UPDATE`, `DELETE`, `MERGE`, `EXECUTE` and kin: the tables written may
 //! draw from their sequences or fire triggers of their own), calls a function `calls_in`
-//! counts, reads a foreign table (`reads`), or whose `WHEN` does, counts; so does a function
-//! in any other language, whose body is not read.
+//! counts (in any schema: the function may set a search path of its own), reads a foreign
+//! table (`reads`), or whose `WHEN` does, counts; so does a function in any other language,
+//! whose body is not read.
 
-use super::effects::calls_in;
+use super::effects::calls_in_body;
 use super::errors::db_error;
 use super::hidden::WRITTEN;
 use super::mentions::says_write;
@@ -53,7 +54,7 @@ pub async fn fired(c: &Client, schema: &str, table: &str) -> Result<Option<Strin
         let when = definition
             .rfind(" EXECUTE ")
             .map_or(definition.as_str(), |at| &definition[..at]);
-        let calls = calls_in(c, &serde_json::Value::Null, &format!("{body}\n{when}")).await?;
+        let calls = calls_in_body(c, &format!("{body}\n{when}")).await?;
         if !calls.is_empty() {
             return Ok(Some(format!(
                 "a trigger ({name}) that calls {}",
