@@ -89,14 +89,36 @@ fn settle_after_restart(what: &str, code: i32, out: &str, err: &str, spec: &Path
             "a failed run says done: {}",
             all_output(out, err)
         );
+        run_to_done("the run after the restart", spec);
+    }
+}
+
+/// Run `spec` to done. If the restart came between a chunk's attach and its record and the
+/// restarted server merged what the attach brought, the engine cannot tell whether the chunk
+/// is in and stops for the operator (exit 1, naming `reset --yes --discard-foreign-rows`:
+/// only the operator knows whether another writer wrote into the target). No other writer
+/// does here: do as the message says, and the job must then finish.
+fn run_to_done(what: &str, spec: &Path) {
+    let (code, out, err) = run(&[&"run", &spec]);
+    if code == 1 && err.contains("reset --yes --discard-foreign-rows") {
+        assert!(
+            !out.contains("done —"),
+            "{what}: {}",
+            all_output(&out, &err)
+        );
+        eprintln!("{what}: stopped for the operator (merges ran during a landing); resetting");
+        let (code, out, err) = run(&[&"reset", &"--yes", &"--discard-foreign-rows", &spec]);
+        assert_eq!(code, 0, "{what}: reset: {}", all_output(&out, &err));
         let (code, out, err) = run(&[&"run", &spec]);
         assert_eq!(
             code,
             0,
-            "the run after the restart: {}",
+            "{what}, after the reset: {}",
             all_output(&out, &err)
         );
+        return;
     }
+    assert_eq!(code, 0, "{what}: {}", all_output(&out, &err));
 }
 
 /// The target equals the reference, and the source's row count is in it once.
@@ -214,7 +236,7 @@ async fn a_run_across_restarts_and_a_kill_leaves_the_target_equal_to_the_referen
     // Once seen ending 0 "done" with a chunk counted twice (4 times in ~25 runs under load):
     // the restart came between a chunk's attach and its record, the restarted server merged the
     // attached parts, and the replay no longer recognised them, so it attached again. Now such a
-    // replay stops (75, "starts the job over") and the run above restores and lands again.
+    // replay stops for the operator (`run_to_done` resets as its message says, then runs).
     assert_equal(&db, "a job that crossed a restart");
     ch.restart();
     assert_equal(&db, "a job that crossed a restart, then another restart");
@@ -233,13 +255,7 @@ async fn a_run_across_restarts_and_a_kill_leaves_the_target_equal_to_the_referen
     assert!(!r.exited(), "the job ended before the kill: make it longer");
     r.kill();
     ch.restart();
-    let (code, out, err) = run(&[&"run", &spec]);
-    assert_eq!(
-        code,
-        0,
-        "the run after the kill and the restart: {}",
-        all_output(&out, &err)
-    );
+    run_to_done("the run after the kill and the restart", &spec);
     assert_equal(&db, "a killed job run again after a restart");
     ch.restart();
     assert_equal(&db, "a killed job run again, then another restart");
