@@ -5,27 +5,30 @@
 //! spec says. The names, operators and `::` types are read (`mentions`) from
 //! `EXPLAIN (VERBOSE)` (views and SQL functions expanded there) and from the SQL as written
 //! (MERGE and ON CONFLICT actions, LIMIT), then looked up in the catalog with what they reach:
-//! an operator's function, an aggregate's steps, a cast's function, a domain's CHECK, and the
-//! CHECKs of the tables written and of their domain columns. What a write runs out of the
-//! plan's sight (triggers, a cascade's rules, defaults) is `hidden`'s. An implicit cast through
+//! an operator's function, an aggregate's steps, a cast's function. What those reach is read
+//! the same way, to the end: the CHECKs of the domains named and of the tables written (and
+//! their domain columns), those tables' row security policies, and the bodies and views of
+//! every function reached, of any volatility (`reads`). What a write runs out of the plan's
+//! sight (triggers, a cascade's rules, defaults) is `hidden`'s. An implicit cast through
 //! such a function (a plan does not print it) counts when it casts from a column type of a
 //! relation in the plan. A foreign table in the plan (or a partition of a written table that
-//! is one, or one that a function reached any of those ways reads, even a STABLE one: `reads`)
-//! counts as its server: what runs there is out of sight, and not under this transaction.
-//! Not seen:
-//! functions declared STABLE or IMMUTABLE that write (planning, this check's own EXPLAIN
-//! included, may run those; such a function breaks Postgres's own rules).
+//! is one, or one that a function reached reads, even a STABLE one) counts as its server: what
+//! runs there is out of sight, and not under this transaction. Not seen: what a function runs
+//! from text built at run time (`EXECUTE`) or in C, but for the built-ins' own effects.
 
 use super::errors::db_error;
 use super::mentions::Mentions;
+use super::reads::Walk;
 use crate::error::Result;
+use std::collections::HashSet;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row};
 
 /// The volatile built-ins known to have no effect past the transaction or on other sessions:
 /// they read (the clock, sizes, `pg_lock_status` behind `pg_locks`, files and the WAL's
-/// position), draw random numbers, sleep, or take locks and settings that end with the
-/// transaction or with the engine's own session (`setseed`, `set_config`). Every other
+/// position), draw random numbers, sleep, or take locks, settings and notifications that end
+/// with the transaction or with the engine's own session (`setseed`, `set_config`;
+/// `pg_notify` is sent at commit, and dropped by a rollback). Every other
 /// volatile function counts: in `pg_catalog` (a sequence drawn, a backend ended, a BRIN or GIN
 /// index rewritten even in a read-only transaction, a slot or the WAL written, and
 /// `query_to_xml` or `ts_stat`, which run SQL given as text, invisible to EXPLAIN) and outside
@@ -80,6 +83,7 @@ const HARMLESS: &[&str] = &[
     "pg_last_wal_replay_lsn",
     "pg_last_xact_replay_timestamp",
     "pg_lock_status",
+    "pg_notify",
     "pg_ls_archive_statusdir",
     "pg_ls_dir",
     "pg_ls_logdir",
@@ -218,22 +222,48 @@ pub async fn outside_calls(
 /// foreign tables it reaches, in the plan (`FOREIGN`) or read by a function it reaches
 /// (`reads`), are named by their server.
 pub async fn calls_in(c: &Client, doc: &serde_json::Value, sql: &str) -> Result<Vec<String>> {
-    calls_with(c, doc, sql, false).await
+    calls_with(c, doc, sql, None).await
 }
 
-/// `calls_in` of a function's body (a trigger's): its names may resolve on a search path of
-/// its own (`SET search_path` on the function), so a name counts in every schema, not only
-/// where this session's path would find it.
-pub async fn calls_in_body(c: &Client, body: &str) -> Result<Vec<String>> {
-    calls_with(c, &serde_json::Value::Null, body, true).await
+/// `calls_in` of a function's body (a trigger's, with its `WHEN`), the function `function`
+/// walked from as well (what its body reads): its names may resolve on a search path of its
+/// own (`SET search_path` on the function), so a name counts in every schema, not only where
+/// this session's path would find it.
+pub async fn calls_in_body(c: &Client, body: &str, function: u32) -> Result<Vec<String>> {
+    calls_with(c, &serde_json::Value::Null, body, Some(function)).await
 }
 
-/// `calls_in`; `any_path`: a bare name or operator counts in every schema.
+/// `calls_in`, from the body of `function` when there is one (every name then counts in every
+/// schema). JIT is off for the check's catalog queries until the end of the transaction they
+/// run in, then as it was: their estimates pass `jit_above_cost` on a big catalog, and
+/// compiling them takes longer than running them.
 async fn calls_with(
     c: &Client,
     doc: &serde_json::Value,
     sql: &str,
-    any_path: bool,
+    function: Option<u32>,
+) -> Result<Vec<String>> {
+    let jit: String = c
+        .query_one(
+            "SELECT current_setting('jit'), set_config('jit', 'off', true)",
+            &[],
+        )
+        .await
+        .map_err(|e| db_error("turning JIT off for the effect check", &e))?
+        .get(0);
+    let found = read_all(c, doc, sql, function).await?;
+    c.execute("SELECT set_config('jit', $1, true)", &[&jit])
+        .await
+        .map_err(|e| db_error("turning JIT back on after the effect check", &e))?;
+    Ok(found)
+}
+
+/// `calls_with` without the JIT setting.
+async fn read_all(
+    c: &Client,
+    doc: &serde_json::Value,
+    sql: &str,
+    function: Option<u32>,
 ) -> Result<Vec<String>> {
     let mut texts = Vec::new();
     strings(doc, &mut texts);
@@ -253,9 +283,14 @@ async fn calls_with(
     let mut found = foreign_in(c, doc, &relations, &written).await?;
     let harmless = harmless();
     let (libraries, symbols): (Vec<&str>, Vec<&str>) = HARMLESS_C.iter().copied().unzip();
-    let mut checks_read: Vec<String> = Vec::new();
-    let mut reached: Vec<u32> = Vec::new();
-    for round in 0..4 {
+    // Texts read so far: the SQL, then the CHECKs, policies, function bodies and view
+    // definitions it reaches, each read in turn for what it reaches, to the end.
+    let mut read: HashSet<String> = HashSet::new();
+    let mut walk = Walk::new(c);
+    let mut any_path = function.is_some();
+    let mut reached: Vec<u32> = function.into_iter().collect();
+    let mut tables: &[String] = &written;
+    loop {
         m.tidy();
         let (schemas, names): (Vec<String>, Vec<String>) =
             m.qualified_calls.iter().cloned().unzip();
@@ -286,26 +321,27 @@ async fn calls_with(
             }
         }
         // The checks a write of these tables, or a cast to these domains, evaluates.
-        let tables: &[String] = if round == 0 { &written } else { &[] };
-        let rows = c
+        let mut texts: Vec<String> = c
             .query(CHECKS, &[&m.types, &tables])
             .await
-            .map_err(|e| db_error("reading the CHECK constraints the spec's SQL meets", &e))?;
-        let new: Vec<String> = rows
+            .map_err(|e| db_error("reading the CHECK constraints the spec's SQL meets", &e))?
             .iter()
-            .map(|r| r.get::<_, String>(0))
-            .filter(|t| !checks_read.contains(t))
+            .map(|r| r.get(0))
             .collect();
-        if new.is_empty() {
+        // What the functions reached read, call and say.
+        let visited = walk.visit(&reached).await?;
+        found.extend(visited.foreign);
+        texts.extend(visited.texts);
+        texts.retain(|t| read.insert(t.clone()));
+        if texts.is_empty() {
             break;
         }
+        // Bodies may resolve names on a path of their own; CHECKs and views are deparsed
+        // for this session's, which is then only the safe side.
         m = Mentions::default();
-        new.iter().for_each(|t| m.read(t));
-        checks_read.extend(new);
+        texts.iter().for_each(|t| m.read_body(t));
+        (any_path, reached, tables) = (true, Vec::new(), &[]);
     }
-    reached.sort_unstable();
-    reached.dedup();
-    found.extend(super::reads::foreign_servers(c, reached).await?);
     found.sort();
     found.dedup();
     Ok(found)
@@ -314,8 +350,8 @@ async fn calls_with(
 /// The functions the SQL reaches, in one list: the volatile ones with an effect past the
 /// transaction (all but $4, the `HARMLESS` built-ins, and the C functions of $9 (library) and
 /// $10 (symbol), `HARMLESS_C`), by name and how they are reached; and,
-/// by oid, every one outside the catalog, of any volatility, for `reads::foreign_servers` to
-/// follow to what it reads.
+/// by oid, every one outside the catalog, of any volatility, for `reads::Walk` to follow to
+/// what it reads and calls.
 /// A function is reached through the names ($1 bare; $6, $7 schema and name when qualified),
 /// operator symbols ($2) and `::` types ($3) of `Mentions`. A bare name or symbol counts unless
 /// a schema earlier on the search path has one of the same name and argument types, which the
@@ -416,7 +452,8 @@ const FOREIGN: &str = "
 
 /// The text of the CHECK constraints of the domains named ($1, and the domains they are
 /// based on) and of the tables written ($2, `schema.table`, with their partitions and the
-/// domains of their columns).
+/// domains of their columns), and of the row security policies of those tables (a WITH
+/// CHECK runs on every row written, and no plan prints it).
 const CHECKS: &str = "
     WITH RECURSIVE rels AS (
         SELECT p.relid FROM unnest($2::text[]) w, pg_partition_tree(w::regclass) p
@@ -433,7 +470,11 @@ const CHECKS: &str = "
           JOIN pg_type b ON b.oid = t.typbasetype AND b.typtype = 'd')
     SELECT pg_get_constraintdef(k.oid) FROM pg_constraint k
      WHERE k.contype = 'c'
-       AND (k.contypid IN (SELECT oid FROM doms) OR k.conrelid IN (SELECT relid FROM rels))";
+       AND (k.contypid IN (SELECT oid FROM doms) OR k.conrelid IN (SELECT relid FROM rels))
+    UNION ALL
+    SELECT pg_get_expr(e.expr, p.polrelid)
+      FROM pg_policy p, LATERAL (VALUES (p.polqual), (p.polwithcheck)) AS e(expr)
+     WHERE p.polrelid IN (SELECT relid FROM rels) AND e.expr IS NOT NULL";
 
 /// Tables a plan writes, from its ModifyTable nodes: (schema, table, whether the write may
 /// fill in defaults its plan does not print). EXPLAIN prints a plain INSERT's or UPDATE's

@@ -84,13 +84,25 @@ pub async fn effect(
     }))
 }
 
-/// The columns of `schema.table` and of its partitions that an insert can fill by itself:
+/// The columns of `schema.table`, of its partitions and of the views over them that an insert
+/// can fill by itself:
 /// (`table.column`, identity, the default's text: the column's own, else its domain's).
 async fn merge_defaults(c: &Client, schema: &str, table: &str) -> Result<Vec<Row>> {
     c.query(
-        "WITH r AS (SELECT format('%I.%I', $1::text, $2::text)::regclass AS rel),
-              rels AS (SELECT p.relid FROM r, pg_partition_tree(r.rel) p
-                       UNION SELECT r.rel FROM r)
+        "WITH RECURSIVE r AS (SELECT format('%I.%I', $1::text, $2::text)::regclass AS rel),
+              tree AS (SELECT p.relid FROM r, pg_partition_tree(r.rel) p
+                       UNION SELECT r.rel FROM r),
+              -- The views over them, whose own defaults an insert through the view uses
+              -- (the plan names only the table).
+              views(relid) AS (
+                  SELECT w.ev_class FROM pg_rewrite w
+                    JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = w.oid
+                   WHERE d.refobjid IN (SELECT relid FROM tree) AND w.ev_class <> d.refobjid
+                  UNION
+                  SELECT w.ev_class FROM views v
+                    JOIN pg_depend d ON d.refobjid = v.relid AND d.classid = 'pg_rewrite'::regclass
+                    JOIN pg_rewrite w ON w.oid = d.objid AND w.ev_class <> v.relid),
+              rels AS (SELECT relid FROM tree UNION SELECT relid FROM views)
          SELECT format('%s.%I', a.attrelid::regclass, a.attname), a.attidentity <> '',
                 coalesce(pg_get_expr(d.adbin, d.adrelid), ty.typdefault)
            FROM pg_attribute a JOIN rels ON a.attrelid = rels.relid

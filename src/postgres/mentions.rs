@@ -77,6 +77,24 @@ impl Mentions {
         self.operators.extend(operator_runs(&code));
     }
 
+    /// What a function's body or a view's definition mentions: as `read`, and every word as
+    /// a type besides (`DECLARE x kid;` makes a value of domain `kid`, whose CHECKs run).
+    pub fn read_body(&mut self, text: &str) {
+        self.read(text);
+        let dialect = PostgreSqlDialect {};
+        match Tokenizer::new(&dialect, text).tokenize() {
+            Ok(tokens) => self.types.extend(tokens.iter().filter_map(|t| match t {
+                Token::Word(w) => Some(folded(w)),
+                _ => None,
+            })),
+            Err(_) => self.types.extend(
+                text.split(|ch: char| !(ch.is_alphanumeric() || ch == '_'))
+                    .filter(|w| !w.is_empty())
+                    .map(str::to_lowercase),
+            ),
+        }
+    }
+
     /// Sorted, without repeats.
     pub fn tidy(&mut self) {
         for v in [&mut self.calls, &mut self.operators, &mut self.types] {

@@ -70,24 +70,50 @@ pub async fn plan(job: &PgJob, spec: &Spec, opts: PlanOptions) -> Result<Plan> {
     let p = ctx.prepared()?;
     // `where` runs in every sample batch and in the exact count: not at all if it could write
     // where no rollback or read-only transaction reaches.
-    let where_calls = if p.info.filter == "true" {
-        Vec::new()
+    // A key of a domain type runs the domain's CHECKs on every key value the exact count and
+    // the sample batches bind. Checked in a read-only transaction: the check's settings
+    // (`effects`) end with it.
+    let (where_calls, key_calls) = {
+        c.batch_execute("BEGIN READ ONLY")
+            .await
+            .map_err(|e| db_error("checking the spec's SQL", &e))?;
+        let checked = async {
+            let where_calls = if p.info.filter == "true" {
+                Vec::new()
+            } else {
+                let sql = format!("SELECT 1 FROM {} WHERE {}", p.info.rel, p.info.filter);
+                super::effects::outside_calls(&c, &sql, &[]).await?
+            };
+            let key = format!("SELECT CAST(NULL::text AS {})", p.info.key_type);
+            let key_calls = super::effects::outside_calls(&c, &key, &[]).await?;
+            Ok::<_, crate::error::Error>((where_calls, key_calls))
+        }
+        .await;
+        let _ = c.batch_execute("ROLLBACK").await;
+        checked?
+    };
+    let estimated = if opts.exact {
+        "; rows are estimated, not counted"
     } else {
-        let sql = format!("SELECT 1 FROM {} WHERE {}", p.info.rel, p.info.filter);
-        super::effects::outside_calls(&c, &sql, &[]).await?
+        ""
     };
     if !where_calls.is_empty() {
         plan.notes.push(format!(
             "where calls {}, which can draw from a sequence or write where no rollback reaches: \
-             plan runs nothing that evaluates it (no sample batches{})",
+             plan runs nothing that evaluates it (no sample batches{estimated})",
             where_calls.join(", "),
-            if opts.exact {
-                "; rows are estimated, not counted"
-            } else {
-                ""
-            }
         ));
     }
+    if !key_calls.is_empty() {
+        plan.notes.push(format!(
+            "the key's type {} checks every value with {}, which can draw from a sequence or \
+             write where no rollback reaches: plan binds no key value (no sample \
+             batches{estimated})",
+            p.info.key_type,
+            key_calls.join(", "),
+        ));
+    }
+    let where_calls = [where_calls, key_calls].concat();
     let est = job.pending(opts.exact && where_calls.is_empty()).await?;
     plan.pending_rows = est.rows;
     plan.pending_exact = est.exact;
@@ -450,13 +476,15 @@ async fn idempotency(
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
             .collect())
     };
-    // Rows written by this transaction in a small table, hashed. The second application runs
-    // in a subtransaction (a savepoint), whose rows carry its own xid: a row is ours when its
-    // xmin is not older than our xid (`age` counts from it) and still in progress (rows other
-    // sessions committed since are not; their uncommitted rows are invisible).
+    // Rows written by this transaction in a small table, hashed: ONLY that table, as its
+    // statistics count (a child may be a foreign table, whose server is out of reach). The
+    // second application runs in a subtransaction (a savepoint), whose rows carry its own
+    // xid: a row is ours when its xmin is not older than our xid (`age` counts from it) and
+    // still in progress (rows other sessions committed since are not; their uncommitted rows
+    // are invisible).
     let mine = async |c: &Client, t: &str| -> Result<String> {
         let sql = format!(
-            "SELECT coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {t} t
+            "SELECT coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM ONLY {t} t
               WHERE age(t.xmin) <= 0
                 AND pg_xact_status((pg_current_xact_id()::text::bigint
                                     - age(t.xmin))::text::xid8) = 'in progress'"

@@ -9,14 +9,20 @@ use tokio_postgres::Client;
 
 /// Run the spec's `verify:` query in a read-only transaction: one integer, 0 = done.
 pub async fn verify(c: &Client, sql: &str, limits: &Limits) -> Result<i64> {
-    refuse_outside_calls(c, sql).await?;
     c.batch_execute(&format!(
         "BEGIN READ ONLY; SET LOCAL statement_timeout = {}",
         limits.statement_timeout.as_millis()
     ))
     .await
     .map_err(|e| db_error("verify", &e))?;
-    let row = c.query_one(sql, &[]).await;
+    // Checked in the transaction: the check's settings (`effects`) end with it.
+    let row = match refuse_outside_calls(c, sql).await {
+        Ok(()) => c.query_one(sql, &[]).await,
+        Err(e) => {
+            let _ = c.batch_execute("ROLLBACK").await;
+            return Err(e);
+        }
+    };
     let _ = c.batch_execute("ROLLBACK").await;
     let row = row.map_err(|e| {
         let mut err = db_error("verify", &e);

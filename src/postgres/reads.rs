@@ -1,13 +1,15 @@
-//! What the functions a piece of SQL reaches read, followed to the end, for the effect check:
-//! a function may be STABLE, as reading is, and read a foreign table, whose server then works
-//! in a transaction of its own that is not read-only (a remote view calling `nextval` draws;
-//! `plan` rolls back and `verify` reads only in this database). From each function outside the
-//! catalog the walk goes to the functions and relations its body names as a word (the source
-//! text, unless the language is C or internal, where it is a symbol), to those a SQL-standard
-//! body depends on (`pg_depend`: its source text is empty), from a view to what its rule
-//! depends on, and from a table to its partitions and inheritance children. A name built at
-//! run time (`EXECUTE`, a C function) is not seen; a word that only looks like a name (a
-//! column, a comment) is followed too, which errs on the safe side.
+//! What the functions a piece of SQL reaches run and read, followed to the end, for the effect
+//! check: a function may be STABLE, as reading is, and still read a foreign table, whose
+//! server then works in a transaction of its own that is not read-only (a remote view calling
+//! `nextval` draws; `plan` rolls back and `verify` reads only in this database), or call,
+//! directly or through a view, an operator or a domain's CHECK, what draws. From each function
+//! outside the catalog the walk goes to the functions and relations its body names as a word
+//! (the source text, unless the language is C or internal, where it is a symbol), to those a
+//! SQL-standard body depends on, from a view to what its rule depends on, and from a table to
+//! its partitions and inheritance children. It hands back the text of every body and view
+//! definition it passes (`Walk::visit`), for `effects` to read as it reads the spec's SQL. A
+//! name built at run time (`EXECUTE`, a C function) is not seen; a word that only looks like a
+//! name (a column, a comment) is followed too, which errs on the safe side.
 
 use super::errors::db_error;
 use crate::error::Result;
@@ -15,10 +17,24 @@ use std::collections::HashSet;
 use tokio_postgres::Client;
 
 /// The source text of the functions $1 that have one to read (not C or internal, where it is
-/// a symbol; not SQL-standard, where it is empty), with the name of each.
-const BODIES: &str = "
-    SELECT p.oid::regprocedure::text, p.prosrc FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
-     WHERE p.oid = ANY($1::oid[]) AND l.lanname NOT IN ('c', 'internal') AND p.prosrc <> ''";
+/// a symbol), with the name of each; `{body}` is `prosrc`, or on servers with SQL-standard
+/// bodies (14 and later: their `prosrc` is empty) that body, deparsed.
+fn bodies(sql_standard: bool) -> String {
+    let body = if sql_standard {
+        "CASE WHEN p.prosqlbody IS NOT NULL THEN pg_get_function_sqlbody(p.oid) ELSE p.prosrc END"
+    } else {
+        "p.prosrc"
+    };
+    format!(
+        "SELECT p.oid::regprocedure::text, {body} FROM pg_proc p
+           JOIN pg_language l ON l.oid = p.prolang
+          WHERE p.oid = ANY($1::oid[]) AND l.lanname NOT IN ('c', 'internal')"
+    )
+}
+
+/// The definitions of the views among the relations $1.
+const VIEWS: &str = "
+    SELECT pg_get_viewdef(k.oid) FROM pg_class k WHERE k.oid = ANY($1::oid[]) AND k.relkind = 'v'";
 
 /// The names, lower case, of the functions and relations `STEP` follows that are not one word
 /// of ASCII letters, digits and `_` (`"a b"`, `"ça"`): searched for in the bodies as text.
@@ -76,67 +92,108 @@ const STEP: &str = r#"
       LEFT JOIN pg_foreign_server s ON s.oid = ft.ftserver
      ORDER BY n.kind, n.oid, n.via"#;
 
-/// How many steps the walk takes at most: a chain of functions and views longer than this is
-/// not followed to its end.
-const STEPS: usize = 32;
+/// A walk through what functions read and call, remembering what it has passed: each
+/// function and relation is stepped from once, however many visits reach it.
+pub struct Walk<'a> {
+    c: &'a Client,
+    seen: HashSet<(String, u32)>,
+    /// `ODD`, once read.
+    odd: Option<Vec<String>>,
+    /// The query for bodies (`bodies`), once the server's version is known.
+    bodies: Option<String>,
+}
 
-/// The foreign servers that the functions `start` (oids) read, directly or through what they
-/// call and read, as `the foreign server of T (server S, read in F)`.
-pub async fn foreign_servers(c: &Client, start: Vec<u32>) -> Result<Vec<String>> {
-    let failed = |e: tokio_postgres::Error| {
-        db_error("reading what the functions the spec's SQL calls read", &e)
-    };
-    if start.is_empty() {
-        return Ok(Vec::new());
+/// What a visit found: the foreign servers read (`the foreign server of T (server S, read in
+/// F)`), and the text of the bodies and view definitions passed, to be read for what they call.
+#[derive(Default)]
+pub struct Visited {
+    pub foreign: Vec<String>,
+    pub texts: Vec<String>,
+}
+
+impl<'a> Walk<'a> {
+    pub fn new(c: &'a Client) -> Self {
+        Walk {
+            c,
+            seen: HashSet::new(),
+            odd: None,
+            bodies: None,
+        }
     }
-    let mut seen: HashSet<(String, u32)> = start.iter().map(|&o| ("f".into(), o)).collect();
-    let (mut fns, mut rels) = (start, Vec::<u32>::new());
-    let mut found = Vec::new();
-    let odd: Vec<String> = c
-        .query(ODD, &[])
-        .await
-        .map_err(failed)?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    for _ in 0..STEPS {
-        if fns.is_empty() && rels.is_empty() {
-            break;
+
+    /// Follow the functions `start` (oids) to the end of what they read and call.
+    pub async fn visit(&mut self, start: &[u32]) -> Result<Visited> {
+        let failed = |e: tokio_postgres::Error| {
+            db_error("reading what the functions the spec's SQL calls read", &e)
+        };
+        let mut fns: Vec<u32> = start
+            .iter()
+            .copied()
+            .filter(|&o| self.seen.insert(("f".into(), o)))
+            .collect();
+        let mut rels = Vec::<u32>::new();
+        let mut out = Visited::default();
+        if fns.is_empty() {
+            return Ok(out);
         }
-        let (mut words, mut vias) = (Vec::new(), Vec::new());
-        for r in c.query(BODIES, &[&fns]).await.map_err(failed)? {
-            let (name, body): (String, String) = (r.get(0), r.get(1));
-            let lower = body.to_lowercase();
-            let mut in_body: Vec<String> = body
-                .split(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
-                .filter(|w| !w.is_empty())
-                .map(str::to_ascii_lowercase)
-                .chain(odd.iter().filter(|n| lower.contains(n.as_str())).cloned())
-                .collect();
-            in_body.sort_unstable();
-            in_body.dedup();
-            vias.extend(std::iter::repeat_n(name, in_body.len()));
-            words.extend(in_body);
+        if self.odd.is_none() {
+            let odd = self.c.query(ODD, &[]).await.map_err(failed)?;
+            self.odd = Some(odd.iter().map(|r| r.get(0)).collect());
+            let version: i32 = self
+                .c
+                .query_one("SELECT current_setting('server_version_num')::int", &[])
+                .await
+                .map_err(failed)?
+                .get(0);
+            self.bodies = Some(bodies(version >= 140000));
         }
-        let rows = c
-            .query(STEP, &[&fns, &rels, &words, &vias])
-            .await
-            .map_err(failed)?;
-        (fns, rels) = (Vec::new(), Vec::new());
-        for r in rows {
-            let (kind, oid, foreign): (String, u32, Option<String>) =
-                (r.get(0), r.get(1), r.get(2));
-            found.extend(foreign);
-            if seen.insert((kind.clone(), oid)) {
-                if kind == "f" {
-                    fns.push(oid)
-                } else {
-                    rels.push(oid)
+        let (odd, bodies) = (
+            self.odd.as_deref().unwrap_or_default(),
+            self.bodies.as_deref().unwrap_or_default(),
+        );
+        while !(fns.is_empty() && rels.is_empty()) {
+            // Each word once, with the first body it is in.
+            let mut words: Vec<(String, String)> = Vec::new();
+            for r in self.c.query(bodies, &[&fns]).await.map_err(failed)? {
+                let (name, body): (String, Option<String>) = (r.get(0), r.get(1));
+                let Some(body) = body else { continue };
+                // As Postgres's lower() under the names' collation ("C"): ASCII only.
+                let lower = body.to_ascii_lowercase();
+                words.extend(
+                    lower
+                        .split(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+                        .filter(|w| !w.is_empty())
+                        .map(str::to_string)
+                        .chain(odd.iter().filter(|n| lower.contains(n.as_str())).cloned())
+                        .map(|w| (w, name.clone())),
+                );
+                out.texts.push(body);
+            }
+            words.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            words.dedup_by(|a, b| a.0 == b.0);
+            let (words, vias): (Vec<String>, Vec<String>) = words.into_iter().unzip();
+            for r in self.c.query(VIEWS, &[&rels]).await.map_err(failed)? {
+                out.texts.push(r.get(0));
+            }
+            let rows = self
+                .c
+                .query(STEP, &[&fns, &rels, &words, &vias])
+                .await
+                .map_err(failed)?;
+            (fns, rels) = (Vec::new(), Vec::new());
+            for r in rows {
+                let (kind, oid, foreign): (String, u32, Option<String>) =
+                    (r.get(0), r.get(1), r.get(2));
+                out.foreign.extend(foreign);
+                if self.seen.insert((kind.clone(), oid)) {
+                    if kind == "f" {
+                        fns.push(oid)
+                    } else {
+                        rels.push(oid)
+                    }
                 }
             }
         }
+        Ok(out)
     }
-    found.sort();
-    found.dedup();
-    Ok(found)
 }
