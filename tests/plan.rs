@@ -926,6 +926,44 @@ async fn plan_and_verify_call_nothing_that_writes_past_their_transaction() {
         sample.contains("not run") && sample.contains("public.pol_ok"),
         "{out}"
     );
+    // What a write runs that its plan does not print: the CHECK of a domain inside a composite
+    // column's type (a field assigned), an assignment cast through a function that draws
+    // (an int result into an enum column).
+    c.batch_execute(
+        "CREATE FUNCTION zip_ok(z text) RETURNS bool LANGUAGE plpgsql AS $$
+           BEGIN PERFORM nextval('s'); RETURN true; END $$;
+         CREATE DOMAIN zipcode AS text CHECK (zip_ok(VALUE));
+         CREATE TYPE address AS (street text, zip zipcode);
+         CREATE TABLE addressed (id bigint, addr address);
+         CREATE TYPE feel AS ENUM ('low', 'high');
+         CREATE FUNCTION int_to_mood(i int) RETURNS feel LANGUAGE plpgsql AS $$
+           BEGIN PERFORM nextval('s'); RETURN 'low'; END $$;
+         CREATE CAST (int AS feel) WITH FUNCTION int_to_mood(int) AS ASSIGNMENT;
+         CREATE TABLE moods (id bigint, m feel);",
+    )
+    .await
+    .unwrap();
+    for (name, statement, called) in [
+        (
+            "composite",
+            "INSERT INTO addressed (id, addr.zip) SELECT id, '10001' FROM t WHERE id = ANY($1)",
+            "public.zip_ok",
+        ),
+        (
+            "assigned",
+            "INSERT INTO moods (id, m) SELECT id, length('ab') FROM t WHERE id = ANY($1)",
+            "public.int_to_mood",
+        ),
+    ] {
+        let (code, out, err) = run(&[&"plan", &spec(name, "NOT done", statement, open)]);
+        assert_eq!(code, 0, "{name}: {out}\n{err}");
+        let sample = line_with(&out, "sample:");
+        assert!(
+            sample.contains("not run") && sample.contains(called),
+            "{name}: {out}"
+        );
+        assert_eq!(snapshot(&c).await, before, "{name} wrote:\n{out}");
+    }
     // A key of a domain whose CHECK draws: binding a key value runs it.
     c.batch_execute(
         "CREATE FUNCTION key_ok(a bigint) RETURNS bool LANGUAGE plpgsql AS $$
@@ -1109,7 +1147,7 @@ async fn plan_and_verify_reach_no_foreign_server() {
         let sample = line_with(&out, "sample:");
         assert!(
             sample.contains("not run")
-                && sample.contains(&format!("the foreign server of {reached} (server loop)")),
+                && sample.contains(&format!("the foreign server of {reached} (server loop")),
             "{name}:\n{out}"
         );
     }
@@ -1216,6 +1254,69 @@ async fn plan_and_verify_reach_no_foreign_server() {
             "{args:?}: {out}"
         );
     }
+    // Planning alone runs a STABLE function called with constant arguments (to estimate the
+    // condition): the check reads the SQL before it plans it, in plan, status and verify.
+    let planned = spec("w_planned", "n > reads_f() AND NOT done", plain, open);
+    for args in [vec!["plan"], vec!["plan", "--exact"], vec!["status"]] {
+        let (code, out, err) = run_on(&args, &planned);
+        assert_eq!(
+            snapshot(&c).await,
+            before,
+            "w_planned {args:?} wrote:\n{out}\n{err}"
+        );
+        assert_eq!(code, 0, "{args:?}:\n{out}\n{err}");
+    }
+    let (_, out, _) = run(&[&"plan", &planned]);
+    assert!(
+        out.contains(
+            "where calls the foreign server of drawing_f (server loop, read in reads_f())"
+        ),
+        "{out}"
+    );
+    let (code, out, err) = run(&[
+        &"plan",
+        &spec(
+            "st_planned",
+            "NOT done",
+            "UPDATE t SET n = n + 1 WHERE id = ANY($1) AND n <> reads_f()",
+            open,
+        ),
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(snapshot(&c).await, before, "st_planned wrote:\n{out}");
+    assert!(line_with(&out, "sample:").contains("not run"), "{out}");
+    let (code, out, err) = run(&[
+        &"verify",
+        &spec(
+            "v_planned",
+            "NOT done",
+            plain,
+            "SELECT count(*) FROM t WHERE n > reads_f()",
+        ),
+    ]);
+    assert_eq!(snapshot(&c).await, before, "v_planned wrote:\n{out}\n{err}");
+    assert_eq!(code, 1, "{out}\n{err}");
+    // A STABLE C function that runs SQL given as text (tablefunc's crosstab).
+    c.batch_execute("CREATE EXTENSION IF NOT EXISTS tablefunc")
+        .await
+        .unwrap();
+    let (code, out, err) = run(&[
+        &"verify",
+        &spec(
+            "v_crosstab",
+            "NOT done",
+            plain,
+            "SELECT count(*) * 0 FROM crosstab('SELECT 1::text, 1::text, v::text FROM drawing_f') \
+             AS ct(r text, c text)",
+        ),
+    ]);
+    assert_eq!(
+        snapshot(&c).await,
+        before,
+        "v_crosstab wrote:\n{out}\n{err}"
+    );
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(err.contains("public.crosstab"), "{err}");
     // A local table is still sampled and verified.
     let local = spec("local", "NOT done", plain, open);
     let (code, out, err) = run(&[&"plan", &local]);
@@ -1604,6 +1705,31 @@ batch: {{size: 100, target: 0}}
             "{name}: {out}"
         );
     }
+    // The CHECK of a table the cascade writes (here: when SET NULL leaves parent_id NULL).
+    c.batch_execute(
+        "CREATE FUNCTION orphan_ok(o bigint) RETURNS bool LANGUAGE plpgsql AS $$
+           BEGIN PERFORM nextval('m_seq'); RETURN true; END $$;
+         CREATE TABLE checked (id bigint PRIMARY KEY,
+                               parent_id bigint REFERENCES parent ON DELETE SET NULL,
+                               CHECK (parent_id IS NOT NULL OR orphan_ok(id)));
+         INSERT INTO checked SELECT i, i FROM generate_series(1, 1000) i;",
+    )
+    .await
+    .unwrap();
+    let m_before = count(&c, m_seq).await;
+    let (code, out, err) = run(&[&"plan", &parent_spec("cascade_check", DELETE)]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(
+        count(&c, m_seq).await,
+        m_before,
+        "plan drew from m_seq:\n{out}"
+    );
+    let sample = line_with(&out, "sample:");
+    assert!(
+        sample.contains("not run") && sample.contains("public.orphan_ok"),
+        "{out}"
+    );
+    c.batch_execute("DROP TABLE checked").await.unwrap();
     // Without either, the sample runs, and is rolled back.
     c.batch_execute("ALTER TABLE other ALTER COLUMN parent_id SET DEFAULT NULL")
         .await

@@ -163,7 +163,32 @@ const HARMLESS_C: &[(&str, &str)] = &[
     ("pgcrypto", "pgp_sym_encrypt_bytea"),
     ("pgcrypto", "pgp_pub_encrypt_text"),
     ("pgcrypto", "pgp_pub_encrypt_bytea"),
+    // TABLESAMPLE methods: they pick the rows a scan reads.
+    ("tsm_system_rows", "tsm_system_rows_handler"),
+    ("tsm_system_time", "tsm_system_time_handler"),
 ];
+
+/// C functions of contrib extensions that run SQL given as text, whatever their volatility
+/// (tablefunc's `crosstab` and `connectby` are STABLE): what that SQL does, no plan shows.
+/// Named by library and C symbol, as `HARMLESS_C`.
+const RUNS_TEXT_C: &[(&str, &str)] = &[
+    ("tablefunc", "crosstab"),
+    ("tablefunc", "crosstab_hash"),
+    ("tablefunc", "connectby_text"),
+    ("tablefunc", "connectby_text_serial"),
+    ("pgxml", "xpath_table"),
+];
+
+/// The oids of the relations named in the query parameter `param` (a `text[]` of
+/// `"schema"."table"`, as `quoted` writes them), found in the catalog by name: a `::regclass`
+/// cast needs USAGE on the schema, which a role that reads through a view over it may lack.
+fn named(param: &str) -> String {
+    format!(
+        r#"SELECT k.oid FROM pg_class k JOIN pg_namespace n ON n.oid = k.relnamespace
+            WHERE '"' || replace(n.nspname, '"', '""') || '"."' || replace(k.relname, '"', '""')
+                  || '"' = ANY({param}::text[])"#
+    )
+}
 
 /// `HARMLESS`, as a query parameter.
 fn harmless() -> Vec<String> {
@@ -207,6 +232,12 @@ pub async fn outside_calls(
     sql: &str,
     params: &[&(dyn ToSql + Sync)],
 ) -> Result<Vec<String>> {
+    // Planning may run what the SQL calls (a STABLE function with constant arguments, while
+    // estimating): read it unplanned first, and plan it only if that finds nothing.
+    let unplanned = calls_in(c, &serde_json::Value::Null, sql).await?;
+    if !unplanned.is_empty() {
+        return Ok(unplanned);
+    }
     match explain(c, sql, params, "explaining the spec's SQL").await? {
         Some(doc) => calls_in(c, &doc, sql).await,
         None => Ok(Vec::new()),
@@ -219,7 +250,7 @@ pub async fn outside_calls(
 /// operators by symbol, casts and domains by the type after `::`. Then the CHECK constraints
 /// that a write evaluates without printing them, the written tables' and their domain
 /// columns', and those of the domains named, are read the same way, a few levels deep. The
-/// foreign tables it reaches, in the plan (`FOREIGN`) or read by a function it reaches
+/// foreign tables it reaches, in the plan (`foreign`) or read by a function it reaches
 /// (`reads`), are named by their server.
 pub async fn calls_in(c: &Client, doc: &serde_json::Value, sql: &str) -> Result<Vec<String>> {
     calls_with(c, doc, sql, None).await
@@ -283,10 +314,16 @@ async fn read_all(
     let mut found = foreign_in(c, doc, &relations, &written).await?;
     let harmless = harmless();
     let (libraries, symbols): (Vec<&str>, Vec<&str>) = HARMLESS_C.iter().copied().unzip();
+    let (runs_text_libraries, runs_text_symbols): (Vec<&str>, Vec<&str>) =
+        RUNS_TEXT_C.iter().copied().unzip();
     // Texts read so far: the SQL, then the CHECKs, policies, function bodies and view
     // definitions it reaches, each read in turn for what it reaches, to the end.
     let mut read: HashSet<String> = HashSet::new();
     let mut walk = Walk::new(c);
+    // What the SQL names as written: the views, foreign tables and functions, to the end.
+    let named = walk.visit_text(sql).await?;
+    found.extend(named.foreign);
+    let mut carried = named.texts;
     let mut any_path = function.is_some();
     let mut reached: Vec<u32> = function.into_iter().collect();
     let mut tables: &[String] = &written;
@@ -297,19 +334,21 @@ async fn read_all(
         let writes = !written.is_empty();
         let rows = c
             .query(
-                LOOKUP,
+                &lookup(),
                 &[
                     &m.calls,
                     &m.operators,
                     &m.types,
                     &harmless,
-                    &relations,
                     &schemas,
                     &names,
                     &writes,
                     &libraries,
                     &symbols,
                     &any_path,
+                    &runs_text_libraries,
+                    &runs_text_symbols,
+                    &written,
                 ],
             )
             .await
@@ -322,7 +361,7 @@ async fn read_all(
         }
         // The checks a write of these tables, or a cast to these domains, evaluates.
         let mut texts: Vec<String> = c
-            .query(CHECKS, &[&m.types, &tables])
+            .query(&checks(), &[&m.types, &tables])
             .await
             .map_err(|e| db_error("reading the CHECK constraints the spec's SQL meets", &e))?
             .iter()
@@ -332,6 +371,7 @@ async fn read_all(
         let visited = walk.visit(&reached).await?;
         found.extend(visited.foreign);
         texts.extend(visited.texts);
+        texts.append(&mut carried);
         texts.retain(|t| read.insert(t.clone()));
         if texts.is_empty() {
             break;
@@ -348,30 +388,37 @@ async fn read_all(
 }
 
 /// The functions the SQL reaches, in one list: the volatile ones with an effect past the
-/// transaction (all but $4, the `HARMLESS` built-ins, and the C functions of $9 (library) and
-/// $10 (symbol), `HARMLESS_C`), by name and how they are reached; and,
-/// by oid, every one outside the catalog, of any volatility, for `reads::Walk` to follow to
-/// what it reads and calls.
-/// A function is reached through the names ($1 bare; $6, $7 schema and name when qualified),
+/// transaction (all but $4, the `HARMLESS` built-ins, and the C functions of $8 (library) and
+/// $9 (symbol), `HARMLESS_C`), and the C functions that run SQL given as text ($11, $12:
+/// `RUNS_TEXT_C`), by name and how they are reached; and, by oid, every one outside the
+/// catalog, of any volatility, for `reads::Walk` to follow to what it reads and calls.
+/// A function is reached through the names ($1 bare; $5, $6 schema and name when qualified),
 /// operator symbols ($2) and `::` types ($3) of `Mentions`. A bare name or symbol counts unless
 /// a schema earlier on the search path has one of the same name and argument types, which the
-/// parser would take instead (unless $11: a function's body, which may have a path of its own): pgcrypto's `public.gen_random_uuid()` is not the
-/// `gen_random_uuid()` of `pg_catalog`. (Which overload a call takes needs its argument types,
-/// which the text does not give: every overload not so hidden counts, so another type's
-/// volatile `=` still does.) Assignment casts count only when something is written ($8).
-/// An operator's estimators run while planning, so they count too. Implicit and assignment
-/// casts leave no trace in a plan's text: one through such a function counts when it casts
-/// from a type of a column of the relations in the plan ($5, `schema.table`) or a type named.
-const LOOKUP: &str = r#"
+/// parser would take instead (unless $10: a function's body, which may have a path of its
+/// own): pgcrypto's `public.gen_random_uuid()` is not the `gen_random_uuid()` of
+/// `pg_catalog`. (Which overload a call takes needs its argument types, which the text does
+/// not give: every overload not so hidden counts, so another type's volatile `=` still does.)
+/// An operator's estimators run while planning, so they count too. Implicit casts, and
+/// assignment casts when something is written ($7), leave no trace in a plan's text (an
+/// `int` result assigned to an enum column): every implicit one through a function with an
+/// effect counts, whatever it casts from, and every such assignment cast to a column type of
+/// the tables written ($13, `"schema"."table"`).
+fn lookup() -> String {
+    format!(
+        r#"
     WITH RECURSIVE eff AS (
         SELECT p.oid, format('%s.%s', n.nspname, p.proname) AS name
           FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
          WHERE (p.provolatile = 'v' AND (n.nspname <> 'pg_catalog' OR NOT p.proname = ANY($4::text[]))
                 AND NOT (p.prolang = (SELECT oid FROM pg_language WHERE lanname = 'c')
                          AND (regexp_replace(p.probin, '^.*/|\.[^./]*$', '', 'g'), p.prosrc)
-                             IN (SELECT * FROM unnest($9::text[], $10::text[]))))
+                             IN (SELECT * FROM unnest($8::text[], $9::text[]))))
             -- STABLE, but they read a table, view or foreign table named as text, which no
             -- plan shows (a view's volatile function, a foreign server).
+            OR (p.prolang = (SELECT oid FROM pg_language WHERE lanname = 'c')
+                AND (regexp_replace(p.probin, '^.*/|\.[^./]*$', '', 'g'), p.prosrc)
+                    IN (SELECT * FROM unnest($11::text[], $12::text[])))
             OR (n.nspname = 'pg_catalog' AND p.proname IN (
                 'table_to_xml', 'table_to_xmlschema', 'table_to_xml_and_xmlschema',
                 'schema_to_xml', 'schema_to_xmlschema', 'schema_to_xml_and_xmlschema',
@@ -384,17 +431,17 @@ const LOOKUP: &str = r#"
     called AS (
         SELECT p.oid FROM pg_proc p LEFT JOIN path ON path.nsp = p.pronamespace
          WHERE p.proname = ANY($1::text[])
-           AND ($11 OR NOT EXISTS (SELECT 1 FROM pg_proc f JOIN path q ON q.nsp = f.pronamespace
+           AND ($10 OR NOT EXISTS (SELECT 1 FROM pg_proc f JOIN path q ON q.nsp = f.pronamespace
                             WHERE f.proname = p.proname AND f.proargtypes = p.proargtypes
                               AND q.ord < coalesce(path.ord, 2147483647)))
         UNION
         SELECT p.oid FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-          JOIN unnest($6::text[], $7::text[]) AS w(s, f) ON w.s = n.nspname AND w.f = p.proname),
+          JOIN unnest($5::text[], $6::text[]) AS w(s, f) ON w.s = n.nspname AND w.f = p.proname),
     oper AS (
         SELECT o.oid, o.oprcode, o.oprrest, o.oprjoin
           FROM pg_operator o LEFT JOIN path ON path.nsp = o.oprnamespace
          WHERE o.oprname = ANY($2::text[])
-           AND ($11 OR NOT EXISTS (SELECT 1 FROM pg_operator x JOIN path q ON q.nsp = x.oprnamespace
+           AND ($10 OR NOT EXISTS (SELECT 1 FROM pg_operator x JOIN path q ON q.nsp = x.oprnamespace
                             WHERE x.oprname = o.oprname AND x.oprleft = o.oprleft
                               AND x.oprright = o.oprright
                               AND q.ord < coalesce(path.ord, 2147483647)))),
@@ -420,61 +467,92 @@ const LOOKUP: &str = r#"
         SELECT k.castfunc, format(' (behind an implicit cast from %s to %s, which no plan prints)',
                                   format_type(k.castsource, NULL), format_type(k.casttarget, NULL))
           FROM pg_cast k
-         WHERE k.castfunc <> 0 AND (k.castcontext = 'i' OR (k.castcontext = 'a' AND $8))
-           AND (k.castsource IN (SELECT a.atttypid FROM pg_attribute a
-                                  WHERE a.attrelid IN (SELECT r::regclass FROM unnest($5::text[]) r))
-                OR k.castsource IN (SELECT t.oid FROM pg_type t WHERE t.typname = ANY($3::text[]))))
+         WHERE k.castfunc <> 0
+           AND (k.castcontext = 'i'
+                OR (k.castcontext = 'a' AND $7 AND k.casttarget IN (
+                        SELECT a.atttypid FROM pg_attribute a
+                         WHERE a.attrelid IN ({written}) AND a.attnum > 0))))
     SELECT e.name || r.how, NULL::oid FROM reached r JOIN eff e ON e.oid = r.oid
     UNION
     SELECT NULL, r.oid FROM reached r JOIN pg_proc p ON p.oid = r.oid
       JOIN pg_namespace n ON n.oid = p.pronamespace
      WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
-    ORDER BY 1"#;
+    ORDER BY 1"#,
+        written = named("$13"),
+    )
+}
 
-/// The foreign tables among the relations a plan scans ($1), under the tables it writes
-/// ($2: a row routed into a partition that is a foreign table), as the server they reach. What
+/// The foreign tables among the relations a plan scans ($1), among the partitions of the
+/// tables it writes ($2: a row routed into a partition that is a foreign table), or named in
+/// the text of a pushed-down scan ($3), as the server they reach. What
 /// the foreign server runs is out of sight here: a remote view that calls `nextval`, a remote
 /// `bigserial` filled by an insert, or a remote transaction that is not read-only (postgres_fdw
 /// opens its own, whatever this one is) writes where neither a rollback nor a read-only
 /// transaction reaches.
-const FOREIGN: &str = "
-    WITH rels AS (
-        SELECT p.relid FROM unnest($2::text[]) w, pg_partition_tree(w::regclass) p
-        UNION SELECT w::regclass FROM unnest($2::text[]) w
-        UNION SELECT r::regclass FROM unnest($1::text[]) r)
-    SELECT format('the foreign server of %s (server %s)', f.ftrelid::regclass, s.srvname)
-      FROM pg_foreign_table f JOIN pg_foreign_server s ON s.oid = f.ftserver
-      JOIN pg_class k ON k.oid = f.ftrelid JOIN pg_namespace n ON n.oid = k.relnamespace
-     WHERE f.ftrelid IN (SELECT relid FROM rels)
-        OR EXISTS (SELECT 1 FROM unnest($3::text[]) x
-                    WHERE position(format('%I.%I', n.nspname, k.relname) IN x) > 0)
-     ORDER BY 1";
+fn foreign() -> String {
+    format!(
+        "WITH RECURSIVE routed(relid) AS (
+             {written}
+             UNION SELECT i.inhrelid FROM routed r JOIN pg_inherits i ON i.inhparent = r.relid
+               JOIN pg_class p ON p.oid = i.inhrelid AND p.relispartition),
+         rels(relid) AS (SELECT relid FROM routed UNION {scanned})
+         SELECT format('the foreign server of %s (server %s)', f.ftrelid::regclass, s.srvname)
+           FROM pg_foreign_table f JOIN pg_foreign_server s ON s.oid = f.ftserver
+           JOIN pg_class k ON k.oid = f.ftrelid JOIN pg_namespace n ON n.oid = k.relnamespace
+          WHERE f.ftrelid IN (SELECT relid FROM rels)
+             OR EXISTS (SELECT 1 FROM unnest($3::text[]) x
+                         WHERE position(format('%I.%I', n.nspname, k.relname) IN x) > 0)
+          ORDER BY 1",
+        written = named("$2"),
+        scanned = named("$1"),
+    )
+}
 
-/// The text of the CHECK constraints of the domains named ($1, and the domains they are
-/// based on) and of the tables written ($2, `schema.table`, with their partitions and the
-/// domains of their columns), and of the row security policies of those tables (a WITH
-/// CHECK runs on every row written, and no plan prints it).
-const CHECKS: &str = "
-    WITH RECURSIVE rels AS (
-        SELECT p.relid FROM unnest($2::text[]) w, pg_partition_tree(w::regclass) p
-        UNION SELECT w::regclass FROM unnest($2::text[]) w),
-    doms AS (
-        SELECT t.oid FROM pg_type t WHERE t.typtype = 'd' AND t.typname = ANY($1::text[])
-        UNION
-        SELECT t.oid FROM pg_attribute a JOIN rels ON a.attrelid = rels.relid
-          JOIN pg_type t ON t.oid IN (a.atttypid, (SELECT e.typelem FROM pg_type e
-                                                   WHERE e.oid = a.atttypid))
-         WHERE t.typtype = 'd' AND a.attnum > 0 AND NOT a.attisdropped
-        UNION
-        SELECT t.typbasetype FROM doms d JOIN pg_type t ON t.oid = d.oid
-          JOIN pg_type b ON b.oid = t.typbasetype AND b.typtype = 'd')
-    SELECT pg_get_constraintdef(k.oid) FROM pg_constraint k
-     WHERE k.contype = 'c'
-       AND (k.contypid IN (SELECT oid FROM doms) OR k.conrelid IN (SELECT relid FROM rels))
-    UNION ALL
-    SELECT pg_get_expr(e.expr, p.polrelid)
-      FROM pg_policy p, LATERAL (VALUES (p.polqual), (p.polwithcheck)) AS e(expr)
-     WHERE p.polrelid IN (SELECT relid FROM rels) AND e.expr IS NOT NULL";
+/// The text of the CHECK constraints of the tables written ($2, `"schema"."table"`), of their
+/// partitions and children and of every table a foreign key's cascade from them writes, and
+/// of the domains among the types named ($1) and those tables' column types, followed
+/// through arrays, domains' base types, ranges' subtypes and composite types' attributes;
+/// and of the row security policies of those tables (a WITH CHECK runs on every row written,
+/// and no plan prints it).
+fn checks() -> String {
+    format!(
+        "WITH RECURSIVE rels(relid) AS (
+             {written}
+             UNION
+             SELECT e.dst FROM rels r JOIN (
+                 SELECT inhparent AS src, inhrelid AS dst FROM pg_inherits
+                 UNION ALL
+                 SELECT confrelid, conrelid FROM pg_constraint
+                  WHERE contype = 'f'
+                    AND (confdeltype NOT IN ('a', 'r') OR confupdtype NOT IN ('a', 'r'))
+             ) e ON e.src = r.relid),
+         types(oid) AS (
+             SELECT t.oid FROM pg_type t WHERE t.typname = ANY($1::text[])
+             UNION
+             SELECT a.atttypid FROM pg_attribute a
+              WHERE a.attrelid IN (SELECT relid FROM rels) AND a.attnum > 0
+                AND NOT a.attisdropped
+             UNION
+             SELECT x.next FROM types y JOIN pg_type t ON t.oid = y.oid,
+                    LATERAL (SELECT t.typelem UNION ALL SELECT t.typbasetype
+                             UNION ALL SELECT g.rngsubtype FROM pg_range g
+                                        WHERE g.rngtypid = t.oid
+                             UNION ALL SELECT a.atttypid FROM pg_attribute a
+                                        WHERE a.attrelid = t.typrelid AND a.attnum > 0
+                                          AND NOT a.attisdropped) AS x(next)
+              WHERE x.next <> 0),
+         doms AS (SELECT t.oid FROM types y JOIN pg_type t ON t.oid = y.oid
+                   WHERE t.typtype = 'd')
+         SELECT pg_get_constraintdef(k.oid) FROM pg_constraint k
+          WHERE k.contype = 'c'
+            AND (k.contypid IN (SELECT oid FROM doms) OR k.conrelid IN (SELECT relid FROM rels))
+         UNION ALL
+         SELECT pg_get_expr(e.expr, p.polrelid)
+           FROM pg_policy p, LATERAL (VALUES (p.polqual), (p.polwithcheck)) AS e(expr)
+          WHERE p.polrelid IN (SELECT relid FROM rels) AND e.expr IS NOT NULL",
+        written = named("$2"),
+    )
+}
 
 /// Tables a plan writes, from its ModifyTable nodes: (schema, table, whether the write may
 /// fill in defaults its plan does not print). EXPLAIN prints a plain INSERT's or UPDATE's
@@ -506,7 +584,7 @@ pub fn written_tables<'a>(doc: &'a serde_json::Value, sql: &str) -> Vec<(&'a str
     out
 }
 
-/// The foreign servers a plan reaches (`FOREIGN`), through the foreign tables among
+/// The foreign servers a plan reaches (`foreign`), through the foreign tables among
 /// `relations` and under `written`, and through the Foreign Scans that print no relation of
 /// their own: a join or an aggregate pushed down to the server prints only its `Relations`
 /// text, e.g. `Aggregate on (public.f)`, which holds each table as `schema.name` quoted as
@@ -524,7 +602,7 @@ async fn foreign_in(
         pushed_down(&query["Plan"], &mut pushed);
     }
     let mut found: Vec<String> = c
-        .query(FOREIGN, &[&relations, &written, &pushed])
+        .query(&foreign(), &[&relations, &written, &pushed])
         .await
         .map_err(|e| db_error("looking for foreign tables the spec's SQL reaches", &e))?
         .iter()

@@ -23,7 +23,8 @@ pub(super) const WRITTEN: &str = "
          WHERE contype = 'f'
            AND (confdeltype NOT IN ('a', 'r') OR confupdtype NOT IN ('a', 'r'))
     ), written(rel) AS (
-        SELECT format('%I.%I', $1::text, $2::text)::regclass::oid
+        SELECT (SELECT k.oid FROM pg_class k JOIN pg_namespace n ON n.oid = k.relnamespace
+                 WHERE n.nspname = $1::text AND k.relname = $2::text)
         UNION
         SELECT e.dst FROM written w JOIN edges e ON e.src = w.rel
     )";
@@ -56,7 +57,8 @@ pub async fn effect(
                   WHERE r.ev_class IN (SELECT rel FROM written)
                     AND r.ev_type <> '1' AND r.ev_enabled <> 'D'
                     -- The statement's own table's rules are in its plan already.
-                    AND r.ev_class <> format('%I.%I', $1::text, $2::text)::regclass::oid
+                    AND r.ev_class <> (SELECT k.oid FROM pg_class k JOIN pg_namespace n ON n.oid = k.relnamespace
+                                    WHERE n.nspname = $1::text AND k.relname = $2::text)
                   ORDER BY 1 LIMIT 1"
             ),
             &[&schema, &table],
@@ -89,9 +91,11 @@ pub async fn effect(
 /// (`table.column`, identity, the default's text: the column's own, else its domain's).
 async fn merge_defaults(c: &Client, schema: &str, table: &str) -> Result<Vec<Row>> {
     c.query(
-        "WITH RECURSIVE r AS (SELECT format('%I.%I', $1::text, $2::text)::regclass AS rel),
-              tree AS (SELECT p.relid FROM r, pg_partition_tree(r.rel) p
-                       UNION SELECT r.rel FROM r),
+        "WITH RECURSIVE tree(relid) AS (
+                  SELECT k.oid FROM pg_class k JOIN pg_namespace n ON n.oid = k.relnamespace
+                   WHERE n.nspname = $1::text AND k.relname = $2::text
+                  UNION
+                  SELECT i.inhrelid FROM tree t JOIN pg_inherits i ON i.inhparent = t.relid),
               -- The views over them, whose own defaults an insert through the view uses
               -- (the plan names only the table).
               views(relid) AS (

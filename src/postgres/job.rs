@@ -24,6 +24,10 @@ pub struct Prepared {
     pub info: TableInfo,
     pub sql: BatchSql,
     pub statement: String,
+    /// Whether `where`, read unplanned (`effects::calls_in`), calls nothing that writes past
+    /// the transaction: only then is it planned for an estimate (planning may run a STABLE
+    /// function it calls with constant arguments).
+    pub where_plannable: bool,
 }
 
 /// What a job's workers share.
@@ -256,7 +260,8 @@ impl PgJob {
     ) -> Result<f64> {
         let p = self.ctx.prepared()?;
         let (rel, key, ty) = (&p.info.rel, &p.info.key, &p.info.key_type);
-        let f = if filter {
+        // A `where` that could write is not planned: the estimate is then of the key range.
+        let f = if filter && p.where_plannable {
             p.info.filter.as_str()
         } else {
             "true"
@@ -389,14 +394,25 @@ impl Backend for PgJob {
             (Ok(_), Some(sql)) => super::readonly::refuse_outside_calls(&c, sql).await,
             _ => Ok(()),
         };
+        let where_plannable = match &info {
+            Ok(info) if info.filter != "true" => {
+                let sql = format!("SELECT 1 FROM {} WHERE {}", info.rel, info.filter);
+                super::effects::calls_in(&c, &serde_json::Value::Null, &sql)
+                    .await
+                    .map(|calls| calls.is_empty())
+            }
+            _ => Ok(true),
+        };
         let _ = c.batch_execute("ROLLBACK").await;
         let info = info?;
         verify?;
+        let where_plannable = where_plannable?;
         let sql = BatchSql::new(&info, self.ctx.spec.lock, &self.ctx.limits, &self.ctx.store);
         let _ = self.ctx.ready.set(Arc::new(Prepared {
             info,
             sql,
             statement: self.ctx.spec.statement.clone(),
+            where_plannable,
         }));
         Ok(())
     }

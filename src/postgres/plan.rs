@@ -212,7 +212,12 @@ pub async fn plan(job: &PgJob, spec: &Spec, opts: PlanOptions) -> Result<Plan> {
 /// sight what could (a trigger of a table it or its cascade writes, a cascade's rule, a default
 /// a MERGE, an ON CONFLICT DO UPDATE or a SET DEFAULT fills in; see `hidden`). The statement is only explained, not
 /// executed (what `effects` cannot see is listed there). Returns why.
-async fn draws(c: &Client, p: &Prepared, params: &[&(dyn ToSql + Sync)]) -> Result<Option<String>> {
+async fn draws(
+    c: &Client,
+    p: &Prepared,
+    params: &[&(dyn ToSql + Sync)],
+    hidden: &mut Hidden,
+) -> Result<Option<String>> {
     let explained = super::effects::explain(c, &p.statement, params, "explaining the statement");
     let Some(doc) = explained.await? else {
         return Ok(None);
@@ -226,12 +231,25 @@ async fn draws(c: &Client, p: &Prepared, params: &[&(dyn ToSql + Sync)]) -> Resu
         )));
     }
     for (schema, table, unseen) in super::effects::written_tables(&doc, &p.statement) {
-        if let Some(why) = super::hidden::effect(c, schema, table, unseen).await? {
-            return Ok(Some(why));
+        let key = (schema.to_string(), table.to_string(), unseen);
+        let why = match hidden.get(&key) {
+            Some(why) => why.clone(),
+            None => {
+                let why = super::hidden::effect(c, schema, table, unseen).await?;
+                hidden.insert(key, why.clone());
+                why
+            }
+        };
+        if why.is_some() {
+            return Ok(why);
         }
     }
     Ok(None)
 }
+
+/// What `hidden::effect` found for a written table (schema, table, unseen defaults), kept
+/// across the sample batches: the same tables' triggers are not read again for each batch.
+type Hidden = std::collections::HashMap<(String, String, bool), Option<String>>;
 
 /// Rows this transaction has inserted, updated or deleted so far, in every user table.
 async fn rows_written(c: &Client) -> Result<i64> {
@@ -386,6 +404,16 @@ async fn samples(
             .await
             .map_err(|e| db_error("preparing statement", &e))?;
         let own = own_relations(c, p).await?;
+        let mut hidden = Hidden::new();
+        // The statement as written, before any plan of it: planning may run what it calls.
+        let unplanned = super::effects::calls_in(c, &serde_json::Value::Null, &p.statement).await?;
+        if !unplanned.is_empty() {
+            return Ok(Sample::Skipped(format!(
+                "the statement calls {}, which can draw from a sequence or write where no \
+                 rollback reaches",
+                unplanned.join(", ")
+            )));
+        }
         for i in 0..count {
             let t0 = Instant::now();
             let row = c
@@ -403,9 +431,12 @@ async fn samples(
             };
             // Each batch is explained with its own keys: its plan is a custom one, which
             // prunes by them (partitions, conditions on `$1`) what another batch's reaches.
-            if let Some(why) = draws(c, p, &params).await? {
+            let checking = Instant::now();
+            if let Some(why) = draws(c, p, &params, &mut hidden).await? {
                 return Ok(Sample::Skipped(why));
             }
+            // The check is not the batch's: its time is not the sample's.
+            let t0 = t0 + checking.elapsed();
             let before = rows_written(c).await?;
             let report = c
                 .query_one(&explained, &params)

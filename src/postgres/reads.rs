@@ -65,27 +65,27 @@ const STEP: &str = r#"
          WHERE k.relnamespace IN (SELECT oid FROM ours)
            AND (k.relkind IN ('f', 'v', 'p') OR k.relhassubclass)),
     next(kind, oid, via) AS (
-        SELECT n.kind, n.oid, w.via FROM unnest($3::text[], $4::text[]) AS w(word, via)
+        SELECT n.kind, n.oid, 'read in ' || w.via FROM unnest($3::text[], $4::text[]) AS w(word, via)
           JOIN named n ON n.name = w.word
         UNION ALL
         SELECT CASE WHEN d.refclassid = 'pg_proc'::regclass THEN 'f' ELSE 'r' END, d.refobjid,
-               d.objid::regprocedure::text
+               'read in ' || d.objid::regprocedure::text
           FROM pg_depend d
          WHERE d.classid = 'pg_proc'::regclass AND d.objid = ANY($1::oid[])
            AND d.refclassid IN ('pg_proc'::regclass, 'pg_class'::regclass)
         UNION ALL
         SELECT CASE WHEN d.refclassid = 'pg_proc'::regclass THEN 'f' ELSE 'r' END, d.refobjid,
-               w.ev_class::regclass::text
+               'read in ' || w.ev_class::regclass::text
           FROM pg_rewrite w JOIN pg_depend d
             ON d.classid = 'pg_rewrite'::regclass AND d.objid = w.oid
          WHERE w.ev_class = ANY($2::oid[]) AND d.refobjid <> w.ev_class
            AND d.refclassid IN ('pg_proc'::regclass, 'pg_class'::regclass)
         UNION ALL
-        SELECT 'r', i.inhrelid, i.inhparent::regclass::text FROM pg_inherits i
+        SELECT 'r', i.inhrelid, 'under ' || i.inhparent::regclass::text FROM pg_inherits i
          WHERE i.inhparent = ANY($2::oid[]))
     SELECT DISTINCT ON (n.kind, n.oid) n.kind, n.oid,
            CASE WHEN ft.ftrelid IS NOT NULL
-                THEN format('the foreign server of %s (server %s, read in %s)',
+                THEN format('the foreign server of %s (server %s, %s)',
                             ft.ftrelid::regclass, s.srvname, n.via) END
       FROM next n
       LEFT JOIN pg_foreign_table ft ON n.kind = 'r' AND ft.ftrelid = n.oid
@@ -123,50 +123,95 @@ impl<'a> Walk<'a> {
 
     /// Follow the functions `start` (oids) to the end of what they read and call.
     pub async fn visit(&mut self, start: &[u32]) -> Result<Visited> {
-        let failed = |e: tokio_postgres::Error| {
-            db_error("reading what the functions the spec's SQL calls read", &e)
-        };
-        let mut fns: Vec<u32> = start
+        let fns: Vec<u32> = start
             .iter()
             .copied()
             .filter(|&o| self.seen.insert(("f".into(), o)))
             .collect();
-        let mut rels = Vec::<u32>::new();
         let mut out = Visited::default();
-        if fns.is_empty() {
-            return Ok(out);
+        if !fns.is_empty() {
+            self.walk(fns, Vec::new(), &mut out).await?;
         }
-        if self.odd.is_none() {
-            let odd = self.c.query(ODD, &[]).await.map_err(failed)?;
-            self.odd = Some(odd.iter().map(|r| r.get(0)).collect());
-            let version: i32 = self
-                .c
-                .query_one("SELECT current_setting('server_version_num')::int", &[])
-                .await
-                .map_err(failed)?
-                .get(0);
-            self.bodies = Some(bodies(version >= 140000));
+        Ok(out)
+    }
+
+    /// Follow what `sql` (the spec's, as written) names before it is planned: the functions
+    /// and views it names as words, to the end (planning may already run a STABLE function it
+    /// calls with constant arguments, or one in a view it names). The tables and foreign
+    /// tables it names are left to its plan (`effects::foreign_in`), which tells which it
+    /// reads.
+    pub async fn visit_text(&mut self, sql: &str) -> Result<Visited> {
+        self.load().await?;
+        let odd = self.odd.clone().unwrap_or_default();
+        let (words, vias): (Vec<String>, Vec<Option<String>>) =
+            words_of(&odd, sql).into_iter().map(|w| (w, None)).unzip();
+        let none: &[u32] = &[];
+        let rows = self
+            .c
+            .query(STEP, &[&none, &none, &words, &vias])
+            .await
+            .map_err(failed)?;
+        let mut fns = Vec::new();
+        let mut rels = Vec::new();
+        for r in rows {
+            let (kind, oid): (String, u32) = (r.get(0), r.get(1));
+            if kind == "r" {
+                rels.push(oid);
+            } else if self.seen.insert((kind, oid)) {
+                fns.push(oid);
+            }
         }
-        let (odd, bodies) = (
-            self.odd.as_deref().unwrap_or_default(),
-            self.bodies.as_deref().unwrap_or_default(),
-        );
+        let views: Vec<u32> = self
+            .c
+            .query(
+                "SELECT oid FROM pg_class WHERE oid = ANY($1::oid[]) AND relkind = 'v'",
+                &[&rels],
+            )
+            .await
+            .map_err(failed)?
+            .iter()
+            .map(|r| r.get(0))
+            .filter(|&o| self.seen.insert(("r".into(), o)))
+            .collect();
+        let mut out = Visited::default();
+        self.walk(fns, views, &mut out).await?;
+        Ok(out)
+    }
+
+    /// `ODD` and the query for bodies, read once.
+    async fn load(&mut self) -> Result<()> {
+        if self.odd.is_some() {
+            return Ok(());
+        }
+        let odd = self.c.query(ODD, &[]).await.map_err(failed)?;
+        self.odd = Some(odd.iter().map(|r| r.get(0)).collect());
+        let version: i32 = self
+            .c
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .map_err(failed)?
+            .get(0);
+        self.bodies = Some(bodies(version >= 140000));
+        Ok(())
+    }
+
+    /// Step from the functions `fns` and the relations `rels` until nothing new is reached.
+    async fn walk(
+        &mut self,
+        mut fns: Vec<u32>,
+        mut rels: Vec<u32>,
+        out: &mut Visited,
+    ) -> Result<()> {
+        self.load().await?;
+        let odd = self.odd.clone().unwrap_or_default();
+        let bodies = self.bodies.clone().unwrap_or_default();
         while !(fns.is_empty() && rels.is_empty()) {
             // Each word once, with the first body it is in.
             let mut words: Vec<(String, String)> = Vec::new();
-            for r in self.c.query(bodies, &[&fns]).await.map_err(failed)? {
+            for r in self.c.query(&bodies, &[&fns]).await.map_err(failed)? {
                 let (name, body): (String, Option<String>) = (r.get(0), r.get(1));
                 let Some(body) = body else { continue };
-                // As Postgres's lower() under the names' collation ("C"): ASCII only.
-                let lower = body.to_ascii_lowercase();
-                words.extend(
-                    lower
-                        .split(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
-                        .filter(|w| !w.is_empty())
-                        .map(str::to_string)
-                        .chain(odd.iter().filter(|n| lower.contains(n.as_str())).cloned())
-                        .map(|w| (w, name.clone())),
-                );
+                words.extend(words_of(&odd, &body).into_iter().map(|w| (w, name.clone())));
                 out.texts.push(body);
             }
             words.sort_unstable_by(|a, b| a.0.cmp(&b.0));
@@ -194,6 +239,23 @@ impl<'a> Walk<'a> {
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
+}
+
+/// The words of `text` as names match them, lower case (ASCII only, as Postgres's lower()
+/// under the names' collation, "C"), and the `odd` names it holds as text.
+fn words_of(odd: &[String], text: &str) -> Vec<String> {
+    let lower = text.to_ascii_lowercase();
+    lower
+        .split(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+        .filter(|w| !w.is_empty())
+        .map(str::to_string)
+        .chain(odd.iter().filter(|n| lower.contains(n.as_str())).cloned())
+        .collect()
+}
+
+/// A catalog query of the walk failed.
+fn failed(e: tokio_postgres::Error) -> crate::error::Error {
+    db_error("reading what the functions the spec's SQL calls read", &e)
 }

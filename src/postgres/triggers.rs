@@ -13,6 +13,7 @@ use super::errors::db_error;
 use super::hidden::WRITTEN;
 use super::mentions::says_write;
 use crate::error::Result;
+use std::collections::HashSet;
 use tokio_postgres::Client;
 
 /// Trigger functions in C or internal known to only compute the row: (library, or
@@ -55,11 +56,19 @@ pub async fn fired(c: &Client, schema: &str, table: &str) -> Result<Option<Strin
         .query(&triggers(), &[&schema, &table, &libraries, &symbols])
         .await
         .map_err(|e| db_error("looking for the triggers a write fires", &e))?;
+    // A partition's copy of its parent's trigger has the same function and WHEN: read once.
+    let mut read: HashSet<(u32, String)> = HashSet::new();
     for r in rows {
         let (name, function, language, body, definition): (String, u32, String, String, String) =
             (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
         let known: bool = r.get(5);
-        if known {
+        // What the definition says between the table's name and the function: timing, events,
+        // WHEN (the table's own name is left out, so that copies compare equal).
+        let when = definition
+            .find(" FOR EACH ")
+            .zip(definition.rfind(" EXECUTE "))
+            .map_or(definition.as_str(), |(a, b)| &definition[a..b.max(a)]);
+        if known || !read.insert((function, when.to_string())) {
             continue;
         }
         if language != "plpgsql" {
@@ -73,10 +82,6 @@ pub async fn fired(c: &Client, schema: &str, table: &str) -> Result<Option<Strin
                  the like)"
             )));
         }
-        // The body, and the trigger's WHEN (what its definition says before the function).
-        let when = definition
-            .rfind(" EXECUTE ")
-            .map_or(definition.as_str(), |at| &definition[..at]);
         let calls = calls_in_body(c, &format!("{body}\n{when}"), function).await?;
         if !calls.is_empty() {
             return Ok(Some(format!(
