@@ -34,7 +34,8 @@ const KEEPALIVE_RETRIES: u32 = 3;
 /// standard string literals (as `where` was checked); and
 /// `application_name` = `backfill:<job>` so DBAs can see who is working. TLS follows the
 /// URL's `sslmode` and `sslrootcert` (see `tls`); the CA file is read here.
-/// `read_only` sessions default to read-only transactions (`plan`, `status`, `verify`).
+/// `read_only` sessions default to read-only transactions (`plan`, `status`, `verify`), with
+/// row security off (a query a policy would apply to fails rather than run the policy).
 /// `lock_timeout` (zero: the server's) bounds every lock wait of the session: a batch sets
 /// its own per transaction, but the store's writes, the estimate's EXPLAIN and the preflight
 /// would otherwise queue behind a migration's ACCESS EXCLUSIVE lock for as long as it is held.
@@ -64,7 +65,10 @@ pub fn pool(
         cfg.get_options().unwrap_or("")
     );
     if read_only {
-        options.push_str(" -c default_transaction_read_only=on");
+        // row_security off: a query a row security policy would apply to fails instead. A
+        // policy's condition is planned and run with every read of its table (the estimate,
+        // the sample's keys, verify), and it may call what writes where no rollback reaches.
+        options.push_str(" -c default_transaction_read_only=on -c row_security=off");
     }
     if !lock_timeout.is_zero() {
         options.push_str(&format!(

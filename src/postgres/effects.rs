@@ -323,6 +323,7 @@ async fn read_all(
     // What the SQL names as written: the views, foreign tables and functions, to the end.
     let named = walk.visit_text(sql).await?;
     found.extend(named.foreign);
+    found.extend(named.dynamic.iter().map(|f| runs_built_sql(f)));
     let mut carried = named.texts;
     let mut any_path = function.is_some();
     let mut reached: Vec<u32> = function.into_iter().collect();
@@ -370,6 +371,7 @@ async fn read_all(
         // What the functions reached read, call and say.
         let visited = walk.visit(&reached).await?;
         found.extend(visited.foreign);
+        found.extend(visited.dynamic.iter().map(|f| runs_built_sql(f)));
         texts.extend(visited.texts);
         texts.append(&mut carried);
         texts.retain(|t| read.insert(t.clone()));
@@ -385,6 +387,11 @@ async fn read_all(
     found.sort();
     found.dedup();
     Ok(found)
+}
+
+/// How a function that runs SQL built at run time is named for the operator.
+fn runs_built_sql(function: &str) -> String {
+    format!("{function}, which runs SQL built at run time (EXECUTE) that no check can read")
 }
 
 /// The functions the SQL reaches, in one list: the volatile ones with an effect past the

@@ -126,6 +126,11 @@ pub fn says_write(text: &str) -> bool {
     says_any(text, WRITE_WORDS)
 }
 
+/// Whether `text` (a function's body) runs SQL built at run time: PL/pgSQL's `EXECUTE`.
+pub fn says_execute(text: &str) -> bool {
+    says_any(text, &["execute"])
+}
+
 /// Whether `text` says one of `words` (lower case) as an unquoted word, outside literals and
 /// comments; true if the tokenizer cannot read it.
 fn says_any(text: &str, words: &[&str]) -> bool {

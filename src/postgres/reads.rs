@@ -12,6 +12,7 @@
 //! name (a column, a comment) is followed too, which errs on the safe side.
 
 use super::errors::db_error;
+use super::mentions::says_execute;
 use crate::error::Result;
 use std::collections::HashSet;
 use tokio_postgres::Client;
@@ -109,6 +110,9 @@ pub struct Walk<'a> {
 pub struct Visited {
     pub foreign: Vec<String>,
     pub texts: Vec<String>,
+    /// The functions passed whose body runs SQL built at run time (`EXECUTE`), which no
+    /// reading of the text can follow.
+    pub dynamic: Vec<String>,
 }
 
 impl<'a> Walk<'a> {
@@ -211,6 +215,9 @@ impl<'a> Walk<'a> {
             for r in self.c.query(&bodies, &[&fns]).await.map_err(failed)? {
                 let (name, body): (String, Option<String>) = (r.get(0), r.get(1));
                 let Some(body) = body else { continue };
+                if says_execute(&body) {
+                    out.dynamic.push(name.clone());
+                }
                 words.extend(words_of(&odd, &body).into_iter().map(|w| (w, name.clone())));
                 out.texts.push(body);
             }
