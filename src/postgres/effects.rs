@@ -526,13 +526,7 @@ fn checks() -> String {
         "WITH RECURSIVE rels(relid) AS (
              {written}
              UNION
-             SELECT e.dst FROM rels r JOIN (
-                 SELECT inhparent AS src, inhrelid AS dst FROM pg_inherits
-                 UNION ALL
-                 SELECT confrelid, conrelid FROM pg_constraint
-                  WHERE contype = 'f'
-                    AND (confdeltype NOT IN ('a', 'r') OR confupdtype NOT IN ('a', 'r'))
-             ) e ON e.src = r.relid),
+             SELECT e.dst FROM rels r JOIN ({edges}) e ON e.src = r.relid),
          types(oid) AS (
              SELECT t.oid FROM pg_type t WHERE t.typname = ANY($1::text[])
              UNION
@@ -558,6 +552,7 @@ fn checks() -> String {
            FROM pg_policy p, LATERAL (VALUES (p.polqual), (p.polwithcheck)) AS e(expr)
           WHERE p.polrelid IN (SELECT relid FROM rels) AND e.expr IS NOT NULL",
         written = named("$2"),
+        edges = super::cascade::EDGES,
     )
 }
 

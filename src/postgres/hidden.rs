@@ -7,27 +7,11 @@
 //! none of them). A default is read as SQL text, through `effects::calls_in`, as a CHECK is:
 //! `nextval('s'::text)` records no dependency in the catalog that a lookup could follow.
 
+use super::cascade::WRITTEN;
 use super::effects::calls_in;
 use super::errors::db_error;
 use crate::error::Result;
 use tokio_postgres::{Client, Row};
-
-/// The relations a write of `$1.$2` reaches (`written`): the table, its partitions and
-/// inheritance children, and every table a foreign key's cascading action (ON DELETE/UPDATE
-/// CASCADE, SET NULL, SET DEFAULT) writes from them, transitively.
-pub(super) const WRITTEN: &str = "
-    WITH RECURSIVE edges(src, dst) AS (
-        SELECT inhparent, inhrelid FROM pg_inherits
-        UNION ALL
-        SELECT confrelid, conrelid FROM pg_constraint
-         WHERE contype = 'f'
-           AND (confdeltype NOT IN ('a', 'r') OR confupdtype NOT IN ('a', 'r'))
-    ), written(rel) AS (
-        SELECT (SELECT k.oid FROM pg_class k JOIN pg_namespace n ON n.oid = k.relnamespace
-                 WHERE n.nspname = $1::text AND k.relname = $2::text)
-        UNION
-        SELECT e.dst FROM written w JOIN edges e ON e.src = w.rel
-    )";
 
 /// Whether a write of `schema.table` runs what no rollback undoes out of its plan's sight;
 /// `unseen_defaults` when it may fill in defaults its plan does not print (a MERGE, an

@@ -7,6 +7,7 @@ pub mod advisory;
 mod answer;
 mod batch;
 mod blockers;
+mod cascade;
 pub mod connect;
 mod effects;
 pub mod errors;

@@ -8,9 +8,9 @@
 //! whose body is not read, but for a few known to only compute the row (`HARMLESS_TRIGGERS`:
 //! `tsvector_update_trigger`, `suppress_redundant_updates_trigger`, contrib's `moddatetime`).
 
+use super::cascade::WRITTEN;
 use super::effects::calls_in_body;
 use super::errors::db_error;
-use super::hidden::WRITTEN;
 use super::mentions::says_write;
 use crate::error::Result;
 use std::collections::HashSet;
