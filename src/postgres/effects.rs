@@ -9,9 +9,11 @@
 //! the same way, to the end: the CHECKs of the domains named and of the tables written (and
 //! their domain columns), those tables' row security policies, and the bodies and views of
 //! every function reached, of any volatility (`reads`). What a write runs out of the plan's
-//! sight (triggers, a cascade's rules, defaults) is `hidden`'s. An implicit cast through
-//! such a function (a plan does not print it) counts when it casts from a column type of a
-//! relation in the plan. A foreign table in the plan (or a partition of a written table that
+//! sight (triggers, a cascade's rules, defaults) is `hidden`'s. A cast a plan does not print
+//! counts through such a function: an implicit one whatever it casts from, an assignment one
+//! when it casts to a written column's type. The SQL is read unplanned first
+//! (`outside_calls`): planning alone may run a STABLE function it calls with constant
+//! arguments. A foreign table in the plan (or a partition of a written table that
 //! is one, or one that a function reached reads, even a STABLE one) counts as its server: what
 //! runs there is out of sight, and not under this transaction. Not seen: what a function runs
 //! from text built at run time (`EXECUTE`) or in C, but for the built-ins' own effects.

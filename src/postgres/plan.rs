@@ -210,8 +210,9 @@ pub async fn plan(job: &PgJob, spec: &Spec, opts: PlanOptions) -> Result<Plan> {
 /// (`nextval` for a serial or identity column it inserts into, a function of its own that
 /// inserts, `dblink_exec`, a foreign table's server; see `effects`), or run out of its plan's
 /// sight what could (a trigger of a table it or its cascade writes, a cascade's rule, a default
-/// a MERGE, an ON CONFLICT DO UPDATE or a SET DEFAULT fills in; see `hidden`). The statement is only explained, not
-/// executed (what `effects` cannot see is listed there). Returns why.
+/// a MERGE, an ON CONFLICT DO UPDATE or a SET DEFAULT fills in; see `hidden`). The statement
+/// is only explained, not executed (what `effects` cannot see is listed there), and only
+/// after `samples` has read it unplanned. Returns why.
 async fn draws(
     c: &Client,
     p: &Prepared,
