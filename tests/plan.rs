@@ -713,6 +713,18 @@ async fn plan_and_verify_call_nothing_that_writes_past_their_transaction() {
     };
     let plain = "UPDATE t SET n = n + 1 WHERE id = ANY($1)";
     let open = "SELECT count(*) FROM t WHERE NOT done";
+    // `plan` of `statement`: its sample batches are not run, the reason names `called`, and
+    // nothing moved.
+    let refused = async |name: &str, statement: &str, called: &str| {
+        let (code, out, err) = run(&[&"plan", &spec(name, "NOT done", statement, open)]);
+        assert_eq!(code, 0, "{name}:\n{out}\n{err}");
+        let sample = line_with(&out, "sample:");
+        assert!(
+            sample.contains("not run") && sample.contains(called),
+            "{name}:\n{out}"
+        );
+        assert_eq!(snapshot(&c).await, before, "{name} wrote:\n{out}");
+    };
     // `where`: no sample batch and no exact count evaluates it.
     for (name, where_, called) in [
         (
@@ -778,14 +790,7 @@ async fn plan_and_verify_call_nothing_that_writes_past_their_transaction() {
             "public.side",
         ),
     ] {
-        let (code, out, err) = run(&[&"plan", &spec(name, "NOT done", statement, open)]);
-        assert_eq!(code, 0, "{name}:\n{out}\n{err}");
-        let sample = line_with(&out, "sample:");
-        assert!(
-            sample.contains("not run") && sample.contains(called),
-            "{name}:\n{out}"
-        );
-        assert_eq!(snapshot(&c).await, before, "{name} wrote:\n{out}");
+        refused(name, statement, called).await;
     }
     // An assignment cast through a volatile function: no plan prints it.
     c.batch_execute(
@@ -799,14 +804,7 @@ async fn plan_and_verify_call_nothing_that_writes_past_their_transaction() {
     .await
     .unwrap();
     let cast = "UPDATE moody SET v = moody.m FROM t WHERE moody.id = t.id AND t.id = ANY($1)";
-    let (code, out, err) = run(&[&"plan", &spec("st_cast", "NOT done", cast, open)]);
-    assert_eq!(code, 0, "{out}\n{err}");
-    let sample = line_with(&out, "sample:");
-    assert!(
-        sample.contains("not run") && sample.contains("public.side_cast"),
-        "{out}"
-    );
-    assert_eq!(snapshot(&c).await, before, "st_cast wrote:\n{out}");
+    refused("st_cast", cast, "public.side_cast").await;
     c.batch_execute("DROP CAST (mood AS bigint)").await.unwrap();
     // MERGE: EXPLAIN does not print its actions, nor the serial default an insert would use.
     c.batch_execute("CREATE TABLE q (id serial PRIMARY KEY, src bigint UNIQUE, v int)")
@@ -955,14 +953,7 @@ async fn plan_and_verify_call_nothing_that_writes_past_their_transaction() {
             "public.int_to_mood",
         ),
     ] {
-        let (code, out, err) = run(&[&"plan", &spec(name, "NOT done", statement, open)]);
-        assert_eq!(code, 0, "{name}: {out}\n{err}");
-        let sample = line_with(&out, "sample:");
-        assert!(
-            sample.contains("not run") && sample.contains(called),
-            "{name}: {out}"
-        );
-        assert_eq!(snapshot(&c).await, before, "{name} wrote:\n{out}");
+        refused(name, statement, called).await;
     }
     // A key of a domain whose CHECK draws: binding a key value runs it.
     c.batch_execute(
