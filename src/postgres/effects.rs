@@ -255,7 +255,7 @@ pub async fn outside_calls(
 /// foreign tables it reaches, in the plan (`foreign`) or read by a function it reaches
 /// (`reads`), are named by their server.
 pub async fn calls_in(c: &Client, doc: &serde_json::Value, sql: &str) -> Result<Vec<String>> {
-    calls_with(c, doc, sql, None).await
+    without_jit(c, read_all(c, doc, sql, None)).await
 }
 
 /// `calls_in` of a function's body (a trigger's, with its `WHEN`), the function `function`
@@ -263,19 +263,17 @@ pub async fn calls_in(c: &Client, doc: &serde_json::Value, sql: &str) -> Result<
 /// own (`SET search_path` on the function), so a name counts in every schema, not only where
 /// this session's path would find it.
 pub async fn calls_in_body(c: &Client, body: &str, function: u32) -> Result<Vec<String>> {
-    calls_with(c, &serde_json::Value::Null, body, Some(function)).await
+    without_jit(
+        c,
+        read_all(c, &serde_json::Value::Null, body, Some(function)),
+    )
+    .await
 }
 
-/// `calls_in`, from the body of `function` when there is one (every name then counts in every
-/// schema). JIT is off for the check's catalog queries until the end of the transaction they
+/// `fut`, with JIT off for the check's catalog queries until the end of the transaction they
 /// run in, then as it was: their estimates pass `jit_above_cost` on a big catalog, and
 /// compiling them takes longer than running them.
-async fn calls_with(
-    c: &Client,
-    doc: &serde_json::Value,
-    sql: &str,
-    function: Option<u32>,
-) -> Result<Vec<String>> {
+async fn without_jit<T>(c: &Client, fut: impl Future<Output = Result<T>>) -> Result<T> {
     let jit: String = c
         .query_one(
             "SELECT current_setting('jit'), set_config('jit', 'off', true)",
@@ -284,14 +282,15 @@ async fn calls_with(
         .await
         .map_err(|e| db_error("turning JIT off for the effect check", &e))?
         .get(0);
-    let found = read_all(c, doc, sql, function).await?;
+    let out = fut.await?;
     c.execute("SELECT set_config('jit', $1, true)", &[&jit])
         .await
         .map_err(|e| db_error("turning JIT back on after the effect check", &e))?;
-    Ok(found)
+    Ok(out)
 }
 
-/// `calls_with` without the JIT setting.
+/// What `sql` (or, with `function`, that function's body: every name then counts in every
+/// schema) reaches, read to the end.
 async fn read_all(
     c: &Client,
     doc: &serde_json::Value,
