@@ -983,7 +983,7 @@ batch: {size: 100, target: 0}
         let (code, out, err) = run_on(&args, &keyed);
         assert_eq!(code, 0, "{args:?}: {out}\n{err}");
         assert!(
-            line_with(&out, "the key's type kid checks every value with").contains("public.key_ok")
+            line_with(&out, "the key's type kid runs").contains("public.key_ok")
                 && !out.contains("rolled back"),
             "{args:?}: {out}"
         );
@@ -993,6 +993,165 @@ batch: {size: 100, target: 0}
             "{args:?} drew from s:\n{out}"
         );
     }
+    db.drop_db().await;
+}
+
+/// What a write or a sort runs with no name or symbol in any text: the expressions and
+/// predicates of the written table's indexes and its generated columns (an IMMUTABLE-declared
+/// plpgsql function may still draw a sequence), and the support functions of an operator
+/// class made in the database (a key type's btree comparison, run by every keyset step and
+/// every ORDER BY). `plan` runs no sample over them and `verify` refuses them; an index over a
+/// function that draws nothing is sampled as before.
+#[tokio::test]
+async fn plan_and_verify_see_what_indexes_and_sorts_run() {
+    let db = TestDb::new("plan_index_fns").await;
+    let c = db.client().await;
+    let conn = format!("'{}'", db.url.replace('\'', "''"));
+    c.batch_execute(&format!(
+        "CREATE EXTENSION IF NOT EXISTS dblink;
+         CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0, done bool NOT NULL DEFAULT false);
+         INSERT INTO t (id) SELECT i FROM generate_series(1, 3000) i;
+         CREATE TABLE audit (id bigserial PRIMARY KEY, note text);
+         CREATE SEQUENCE s;
+         CREATE FUNCTION draw_imm(x bigint) RETURNS bigint LANGUAGE plpgsql IMMUTABLE AS $$
+           BEGIN PERFORM nextval('s'); RETURN x; END $$;
+         CREATE FUNCTION draw_ok(x bigint) RETURNS bool LANGUAGE plpgsql IMMUTABLE AS $$
+           BEGIN PERFORM nextval('s'); RETURN x > 0; END $$;
+         CREATE FUNCTION plain_imm(x bigint) RETURNS bigint LANGUAGE plpgsql IMMUTABLE AS $$
+           BEGIN RETURN x * 2; END $$;
+         CREATE TABLE indexed (id bigint, v bigint);
+         CREATE INDEX ON indexed (draw_imm(v));
+         CREATE TABLE partial (id bigint, v bigint);
+         CREATE INDEX ON partial (id) WHERE draw_ok(v);
+         CREATE TABLE generated (id bigint, v bigint,
+                                 g bigint GENERATED ALWAYS AS (draw_imm(v)) STORED);
+         CREATE TABLE harmless (id bigint, v bigint);
+         CREATE INDEX ON harmless (plain_imm(v));
+         ANALYZE t;"
+    ))
+    .await
+    .unwrap();
+    let snapshot = async |c: &Client| {
+        count(
+            c,
+            "SELECT (SELECT last_value FROM s) * 1000000 + (SELECT count(*) FROM audit) * 1000
+                    + (SELECT sum(n) FROM t)",
+        )
+        .await
+    };
+    let before = snapshot(&c).await;
+    let open = "SELECT count(*) FROM t WHERE NOT done";
+    for (name, statement, called) in [
+        (
+            "index_expression",
+            "INSERT INTO indexed SELECT id, id FROM t WHERE id = ANY($1)",
+            "pg_catalog.nextval",
+        ),
+        (
+            "index_predicate",
+            "INSERT INTO partial SELECT id, id FROM t WHERE id = ANY($1)",
+            "pg_catalog.nextval",
+        ),
+        (
+            "generated_column",
+            "INSERT INTO generated (id, v) SELECT id, id FROM t WHERE id = ANY($1)",
+            "pg_catalog.nextval",
+        ),
+    ] {
+        let spec = t_spec(&db, name, "NOT done", statement, open);
+        let (code, out, err) = run_on(&["plan"], &spec);
+        assert_eq!(code, 0, "{name}:\n{out}\n{err}");
+        let sample = line_with(&out, "sample:");
+        assert!(
+            sample.contains("not run") && sample.contains(called),
+            "{name}:\n{out}"
+        );
+        assert_eq!(snapshot(&c).await, before, "{name} wrote:\n{out}");
+    }
+    // An index over a function that draws nothing: sampled (and rolled back) as before.
+    let spec = t_spec(
+        &db,
+        "harmless_index",
+        "NOT done",
+        "INSERT INTO harmless SELECT id, id FROM t WHERE id = ANY($1)",
+        open,
+    );
+    let (code, out, err) = run_on(&["plan"], &spec);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(line_with(&out, "sample:").contains("rolled back"), "{out}");
+    assert_eq!(count(&c, "SELECT count(*) FROM harmless").await, 0);
+    // A json key with a btree class of its own, made now: every check in the database reads
+    // the support functions of operator families made in it.
+    c.batch_execute(&format!(
+        "-- Its comparison writes through another connection (once per transaction), which a
+         -- read-only transaction does not stop.
+         CREATE FUNCTION side_dblink() RETURNS bool LANGUAGE sql AS $$
+           SELECT dblink_exec({conn}, 'INSERT INTO audit (note) VALUES (''cmp'')') IS NOT NULL $$;
+         CREATE FUNCTION jcmp(a json, b json) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $$
+           BEGIN
+             IF current_setting('plan_test.cmp', true) IS DISTINCT FROM 'y' THEN
+               PERFORM side_dblink();
+               PERFORM set_config('plan_test.cmp', 'y', true);
+             END IF;
+             RETURN CASE WHEN a::text < b::text THEN -1 WHEN a::text > b::text THEN 1 ELSE 0 END;
+           END $$;
+         CREATE FUNCTION jlt(json, json) RETURNS bool LANGUAGE sql IMMUTABLE AS 'SELECT $1::text < $2::text';
+         CREATE FUNCTION jle(json, json) RETURNS bool LANGUAGE sql IMMUTABLE AS 'SELECT $1::text <= $2::text';
+         CREATE FUNCTION jeq(json, json) RETURNS bool LANGUAGE sql IMMUTABLE AS 'SELECT $1::text = $2::text';
+         CREATE FUNCTION jge(json, json) RETURNS bool LANGUAGE sql IMMUTABLE AS 'SELECT $1::text >= $2::text';
+         CREATE FUNCTION jgt(json, json) RETURNS bool LANGUAGE sql IMMUTABLE AS 'SELECT $1::text > $2::text';
+         CREATE OPERATOR < (LEFTARG = json, RIGHTARG = json, FUNCTION = jlt);
+         CREATE OPERATOR <= (LEFTARG = json, RIGHTARG = json, FUNCTION = jle);
+         CREATE OPERATOR = (LEFTARG = json, RIGHTARG = json, FUNCTION = jeq);
+         CREATE OPERATOR >= (LEFTARG = json, RIGHTARG = json, FUNCTION = jge);
+         CREATE OPERATOR > (LEFTARG = json, RIGHTARG = json, FUNCTION = jgt);
+         CREATE OPERATOR CLASS json_ops DEFAULT FOR TYPE json USING btree AS
+           OPERATOR 1 <, OPERATOR 2 <=, OPERATOR 3 =, OPERATOR 4 >=, OPERATOR 5 >,
+           FUNCTION 1 jcmp(json, json);
+         CREATE TABLE j (k json PRIMARY KEY, v int);
+         INSERT INTO j SELECT to_json(lpad(g::text, 6, '0')), NULL FROM generate_series(1, 300) g;
+         ANALYZE j;",
+    ))
+    .await
+    .unwrap();
+    // Building j's primary key ran the comparison: count from here.
+    let before = snapshot(&c).await;
+    // The json key: every keyset step compares keys with jcmp.
+    let keyed = db.spec(
+        "json_key.yaml",
+        "name: json_key
+postgres:
+  url: $URL
+  table: j
+  key: k
+  where: v IS NULL
+  statement: UPDATE j SET v = 1 WHERE k = ANY($1)
+batch: {size: 50, target: 0}
+",
+    );
+    let (code, out, err) = run_on(&["plan"], &keyed);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        line_with(&out, "the key's type json runs").contains("public.side_dblink")
+            && !out.contains("rolled back"),
+        "{out}"
+    );
+    assert_eq!(snapshot(&c).await, before, "plan of json_key wrote:\n{out}");
+    // verify sorts json: refused before it runs.
+    let sorted = t_spec(
+        &db,
+        "v_sorted",
+        "NOT done",
+        "UPDATE t SET n = n + 1 WHERE id = ANY($1)",
+        "SELECT count(*) - count(*) FROM (SELECT k FROM j ORDER BY k) s",
+    );
+    let (code, out, err) = run_on(&["verify"], &sorted);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        line_with(&err, "postgres.verify calls ").contains("public.side_dblink"),
+        "{err}"
+    );
+    assert_eq!(snapshot(&c).await, before, "verify wrote:\n{err}");
     db.drop_db().await;
 }
 

@@ -7,8 +7,10 @@
 //! (MERGE and ON CONFLICT actions, LIMIT), then looked up in the catalog with what they reach:
 //! an operator's function, an aggregate's steps, a cast's function. What those reach is read
 //! the same way, to the end: the CHECKs of the domains named and of the tables written (and
-//! their domain columns), those tables' row security policies, and the bodies and views of
-//! every function reached, of any volatility (`reads`). What a write runs out of the plan's
+//! their domain columns), those tables' row security policies, index expressions and
+//! predicates and generated columns, the support functions of operator families made in the
+//! database (sorts, joins and indexes run them unnamed), and the bodies and views of every
+//! function reached, of any volatility (`reads`). What a write runs out of the plan's
 //! sight (triggers, a cascade's rules, defaults) is `hidden`'s. A cast a plan does not print
 //! counts through such a function: an implicit one whatever it casts from, an assignment one
 //! when it casts to a written column's type. The SQL is read unplanned first
@@ -407,7 +409,11 @@ fn runs_built_sql(function: &str) -> String {
 /// own): pgcrypto's `public.gen_random_uuid()` is not the `gen_random_uuid()` of
 /// `pg_catalog`. (Which overload a call takes needs its argument types, which the text does
 /// not give: every overload not so hidden counts, so another type's volatile `=` still does.)
-/// An operator's estimators run while planning, so they count too. Implicit casts, and
+/// An operator's estimators run while planning, so they count too. So do the support
+/// functions of operator families made in this database (and their operators' functions, and
+/// range types' subtype differences), whatever the SQL names: sorting, grouping, joining,
+/// scanning an index or writing one runs them with no name or symbol in any text (a `json`
+/// key with a btree class of its own, ordered by the engine's walk). Implicit casts, and
 /// assignment casts when something is written ($7), leave no trace in a plan's text (an
 /// `int` result assigned to an enum column): every implicit one through a function with an
 /// effect counts, whatever it casts from, and every such assignment cast to a column type of
@@ -468,6 +474,27 @@ fn lookup() -> String {
           FROM oper o, unnest(ARRAY[o.oprcode::oid, o.oprrest::oid, o.oprjoin::oid]) AS s(fn)
          WHERE s.fn <> 0
         UNION
+        -- What sorts, groups, joins, index scans and index writes run with no name or symbol
+        -- in any text: the support functions of every operator family (a btree's comparison,
+        -- a hash function, a GiST's), the functions of its operators, and a range type's
+        -- subtype difference and canonical function. Those of the catalog's own families are
+        -- built-ins with no effect; only one made in this database can reach anything.
+        SELECT a.amproc, format(' (support function %s of operator family %s)', a.amprocnum,
+                                f.opfname)
+          FROM pg_amproc a JOIN pg_opfamily f ON f.oid = a.amprocfamily
+         WHERE a.amproc NOT IN (SELECT oid FROM pg_proc WHERE pronamespace = 'pg_catalog'::regnamespace)
+        UNION
+        SELECT o.oprcode, format(' (behind operator %s of operator family %s)', o.oid::regoperator,
+                                 f.opfname)
+          FROM pg_amop a JOIN pg_operator o ON o.oid = a.amopopr
+          JOIN pg_opfamily f ON f.oid = a.amopfamily
+         WHERE o.oprcode NOT IN (SELECT oid FROM pg_proc WHERE pronamespace = 'pg_catalog'::regnamespace)
+        UNION
+        SELECT s.fn, format(' (of range type %s)', g.rngtypid::regtype)
+          FROM pg_range g, unnest(ARRAY[g.rngsubdiff::oid, g.rngcanonical::oid]) AS s(fn)
+         WHERE s.fn <> 0
+           AND s.fn NOT IN (SELECT oid FROM pg_proc WHERE pronamespace = 'pg_catalog'::regnamespace)
+        UNION
         SELECT k.castfunc, format(' (behind a cast to %s)', format_type(k.casttarget, NULL))
           FROM pg_cast k JOIN pg_type t ON t.oid = k.casttarget
          WHERE t.typname = ANY($3::text[]) AND k.castfunc <> 0
@@ -520,8 +547,9 @@ fn foreign() -> String {
 /// partitions and children and of every table a foreign key's cascade from them writes, and
 /// of the domains among the types named ($1) and those tables' column types, followed
 /// through arrays, domains' base types, ranges' subtypes and composite types' attributes;
-/// and of the row security policies of those tables (a WITH CHECK runs on every row written,
-/// and no plan prints it).
+/// of the row security policies of those tables (a WITH CHECK runs on every row written,
+/// and no plan prints it); and of what writing a row of those tables computes out of the
+/// plan's sight: their indexes' expressions and predicates, and their generated columns.
 fn checks() -> String {
     format!(
         "WITH RECURSIVE rels(relid) AS (
@@ -551,7 +579,15 @@ fn checks() -> String {
          UNION ALL
          SELECT pg_get_expr(e.expr, p.polrelid)
            FROM pg_policy p, LATERAL (VALUES (p.polqual), (p.polwithcheck)) AS e(expr)
-          WHERE p.polrelid IN (SELECT relid FROM rels) AND e.expr IS NOT NULL",
+          WHERE p.polrelid IN (SELECT relid FROM rels) AND e.expr IS NOT NULL
+         UNION ALL
+         SELECT pg_get_expr(e.expr, i.indrelid)
+           FROM pg_index i, LATERAL (VALUES (i.indexprs), (i.indpred)) AS e(expr)
+          WHERE i.indrelid IN (SELECT relid FROM rels) AND e.expr IS NOT NULL
+         UNION ALL
+         SELECT pg_get_expr(d.adbin, d.adrelid)
+           FROM pg_attrdef d JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+          WHERE d.adrelid IN (SELECT relid FROM rels) AND a.attgenerated <> ''",
         written = named("$2"),
         edges = super::cascade::EDGES,
     )

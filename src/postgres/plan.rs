@@ -71,7 +71,8 @@ pub async fn plan(job: &PgJob, spec: &Spec, opts: PlanOptions) -> Result<Plan> {
     // `where` runs in every sample batch and in the exact count: not at all if it could write
     // where no rollback or read-only transaction reaches.
     // A key of a domain type runs the domain's CHECKs on every key value the exact count and
-    // the sample batches bind. Checked in a read-only transaction: the check's settings
+    // the sample batches bind, and a type's own comparison (its btree class) runs in every
+    // keyset step. Checked in a read-only transaction: the check's settings
     // (`effects`) end with it.
     let (where_calls, key_calls) = {
         c.batch_execute("BEGIN READ ONLY")
@@ -106,9 +107,9 @@ pub async fn plan(job: &PgJob, spec: &Spec, opts: PlanOptions) -> Result<Plan> {
     }
     if !key_calls.is_empty() {
         plan.notes.push(format!(
-            "the key's type {} checks every value with {}, which can draw from a sequence or \
-             write where no rollback reaches: plan binds no key value (no sample \
-             batches{estimated})",
+            "the key's type {} runs {} on the values it checks or compares, which can draw \
+             from a sequence or write where no rollback reaches: plan binds no key value (no \
+             sample batches{estimated})",
             p.info.key_type,
             key_calls.join(", "),
         ));
