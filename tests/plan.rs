@@ -1007,7 +1007,7 @@ async fn plan_and_verify_see_what_indexes_and_sorts_run() {
     let db = TestDb::new("plan_index_fns").await;
     let c = db.client().await;
     let conn = format!("'{}'", db.url.replace('\'', "''"));
-    c.batch_execute(&format!(
+    c.batch_execute(
         "CREATE EXTENSION IF NOT EXISTS dblink;
          CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0, done bool NOT NULL DEFAULT false);
          INSERT INTO t (id) SELECT i FROM generate_series(1, 3000) i;
@@ -1027,8 +1027,8 @@ async fn plan_and_verify_see_what_indexes_and_sorts_run() {
                                  g bigint GENERATED ALWAYS AS (draw_imm(v)) STORED);
          CREATE TABLE harmless (id bigint, v bigint);
          CREATE INDEX ON harmless (plain_imm(v));
-         ANALYZE t;"
-    ))
+         ANALYZE t;",
+    )
     .await
     .unwrap();
     let snapshot = async |c: &Client| {
