@@ -627,6 +627,68 @@ clickhouse:
 }
 
 ch_test! {
+    /// `readonly=2` still lets `KILL QUERY` cancel another client's query, and table
+    /// functions reach past the server (`url` sends a request anywhere): verify refuses both
+    /// before anything runs.
+    #[test]
+    fn verify_on_clickhouse_only_reads_this_server(srv) {
+        let db = ChDb::new_on(&srv, "verify_ro");
+        ch_events(&db);
+        let label = srv.label;
+        let spec_with = |file: &str, verify: &str| {
+            db.spec(
+                file,
+                &format!(
+                    "name: ch-verify-ro
+clickhouse:
+  url: $URL
+  source: ev
+  time_column: ran_at
+  chunks: [day]
+  target: out
+  statement: INSERT INTO {{target}} SELECT toDate(ran_at), k, v FROM ev WHERE {{chunk}}
+  verify: {verify}
+"
+                ),
+            )
+        };
+        let kill = spec_with("kill.yaml", "KILL QUERY WHERE query LIKE '%never-such-query%'");
+        for cmd in ["validate", "verify"] {
+            let (code, out, err) = control(cmd, &kill);
+            assert_eq!(code, 2, "{label} {cmd}:\n{out}\n{err}");
+            assert!(
+                err.contains(":9:") && err.contains("field `clickhouse.verify`")
+                    && err.contains("must be one SELECT"),
+                "{label} {cmd}: {err}"
+            );
+        }
+        // A listener that would see the request url() sends.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let url = spec_with(
+            "url.yaml",
+            &format!("SELECT count() FROM url('http://127.0.0.1:{port}/x', CSV, 'a String')"),
+        );
+        let (code, out, err) = control("verify", &url);
+        assert_eq!(code, 1, "{label}:\n{out}\n{err}");
+        assert!(err.contains("calls the table function url()"), "{label}: {err}");
+        assert!(
+            matches!(listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "{label}: verify sent a request through url()"
+        );
+        // A column of that name is not a call.
+        let column = spec_with(
+            "column.yaml",
+            "SELECT count() FROM (SELECT 'x' AS url) WHERE url = 'y'",
+        );
+        let (code, out, err) = control("verify", &column);
+        assert_eq!(code, 0, "{label}:\n{out}\n{err}");
+        assert!(!db.has_table("backfill_chunks"), "{label}: verify created the store");
+    }
+}
+
+ch_test! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn pause_holds_a_clickhouse_job_between_chunks(srv) {
         let db = ChDb::new_on(&srv, "pause");

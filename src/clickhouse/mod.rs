@@ -367,7 +367,18 @@ impl ChJob {
 
 /// Run a `verify:` query read-only (`readonly=2`: settings may change, nothing may be
 /// written): one integer, 0 = the job is done. The SQL is sent as written (no `?` binding).
+/// It runs only if it is one SELECT that calls no table function reaching past the server
+/// (`spec::ch_verify_refusal`, with this server's table functions).
 pub async fn verify(client: &clickhouse::Client, sql: &str) -> Result<i64> {
+    let functions = client
+        .query("SELECT name FROM system.table_functions")
+        .with_setting("readonly", "2")
+        .fetch_all::<String>()
+        .await
+        .map_err(|e| errors::ch_error("reading the server's table functions", &e))?;
+    if let Some(why) = crate::spec::ch_verify_refusal(sql, &functions) {
+        return Err(Error::Preflight(format!("clickhouse.verify {why}")));
+    }
     let text = client
         .query_raw(sql)
         .with_setting("readonly", "2")

@@ -139,7 +139,13 @@ pub(super) fn validate(cx: &mut Ctx, ch: &Spanned<RawClickhouse>) -> Result<Clic
         .map(|(k, v)| (k.clone(), v.as_text()))
         .collect();
     let verify = match &c.verify {
-        Some(v) => Some(cx.text(v, "clickhouse.verify")?),
+        Some(v) => {
+            let sql = cx.text(v, "clickhouse.verify")?;
+            if let Some(why) = super::ch_verify::refusal(&sql, &[]) {
+                return cx.at(v, "clickhouse.verify", why);
+            }
+            Some(sql)
+        }
         None => None,
     };
     Ok(ClickhouseSpec {

@@ -1,6 +1,7 @@
 //! Job specs: the validated types the engine runs, and loading them from files and directories.
 //! Every spec error is raised here, naming file, line and field.
 
+mod ch_verify;
 mod clickhouse;
 mod duration;
 mod env;
@@ -10,6 +11,7 @@ mod urls;
 mod validate;
 mod where_expr;
 
+pub use ch_verify::refusal as ch_verify_refusal;
 pub use duration::{format as format_duration, parse as parse_duration};
 pub use load::{Env, duplicate_names, expand_paths, load_file};
 pub use raw::{ChunkLevel, LockMode};
