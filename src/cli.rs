@@ -33,7 +33,8 @@ pub enum Command {
     Run {
         #[arg(required = true, value_name = "SPEC_OR_DIR")]
         specs: Vec<PathBuf>,
-        /// Stop at a batch boundary after this long (e.g. 45m) and exit 75; run again to resume.
+        /// Stop at a batch boundary after this long (e.g. 45m; 0 = no limit) and exit 75; run
+        /// again to resume.
         #[arg(long, value_parser = parse_runtime, value_name = "DURATION")]
         max_runtime: Option<Duration>,
         /// Run finished jobs again from the start (their checkpoint is reset first).

@@ -336,9 +336,10 @@ async fn a_job_paused_before_it_starts_waits_and_signals_and_deadlines_still_sto
     assert_eq!(checksum(&c, "t").await, untouched);
     assert_status_paused(&spec, "pause-start");
 
-    // Unpaused, the next run does the job, every row once.
+    // Unpaused, the next run does the job, every row once. `--max-runtime 0` is no limit, as
+    // `limits.max_runtime: 0` is (it stopped every run at once).
     set_paused(&spec, false);
-    let (code, out, err) = control("run", &spec);
+    let (code, out, err) = run(&[&"run", &"--max-runtime", &"0", &spec]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert_each_row_once(&c, "pause-start", ROWS).await;
     drop(c);

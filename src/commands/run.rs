@@ -27,7 +27,8 @@ impl OnJob for RunJob<'_> {
 }
 
 pub async fn run(specs: &[Spec], max_runtime: Option<Duration>, opts: &RunOptions) -> Result<()> {
-    let stop = Stop::install().with_deadline(max_runtime);
+    // `--max-runtime 0` is no limit, as `limits.max_runtime: 0` is.
+    let stop = Stop::install().with_deadline(max_runtime.filter(|d| !d.is_zero()));
     let (mut ran, mut skipped) = (0, 0);
     let tally = |ran: usize, skipped: usize, last: &str| {
         let mut line = format!("{ran} run, {skipped} skipped");
