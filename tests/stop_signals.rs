@@ -472,3 +472,77 @@ async fn sigterm_while_the_specs_load_starts_no_job() {
     assert_exactly_once(&c, "sigload", 500).await;
     db.drop_db().await;
 }
+
+/// SIGTERM while `run` waits for a server that accepted the connection and never answers (a
+/// hung proxy, a server stuck in recovery) is a stop like any other: exit 75 at once, not a
+/// failure after the connect's timeout (exit 1 pages as a failed job). Nothing was written:
+/// connecting, reading the job's state and preflight come before its first write. Postgres and
+/// ClickHouse alike.
+#[tokio::test]
+async fn sigterm_while_connecting_stops_with_75() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    {
+        let accepted = accepted.clone();
+        std::thread::spawn(move || {
+            // Held, never answered, until the test process ends.
+            let mut held = Vec::new();
+            for s in listener.incoming().flatten() {
+                held.push(s);
+                accepted.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let specs = [
+        (
+            "pg.yaml",
+            format!(
+                "name: hung-pg
+postgres:
+  url: postgres://postgres@127.0.0.1:{port}/db
+  table: t
+  key: id
+  statement: UPDATE t SET v = 1 WHERE id = ANY($1)
+"
+            ),
+        ),
+        (
+            "ch.yaml",
+            format!(
+                "name: hung-ch
+clickhouse:
+  url: http://127.0.0.1:{port}/db
+  source: ev
+  time_column: ran_at
+  chunks: [day]
+  target: out
+  statement: INSERT INTO {{target}} SELECT * FROM ev WHERE {{chunk}}
+"
+            ),
+        ),
+    ];
+    for (file, yaml) in specs {
+        let spec = dir.path().join(file);
+        std::fs::write(&spec, yaml).unwrap();
+        let before = accepted.load(Ordering::SeqCst);
+        let mut r = spawn(dir.path(), file, &[], &spec);
+        let pid = r.child.id();
+        r.wait_until(
+            "the connection to the server that never answers",
+            Duration::from_secs(30),
+            Duration::from_millis(10),
+            async || catches_sigterm(pid) && accepted.load(Ordering::SeqCst) > before,
+        )
+        .await;
+        let (code, out, err) = r.stop(Duration::from_secs(60)).await;
+        assert_eq!(code, 75, "{file}:\n{out}\n{err}");
+        assert!(
+            out.contains("not started") && format!("{out}{err}").contains("SIGTERM"),
+            "{file}:\n{out}\n{err}"
+        );
+    }
+}

@@ -71,6 +71,10 @@ pub async fn execute(command: Command) -> Result<()> {
 pub(crate) trait OnJob {
     type Out;
     async fn call<B: Backend>(self, spec: &Spec, backend: B) -> Result<Self::Out>;
+    /// What ends opening the backend early (`run`'s signals and deadlines); none by default.
+    fn stop(&self) -> Option<crate::engine::Stop> {
+        None
+    }
 }
 
 /// Open the spec's backend (read-only sessions unless `access` allows writing) and hand it to
@@ -87,7 +91,11 @@ pub(crate) async fn with_backend<C: OnJob>(
             cmd.call(spec, backend).await
         }
         Source::Clickhouse(ch) => {
-            let backend = crate::clickhouse::ChJob::open(spec, ch, access).await?;
+            let open = crate::clickhouse::ChJob::open(spec, ch, access);
+            let backend = match cmd.stop() {
+                Some(stop) => stop.or_stopped(open).await?,
+                None => open.await?,
+            };
             cmd.call(spec, backend).await
         }
     }

@@ -19,10 +19,14 @@ impl OnJob for RunJob<'_> {
 
     async fn call<B: Backend>(self, spec: &Spec, backend: B) -> Result<JobReport> {
         let gate = match &spec.throttle {
-            Some(t) => backend.throttle(t).await?,
+            Some(t) => self.stop.or_stopped(backend.throttle(t)).await?,
             None => None,
         };
         run_job(spec, Arc::new(backend), self.opts, self.stop, gate).await
+    }
+
+    fn stop(&self) -> Option<Stop> {
+        Some(self.stop.clone())
     }
 }
 

@@ -115,15 +115,27 @@ pub async fn run_job<B: Backend>(
     report
 }
 
-async fn run<B: Backend>(
+/// How a job's start-up ended: nothing to do, or ready to write its checkpoint.
+enum Startup<W> {
+    Skipped(JobReport),
+    Ready {
+        /// A finished job run again (`--rerun`): its checkpoint starts over.
+        restart: bool,
+        /// `stop`, with the run window's end.
+        stop: Stop,
+        workers: Vec<W>,
+    },
+}
+
+/// Everything before the job's first write: its state, the run window, worker slots,
+/// blockers and preflight.
+async fn startup<B: Backend>(
     spec: &Spec,
-    backend: Arc<B>,
+    backend: &B,
     opts: &RunOptions,
     stop: &Stop,
-    gate: Option<Gate>,
-) -> Result<JobReport> {
+) -> Result<Startup<B::Worker>> {
     let job = spec.name.as_str();
-    let stop = stop.with_deadline(spec.limits.max_runtime);
     // The first contact is not retried: an unreachable server or a refused login is reported
     // at once. After it, start-up goes on after a lost connection, like the end of a run:
     // nothing is written until `start`, which is one transaction and can be run again.
@@ -140,10 +152,10 @@ async fn run<B: Backend>(
                     );
                 }
                 crate::metrics::status(job, "skipped");
-                return Ok(JobReport {
+                return Ok(Startup::Skipped(JobReport {
                     job: job.into(),
                     ran: Ran::Skipped { changed },
-                });
+                }));
             }
             restart = true;
         } else if changed {
@@ -156,7 +168,7 @@ async fn run<B: Backend>(
     // The window before anything is written: started outside it, nothing is touched. (A
     // finished job is skipped above whatever the window: there is nothing left to wait for.)
     let stop = match &spec.window {
-        None => stop,
+        None => stop.clone(),
         Some(w) => match w.position(jiff::Timestamp::now()) {
             Position::Outside { opens } => {
                 return Err(Error::Stopped(StopReason::Window(format!(
@@ -217,6 +229,35 @@ async fn run<B: Backend>(
         backend.preflight()
     })
     .await?;
+    Ok(Startup::Ready {
+        restart,
+        stop,
+        workers,
+    })
+}
+
+async fn run<B: Backend>(
+    spec: &Spec,
+    backend: Arc<B>,
+    opts: &RunOptions,
+    stop: &Stop,
+    gate: Option<Gate>,
+) -> Result<JobReport> {
+    let job = spec.name.as_str();
+    let stop = stop.with_deadline(spec.limits.max_runtime);
+    // Nothing is written before `start`: a stop during start-up (a connect that hangs, a
+    // preflight waiting on a lock) ends it at once, as stopped.
+    let (restart, stop, workers) = match stop
+        .or_stopped(startup(spec, backend.as_ref(), opts, &stop))
+        .await?
+    {
+        Startup::Skipped(report) => return Ok(report),
+        Startup::Ready {
+            restart,
+            stop,
+            workers,
+        } => (restart, stop, workers),
+    };
     let state = reconnecting("writing the checkpoint", || {
         backend.start(&spec.hash, restart)
     })

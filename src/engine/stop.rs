@@ -163,6 +163,49 @@ impl Stop {
         }
     }
 
+    /// Wait until this stop triggers (a signal, an abort, the deadline or the window's end),
+    /// and say why.
+    pub async fn stopped(&self) -> StopReason {
+        loop {
+            // Made before the check: a wake-up between the two is not lost.
+            let signalled = self.signal.wake.notified();
+            let aborted = self.abort.as_ref().map(|a| a.wake.notified());
+            if let Some(r) = self.check() {
+                return r;
+            }
+            let until = self.ends_at();
+            tokio::select! {
+                _ = async {
+                    match until {
+                        Some(at) => tokio::time::sleep_until(at.into()).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+                _ = signalled => {}
+                _ = async {
+                    match aborted {
+                        Some(n) => n.await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+            }
+        }
+    }
+
+    /// `fut`, unless this stop triggers first: then why, as `Error::Stopped`, and `fut` is
+    /// dropped. For what comes before a job writes anything (connecting, reading its state,
+    /// preflight, joining): a SIGTERM there ends the run at once with 75, not after a
+    /// connect's timeout as a failure.
+    pub async fn or_stopped<T>(
+        &self,
+        fut: impl std::future::Future<Output = crate::error::Result<T>>,
+    ) -> crate::error::Result<T> {
+        tokio::select! {
+            r = fut => r,
+            reason = self.stopped() => Err(crate::error::Error::Stopped(reason)),
+        }
+    }
+
     /// Sleep for `d`, waking early on a signal, an abort, the deadline or the window's end.
     /// Returns why it woke early.
     pub async fn sleep(&self, d: Duration) -> Option<StopReason> {
