@@ -43,7 +43,28 @@ fn main() {
             eprintln!("{}", backfill::redact::redact(&trace));
         }
     }));
-    let cli = Cli::parse();
+    // A password in an argument (a URL passed where a spec path belongs, or as the value of
+    // an option) is masked like a spec's: registered before anything can print it, and the
+    // argument parser's own errors and help go through redaction too.
+    for arg in std::env::args_os().skip(1) {
+        let arg = arg.to_string_lossy();
+        backfill::redact::register_url(&arg);
+        if let Some((_, value)) = arg.split_once('=') {
+            backfill::redact::register_url(value);
+        }
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let text = backfill::redact::redact(&e.render().to_string()).into_owned();
+            if e.use_stderr() {
+                eprint!("{text}");
+            } else {
+                print!("{text}");
+            }
+            std::process::exit(e.exit_code());
+        }
+    };
     let json = init_logging(cli.log_format);
     backfill::progress::set_json_errors(json);
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -266,3 +266,55 @@ fn yaml_errors_do_not_quote_the_password() {
         }
     }
 }
+
+/// A URL typed where a spec path belongs (`backfill plan $DATABASE_URL`), or as the value of an
+/// option, is masked like a spec's: the file error and the argument parser's own errors
+/// echoed it with its password.
+#[test]
+fn a_url_given_as_an_argument_is_masked() {
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["plan", "postgres://app:SeKrEt-arg1@db.internal:5432/prod"],
+            "SeKrEt-arg1",
+        ),
+        (
+            &["status", "postgres://app@db/prod?password=SeKrEt-arg2"],
+            "SeKrEt-arg2",
+        ),
+        (
+            &[
+                "run",
+                "--metrics-addr",
+                "postgres://u:SeKrEt-arg3@h/db",
+                "x.yaml",
+            ],
+            "SeKrEt-arg3",
+        ),
+        (
+            &["run", "--max-runtime=http://u:SeKrEt-arg4@h", "x.yaml"],
+            "SeKrEt-arg4",
+        ),
+        (
+            &["verify", "host=db password=SeKrEt-arg5 dbname=prod"],
+            "SeKrEt-arg5",
+        ),
+    ];
+    for (args, secret) in cases {
+        for format in ["text", "json"] {
+            let argv: Vec<&dyn AsRef<std::ffi::OsStr>> = args
+                .iter()
+                .map(|a| a as &dyn AsRef<std::ffi::OsStr>)
+                .collect();
+            let (code, out, err) = backfill(format, &argv);
+            assert_eq!(code, 2, "{args:?} {format}:\n{out}\n{err}");
+            assert!(
+                !out.contains(secret) && !err.contains(secret),
+                "{args:?} {format}:\n{out}\n{err}"
+            );
+            assert!(
+                err.contains("***"),
+                "{args:?} {format}: masked, not dropped:\n{err}"
+            );
+        }
+    }
+}
