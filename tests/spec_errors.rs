@@ -82,6 +82,42 @@ fn wrong_type() {
     );
 }
 
+/// Each way of writing a number that is not a plain whole number says which it is: a float
+/// (`10.0`, `1e3`, `0010`) was "far too large", and quoted text "5000 is far too large".
+#[test]
+fn a_count_written_otherwise_says_how() {
+    for (value, want) in [
+        (
+            "10.0",
+            "plain whole number (a decimal point, an exponent or leading zeros): write 10",
+        ),
+        ("1e3", "write 1000"),
+        ("0010", "write 10"),
+        ("\"5000\"", "\"5000\" is text (quoted, or tagged !!str)"),
+        ("!!str 10", "\"10\" is text"),
+        ("99999999999999999999", "far too large"),
+    ] {
+        check(
+            &format!("{GOOD}batch:\n  size: {value}\n"),
+            Some(7),
+            "batch.size",
+            want,
+        );
+    }
+}
+
+/// Two YAML documents in one file: the message is for whoever writes the spec, not serde's
+/// hint for Rust programmers (`use from_str_multiple`).
+#[test]
+fn a_second_document_in_one_file() {
+    check(
+        &format!("{GOOD}---\n{GOOD}"),
+        Some(7),
+        "",
+        "a spec file holds one job",
+    );
+}
+
 #[test]
 fn bad_duration() {
     check(

@@ -156,6 +156,14 @@ fn describe_yaml_error(path: &Path, field: &str, e: &serde_saphyr::Error, quote:
     if let Some(name) = &duplicate {
         message = format!("duplicate key `{name}`: each key may appear only once");
     }
+    if matches!(
+        e.without_snippet(),
+        serde_saphyr::Error::MultipleDocuments { .. }
+    ) {
+        message = "a second YAML document starts here (after `---`): a spec file holds one job; \
+                   put each job in a file of its own (a directory runs them in file-name order)"
+            .to_string();
+    }
     let field = field.join(".");
     // serde's hint is for Rust programmers, not for whoever writes the spec.
     const NULL: &str = "cannot deserialize null into string; use Option<String>";

@@ -177,18 +177,31 @@ impl<'de> Deserialize<'de> for Count {
 
             fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Count, E> {
                 // Integers beyond 64 bits arrive as floats: do not show their rounded value.
+                // Below that, a whole float was written as one (`10.0`, `1e3`, `0010`).
                 Err(E::custom(match v {
                     v if v.fract() != 0.0 || !v.is_finite() => {
                         format!("{v} is not a whole number")
                     }
                     v if v < 0.0 => "the number is negative: write a whole number".to_string(),
-                    _ => "the number is far too large".to_string(),
+                    v if v >= 18_446_744_073_709_551_616.0 => {
+                        "the number is far too large".to_string()
+                    }
+                    v => format!(
+                        "is not written as a plain whole number (a decimal point, an exponent \
+                         or leading zeros): write {}",
+                        v as u64
+                    ),
                 }))
             }
 
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Count, E> {
                 let digits = !v.is_empty() && v.chars().all(|c| c.is_ascii_digit());
-                Err(E::custom(if digits {
+                Err(E::custom(if digits && v.parse::<u64>().is_ok() {
+                    // A number of 64 bits arrives as one unless it was written as text.
+                    format!(
+                        "{v:?} is text (quoted, or tagged !!str): write the number without quotes"
+                    )
+                } else if digits {
                     format!("{v} is far too large")
                 } else {
                     format!("{v:?} is not a whole number")
