@@ -199,6 +199,30 @@ throttle:
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains("throttle.query"), "{err}");
     assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 0);
+    // The probe only looks: a query that writes fails (its session is read-only), before the
+    // job writes anything, and has written nothing itself.
+    c.batch_execute("CREATE TABLE probes (at timestamptz)")
+        .await
+        .unwrap();
+    let writes = db.spec(
+        "writes.yaml",
+        "postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: UPDATE t SET n = n + 1 WHERE id = ANY($1)
+throttle:
+  query: WITH w AS (INSERT INTO probes VALUES (now()) RETURNING 1) SELECT count(*) > 1 FROM w
+",
+    );
+    let (code, out, err) = run(&[&"run", &writes]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("throttle.query") && err.contains("read-only"),
+        "{err}"
+    );
+    assert_eq!(count(&c, "SELECT count(*) FROM probes").await, 0);
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 0);
     db.drop_db().await;
 }
 

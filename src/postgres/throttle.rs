@@ -37,9 +37,12 @@ impl PgProbe {
     async fn reasons(&mut self) -> Result<Option<String>> {
         if self.conn.is_none() {
             let c = Object::take(connect::get(&self.pool, &self.url).await?);
+            // Read-only: the probe only looks (a `throttle.query` that writes, a data-modifying
+            // CTE, fails instead of writing every interval).
             c.batch_execute(&format!(
                 "SET statement_timeout = {PROBE_STATEMENT_TIMEOUT_MS}; \
-                 SET lock_timeout = {PROBE_LOCK_TIMEOUT_MS}"
+                 SET lock_timeout = {PROBE_LOCK_TIMEOUT_MS}; \
+                 SET default_transaction_read_only = on"
             ))
             .await
             .map_err(|e| db_error("throttle: setting the probe's timeouts", &e))?;
