@@ -106,6 +106,17 @@ fn a_count_written_otherwise_says_how() {
     }
 }
 
+/// `workers` is a count like the others: a negative one says so (it was a bare "invalid u64").
+#[test]
+fn negative_workers() {
+    check(
+        &format!("{GOOD}workers: -1\n"),
+        Some(6),
+        "workers",
+        "-1 is negative: write a whole number",
+    );
+}
+
 /// Two YAML documents in one file: the message is for whoever writes the spec, not serde's
 /// hint for Rust programmers (`use from_str_multiple`).
 #[test]

@@ -18,7 +18,7 @@ pub struct RawSpec {
     pub state: Option<RawState>,
     #[serde(default)]
     pub throttle: Option<Spanned<RawThrottle>>,
-    pub workers: Option<Spanned<u64>>,
+    pub workers: Option<Spanned<Count>>,
     pub window: Option<Spanned<String>>,
 }
 

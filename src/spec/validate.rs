@@ -185,14 +185,14 @@ pub(super) fn validate(path: &Path, raw: RawSpec, env: &Env) -> Result<Spec> {
     };
     let workers = match &raw.workers {
         None => 1,
-        Some(w) if w.value == 0 || w.value > 256 => {
+        Some(w) if w.value.0 == 0 || w.value.0 > 256 => {
             return cx.at(
                 w,
                 "workers",
-                format!("{} is not between 1 and 256", w.value),
+                format!("{} is not between 1 and 256", w.value.0),
             );
         }
-        Some(w) => w.value as u32,
+        Some(w) => w.value.0 as u32,
     };
     let window = match &raw.window {
         None => None,
