@@ -665,3 +665,86 @@ async fn a_closed_stdout_loses_the_output_and_nothing_else() {
     drop(c);
     db.drop_db().await;
 }
+
+/// A runner whose ranges are all done and that is still in its final `verify:` (no worker of
+/// it left, so it shows as stopped) must not mark the job done over a `--rerun` that started it
+/// over meanwhile. The stale `done` hid a rerun that stopped early (exit 75, "run again to
+/// resume"): the next run skipped the job, and the rows the rerun had not reached were never
+/// done again. And a `--rerun` that came while the verify ran did nothing (its `done` exit 0).
+/// Now the rerun starts over, the stale runner's `done` is refused (exit 75), and the next run
+/// finishes the rerun: every row twice, none once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_verify_does_not_mark_a_rerun_done() {
+    let db = TestDb::new("stale_done").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT generate_series(1, 2000);
+         ANALYZE t;",
+    )
+    .await
+    .unwrap();
+    // verify waits for advisory lock 42 (held by the test while it lines the runs up); each
+    // batch takes 0.1 s, so a rerun with --max-runtime 1s stops part-way.
+    let spec = db.spec(
+        "job.yaml",
+        "postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: UPDATE t SET n = n + 1 FROM pg_sleep(0.1) s WHERE id = ANY($1)
+  verify: SELECT count(*) FROM t, (SELECT pg_advisory_xact_lock_shared(42)) g WHERE n = 0
+batch: {size: 100, target: 0}
+limits: {lock_timeout: 60s, statement_timeout: 120s}
+",
+    );
+    c.batch_execute("SELECT pg_advisory_lock(42)")
+        .await
+        .unwrap();
+    // The first run does every batch, then waits in its verify (its workers gone).
+    let mut stale = spawn(db.dir.path(), "stale", &[], &spec);
+    stale
+        .wait_until(
+            "the first run's verify waiting",
+            Duration::from_secs(60),
+            Duration::from_millis(50),
+            async || {
+                count(
+                    &c,
+                    "SELECT count(*) FROM pg_stat_activity
+                      WHERE application_name LIKE 'backfill:%' AND wait_event_type = 'Lock'",
+                )
+                .await
+                    > 0
+            },
+        )
+        .await;
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 2000);
+    // The operator reruns the job; the rerun stops part-way.
+    let (code, out, err) = run(&[&"run", &"--rerun", &"--max-runtime", &"1s", &spec]);
+    assert_eq!(code, 75, "rerun:\n{out}\n{err}");
+    let twice = count(&c, "SELECT count(*) FROM t WHERE n = 2").await;
+    assert!(
+        twice > 0 && twice < 2000,
+        "the rerun stopped part-way: {twice}"
+    );
+    // The stale verify answers 0: its `done` is refused.
+    c.batch_execute("SELECT pg_advisory_unlock(42)")
+        .await
+        .unwrap();
+    let (code, out, err) = stale.finish(Duration::from_secs(60)).await;
+    assert_eq!(code, 75, "stale run:\n{out}\n{err}");
+    assert!(err.contains("started over"), "{err}");
+    assert_ne!(job_row(&c, "job").await.unwrap().status, "done");
+    // The next run resumes the rerun to the end.
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "resume:\n{out}\n{err}");
+    assert!(!out.contains("skipped (already done)"), "{out}");
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM t WHERE n = 2").await,
+        2000,
+        "every row done again by the rerun, exactly once"
+    );
+    drop(c);
+    db.drop_db().await;
+}

@@ -158,6 +158,16 @@ async fn startup<B: Backend>(
                 }));
             }
             restart = true;
+        } else if opts.rerun
+            && matches!(s.status, Status::Running | Status::Stopped)
+            && s.units_total > 0
+            && s.units_done == s.units_total
+        {
+            // Every unit done, the status not yet `done`: a runner is concluding (its final
+            // verify, with no worker left to show as live), or stopped or died doing so. The
+            // walk is finished: --rerun starts it over, and that runner's `done` is then
+            // refused (`finish`), not written over this run.
+            restart = true;
         } else if changed {
             tracing::warn!(
                 job,
@@ -337,14 +347,22 @@ async fn run<B: Backend>(
         backend.finish(status, message.as_deref())
     })
     .await;
-    if let Err(e) = recorded {
-        // The work's checkpoints are committed; only the final status could not be written.
-        tracing::error!(
-            job,
-            "could not record the job's status ({}): {e}",
-            status.as_str()
-        );
-    }
+    let result = match recorded {
+        Ok(()) => result,
+        // `done` refused: another runner started the job over (a --rerun, a reset) while this
+        // one concluded; that run owns the job now.
+        Err(e @ Error::Stopped(_)) if result.is_ok() => Err(e),
+        Err(e) => {
+            // The work's checkpoints are committed; only the final status could not be
+            // written.
+            tracing::error!(
+                job,
+                "could not record the job's status ({}): {e}",
+                status.as_str()
+            );
+            result
+        }
+    };
     let progress = shared.progress.lock().expect("progress lock");
     Ok(JobReport {
         job: job.into(),

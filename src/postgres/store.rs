@@ -9,7 +9,7 @@
 //! one range at its old cursor.
 
 use super::errors::db_error;
-use crate::error::Result;
+use crate::error::{Error, Result, StopReason};
 use crate::state::{JobState, Status, UnitState};
 use tokio_postgres::Client;
 
@@ -308,15 +308,29 @@ impl Store {
         // A job another runner concluded done stays done: this runner's own end (stopped by a
         // signal while it had nothing left to claim, or failed) is its process's exit code,
         // not the job's state. (`--rerun` and `reset` start a done job over first.)
+        // `done` is written only while every range of the job is still done, in the same
+        // statement: a runner that checked its ranges and then ran a slow verify must not mark
+        // done a job that another runner started over meanwhile (its ranges reset, or the job
+        // forgotten), or the ranges that run had not reached yet would never be walked.
         let sql = format!(
-            "UPDATE {} SET status = $2, last_error = $3, updated_at = now(), throttled = NULL,
+            "UPDATE {jobs} SET status = $2, last_error = $3, updated_at = now(), throttled = NULL,
                  finished_at = CASE WHEN $2 = 'done' THEN now() END
-               WHERE job = $1 AND (status <> 'done' OR $2 = 'done')",
-            self.jobs()
+               WHERE job = $1 AND (status <> 'done' OR $2 = 'done')
+                 AND ($2 <> 'done'
+                      OR NOT EXISTS (SELECT 1 FROM {ranges} r WHERE r.job = $1 AND r.status <> 'done'))",
+            jobs = self.jobs(),
+            ranges = self.ranges(),
         );
-        c.execute(&sql, &[&job, &status.as_str(), &error])
+        let n = c
+            .execute(&sql, &[&job, &status.as_str(), &error])
             .await
             .map_err(|e| db_error("writing the checkpoint store", &e))?;
+        if n == 0 && status == Status::Done {
+            return Err(Error::Stopped(StopReason::LockHeld(
+                "another runner (the job was started over, by a --rerun or a reset, while this                  one checked that it was done)"
+                    .into(),
+            )));
+        }
         Ok(())
     }
 
