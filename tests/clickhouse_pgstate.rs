@@ -536,3 +536,55 @@ fn spec_errors_in_state_url_name_the_field_and_hide_the_password() {
         "percent-encode",
     );
 }
+
+ch_test! {
+    /// A job's state belongs to the target it landed in. The same spec run against another
+    /// database with one shared `state_url` (staging and prod) found the job done and skipped
+    /// it (exit 0, an empty target), or resumed another database's checkpoint and called the
+    /// job done with most chunks never landed; and `target` edited mid-job split the rows
+    /// across two tables. Both are refused (exit 2) before anything is written or skipped, and
+    /// the spec that names the job's own target still finishes it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_jobs_state_is_refused_for_another_target(srv) {
+        let a = ChDb::new_on(&srv, "own_target_a");
+        let b = ChDb::new_on(&srv, "own_target_b");
+        let pg = TestDb::new("chowntarget").await;
+        build_days(&a, 6, 200);
+        build_days(&b, 6, 200);
+        let spec_a = job_spec(&a, "shared", &pg.url, "");
+        let (code, out, err) = run(&[&"run", &spec_a]);
+        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        assert_eq!(target_digest(&a), source_digest(&a));
+        // The same spec against database b, the state shared.
+        let spec_b = job_spec(&b, "shared", &pg.url, "");
+        let empty = target_digest(&b);
+        // (`status` says so for the job it cannot read, exit 1.)
+        for (cmd, want) in [("run", 2), ("status", 1)] {
+            let (code, out, err) = run(&[&cmd, &spec_b]);
+            assert_eq!(code, want, "{cmd}: {}", all_output(&out, &err));
+            assert!(
+                err.contains("clickhouse.target") && err.contains("landed its chunks in"),
+                "{cmd}: {}",
+                all_output(&out, &err)
+            );
+        }
+        assert_eq!(target_digest(&b), empty, "nothing landed in b");
+        // Under a name of its own, b's job runs to the end.
+        let own = job_spec(&b, "shared_b", &pg.url, "");
+        let (code, out, err) = run(&[&"run", &own]);
+        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        assert_eq!(target_digest(&b), source_digest(&b));
+        // `target` edited after the job landed: refused; the spec it ran with still works.
+        let edited = std::fs::read_to_string(&spec_a)
+            .unwrap()
+            .replace("target: agg", "target: agg2");
+        let spec_edited = a.dir.path().join("edited.yaml");
+        std::fs::write(&spec_edited, edited).unwrap();
+        let (code, out, err) = run(&[&"run", &spec_edited]);
+        assert_eq!(code, 2, "{}", all_output(&out, &err));
+        assert!(err.contains("agg2"), "{}", all_output(&out, &err));
+        let (code, out, err) = run(&[&"run", &spec_a]);
+        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        assert!(out.contains("skipped (already done)"), "{}", all_output(&out, &err));
+    }
+}

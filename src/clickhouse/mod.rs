@@ -184,6 +184,35 @@ impl ChJob {
         self.ctx.landing.check_target().await
     }
 
+    /// `database.target`, as the job's record keeps it.
+    fn target_name(&self) -> String {
+        format!("{}.{}", self.ctx.spec.database, self.ctx.spec.target)
+    }
+
+    /// A job's records belong to the target it landed in (recorded at its start): read for
+    /// a spec that names another (the same spec run against another database, with the state
+    /// in one shared `state_url`; `target` edited mid-job), they would call it done, or
+    /// resume it, with chunks that never landed there. Refused, before anything is written
+    /// or skipped. (A record from before the target was kept says nothing.)
+    fn same_target(&self, records: &[Record]) -> Result<()> {
+        let kept = records
+            .iter()
+            .find(|r| r.chunk == store::JOB_ROW)
+            .and_then(|r| serde_json::from_str::<serde_json::Value>(&r.def).ok())
+            .and_then(|v| v["target"].as_str().map(str::to_string));
+        match kept {
+            Some(kept) if kept != self.target_name() => Err(Error::Spec(format!(
+                "clickhouse.target: job {} has landed its chunks in {kept}, and its state says \
+                 which are done there; this spec names {}, where none of them landed. Give \
+                 this target a job of its own (another `name`), or run the spec that names \
+                 {kept} (to finish it, or `backfill reset` it)",
+                self.ctx.job,
+                self.target_name()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// The job's time range: fixed in its record at its first start, else from the spec or
     /// the source.
     pub(crate) async fn range(&self, records: &[Record]) -> Result<Option<(NaiveDate, NaiveDate)>> {
@@ -318,11 +347,12 @@ impl ChJob {
             }
         }
         let range = self.range(&records).await?;
-        let def = match range {
+        let mut def = match range {
             Some((f, t)) => serde_json::json!({"from": f.to_string(), "to": t.to_string()}),
             None => serde_json::json!({}),
-        }
-        .to_string();
+        };
+        def["target"] = serde_json::Value::String(self.target_name());
+        let def = def.to_string();
         let started = records
             .iter()
             .find(|r| r.chunk == store::JOB_ROW)
@@ -406,6 +436,7 @@ impl Backend for ChJob {
 
     async fn load(&self) -> Result<Option<JobState>> {
         let records = self.ctx.store.records(&self.ctx.job).await?;
+        self.same_target(&records)?;
         Ok(store::job_state(
             &self.ctx.job,
             &records,
