@@ -559,8 +559,12 @@ ch_test! {
         let spec_b = job_spec(&b, "shared", &pg.url, "");
         let empty = target_digest(&b);
         // (`status` says so for the job it cannot read, exit 1.)
-        for (cmd, want) in [("run", 2), ("status", 1)] {
-            let (code, out, err) = run(&[&cmd, &spec_b]);
+        for (cmd, want) in [("run", 2), ("status", 1), ("reset", 2)] {
+            let (code, out, err) = if cmd == "reset" {
+                run(&[&cmd, &"--yes", &spec_b])
+            } else {
+                run(&[&cmd, &spec_b])
+            };
             assert_eq!(code, want, "{cmd}: {}", all_output(&out, &err));
             assert!(
                 err.contains("clickhouse.target") && err.contains("landed its chunks in"),
@@ -569,6 +573,8 @@ ch_test! {
             );
         }
         assert_eq!(target_digest(&b), empty, "nothing landed in b");
+        let (code, out, err) = run(&[&"status", &spec_a]);
+        assert!(code == 0 && out.contains("[done]"), "a's job kept: {}", all_output(&out, &err));
         // Under a name of its own, b's job runs to the end.
         let own = job_spec(&b, "shared_b", &pg.url, "");
         let (code, out, err) = run(&[&"run", &own]);

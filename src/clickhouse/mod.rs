@@ -746,6 +746,8 @@ impl Backend for ChJob {
             .acquire(&ctx.spec.database, &ctx.spec.target, &ctx.job, false)
             .await?;
         let records = ctx.store.records(&ctx.job).await?;
+        // Another target's job: its records are not this target's to forget.
+        self.same_target(&records)?;
         // What a move or attach under way carried is told by its staging table: noted before
         // it goes, and before merges start again (on 18.16 an attach is told by its parts'
         // twins in the target, which merges fold away).
