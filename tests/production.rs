@@ -177,52 +177,49 @@ async fn a_throttle_check_that_cannot_answer_at_start_holds_the_job_until_it_can
     db.drop_db().await;
 }
 
+/// A throttle query that cannot answer as one boolean fails the job before any write. The
+/// probe only looks: a query that writes fails too (its session is read-only), and has written
+/// nothing itself.
 #[tokio::test]
 async fn broken_throttle_query_fails_before_any_write() {
     let db = TestDb::new("throttlebad").await;
     let c = db.client().await;
-    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0); INSERT INTO t (id) VALUES (1)")
-        .await
-        .unwrap();
-    let spec = db.spec(
-        "bad.yaml",
-        "postgres:
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, n int NOT NULL DEFAULT 0); INSERT INTO t (id) VALUES (1);
+         CREATE TABLE probes (at timestamptz)",
+    )
+    .await
+    .unwrap();
+    for (file, query, says) in [
+        ("bad.yaml", "SELECT 'yes'", "throttle.query"),
+        (
+            "writes.yaml",
+            "WITH w AS (INSERT INTO probes VALUES (now()) RETURNING 1) SELECT count(*) > 1 FROM w",
+            "read-only",
+        ),
+    ] {
+        let spec = db.spec(
+            file,
+            &format!(
+                "postgres:
   url: $URL
   table: t
   key: id
   statement: UPDATE t SET n = n + 1 WHERE id = ANY($1)
 throttle:
-  query: SELECT 'yes'
-",
-    );
-    let (code, out, err) = run(&[&"run", &spec]);
-    assert_eq!(code, 1, "{out}{err}");
-    assert!(err.contains("throttle.query"), "{err}");
-    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 0);
-    // The probe only looks: a query that writes fails (its session is read-only), before the
-    // job writes anything, and has written nothing itself.
-    c.batch_execute("CREATE TABLE probes (at timestamptz)")
-        .await
-        .unwrap();
-    let writes = db.spec(
-        "writes.yaml",
-        "postgres:
-  url: $URL
-  table: t
-  key: id
-  statement: UPDATE t SET n = n + 1 WHERE id = ANY($1)
-throttle:
-  query: WITH w AS (INSERT INTO probes VALUES (now()) RETURNING 1) SELECT count(*) > 1 FROM w
-",
-    );
-    let (code, out, err) = run(&[&"run", &writes]);
-    assert_eq!(code, 1, "{out}{err}");
-    assert!(
-        err.contains("throttle.query") && err.contains("read-only"),
-        "{err}"
-    );
-    assert_eq!(count(&c, "SELECT count(*) FROM probes").await, 0);
-    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 0);
+  query: {query}
+"
+            ),
+        );
+        let (code, out, err) = run(&[&"run", &spec]);
+        assert_eq!(code, 1, "{file}: {out}{err}");
+        assert!(
+            err.contains("throttle.query") && err.contains(says),
+            "{file}: {err}"
+        );
+        assert_eq!(count(&c, "SELECT count(*) FROM probes").await, 0);
+        assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 0);
+    }
     db.drop_db().await;
 }
 
