@@ -148,7 +148,9 @@ async fn a_paused_job_holds_no_row_locks_and_goes_on_after_unpause() {
 async fn either_connection_of_a_worker_killed_again_and_again_loses_and_doubles_nothing() {
     let db = TestDb::new("ahead_kill").await;
     let c = db.client().await;
-    let rows = 120_000;
+    // Ten kills, one per 8000 rows: 240k rows leave room for them however fast the run goes
+    // (with 120k a run of 3 s on CI ended after nine).
+    let rows = 240_000;
     tables(&c, rows).await;
     let spec = spec(&db, "{size: 400, target: 0, walk_ahead: true}");
     let mut child = backfill().arg("run").arg(&spec).spawn().unwrap();
