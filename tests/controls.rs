@@ -674,6 +674,11 @@ clickhouse:
         let (code, out, err) = control("verify", &url);
         assert_eq!(code, 1, "{label}:\n{out}\n{err}");
         assert!(err.contains("calls the table function url()"), "{label}: {err}");
+        // `run` refuses it before any chunk lands, not after the last.
+        let (code, out, err) = control("run", &url);
+        assert_eq!(code, 1, "{label}:\n{out}\n{err}");
+        assert!(err.contains("calls the table function url()"), "{label}: {err}");
+        assert_eq!(db.num("SELECT count() FROM out"), 0, "{label}: chunks landed");
         assert!(
             matches!(listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
             "{label}: verify sent a request through url()"

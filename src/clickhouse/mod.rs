@@ -395,20 +395,27 @@ impl ChJob {
     }
 }
 
-/// Run a `verify:` query read-only (`readonly=2`: settings may change, nothing may be
-/// written): one integer, 0 = the job is done. The SQL is sent as written (no `?` binding).
-/// It runs only if it is one SELECT that calls no table function reaching past the server
-/// (`spec::ch_verify_refusal`, with this server's table functions).
-pub async fn verify(client: &clickhouse::Client, sql: &str) -> Result<i64> {
+/// Refuse a `verify:` query that calls a table function reaching past the server (with this
+/// server's list of them): before it runs, and when `run` starts.
+pub async fn check_verify(client: &clickhouse::Client, sql: &str) -> Result<()> {
     let functions = client
         .query("SELECT name FROM system.table_functions")
         .with_setting("readonly", "2")
         .fetch_all::<String>()
         .await
         .map_err(|e| errors::ch_error("reading the server's table functions", &e))?;
-    if let Some(why) = crate::spec::ch_verify_refusal(sql, &functions) {
-        return Err(Error::Preflight(format!("clickhouse.verify {why}")));
+    match crate::spec::ch_verify_refusal(sql, &functions) {
+        Some(why) => Err(Error::Preflight(format!("clickhouse.verify {why}"))),
+        None => Ok(()),
     }
+}
+
+/// Run a `verify:` query read-only (`readonly=2`: settings may change, nothing may be
+/// written): one integer, 0 = the job is done. The SQL is sent as written (no `?` binding).
+/// It runs only if it is one SELECT that calls no table function reaching past the server
+/// (`spec::ch_verify_refusal`, with this server's table functions).
+pub async fn verify(client: &clickhouse::Client, sql: &str) -> Result<i64> {
+    check_verify(client, sql).await?;
     let text = client
         .query_raw(sql)
         .with_setting("readonly", "2")
@@ -457,6 +464,10 @@ impl Backend for ChJob {
         let kinds = planner::check_source(&ctx.db.client, &ctx.spec, ctx.landing.moves()).await?;
         let _ = ctx.kinds.set(kinds);
         ctx.landing.check_target().await?;
+        // A verify that would be refused at the end is refused before any chunk lands.
+        if let Some(sql) = &ctx.spec.verify {
+            check_verify(&ctx.db.client, sql).await?;
+        }
         // The settings first, on their own: an unknown one is the settings' fault.
         if let Err(e) = client::exec(&ctx.chunk_client, "SELECT 1", "").await {
             return Err(Error::Preflight(format!(
@@ -741,13 +752,14 @@ impl Backend for ChJob {
     async fn reset(&self, discard_foreign: bool) -> Result<Option<String>> {
         let ctx = &self.ctx;
         // Never under a running job: its lock first (exit 75 naming a live runner).
+        // Another target's job: its records are not this target's to forget (checked before
+        // this target's lock is taken, which a refusal would leave behind).
+        self.same_target(&ctx.store.records(&ctx.job).await?)?;
         let l = ctx
             .store
             .acquire(&ctx.spec.database, &ctx.spec.target, &ctx.job, false)
             .await?;
         let records = ctx.store.records(&ctx.job).await?;
-        // Another target's job: its records are not this target's to forget.
-        self.same_target(&records)?;
         // What a move or attach under way carried is told by its staging table: noted before
         // it goes, and before merges start again (on 18.16 an attach is told by its parts'
         // twins in the target, which merges fold away).

@@ -321,13 +321,37 @@ impl Store {
             jobs = self.jobs(),
             ranges = self.ranges(),
         );
-        let n = c
-            .execute(&sql, &[&job, &status.as_str(), &error])
+        // Behind the job's start lock, which a --rerun's start holds through its transaction:
+        // the UPDATE's snapshot is taken after such a start committed, so its NOT EXISTS sees
+        // the ranges that start made. (Waiting on the jobs row alone, READ COMMITTED re-checks
+        // that row but reads the ranges with the snapshot from before.)
+        let key = self.lock_key(job, "start");
+        let what = "writing the checkpoint store";
+        c.batch_execute("BEGIN; SET LOCAL lock_timeout = '60s'")
             .await
-            .map_err(|e| db_error("writing the checkpoint store", &e))?;
+            .map_err(|e| db_error(what, &e))?;
+        let written = async {
+            c.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                &[&key],
+            )
+            .await?;
+            let n = c.execute(&sql, &[&job, &status.as_str(), &error]).await?;
+            c.batch_execute("COMMIT").await?;
+            Ok::<u64, tokio_postgres::Error>(n)
+        }
+        .await;
+        let n = match written {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = c.batch_execute("ROLLBACK").await;
+                return Err(db_error(what, &e));
+            }
+        };
         if n == 0 && status == Status::Done {
             return Err(Error::Stopped(StopReason::LockHeld(
-                "another runner (the job was started over, by a --rerun or a reset, while this                  one checked that it was done)"
+                "another runner (the job was started over, by a --rerun or a reset, while this \
+                 one checked that it was done)"
                     .into(),
             )));
         }
