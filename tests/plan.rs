@@ -1155,6 +1155,117 @@ batch: {size: 50, target: 0}
     db.drop_db().await;
 }
 
+/// Planning any query over a table folds the constant calls in its indexes' expressions and
+/// predicates (and CHECKs and policies) as the server first reads them: an IMMUTABLE-declared
+/// function there that writes through another connection runs during a mere `EXPLAIN`, in a
+/// read-only transaction, before any check that only reads the plan. `verify` refuses a
+/// query that names such a table; `plan` plans nothing over a job's table that has one (no
+/// sample, no count, rows from the catalog) and `status` estimates without planning either.
+#[tokio::test]
+async fn plan_verify_and_status_fold_no_index_that_writes() {
+    let db = TestDb::new("plan_folded").await;
+    let c = db.client().await;
+    let conn = format!("'{}'", db.url.replace('\'', "''"));
+    c.batch_execute(&format!(
+        "CREATE EXTENSION IF NOT EXISTS dblink;
+         CREATE TABLE audit (id bigserial PRIMARY KEY, note text);
+         CREATE FUNCTION marker(x text) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $$
+           BEGIN
+             PERFORM dblink_exec({conn}, format('INSERT INTO audit (note) VALUES (%L)', x));
+             RETURN 0;
+           END $$;"
+    ))
+    .await
+    .unwrap();
+    // Another statement: marker's connection must see audit committed.
+    c.batch_execute(
+        "CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0, done bool NOT NULL DEFAULT false);
+         INSERT INTO t (id) SELECT i FROM generate_series(1, 3000) i;
+         CREATE TABLE r (id bigint, v int);
+         INSERT INTO r SELECT i, i FROM generate_series(1, 100) i;
+         CREATE INDEX ON r (id) WHERE v > marker('r_predicate');
+         CREATE TABLE w (id bigint PRIMARY KEY, v int NOT NULL DEFAULT 0, done bool NOT NULL DEFAULT false);
+         INSERT INTO w (id) SELECT i FROM generate_series(1, 2000) i;
+         CREATE INDEX ON w ((v + marker('w_expression')));
+         CREATE TABLE parted (id bigint, v int) PARTITION BY RANGE (id);
+         CREATE TABLE parted_1 PARTITION OF parted FOR VALUES FROM (0) TO (1000);
+         CREATE INDEX ON parted_1 (v) WHERE v < marker('partition_predicate');
+         CREATE VIEW r_view AS SELECT id FROM r;
+         ANALYZE;",
+    )
+    .await
+    .unwrap();
+    // Building the indexes ran marker: count from here.
+    let audit = async || count(&c, "SELECT count(*) FROM audit").await;
+    let before = audit().await;
+    // verify naming r, a partitioned table whose partition has one, or a view over r.
+    for (name, verify) in [
+        ("v_table", "SELECT count(*) - count(*) FROM r"),
+        ("v_partition", "SELECT count(*) - count(*) FROM parted"),
+        ("v_view", "SELECT count(*) - count(*) FROM r_view"),
+    ] {
+        let spec = t_spec(
+            &db,
+            name,
+            "NOT done",
+            "UPDATE t SET n = n + 1 WHERE id = ANY($1)",
+            verify,
+        );
+        let (code, out, err) = run_on(&["verify"], &spec);
+        assert_eq!(code, 1, "{name}:\n{out}\n{err}");
+        assert!(
+            line_with(&err, "postgres.verify calls ").contains("public.dblink_exec"),
+            "{name}:\n{err}"
+        );
+        assert_eq!(audit().await, before, "verify {name} wrote:\n{err}");
+    }
+    // plan of a job over w, and of a job over t whose statement writes r.
+    let over_w = db.spec(
+        "over_w.yaml",
+        "name: over_w
+postgres:
+  url: $URL
+  table: w
+  key: id
+  where: NOT done
+  statement: UPDATE w SET done = true WHERE id = ANY($1)
+batch: {size: 100, target: 0}
+",
+    );
+    let (code, out, err) = run_on(&["plan", "--exact"], &over_w);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        line_with(&out, "planning a query over public.w runs").contains("public.dblink_exec")
+            && !out.contains("rolled back"),
+        "{out}"
+    );
+    assert_eq!(audit().await, before, "plan of over_w wrote:\n{out}");
+    let into_r = t_spec(
+        &db,
+        "into_r",
+        "NOT done",
+        "INSERT INTO r SELECT id, 1 FROM t WHERE id = ANY($1)",
+        "SELECT 0",
+    );
+    let (code, out, err) = run_on(&["plan"], &into_r);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        line_with(&out, "sample:").contains("not run")
+            && line_with(&out, "sample:").contains("public.dblink_exec"),
+        "{out}"
+    );
+    assert_eq!(audit().await, before, "plan of into_r wrote:\n{out}");
+    // run over w writes (each new session folds marker once): status afterwards does not.
+    let (code, out, err) = run_on(&["run"], &over_w);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(count(&c, "SELECT count(*) FROM w WHERE done").await, 2000);
+    let after_run = audit().await;
+    let (code, out, err) = run_on(&["status"], &over_w);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(audit().await, after_run, "status wrote:\n{out}");
+    db.drop_db().await;
+}
+
 /// A foreign table (postgres_fdw) is read and written by its server, in a remote transaction of
 /// its own that this one's rollback or read-only mode does not make harmless: a remote view
 /// that calls `nextval`, a remote `bigserial` filled by a routed insert. `plan` evaluates no

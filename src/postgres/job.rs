@@ -24,9 +24,14 @@ pub struct Prepared {
     pub info: TableInfo,
     pub sql: BatchSql,
     pub statement: String,
-    /// Whether `where`, read unplanned (`effects::calls_in`), calls nothing that writes past
-    /// the transaction: only then is it planned for an estimate (planning may run a STABLE
-    /// function it calls with constant arguments).
+    /// Whether planning over the job's table, read unplanned (`effects::calls_in` of
+    /// `SELECT 1 FROM` it), evaluates nothing that writes past the transaction (an
+    /// IMMUTABLE-declared function with constant arguments in an index's expression or
+    /// predicate, a CHECK, a policy): only then is anything planned over it for an estimate.
+    pub table_plannable: bool,
+    /// Whether `where`, read the same way, calls nothing that writes past the transaction:
+    /// only then is it planned for an estimate (planning may run a STABLE function it calls
+    /// with constant arguments).
     pub where_plannable: bool,
 }
 
@@ -281,7 +286,9 @@ impl PgJob {
 
     /// Rows left in the job: counted (`exact`), or estimated from the planner's view of the key
     /// ranges left, scaled by the share of rows that matched `where` in what was walked so far
-    /// (the planner's statistics of `where` go stale while a backfill changes the rows).
+    /// (the planner's statistics of `where` go stale while a backfill changes the rows); or,
+    /// when planning over the table would run what writes (`Prepared::table_plannable`), from
+    /// its size in the catalog.
     pub async fn pending(&self, exact: bool) -> Result<Estimate> {
         let p = self.ctx.prepared()?;
         let c = self.ctx.conn().await?;
@@ -294,6 +301,32 @@ impl PgJob {
             .collect();
         if ranges.is_empty() {
             left.push((None, None));
+        }
+        if !p.table_plannable {
+            // Nothing is planned or counted over the table: its size from the catalog (its
+            // partitions' and children's), shared out by the ranges left.
+            let all: f64 = c
+                .query_one(
+                    "WITH RECURSIVE tree(relid) AS (
+                         SELECT $1::text::regclass::oid
+                         UNION SELECT i.inhrelid FROM tree t JOIN pg_inherits i ON i.inhparent = t.relid)
+                     SELECT coalesce(sum(greatest(k.reltuples, 0)), 0)::float8
+                       FROM pg_class k JOIN tree t ON t.relid = k.oid",
+                    &[&p.info.rel],
+                )
+                .await
+                .map_err(|e| db_error("reading the table's size", &e))?
+                .get(0);
+            let share = if ranges.is_empty() {
+                1.0
+            } else {
+                left.len() as f64 / ranges.len() as f64
+            };
+            return Ok(Estimate {
+                rows: (all * share).round() as u64,
+                exact: false,
+                pending_retry,
+            });
         }
         if exact {
             let (rel, key, ty, f) = (&p.info.rel, &p.info.key, &p.info.key_type, &p.info.filter);
@@ -394,24 +427,32 @@ impl Backend for PgJob {
             (Ok(_), Some(sql)) => super::readonly::refuse_outside_calls(&c, sql).await,
             _ => Ok(()),
         };
-        let where_plannable = match &info {
-            Ok(info) if info.filter != "true" => {
-                let sql = format!("SELECT 1 FROM {} WHERE {}", info.rel, info.filter);
-                super::effects::calls_in(&c, &serde_json::Value::Null, &sql)
-                    .await
-                    .map(|calls| calls.is_empty())
+        let plannable = async |sql: String| {
+            super::effects::calls_in(&c, &serde_json::Value::Null, &sql)
+                .await
+                .map(|calls| calls.is_empty())
+        };
+        let table_plannable = match &info {
+            Ok(info) => plannable(format!("SELECT 1 FROM {}", info.rel)).await,
+            _ => Ok(true),
+        };
+        let where_plannable = match (&info, &table_plannable) {
+            (Ok(info), Ok(true)) if info.filter != "true" => {
+                plannable(format!("SELECT 1 FROM {} WHERE {}", info.rel, info.filter)).await
             }
+            (_, Ok(false)) => Ok(false),
             _ => Ok(true),
         };
         let _ = c.batch_execute("ROLLBACK").await;
         let info = info?;
         verify?;
-        let where_plannable = where_plannable?;
+        let (table_plannable, where_plannable) = (table_plannable?, where_plannable?);
         let sql = BatchSql::new(&info, self.ctx.spec.lock, &self.ctx.limits, &self.ctx.store);
         let _ = self.ctx.ready.set(Arc::new(Prepared {
             info,
             sql,
             statement: self.ctx.spec.statement.clone(),
+            table_plannable,
             where_plannable,
         }));
         Ok(())

@@ -74,12 +74,17 @@ pub async fn plan(job: &PgJob, spec: &Spec, opts: PlanOptions) -> Result<Plan> {
     // the sample batches bind, and a type's own comparison (its btree class) runs in every
     // keyset step. Checked in a read-only transaction: the check's settings
     // (`effects`) end with it.
-    let (where_calls, key_calls) = {
+    // The table itself first: planning anything over it evaluates its indexes' expressions
+    // and predicates, CHECKs and policies (`reads::planned`).
+    let (table_calls, where_calls, key_calls) = {
         c.batch_execute("BEGIN READ ONLY")
             .await
             .map_err(|e| db_error("checking the spec's SQL", &e))?;
         let checked = async {
-            let where_calls = if p.info.filter == "true" {
+            let table = format!("SELECT 1 FROM {}", p.info.rel);
+            let table_calls =
+                super::effects::calls_in(&c, &serde_json::Value::Null, &table).await?;
+            let where_calls = if p.info.filter == "true" || !table_calls.is_empty() {
                 Vec::new()
             } else {
                 let sql = format!("SELECT 1 FROM {} WHERE {}", p.info.rel, p.info.filter);
@@ -87,7 +92,7 @@ pub async fn plan(job: &PgJob, spec: &Spec, opts: PlanOptions) -> Result<Plan> {
             };
             let key = format!("SELECT CAST(NULL::text AS {})", p.info.key_type);
             let key_calls = super::effects::outside_calls(&c, &key, &[]).await?;
-            Ok::<_, crate::error::Error>((where_calls, key_calls))
+            Ok::<_, crate::error::Error>((table_calls, where_calls, key_calls))
         }
         .await;
         let _ = c.batch_execute("ROLLBACK").await;
@@ -98,6 +103,16 @@ pub async fn plan(job: &PgJob, spec: &Spec, opts: PlanOptions) -> Result<Plan> {
     } else {
         ""
     };
+    if !table_calls.is_empty() {
+        plan.notes.push(format!(
+            "planning a query over {} runs {} (in its indexes' expressions or predicates, its \
+             CHECKs or its policies), which can draw from a sequence or write where no rollback \
+             reaches: plan plans nothing over it (no sample batches; rows estimated from its \
+             size)",
+            p.info.rel,
+            table_calls.join(", "),
+        ));
+    }
     if !where_calls.is_empty() {
         plan.notes.push(format!(
             "where calls {}, which can draw from a sequence or write where no rollback reaches: \
@@ -114,7 +129,7 @@ pub async fn plan(job: &PgJob, spec: &Spec, opts: PlanOptions) -> Result<Plan> {
             key_calls.join(", "),
         ));
     }
-    let where_calls = [where_calls, key_calls].concat();
+    let where_calls = [table_calls, where_calls, key_calls].concat();
     let est = job.pending(opts.exact && where_calls.is_empty()).await?;
     plan.pending_rows = est.rows;
     plan.pending_exact = est.exact;

@@ -7,7 +7,9 @@
 //! (the source text, unless the language is C or internal, where it is a symbol), to those a
 //! SQL-standard body depends on, from a view to what its rule depends on, and from a table to
 //! its partitions and inheritance children. It hands back the text of every body and view
-//! definition it passes (`Walk::visit`), for `effects` to read as it reads the spec's SQL. A
+//! definition it passes (`Walk::visit`), and of what planning over a table named or passed
+//! evaluates (`planned`: its indexes' expressions and predicates, its CHECKs, policies and
+//! statistics expressions), for `effects` to read as it reads the spec's SQL. A
 //! name built at run time (`EXECUTE`, a C function) is not seen; a word that only looks like a
 //! name (a column, a comment) is followed too, which errs on the safe side.
 
@@ -44,7 +46,7 @@ const ODD: &str = r#"
         SELECT p.proname::text AS name, p.pronamespace AS nsp FROM pg_proc p
         UNION ALL
         SELECT k.relname::text, k.relnamespace FROM pg_class k
-         WHERE k.relkind IN ('f', 'v', 'p') OR k.relhassubclass) n
+         WHERE k.relkind IN ('f', 'v', 'p', 'r', 'm')) n
       JOIN pg_namespace s ON s.oid = n.nsp
      WHERE s.nspname NOT IN ('pg_catalog', 'information_schema') AND s.nspname !~ '^pg_toast'
        AND n.name !~ '^[A-Za-z0-9_]+$'"#;
@@ -93,6 +95,46 @@ const STEP: &str = r#"
       LEFT JOIN pg_foreign_server s ON s.oid = ft.ftserver
      ORDER BY n.kind, n.oid, n.via"#;
 
+/// What planning a query over the relations $1, or the tables outside the catalog named by
+/// one of the words $2 (lower case), evaluates of theirs before anything runs, and of their
+/// partitions and inheritance children: the planner folds constant calls in each index's
+/// expressions and predicate, each CHECK constraint (constraint exclusion), each row security
+/// policy and each extended statistics expression (14 and later: `expressions`) as it first reads them, so an
+/// IMMUTABLE-declared function there with constant arguments runs while a plan is only being
+/// made (an `EXPLAIN`).
+fn planned(expressions: bool) -> String {
+    let stats = if expressions {
+        "UNION ALL
+         SELECT array_to_string(pg_get_statisticsobjdef_expressions(s.oid), ' ')
+           FROM pg_statistic_ext s
+          WHERE s.stxrelid IN (SELECT relid FROM rels) AND s.stxexprs IS NOT NULL"
+    } else {
+        ""
+    };
+    format!(
+        r#"
+    WITH RECURSIVE rels(relid) AS (
+        SELECT unnest($1::oid[])
+        UNION
+        SELECT k.oid FROM pg_class k JOIN pg_namespace n ON n.oid = k.relnamespace
+         WHERE k.relkind IN ('r', 'p', 'm', 'f') AND lower(k.relname) = ANY($2::text[])
+           AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname !~ '^pg_toast'
+        UNION
+        SELECT i.inhrelid FROM rels r JOIN pg_inherits i ON i.inhparent = r.relid)
+    SELECT pg_get_expr(e.expr, i.indrelid)
+      FROM pg_index i, LATERAL (VALUES (i.indexprs), (i.indpred)) AS e(expr)
+     WHERE i.indrelid IN (SELECT relid FROM rels) AND e.expr IS NOT NULL
+    UNION ALL
+    SELECT pg_get_constraintdef(k.oid) FROM pg_constraint k
+     WHERE k.contype = 'c' AND k.conrelid IN (SELECT relid FROM rels)
+    UNION ALL
+    SELECT pg_get_expr(e.expr, p.polrelid)
+      FROM pg_policy p, LATERAL (VALUES (p.polqual), (p.polwithcheck)) AS e(expr)
+     WHERE p.polrelid IN (SELECT relid FROM rels) AND e.expr IS NOT NULL
+    {stats}"#
+    )
+}
+
 /// A walk through what functions read and call, remembering what it has passed: each
 /// function and relation is stepped from once, however many visits reach it.
 pub struct Walk<'a> {
@@ -102,6 +144,8 @@ pub struct Walk<'a> {
     odd: Option<Vec<String>>,
     /// The query for bodies (`bodies`), once the server's version is known.
     bodies: Option<String>,
+    /// The query for what planning evaluates (`planned`), likewise.
+    planned: Option<String>,
 }
 
 /// What a visit found: the foreign servers read (`the foreign server of T (server S, read in
@@ -122,6 +166,7 @@ impl<'a> Walk<'a> {
             seen: HashSet::new(),
             odd: None,
             bodies: None,
+            planned: None,
         }
     }
 
@@ -141,9 +186,9 @@ impl<'a> Walk<'a> {
 
     /// Follow what `sql` (the spec's, as written) names before it is planned: the functions
     /// and views it names as words, to the end (planning may already run a STABLE function it
-    /// calls with constant arguments, or one in a view it names). The tables and foreign
-    /// tables it names are left to its plan (`effects::foreign_in`), which tells which it
-    /// reads.
+    /// calls with constant arguments, or one in a view it names), and what planning over the
+    /// tables it names evaluates (`planned`). Which tables and foreign tables it reads is left
+    /// to its plan (`effects::foreign_in`).
     pub async fn visit_text(&mut self, sql: &str) -> Result<Visited> {
         self.load().await?;
         let odd = self.odd.clone().unwrap_or_default();
@@ -157,6 +202,8 @@ impl<'a> Walk<'a> {
             .map_err(failed)?;
         let mut fns = Vec::new();
         let mut rels = Vec::new();
+        let mut out = Visited::default();
+        self.planned_over(&[], &words, &mut out).await?;
         for r in rows {
             let (kind, oid): (String, u32) = (r.get(0), r.get(1));
             if kind == "r" {
@@ -177,7 +224,6 @@ impl<'a> Walk<'a> {
             .map(|r| r.get(0))
             .filter(|&o| self.seen.insert(("r".into(), o)))
             .collect();
-        let mut out = Visited::default();
         self.walk(fns, views, &mut out).await?;
         Ok(out)
     }
@@ -196,6 +242,17 @@ impl<'a> Walk<'a> {
             .map_err(failed)?
             .get(0);
         self.bodies = Some(bodies(version >= 140000));
+        self.planned = Some(planned(version >= 140000));
+        Ok(())
+    }
+
+    /// What planning evaluates (`planned`) of the relations `rels` and of the tables named by
+    /// `words`, as texts to read.
+    async fn planned_over(&self, rels: &[u32], words: &[String], out: &mut Visited) -> Result<()> {
+        let sql = self.planned.as_deref().unwrap_or_default();
+        for r in self.c.query(sql, &[&rels, &words]).await.map_err(failed)? {
+            out.texts.push(r.get(0));
+        }
         Ok(())
     }
 
@@ -227,6 +284,7 @@ impl<'a> Walk<'a> {
             for r in self.c.query(VIEWS, &[&rels]).await.map_err(failed)? {
                 out.texts.push(r.get(0));
             }
+            self.planned_over(&rels, &words, out).await?;
             let rows = self
                 .c
                 .query(STEP, &[&fns, &rels, &words, &vias])
