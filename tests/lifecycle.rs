@@ -2,7 +2,7 @@
 //! `--rerun`, directories in file-name order, `status --json`, `reset`, and one runner at a time.
 
 mod common;
-use common::runner::{Running, spawn};
+use common::runner::{Running, spawn, wait_runner_sessions_gone};
 use common::store::{has_store, job_record, job_row};
 use common::{TestDb, checksum, count, make_table, run};
 use std::path::Path;
@@ -747,4 +747,123 @@ limits: {lock_timeout: 60s, statement_timeout: 120s}
     );
     drop(c);
     db.drop_db().await;
+}
+
+/// The stale runner's `done` (above) and a `--rerun`'s start meeting head-on: the rerun's start
+/// transaction has reset the job and made its new ranges, and is still open, when the stale
+/// runner's verify answers. Waiting on the job's row alone, the stale `done` went through once
+/// the start committed (READ COMMITTED re-checks the row but read the ranges with the snapshot
+/// from before the start), and the rerun, killed later, was skipped as done by the next run.
+/// The start is held open here by a trigger on the store's ranges that waits for a lock the
+/// test holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_done_waits_for_a_rerun_starting_meanwhile() {
+    let db = TestDb::new("stale_start").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT generate_series(1, 2000);
+         ANALYZE t;",
+    )
+    .await
+    .unwrap();
+    let spec = db.spec(
+        "job.yaml",
+        "postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: UPDATE t SET n = n + 1 FROM pg_sleep(0.2) s WHERE id = ANY($1)
+  verify: SELECT count(*) FROM t, (SELECT pg_advisory_xact_lock_shared(42)) g WHERE n = 0
+batch: {size: 100, target: 0}
+limits: {lock_timeout: 60s, statement_timeout: 120s}
+",
+    );
+    c.batch_execute("SELECT pg_advisory_lock(42)")
+        .await
+        .unwrap();
+    let mut stale = spawn(db.dir.path(), "stale", &[], &spec);
+    stale
+        .wait_until(
+            "the first run's verify waiting",
+            Duration::from_secs(60),
+            Duration::from_millis(50),
+            async || waiting_for(&c, 42).await,
+        )
+        .await;
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 2000);
+    // A rerun's start that stays open once it has made its ranges (lock 43, the test's).
+    c.batch_execute(
+        "SELECT pg_advisory_lock(43);
+         CREATE FUNCTION backfill.hold() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN PERFORM pg_advisory_xact_lock(43); RETURN NULL; END $$;
+         CREATE TRIGGER hold AFTER INSERT ON backfill.ranges
+           FOR EACH STATEMENT EXECUTE FUNCTION backfill.hold();",
+    )
+    .await
+    .unwrap();
+    let mut rerun = spawn(db.dir.path(), "rerun", &["--rerun"], &spec);
+    rerun
+        .wait_until(
+            "the rerun's start held open",
+            Duration::from_secs(60),
+            Duration::from_millis(50),
+            async || waiting_for(&c, 43).await,
+        )
+        .await;
+    // The stale verify answers 0; its `done` waits for the start (on the job's start lock,
+    // or, before, on the job's row).
+    c.batch_execute("SELECT pg_advisory_unlock(42)")
+        .await
+        .unwrap();
+    stale
+        .wait_until(
+            "the stale runner's done waiting",
+            Duration::from_secs(60),
+            Duration::from_millis(20),
+            async || {
+                !waiting_for(&c, 42).await
+                    && count(
+                        &c,
+                        "SELECT count(*) FROM pg_locks
+                          WHERE NOT granted AND NOT (locktype = 'advisory' AND objid IN (42, 43))",
+                    )
+                    .await
+                        > 0
+            },
+        )
+        .await;
+    c.batch_execute("SELECT pg_advisory_unlock(43)")
+        .await
+        .unwrap();
+    let (code, out, err) = stale.finish(Duration::from_secs(60)).await;
+    assert_eq!(code, 75, "stale run:\n{out}\n{err}");
+    assert!(err.contains("started over"), "{err}");
+    // The rerun dies part-way; the next run resumes it to the end.
+    rerun.kill();
+    wait_runner_sessions_gone(&c).await;
+    c.batch_execute("DROP TRIGGER hold ON backfill.ranges; DROP FUNCTION backfill.hold()")
+        .await
+        .unwrap();
+    assert_ne!(job_row(&c, "job").await.unwrap().status, "done");
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "resume:\n{out}\n{err}");
+    assert!(!out.contains("skipped (already done)"), "{out}");
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM t WHERE n = 2").await,
+        2000,
+        "every row done again by the rerun, exactly once"
+    );
+    drop(c);
+    db.drop_db().await;
+}
+
+/// Whether a session waits for advisory lock `key` (an int8 key, as `pg_advisory_lock(key)`).
+async fn waiting_for(c: &Client, key: i64) -> bool {
+    let sql = format!(
+        "SELECT count(*) FROM pg_locks
+          WHERE locktype = 'advisory' AND NOT granted AND classid = 0 AND objid = {key}
+            AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    );
+    count(c, &sql).await > 0
 }
