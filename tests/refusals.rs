@@ -376,6 +376,106 @@ async fn a_checkpoint_is_not_resumed_under_another_key_or_table() {
     db.drop_db().await;
 }
 
+/// A checkpoint is a position in the key's order, which its collation and operator family
+/// give: a migration that changed the key column's collation (or its type to one that sorts
+/// otherwise) between two runs of an unfinished job had the cursor compared in the new order,
+/// and the resume ended done (exit 0) with rows never done and others done twice. Now such a
+/// resume is refused before anything is written; a column widened in the same family (int to
+/// bigint) resumes, and so does the column changed back.
+#[tokio::test]
+async fn a_checkpoint_is_not_resumed_once_the_keys_order_changed() {
+    let db = TestDb::new("reorder").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE t (k text COLLATE \"C\" PRIMARY KEY);
+         INSERT INTO t SELECT CASE WHEN g % 2 = 0 THEN upper(chr(97 + g % 26))
+                                   ELSE chr(97 + (g / 2) % 26) END || md5(g::text)
+           FROM generate_series(1, 3000) g;
+         CREATE TABLE n (id int PRIMARY KEY);
+         INSERT INTO n SELECT g FROM generate_series(1, 3000) g;
+         CREATE TABLE log (k text);
+         CREATE TABLE knob (fail_at text);
+         INSERT INTO knob SELECT k FROM t ORDER BY k OFFSET 1500 LIMIT 1;
+         ANALYZE;",
+    )
+    .await
+    .unwrap();
+    let logged = async || count(&c, "SELECT count(*) FROM log").await;
+    let cursor = async |job: &str| -> Option<String> {
+        c.query_one("SELECT cursor FROM backfill.ranges WHERE job = $1", &[&job])
+            .await
+            .unwrap()
+            .get(0)
+    };
+    // Fails part-way (at the knob's key), keeping its checkpoint.
+    let spec = |name: &str, table: &str, key: &str| {
+        let statement = format!(
+            "WITH u AS (SELECT {key}::text AS k FROM {table} WHERE {key} = ANY($1) \
+             AND 1 / (CASE WHEN {key}::text = (SELECT fail_at FROM knob) THEN 0 ELSE 1 END) = 1) \
+             INSERT INTO log SELECT k FROM u"
+        );
+        db.spec(
+            &format!("{name}.yaml"),
+            &format!(
+                "name: {name}\n{}",
+                job("$URL", table, key, "", &statement, "")
+            ),
+        )
+    };
+    let text = spec("text", "t", "k");
+    let (code, _o, err) = run(&[&"run", &text]);
+    assert_eq!(code, 1, "the statement fails at the knob's key:\n{err}");
+    assert_eq!(logged().await, 1500);
+    let at = cursor("text").await;
+    c.batch_execute("ALTER TABLE t ALTER COLUMN k TYPE text COLLATE \"en-US-x-icu\"")
+        .await
+        .unwrap();
+    c.execute("UPDATE knob SET fail_at = NULL", &[])
+        .await
+        .unwrap();
+    let (code, out, err) = run(&[&"run", &text]);
+    assert_eq!(code, 2, "resumed in another collation:\n{out}\n{err}");
+    assert!(
+        err.contains("cannot carry over") && err.contains("en-US-x-icu"),
+        "{err}"
+    );
+    assert_eq!(logged().await, 1500, "nothing written");
+    assert_eq!(cursor("text").await, at, "checkpoint kept");
+    // The column as it was: resumed where it stopped, every row once.
+    c.batch_execute("ALTER TABLE t ALTER COLUMN k TYPE text COLLATE \"C\"")
+        .await
+        .unwrap();
+    let (code, out, err) = run(&[&"run", &text]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(logged().await, 3000);
+    assert_eq!(count(&c, "SELECT count(DISTINCT k) FROM log").await, 3000);
+
+    // An int key: widened to bigint it sorts the same and resumes; as text it would not.
+    c.batch_execute("TRUNCATE log; UPDATE knob SET fail_at = '1501'")
+        .await
+        .unwrap();
+    let ints = spec("ints", "n", "id");
+    let (code, _o, err) = run(&[&"run", &ints]);
+    assert_eq!(code, 1, "the statement fails at 1501:\n{err}");
+    assert_eq!(logged().await, 1500);
+    c.batch_execute("UPDATE knob SET fail_at = NULL; ALTER TABLE n ALTER COLUMN id TYPE text")
+        .await
+        .unwrap();
+    let (code, out, err) = run(&[&"run", &ints]);
+    assert_eq!(code, 2, "resumed as text:\n{out}\n{err}");
+    assert!(err.contains("cannot carry over"), "{err}");
+    assert_eq!(logged().await, 1500, "nothing written");
+    c.batch_execute("ALTER TABLE n ALTER COLUMN id TYPE bigint USING id::bigint")
+        .await
+        .unwrap();
+    let (code, out, err) = run(&[&"run", &ints]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(logged().await, 3000);
+    assert_eq!(count(&c, "SELECT count(DISTINCT k) FROM log").await, 3000);
+    drop(c);
+    db.drop_db().await;
+}
+
 /// The same table is the same table under another search_path: a checkpoint records the table
 /// schema-qualified. It recorded the name as `regclass::text` prints it, without the schema
 /// when the schema is on the search_path, so a resume under another search_path was refused

@@ -513,13 +513,18 @@ impl Backend for PgJob {
                 .await
                 .map_err(|e| db_error("restarting the job", &e))?;
         }
-        // A checkpoint is a position in one table's key: it means nothing in another table or
-        // by another key (resumed there, rows before it would be skipped and rows after it
+        // A checkpoint is a position in one table's key, in the order its type and collation
+        // give: it means nothing in another table, by another key, or once the key's type or
+        // collation changed (resumed there, rows before it would be skipped and rows after it
         // done twice). A job started before this was recorded keeps going as it is.
         // Recorded schema-qualified, so that a search_path of another run reads the same; a
-        // record of an earlier version (the name as regclass::text printed it) still matches.
-        let walks = format!("{} by {}", p.info.rel, p.info.key);
-        let walked_before = format!("{} by {}", p.info.shown, p.info.key);
+        // record of an earlier version (the table and key alone, the name as regclass::text
+        // printed it or schema-qualified) still matches, and gains the order now.
+        let walks = format!("{} by {} ({})", p.info.rel, p.info.key, p.info.key_order);
+        let earlier = [
+            format!("{} by {}", p.info.rel, p.info.key),
+            format!("{} by {}", p.info.shown, p.info.key),
+        ];
         if !restart {
             let sql = format!("SELECT walks FROM {} WHERE job = $1", store.jobs());
             let before: Option<String> = tx
@@ -527,12 +532,14 @@ impl Backend for PgJob {
                 .await
                 .map_err(|e| db_error("reading the checkpoint store", &e))?
                 .and_then(|r| r.get(0));
-            if let Some(before) = before.filter(|b| *b != walks && *b != walked_before) {
+            if let Some(before) = before.filter(|b| *b != walks && !earlier.contains(b)) {
                 return Err(Error::Spec(format!(
                     "{}: postgres.table / postgres.key: job {job} has a checkpoint in {before}, \
                      but the spec now walks {walks}; a checkpoint cannot carry over to another \
-                     table or key. Finish the job with the spec it started with, or forget its \
-                     progress with `backfill reset {}` and start over",
+                     table or key, or to a key whose type or collation changed (its keys compare \
+                     in another order). Finish the job with the spec it started with (or the \
+                     column as it was), or forget its progress with `backfill reset {}` and \
+                     start over",
                     self.spec.file.display(),
                     self.spec.file.display()
                 )));

@@ -29,6 +29,11 @@ pub struct TableInfo {
     pub key_name: String,
     /// SQL type of the key, e.g. `bigint`, `timestamp with time zone`.
     pub key_type: String,
+    /// How keys compare, for the job's record of what it walks: the btree operator family of
+    /// the key's unique index and its collation (`pg_catalog.text_ops, COLLATE
+    /// pg_catalog."de-x-icu"`; the database's default by its locale). A checkpoint is a
+    /// position in this order.
+    pub key_order: String,
     /// `where` as one parenthesized expression (a line comment in it ends at our newline), or
     /// `true`.
     pub filter: String,
@@ -129,7 +134,30 @@ pub async fn inspect(client: &Client, spec: &PostgresSpec) -> Result<TableInfo> 
                       WHERE i.indrelid = a.attrelid AND i.indisunique AND i.indisvalid
                         AND i.indnkeyatts = 1 AND i.indkey[0] = a.attnum
                         AND i.indpred IS NULL),
-                    (SELECT quote_ident(collname) FROM pg_collation WHERE oid = a.attcollation)
+                    (SELECT quote_ident(collname) FROM pg_collation WHERE oid = a.attcollation),
+                    -- How keys compare: the btree operator family of the key's unique index
+                    -- (int and bigint share one, as text and varchar do: a column widened keeps
+                    -- its order), and the collation by schema and name (the database's default
+                    -- by the locale it stands for, whatever the version calls that column).
+                    coalesce((SELECT format('%I.%I', fn.nspname, f.opfname)
+                                FROM pg_index i JOIN pg_opclass oc ON oc.oid = i.indclass[0]
+                                JOIN pg_opfamily f ON f.oid = oc.opcfamily
+                                JOIN pg_namespace fn ON fn.oid = f.opfnamespace
+                               WHERE i.indrelid = a.attrelid AND i.indisunique AND i.indisvalid
+                                 AND i.indnkeyatts = 1 AND i.indkey[0] = a.attnum
+                                 AND i.indpred IS NULL AND i.indcollation[0] = a.attcollation
+                                 AND oc.opcdefault
+                               ORDER BY i.indexrelid LIMIT 1),
+                             format_type(a.atttypid, NULL)) || CASE
+                        WHEN a.attcollation = 0 THEN ''
+                        WHEN a.attcollation = 100 THEN (
+                            SELECT ', COLLATE default (' || concat_ws(', ', d.datcollate,
+                                       to_jsonb(d) ->> 'daticulocale', to_jsonb(d) ->> 'datlocale')
+                                   || ')'
+                              FROM pg_database d WHERE d.datname = current_database())
+                        ELSE (SELECT format(', COLLATE %I.%I', n.nspname, co.collname)
+                                FROM pg_collation co JOIN pg_namespace n ON n.oid = co.collnamespace
+                               WHERE co.oid = a.attcollation) END
                FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
                JOIN pg_type b ON b.oid = CASE t.typtype WHEN 'd' THEN t.typbasetype ELSE t.oid END
               WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
@@ -147,6 +175,7 @@ pub async fn inspect(client: &Client, spec: &PostgresSpec) -> Result<TableInfo> 
     let key_type: String = col.get(1);
     let not_null: bool = col.get(2);
     let array_type: String = col.get(4);
+    let key_order: String = col.get(7);
     if let (false, Some(others)) = (col.get::<_, bool>(3), col.get::<_, Option<String>>(5)) {
         // Unique by another ordering than the column's: the walk compares keys as the column
         // does (`ORDER BY key`, `key > cursor`), which such an index cannot serve (a sort of
@@ -286,6 +315,7 @@ pub async fn inspect(client: &Client, spec: &PostgresSpec) -> Result<TableInfo> 
         key,
         key_name,
         key_type,
+        key_order,
         filter,
         statement_params: params.len(),
     })
