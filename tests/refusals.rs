@@ -289,6 +289,62 @@ async fn several_jobs_report_the_healthy_ones_and_name_the_untried_ones() {
     db.drop_db().await;
 }
 
+/// A statement that sets the key moves rows where the walk goes next: `SET id = id + 100000`
+/// walked every row again and again (sum(n) in the millions after a minute, never done), and
+/// plan called it idempotent. Refused by `run` and `plan` before anything is written.
+#[tokio::test]
+async fn a_statement_that_moves_keys_is_refused() {
+    let db = TestDb::new("ref_moves").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT g FROM generate_series(1, 1000) g;
+         ANALYZE t;",
+    )
+    .await
+    .unwrap();
+    for (name, statement) in [
+        (
+            "moves",
+            "UPDATE t SET id = id + 100000, n = n + 1 WHERE id = ANY($1)",
+        ),
+        (
+            "moves_in_with",
+            "WITH m AS (UPDATE public.t SET (n, id) = (n + 1, id + 100000) WHERE id = ANY($1) RETURNING id) SELECT count(*) FROM m",
+        ),
+    ] {
+        let spec = db.spec(
+            &format!("{name}.yaml"),
+            &format!(
+                "name: {name}\n{}",
+                job(
+                    &db.url,
+                    "t",
+                    "id",
+                    "",
+                    statement,
+                    "limits: {max_runtime: 10s}\n"
+                )
+            ),
+        );
+        for command in ["run", "plan"] {
+            let (code, out, err) = run(&[&command, &spec]);
+            assert_eq!(code, 1, "{command} {name}:\n{out}\n{err}");
+            assert!(
+                err.contains("postgres.statement") && err.contains("sets the key column id"),
+                "{command} {name}:\n{err}"
+            );
+        }
+        assert_eq!(
+            count(&c, "SELECT count(*) FROM t WHERE n = 0 AND id <= 1000").await,
+            1000,
+            "{name}: nothing written"
+        );
+    }
+    drop(c);
+    db.drop_db().await;
+}
+
 /// A checkpoint is a position in one key of one table. Resumed with the spec's `key` (or
 /// `table`) changed, the old cursor was cast to the new key: rows before it in the new order
 /// were never done and rows after it were done twice, and the run ended 0. Now the resume is

@@ -13,6 +13,7 @@ mod effects;
 pub mod errors;
 mod hidden;
 mod job;
+mod key_writes;
 mod mentions;
 mod plan;
 mod ranges;

@@ -307,11 +307,29 @@ pub async fn inspect(client: &Client, spec: &PostgresSpec) -> Result<TableInfo> 
             ));
         }
     }
+    let (schema, table): (String, String) = (rel.get(2), rel.get(3));
+    let target = super::key_writes::Target {
+        schema: &schema,
+        table: &table,
+        key: &key_name,
+    };
+    if super::key_writes::sets_key(&spec.statement, &target) {
+        return Err(fail(
+            "postgres.statement",
+            format!(
+                "sets the key column {key} of {rel_text}: the walk takes a row's key as where the \
+                 row stays, so a row moved ahead of the cursor is walked and changed again \
+                 (forever, if each batch moves it ahead again), and one moved behind is never \
+                 seen again. A backfill changes rows, not their keys: write another column, or \
+                 copy the rows into a new table keyed as you need"
+            ),
+        ));
+    }
     Ok(TableInfo {
         rel: rel.get(4),
         shown: rel_text,
-        schema: rel.get(2),
-        table: rel.get(3),
+        schema,
+        table,
         key,
         key_name,
         key_type,
