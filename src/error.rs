@@ -29,6 +29,9 @@ pub enum StopReason {
     /// A lock another session holds (a migration's table lock) outlasted every retry of a
     /// batch: nothing is wrong with the job, it waits for the next run.
     LockWait(String),
+    /// Other sessions' transactions conflicted with every retry of a batch (a deadlock, a
+    /// serialization failure): contention, as `LockWait` is; the batch rolled back whole.
+    Conflict(String),
 }
 
 impl std::fmt::Display for StopReason {
@@ -53,6 +56,12 @@ impl std::fmt::Display for StopReason {
                 f,
                 "another session held a lock this job needs through every retry ({why}); \
                  progress is saved: run again once it is released"
+            ),
+            StopReason::Conflict(why) => write!(
+                f,
+                "other sessions' transactions conflicted with this job's batch through every \
+                 retry ({why}); the batch was rolled back whole and progress is saved: run \
+                 again when the load is lower"
             ),
             StopReason::LockLost(why) => write!(
                 f,

@@ -206,6 +206,73 @@ limits:
     db.drop_db().await;
 }
 
+/// The run's very first read, of the job's state, on a session the server then ends (a
+/// failover, a DBA's pg_terminate_backend): the server was reached, so this is a lost
+/// connection, retried like the later start-up steps. It failed the run with exit 1 (the
+/// failed-job alert) as if the address were wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ended_while_the_state_is_first_read_is_opened_again() {
+    let db = TestDb::new("reconnect_load").await;
+    let c = db.client().await;
+    copy_tables(&c, 3000).await;
+    c.batch_execute("CREATE TABLE other (id bigint PRIMARY KEY, n int)")
+        .await
+        .unwrap();
+    let job = |name: &str, table: &str, statement: &str| {
+        db.spec(
+            &format!("{name}.yaml"),
+            &format!(
+                "name: {name}
+postgres:
+  url: $URL
+  table: {table}
+  key: id
+  statement: {statement}
+batch: {{size: 200, target: 0}}
+"
+            ),
+        )
+    };
+    // Another job makes the store.
+    let first = job(
+        "first",
+        "other",
+        "UPDATE other SET n = 1 WHERE id = ANY($1)",
+    );
+    let (code, out, err) = common::run(&[&"run", &first]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    // The store's jobs table held: the copy's first read waits, and its session is ended.
+    let mut m = db.client().await;
+    let tx = m.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE backfill.jobs IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let copy = job(
+        "copy",
+        "src",
+        "INSERT INTO dst SELECT id, v FROM src WHERE id = ANY($1)",
+    );
+    let mut r = spawn(db.dir.path(), "run", &[], &copy);
+    let waiting = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE application_name = 'backfill:copy' AND datname = current_database()
+           AND wait_event_type = 'Lock'";
+    r.wait_until(
+        "the run's first read to wait, and its session ended",
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        async || count(&c, waiting).await > 0,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tx.rollback().await.unwrap();
+    let (code, out, err) = r.finish(Duration::from_secs(120)).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("retrying"), "{err}");
+    every_row_once(&c, 3000).await;
+    drop(m);
+    db.drop_db().await;
+}
+
 /// The network goes silent mid-run (packets dropped without a word: the socket stays open and
 /// no error ever comes, and the server keeps the session). The run waited for the answer for
 /// ever, its session's locks held, and neither `max_runtime` nor a SIGTERM could end it. A

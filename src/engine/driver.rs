@@ -142,11 +142,15 @@ pub async fn drive<W: Worker>(w: &mut W, sh: &Shared) -> Result<()> {
                         crate::metrics::retry(&sh.job, e.retry_reason());
                         let delay = retries.get_or_insert_with(|| Box::new(backoff())).next();
                         let Some(delay) = delay else {
-                            // Waiting on another session's lock is no failure of the job:
-                            // it stops with its progress saved, to run again later (75).
+                            // Waiting on another session's lock, or meeting its transactions
+                            // head-on, is no failure of the job: it stops with its progress
+                            // saved, to run again later (75).
                             break Err(match k {
                                 DbErrorKind::LockTimeout => {
                                     Error::Stopped(StopReason::LockWait(e.to_string()))
+                                }
+                                DbErrorKind::Deadlock | DbErrorKind::Serialization => {
+                                    Error::Stopped(StopReason::Conflict(e.to_string()))
                                 }
                                 _ => e,
                             });

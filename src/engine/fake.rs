@@ -13,9 +13,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// A fault to inject on the Nth batch (counted over all workers).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 enum Fault {
     Transient,
+    /// A deadlock with another session's transaction.
+    Deadlock,
     ConnectionLost,
     /// The claim was taken over: the batch writes nothing.
     Lost,
@@ -111,6 +113,12 @@ impl Worker for FakeWorker {
                 return Err(Error::Db {
                     message: "lock timeout".into(),
                     kind: DbErrorKind::LockTimeout,
+                });
+            }
+            Some(Fault::Deadlock) => {
+                return Err(Error::Db {
+                    message: "deadlock detected".into(),
+                    kind: DbErrorKind::Deadlock,
                 });
             }
             Some(Fault::ConnectionLost) => {
@@ -287,27 +295,31 @@ async fn transient_faults_are_retried_and_lost_claims_reclaimed() {
     exactly_once(&w);
 }
 
-/// A lock another session holds through every retry stops the job with its progress saved
-/// (exit 75), not as a failure; every key done before is kept, none done twice.
+/// A lock another session holds, or its transactions deadlocking with the batch, through every
+/// retry stops the job with its progress saved (exit 75), not as a failure; every key done
+/// before is kept, none done twice.
 #[tokio::test(start_paused = true)]
-async fn a_lock_held_through_every_retry_stops_the_job_to_run_again() {
-    let w = world(&[100]);
-    {
-        let mut g = w.lock().unwrap();
-        for n in 3..40 {
-            g.faults.insert(n, Fault::Transient);
+async fn contention_through_every_retry_stops_the_job_to_run_again() {
+    for fault in [Fault::Transient, Fault::Deadlock] {
+        let w = world(&[100]);
+        {
+            let mut g = w.lock().unwrap();
+            for n in 3..40 {
+                g.faults.insert(n, fault);
+            }
         }
+        let sh = shared(Stop::never());
+        let results = run(&w, &sh, 1).await;
+        let stopped = match fault {
+            Fault::Deadlock => matches!(results[0], Err(Error::Stopped(StopReason::Conflict(_)))),
+            _ => matches!(results[0], Err(Error::Stopped(StopReason::LockWait(_)))),
+        };
+        assert!(stopped, "{fault:?}: {results:?}");
+        assert_eq!(results[0].as_ref().unwrap_err().exit_code(), 75);
+        let g = w.lock().unwrap();
+        assert_eq!(g.applied.len(), 20, "the two batches before the lock");
+        assert!(g.applied.values().all(|&n| n == 1));
     }
-    let sh = shared(Stop::never());
-    let results = run(&w, &sh, 1).await;
-    assert!(
-        matches!(results[0], Err(Error::Stopped(StopReason::LockWait(_)))),
-        "{results:?}"
-    );
-    assert_eq!(results[0].as_ref().unwrap_err().exit_code(), 75);
-    let g = w.lock().unwrap();
-    assert_eq!(g.applied.len(), 20, "the two batches before the lock");
-    assert!(g.applied.values().all(|&n| n == 1));
 }
 
 #[tokio::test]

@@ -138,8 +138,18 @@ async fn startup<B: Backend>(
     let job = spec.name.as_str();
     // The first contact is not retried: an unreachable server or a refused login is reported
     // at once. After it, start-up goes on after a lost connection, like the end of a run:
-    // nothing is written until `start`, which is one transaction and can be run again.
-    let existing = backend.load().await?;
+    // nothing is written until `start`, which is one transaction and can be run again. That
+    // holds from the first read on: a session ended while the state is read (the server
+    // reached, then lost) is the database's failure, not a wrong address.
+    let existing = match backend.load().await {
+        Err(e @ Error::Db { .. })
+            if e.db_kind() == Some(crate::error::DbErrorKind::ConnectionLost) =>
+        {
+            tracing::warn!(job, "reading the job's state failed, retrying: {e}");
+            reconnecting("reading the job's state", || backend.load()).await?
+        }
+        other => other?,
+    };
     let mut restart = false;
     if let Some(s) = &existing {
         let changed = s.spec_hash != spec.hash;
