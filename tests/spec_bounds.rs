@@ -105,6 +105,13 @@ fn timeouts_fit_postgres() {
         "limits.lock_timeout",
         "",
     );
+    // Waiting for ever while holding rows: refused, not taken as "off".
+    refused(
+        "limits:\n  lock_timeout: 0\n",
+        7,
+        "limits.lock_timeout",
+        "for ever",
+    );
 }
 
 #[test]
@@ -147,14 +154,14 @@ fn limits_at_the_bounds_pass_and_zero_means_off() {
     };
     let spec = load(
         "batch:\n  size: 1000000\n  max: 1000000\nlimits:\n  statement_timeout: 2147483647ms\n  \
-         lock_timeout: 0\n  max_transaction_age: 0\nthrottle:\n  max_active_backends: 262143\n",
+         lock_timeout: 1ms\n  max_transaction_age: 0\nthrottle:\n  max_active_backends: 262143\n",
     );
     assert_eq!(spec.batch.size, 1_000_000);
     assert_eq!(
         spec.limits.statement_timeout,
         Duration::from_millis(2_147_483_647)
     );
-    assert_eq!(spec.limits.lock_timeout, Duration::ZERO);
+    assert_eq!(spec.limits.lock_timeout, Duration::from_millis(1));
     assert_eq!(spec.limits.max_transaction_age, None, "0 must mean off");
     assert_eq!(spec.throttle.unwrap().max_active_backends, Some(262_143));
     let spec = load("");

@@ -453,11 +453,28 @@ fn limits(cx: &Ctx, raw: &RawLimits) -> Result<Limits> {
             Duration::from_secs(30),
             "limits.statement_timeout",
         )?,
-        lock_timeout: timeout(
-            raw.lock_timeout.as_ref(),
-            Duration::from_secs(3),
-            "limits.lock_timeout",
-        )?,
+        lock_timeout: {
+            let v = Value::dur(
+                raw.lock_timeout.as_ref(),
+                Duration::from_secs(3),
+                "limits.lock_timeout",
+            );
+            let d = v.at_most(cx, pg, "Postgres's limit")?;
+            if d.is_zero() {
+                // A batch (or a retry round waiting for rows the application holds) would wait
+                // for ever while holding the row locks it has already taken: the application
+                // queues behind it, and nothing (not max_runtime, not SIGTERM) ends the wait.
+                return v.fail(
+                    cx,
+                    None,
+                    "0 would let a batch wait for a lock for ever while it holds the rows it has \
+                     locked already, and the application queue behind it: give a bound (the \
+                     default is 3s; a lock timeout is retried, then the run stops with 75)"
+                        .into(),
+                );
+            }
+            d
+        },
         idle_in_transaction_session_timeout: timeout(
             raw.idle_in_transaction_session_timeout.as_ref(),
             Duration::from_secs(60),
