@@ -345,6 +345,56 @@ async fn a_statement_that_moves_keys_is_refused() {
     db.drop_db().await;
 }
 
+/// The name keys the checkpoint, and defaults to the spec file's stem: a finished INSERT job
+/// whose file was renamed ran again from the first key under its new name and doubled every
+/// row, exit 0. A new name for a spec the store already has is refused, naming the other job;
+/// `--rerun` runs it knowingly.
+#[tokio::test]
+async fn a_renamed_spec_is_not_a_new_job() {
+    let db = TestDb::new("ref_renamed").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE src (id bigint PRIMARY KEY);
+         INSERT INTO src SELECT g FROM generate_series(1, 1000) g;
+         CREATE TABLE dst (id bigint);
+         ANALYZE src;",
+    )
+    .await
+    .unwrap();
+    let body = job(
+        &db.url,
+        "src",
+        "id",
+        "",
+        "INSERT INTO dst SELECT id FROM src WHERE id = ANY($1)",
+        "",
+    );
+    let first = db.spec("copy_a.yaml", &body);
+    let (code, out, err) = run(&[&"run", &first]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(count(&c, "SELECT count(*) FROM dst").await, 1000);
+    std::fs::remove_file(&first).unwrap();
+    let renamed = db.spec("copy_b.yaml", &body);
+    let (code, out, err) = run(&[&"run", &renamed]);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(
+        err.contains("job copy_b is new") && err.contains("job copy_a (done)"),
+        "{err}"
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM dst").await,
+        1000,
+        "nothing doubled"
+    );
+    // Knowingly: every row once more.
+    let (code, out, err) = run(&[&"run", &"--rerun", &renamed]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(count(&c, "SELECT count(*) FROM dst").await, 2000);
+    assert_eq!(count(&c, "SELECT count(DISTINCT id) FROM dst").await, 1000);
+    drop(c);
+    db.drop_db().await;
+}
+
 /// A checkpoint is a position in one key of one table. Resumed with the spec's `key` (or
 /// `table`) changed, the old cursor was cast to the new key: rows before it in the new order
 /// were never done and rows after it were done twice, and the run ended 0. Now the resume is

@@ -185,6 +185,11 @@ async fn startup<B: Backend>(
             );
         }
     }
+    // A --rerun of a job the store has never seen starts it as new, knowingly (the backend
+    // may otherwise refuse it as another name for a job it has: `start`).
+    if existing.is_none() && opts.rerun {
+        restart = true;
+    }
     // The window before anything is written: started outside it, nothing is touched. (A
     // finished job is skipped above whatever the window: there is nothing left to wait for.)
     let stop = match &spec.window {

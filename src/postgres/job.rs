@@ -284,6 +284,44 @@ impl PgJob {
         Ok(plan[0]["Plan"]["Plan Rows"].as_f64().unwrap_or(0.0))
     }
 
+    /// A job new to the store whose spec another job of the store already has (the same
+    /// statement, `where`, lock mode and key over the same table, in the same order), under
+    /// another name: a spec file renamed, or its `name:` changed. The name keys the checkpoint,
+    /// so the new one would start over from the first key and do every row again (an INSERT
+    /// job doubles its rows), next to the other if that one is still at work. Refused, naming
+    /// the other; `--rerun` runs the new name knowingly.
+    async fn refuse_a_twin(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        spec_hash: &str,
+        walks: &str,
+        earlier: &[String],
+    ) -> Result<()> {
+        let sql = format!(
+            "SELECT job, status FROM {} WHERE job <> $1 AND spec_hash = $2
+                AND (walks = $3 OR walks = ANY($4)) ORDER BY updated_at DESC LIMIT 1",
+            self.ctx.store.jobs()
+        );
+        let twin = tx
+            .query_opt(&sql, &[&self.ctx.job, &spec_hash, &walks, &earlier])
+            .await
+            .map_err(|e| db_error("reading the checkpoint store", &e))?;
+        let Some(twin) = twin else {
+            return Ok(());
+        };
+        let (other, status): (String, String) = (twin.get(0), twin.get(1));
+        let file = self.spec.file.display();
+        Err(Error::Spec(format!(
+            "{file}: name: job {job} is new to this database, but job {other} ({status}) has \
+             this same spec (statement, where and key over {walks}) under its own name: a spec \
+             file renamed, or its `name:` changed. The name keys the checkpoint, so {job} would \
+             start over from the first key and do every row again. Give this spec `name: \
+             {other}` to go on with that job (a done one is skipped), or run {job} knowingly \
+             with `run --rerun`",
+            job = self.ctx.job,
+        )))
+    }
+
     /// Rows left in the job: counted (`exact`), or estimated from the planner's view of the key
     /// ranges left, scaled by the share of rows that matched `where` in what was walked so far
     /// (the planner's statistics of `where` go stale while a backfill changes the rows); or,
@@ -527,11 +565,14 @@ impl Backend for PgJob {
         ];
         if !restart {
             let sql = format!("SELECT walks FROM {} WHERE job = $1", store.jobs());
-            let before: Option<String> = tx
+            let record = tx
                 .query_opt(&sql, &[&job])
                 .await
-                .map_err(|e| db_error("reading the checkpoint store", &e))?
-                .and_then(|r| r.get(0));
+                .map_err(|e| db_error("reading the checkpoint store", &e))?;
+            if record.is_none() {
+                self.refuse_a_twin(&tx, spec_hash, &walks, &earlier).await?;
+            }
+            let before: Option<String> = record.and_then(|r| r.get(0));
             if let Some(before) = before.filter(|b| *b != walks && !earlier.contains(b)) {
                 return Err(Error::Spec(format!(
                     "{}: postgres.table / postgres.key: job {job} has a checkpoint in {before}, \
