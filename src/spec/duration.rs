@@ -20,10 +20,15 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     let compact = !t.is_empty()
         && t.chars().all(|c| c.is_ascii_alphanumeric())
         && t.starts_with(|c: char| c.is_ascii_digit());
-    let units_ok = t
+    // Each unit once, largest first (`1h30m`): `1h1h` (humantime adds it up to 2h) or `30m1h`
+    // is a typo more likely than a meaning.
+    const ORDER: [&str; 5] = ["d", "h", "m", "s", "ms"];
+    let ranks: Vec<Option<usize>> = t
         .split(|c: char| c.is_ascii_digit())
         .filter(|u| !u.is_empty())
-        .all(|u| matches!(u, "ms" | "s" | "m" | "h" | "d"));
+        .map(|u| ORDER.iter().position(|o| *o == u))
+        .collect();
+    let units_ok = ranks.iter().all(Option::is_some) && ranks.windows(2).all(|w| w[0] < w[1]);
     if !compact || !units_ok || t.ends_with(|c: char| c.is_ascii_digit()) {
         return Err(format!("invalid duration \"{text}\": {HINT}"));
     }
@@ -87,7 +92,23 @@ mod tests {
         assert_eq!(parse("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse("1h30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse("0").unwrap(), Duration::ZERO);
-        for bad in ["5 minutes", "5minutes", "5", "ms", "", "1.5s", "-3s", "2w"] {
+        assert_eq!(
+            parse("1d2h3m4s5ms").unwrap(),
+            Duration::from_millis(93_784_005)
+        );
+        for bad in [
+            "5 minutes",
+            "5minutes",
+            "5",
+            "ms",
+            "",
+            "1.5s",
+            "-3s",
+            "2w",
+            "1h1h",
+            "30m1h",
+            "1s1s",
+        ] {
             assert!(parse(bad).is_err(), "{bad} should be rejected");
         }
     }
