@@ -5,7 +5,7 @@ mod common;
 use common::runner::{Running, spawn, wait_runner_sessions_gone};
 use common::store::{has_store, job_record, job_row};
 use common::{TestDb, checksum, count, make_table, run};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio_postgres::Client;
 
@@ -675,51 +675,8 @@ async fn a_closed_stdout_loses_the_output_and_nothing_else() {
 /// finishes the rerun: every row twice, none once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_verify_does_not_mark_a_rerun_done() {
-    let db = TestDb::new("stale_done").await;
-    let c = db.client().await;
-    c.batch_execute(
-        "CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
-         INSERT INTO t (id) SELECT generate_series(1, 2000);
-         ANALYZE t;",
-    )
-    .await
-    .unwrap();
-    // verify waits for advisory lock 42 (held by the test while it lines the runs up); each
-    // batch takes 0.1 s, so a rerun with --max-runtime 1s stops part-way.
-    let spec = db.spec(
-        "job.yaml",
-        "postgres:
-  url: $URL
-  table: t
-  key: id
-  statement: UPDATE t SET n = n + 1 FROM pg_sleep(0.1) s WHERE id = ANY($1)
-  verify: SELECT count(*) FROM t, (SELECT pg_advisory_xact_lock_shared(42)) g WHERE n = 0
-batch: {size: 100, target: 0}
-limits: {lock_timeout: 60s, statement_timeout: 120s}
-",
-    );
-    c.batch_execute("SELECT pg_advisory_lock(42)")
-        .await
-        .unwrap();
-    // The first run does every batch, then waits in its verify (its workers gone).
-    let mut stale = spawn(db.dir.path(), "stale", &[], &spec);
-    stale
-        .wait_until(
-            "the first run's verify waiting",
-            Duration::from_secs(60),
-            Duration::from_millis(50),
-            async || {
-                count(
-                    &c,
-                    "SELECT count(*) FROM pg_stat_activity
-                      WHERE application_name LIKE 'backfill:%' AND wait_event_type = 'Lock'",
-                )
-                .await
-                    > 0
-            },
-        )
-        .await;
-    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 2000);
+    // Each batch takes 0.1 s, so a rerun with --max-runtime 1s stops part-way.
+    let (db, c, spec, stale) = stale_runner_in_verify("stale_done", "0.1").await;
     // The operator reruns the job; the rerun stops part-way.
     let (code, out, err) = run(&[&"run", &"--rerun", &"--max-runtime", &"1s", &spec]);
     assert_eq!(code, 75, "rerun:\n{out}\n{err}");
@@ -758,40 +715,7 @@ limits: {lock_timeout: 60s, statement_timeout: 120s}
 /// test holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_done_waits_for_a_rerun_starting_meanwhile() {
-    let db = TestDb::new("stale_start").await;
-    let c = db.client().await;
-    c.batch_execute(
-        "CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
-         INSERT INTO t (id) SELECT generate_series(1, 2000);
-         ANALYZE t;",
-    )
-    .await
-    .unwrap();
-    let spec = db.spec(
-        "job.yaml",
-        "postgres:
-  url: $URL
-  table: t
-  key: id
-  statement: UPDATE t SET n = n + 1 FROM pg_sleep(0.2) s WHERE id = ANY($1)
-  verify: SELECT count(*) FROM t, (SELECT pg_advisory_xact_lock_shared(42)) g WHERE n = 0
-batch: {size: 100, target: 0}
-limits: {lock_timeout: 60s, statement_timeout: 120s}
-",
-    );
-    c.batch_execute("SELECT pg_advisory_lock(42)")
-        .await
-        .unwrap();
-    let mut stale = spawn(db.dir.path(), "stale", &[], &spec);
-    stale
-        .wait_until(
-            "the first run's verify waiting",
-            Duration::from_secs(60),
-            Duration::from_millis(50),
-            async || waiting_for(&c, 42).await,
-        )
-        .await;
-    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 2000);
+    let (db, c, spec, mut stale) = stale_runner_in_verify("stale_start", "0.2").await;
     // A rerun's start that stays open once it has made its ranges (lock 43, the test's).
     c.batch_execute(
         "SELECT pg_advisory_lock(43);
@@ -856,6 +780,49 @@ limits: {lock_timeout: 60s, statement_timeout: 120s}
     );
     drop(c);
     db.drop_db().await;
+}
+
+/// A job over `t` (2000 rows, each batch of 100 sleeping `sleep` seconds) whose first run did
+/// every batch and now waits in its `verify:` for advisory lock 42, which the test holds until
+/// it lets go with `pg_advisory_unlock(42)`: the database, a client, the spec and that run.
+async fn stale_runner_in_verify(name: &str, sleep: &str) -> (TestDb, Client, PathBuf, Running) {
+    let db = TestDb::new(name).await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE t (id bigint PRIMARY KEY, n int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT generate_series(1, 2000);
+         ANALYZE t;",
+    )
+    .await
+    .unwrap();
+    let spec = db.spec(
+        "job.yaml",
+        &format!(
+            "postgres:
+  url: $URL
+  table: t
+  key: id
+  statement: UPDATE t SET n = n + 1 FROM pg_sleep({sleep}) s WHERE id = ANY($1)
+  verify: SELECT count(*) FROM t, (SELECT pg_advisory_xact_lock_shared(42)) g WHERE n = 0
+batch: {{size: 100, target: 0}}
+limits: {{lock_timeout: 60s, statement_timeout: 120s}}
+"
+        ),
+    );
+    c.batch_execute("SELECT pg_advisory_lock(42)")
+        .await
+        .unwrap();
+    let mut stale = spawn(db.dir.path(), "stale", &[], &spec);
+    stale
+        .wait_until(
+            "the first run's verify waiting",
+            Duration::from_secs(60),
+            Duration::from_millis(50),
+            async || waiting_for(&c, 42).await,
+        )
+        .await;
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE n = 1").await, 2000);
+    (db, c, spec, stale)
 }
 
 /// Whether a session waits for advisory lock `key` (an int8 key, as `pg_advisory_lock(key)`).
