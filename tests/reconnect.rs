@@ -35,6 +35,21 @@ async fn every_row_once(c: &tokio_postgres::Client, rows: i64) {
     assert_eq!(count(c, "SELECT count(DISTINCT id) FROM dst").await, rows);
 }
 
+/// The lock `tx` holds is let go (a moment after a cut, so the run has seen it): the run
+/// that waited for it, having reconnected, ends done (0) with every one of 3000 rows once.
+async fn let_go_and_finish(
+    tx: tokio_postgres::Transaction<'_>,
+    r: common::runner::Running,
+    c: &tokio_postgres::Client,
+) {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tx.rollback().await.unwrap();
+    let (code, out, err) = r.finish(Duration::from_secs(120)).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("retrying"), "{err}");
+    every_row_once(c, 3000).await;
+}
+
 /// A copy job of `rows` rows through a proxy (small batches, 1 s timeouts), run until `first`
 /// rows are in `dst`: the proxy, the spec and the run, for a test to make the network go
 /// silent under.
@@ -196,12 +211,7 @@ limits:
         cut.extend(now);
         assert!(proxy.cut_all().await > 0, "round {round}: nothing to cut");
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    tx.rollback().await.unwrap();
-    let (code, out, err) = r.finish(Duration::from_secs(120)).await;
-    assert_eq!(code, 0, "{out}\n{err}");
-    assert!(err.contains("retrying"), "{err}");
-    every_row_once(&c, 3000).await;
+    let_go_and_finish(tx, r, &c).await;
     drop(m);
     db.drop_db().await;
 }
@@ -263,12 +273,7 @@ batch: {{size: 200, target: 0}}
         async || count(&c, waiting).await > 0,
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    tx.rollback().await.unwrap();
-    let (code, out, err) = r.finish(Duration::from_secs(120)).await;
-    assert_eq!(code, 0, "{out}\n{err}");
-    assert!(err.contains("retrying"), "{err}");
-    every_row_once(&c, 3000).await;
+    let_go_and_finish(tx, r, &c).await;
     drop(m);
     db.drop_db().await;
 }
