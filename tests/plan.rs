@@ -1173,6 +1173,12 @@ async fn plan_verify_and_status_fold_no_index_that_writes() {
            BEGIN
              PERFORM dblink_exec({conn}, format('INSERT INTO audit (note) VALUES (%L)', x));
              RETURN 0;
+           END $$;
+         -- Left VOLATILE, as plpgsql functions are by default: never folded while planning.
+         CREATE FUNCTION valid(x int) RETURNS bool LANGUAGE plpgsql AS $$
+           BEGIN
+             PERFORM dblink_exec({conn}, 'INSERT INTO audit (note) VALUES (''valid'')');
+             RETURN x >= 0;
            END $$;"
     ))
     .await
@@ -1191,6 +1197,11 @@ async fn plan_verify_and_status_fold_no_index_that_writes() {
          CREATE TABLE parted_1 PARTITION OF parted FOR VALUES FROM (0) TO (1000);
          CREATE INDEX ON parted_1 (v) WHERE v < marker('partition_predicate');
          CREATE VIEW r_view AS SELECT id FROM r;
+         CREATE TABLE keyed (id bigint, v int) PARTITION BY RANGE ((v + marker('partition_key')));
+         CREATE TABLE keyed_1 PARTITION OF keyed FOR VALUES FROM (0) TO (1000);
+         CREATE TABLE defaulted (id bigint, d int DEFAULT marker('default'));
+         CREATE TABLE checked (id bigint, v int CHECK (valid(v)));
+         INSERT INTO checked SELECT i, i FROM generate_series(1, 10) i;
          ANALYZE;",
     )
     .await
@@ -1203,6 +1214,7 @@ async fn plan_verify_and_status_fold_no_index_that_writes() {
         ("v_table", "SELECT count(*) - count(*) FROM r"),
         ("v_partition", "SELECT count(*) - count(*) FROM parted"),
         ("v_view", "SELECT count(*) - count(*) FROM r_view"),
+        ("v_key", "SELECT count(*) - count(*) FROM keyed"),
     ] {
         let spec = t_spec(
             &db,
@@ -1255,6 +1267,37 @@ batch: {size: 100, target: 0}
         "{out}"
     );
     assert_eq!(audit().await, before, "plan of into_r wrote:\n{out}");
+    // An INSERT filling in a default that folds (its plan shows the value).
+    let into_defaulted = t_spec(
+        &db,
+        "into_defaulted",
+        "NOT done",
+        "INSERT INTO defaulted (id) SELECT id FROM t WHERE id = ANY($1)",
+        "SELECT 0",
+    );
+    let (code, out, err) = run_on(&["plan"], &into_defaulted);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        line_with(&out, "sample:").contains("public.dblink_exec"),
+        "{out}"
+    );
+    assert_eq!(
+        audit().await,
+        before,
+        "plan of into_defaulted wrote:\n{out}"
+    );
+    // A CHECK calling a VOLATILE function runs only when rows are written: verify over its
+    // table runs (its answer, 0), and plan of a job over it samples.
+    let reads_checked = t_spec(
+        &db,
+        "reads_checked",
+        "NOT done",
+        "UPDATE t SET n = n + 1 WHERE id = ANY($1)",
+        "SELECT count(*) - 10 FROM checked",
+    );
+    let (code, out, err) = run_on(&["verify"], &reads_checked);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(audit().await, before, "verify of checked wrote:\n{err}");
     // run over w writes (each new session folds marker once): status afterwards does not.
     let (code, out, err) = run_on(&["run"], &over_w);
     assert_eq!(code, 0, "{out}\n{err}");

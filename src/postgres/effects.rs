@@ -328,6 +328,9 @@ async fn read_all(
     found.extend(named.foreign);
     found.extend(named.dynamic.iter().map(|f| runs_built_sql(f)));
     let mut carried = named.texts;
+    // What planning over the tables named folds (IMMUTABLE calls only).
+    let mut folded = named.planned;
+    let mut folded_read: HashSet<String> = HashSet::new();
     let mut any_path = function.is_some();
     let mut reached: Vec<u32> = function.into_iter().collect();
     let mut tables: &[String] = &written;
@@ -371,14 +374,21 @@ async fn read_all(
             .iter()
             .map(|r| r.get(0))
             .collect();
+        // The IMMUTABLE functions what planning folds calls, and then what they read and call.
+        folded.retain(|t| folded_read.insert(t.clone()));
+        if !folded.is_empty() {
+            reached.extend(immutable_in(c, &folded).await?);
+            folded.clear();
+        }
         // What the functions reached read, call and say.
         let visited = walk.visit(&reached).await?;
+        folded.extend(visited.planned);
         found.extend(visited.foreign);
         found.extend(visited.dynamic.iter().map(|f| runs_built_sql(f)));
         texts.extend(visited.texts);
         texts.append(&mut carried);
         texts.retain(|t| read.insert(t.clone()));
-        if texts.is_empty() {
+        if texts.is_empty() && folded.is_empty() {
             break;
         }
         // Bodies may resolve names on a path of their own; CHECKs and views are deparsed
@@ -390,6 +400,29 @@ async fn read_all(
     found.sort();
     found.dedup();
     Ok(found)
+}
+
+/// The IMMUTABLE functions outside the catalog that `texts` (what planning folds: see
+/// `reads::planned`) call by name or through an operator: folding runs those, and only those,
+/// while a plan is made. A name counts in every schema (the safe side).
+async fn immutable_in(c: &Client, texts: &[String]) -> Result<Vec<u32>> {
+    let mut m = Mentions::default();
+    texts.iter().for_each(|t| m.read_body(t));
+    m.tidy();
+    let (schemas, names): (Vec<String>, Vec<String>) = m.qualified_calls.iter().cloned().unzip();
+    let rows = c
+        .query(
+            "SELECT p.oid FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+              WHERE p.provolatile = 'i' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+                AND (p.proname = ANY($1::text[])
+                     OR p.oid IN (SELECT o.oprcode::oid FROM pg_operator o
+                                   WHERE o.oprname = ANY($2::text[]))
+                     OR (n.nspname, p.proname) IN (SELECT * FROM unnest($3::text[], $4::text[])))",
+            &[&m.calls, &m.operators, &schemas, &names],
+        )
+        .await
+        .map_err(|e| db_error("looking up the functions planning folds", &e))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// How a function that runs SQL built at run time is named for the operator.

@@ -98,10 +98,12 @@ const STEP: &str = r#"
 /// What planning a query over the relations $1, or the tables outside the catalog named by
 /// one of the words $2 (lower case), evaluates of theirs before anything runs, and of their
 /// partitions and inheritance children: the planner folds constant calls in each index's
-/// expressions and predicate, each CHECK constraint (constraint exclusion), each row security
-/// policy and each extended statistics expression (14 and later: `expressions`) as it first reads them, so an
-/// IMMUTABLE-declared function there with constant arguments runs while a plan is only being
-/// made (an `EXPLAIN`).
+/// expressions and predicate, each CHECK constraint (constraint exclusion), the partition key,
+/// each column's default (an INSERT's plan holds it folded to its value), each row security
+/// policy and each extended statistics expression (14 and later:
+/// `expressions`) as it first reads them, so an IMMUTABLE-declared function there with
+/// constant arguments runs while a plan is only being made (an `EXPLAIN`). Folding runs
+/// IMMUTABLE functions only: what else these texts call runs with the rows, if at all.
 fn planned(expressions: bool) -> String {
     let stats = if expressions {
         "UNION ALL
@@ -127,6 +129,13 @@ fn planned(expressions: bool) -> String {
     UNION ALL
     SELECT pg_get_constraintdef(k.oid) FROM pg_constraint k
      WHERE k.contype = 'c' AND k.conrelid IN (SELECT relid FROM rels)
+    UNION ALL
+    SELECT pg_get_expr(d.adbin, d.adrelid)
+      FROM pg_attrdef d JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+     WHERE d.adrelid IN (SELECT relid FROM rels) AND a.attgenerated = ''
+    UNION ALL
+    SELECT pg_get_partkeydef(t.partrelid) FROM pg_partitioned_table t
+     WHERE t.partrelid IN (SELECT relid FROM rels)
     UNION ALL
     SELECT pg_get_expr(e.expr, p.polrelid)
       FROM pg_policy p, LATERAL (VALUES (p.polqual), (p.polwithcheck)) AS e(expr)
@@ -154,6 +163,9 @@ pub struct Walk<'a> {
 pub struct Visited {
     pub foreign: Vec<String>,
     pub texts: Vec<String>,
+    /// What planning over the tables named or passed evaluates (`planned`): only the
+    /// IMMUTABLE calls in it run while a plan is made (`effects` reads it so).
+    pub planned: Vec<String>,
     /// The functions passed whose body runs SQL built at run time (`EXECUTE`), which no
     /// reading of the text can follow.
     pub dynamic: Vec<String>,
@@ -251,7 +263,7 @@ impl<'a> Walk<'a> {
     async fn planned_over(&self, rels: &[u32], words: &[String], out: &mut Visited) -> Result<()> {
         let sql = self.planned.as_deref().unwrap_or_default();
         for r in self.c.query(sql, &[&rels, &words]).await.map_err(failed)? {
-            out.texts.push(r.get(0));
+            out.planned.push(r.get(0));
         }
         Ok(())
     }
