@@ -29,10 +29,11 @@ pub struct TableInfo {
     pub key_name: String,
     /// SQL type of the key, e.g. `bigint`, `timestamp with time zone`.
     pub key_type: String,
-    /// How keys compare, for the job's record of what it walks: the btree operator family of
-    /// the key's unique index and its collation (`pg_catalog.text_ops, COLLATE
-    /// pg_catalog."de-x-icu"`; the database's default by its locale). A checkpoint is a
-    /// position in this order.
+    /// How keys compare and what their text means, for the job's record of what it walks: the
+    /// key's type (the integer types as one, text with varchar), the btree operator family of
+    /// the key's unique index and its collation (`text or varchar, pg_catalog.text_ops,
+    /// COLLATE pg_catalog."de-x-icu"`; the database's default by its locale). A checkpoint is
+    /// a position in this order, written as text.
     pub key_order: String,
     /// `where` as one parenthesized expression (a line comment in it ends at our newline), or
     /// `true`.
@@ -135,11 +136,19 @@ pub async fn inspect(client: &Client, spec: &PostgresSpec) -> Result<TableInfo> 
                         AND i.indnkeyatts = 1 AND i.indkey[0] = a.attnum
                         AND i.indpred IS NULL),
                     (SELECT quote_ident(collname) FROM pg_collation WHERE oid = a.attcollation),
-                    -- How keys compare: the btree operator family of the key's unique index
-                    -- (int and bigint share one, as text and varchar do: a column widened keeps
-                    -- its order), and the collation by schema and name (the database's default
-                    -- by the locale it stands for, whatever the version calls that column).
-                    coalesce((SELECT format('%I.%I', fn.nspname, f.opfname)
+                    -- How keys compare and what a cursor's text means: the key's type (the
+                    -- integer types as one, and text with varchar, whose values a change of
+                    -- column type among them keeps: any other change, timestamp to timestamptz
+                    -- or a numeric scale, may change the values and must match exactly), the
+                    -- btree operator family of the key's unique index, and the collation by
+                    -- schema and name (the database's default by the locale it stands for,
+                    -- whatever the version calls that column).
+                    CASE WHEN a.atttypid IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype)
+                         THEN 'smallint, integer or bigint'
+                         WHEN a.atttypid IN ('text'::regtype, 'varchar'::regtype)
+                         THEN 'text or varchar'
+                         ELSE format_type(a.atttypid, a.atttypmod) END
+                    || ', ' || coalesce((SELECT format('%I.%I', fn.nspname, f.opfname)
                                 FROM pg_index i JOIN pg_opclass oc ON oc.oid = i.indclass[0]
                                 JOIN pg_opfamily f ON f.oid = oc.opcfamily
                                 JOIN pg_namespace fn ON fn.oid = f.opfnamespace
