@@ -555,7 +555,8 @@ impl Backend for ChJob {
         Ok(Ok(ChWorker::new(self.ctx.clone(), index as usize)))
     }
 
-    async fn start(&self, spec_hash: &str, restart: bool) -> Result<JobState> {
+    async fn start(&self, spec_hash: &str, how: crate::engine::Start) -> Result<JobState> {
+        let restart = how == crate::engine::Start::Over;
         let ctx = &self.ctx;
         {
             let mut held = ctx.lock.lock().await;

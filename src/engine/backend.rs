@@ -107,6 +107,18 @@ pub struct Sample {
 }
 
 /// The job as a whole in one database: checks, the store, and workers.
+/// How `Backend::start` begins a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// From its checkpoint, or as new if the store has none.
+    Resume,
+    /// As `Resume`, with `--rerun`: a job the store has none of starts even where it looks
+    /// like another name for a job the store has (`PgJob`'s twin check).
+    Knowingly,
+    /// All progress forgotten first: a `--rerun` of a finished job.
+    Over,
+}
+
 #[allow(async_fn_in_trait)]
 pub trait Backend: Send + Sync + 'static {
     type Worker: Worker;
@@ -119,9 +131,8 @@ pub trait Backend: Send + Sync + 'static {
     /// Become one of at most `cap` workers of the job (`None`: all slots are taken; the
     /// string names who holds them). Writes nothing.
     async fn join(&self, index: u32, cap: u32) -> Result<Result<Self::Worker, String>>;
-    /// Create the store and the job's units if missing, mark the job running. `restart`
-    /// forgets all progress first (a `--rerun` of a finished job).
-    async fn start(&self, spec_hash: &str, restart: bool) -> Result<JobState>;
+    /// Create the store and the job's units if missing, mark the job running, as `how` says.
+    async fn start(&self, spec_hash: &str, how: Start) -> Result<JobState>;
     /// Cheap estimate of the work left.
     async fn estimate(&self) -> Result<Estimate>;
     /// Whether every unit of the job is finished.

@@ -185,11 +185,6 @@ async fn startup<B: Backend>(
             );
         }
     }
-    // A --rerun of a job the store has never seen starts it as new, knowingly (the backend
-    // may otherwise refuse it as another name for a job it has: `start`).
-    if existing.is_none() && opts.rerun {
-        restart = true;
-    }
     // The window before anything is written: started outside it, nothing is touched. (A
     // finished job is skipped above whatever the window: there is nothing left to wait for.)
     let stop = match &spec.window {
@@ -284,7 +279,14 @@ async fn run<B: Backend>(
         } => (restart, stop, workers),
     };
     let state = reconnecting("writing the checkpoint", || {
-        backend.start(&spec.hash, restart)
+        backend.start(
+            &spec.hash,
+            match (restart, opts.rerun) {
+                (true, _) => crate::engine::Start::Over,
+                (false, true) => crate::engine::Start::Knowingly,
+                (false, false) => crate::engine::Start::Resume,
+            },
+        )
     })
     .await?;
     crate::metrics::status(job, "running");

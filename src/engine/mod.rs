@@ -13,7 +13,7 @@ mod stop;
 mod throttle;
 pub mod window;
 
-pub use backend::{Backend, Claim, Estimate, Outcome, Sample, Timings, Worker};
+pub use backend::{Backend, Claim, Estimate, Outcome, Sample, Start, Timings, Worker};
 pub use job::{JobReport, Ran, RunOptions, run_job};
 pub use sizer::Sizer;
 pub use stop::Stop;

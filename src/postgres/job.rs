@@ -297,6 +297,16 @@ impl PgJob {
         walks: &str,
         earlier: &[String],
     ) -> Result<()> {
+        // Two new names for one spec starting at once (each behind its own start lock) see
+        // nothing of each other's uncommitted record: they queue here, on what they walk,
+        // until the first has committed its record (the lock ends with the transaction).
+        let lock = format!("backfill:{}:walks:{walks}", self.ctx.store.schema);
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            &[&lock],
+        )
+        .await
+        .map_err(|e| db_error("writing the checkpoint store", &e))?;
         let sql = format!(
             "SELECT job, status FROM {} WHERE job <> $1 AND spec_hash = $2
                 AND (walks = $3 OR walks = ANY($4)) ORDER BY updated_at DESC LIMIT 1",
@@ -504,7 +514,8 @@ impl Backend for PgJob {
         }
     }
 
-    async fn start(&self, spec_hash: &str, restart: bool) -> Result<JobState> {
+    async fn start(&self, spec_hash: &str, how: crate::engine::Start) -> Result<JobState> {
+        let restart = how == crate::engine::Start::Over;
         let p = self.ctx.prepared()?;
         let mut c = self.ctx.conn().await?;
         let store = &self.ctx.store;
@@ -569,7 +580,7 @@ impl Backend for PgJob {
                 .query_opt(&sql, &[&job])
                 .await
                 .map_err(|e| db_error("reading the checkpoint store", &e))?;
-            if record.is_none() {
+            if record.is_none() && how != crate::engine::Start::Knowingly {
                 self.refuse_a_twin(&tx, spec_hash, &walks, &earlier).await?;
             }
             let before: Option<String> = record.and_then(|r| r.get(0));
