@@ -127,7 +127,8 @@ pub(super) fn validate(path: &Path, raw: RawSpec, env: &Env) -> Result<Spec> {
         .as_ref()
         .and_then(|b| b.value.walk_ahead.as_ref().filter(|w| w.value).cloned());
     let batch = batch(&cx, raw.batch.as_ref())?;
-    let limits = limits(&cx, &raw.limits.unwrap_or_default())?;
+    let postgres = matches!(source, Source::Postgres(_));
+    let limits = limits(&cx, &raw.limits.unwrap_or_default(), postgres)?;
     if let Some(w) = &walk_ahead {
         // The batch walked ahead holds its locks and waits, idle in its transaction, for the
         // statement before it: not through a pause, and not past the idle limit.
@@ -442,7 +443,9 @@ fn batch(cx: &Ctx, raw: Option<&Spanned<RawBatch>>) -> Result<Batch> {
     })
 }
 
-fn limits(cx: &Ctx, raw: &RawLimits) -> Result<Limits> {
+/// `limits`; `postgres`: the job's batches are Postgres transactions (the lock timeout bounds
+/// their waits).
+fn limits(cx: &Ctx, raw: &RawLimits, postgres: bool) -> Result<Limits> {
     let pg = super::MAX_PG_TIMEOUT;
     let pg_why = "Postgres's limit; 0 = no limit";
     let long = super::MAX_LONG_DURATION;
@@ -460,7 +463,7 @@ fn limits(cx: &Ctx, raw: &RawLimits) -> Result<Limits> {
                 "limits.lock_timeout",
             );
             let d = v.at_most(cx, pg, "Postgres's limit")?;
-            if d.is_zero() {
+            if d.is_zero() && postgres {
                 // A batch (or a retry round waiting for rows the application holds) would wait
                 // for ever while holding the row locks it has already taken: the application
                 // queues behind it, and nothing (not max_runtime, not SIGTERM) ends the wait.
