@@ -1366,6 +1366,35 @@ ch_test! {
 }
 
 ch_test! {
+    /// A job's chunks are cut at its first run (`chunks`, `split_column`), and a chunk's id is
+    /// its place in that cut. `chunks` edited on a job not yet done gave the done chunks other
+    /// ids: they were not found done, landed again, and the job ended done with those days in
+    /// the target twice. Refused now, naming the fields; the cut it started with finishes it.
+    #[test]
+    fn a_cut_edited_after_the_first_run_is_refused(srv) {
+        let db = ChDb::new_on(&srv, "recut");
+        build_days(&db, 4, 100);
+        let reference = source_digest(&db);
+        let spec = days_spec(&db, "recut", "$URL", "");
+        // The first run fails on its second day: the job stays unfinished, one day landed.
+        edit_spec(&spec, "FROM runs WHERE {chunk}", "FROM runs WHERE {chunk} AND throwIf(toDate(ran_at) = '2025-10-02') = 0");
+        let (code, out, err) = run(&[&"run", &spec]);
+        assert_eq!(code, 1, "{}", all_output(&out, &err));
+        edit_spec(&spec, " AND throwIf(toDate(ran_at) = '2025-10-02') = 0", "");
+        edit_spec(&spec, "  chunks: [day]\n", "  chunks: [month, day]\n");
+        let (code, out, err) = run(&[&"run", &spec]);
+        let all = all_output(&out, &err);
+        assert_eq!(code, 2, "{all}");
+        assert!(err.contains("clickhouse.chunks") && err.contains("[day]"), "{all}");
+        edit_spec(&spec, "  chunks: [month, day]\n", "  chunks: [day]\n");
+        let (code, out, err) = run(&[&"run", &spec]);
+        let all = all_output(&out, &err);
+        assert_eq!(code, 0, "{all}");
+        assert_eq!(target_digest(&db), reference, "{all}");
+    }
+}
+
+ch_test! {
     /// A job's clean-up cut short after its done record (here a lost answer to the query that
     /// finds its staging tables; a kill in between does the same): the job said done, exit 0,
     /// but its lock table stayed, and every other job on the target stopped with 75 for good

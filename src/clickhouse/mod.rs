@@ -213,6 +213,45 @@ impl ChJob {
         }
     }
 
+    /// How the job cuts its chunks (`chunks` and `split_column`), as its record keeps it: a
+    /// chunk's id is its place in that cut.
+    fn cut(&self) -> String {
+        let spec = &self.ctx.spec;
+        let levels: Vec<String> = spec
+            .chunks
+            .iter()
+            .map(|l| format!("{l:?}").to_lowercase())
+            .collect();
+        match &spec.split_column {
+            Some(col) => format!("[{}] split by {col}", levels.join(", ")),
+            None => format!("[{}]", levels.join(", ")),
+        }
+    }
+
+    /// A job resumed (not started over) with the cut it started with: under another, the
+    /// chunks it has done get other ids, are not found done, and land again (twice), while
+    /// the job ends done. Refused before anything is written. (A record from before the cut
+    /// was kept says nothing.)
+    fn same_cut(&self, records: &[Record]) -> Result<()> {
+        let kept = records
+            .iter()
+            .find(|r| r.chunk == store::JOB_ROW)
+            .and_then(|r| serde_json::from_str::<serde_json::Value>(&r.def).ok())
+            .and_then(|v| v["cut"].as_str().map(str::to_string));
+        match kept {
+            Some(kept) if kept != self.cut() => Err(Error::Spec(format!(
+                "clickhouse.chunks / clickhouse.split_column: job {} cuts its chunks as {kept}, \
+                 and its state says which of those are done; the spec now says {}, under which \
+                 the done chunks are others and would land again (twice). Finish the job with \
+                 the cut it started with, or `backfill reset` it (or `run --rerun`, once done) \
+                 to start over with the new one",
+                self.ctx.job,
+                self.cut()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// The job's time range: fixed in its record at its first start, else from the spec or
     /// the source.
     pub(crate) async fn range(&self, records: &[Record]) -> Result<Option<(NaiveDate, NaiveDate)>> {
@@ -346,12 +385,14 @@ impl ChJob {
                 );
             }
         }
+        self.same_cut(&records)?;
         let range = self.range(&records).await?;
         let mut def = match range {
             Some((f, t)) => serde_json::json!({"from": f.to_string(), "to": t.to_string()}),
             None => serde_json::json!({}),
         };
         def["target"] = serde_json::Value::String(self.target_name());
+        def["cut"] = serde_json::Value::String(self.cut());
         let def = def.to_string();
         let started = records
             .iter()
