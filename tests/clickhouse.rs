@@ -1453,6 +1453,34 @@ ch_test! {
 }
 
 ch_test! {
+    /// A write of the job's state at start-up whose answer is lost (the job's row, the row
+    /// that notes the target's merges stopped): the write may have been made, and writing it
+    /// again is writing it once. The run failed with exit 1 ("writing the job's state:
+    /// network error"); it is sent again now.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_state_write_whose_answer_is_lost_is_sent_again(srv) {
+        let db = ChDb::new_on(&srv, "lostwrite");
+        build_days(&db, 3, 200);
+        let reference = source_digest(&db);
+        let proxy = FaultProxy::start_http(srv.addr()).await;
+        let lost = proxy.add_rule(
+            Rule::new(Fault::DropResponse)
+                .matching(|r| {
+                    let t = r.text();
+                    t.contains("INSERT INTO") && t.contains("backfill_chunks")
+                })
+                .nth(1),
+        );
+        let spec = days_spec(&db, "lostwrite", &proxy.url_for(&db.url), "");
+        let (code, out, err) = run(&[&"run", &spec]);
+        let all = all_output(&out, &err);
+        assert_eq!(proxy.rule_fired(lost), 1, "{all}");
+        assert_eq!(code, 0, "{all}");
+        assert_eq!(target_digest(&db), reference, "{all}");
+    }
+}
+
+ch_test! {
     /// A `to` in the future: the chunks of days to come ran empty, were recorded done, and the
     /// rows those days brought were never filled (exit 0, the job done). Refused now by `plan`
     /// and `run` alike at a job's first start, before anything is written (not by `validate`:

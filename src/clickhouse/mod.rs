@@ -110,7 +110,28 @@ impl Ctx {
             runner: crate::state::runner_id(),
             ..Record::default()
         };
-        self.store.put(&self.job, &[&r]).await
+        self.put_again(&[&r]).await
+    }
+
+    /// `store.put`, sent again after a lost answer or a transient failure: the write may have
+    /// been made, and making it again is making it once (each record is the job's latest word
+    /// on its row, the later version winning with the same content). Used where no driver
+    /// retry stands behind the write (start-up, the end of a run).
+    pub async fn put_again(&self, records: &[&Record]) -> Result<()> {
+        use backon::{ExponentialBuilder, Retryable};
+        (|| self.store.put(&self.job, records))
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(std::time::Duration::from_millis(200))
+                    .with_max_times(5)
+                    .with_jitter(),
+            )
+            .when(|e: &Error| {
+                e.db_kind()
+                    .is_some_and(crate::error::DbErrorKind::retryable)
+            })
+            .notify(|e, d| tracing::warn!("writing the job's state failed, retrying in {d:?}: {e}"))
+            .await
     }
 }
 
@@ -399,7 +420,7 @@ impl ChJob {
             .find(|r| r.chunk == store::JOB_ROW)
             .map_or(store::now(), |r| r.started.max(1));
         let row = store::job_row(spec_hash, "running", &def, started);
-        ctx.store.put(&ctx.job, &[&row]).await?;
+        ctx.put_again(&[&row]).await?;
         let records = ctx.store.records(&ctx.job).await?;
         let top = self.top(range).await?;
         let order = match ctx.workers.load(std::sync::atomic::Ordering::Relaxed) {
@@ -703,7 +724,7 @@ impl Backend for ChJob {
         } else {
             0
         };
-        ctx.store.put(&ctx.job, &[&row]).await?;
+        ctx.put_again(&[&row]).await?;
         let held = ctx.lock.lock().await.take();
         if let Some(l) = held {
             let released = if status == Status::Done {
