@@ -4648,7 +4648,6 @@ ch_test! {
         build_days(&db, 6, 1000);
         let reference = source_digest(&db);
         // Killed holding the second day's first landing request: that day is staged.
-        // Killed holding the second day's first landing request: that day is staged.
         let (proxy, spec) = kill_while_landing(&srv, &db, "stagedladder", "", 5, |_| true).await;
         assert!(db.records("stagedladder").iter().any(|r| r.status == "staged"));
         // The same job with months for chunks: the staged day is not among them.
@@ -4659,11 +4658,13 @@ ch_test! {
                 .replace("chunks: [day]", "chunks: [month]")
                 .replace(&proxy.url_for(&db.url), &db.url),
         );
+        // Refused as a cut changed mid-job (before it, as a staged chunk the new cut cannot
+        // reach), before anything lands.
         let (code, out, err) = run(&[&"run", &months]);
         let all = all_output(&out, &err);
-        assert_eq!(code, 1, "{all}");
+        assert_eq!(code, 2, "{all}");
         assert!(
-            err.contains("was being landed when the job last stopped") && err.contains("reset"),
+            err.contains("clickhouse.chunks") && err.contains("reset"),
             "{all}"
         );
         // What it says to do works: reset, then run.
