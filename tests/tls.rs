@@ -12,7 +12,8 @@ use tokio_postgres::Client;
 const ROWS: i64 = 300;
 
 /// A job over `t` that records in `n` whether its own session is encrypted: 1 = TLS, 2 = plain.
-/// Each call is a job of its own (file `job<N>.yaml`), so none is skipped as already done.
+/// Each call is a job of its own (file `job<N>.yaml`), so none is skipped as already done; the
+/// same spec under a new name, run knowingly (`--rerun`, which the twin check asks for).
 fn spec(db: &TestDb, url: &str) -> PathBuf {
     let n = std::fs::read_dir(db.dir.path()).map_or(0, |d| d.count());
     db.spec(
@@ -57,7 +58,7 @@ fn server_ca(pg: &PgCluster) -> String {
 
 /// Run the job at `url`; expect exit 0 with every row marked `n` (1 = TLS, 2 = plain).
 async fn runs_with(db: &TestDb, c: &Client, url: &str, n: i64) {
-    let (code, out, err) = run(&[&"run", &spec(db, url)]);
+    let (code, out, err) = run(&[&"run", &"--rerun", &spec(db, url)]);
     assert_eq!(code, 0, "{url}\n{out}\n{err}");
     let marked = count(c, &format!("SELECT count(*) FROM t WHERE n = {n}")).await;
     assert_eq!(
