@@ -1,9 +1,12 @@
 //! ClickHouse jobs whose state lives in Postgres (`clickhouse.state_url`), each test on both
-//! ClickHouse servers (`ch_test!`): the records in `backfill.clickhouse_chunks` and nothing of
-//! the job's state in ClickHouse; the runner's lock a session advisory lock (a killed runner's
-//! lock goes with its session, so the next run starts at once; a second runner exits 75 naming
-//! the holder; another job on the target is refused); losing the lock's connection stops the
-//! run before anything more lands (on a private cluster, whose sessions may be terminated);
+//! ClickHouse servers (`ch_test!`): the records in `backfill.clickhouse_chunks` and, once the
+//! job is done, nothing of its state in ClickHouse; the runner's lock a session advisory lock
+//! besides the target's own lock table (a killed runner's lock goes with its session, and its
+//! lock table is taken over at once on its host, so the next run starts at once; a second
+//! runner exits 75 naming the holder; another job on the target is refused); losing the lock's
+//! connection stops the run before anything more lands (on a private cluster, whose sessions
+//! may be terminated);
+//! runners of one job whose specs name different state stores still meet at the target's lock;
 //! `plan` and `status` create nothing; the state URL's password never shows; spec errors.
 //! Every test has a ClickHouse database and a Postgres database of its own, and asserts what
 //! ends up in the target and in the records, never timings.
@@ -33,15 +36,22 @@ fn all_output(out: &str, err: &str) -> String {
 
 /// A day-chunked job over `build_days` with its state at `state_url`.
 fn job_spec(db: &ChDb, job: &str, state_url: &str, extra: &str) -> PathBuf {
+    spec_file(db, job, job, Some(state_url), extra)
+}
+
+/// The job `job` in the file `file.yaml`, its state at `state_url` or else in ClickHouse.
+fn spec_file(db: &ChDb, file: &str, job: &str, state_url: Option<&str>, extra: &str) -> PathBuf {
     let statement: String = STATEMENT.lines().map(|l| format!("    {l}\n")).collect();
+    let state = state_url
+        .map(|u| format!("  state_url: {u}\n"))
+        .unwrap_or_default();
     db.spec(
-        &format!("{job}.yaml"),
+        &format!("{file}.yaml"),
         &format!(
             "name: {job}
 clickhouse:
   url: $URL
-  state_url: {state_url}
-  source: runs
+{state}  source: runs
   time_column: ran_at
   chunks: [day]
   target: agg
@@ -592,5 +602,66 @@ ch_test! {
         let (code, out, err) = run(&[&"run", &spec_a]);
         assert_eq!(code, 0, "{}", all_output(&out, &err));
         assert!(out.contains("skipped (already done)"), "{}", all_output(&out, &err));
+    }
+}
+
+ch_test! {
+    /// The lock is the target's, whatever store keeps the state: a spec edited to add (or
+    /// change) `state_url` while a runner of the old spec still runs must not start a second
+    /// runner on the same target. Two did, each finding its own store free, and the job ended
+    /// done with months missing from the target.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn runners_with_different_state_stores_share_the_targets_lock(srv) {
+        let db = ChDb::new_on(&srv, "pgmoved");
+        let x = TestDb::new("chstate_movx").await;
+        let y = TestDb::new("chstate_movy").await;
+        let cy = y.client().await;
+        build_days(&db, 30, 2000);
+        let reference = source_digest(&db);
+        let stores: [(&str, Option<&str>, Option<&str>); 3] = [
+            ("in ClickHouse, then in Postgres", None, Some(&y.url)),
+            ("in Postgres, then in ClickHouse", Some(&x.url), None),
+            ("in two Postgres databases", Some(&x.url), Some(&y.url)),
+        ];
+        for (n, (what, first, second)) in stores.into_iter().enumerate() {
+            db.q("TRUNCATE TABLE agg");
+            let job = format!("moved{n}");
+            let old = spec_file(&db, &format!("{job}_old"), &job, first, "");
+            let new = spec_file(&db, &format!("{job}_new"), &job, second, "");
+            let mut r = spawn(db.dir.path(), &job, &[], &old);
+            r.wait_until(
+                "the first runner to land a chunk",
+                Duration::from_secs(120),
+                Duration::from_millis(10),
+                async || db.num("SELECT count() FROM agg") > 0,
+            )
+            .await;
+            let (code, out, err) = run(&[&"run", &new]);
+            let (done, dout, derr) = r.finish(Duration::from_secs(300)).await;
+            assert_eq!(code, 75, "{what}: the second runner: {}", all_output(&out, &err));
+            assert!(
+                err.contains("runner"),
+                "{what}: names the holder: {}",
+                all_output(&out, &err)
+            );
+            assert_eq!(done, 0, "{what}: the first runner: {}", all_output(&dout, &derr));
+            assert_eq!(target_digest(&db), reference, "{what}: every chunk once");
+            if second.is_some_and(|u| u == y.url) {
+                assert!(
+                    pg_records(&cy, &job).await.is_empty(),
+                    "{what}: the refused runner wrote state"
+                );
+            }
+        }
+        // Done: the target's lock is gone with the job, whatever the store.
+        let locks: Vec<String> = db
+            .tables()
+            .into_iter()
+            .filter(|t| t.contains("__backfill_lock"))
+            .collect();
+        assert_eq!(locks, Vec::<String>::new());
+        drop(cy);
+        x.drop_db().await;
+        y.drop_db().await;
     }
 }

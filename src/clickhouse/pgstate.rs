@@ -397,8 +397,15 @@ impl PgState {
 
     /// Take the target's lock for `job` on a connection of its own, or say who holds it
     /// (`Err(Stopped(LockHeld))`). `own` records the job as the target's keeper (a run; a
-    /// reset only frees it).
-    pub async fn acquire(&self, target: &str, job: &str, own: bool) -> Result<PgLock> {
+    /// reset only frees it). `then` runs once the lock is held and no other job keeps the
+    /// target, before the keeper is recorded: what it refuses leaves no keeper behind.
+    pub async fn acquire<T>(
+        &self,
+        target: &str,
+        job: &str,
+        own: bool,
+        then: impl AsyncFnOnce() -> Result<T>,
+    ) -> Result<(PgLock, T)> {
         let c = Arc::new(self.own_conn().await?);
         let key = lock_key(target);
         let started = Instant::now();
@@ -449,6 +456,7 @@ impl PgState {
                         .map_err(|e| db_error("freeing the target", &e))?;
                 }
             }
+            let then = then().await?;
             if own {
                 let sql = format!(
                     "INSERT INTO {} (target, job, runner) VALUES ($1, $2, $3)
@@ -460,17 +468,20 @@ impl PgState {
                     .await
                     .map_err(|e| db_error("keeping the target", &e))?;
             }
-            Ok(())
+            Ok(then)
         }
         .await;
-        if let Err(e) = kept {
-            let _ = lock.unlock().await;
-            return Err(e);
-        }
+        let then = match kept {
+            Ok(then) => then,
+            Err(e) => {
+                let _ = lock.unlock().await;
+                return Err(e);
+            }
+        };
         if own {
             self.set_fence(Some(c));
         }
-        Ok(lock)
+        Ok((lock, then))
     }
 
     /// The run let go of its lock: writes go through the pool again.

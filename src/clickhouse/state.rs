@@ -3,7 +3,12 @@
 //! - by default, next to the target: `backfill_chunks` in ClickHouse (`store.rs`) and the lock
 //!   table `<target>__backfill_lock` with its heartbeat (`lock.rs`);
 //! - with `clickhouse.state_url`, in Postgres (`pgstate.rs`): `clickhouse_chunks` and a session
-//!   advisory lock on a connection of its own (no lease: it ends with the runner's session).
+//!   advisory lock on a connection of its own (no lease: it ends with the runner's session),
+//!   which fences the state's writes.
+//!
+//! Whatever the store, a run also holds the lock table next to the target: the target is what
+//! two runners must not share, and two runners of one job whose specs name different stores
+//! (a spec edited to add `state_url` while an old pod still runs) meet only there.
 //!
 //! Both keep the same records; the rest of the backend (tree, landing, base and ledger in
 //! ClickHouse) does not know which one it has.
@@ -20,14 +25,14 @@ use clickhouse::Client;
 #[allow(clippy::large_enum_variant)]
 pub enum StateStore {
     Clickhouse { store: ChStore, client: Client },
-    Postgres(PgState),
+    Postgres { state: PgState, client: Client },
 }
 
-/// A held target lock (one per run).
-#[allow(clippy::large_enum_variant)]
-pub enum TargetLock {
-    Clickhouse(ChLock),
-    Postgres(PgLock),
+/// A held target lock (one per run): the lock table next to the target, and with the state in
+/// Postgres the state's lock too.
+pub struct TargetLock {
+    target: ChLock,
+    state: Option<PgLock>,
 }
 
 impl StateStore {
@@ -35,12 +40,15 @@ impl StateStore {
     /// `plan`, `status`, `verify`), else in ClickHouse through `client`.
     pub fn open(spec: &Spec, ch: &ClickhouseSpec, client: &Client, access: Access) -> Result<Self> {
         Ok(match &ch.state_url {
-            Some(url) => StateStore::Postgres(PgState::open(
-                url,
-                &spec.state_schema,
-                &spec.name,
-                access == Access::ReadOnly,
-            )?),
+            Some(url) => StateStore::Postgres {
+                state: PgState::open(
+                    url,
+                    &spec.state_schema,
+                    &spec.name,
+                    access == Access::ReadOnly,
+                )?,
+                client: client.clone(),
+            },
             None => StateStore::Clickhouse {
                 store: ChStore::new(client.clone(), &spec.state_schema),
                 client: client.clone(),
@@ -52,14 +60,14 @@ impl StateStore {
     pub fn table(&self) -> String {
         match self {
             StateStore::Clickhouse { store, .. } => store.table().to_string(),
-            StateStore::Postgres(p) => format!("{} (Postgres)", p.chunks_table()),
+            StateStore::Postgres { state: p, .. } => format!("{} (Postgres)", p.chunks_table()),
         }
     }
 
     pub async fn ensure(&self) -> Result<()> {
         match self {
             StateStore::Clickhouse { store, .. } => store.ensure().await,
-            StateStore::Postgres(p) => p.ensure().await,
+            StateStore::Postgres { state: p, .. } => p.ensure().await,
         }
     }
 
@@ -67,7 +75,7 @@ impl StateStore {
     pub async fn records(&self, job: &str) -> Result<Vec<Record>> {
         match self {
             StateStore::Clickhouse { store, .. } => store.records(job).await,
-            StateStore::Postgres(p) => p.records(job).await,
+            StateStore::Postgres { state: p, .. } => p.records(job).await,
         }
     }
 
@@ -75,7 +83,7 @@ impl StateStore {
     pub async fn flag(&self, job: &str, chunk: &str, status: &str) -> Result<bool> {
         match self {
             StateStore::Clickhouse { store, .. } => store.flag(job, chunk, status).await,
-            StateStore::Postgres(p) => p.flag(job, chunk, status).await,
+            StateStore::Postgres { state: p, .. } => p.flag(job, chunk, status).await,
         }
     }
 
@@ -83,7 +91,7 @@ impl StateStore {
     pub async fn put(&self, job: &str, records: &[&Record]) -> Result<()> {
         match self {
             StateStore::Clickhouse { store, .. } => store.put(job, records).await,
-            StateStore::Postgres(p) => p.put(job, records).await,
+            StateStore::Postgres { state: p, .. } => p.put(job, records).await,
         }
     }
 
@@ -91,7 +99,7 @@ impl StateStore {
     pub async fn forget(&self, job: &str) -> Result<()> {
         match self {
             StateStore::Clickhouse { store, .. } => store.forget(job).await,
-            StateStore::Postgres(p) => p.forget(job).await,
+            StateStore::Postgres { state: p, .. } => p.forget(job).await,
         }
     }
 
@@ -107,9 +115,15 @@ impl StateStore {
                 let done = async |j: &str| store.flag(j, JOB_ROW, "done").await;
                 lock::held_by_other(client, database, target, job, done).await
             }
-            StateStore::Postgres(p) => {
-                p.held_by_other(&lock::target_name(database, target), job)
-                    .await
+            StateStore::Postgres { state: p, client } => {
+                if let Some(who) = p
+                    .held_by_other(&lock::target_name(database, target), job)
+                    .await?
+                {
+                    return Ok(Some(who));
+                }
+                let done = async |j: &str| p.flag(j, JOB_ROW, "done").await;
+                lock::held_by_other(client, database, target, job, done).await
             }
         }
     }
@@ -120,7 +134,9 @@ impl StateStore {
     pub async fn running_elsewhere(&self, database: &str, target: &str, job: &str) -> Result<bool> {
         match self {
             StateStore::Clickhouse { .. } => Ok(false),
-            StateStore::Postgres(p) => p.running(&lock::target_name(database, target), job).await,
+            StateStore::Postgres { state: p, .. } => {
+                p.running(&lock::target_name(database, target), job).await
+            }
         }
     }
 
@@ -137,20 +153,32 @@ impl StateStore {
         match self {
             StateStore::Clickhouse { client, store } => {
                 let done = async |j: &str| store.flag(j, JOB_ROW, "done").await;
-                lock::acquire(client, database, target, job, done)
-                    .await
-                    .map(TargetLock::Clickhouse)
+                Ok(TargetLock {
+                    target: lock::acquire(client, database, target, job, done).await?,
+                    state: None,
+                })
             }
-            StateStore::Postgres(p) => p
-                .acquire(&lock::target_name(database, target), job, run)
-                .await
-                .map(TargetLock::Postgres),
+            StateStore::Postgres { state: p, client } => {
+                // The state's lock first (it names the session of a runner on the same
+                // store), then the target's, taken before the state records the job as the
+                // target's keeper.
+                let done = async |j: &str| p.flag(j, JOB_ROW, "done").await;
+                let (state, target) = p
+                    .acquire(&lock::target_name(database, target), job, run, async || {
+                        lock::acquire(client, database, target, job, done).await
+                    })
+                    .await?;
+                Ok(TargetLock {
+                    target,
+                    state: Some(state),
+                })
+            }
         }
     }
 
     /// A lock was let go: writes are no longer fenced by it.
     pub fn released(&self) {
-        if let StateStore::Postgres(p) = self {
+        if let StateStore::Postgres { state: p, .. } = self {
             p.unfence();
         }
     }
@@ -158,41 +186,41 @@ impl StateStore {
 
 impl TargetLock {
     /// `Err(Stopped)` once this runner lost the target (another runner took it over, or the
-    /// connection that held it is gone): it must not land or record anything more.
+    /// connection that held the state's lock is gone): it must not land or record anything
+    /// more.
     pub async fn check(&self) -> Result<()> {
-        match self {
-            TargetLock::Clickhouse(l) => match l.verify().await? {
-                true => Ok(()),
-                false => Err(Error::Stopped(StopReason::LockHeld(
-                    "another runner took over the target's lock".into(),
-                ))),
-            },
-            TargetLock::Postgres(l) => l.check().await,
+        if let Some(l) = &self.state {
+            l.check().await?;
+        }
+        match self.target.verify().await? {
+            true => Ok(()),
+            false => Err(Error::Stopped(StopReason::LockHeld(
+                "another runner took over the target's lock".into(),
+            ))),
         }
     }
 
     /// Whether the lock is gone (or cannot be read to tell): then not even the job's final
     /// status may be written.
     pub async fn fence_gone(&self) -> bool {
-        match self {
-            TargetLock::Clickhouse(l) => !matches!(l.verify().await, Ok(true)),
-            TargetLock::Postgres(l) => l.check().await.is_err(),
-        }
+        self.check().await.is_err()
     }
 
     /// The run ends; the job keeps the target for its next run.
     pub async fn release(&self) -> Result<()> {
-        match self {
-            TargetLock::Clickhouse(l) => l.release().await,
-            TargetLock::Postgres(l) => l.release().await,
+        let target = self.target.release().await;
+        match &self.state {
+            Some(l) => target.and(l.release().await),
+            None => target,
         }
     }
 
     /// The job is done or reset: the target is free for any job.
     pub async fn free(&self) -> Result<()> {
-        match self {
-            TargetLock::Clickhouse(l) => l.drop_table().await,
-            TargetLock::Postgres(l) => l.free().await,
+        let target = self.target.drop_table().await;
+        match &self.state {
+            Some(l) => target.and(l.free().await),
+            None => target,
         }
     }
 }
