@@ -118,21 +118,33 @@ impl Ctx {
     /// on its row, the later version winning with the same content). Used where no driver
     /// retry stands behind the write (start-up, the end of a run).
     pub async fn put_again(&self, records: &[&Record]) -> Result<()> {
-        use backon::{ExponentialBuilder, Retryable};
-        (|| self.store.put(&self.job, records))
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(std::time::Duration::from_millis(200))
-                    .with_max_times(5)
-                    .with_jitter(),
-            )
-            .when(|e: &Error| {
-                e.db_kind()
-                    .is_some_and(crate::error::DbErrorKind::retryable)
-            })
-            .notify(|e, d| tracing::warn!("writing the job's state failed, retrying in {d:?}: {e}"))
-            .await
+        resent("writing the job's state", 200, || {
+            self.store.put(&self.job, records)
+        })
+        .await
     }
+}
+
+/// `f` again after a lost answer or a transient failure, a few times with a growing pause from
+/// `min_ms`: only for work whose second run changes nothing (a state write, a restore that
+/// notes each write as under way before it makes it).
+async fn resent<T, Fut>(what: &str, min_ms: u64, f: impl FnMut() -> Fut) -> Result<T>
+where
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    use backon::{ExponentialBuilder, Retryable};
+    f.retry(
+        ExponentialBuilder::default()
+            .with_min_delay(std::time::Duration::from_millis(min_ms))
+            .with_max_times(5)
+            .with_jitter(),
+    )
+    .when(|e: &Error| {
+        e.db_kind()
+            .is_some_and(crate::error::DbErrorKind::retryable)
+    })
+    .notify(|e, d| tracing::warn!("{what} failed, retrying in {d:?}: {e}"))
+    .await
 }
 
 pub struct ChJob {
@@ -380,24 +392,7 @@ impl ChJob {
             ctx.merges_stopped(true).await?;
             // Restoring twice is restoring once (each write is noted as under way before it
             // is made): a lost answer or a dropped connection is retried, not the run failed.
-            let restored = {
-                use backon::{ExponentialBuilder, Retryable};
-                (|| ctx.landing.restore())
-                    .retry(
-                        ExponentialBuilder::default()
-                            .with_min_delay(std::time::Duration::from_millis(500))
-                            .with_max_times(5)
-                            .with_jitter(),
-                    )
-                    .when(|e: &Error| {
-                        e.db_kind()
-                            .is_some_and(crate::error::DbErrorKind::retryable)
-                    })
-                    .notify(|e, d| {
-                        tracing::warn!("restoring the target failed, retrying in {d:?}: {e}")
-                    })
-                    .await?
-            };
+            let restored = resent("restoring the target", 500, || ctx.landing.restore()).await?;
             ctx.merges_stopped(false).await?;
             if restored > 0 {
                 tracing::warn!(
