@@ -14,6 +14,7 @@ mod lock;
 mod pgstate;
 mod plan;
 mod planner;
+mod queries;
 mod settings;
 pub mod state;
 pub mod store;
@@ -55,6 +56,9 @@ pub struct Ctx {
     pub land_lock: Mutex<()>,
     /// The target's lock, held while this process's workers run.
     lock: Mutex<Option<Arc<TargetLock>>>,
+    /// The ids of this runner's chunk inserts, and the kill a second signal sends for them.
+    pub queries: queries::Queries,
+    kill_on_exit: std::sync::Mutex<Option<u64>>,
     /// The server's memory cap for a query (the spec's `max_memory_usage`, else the server's).
     pub memory_cap: OnceLock<u64>,
     /// What every chunk attempt adds under the cap, and a lighter attempt (probed in preflight).
@@ -65,7 +69,35 @@ pub struct Ctx {
     workers: std::sync::atomic::AtomicU32,
 }
 
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        if let Some(id) = self.kill_on_exit.lock().ok().and_then(|mut k| k.take()) {
+            crate::engine::exit_now::forget(id);
+        }
+    }
+}
+
 impl Ctx {
+    /// Take the target's lock (`run`: for a run, else for a reset), then end what runners that
+    /// lost it left running on the server: their chunk inserts would go on beside this one's.
+    async fn take_target(&self, run: bool) -> Result<TargetLock> {
+        let l = self
+            .store
+            .acquire(&self.spec.database, &self.spec.target, &self.job, run)
+            .await?;
+        let killed = self.queries.kill_leftovers(&self.db.client).await;
+        if let Err(e) = killed {
+            let _ = l.release().await;
+            self.store.released();
+            return Err(e);
+        }
+        let mut k = self.kill_on_exit.lock().expect("kill_on_exit");
+        if k.is_none() {
+            *k = Some(self.queries.kill_on_exit(&self.db.client));
+        }
+        Ok(l)
+    }
+
     pub fn kinds(&self) -> Kinds {
         self.kinds.get().cloned().unwrap_or_default()
     }
@@ -197,6 +229,11 @@ impl ChJob {
                 tree: Mutex::new(None),
                 land_lock: Mutex::new(()),
                 lock: Mutex::new(None),
+                queries: queries::Queries::new(
+                    &lock::target_name(&ch.database, &ch.target),
+                    &spec.name,
+                ),
+                kill_on_exit: std::sync::Mutex::new(None),
                 memory_cap: OnceLock::new(),
                 capped: OnceLock::new(),
                 lighter: OnceLock::new(),
@@ -618,11 +655,7 @@ impl Backend for ChJob {
         {
             let mut held = ctx.lock.lock().await;
             if held.is_none() {
-                let l = ctx
-                    .store
-                    .acquire(&ctx.spec.database, &ctx.spec.target, &ctx.job, true)
-                    .await?;
-                *held = Some(Arc::new(l));
+                *held = Some(Arc::new(ctx.take_target(true).await?));
             }
         }
         let started = self.begin(spec_hash, restart).await;
@@ -813,10 +846,7 @@ impl Backend for ChJob {
         // Another target's job: its records are not this target's to forget (checked before
         // this target's lock is taken, which a refusal would leave behind).
         self.same_target(&ctx.store.records(&ctx.job).await?)?;
-        let l = ctx
-            .store
-            .acquire(&ctx.spec.database, &ctx.spec.target, &ctx.job, false)
-            .await?;
+        let l = ctx.take_target(false).await?;
         let records = ctx.store.records(&ctx.job).await?;
         // What a move or attach under way carried is told by its staging table: noted before
         // it goes, and before merges start again (on 18.16 an attach is told by its parts'

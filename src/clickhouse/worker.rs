@@ -245,6 +245,7 @@ impl ChWorker {
         }
         let mut rec = self.record_of(c).await;
         rec.attempts += 1;
+        let client = ctx.queries.tagged(&client);
         if let Err(e) = exec(&client, &sql, &format!("chunk {id}")).await {
             let _ = ctx.landing.drop(&staging).await;
             let text = e.to_string();
