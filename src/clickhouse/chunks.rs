@@ -483,6 +483,7 @@ pub(super) mod tests {
             settings: vec![],
             statement: String::new(),
             verify: None,
+            land_without_views: false,
         }
     }
 

@@ -206,8 +206,54 @@ impl Landing {
         self.server.move_partition
     }
 
+    /// The target's engine, checked to be one staging can copy, and the materialized views
+    /// that read from it (`land_without_views`: warned of, not refused).
+    pub async fn check_target(&self, land_without_views: bool) -> Result<()> {
+        self.check_engine().await?;
+        let views = self.views().await?;
+        if views.is_empty() {
+            return Ok(());
+        }
+        let listed = views.join(", ");
+        if land_without_views {
+            tracing::warn!(
+                "materialized view(s) {listed} read from the target {}; chunks land by \
+                 attaching partitions, which fires none of them, so they do not see the \
+                 backfilled rows (clickhouse.land_without_views)",
+                self.target()
+            );
+            return Ok(());
+        }
+        Err(Error::Preflight(format!(
+            "clickhouse.target: materialized view(s) {listed} read from {}; chunks land by \
+             attaching partitions, which fires none of them, so they would never see the \
+             backfilled rows. Backfill what they feed with a job of its own, then set \
+             `land_without_views: true` under `clickhouse` to land without them",
+            self.target()
+        )))
+    }
+
+    /// The materialized views that read from the target (`database.name`), as the server
+    /// lists them.
+    async fn views(&self) -> Result<Vec<String>> {
+        let sql = format!(
+            "SELECT concat(d, '.', t) FROM system.tables
+              ARRAY JOIN dependencies_database AS d, dependencies_table AS t
+             WHERE database = {} AND name = {} ORDER BY d, t",
+            literal(&self.db),
+            literal(&self.target_name)
+        );
+        Ok(
+            table_rows(&self.client, &sql, "reading the views on the target")
+                .await?
+                .into_iter()
+                .filter_map(|r| r.into_iter().next())
+                .collect(),
+        )
+    }
+
     /// The target's engine, checked to be one staging can copy.
-    pub async fn check_target(&self) -> Result<()> {
+    async fn check_engine(&self) -> Result<()> {
         let sql = format!(
             "SELECT engine FROM system.tables WHERE database = {} AND name = {}",
             literal(&self.db),

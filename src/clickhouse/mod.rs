@@ -251,7 +251,10 @@ impl ChJob {
         )
         .await?;
         let _ = self.ctx.kinds.set(kinds);
-        self.ctx.landing.check_target().await
+        self.ctx
+            .landing
+            .check_target(self.ctx.spec.land_without_views)
+            .await
     }
 
     /// `database.target`, as the job's record keeps it.
@@ -557,7 +560,9 @@ impl Backend for ChJob {
         }
         let kinds = planner::check_source(&ctx.db.client, &ctx.spec, ctx.landing.moves()).await?;
         let _ = ctx.kinds.set(kinds);
-        ctx.landing.check_target().await?;
+        ctx.landing
+            .check_target(ctx.spec.land_without_views)
+            .await?;
         // A verify that would be refused at the end is refused before any chunk lands.
         if let Some(sql) = &ctx.spec.verify {
             check_verify(&ctx.db.client, sql).await?;

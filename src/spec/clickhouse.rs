@@ -164,6 +164,7 @@ pub(super) fn validate(cx: &mut Ctx, ch: &Spanned<RawClickhouse>) -> Result<Clic
         settings,
         statement,
         verify,
+        land_without_views: c.land_without_views.as_ref().is_some_and(|b| b.value),
     })
 }
 

@@ -96,6 +96,9 @@ pub struct ClickhouseSpec {
     pub statement: String,
     /// One read-only query returning one integer; 0 = the job really is done.
     pub verify: Option<String>,
+    /// Land although materialized views read from the target: chunks land by attaching
+    /// partitions, which fires none of them.
+    pub land_without_views: bool,
 }
 
 impl ClickhouseSpec {

@@ -64,6 +64,8 @@ pub struct RawClickhouse {
     pub settings: std::collections::BTreeMap<String, SettingValue>,
     pub statement: Spanned<String>,
     pub verify: Option<Spanned<String>>,
+    /// Land although materialized views read from the target (they do not see the chunks).
+    pub land_without_views: Option<Spanned<bool>>,
 }
 
 /// One rung of the ClickHouse fallback ladder.
