@@ -85,11 +85,12 @@ impl Ctx {
             .store
             .acquire(&self.spec.database, &self.spec.target, &self.job, run)
             .await?;
-        let killed = self.queries.kill_leftovers(&self.db.client).await;
-        if let Err(e) = killed {
-            let _ = l.release().await;
-            self.store.released();
-            return Err(e);
+        // Hygiene, not a fence (a leftover writes only its own staging table): a user who may
+        // not read the server's queries or kill them still runs, as before.
+        if let Err(e) = self.queries.kill_leftovers(&self.db.client).await {
+            tracing::warn!(
+                "could not look for queries an earlier runner of this job left running: {e}"
+            );
         }
         let mut k = self.kill_on_exit.lock().expect("kill_on_exit");
         if k.is_none() {
