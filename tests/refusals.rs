@@ -395,6 +395,54 @@ async fn a_renamed_spec_is_not_a_new_job() {
     db.drop_db().await;
 }
 
+/// Each store keeps its own checkpoints: a finished INSERT job whose spec gained a
+/// `state.schema` ran again from the first key in the new store and doubled every row, exit 0
+/// (and next to the old runner, had it still been at work). The same spec recorded in another
+/// store of the database is refused, naming the store; `--rerun` runs it knowingly.
+#[tokio::test]
+async fn a_spec_whose_state_schema_changed_is_not_a_new_job() {
+    let db = TestDb::new("ref_moved").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE src (id bigint PRIMARY KEY);
+         INSERT INTO src SELECT g FROM generate_series(1, 1000) g;
+         CREATE TABLE dst (id bigint);
+         ANALYZE src;",
+    )
+    .await
+    .unwrap();
+    let body = job(
+        &db.url,
+        "src",
+        "id",
+        "",
+        "INSERT INTO dst SELECT id FROM src WHERE id = ANY($1)",
+        "",
+    );
+    let spec = db.spec("copy.yaml", &body);
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(count(&c, "SELECT count(*) FROM dst").await, 1000);
+    let spec = db.spec("copy.yaml", &format!("{body}state:\n  schema: moved\n"));
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(
+        err.contains("state.schema") && err.contains("job copy (done) in the store backfill"),
+        "{err}"
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM dst").await,
+        1000,
+        "nothing doubled"
+    );
+    // Knowingly: every row once more.
+    let (code, out, err) = run(&[&"run", &"--rerun", &spec]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(count(&c, "SELECT count(*) FROM dst").await, 2000);
+    drop(c);
+    db.drop_db().await;
+}
+
 /// A checkpoint is a position in one key of one table. Resumed with the spec's `key` (or
 /// `table`) changed, the old cursor was cast to the new key: rows before it in the new order
 /// were never done and rows after it were done twice, and the run ended 0. Now the resume is

@@ -289,7 +289,9 @@ impl PgJob {
     /// another name: a spec file renamed, or its `name:` changed. The name keys the checkpoint,
     /// so the new one would start over from the first key and do every row again (an INSERT
     /// job doubles its rows), next to the other if that one is still at work. Refused, naming
-    /// the other; `--rerun` runs the new name knowingly.
+    /// the other; `--rerun` runs the new name knowingly. The same holds across the stores of
+    /// the database: a spec whose `state.schema` changed finds its job, under any name, in the
+    /// schema it had.
     async fn refuse_a_twin(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
@@ -299,18 +301,40 @@ impl PgJob {
     ) -> Result<()> {
         // Two new names for one spec starting at once (each behind its own start lock) see
         // nothing of each other's uncommitted record: they queue here, on what they walk,
-        // until the first has committed its record (the lock ends with the transaction).
-        let lock = format!("backfill:{}:walks:{walks}", self.ctx.store.schema);
+        // until the first has committed its record (the lock ends with the transaction). The
+        // key leaves the store out: two stores' starts queue alike.
+        let lock = format!("backfill:walks:{walks}");
         tx.execute(
             "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
             &[&lock],
         )
         .await
         .map_err(|e| db_error("writing the checkpoint store", &e))?;
+        let own = &self.ctx.store.schema;
+        let mut stores: Vec<String> = tx
+            .query(super::store::STORES, &[])
+            .await
+            .map_err(|e| db_error("finding the checkpoint stores of the database", &e))?
+            .iter()
+            .map(|r| r.get(0))
+            .filter(|s: &String| s != own)
+            .collect();
+        stores.insert(0, own.clone());
+        let each: Vec<String> = stores
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                format!(
+                    "SELECT {i} AS store, job, status, updated_at FROM {}.jobs
+                      WHERE spec_hash = $2 AND (walks = $3 OR walks = ANY($4)){}",
+                    super::store::ident(s),
+                    if s == own { " AND job <> $1" } else { "" }
+                )
+            })
+            .collect();
         let sql = format!(
-            "SELECT job, status FROM {} WHERE job <> $1 AND spec_hash = $2
-                AND (walks = $3 OR walks = ANY($4)) ORDER BY updated_at DESC LIMIT 1",
-            self.ctx.store.jobs()
+            "{} ORDER BY updated_at DESC NULLS LAST LIMIT 1",
+            each.join(" UNION ALL ")
         );
         let twin = tx
             .query_opt(&sql, &[&self.ctx.job, &spec_hash, &walks, &earlier])
@@ -319,16 +343,28 @@ impl PgJob {
         let Some(twin) = twin else {
             return Ok(());
         };
-        let (other, status): (String, String) = (twin.get(0), twin.get(1));
+        let (store, other, status): (i32, String, String) = (twin.get(0), twin.get(1), twin.get(2));
+        let store = &stores[store as usize];
         let file = self.spec.file.display();
+        let job = &self.ctx.job;
+        if store != own {
+            return Err(Error::Spec(format!(
+                "{file}: state.schema: job {job} is new to the store {own}, but job {other} \
+                 ({status}) in the store {store} of this database has this same spec \
+                 (statement, where and key over {walks}): the spec's `state.schema` changed, \
+                 or two specs keep one job in two stores. Each store keeps its own checkpoint, \
+                 so {job} would start over from the first key and do every row again. Give \
+                 this spec `state: {{ schema: {store} }}` and `name: {other}` to go on with \
+                 that job (a done one is skipped), or run {job} knowingly with `run --rerun`"
+            )));
+        }
         Err(Error::Spec(format!(
             "{file}: name: job {job} is new to this database, but job {other} ({status}) has \
              this same spec (statement, where and key over {walks}) under its own name: a spec \
              file renamed, or its `name:` changed. The name keys the checkpoint, so {job} would \
              start over from the first key and do every row again. Give this spec `name: \
              {other}` to go on with that job (a done one is skipped), or run {job} knowingly \
-             with `run --rerun`",
-            job = self.ctx.job,
+             with `run --rerun`"
         )))
     }
 

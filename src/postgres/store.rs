@@ -13,6 +13,24 @@ use crate::error::{Error, Result, StopReason};
 use crate::state::{JobState, Status, UnitState};
 use tokio_postgres::Client;
 
+/// The schemas of this database that hold a checkpoint store this session may read (a `jobs`
+/// table with what a job's record needs, beside a `ranges` table).
+pub const STORES: &str = "
+    SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.relname = 'jobs' AND c.relkind IN ('r', 'p')
+       AND has_schema_privilege(n.oid, 'USAGE') AND has_table_privilege(c.oid, 'SELECT')
+       AND (SELECT count(*) FROM pg_attribute a
+             WHERE a.attrelid = c.oid AND NOT a.attisdropped
+               AND a.attname IN ('job', 'status', 'spec_hash', 'walks', 'updated_at')) = 5
+       AND EXISTS (SELECT 1 FROM pg_class r
+                    WHERE r.relnamespace = n.oid AND r.relname = 'ranges')
+     ORDER BY 1";
+
+/// A schema's name as an SQL identifier.
+pub fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
 /// The SQL of the store, for one schema.
 #[derive(Debug, Clone)]
 pub struct Store {
