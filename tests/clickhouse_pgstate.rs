@@ -12,7 +12,7 @@
 //! ends up in the target and in the records, never timings.
 
 mod common;
-use common::ch::ChDb;
+use common::ch::{ChDb, ChServer};
 use common::cluster::{ClusterOpts, PgCluster};
 use common::days::build_days;
 use common::proxy::FaultProxy;
@@ -664,4 +664,48 @@ ch_test! {
         x.drop_db().await;
         y.drop_db().await;
     }
+}
+
+/// Staging and prod: two servers whose database and table have the same names, the state in
+/// one shared `state_url`. The records say `database.table`, not which server: prod's run found
+/// the job done on staging and skipped it (exit 0, prod's target empty). Refused now (exit 2)
+/// before anything is written or skipped, since no ledger of the landed chunks is beside
+/// prod's target; under a name of its own, prod's job runs to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_state_is_refused_on_another_server_with_the_same_names() {
+    let staging = ChDb::new_on(&ChServer::v18(), "twin_server");
+    let prod = staging.same_name_on(&ChServer::current());
+    let pg = TestDb::new("chtwinserver").await;
+    build_days(&staging, 6, 200);
+    build_days(&prod, 6, 200);
+    let (code, out, err) = run(&[&"run", &job_spec(&staging, "shared", &pg.url, "")]);
+    assert_eq!(code, 0, "{}", all_output(&out, &err));
+    assert_eq!(target_digest(&staging), source_digest(&staging));
+    let on_prod = job_spec(&prod, "shared", &pg.url, "");
+    let empty = target_digest(&prod);
+    for (cmd, want) in [("run", 2), ("status", 1), ("reset", 2)] {
+        let (code, out, err) = if cmd == "reset" {
+            run(&[&cmd, &"--yes", &on_prod])
+        } else {
+            run(&[&cmd, &on_prod])
+        };
+        assert_eq!(code, want, "{cmd}: {}", all_output(&out, &err));
+        assert!(
+            err.contains("clickhouse.url") && err.contains("no ledger"),
+            "{cmd}: {}",
+            all_output(&out, &err)
+        );
+    }
+    assert_eq!(target_digest(&prod), empty, "nothing landed on prod");
+    let c = pg.client().await;
+    assert_eq!(
+        pg_chunks(&c, "shared", "done").await.len(),
+        6,
+        "staging's job kept"
+    );
+    let (code, out, err) = run(&[&"run", &job_spec(&prod, "shared_prod", &pg.url, "")]);
+    assert_eq!(code, 0, "{}", all_output(&out, &err));
+    assert_eq!(target_digest(&prod), source_digest(&prod));
+    drop(c);
+    pg.drop_db().await;
 }

@@ -268,7 +268,38 @@ impl ChJob {
     /// in one shared `state_url`; `target` edited mid-job), they would call it done, or
     /// resume it, with chunks that never landed there. Refused, before anything is written
     /// or skipped. (A record from before the target was kept says nothing.)
-    fn same_target(&self, records: &[Record]) -> Result<()> {
+    ///
+    /// The same holds for another server whose database and table have the same names (staging
+    /// and prod with one shared `state_url`): the records do not say which server, but a chunk
+    /// landed with rows leaves the job's ledger beside the target. Records of landed chunks
+    /// with no ledger on this server are another server's (or its ledger was dropped, and
+    /// nothing can tell what of the job is in the target): refused too.
+    async fn same_target(&self, records: &[Record]) -> Result<()> {
+        self.same_target_name(records)?;
+        if !matches!(self.ctx.store, StateStore::Postgres { .. }) {
+            return Ok(());
+        }
+        let landed = records
+            .iter()
+            .filter(|r| !r.chunk.is_empty() && r.status == store::DONE && r.rows > 0)
+            .count();
+        if landed == 0 || !self.ctx.landing.touched().await?.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Spec(format!(
+            "clickhouse.url: the state of job {} says {landed} chunk(s) with rows landed in {}, \
+             but this server holds no ledger of them beside that table ({}): they landed on \
+             another server whose database and table have the same names, sharing this \
+             `state_url` (staging and prod). Give each server's job a name of its own; if this \
+             is the server it ran on and the ledger was dropped, its rows are in the target \
+             already and running it again would land them twice",
+            self.ctx.job,
+            self.target_name(),
+            self.ctx.landing.ledger_name()
+        )))
+    }
+
+    fn same_target_name(&self, records: &[Record]) -> Result<()> {
         let kept = records
             .iter()
             .find(|r| r.chunk == store::JOB_ROW)
@@ -541,7 +572,7 @@ impl Backend for ChJob {
 
     async fn load(&self) -> Result<Option<JobState>> {
         let records = self.ctx.store.records(&self.ctx.job).await?;
-        self.same_target(&records)?;
+        self.same_target(&records).await?;
         Ok(store::job_state(
             &self.ctx.job,
             &records,
@@ -851,7 +882,8 @@ impl Backend for ChJob {
         // Never under a running job: its lock first (exit 75 naming a live runner).
         // Another target's job: its records are not this target's to forget (checked before
         // this target's lock is taken, which a refusal would leave behind).
-        self.same_target(&ctx.store.records(&ctx.job).await?)?;
+        self.same_target(&ctx.store.records(&ctx.job).await?)
+            .await?;
         let l = ctx.take_target(false).await?;
         let records = ctx.store.records(&ctx.job).await?;
         // What a move or attach under way carried is told by its staging table: noted before

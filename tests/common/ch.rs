@@ -294,6 +294,19 @@ impl ChDb {
         }
     }
 
+    /// A database of this one's name on `server` (another server's twin, as staging and prod
+    /// are), its own, dropped when it is dropped.
+    pub fn same_name_on(&self, server: &ChServer) -> ChDb {
+        server.check_up();
+        server.query(None, &format!("CREATE DATABASE {}", self.name));
+        ChDb {
+            url: format!("{}/{}", server.url, self.name),
+            name: self.name.clone(),
+            dir: tempfile::tempdir().expect("tempdir"),
+            server: server.clone(),
+        }
+    }
+
     /// Run a statement in this database; panics if it fails.
     pub fn q(&self, sql: &str) -> String {
         self.server.query(Some(&self.name), sql)

@@ -51,6 +51,11 @@ impl Landing {
         self.q(&format!("{}_ledger", self.prefix))
     }
 
+    /// The ledger's name, for messages.
+    pub fn ledger_name(&self) -> String {
+        self.ledger().replace('`', "")
+    }
+
     pub(super) fn create_ledger(&self) -> String {
         format!(
             "CREATE TABLE IF NOT EXISTS {} (partition String, base_rows UInt64,
