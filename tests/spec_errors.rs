@@ -433,3 +433,20 @@ fn validate_refuses_two_specs_with_one_job_name() {
     let (code, out, err) = run(&[&"validate", &a, &dot]);
     assert_eq!(code, 0, "{out}{err}");
 }
+
+/// A YAML tag the spec does not know is refused, not dropped: `table: !include t.sql` was read
+/// as the table `t.sql`. YAML's own tags still read as written.
+#[test]
+fn an_unknown_tag_is_refused() {
+    check(
+        &GOOD.replace("  table: t\n", "  table: !include t.sql\n"),
+        Some(3),
+        "",
+        "unsupported tag `!include`",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.yaml");
+    std::fs::write(&path, GOOD.replace("  table: t\n", "  table: !!str t\n")).unwrap();
+    let (code, out, err) = run(&[&"validate", &path]);
+    assert_eq!(code, 0, "{out}{err}");
+}

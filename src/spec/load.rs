@@ -99,7 +99,10 @@ fn parse_yaml(path: &Path, text: &str) -> Result<RawSpec> {
         )));
     }
     let mut field = String::new();
-    let parsed = serde_saphyr::with_deserializer_from_str(text, |de| {
+    // A tag the spec does not know (`table: !include t.sql`) is an error, never dropped: the
+    // value under it was read as plain text, and `!include` named the table `t.sql`.
+    let options = serde_saphyr::options! { reject_unsupported_tags: true };
+    let parsed = serde_saphyr::with_deserializer_from_str_with_options(text, options, |de| {
         serde_path_to_error::deserialize::<_, RawSpec>(de).map_err(|e| {
             field = e.path().to_string();
             e.into_inner()
