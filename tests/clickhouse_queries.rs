@@ -4,6 +4,9 @@
 //! 25 of them, 270 MiB each): the next runner of the job kills them once it holds the target,
 //! and a second SIGTERM kills the runner's own before it exits.
 //!
+//! A runner frozen past its heartbeat and woken after a takeover leaves the chunk to the runner
+//! that took over: its staging tables are its own.
+//!
 //! The statement sleeps per row (`sleepEachRow`, one row per block), so a chunk insert runs for
 //! a minute unless something ends it. Asserts which queries run on the server and what the
 //! target holds, never timings.
@@ -11,7 +14,7 @@
 mod common;
 use common::ch::{ChDb, ChServer};
 use common::run;
-use common::runner::spawn;
+use common::runner::{in_own_pid_namespace, spawn, spawn_cmd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -146,5 +149,78 @@ ch_test! {
         assert_eq!(code, 0, "{}", all_output(&out, &err));
         assert_eq!(db.num("SELECT count() FROM out"), 120);
         assert_eq!(db.num("SELECT uniqExact(k) FROM out"), 120);
+    }
+}
+
+ch_test! {
+    /// A runner frozen past its heartbeat (a paused VM; here SIGSTOP, in a pid namespace of its
+    /// own so that the next runner judges it by its heartbeat alone) has its chunk insert
+    /// killed by the runner that takes the target over. Woken, its failed insert's clean-up
+    /// and retry dropped and re-created the chunk's staging table, which the other runner was
+    /// inserting into: that one found no parts, recorded the month done with 0 rows and exited
+    /// 0. Each runner's staging tables are now its own, and a runner that lost the target
+    /// stops before another insert.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_frozen_runner_woken_after_a_takeover_leaves_the_chunk_alone(srv) {
+        let db = ChDb::new_on(&srv, "frozen");
+        build(&db, 0.5);
+        let spec = spec(&db, &srv, "frozen");
+        let mut cmd = common::backfill();
+        cmd.arg("run").arg(&spec);
+        let mut a = spawn_cmd(db.dir.path(), "a", in_own_pid_namespace(&cmd));
+        a.wait_until(
+            "runner A's chunk insert to run",
+            Duration::from_secs(60),
+            Duration::from_millis(20),
+            async || engine_queries(&db) == 1,
+        )
+        .await;
+        // Freeze A's whole namespace (unshare and the runner): no heartbeat from here on.
+        let parent = a.child.id().to_string();
+        let signal = |sig: &str| {
+            let st = std::process::Command::new("pkill")
+                .args([sig, "-P", &parent])
+                .status()
+                .unwrap();
+            assert!(st.success(), "pkill {sig}");
+        };
+        signal("-STOP");
+        // B's insert is quicker (6 s); it starts once A's heartbeat is older than the TTL.
+        db.q("INSERT INTO ctl VALUES (2, 0.05)");
+        tokio::time::sleep(Duration::from_secs(33)).await;
+        let mut b = spawn(db.dir.path(), "b", &[], &spec);
+        let b_err = b.stderr_path().to_path_buf();
+        b.wait_until(
+            "runner B to take over and kill A's insert",
+            Duration::from_secs(60),
+            Duration::from_millis(20),
+            async || {
+                std::fs::read_to_string(&b_err)
+                    .unwrap_or_default()
+                    .contains("still running on the server")
+            },
+        )
+        .await;
+        b.wait_until(
+            "runner B's own insert to run",
+            Duration::from_secs(60),
+            Duration::from_millis(20),
+            async || engine_queries(&db) == 1,
+        )
+        .await;
+        signal("-CONT");
+        let (code_b, out_b, err_b) = b.finish(Duration::from_secs(120)).await;
+        let (code_a, out_a, err_a) = a.finish(Duration::from_secs(120)).await;
+        let all = format!(
+            "a:\n{}\nb:\n{}",
+            all_output(&out_a, &err_a),
+            all_output(&out_b, &err_b)
+        );
+        assert_eq!(code_b, 0, "{all}");
+        assert_eq!(code_a, 75, "{all}");
+        assert_eq!(db.num("SELECT count() FROM out"), 120, "{all}");
+        assert_eq!(db.num("SELECT uniqExact(k) FROM out"), 120, "{all}");
+        let month = db.record("frozen", "2025-11").expect("the month's record");
+        assert_eq!((month.status.as_str(), month.rows), ("done", 120), "{all}");
     }
 }

@@ -55,6 +55,17 @@ fn host_tag() -> String {
     hex::encode(&Sha256::digest(here.as_bytes())[..4])
 }
 
+/// This process among every runner of the job, ever: its host, pid namespace, pid and start.
+fn runner_tag() -> String {
+    use sha2::{Digest, Sha256};
+    let me = format!(
+        "{}:{}",
+        super::lock::me(),
+        chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)
+    );
+    hex::encode(&Sha256::digest(me.as_bytes())[..4])
+}
+
 /// Partition id -> (rows, highest block number) of a table's active parts, summed.
 pub type Parts = HashMap<String, (u64, i64)>;
 
@@ -74,6 +85,8 @@ pub struct Landing {
     kept: std::sync::atomic::AtomicBool,
     /// Whether the ledger has the columns of a move under way (see `ledger`).
     moving_columns: ledger::Columns,
+    /// This process's part of its staging tables' names (8 hex digits).
+    runner: String,
 }
 
 impl Landing {
@@ -94,6 +107,7 @@ impl Landing {
             target_name: t,
             kept: Default::default(),
             moving_columns: Default::default(),
+            runner: runner_tag(),
         }
     }
 
@@ -145,14 +159,23 @@ impl Landing {
     }
 
     /// Chunk `chunk`'s staging table, for `{target}` in its statement: the chunk's own, not its
-    /// worker's. A chunk staged by a run that was killed is landed by whichever worker claims it
-    /// next, from the table its record names, while the other workers insert new chunks: with
-    /// one table per worker, a new chunk's insert emptied and refilled the staged chunk's table,
-    /// and its replay landed the wrong rows under the staged chunk's record.
+    /// worker's, and this runner's. A chunk staged by a run that was killed is landed by
+    /// whichever worker claims it next, from the table its record names, while the other
+    /// workers insert new chunks: with one table per worker, a new chunk's insert emptied and
+    /// refilled the staged chunk's table, and its replay landed the wrong rows under the staged
+    /// chunk's record. With one table per chunk shared by runners, a runner that had lost the
+    /// target (frozen past its heartbeat, then woken) dropped and re-created the table the
+    /// runner that took over was inserting the same chunk into: that one then found no parts,
+    /// and recorded the chunk done with 0 rows.
     pub fn staging(&self, chunk: &str) -> String {
         use sha2::{Digest, Sha256};
         let h = Sha256::digest(chunk.as_bytes());
-        self.q(&format!("{}_s_{}", self.prefix, hex::encode(&h[..8])))
+        self.q(&format!(
+            "{}_s_{}_{}",
+            self.prefix,
+            hex::encode(&h[..8]),
+            self.runner
+        ))
     }
 
     /// The preflight's throwaway table, where the statement is tried with nothing to insert:
@@ -355,6 +378,22 @@ impl Landing {
         Ok(!table_rows(&self.client, &sql, "looking for a table")
             .await?
             .is_empty())
+    }
+
+    /// `parts` of a chunk's staging table after its insert: the table must still be there (a
+    /// table gone has no parts, which read as a chunk of no rows).
+    pub async fn staged_parts(&self, staging: &str) -> Result<Parts> {
+        let parts = self.parts(staging).await?;
+        if parts.is_empty() && !self.exists(staging).await? {
+            return Err(Error::Db {
+                message: format!(
+                    "the staging table {staging} is gone after its insert (dropped by another \
+                     runner or a reset): the chunk runs again"
+                ),
+                kind: DbErrorKind::Transient,
+            });
+        }
+        Ok(parts)
     }
 
     /// Active parts of `table` by partition id: (rows, highest block number).

@@ -195,7 +195,7 @@ impl TargetLock {
         match self.target.verify().await? {
             true => Ok(()),
             false => Err(Error::Stopped(StopReason::LockHeld(
-                "another runner took over the target's lock".into(),
+                "another runner, which took over the target's lock".into(),
             ))),
         }
     }

@@ -236,6 +236,9 @@ impl ChWorker {
             .statement
             .replace("{target}", &staging)
             .replace("{chunk}", &c.predicate(spec, &ctx.kinds()));
+        // A runner that lost the target (frozen past its heartbeat, its insert killed by the
+        // one that took over) goes no further: not even into a table of its own.
+        ctx.check_lock().await?;
         ctx.landing.fresh(&staging).await?;
         // The lighter settings come last: where both set one, theirs wins.
         let capped = ctx.capped.get().map_or(&[][..], Vec::as_slice);
@@ -304,7 +307,7 @@ impl ChWorker {
             return Err(e);
         }
         self.light_next = false;
-        let parts = ctx.landing.parts(&staging).await?;
+        let parts = ctx.landing.staged_parts(&staging).await?;
         let mut partitions: Vec<String> = parts.keys().cloned().collect();
         partitions.sort();
         let own: Vec<u64> = partitions.iter().map(|p| parts[p].0).collect();

@@ -3,7 +3,7 @@
 //! another's: the job part is the name itself when it is only ASCII letters, digits and `_`,
 //! else those characters (others as `_`) plus a hash of the exact name (`fill-x` and `fill.x`
 //! once both became `fill_x`); and a lookup matches a whole name of one of the job's own forms
-//! (`<prefix>_s_<16 hex>`, `<prefix>_check_<8 hex>_<pid>`), never a bare prefix (`fill`'s
+//! (`<prefix>_s_<16 hex>_<8 hex>`, `<prefix>_check_<8 hex>_<pid>`), never a bare prefix (`fill`'s
 //! staging tables once matched `fill_s2`'s base table).
 
 use super::super::client::literal;
@@ -44,9 +44,10 @@ pub fn starts_then(start: &str, rest: &str) -> String {
     )
 }
 
-/// Staging tables: `<prefix>_s_<16 hex>`.
+/// Staging tables: `<prefix>_s_<16 hex>_<8 hex>` (the chunk's, then the runner's; earlier
+/// versions' without the runner's).
 pub fn staging_tables(prefix: &str) -> String {
-    starts_then(&format!("{prefix}_s_"), "[0-9a-f]{16}")
+    starts_then(&format!("{prefix}_s_"), "[0-9a-f]{16}(_[0-9a-f]{8})?")
 }
 
 /// Preflight check tables: `<prefix>_check_<8 hex>_<pid>`.
