@@ -16,7 +16,7 @@ use common::ch::{ChDb, ChServer};
 use common::cluster::{ClusterOpts, PgCluster};
 use common::days::build_days;
 use common::proxy::FaultProxy;
-use common::runner::{spawn, wait_runner_sessions_gone};
+use common::runner::{in_own_pid_namespace, spawn, spawn_cmd, wait_runner_sessions_gone};
 use common::{TestDb, path_str, run};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -708,4 +708,36 @@ async fn a_shared_state_is_refused_on_another_server_with_the_same_names() {
     assert_eq!(target_digest(&prod), source_digest(&prod));
     drop(c);
     pg.drop_db().await;
+}
+
+ch_test! {
+    /// A runner killed in another container (here: a pid namespace of its own) leaves the
+    /// target's lock table with a fresh heartbeat. The next run exited 75 until that heartbeat
+    /// was 30 s old, each try using up one of a Kubernetes Job's retries; it now waits,
+    /// watching the heartbeat, takes over once the TTL has passed, and finishes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_next_run_after_a_kill_in_another_container_waits_and_takes_over(srv) {
+        let db = ChDb::new_on(&srv, "pgotherns");
+        let pg = TestDb::new("chstate_otherns").await;
+        let c = pg.client().await;
+        build_days(&db, 30, 2000);
+        let reference = source_digest(&db);
+        let spec = job_spec(&db, "otherns", &pg.url, "");
+        let mut cmd = common::backfill();
+        cmd.arg("run").arg(&spec);
+        let mut a = spawn_cmd(db.dir.path(), "a", in_own_pid_namespace(&cmd));
+        a.wait_until(
+            "a chunk to be done",
+            Duration::from_secs(120),
+            Duration::from_millis(10),
+            async || !pg_chunks(&c, "otherns", "done").await.is_empty(),
+        )
+        .await;
+        a.kill();
+        let (code, out, err) = run(&[&"run", &spec]);
+        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        assert_eq!(target_digest(&db), reference);
+        drop(c);
+        pg.drop_db().await;
+    }
 }

@@ -175,8 +175,11 @@ async fn append(
     exec(client, &sql, "writing the target's lock").await
 }
 
-/// Who keeps `job` out of the target right now, if anyone: another job, or a live runner of
-/// this one. Reads only.
+/// Who keeps `job` out of the target right now, if anyone: another job, or a runner of this
+/// one that is certainly running here. Reads only. A runner of this job that this process
+/// cannot see (another host or container) with a heartbeat younger than `TTL` is left to
+/// `acquire`, which watches its heartbeat: a killed pod's successor then takes over once the
+/// TTL has passed, where this check made it exit 75 until then.
 /// `done`: whether a job is done (see `acquire`).
 pub async fn held_by_other(
     client: &Client,
@@ -193,8 +196,8 @@ pub async fn held_by_other(
              it keeps the target until it is done or `backfill reset`",
             h.job, h.runner
         )),
-        Some(h) if !h.dead() => Some(format!(
-            "runner {} (its heartbeat is {}s old)",
+        Some(h) if !h.dead() && alive_here(&h.runner) => Some(format!(
+            "runner {} on this host, running (its heartbeat is {}s old)",
             h.runner, h.age
         )),
         _ => None,
