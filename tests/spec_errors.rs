@@ -450,3 +450,24 @@ fn an_unknown_tag_is_refused() {
     let (code, out, err) = run(&[&"validate", &path]);
     assert_eq!(code, 0, "{out}{err}");
 }
+
+/// The engine names every chunk insert itself (to find and kill what a killed runner left
+/// running): a `query_id` among the spec's settings is refused where it is written.
+#[test]
+fn a_query_id_among_the_clickhouse_settings_is_refused() {
+    check(
+        "clickhouse:
+  url: http://default@127.0.0.1:8123/db
+  source: src
+  time_column: ts
+  target: dst
+  settings:
+    max_threads: 2
+    query_id: fixed
+  statement: INSERT INTO {target} SELECT * FROM src WHERE {chunk}
+",
+        Some(8),
+        "clickhouse.settings.query_id",
+        "set by the engine",
+    );
+}

@@ -133,10 +133,20 @@ pub(super) fn validate(cx: &mut Ctx, ch: &Spanned<RawClickhouse>) -> Result<Clic
              is inserted, not the target; to read the target in the statement, write its name",
         );
     }
+    // The engine names each chunk insert (`query_id`, the job's prefix and the runner's) to
+    // find and kill what a lost runner left running: a fixed one would collide with itself.
+    if let Some(v) = c.settings.get("query_id") {
+        return cx.at(
+            v,
+            "clickhouse.settings.query_id",
+            "is set by the engine on every chunk insert (backfill-<job>-<runner>-<n>), to find \
+             and kill what a killed runner left running; leave it out",
+        );
+    }
     let settings = c
         .settings
         .iter()
-        .map(|(k, v)| (k.clone(), v.as_text()))
+        .map(|(k, v)| (k.clone(), v.value.as_text()))
         .collect();
     let verify = match &c.verify {
         Some(v) => {

@@ -61,7 +61,7 @@ pub struct RawClickhouse {
     pub chunks: Option<Spanned<Vec<ChunkLevel>>>,
     pub target: Spanned<String>,
     #[serde(default)]
-    pub settings: std::collections::BTreeMap<String, SettingValue>,
+    pub settings: std::collections::BTreeMap<String, Spanned<SettingValue>>,
     pub statement: Spanned<String>,
     pub verify: Option<Spanned<String>>,
     /// Land although materialized views read from the target (they do not see the chunks).
