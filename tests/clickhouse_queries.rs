@@ -112,6 +112,12 @@ ch_test! {
         let (code, out, err) = run(&[&"run", &spec]);
         assert_eq!(code, 0, "{}", all_output(&out, &err));
         assert!(err.contains("still running on the server"), "{}", all_output(&out, &err));
+        // The killed runner's staging table went too, at the start, not at the job's end.
+        assert!(
+            err.contains("dropped 1 staging table(s)"),
+            "{}",
+            all_output(&out, &err)
+        );
         assert_eq!(engine_queries(&db), 0, "the killed runner's insert was left running");
         assert_eq!(db.num("SELECT count() FROM out"), 120);
         assert_eq!(db.num("SELECT uniqExact(k) FROM out"), 120);

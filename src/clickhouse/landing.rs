@@ -380,6 +380,41 @@ impl Landing {
             .is_empty())
     }
 
+    /// Drop the staging tables that runners which lost the target left (killed, or taken over
+    /// from): with tables of its own per runner, the next runner no longer re-creates them,
+    /// and each could hold a chunk's rows until the job's end. Called with the target's lock
+    /// held. Kept: this runner's, those `named` by a record (a staged chunk lands from its
+    /// table), and those a landing under way noted in the ledger (what it carried is told by
+    /// its table).
+    pub async fn drop_strays(&self, named: &std::collections::HashSet<String>) -> Result<usize> {
+        let sql = format!(
+            "SELECT name FROM system.tables WHERE database = {} AND {}",
+            literal(&self.db),
+            names::staging_tables(&self.prefix),
+        );
+        let found = table_rows(&self.client, &sql, "finding the job's staging tables").await?;
+        if found.is_empty() {
+            return Ok(0);
+        }
+        let noted: std::collections::HashSet<String> = self
+            .touched()
+            .await?
+            .into_values()
+            .map(|t| t.moving_from)
+            .collect();
+        let mine = format!("_{}", self.runner);
+        let mut dropped = 0;
+        for n in found.iter().filter_map(|r| r.first()) {
+            let table = self.q(n);
+            if n.ends_with(&mine) || named.contains(&table) || noted.contains(&table) {
+                continue;
+            }
+            self.drop(&table).await?;
+            dropped += 1;
+        }
+        Ok(dropped)
+    }
+
     /// `parts` of a chunk's staging table after its insert: the table must still be there (a
     /// table gone has no parts, which read as a chunk of no rows).
     pub async fn staged_parts(&self, staging: &str) -> Result<Parts> {

@@ -489,6 +489,14 @@ impl ChJob {
         let row = store::job_row(spec_hash, "running", &def, started);
         ctx.put_again(&[&row]).await?;
         let records = ctx.store.records(&ctx.job).await?;
+        let named: std::collections::HashSet<String> =
+            records.iter().map(|r| r.staging.clone()).collect();
+        let strays = ctx.landing.drop_strays(&named).await?;
+        if strays > 0 {
+            tracing::info!(
+                "dropped {strays} staging table(s) that runners which lost the target left"
+            );
+        }
         let top = self.top(range).await?;
         let order = match ctx.workers.load(std::sync::atomic::Ordering::Relaxed) {
             0 | 1 => tree::Order::Time,
