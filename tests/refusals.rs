@@ -419,6 +419,15 @@ async fn a_spec_whose_state_schema_changed_is_not_a_new_job() {
         "INSERT INTO dst SELECT id FROM src WHERE id = ANY($1)",
         "",
     );
+    // An application's own `jobs` and `ranges` tables, of other types, are not a store.
+    c.batch_execute(
+        "CREATE SCHEMA app;
+         CREATE TABLE app.jobs (job bigint, status int, spec_hash bytea, walks int,
+                                updated_at bigint);
+         CREATE TABLE app.ranges (id int);",
+    )
+    .await
+    .unwrap();
     let spec = db.spec("copy.yaml", &body);
     let (code, out, err) = run(&[&"run", &spec]);
     assert_eq!(code, 0, "{out}\n{err}");
