@@ -89,12 +89,12 @@ fn rows_of_days(db: &ChDb, days: &[String]) -> u64 {
     ))
 }
 
-/// The ClickHouse tables besides the source, the target, and the base and ledger the job keeps
-/// next to the target.
+/// The ClickHouse tables besides the source, the target, and the base, ledger and home mark the
+/// job keeps next to the target.
 fn other_tables(db: &ChDb) -> Vec<String> {
     db.tables()
         .into_iter()
-        .filter(|t| !t.ends_with("_base") && !t.ends_with("_ledger"))
+        .filter(|t| !t.ends_with("_base") && !t.ends_with("_ledger") && !t.ends_with("_home"))
         .filter(|t| t != "runs" && t != "agg")
         .collect()
 }
@@ -669,8 +669,10 @@ ch_test! {
 /// Staging and prod: two servers whose database and table have the same names, the state in
 /// one shared `state_url`. The records say `database.table`, not which server: prod's run found
 /// the job done on staging and skipped it (exit 0, prod's target empty). Refused now (exit 2)
-/// before anything is written or skipped, since no ledger of the landed chunks is beside
-/// prod's target; under a name of its own, prod's job runs to the end.
+/// before anything is written or skipped: the job's record names the home mark staging noted
+/// beside its target, and prod holds none. A reset from prod forgets staging's records (with a
+/// warning): staging's next run restores its target and lands every chunk once more, never on
+/// top of what it had landed. Under a name of its own, prod's job runs to the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_state_is_refused_on_another_server_with_the_same_names() {
     let staging = ChDb::new_on(&ChServer::v18(), "twin_server");
@@ -678,20 +680,17 @@ async fn a_shared_state_is_refused_on_another_server_with_the_same_names() {
     let pg = TestDb::new("chtwinserver").await;
     build_days(&staging, 6, 200);
     build_days(&prod, 6, 200);
-    let (code, out, err) = run(&[&"run", &job_spec(&staging, "shared", &pg.url, "")]);
+    let on_staging = job_spec(&staging, "shared", &pg.url, "");
+    let (code, out, err) = run(&[&"run", &on_staging]);
     assert_eq!(code, 0, "{}", all_output(&out, &err));
     assert_eq!(target_digest(&staging), source_digest(&staging));
     let on_prod = job_spec(&prod, "shared", &pg.url, "");
     let empty = target_digest(&prod);
-    for (cmd, want) in [("run", 2), ("status", 1), ("reset", 2)] {
-        let (code, out, err) = if cmd == "reset" {
-            run(&[&cmd, &"--yes", &on_prod])
-        } else {
-            run(&[&cmd, &on_prod])
-        };
+    for (cmd, want) in [("run", 2), ("status", 1)] {
+        let (code, out, err) = run(&[&cmd, &on_prod]);
         assert_eq!(code, want, "{cmd}: {}", all_output(&out, &err));
         assert!(
-            err.contains("clickhouse.url") && err.contains("no ledger"),
+            err.contains("clickhouse.url") && err.contains("holds no mark"),
             "{cmd}: {}",
             all_output(&out, &err)
         );
@@ -703,10 +702,58 @@ async fn a_shared_state_is_refused_on_another_server_with_the_same_names() {
         6,
         "staging's job kept"
     );
+    let (code, out, err) = run(&[&"reset", &"--yes", &on_prod]);
+    assert_eq!(code, 0, "{}", all_output(&out, &err));
+    assert!(err.contains("forgetting them all the same"), "{err}");
+    assert_eq!(
+        target_digest(&prod),
+        empty,
+        "the reset changed nothing on prod"
+    );
+    let (code, out, err) = run(&[&"run", &on_staging]);
+    assert_eq!(code, 0, "{}", all_output(&out, &err));
+    assert_eq!(
+        target_digest(&staging),
+        source_digest(&staging),
+        "staging's job started over without landing twice"
+    );
     let (code, out, err) = run(&[&"run", &job_spec(&prod, "shared_prod", &pg.url, "")]);
     assert_eq!(code, 0, "{}", all_output(&out, &err));
     assert_eq!(target_digest(&prod), source_digest(&prod));
     drop(c);
+    pg.drop_db().await;
+}
+
+/// The same, where prod had run part of the job itself before (here: with its state in
+/// ClickHouse, while its source held one day): its ledger notes every partition of the target,
+/// as any landed chunk would. Checking that a ledger exists, or that it notes the partitions
+/// the records name, let prod's run through: "skipped (already done)", with one day of six in
+/// prod's target. The home mark tells the runs apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_state_is_refused_on_a_server_that_ran_part_of_the_job_itself() {
+    let staging = ChDb::new_on(&ChServer::v18(), "twin_part");
+    let prod = staging.same_name_on(&ChServer::current());
+    let pg = TestDb::new("chtwinpart").await;
+    build_days(&staging, 6, 200);
+    build_days(&prod, 1, 200);
+    let (code, out, err) = run(&[&"run", &spec_file(&prod, "own", "shared", None, "")]);
+    assert_eq!(code, 0, "{}", all_output(&out, &err));
+    let one_day = target_digest(&prod);
+    assert_eq!(one_day, source_digest(&prod));
+    prod.q("DROP TABLE runs");
+    common::days::build_runs(&prod, 6, 200);
+    assert_eq!(source_digest(&prod), source_digest(&staging));
+    let (code, out, err) = run(&[&"run", &job_spec(&staging, "shared", &pg.url, "")]);
+    assert_eq!(code, 0, "{}", all_output(&out, &err));
+    let on_prod = job_spec(&prod, "shared", &pg.url, "");
+    let (code, out, err) = run(&[&"run", &on_prod]);
+    assert_eq!(code, 2, "{}", all_output(&out, &err));
+    assert!(err.contains("holds no mark"), "{}", all_output(&out, &err));
+    assert_eq!(
+        target_digest(&prod),
+        one_day,
+        "nothing landed or skipped on prod"
+    );
     pg.drop_db().await;
 }
 

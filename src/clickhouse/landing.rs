@@ -31,6 +31,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 mod arrivals;
+mod home;
+pub use home::new_token;
 mod ledger;
 pub use ledger::Touched;
 mod names;

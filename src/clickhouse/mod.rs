@@ -34,6 +34,7 @@ use chunks::Kinds;
 use client::{Db, Server, exec};
 use landing::Landing;
 use state::{StateStore, TargetLock};
+use std::collections::BTreeSet;
 use std::sync::{Arc, OnceLock};
 use store::Record;
 use tokio::sync::Mutex;
@@ -270,33 +271,102 @@ impl ChJob {
     /// or skipped. (A record from before the target was kept says nothing.)
     ///
     /// The same holds for another server whose database and table have the same names (staging
-    /// and prod with one shared `state_url`): the records do not say which server, but a chunk
-    /// landed with rows leaves the job's ledger beside the target. Records of landed chunks
-    /// with no ledger on this server are another server's (or its ledger was dropped, and
-    /// nothing can tell what of the job is in the target): refused too.
+    /// and prod with one shared `state_url`): the records do not name the server, so a job
+    /// kept in Postgres notes a token in its home mark beside the target before its record
+    /// names it (`landing/home.rs`), and records naming a token this server lacks are another
+    /// server's: refused too. The ledger alone could not tell: this server's ledger may hold
+    /// what an earlier, cut-short run of its own noted while the job was finished on the other
+    /// server. Records from before the mark was kept fall back to it, partition by partition.
     async fn same_target(&self, records: &[Record]) -> Result<()> {
         self.same_target_name(records)?;
+        self.same_server(records).await
+    }
+
+    /// The server half of `same_target`.
+    async fn same_server(&self, records: &[Record]) -> Result<()> {
         if !matches!(self.ctx.store, StateStore::Postgres { .. }) {
             return Ok(());
         }
-        let landed = records
+        if let Some(kept) = kept_home(records) {
+            if self.ctx.landing.homes().await?.contains(&kept) {
+                return Ok(());
+            }
+            return Err(Error::Spec(format!(
+                "clickhouse.url: the state of job {} belongs to a run on another server whose \
+                 database and table have the same names ({}), sharing this `state_url` \
+                 (staging and prod): this server holds no mark {kept} in {}. Give each \
+                 server's job a name of its own. If this is the server it ran on and the job's \
+                 tables beside the target were dropped, nothing can tell what of the job is in \
+                 the target: `backfill reset` it (the run that started it then lands every \
+                 chunk again from what its target held before)",
+                self.ctx.job,
+                self.target_name(),
+                self.ctx.landing.home_name()
+            )));
+        }
+        // A record from before the job kept its home mark: the ledger says what landed here.
+        let landed: Vec<&Record> = records
             .iter()
             .filter(|r| !r.chunk.is_empty() && r.status == store::DONE && r.rows > 0)
-            .count();
-        if landed == 0 || !self.ctx.landing.touched().await?.is_empty() {
+            .collect();
+        if landed.is_empty() {
             return Ok(());
         }
+        let ledger = self.ctx.landing.touched().await?;
+        // A record from before partitions were kept names none: any ledger at all then.
+        let unnoted: BTreeSet<&str> = landed
+            .iter()
+            .flat_map(|r| {
+                let rows = r.part_rows.iter().copied().chain(std::iter::repeat(1));
+                r.partitions.iter().zip(rows).filter(|(_, n)| *n > 0)
+            })
+            .map(|(p, _)| p.as_str())
+            .filter(|p| !ledger.contains_key(*p))
+            .collect();
+        let bare = landed.iter().any(|r| r.partitions.is_empty()) && ledger.is_empty();
+        if unnoted.is_empty() && !bare {
+            return Ok(());
+        }
+        if let Some(legacy) = self.ctx.landing.legacy_tables().await? {
+            return Err(self.ctx.landing.legacy_refusal(&legacy, &self.ctx.job));
+        }
+        let which = if unnoted.is_empty() {
+            "its chunks".to_string()
+        } else {
+            format!(
+                "partition(s) {}",
+                unnoted.iter().copied().collect::<Vec<_>>().join(", ")
+            )
+        };
         Err(Error::Spec(format!(
-            "clickhouse.url: the state of job {} says {landed} chunk(s) with rows landed in {}, \
-             but this server holds no ledger of them beside that table ({}): they landed on \
-             another server whose database and table have the same names, sharing this \
-             `state_url` (staging and prod). Give each server's job a name of its own; if this \
-             is the server it ran on and the ledger was dropped, its rows are in the target \
+            "clickhouse.url: the state of job {} says {} chunk(s) with rows landed in {}, \
+             but this server's ledger beside that table ({}) holds no note of {which}: they \
+             landed on another server whose database and table have the same names, sharing \
+             this `state_url` (staging and prod). Give each server's job a name of its own; if \
+             this is the server it ran on and the ledger was dropped, its rows are in the target \
              already and running it again would land them twice",
             self.ctx.job,
+            landed.len(),
             self.target_name(),
             self.ctx.landing.ledger_name()
         )))
+    }
+
+    /// The token of the job's home mark (state in Postgres only, see `same_target`): the one
+    /// its record keeps when this server holds it, else a new one, noted on this server before
+    /// the job's record names it.
+    async fn home(&self, records: &[Record]) -> Result<Option<String>> {
+        if !matches!(self.ctx.store, StateStore::Postgres { .. }) {
+            return Ok(None);
+        }
+        if let Some(kept) = kept_home(records)
+            && self.ctx.landing.homes().await?.contains(&kept)
+        {
+            return Ok(Some(kept));
+        }
+        let token = landing::new_token();
+        self.ctx.landing.note_home(&token).await?;
+        Ok(Some(token))
     }
 
     fn same_target_name(&self, records: &[Record]) -> Result<()> {
@@ -481,6 +551,9 @@ impl ChJob {
         };
         def["target"] = serde_json::Value::String(self.target_name());
         def["cut"] = serde_json::Value::String(self.cut());
+        if let Some(home) = self.home(&records).await? {
+            def["home"] = serde_json::Value::String(home);
+        }
         let def = def.to_string();
         let started = records
             .iter()
@@ -892,8 +965,20 @@ impl Backend for ChJob {
         // Never under a running job: its lock first (exit 75 naming a live runner).
         // Another target's job: its records are not this target's to forget (checked before
         // this target's lock is taken, which a refusal would leave behind).
-        self.same_target(&ctx.store.records(&ctx.job).await?)
-            .await?;
+        // Another server's records (a `state_url` shared by servers whose database and table
+        // have the same names) are forgotten all the same: nothing of them is in this target,
+        // and the server they belong to restores its own and starts the job over when it next
+        // runs it. A reset is the way out when this server's tables of the job were dropped.
+        let before = ctx.store.records(&ctx.job).await?;
+        self.same_target_name(&before)?;
+        if let Err(e) = self.same_server(&before).await {
+            tracing::warn!("{e}");
+            tracing::warn!(
+                "forgetting them all the same: the server that ran job {} restores its target \
+                 and starts the job over when it next runs it",
+                ctx.job
+            );
+        }
         let l = ctx.take_target(false).await?;
         let records = ctx.store.records(&ctx.job).await?;
         // What a move or attach under way carried is told by its staging table: noted before
@@ -944,4 +1029,12 @@ fn fixed(records: &[Record]) -> Option<(NaiveDate, NaiveDate)> {
     let v = serde_json::from_str::<serde_json::Value>(&r.def).ok()?;
     let day = |k: &str| v[k].as_str()?.parse::<NaiveDate>().ok();
     Some((day("from")?, day("to")?))
+}
+
+/// The home-mark token the job's record keeps (none before the mark was kept, or with the
+/// state in ClickHouse).
+fn kept_home(records: &[Record]) -> Option<String> {
+    let r = records.iter().find(|r| r.chunk == store::JOB_ROW)?;
+    let v = serde_json::from_str::<serde_json::Value>(&r.def).ok()?;
+    v["home"].as_str().map(str::to_string)
 }
