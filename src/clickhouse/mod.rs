@@ -295,10 +295,11 @@ impl ChJob {
                 "clickhouse.url: the state of job {} belongs to a run on another server whose \
                  database and table have the same names ({}), sharing this `state_url` \
                  (staging and prod): this server holds no mark {kept} in {}. Give each \
-                 server's job a name of its own. If this is the server it ran on and the job's \
-                 tables beside the target were dropped, nothing can tell what of the job is in \
-                 the target: `backfill reset` it (the run that started it then lands every \
-                 chunk again from what its target held before)",
+                 server's job a name of its own (`backfill reset` here forgets the other \
+                 server's records; its next run there starts the job over). If this is the \
+                 server the job ran on and its tables beside the target were dropped, its rows \
+                 are in the target with nothing left to tell which: a new run, even after a \
+                 reset, would land them again on top",
                 self.ctx.job,
                 self.target_name(),
                 self.ctx.landing.home_name()
@@ -342,9 +343,10 @@ impl ChJob {
             "clickhouse.url: the state of job {} says {} chunk(s) with rows landed in {}, \
              but this server's ledger beside that table ({}) holds no note of {which}: they \
              landed on another server whose database and table have the same names, sharing \
-             this `state_url` (staging and prod). Give each server's job a name of its own; if \
-             this is the server it ran on and the ledger was dropped, its rows are in the target \
-             already and running it again would land them twice",
+             this `state_url` (staging and prod). Give each server's job a name of its own \
+             (`backfill reset` here forgets the other server's records). If this is the server \
+             it ran on and the ledger was dropped, its rows are in the target already: a new \
+             run, even after a reset, would land them again on top",
             self.ctx.job,
             landed.len(),
             self.target_name(),
