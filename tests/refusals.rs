@@ -386,6 +386,30 @@ async fn a_renamed_spec_is_not_a_new_job() {
         1000,
         "nothing doubled"
     );
+    // Renamed and laid out anew, its table schema-qualified: the same spec all the same (it
+    // was compared as written, so this one ran again from the first key).
+    let laid_out = db.spec(
+        "copy_c.yaml",
+        &job(
+            &db.url,
+            "public.src",
+            "id",
+            "",
+            "insert into dst\\n  select id from src   -- the batch's keys\\n   where id = any($1)",
+            "",
+        ),
+    );
+    let (code, out, err) = run(&[&"run", &laid_out]);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(
+        err.contains("job copy_c is new") && err.contains("job copy_a (done)"),
+        "{err}"
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM dst").await,
+        1000,
+        "nothing doubled"
+    );
     // Knowingly: every row once more.
     let (code, out, err) = run(&[&"run", &"--rerun", &renamed]);
     assert_eq!(code, 0, "{out}\n{err}");

@@ -77,7 +77,7 @@ async fn entry(spec: &Spec, estimate: bool) -> Entry {
                 Some(s) if s.paused && s.status != crate::state::Status::Done => "paused".into(),
                 Some(s) => s.status.as_str().into(),
             },
-            spec_changed: state.as_ref().is_some_and(|s| s.spec_hash != spec.hash),
+            spec_changed: state.as_ref().is_some_and(|s| !spec.hash_is(&s.spec_hash)),
             state,
             units,
             remaining_rows: est.map(|e| e.rows + e.pending_retry),

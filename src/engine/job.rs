@@ -152,7 +152,7 @@ async fn startup<B: Backend>(
     };
     let mut restart = false;
     if let Some(s) = &existing {
-        let changed = s.spec_hash != spec.hash;
+        let changed = !spec.hash_is(&s.spec_hash);
         if s.status == Status::Done {
             if !opts.rerun {
                 if changed {

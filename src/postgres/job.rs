@@ -326,7 +326,7 @@ impl PgJob {
             .map(|(i, s)| {
                 format!(
                     "SELECT {i} AS store, job, status, updated_at FROM {}.jobs
-                      WHERE spec_hash = $2 AND (walks = $3 OR walks = ANY($4)){}",
+                      WHERE spec_hash = ANY($2) AND (walks = $3 OR walks = ANY($4)){}",
                     super::store::ident(s),
                     if s == own { " AND job <> $1" } else { "" }
                 )
@@ -336,8 +336,11 @@ impl PgJob {
             "{} ORDER BY updated_at DESC NULLS LAST LIMIT 1",
             each.join(" UNION ALL ")
         );
+        // The spec as hashed now (its SQL canonical) and as earlier versions hashed it (as
+        // written): a twin started by either is found.
+        let hashes = [spec_hash.to_string(), self.spec.hash_as_written.clone()];
         let twin = tx
-            .query_opt(&sql, &[&self.ctx.job, &spec_hash, &walks, &earlier])
+            .query_opt(&sql, &[&self.ctx.job, &hashes.as_slice(), &walks, &earlier])
             .await
             .map_err(|e| db_error("reading the checkpoint store", &e))?;
         let Some(twin) = twin else {

@@ -49,7 +49,7 @@ pub async fn plan(job: &PgJob, spec: &Spec, opts: PlanOptions) -> Result<Plan> {
         plan.keys_done = s.keys_done;
         plan.batches_done = s.batches_done;
         if s.status == crate::state::Status::Done {
-            plan.skip = Some(if s.spec_hash == spec.hash {
+            plan.skip = Some(if spec.hash_is(&s.spec_hash) {
                 "done: run would skip this job (use --rerun to run it again)".into()
             } else {
                 "done, but its spec changed since: run would skip it unless --rerun".into()

@@ -1,6 +1,7 @@
 //! Job specs: the validated types the engine runs, and loading them from files and directories.
 //! Every spec error is raised here, naming file, line and field.
 
+mod canonical;
 mod ch_verify;
 mod clickhouse;
 mod duration;
@@ -50,7 +51,12 @@ pub struct Spec {
     /// Batches start only inside this daily window.
     pub window: Option<crate::engine::window::Window>,
     /// Hash of what the job does (backend, table, key, where, statement): a change is reported.
+    /// For Postgres, of the canonical SQL (`canonical`), so a spec laid out anew is the same
+    /// spec; its table and key, as the server resolves them, are kept beside it (`walks`).
     pub hash: String,
+    /// The hash earlier versions kept: of the spec's SQL as written (Postgres; for ClickHouse
+    /// the same as `hash`).
+    pub hash_as_written: String,
     /// Unset environment variables (only tolerated by `validate`).
     pub unresolved: Vec<String>,
 }
@@ -59,6 +65,14 @@ pub struct Spec {
 pub enum Source {
     Postgres(PostgresSpec),
     Clickhouse(ClickhouseSpec),
+}
+
+impl Spec {
+    /// Whether a job's kept spec hash is this spec's (as this version or an earlier one hashed
+    /// it).
+    pub fn hash_is(&self, kept: &str) -> bool {
+        kept == self.hash || kept == self.hash_as_written
+    }
 }
 
 impl Source {

@@ -205,19 +205,36 @@ pub(super) fn validate(path: &Path, raw: RawSpec, env: &Env) -> Result<Spec> {
             )
         }
     };
-    let hash = match &source {
-        Source::Postgres(pg) => hash(&[
-            "postgres",
-            &pg.table,
-            &pg.key,
-            pg.where_.as_deref().unwrap_or(""),
-            pg.statement.trim(),
-            match pg.lock {
+    let (hash, hash_as_written) = match &source {
+        Source::Postgres(pg) => {
+            let lock = match pg.lock {
                 super::LockMode::SkipLocked => "skip_locked",
                 super::LockMode::None => "none",
-            },
-        ]),
-        Source::Clickhouse(ch) => super::clickhouse::hash(ch),
+            };
+            let where_ = pg.where_.as_deref().unwrap_or("");
+            (
+                // The table and key as resolved by the server are what the job `walks`, kept
+                // and compared beside the hash: `t` and `public.t` are one table.
+                hash(&[
+                    "postgres",
+                    &super::canonical::expression(where_),
+                    &super::canonical::statement(&pg.statement),
+                    lock,
+                ]),
+                hash(&[
+                    "postgres",
+                    &pg.table,
+                    &pg.key,
+                    where_,
+                    pg.statement.trim(),
+                    lock,
+                ]),
+            )
+        }
+        Source::Clickhouse(ch) => {
+            let h = super::clickhouse::hash(ch);
+            (h.clone(), h)
+        }
     };
     Ok(Spec {
         name,
@@ -230,6 +247,7 @@ pub(super) fn validate(path: &Path, raw: RawSpec, env: &Env) -> Result<Spec> {
         workers,
         window,
         hash,
+        hash_as_written,
         unresolved: cx.unresolved,
     })
 }
