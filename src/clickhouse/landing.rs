@@ -57,17 +57,6 @@ fn host_tag() -> String {
     hex::encode(&Sha256::digest(here.as_bytes())[..4])
 }
 
-/// This process among every runner of the job, ever: its host, pid namespace, pid and start.
-fn runner_tag() -> String {
-    use sha2::{Digest, Sha256};
-    let me = format!(
-        "{}:{}",
-        super::lock::me(),
-        chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)
-    );
-    hex::encode(&Sha256::digest(me.as_bytes())[..4])
-}
-
 /// Partition id -> (rows, highest block number) of a table's active parts, summed.
 pub type Parts = HashMap<String, (u64, i64)>;
 
@@ -92,7 +81,15 @@ pub struct Landing {
 }
 
 impl Landing {
-    pub fn new(client: Client, server: Server, database: &str, target: &str, job: &str) -> Landing {
+    /// `runner`: this runner's token (`lock::token`), in its staging tables' names.
+    pub fn new(
+        client: Client,
+        server: Server,
+        database: &str,
+        target: &str,
+        job: &str,
+        runner: &str,
+    ) -> Landing {
         let (db, t) = match target.split_once('.') {
             Some((d, t)) => (
                 d.trim_matches('`').to_string(),
@@ -109,7 +106,7 @@ impl Landing {
             target_name: t,
             kept: Default::default(),
             moving_columns: Default::default(),
-            runner: runner_tag(),
+            runner: runner.to_string(),
         }
     }
 

@@ -36,6 +36,20 @@ pub fn me() -> String {
     )
 }
 
+/// A token of this runner at this moment, `bytes` bytes as hex: its host, pid namespace, pid
+/// and start (`me`), and the time, hashed. Never the same for two runners, nor twice in one:
+/// what names a runner's staging tables and query ids (made once per job a runner opens), and a
+/// job's home mark.
+pub fn token(bytes: usize) -> String {
+    use sha2::{Digest, Sha256};
+    let seed = format!(
+        "{}:{}",
+        me(),
+        chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)
+    );
+    hex::encode(&Sha256::digest(seed.as_bytes())[..bytes])
+}
+
 /// A process's start time in clock ticks since boot (`/proc/<pid>/stat`, field 22).
 fn start_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

@@ -198,12 +198,15 @@ impl ChJob {
             .iter()
             .fold(base.clone(), |c, (k, v)| c.with_setting(k, v));
         let store = StateStore::open(spec, ch, &base, access)?;
+        // One token names this runner's staging tables and query ids alike.
+        let runner = lock::token(4);
         let landing = Landing::new(
             base.clone(),
             server.clone(),
             &ch.database,
             &ch.target,
             &spec.name,
+            &runner,
         );
         if access == Access::ReadWrite
             && let Some(legacy) = landing.legacy_tables().await?
@@ -234,6 +237,7 @@ impl ChJob {
                 queries: queries::Queries::new(
                     &lock::target_name(&ch.database, &ch.target),
                     &spec.name,
+                    &runner,
                 ),
                 kill_on_exit: std::sync::Mutex::new(None),
                 memory_cap: OnceLock::new(),

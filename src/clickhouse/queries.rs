@@ -25,19 +25,15 @@ pub struct Queries {
 }
 
 impl Queries {
-    /// `target`: the target as `database.table`. Letters, digits and `-` only, so that the
-    /// prefixes are matched by `LIKE` as written.
-    pub fn new(target: &str, job: &str) -> Queries {
+    /// `target`: the target as `database.table`; `runner`: this runner's token
+    /// (`lock::token`). Letters, digits and `-` only, so that the prefixes are matched by
+    /// `LIKE` as written.
+    pub fn new(target: &str, job: &str, runner: &str) -> Queries {
         use sha2::{Digest, Sha256};
         let h = Sha256::digest(format!("{target}\n{job}").as_bytes());
         let job = format!("backfill-{}-", hex::encode(&h[..8]));
-        let token = format!(
-            "{:x}{:x}",
-            std::process::id(),
-            chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)
-        );
         Queries {
-            runner: format!("{job}{token}-"),
+            runner: format!("{job}{runner}-"),
             job,
             next: AtomicU64::new(0),
         }
@@ -117,9 +113,11 @@ mod tests {
 
     #[test]
     fn ids_share_the_jobs_prefix_and_differ_by_runner_and_query() {
-        let a = Queries::new("db.agg", "fill");
-        let b = Queries::new("db.agg", "fill");
-        let other = Queries::new("db.agg", "fill2");
+        use crate::clickhouse::lock::token;
+        let a = Queries::new("db.agg", "fill", &token(4));
+        let b = Queries::new("db.agg", "fill", &token(4));
+        let other = Queries::new("db.agg", "fill2", &token(4));
+        assert_ne!(a.runner, b.runner);
         let (a1, a2) = (a.id(), a.id());
         assert_ne!(a1, a2);
         assert!(a1.starts_with(&a.job) && a1.starts_with(&a.runner));

@@ -59,13 +59,7 @@ impl Landing {
     }
 }
 
-/// A new token, 16 hex digits: this runner and the moment, hashed (never the same twice).
+/// A new token, 16 hex digits (`lock::token`).
 pub fn new_token() -> String {
-    use sha2::{Digest, Sha256};
-    let seed = format!(
-        "home:{}:{}",
-        crate::clickhouse::lock::me(),
-        chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)
-    );
-    hex::encode(&Sha256::digest(seed.as_bytes())[..8])
+    crate::clickhouse::lock::token(8)
 }
