@@ -476,6 +476,62 @@ async fn a_spec_whose_state_schema_changed_is_not_a_new_job() {
     db.drop_db().await;
 }
 
+/// A store last written by an earlier version: its `jobs` table has no `walks` column, and its
+/// records carry the hash of the spec as written. Such a store was not read for twins at all,
+/// so the same spec under `state.schema: moved` did every row again (2000 rows for 1000).
+#[tokio::test]
+async fn a_store_of_an_earlier_version_is_read_for_twins() {
+    let db = TestDb::new("ref_oldstore").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE src (id bigint PRIMARY KEY);
+         INSERT INTO src SELECT g FROM generate_series(1, 1000) g;
+         CREATE TABLE dst (id bigint);
+         ANALYZE src;",
+    )
+    .await
+    .unwrap();
+    let statement = "INSERT INTO dst SELECT id FROM src WHERE id = ANY($1)";
+    let body = job(&db.url, "src", "id", "", statement, "");
+    let spec = db.spec("copy.yaml", &body);
+    let (code, out, err) = run(&[&"run", &spec]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(count(&c, "SELECT count(*) FROM dst").await, 1000);
+    // As an earlier version left it: the hash of the spec's parts as written, no `walks`.
+    let as_written = {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for part in ["postgres", "src", "id", "", statement, "skip_locked"] {
+            h.update(part.as_bytes());
+            h.update([0u8]);
+        }
+        hex::encode(&h.finalize()[..8])
+    };
+    c.execute(
+        "UPDATE backfill.jobs SET spec_hash = $1 WHERE job = 'copy'",
+        &[&as_written],
+    )
+    .await
+    .unwrap();
+    c.batch_execute("ALTER TABLE backfill.jobs DROP COLUMN walks")
+        .await
+        .unwrap();
+    let moved = db.spec("copy.yaml", &format!("{body}state:\n  schema: moved\n"));
+    let (code, out, err) = run(&[&"run", &moved]);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(
+        err.contains("state.schema") && err.contains("job copy (done) in the store backfill"),
+        "{err}"
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM dst").await,
+        1000,
+        "nothing doubled"
+    );
+    drop(c);
+    db.drop_db().await;
+}
+
 /// A checkpoint is a position in one key of one table. Resumed with the spec's `key` (or
 /// `table`) changed, the old cursor was cast to the new key: rows before it in the new order
 /// were never done and rows after it were done twice, and the run ended 0. Now the resume is

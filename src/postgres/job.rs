@@ -324,9 +324,15 @@ impl PgJob {
             .iter()
             .enumerate()
             .map(|(i, s)| {
+                // A record from before `walks` was kept (or a store from before it was a
+                // column) is this spec's when the hash of the spec as written matches: that
+                // hash covered the table and key as written.
                 format!(
-                    "SELECT {i} AS store, job, status, updated_at FROM {}.jobs
-                      WHERE spec_hash = ANY($2) AND (walks = $3 OR walks = ANY($4)){}",
+                    "SELECT {i} AS store, job, status, updated_at
+                       FROM (SELECT j.*, to_jsonb(j) ->> 'walks' AS walked FROM {}.jobs j) j
+                      WHERE spec_hash = ANY($2)
+                        AND (walked = $3 OR walked = ANY($4)
+                             OR (walked IS NULL AND spec_hash = $2[2])){}",
                     super::store::ident(s),
                     if s == own { " AND job <> $1" } else { "" }
                 )

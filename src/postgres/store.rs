@@ -13,21 +13,23 @@ use crate::error::{Error, Result, StopReason};
 use crate::state::{JobState, Status, UnitState};
 use tokio_postgres::Client;
 
-/// The schemas of this database that hold a checkpoint store this session may read (a `jobs`
-/// table with what a job's record needs, of the types the store gives them, beside a `ranges`
-/// table): an application's own `jobs` table with other types would fail the query that reads
-/// them all.
+/// The schemas of this database that hold a checkpoint store this session may read: a `jobs`
+/// table with what a job's record needs, of the types the store gives them (an application's
+/// own `jobs` table with other types would fail the query that reads them all). Stores of
+/// earlier versions count too: without `ranges` (one cursor per job) or without `walks` (read
+/// through `to_jsonb`, absent as NULL), as a store is until this version first opens it.
 pub const STORES: &str = "
     SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
      WHERE c.relname = 'jobs' AND c.relkind IN ('r', 'p')
        AND has_schema_privilege(n.oid, 'USAGE') AND has_table_privilege(c.oid, 'SELECT')
        AND (SELECT count(*) FROM pg_attribute a
              WHERE a.attrelid = c.oid AND NOT a.attisdropped
-               AND ((a.attname IN ('job', 'status', 'spec_hash', 'walks')
+               AND ((a.attname IN ('job', 'status', 'spec_hash')
                      AND a.atttypid = 'text'::regtype)
-                    OR (a.attname = 'updated_at' AND a.atttypid = 'timestamptz'::regtype))) = 5
-       AND EXISTS (SELECT 1 FROM pg_class r
-                    WHERE r.relnamespace = n.oid AND r.relname = 'ranges')
+                    OR (a.attname = 'updated_at' AND a.atttypid = 'timestamptz'::regtype))) = 4
+       AND NOT EXISTS (SELECT 1 FROM pg_attribute a
+                        WHERE a.attrelid = c.oid AND NOT a.attisdropped
+                          AND a.attname = 'walks' AND a.atttypid <> 'text'::regtype)
      ORDER BY 1";
 
 /// A schema's name as an SQL identifier.
