@@ -25,6 +25,24 @@ batch: {{size: 100, target: 0}}
     )
 }
 
+/// The statement of `copy_job`.
+const COPY: &str = "INSERT INTO dst SELECT id FROM src WHERE id = ANY($1)";
+
+/// An INSERT job (every row of `src`, 1000 keys, into `dst`, which has no unique key: a job
+/// done twice doubles it): the client and the spec's text.
+async fn copy_job(db: &TestDb) -> (Client, String) {
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE src (id bigint PRIMARY KEY);
+         INSERT INTO src SELECT g FROM generate_series(1, 1000) g;
+         CREATE TABLE dst (id bigint);
+         ANALYZE src;",
+    )
+    .await
+    .unwrap();
+    (c, job(&db.url, "src", "id", "", COPY, ""))
+}
+
 async fn nullable_table(c: &Client) {
     c.batch_execute(
         "CREATE TABLE t (k int UNIQUE, n int NOT NULL DEFAULT 0);
@@ -352,23 +370,7 @@ async fn a_statement_that_moves_keys_is_refused() {
 #[tokio::test]
 async fn a_renamed_spec_is_not_a_new_job() {
     let db = TestDb::new("ref_renamed").await;
-    let c = db.client().await;
-    c.batch_execute(
-        "CREATE TABLE src (id bigint PRIMARY KEY);
-         INSERT INTO src SELECT g FROM generate_series(1, 1000) g;
-         CREATE TABLE dst (id bigint);
-         ANALYZE src;",
-    )
-    .await
-    .unwrap();
-    let body = job(
-        &db.url,
-        "src",
-        "id",
-        "",
-        "INSERT INTO dst SELECT id FROM src WHERE id = ANY($1)",
-        "",
-    );
+    let (c, body) = copy_job(&db).await;
     let first = db.spec("copy_a.yaml", &body);
     let (code, out, err) = run(&[&"run", &first]);
     assert_eq!(code, 0, "{out}\n{err}");
@@ -426,23 +428,7 @@ async fn a_renamed_spec_is_not_a_new_job() {
 #[tokio::test]
 async fn a_spec_whose_state_schema_changed_is_not_a_new_job() {
     let db = TestDb::new("ref_moved").await;
-    let c = db.client().await;
-    c.batch_execute(
-        "CREATE TABLE src (id bigint PRIMARY KEY);
-         INSERT INTO src SELECT g FROM generate_series(1, 1000) g;
-         CREATE TABLE dst (id bigint);
-         ANALYZE src;",
-    )
-    .await
-    .unwrap();
-    let body = job(
-        &db.url,
-        "src",
-        "id",
-        "",
-        "INSERT INTO dst SELECT id FROM src WHERE id = ANY($1)",
-        "",
-    );
+    let (c, body) = copy_job(&db).await;
     // An application's own `jobs` and `ranges` tables, of other types, are not a store.
     c.batch_execute(
         "CREATE SCHEMA app;
@@ -482,17 +468,7 @@ async fn a_spec_whose_state_schema_changed_is_not_a_new_job() {
 #[tokio::test]
 async fn a_store_of_an_earlier_version_is_read_for_twins() {
     let db = TestDb::new("ref_oldstore").await;
-    let c = db.client().await;
-    c.batch_execute(
-        "CREATE TABLE src (id bigint PRIMARY KEY);
-         INSERT INTO src SELECT g FROM generate_series(1, 1000) g;
-         CREATE TABLE dst (id bigint);
-         ANALYZE src;",
-    )
-    .await
-    .unwrap();
-    let statement = "INSERT INTO dst SELECT id FROM src WHERE id = ANY($1)";
-    let body = job(&db.url, "src", "id", "", statement, "");
+    let (c, body) = copy_job(&db).await;
     let spec = db.spec("copy.yaml", &body);
     let (code, out, err) = run(&[&"run", &spec]);
     assert_eq!(code, 0, "{out}\n{err}");
@@ -501,7 +477,7 @@ async fn a_store_of_an_earlier_version_is_read_for_twins() {
     let as_written = {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
-        for part in ["postgres", "src", "id", "", statement, "skip_locked"] {
+        for part in ["postgres", "src", "id", "", COPY, "skip_locked"] {
             h.update(part.as_bytes());
             h.update([0u8]);
         }
