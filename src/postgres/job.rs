@@ -295,7 +295,6 @@ impl PgJob {
     async fn refuse_a_twin(
         &self,
         tx: &tokio_postgres::Transaction<'_>,
-        spec_hash: &str,
         walks: &str,
         earlier: &[String],
     ) -> Result<()> {
@@ -330,9 +329,10 @@ impl PgJob {
                 format!(
                     "SELECT {i} AS store, job, status, updated_at
                        FROM (SELECT j.*, to_jsonb(j) ->> 'walks' AS walked FROM {}.jobs j) j
-                      WHERE spec_hash = ANY($2)
+                      WHERE (split_part(spec_hash, '.', 1) = ($2::text[])[1]
+                             OR spec_hash = ($2::text[])[2])
                         AND (walked = $3 OR walked = ANY($4)
-                             OR (walked IS NULL AND spec_hash = $2[2])){}",
+                             OR (walked IS NULL AND spec_hash = ($2::text[])[2])){}",
                     super::store::ident(s),
                     if s == own { " AND job <> $1" } else { "" }
                 )
@@ -342,9 +342,13 @@ impl PgJob {
             "{} ORDER BY updated_at DESC NULLS LAST LIMIT 1",
             each.join(" UNION ALL ")
         );
-        // The spec as hashed now (its SQL canonical) and as earlier versions hashed it (as
-        // written): a twin started by either is found.
-        let hashes = [spec_hash.to_string(), self.spec.hash_as_written.clone()];
+        // What the spec does as hashed now (its SQL canonical, without how the table is
+        // spelled) and the spec as earlier versions hashed it (as written): a twin started by
+        // either is found.
+        let hashes = [
+            self.spec.twin_hash().to_string(),
+            self.spec.hash_as_written.clone(),
+        ];
         let twin = tx
             .query_opt(&sql, &[&self.ctx.job, &hashes.as_slice(), &walks, &earlier])
             .await
@@ -626,7 +630,7 @@ impl Backend for PgJob {
                 .await
                 .map_err(|e| db_error("reading the checkpoint store", &e))?;
             if record.is_none() && how != crate::engine::Start::Knowingly {
-                self.refuse_a_twin(&tx, spec_hash, &walks, &earlier).await?;
+                self.refuse_a_twin(&tx, &walks, &earlier).await?;
             }
             let before: Option<String> = record.and_then(|r| r.get(0));
             if let Some(before) = before.filter(|b| *b != walks && !earlier.contains(b)) {

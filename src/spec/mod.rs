@@ -51,8 +51,8 @@ pub struct Spec {
     /// Batches start only inside this daily window.
     pub window: Option<crate::engine::window::Window>,
     /// Hash of what the job does (backend, table, key, where, statement): a change is reported.
-    /// For Postgres, of the canonical SQL (`canonical`), so a spec laid out anew is the same
-    /// spec; its table and key, as the server resolves them, are kept beside it (`walks`).
+    /// For Postgres `<sql>.<table>`: the canonical SQL (`canonical`), so a spec laid out anew is
+    /// the same spec, then the table and key as written (see `twin_hash`).
     pub hash: String,
     /// The hash earlier versions kept: of the spec's SQL as written (Postgres; for ClickHouse
     /// the same as `hash`).
@@ -72,6 +72,13 @@ impl Spec {
     /// it).
     pub fn hash_is(&self, kept: &str) -> bool {
         kept == self.hash || kept == self.hash_as_written
+    }
+
+    /// The part of `hash` that says what the job does, without how its table is spelled: a
+    /// job with the same part over the same table and key as the server resolves them is this
+    /// spec's twin.
+    pub fn twin_hash(&self) -> &str {
+        self.hash.split('.').next().unwrap_or(&self.hash)
     }
 }
 

@@ -213,14 +213,20 @@ pub(super) fn validate(path: &Path, raw: RawSpec, env: &Env) -> Result<Spec> {
             };
             let where_ = pg.where_.as_deref().unwrap_or("");
             (
-                // The table and key as resolved by the server are what the job `walks`, kept
-                // and compared beside the hash: `t` and `public.t` are one table.
-                hash(&[
-                    "postgres",
-                    &super::canonical::expression(where_),
-                    &super::canonical::statement(&pg.statement),
-                    lock,
-                ]),
+                // `<what it does>.<where>`: the SQL, canonical; then the table and key as
+                // written, so that a done job whose table was edited is said to have changed.
+                // Twins are found by the first part alone, next to the table and key as the
+                // server resolves them (`walks`): `t` and `public.t` are one table there.
+                format!(
+                    "{}.{}",
+                    hash(&[
+                        "postgres",
+                        &super::canonical::expression(where_),
+                        &super::canonical::statement(&pg.statement),
+                        lock,
+                    ]),
+                    hash(&[&pg.table, &pg.key])
+                ),
                 hash(&[
                     "postgres",
                     &pg.table,
