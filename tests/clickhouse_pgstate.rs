@@ -15,7 +15,7 @@ mod common;
 use common::ch::{ChDb, ChServer};
 use common::cluster::{ClusterOpts, PgCluster};
 use common::days::build_days;
-use common::proxy::FaultProxy;
+use common::proxy::{Fault, FaultProxy, Rule};
 use common::runner::{in_own_pid_namespace, spawn, spawn_cmd, wait_runner_sessions_gone};
 use common::{TestDb, path_str, run};
 use std::path::PathBuf;
@@ -721,6 +721,65 @@ async fn a_shared_state_is_refused_on_another_server_with_the_same_names() {
     assert_eq!(code, 0, "{}", all_output(&out, &err));
     assert_eq!(target_digest(&prod), source_digest(&prod));
     drop(c);
+    pg.drop_db().await;
+}
+
+/// The same, where prod's run started before staging's: it read no records (nothing to
+/// refuse), and while its preflight was held (here: at a proxy) staging ran the job to the
+/// end. Prod then took the lock (the same key: the same names) and staging's records for its
+/// own: "done" with its target empty, and staging refused from then on, its mark replaced by
+/// prod's. The check is made again once the lock is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_read_no_records_before_the_other_server_ran_is_refused_under_the_lock() {
+    let staging = ChDb::new_on(&ChServer::v18(), "twin_late");
+    let current = ChServer::current();
+    let prod = staging.same_name_on(&current);
+    let pg = TestDb::new("chtwinlate").await;
+    build_days(&staging, 6, 200);
+    build_days(&prod, 6, 200);
+    let empty = target_digest(&prod);
+    let proxy = FaultProxy::start_http(current.addr()).await;
+    let held = proxy.add_rule(
+        Rule::new(Fault::HoldUntilReleased)
+            .matching(|r| {
+                let t = r.text();
+                t.contains("CREATE TABLE") && t.contains("_check_")
+            })
+            .nth(1),
+    );
+    let on_prod = job_spec(&prod, "shared", &pg.url, "");
+    let text = std::fs::read_to_string(&on_prod).unwrap().replace(
+        &format!("  url: {}\n", prod.url),
+        &format!("  url: {}\n", proxy.url_for(&prod.url)),
+    );
+    std::fs::write(&on_prod, text).unwrap();
+    let mut late = spawn(prod.dir.path(), "prod", &[], &on_prod);
+    late.wait_until(
+        "prod's preflight to be held",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        async || proxy.rule_fired(held) >= 1,
+    )
+    .await;
+    let on_staging = job_spec(&staging, "shared", &pg.url, "");
+    let (code, out, err) = run(&[&"run", &on_staging]);
+    assert_eq!(code, 0, "{}", all_output(&out, &err));
+    assert_eq!(target_digest(&staging), source_digest(&staging));
+    proxy.release_held();
+    let (code, out, err) = late.finish(Duration::from_secs(120)).await;
+    assert_eq!(code, 2, "{}", all_output(&out, &err));
+    assert!(err.contains("holds no mark"), "{}", all_output(&out, &err));
+    assert_eq!(
+        target_digest(&prod),
+        empty,
+        "nothing landed or skipped on prod"
+    );
+    let (code, out, err) = run(&[&"run", &on_staging]);
+    assert_eq!(code, 0, "{}", all_output(&out, &err));
+    assert!(
+        out.contains("skipped"),
+        "staging's job is still its own: {out}"
+    );
     pg.drop_db().await;
 }
 

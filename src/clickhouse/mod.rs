@@ -359,15 +359,13 @@ impl ChJob {
     }
 
     /// The token of the job's home mark (state in Postgres only, see `same_target`): the one
-    /// its record keeps when this server holds it, else a new one, noted on this server before
-    /// the job's record names it.
+    /// its record keeps (`begin` has checked, under the lock, that this server holds it), else
+    /// a new one, noted on this server before the job's record names it.
     async fn home(&self, records: &[Record]) -> Result<Option<String>> {
         if !matches!(self.ctx.store, StateStore::Postgres { .. }) {
             return Ok(None);
         }
-        if let Some(kept) = kept_home(records)
-            && self.ctx.landing.homes().await?.contains(&kept)
-        {
+        if let Some(kept) = kept_home(records) {
             return Ok(Some(kept));
         }
         let token = landing::new_token();
@@ -521,6 +519,10 @@ impl ChJob {
         let ctx = &self.ctx;
         ctx.store.ensure().await?;
         let mut records = ctx.store.records(&ctx.job).await?;
+        // Again, now that the lock is held: `load` read the records before it, and a runner on
+        // another server with the same names (the lock's key) may have started the job or
+        // finished it since. Taken for this server's, its done chunks were skipped here.
+        self.same_target(&records).await?;
         let has_job = records.iter().any(|r| r.chunk == store::JOB_ROW);
         let start_over = records
             .iter()
