@@ -206,6 +206,46 @@ ch_test! {
 }
 
 ch_test! {
+    /// The same across stores: a job kept in ClickHouse, done with its clean-up cut short,
+    /// left its lock table, and another job, kept in Postgres, asked its own store whether the
+    /// first was done, did not find it, and stopped with 75 ("keeps the target until it is done
+    /// or reset") for good. The done job now says so in the lock table first.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_done_job_of_another_store_whose_clean_up_was_cut_short_frees_the_target(srv) {
+        let db = ChDb::new_on(&srv, "cutshortstores");
+        let pg = TestDb::new("chcutstores").await;
+        build_days(&db, 4, 200);
+        let reference = source_digest(&db);
+        let proxy = FaultProxy::start_http(srv.addr()).await;
+        let lost = proxy.lose_staging_listing();
+        let range = |from: &str, to: &str| format!("  from: {from}\n  to: {to}\n");
+        let first = spec_file(&db, "first", "first", None, "");
+        let text = std::fs::read_to_string(&first).unwrap()
+            .replace(&format!("  url: {}\n", db.url), &format!("  url: {}\n", proxy.url_for(&db.url)))
+            .replace("  time_column: ran_at\n", &format!("  time_column: ran_at\n{}", range("2025-10-01", "2025-10-03")));
+        std::fs::write(&first, text).unwrap();
+        let (code, out, err) = run(&[&"run", &first]);
+        let all = all_output(&out, &err);
+        assert_eq!(code, 0, "{all}");
+        assert_eq!(proxy.rule_fired(lost), 4, "{all}");
+        assert!(
+            db.tables().iter().any(|t| t.ends_with("__backfill_lock")),
+            "the first job's lock table is left: {all}"
+        );
+        let second = job_spec(&db, "second", &pg.url, "");
+        let text = std::fs::read_to_string(&second).unwrap()
+            .replace("  time_column: ran_at\n", &format!("  time_column: ran_at\n{}", range("2025-10-03", "2025-10-05")));
+        std::fs::write(&second, text).unwrap();
+        let (code, out, err) = run(&[&"run", &second]);
+        let all = all_output(&out, &err);
+        assert_eq!(code, 0, "{all}");
+        assert!(err.contains("is done but still kept the target"), "{all}");
+        assert_eq!(target_digest(&db), reference, "{all}");
+        pg.drop_db().await;
+    }
+}
+
+ch_test! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn runs_to_done_with_its_state_in_postgres_and_none_in_clickhouse(srv) {
         let db = ChDb::new_on(&srv, "pgstate");

@@ -97,6 +97,9 @@ struct Holder {
     /// Seconds since its last heartbeat (or release).
     age: u64,
     released: bool,
+    /// Its job is done (`ChLock::mark_done`): the target is free for any job, whatever store
+    /// keeps that job's state.
+    done: bool,
 }
 
 impl Holder {
@@ -147,7 +150,7 @@ async fn holder(client: &Client, table: &str) -> Result<Option<Holder>> {
     let sql = format!(
         "SELECT job, runner, token,
                 toUInt64(greatest(0, toInt64(now()) - toInt64(max(heartbeat)))),
-                argMax(released, heartbeat)
+                max(released)
            FROM (SELECT job, runner, token, heartbeat, released, rowNumberInAllBlocks() AS n
                    FROM {table})
           GROUP BY job, runner, token
@@ -160,7 +163,8 @@ async fn holder(client: &Client, table: &str) -> Result<Option<Holder>> {
                 runner: r[1].clone(),
                 token: r[2].clone(),
                 age: r[3].parse().unwrap_or(0),
-                released: r[4] == "1",
+                released: r[4] != "0",
+                done: r[4] == DONE_MARK,
             })
         })),
         Err(e) if err_code(&e) == Some(UNKNOWN_TABLE) => Ok(None),
@@ -172,19 +176,16 @@ fn err_code(e: &Error) -> Option<u32> {
     code(&e.to_string())
 }
 
-async fn append(
-    client: &Client,
-    table: &str,
-    job: &str,
-    token: &str,
-    released: bool,
-) -> Result<()> {
+/// `released` of a runner's last row that says its job is done (1: released for its next run,
+/// 0: a heartbeat). A runner's rows never go back to a lower value, so its largest is its last.
+const DONE_MARK: &str = "2";
+
+async fn append(client: &Client, table: &str, job: &str, token: &str, released: u8) -> Result<()> {
     let sql = format!(
-        "INSERT INTO {table} (job, runner, token, heartbeat, released) VALUES ({}, {}, {}, now(), {})",
+        "INSERT INTO {table} (job, runner, token, heartbeat, released) VALUES ({}, {}, {}, now(), {released})",
         literal(job),
         literal(&me()),
         literal(token),
-        u8::from(released)
     );
     exec(client, &sql, "writing the target's lock").await
 }
@@ -204,7 +205,7 @@ pub async fn held_by_other(
 ) -> Result<Option<String>> {
     let table = table_for(database, target);
     Ok(match holder(client, &table).await? {
-        Some(h) if h.job != job && h.dead() && done(&h.job).await? => None,
+        Some(h) if h.job != job && h.dead() && (h.done || done(&h.job).await?) => None,
         Some(h) if h.job != job => Some(format!(
             "job {:?} (runner {}): it writes the same target, and one job at a time may; \
              it keeps the target until it is done or `backfill reset`",
@@ -246,7 +247,7 @@ pub async fn acquire(
         );
         match exec(client, &create, "taking the target's lock").await {
             Ok(()) => {
-                append(client, &table, job, &token, false).await?;
+                append(client, &table, job, &token, 0).await?;
                 return Ok(start(client, table, job, token));
             }
             Err(e) if err_code(&e) == Some(TABLE_EXISTS) => {}
@@ -262,7 +263,7 @@ pub async fn acquire(
             }
             continue;
         };
-        if h.job != job && h.dead() && done(&h.job).await? {
+        if h.job != job && h.dead() && (h.done || done(&h.job).await?) {
             tracing::warn!(
                 "job {:?} is done but still kept the target (its clean-up was cut short): it \
                  is free for job {job:?}",
@@ -349,7 +350,7 @@ fn start(client: &Client, table: String, job: &str, token: String) -> ChLock {
             tokio::time::sleep(HEARTBEAT).await;
             match holder(&c, &t).await {
                 Ok(Some(h)) if h.token == k => {
-                    if let Err(e) = append(&c, &t, &j, &k, false).await {
+                    if let Err(e) = append(&c, &t, &j, &k, 0).await {
                         tracing::warn!("renewing the target's lock: {e}");
                     }
                 }
@@ -401,7 +402,21 @@ impl ChLock {
         self.heartbeat.abort();
         match holder(&self.client, &self.table).await? {
             Some(h) if h.token == self.token => {
-                append(&self.client, &self.table, &self.job, &self.token, true).await
+                append(&self.client, &self.table, &self.job, &self.token, 1).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The job is done (its record says so): noted in the lock table before anything else of
+    /// the clean-up, so that a clean-up cut short leaves a table any job may take over, whatever
+    /// store keeps this job's state (another job's runner asks only its own store whether this
+    /// job is done). Only while the lock is still this runner's.
+    pub async fn mark_done(&self) -> Result<()> {
+        self.heartbeat.abort();
+        match holder(&self.client, &self.table).await? {
+            Some(h) if h.token == self.token => {
+                append(&self.client, &self.table, &self.job, &self.token, 2).await
             }
             _ => Ok(()),
         }

@@ -760,7 +760,11 @@ impl Backend for ChJob {
         let held = ctx.lock.lock().await.take();
         if let Some(l) = held {
             let released = if status == Status::Done {
-                // The target is free for any job again.
+                // The target is free for any job again: first said in its lock table, which
+                // a clean-up cut short below leaves behind.
+                if let Err(e) = l.mark_done().await {
+                    tracing::warn!("could not note in the target's lock that the job is done: {e}");
+                }
                 match ctx.landing.drop_staging_tables(false).await {
                     Ok(()) => l.free().await,
                     Err(e) => Err(e),

@@ -215,6 +215,11 @@ impl TargetLock {
         }
     }
 
+    /// The job is done: said in the target's lock table, for any job (see `ChLock::mark_done`).
+    pub async fn mark_done(&self) -> Result<()> {
+        self.target.mark_done().await
+    }
+
     /// The job is done or reset: the target is free for any job.
     pub async fn free(&self) -> Result<()> {
         let target = self.target.drop_table().await;
