@@ -501,6 +501,10 @@ limits: {lock_timeout: 1s}
 /// batch's last key against keys locked), the moved row made up for the skipped one, and the
 /// skipped row was never recorded: the run ended `done`, exit 0, without it. Here `where`
 /// sleeps on the row whose key moves (110 -> 65), so the move lands while the walk is at it.
+/// The batch holds all 11 keys, so the row moves inside it (a key moved behind a batch that
+/// has committed is walked by no keyset walk). The statement, an UPDATE of the table, is tried
+/// on keys walked unlocked first: it meets both the locked row and the moved one, and the
+/// batch locks its keys first, as above.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_locked_elsewhere_is_recorded_when_another_key_moves_into_the_batch() {
     let db = TestDb::new("keymove").await;
@@ -521,7 +525,7 @@ postgres:
   key: id
   where: NOT done AND (id <> 110 OR pg_sleep(1.5) IS NOT NULL)
   statement: UPDATE t SET done = true WHERE id = ANY($1)
-batch: {size: 10, target: 0}
+batch: {size: 11, target: 0}
 limits: {lock_timeout: 1s}
 ",
     );
@@ -557,6 +561,68 @@ limits: {lock_timeout: 1s}
         0,
         "{out}\n{err}"
     );
+    drop(c);
+    db.drop_db().await;
+}
+
+/// A row of a batch whose key moves (110 -> 65, inside the batch) after its keys were walked
+/// unlocked and before its statement (an UPDATE of the table, which takes its rows' locks
+/// itself) reaches the row. Read committed, the statement read a newer snapshot, found no row
+/// 110, and the moved row was in no batch: the run ended `done`, exit 0, with row 65 not done.
+/// The statement now writes against the walk's snapshot (repeatable read): the moved row
+/// fails it, and the batch locks its keys first, which finds the row under its new key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_moved_inside_a_batch_walked_unlocked_is_still_done_once() {
+    let db = TestDb::new("keymove_free").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE t (id bigint PRIMARY KEY, done boolean NOT NULL DEFAULT false,
+                         n int NOT NULL DEFAULT 0);
+         INSERT INTO t (id) SELECT g * 10 FROM generate_series(1, 11) g;
+         ANALYZE t;",
+    )
+    .await
+    .unwrap();
+    let spec = db.spec(
+        "keymove_free.yaml",
+        "name: keymove_free
+postgres:
+  url: $URL
+  table: t
+  key: id
+  where: NOT done AND (id <> 110 OR pg_sleep(1.5) IS NOT NULL)
+  statement: UPDATE t SET done = true, n = n + 1 WHERE id = ANY($1)
+batch: {size: 11, target: 0}
+",
+    );
+    let mut r = spawn(db.dir.path(), "run", &[], &spec);
+    r.wait_until(
+        "the walk to reach key 110",
+        Duration::from_secs(30),
+        Duration::from_millis(10),
+        async || {
+            count(
+                &c,
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event = 'PgSleep'
+                    AND application_name LIKE 'backfill:%'",
+            )
+            .await
+                > 0
+        },
+    )
+    .await;
+    c.batch_execute("UPDATE t SET id = 65 WHERE id = 110")
+        .await
+        .unwrap();
+    let (code, out, err) = r.finish(Duration::from_secs(60)).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM t WHERE NOT done OR n <> 1").await,
+        0,
+        "{out}\n{err}"
+    );
+    assert_eq!(count(&c, "SELECT count(*) FROM t").await, 11);
     drop(c);
     db.drop_db().await;
 }

@@ -10,13 +10,14 @@ use super::job::{Ctx, Prepared};
 use super::raw::RawValue;
 use super::store::{DONE, RETRYING};
 use crate::engine::Timings;
-use crate::error::{Error, Result};
+use crate::error::{DbErrorKind, Error, Result};
 use crate::spec::LockMode;
-use deadpool_postgres::ClientWrapper;
+use deadpool_postgres::{ClientWrapper, Transaction};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_postgres::IsolationLevel;
 use tokio_postgres::types::ToSql;
 
 /// Which range, from where, how many keys.
@@ -137,6 +138,17 @@ async fn join(
 }
 
 /// The batch's transaction. Returning before `commit` rolls everything back.
+///
+/// Under `skip_locked`, a statement that locks the rows it writes (`own_locks`) is tried
+/// first on keys walked unlocked, in a REPEATABLE READ transaction: the statement then writes
+/// against the snapshot the walk read, and a row of the batch that another transaction
+/// holds, or changed since (its key moved, say), fails it (lock timeout, serialization
+/// failure) instead of being passed over. Then the batch starts again in READ COMMITTED and
+/// locks its keys first, as any other statement's batch does: the keys up to the last one
+/// walked (however many that is now), passing over and recording those still held. The
+/// cursor ends at that last key either way. Not with `walk_ahead`: a batch walked ahead
+/// reads its snapshot before the batch before it commits its checkpoint, which it then
+/// writes over.
 async fn run(
     ctx: &Ctx,
     p: &Prepared,
@@ -146,41 +158,21 @@ async fn run(
     go: oneshot::Receiver<()>,
 ) -> Result<End> {
     let skip_locked = ctx.spec.lock == LockMode::SkipLocked;
+    let tried = skip_locked && p.own_locks && !ctx.ahead;
     let limit = answer_limit(&ctx.limits);
-    let what = "starting the batch transaction";
-    let tx = answered(limit, what, async {
-        conn.transaction().await.map_err(|e| db_error(what, &e))
-    })
-    .await?;
+    let mut tx = begin(limit, conn, tried).await?;
     let t0 = Instant::now();
-    let what = "preparing the batch query";
-    let walk = answered(limit, what, async {
-        tx.prepare_cached(&p.sql.walk)
-            .await
-            .map_err(|e| db_error(what, &e))
-    })
-    .await?;
-    let params: Vec<&(dyn ToSql + Sync)> = if skip_locked {
-        vec![&a.size, &ctx.job, &a.range_no, &a.from, &a.hi]
+    let (walk_sql, params): (&str, Vec<&(dyn ToSql + Sync)>) = if skip_locked && !tried {
+        (
+            &p.sql.walk,
+            vec![&a.size, &ctx.job, &a.range_no, &a.from, &a.hi],
+        )
     } else {
-        vec![&a.size, &a.from, &a.hi]
+        (&p.sql.walk_free, vec![&a.size, &a.from, &a.hi])
     };
-    // The timeouts and the batch query go out together (one round trip).
-    let row = answered(limit, "selecting the batch's keys", async {
-        let (set, row) = tokio::join!(
-            tx.batch_execute(&p.sql.begin_locals),
-            tx.query_one(&walk, &params)
-        );
-        set.map_err(|e| db_error("starting the batch transaction", &e))?;
-        row.map_err(|e| db_error("selecting the batch's keys", &e))
-    })
-    .await?;
-    let keys: Option<RawValue> = row.get(0);
-    let last: Option<String> = row.get(1);
-    let walked = row.get::<_, i64>(2) as u64;
-    let skipped = row.get::<_, i64>(3) as u64;
-    let (first_key, last_key): (Option<RawValue>, Option<RawValue>) = (row.get(4), row.get(5));
-    let full = (walked as i64) >= a.size;
+    let mut keys = walk(limit, &tx, p, walk_sql, &params).await?;
+    let last = keys.top.clone();
+    let full = (keys.walked as i64) >= a.size;
     let t1 = Instant::now();
     let _ = walked_tx.send(Walked {
         full,
@@ -191,29 +183,47 @@ async fn run(
         return Ok(End::Abandoned);
     }
     let t1b = Instant::now();
-    let rows = match &keys {
-        Some(k) => {
-            let what = "preparing statement";
-            let st = answered(limit, what, async {
-                tx.prepare_cached(&ctx.spec.statement)
-                    .await
-                    .map_err(|e| db_error(what, &e))
-            })
-            .await?;
-            let params: Vec<&(dyn ToSql + Sync)> = if p.info.statement_params == 3 {
-                vec![k, &first_key, &last_key]
-            } else {
-                vec![k]
-            };
-            answered(limit, "running statement", async {
-                tx.execute(&st, &params)
-                    .await
-                    .map_err(|e| db_error("running statement", &e))
-            })
-            .await?
+    let what = "running statement";
+    let rows = if keys.keys.is_none() {
+        0
+    } else if tried {
+        let first = answered(limit, what, async {
+            let (set, n) = tokio::join!(
+                tx.batch_execute(&p.sql.try_begin),
+                statement(&tx, ctx, p, &keys)
+            );
+            set.map_err(|e| db_error(what, &e))?;
+            n
+        })
+        .await;
+        match first {
+            Ok(n) => {
+                exec(limit, &tx, &p.sql.try_keep, what).await?;
+                n
+            }
+            Err(Error::Db {
+                kind: DbErrorKind::LockTimeout | DbErrorKind::Serialization,
+                ..
+            }) => {
+                let _ = answered(limit, "rolling the batch back", async {
+                    tx.rollback().await.map_err(|e| db_error(what, &e))
+                })
+                .await;
+                tx = begin(limit, conn, false).await?;
+                let params: Vec<&(dyn ToSql + Sync)> =
+                    vec![&i64::MAX, &ctx.job, &a.range_no, &a.from, &last];
+                keys = walk(limit, &tx, p, &p.sql.walk, &params).await?;
+                match keys.keys {
+                    Some(_) => answered(limit, what, statement(&tx, ctx, p, &keys)).await?,
+                    None => 0,
+                }
+            }
+            Err(e) => return Err(e),
         }
-        None => 0,
+    } else {
+        answered(limit, what, statement(&tx, ctx, p, &keys)).await?
     };
+    let (walked, skipped) = (keys.walked, keys.skipped);
     let t2 = Instant::now();
     // A short batch scanned to the end of the range: its walk is over. The range is done in
     // the same transaction, or waits for its retry pass if rows were skipped: by this run, or
@@ -280,4 +290,105 @@ async fn run(
             commit: t2.elapsed(),
         },
     }))
+}
+
+/// A walk's answer: the keys to run the statement with and what the walk counted.
+struct Keys {
+    keys: Option<RawValue>,
+    /// The key the cursor moves to (as text): the last walked, or the range's last key.
+    top: Option<String>,
+    first: Option<RawValue>,
+    last: Option<RawValue>,
+    walked: u64,
+    skipped: u64,
+}
+
+impl Keys {
+    fn from_row(row: &tokio_postgres::Row) -> Keys {
+        Keys {
+            keys: row.get(0),
+            top: row.get(1),
+            walked: row.get::<_, i64>(2) as u64,
+            skipped: row.get::<_, i64>(3) as u64,
+            first: row.get(4),
+            last: row.get(5),
+        }
+    }
+}
+
+/// The spec's statement over the batch's keys (`$1`, and `$2`/`$3` if it uses them).
+async fn statement(tx: &Transaction<'_>, ctx: &Ctx, p: &Prepared, k: &Keys) -> Result<u64> {
+    let what = "preparing statement";
+    let st = tx
+        .prepare_cached(&ctx.spec.statement)
+        .await
+        .map_err(|e| db_error(what, &e))?;
+    let params: Vec<&(dyn ToSql + Sync)> = if p.info.statement_params == 3 {
+        vec![&k.keys, &k.first, &k.last]
+    } else {
+        vec![&k.keys]
+    };
+    tx.execute(&st, &params)
+        .await
+        .map_err(|e| db_error("running statement", &e))
+}
+
+/// One simple-protocol command of the batch's own (a savepoint, a `SET LOCAL`).
+async fn exec(
+    limit: Option<std::time::Duration>,
+    tx: &Transaction<'_>,
+    sql: &str,
+    what: &'static str,
+) -> Result<()> {
+    answered(limit, what, async {
+        tx.batch_execute(sql).await.map_err(|e| db_error(what, &e))
+    })
+    .await
+}
+
+/// The batch's transaction: REPEATABLE READ for a statement tried on keys walked unlocked.
+async fn begin(
+    limit: Option<std::time::Duration>,
+    conn: &mut ClientWrapper,
+    repeatable: bool,
+) -> Result<Transaction<'_>> {
+    let what = "starting the batch transaction";
+    answered(limit, what, async {
+        let level = if repeatable {
+            IsolationLevel::RepeatableRead
+        } else {
+            IsolationLevel::ReadCommitted
+        };
+        conn.build_transaction()
+            .isolation_level(level)
+            .start()
+            .await
+            .map_err(|e| db_error(what, &e))
+    })
+    .await
+}
+
+/// The batch's `SET LOCAL`s and its walk, sent together (one round trip).
+async fn walk(
+    limit: Option<std::time::Duration>,
+    tx: &Transaction<'_>,
+    p: &Prepared,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Keys> {
+    let what = "preparing the batch query";
+    let st = answered(limit, what, async {
+        tx.prepare_cached(sql).await.map_err(|e| db_error(what, &e))
+    })
+    .await?;
+    let row = answered(limit, "selecting the batch's keys", async {
+        let (set, row) = tokio::join!(
+            tx.batch_execute(&p.sql.begin_locals),
+            tx.query_one(&st, params)
+        );
+        set.map_err(|e| db_error("starting the batch transaction", &e))?;
+        row.map_err(|e| db_error("selecting the batch's keys", &e))
+    })
+    .await?;
+    Ok(Keys::from_row(&row))
 }

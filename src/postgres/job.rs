@@ -33,6 +33,9 @@ pub struct Prepared {
     /// only then is it planned for an estimate (planning may run a STABLE function it calls
     /// with constant arguments).
     pub where_plannable: bool,
+    /// Whether the statement is one `UPDATE` or `DELETE` of the job's table, which locks the
+    /// rows it writes itself (`own_locks`): a `skip_locked` batch then walks its keys unlocked.
+    pub own_locks: bool,
 }
 
 /// What a job's workers share.
@@ -540,6 +543,21 @@ impl Backend for PgJob {
             (_, Ok(false)) => Ok(false),
             _ => Ok(true),
         };
+        let own_locks = match (
+            &info,
+            super::own_locks::written_table(&self.ctx.spec.statement),
+        ) {
+            (Ok(info), Some(name)) => c
+                .query_one(
+                    "SELECT coalesce(to_regclass($1) = to_regclass($2), false)",
+                    &[&name, &info.rel],
+                )
+                .await
+                // A name the server cannot read (it will say so when the statement runs):
+                // the batches lock first.
+                .is_ok_and(|r| r.get::<_, bool>(0)),
+            _ => false,
+        };
         let _ = c.batch_execute("ROLLBACK").await;
         let info = info?;
         verify?;
@@ -551,6 +569,7 @@ impl Backend for PgJob {
             statement: self.ctx.spec.statement.clone(),
             table_plannable,
             where_plannable,
+            own_locks,
         }));
         Ok(())
     }

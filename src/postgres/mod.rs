@@ -15,6 +15,7 @@ mod hidden;
 mod job;
 mod key_writes;
 mod mentions;
+mod own_locks;
 mod plan;
 mod ranges;
 mod raw;

@@ -17,6 +17,14 @@ pub struct BatchSql {
     /// none: $1 size, $2 cursor, $3 hi.
     /// Returns (keys, last key walked as text, keys walked, keys skipped, first key, last key).
     pub walk: String,
+    /// `walk` of `lock: none`: the keys, unlocked. $1 size, $2 cursor, $3 hi. For a
+    /// `skip_locked` job whose statement takes its rows' locks itself (`own_locks`).
+    pub walk_free: String,
+    /// Before such a statement: a lock timeout short enough that a row the application
+    /// holds costs the batch little.
+    pub try_begin: String,
+    /// After it ran: the job's lock timeout back.
+    pub try_keep: String,
     /// Keys only, no locks and no writes (for `plan`'s sample batches).
     /// $1 size, $2 cursor, $3 hi. Returns (keys, last key as text, count, first, last).
     pub sample: String,
@@ -56,6 +64,12 @@ fn ms(d: Duration) -> u128 {
     d.as_millis()
 }
 
+/// How long a statement that takes its own row locks waits for a row another transaction
+/// holds before its batch locks its keys `FOR UPDATE SKIP LOCKED` instead (at most the job's
+/// `lock_timeout`). Long enough for a short application transaction to end, short against a
+/// batch.
+const TRY_LOCK: Duration = Duration::from_millis(20);
+
 impl BatchSql {
     pub fn new(t: &TableInfo, lock: LockMode, limits: &Limits, store: &Store) -> BatchSql {
         let (rel, key, ty, filter) = (&t.rel, &t.key, &t.key_type, &t.filter);
@@ -80,7 +94,7 @@ impl BatchSql {
                  AND (${h}::text IS NULL OR {key} <= CAST(${h}::text AS {ty})) AND {filter}"
             )
         };
-        let walk = match lock {
+        let walk_locked = {
             // Lock first: the next `size` rows of the range that can be locked, in one index
             // range scan. Then every key of the range up to the last locked one (or, when the
             // batch came out short, to the range's last key) that the statement's snapshot
@@ -95,10 +109,9 @@ impl BatchSql {
             // column names next to the table's, where `where` could find them ambiguous). The
             // WITH queries have names no table of the user's is expected to have: `where` may
             // name tables in subqueries, which a WITH query of the same name would shadow.
-            LockMode::SkipLocked => {
-                let r = range(4, 5);
-                format!(
-                    "WITH backfill__locked AS (
+            let r = range(4, 5);
+            format!(
+                "WITH backfill__locked AS (
                          SELECT {key} AS k FROM {rel} WHERE {r}
                           ORDER BY {key} LIMIT $1 FOR UPDATE SKIP LOCKED
                      ), backfill__l AS (
@@ -126,12 +139,12 @@ impl BatchSql {
                             l.n + (SELECT count(*) FROM backfill__skipped),
                             (SELECT count(*) FROM backfill__skipped), l.lo, l.hi
                        FROM backfill__l l"
-                )
-            }
-            LockMode::None => {
-                let r = range(2, 3);
-                format!(
-                    "WITH backfill__a AS (
+            )
+        };
+        let walk_free = {
+            let r = range(2, 3);
+            format!(
+                "WITH backfill__a AS (
                          SELECT array_agg(b.k ORDER BY b.k) AS keys FROM (
                              SELECT {key} AS k FROM {rel} WHERE {r} ORDER BY {key} LIMIT $1
                          ) b
@@ -140,8 +153,11 @@ impl BatchSql {
                             coalesce(cardinality(a.keys), 0)::bigint, 0::bigint,
                             a.keys[1], a.keys[cardinality(a.keys)]
                        FROM backfill__a a"
-                )
-            }
+            )
+        };
+        let walk = match lock {
+            LockMode::SkipLocked => walk_locked,
+            LockMode::None => walk_free.clone(),
         };
         let r = range(2, 3);
         // plan's sample batches lock their keys as a walk does, passing over rows the
@@ -174,9 +190,17 @@ impl BatchSql {
               WHERE job = $1 AND range_no = $2 AND epoch = $3"
         );
         let returning = format!("RETURNING (SELECT j.paused FROM {jobs} j WHERE j.job = $1)");
+        let lock_ms = ms(limits.lock_timeout);
+        let try_ms = match lock_ms {
+            0 => ms(TRY_LOCK),
+            n => n.min(ms(TRY_LOCK)),
+        };
         BatchSql {
             begin_locals,
             walk,
+            walk_free,
+            try_begin: format!("SET LOCAL lock_timeout = {try_ms}"),
+            try_keep: format!("SET LOCAL lock_timeout = {lock_ms}"),
             sample,
             pending: format!(
                 "SELECT key FROM {skipped}

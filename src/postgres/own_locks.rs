@@ -1,0 +1,74 @@
+//! Whether the spec's statement takes the batch's row locks itself: a single `UPDATE` or
+//! `DELETE` (not inside a `WITH` of another statement) whose target is the job's table. Such a
+//! statement locks every row it writes as it writes it, so a `skip_locked` batch need not lock
+//! its keys first: it walks them unlocked and runs the statement under a short lock timeout,
+//! and only when that times out on a row another transaction holds does it lock its keys
+//! `FOR UPDATE SKIP LOCKED` and run the statement again (`batch.rs`). Any other statement (an
+//! `INSERT ... SELECT` into another table, a `MERGE`, a `WITH` that writes) reads the walked
+//! rows without locking them, so its batches lock first, as before. The name is read here with
+//! sqlparser's Postgres dialect; the server says which table it is (`to_regclass`, in the
+//! job's own session and search path).
+
+use sqlparser::ast::{FromTable, Statement, TableFactor};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+
+/// The table `statement` updates or deletes from, as written (quoted as needed), when the
+/// statement is exactly one top-level `UPDATE` or single-table `DELETE`.
+pub fn written_table(statement: &str) -> Option<String> {
+    let statements = Parser::parse_sql(&PostgreSqlDialect {}, statement).ok()?;
+    let [s] = statements.as_slice() else {
+        return None;
+    };
+    let relation = match s {
+        Statement::Update(u) if u.table.joins.is_empty() => &u.table.relation,
+        Statement::Delete(d) if d.tables.is_empty() => match &d.from {
+            FromTable::WithFromKeyword(t) | FromTable::WithoutKeyword(t) => match t.as_slice() {
+                [only] if only.joins.is_empty() => &only.relation,
+                _ => return None,
+            },
+        },
+        _ => return None,
+    };
+    match relation {
+        TableFactor::Table {
+            name, args: None, ..
+        } => Some(name.to_string()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::written_table;
+
+    #[test]
+    fn an_update_or_delete_names_its_table() {
+        let upd = "UPDATE wxyc_schema.flowsheet f SET dj_name = s.name FROM wxyc_schema.shows s \
+                   WHERE f.show_id = s.id AND f.id = ANY($1)";
+        assert_eq!(written_table(upd).as_deref(), Some("wxyc_schema.flowsheet"));
+        assert_eq!(
+            written_table("DELETE FROM \"Odd\".t USING u WHERE t.id = ANY($1)").as_deref(),
+            Some("\"Odd\".t")
+        );
+        assert_eq!(
+            written_table("update ONLY t set n = n + 1 where id = any($1)").as_deref(),
+            Some("t")
+        );
+    }
+
+    #[test]
+    fn statements_that_read_the_walked_rows_name_none() {
+        for s in [
+            "INSERT INTO dst SELECT * FROM src WHERE id = ANY($1)",
+            "WITH d AS (DELETE FROM t WHERE id = ANY($1) RETURNING *) INSERT INTO a SELECT * FROM d",
+            "WITH x AS (INSERT INTO log VALUES (1)) UPDATE t SET n = 1 WHERE id = ANY($1)",
+            "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN UPDATE SET n = 1",
+            "UPDATE t SET n = 1 WHERE id = ANY($1); UPDATE u SET n = 1",
+            "SELECT 1",
+            "not sql at all",
+        ] {
+            assert_eq!(written_table(s), None, "{s}");
+        }
+    }
+}
