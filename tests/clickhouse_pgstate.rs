@@ -246,6 +246,68 @@ ch_test! {
 }
 
 ch_test! {
+    /// A done row in the lock table frees the target for other jobs at once, but a runner of
+    /// the same job took it as a released lock and went in while the done runner was still
+    /// cleaning up: dropping the job's staging tables and landings ledger, which the new runner
+    /// makes again under the same names. A `--rerun` then ran the whole job beside that
+    /// clean-up (exit 0). It now waits for the clean-up: exit 75 while the done runner, alive
+    /// on this host, is at it; the run after it starts over cleanly.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rerun_of_the_same_job_waits_for_its_clean_up(srv) {
+        let db = ChDb::new_on(&srv, "rerunclean");
+        build_days(&db, 3, 200);
+        let reference = source_digest(&db);
+        let proxy = FaultProxy::start_http(srv.addr()).await;
+        let held = proxy.add_rule(
+            Rule::new(Fault::HoldUntilReleased)
+                .matching(|r| {
+                    let t = r.text();
+                    // The clean-up's listing of the job's staging tables (see
+                    // `lose_staging_listing`).
+                    t.contains("FROM system.tables")
+                        && t.contains("AND ((startsWith")
+                        && t.contains("_s_")
+                })
+                .nth(1),
+        );
+        let spec = spec_file(&db, "rerun", "rerun", None, "");
+        let proxied = spec_file(&db, "rerun_proxied", "rerun", None, "");
+        let text = std::fs::read_to_string(&proxied).unwrap().replace(
+            &format!("  url: {}\n", db.url),
+            &format!("  url: {}\n", proxy.url_for(&db.url)),
+        );
+        std::fs::write(&proxied, text).unwrap();
+        let mut first = spawn(db.dir.path(), "first", &[], &proxied);
+        first
+            .wait_until(
+                "the first run's clean-up to be held",
+                Duration::from_secs(120),
+                Duration::from_millis(20),
+                async || proxy.rule_fired(held) >= 1,
+            )
+            .await;
+        let (code, out, err) = run(&[&"run", &"--rerun", &spec]);
+        let all = all_output(&out, &err);
+        assert_eq!(code, 75, "{all}");
+        assert!(err.contains("cleaning up after the job"), "{all}");
+        proxy.release_held();
+        let (code, out, err) = first.finish(Duration::from_secs(120)).await;
+        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        assert_eq!(target_digest(&db), reference);
+        let (code, out, err) = run(&[&"run", &"--rerun", &spec]);
+        assert_eq!(code, 0, "{}", all_output(&out, &err));
+        assert_eq!(target_digest(&db), reference, "{}", all_output(&out, &err));
+        assert!(
+            !db.tables()
+                .iter()
+                .any(|t| t.ends_with("__backfill_lock") || t.contains("__backfill_rerun_s_")),
+            "the rerun cleaned up after itself: {:?}",
+            db.tables()
+        );
+    }
+}
+
+ch_test! {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn runs_to_done_with_its_state_in_postgres_and_none_in_clickhouse(srv) {
         let db = ChDb::new_on(&srv, "pgstate");

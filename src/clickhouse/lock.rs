@@ -108,6 +108,27 @@ impl Holder {
     fn dead(&self) -> bool {
         self.released || gone_here(&self.runner) || self.age >= TTL.as_secs()
     }
+
+    /// Whether it is gone for a runner of its own job: as `dead`, but a runner whose job is
+    /// done is still cleaning up after it (dropping the job's staging tables and landings
+    /// ledger, which a runner of the same job would make again under the same names) until its
+    /// process is gone, its heartbeat is older than `TTL` or it drops the lock table.
+    fn gone_for_own_job(&self) -> bool {
+        (self.released && !self.done) || gone_here(&self.runner) || self.age >= TTL.as_secs()
+    }
+
+    /// What a runner of this host that keeps the target is doing.
+    fn busy_here(&self) -> String {
+        let doing = if self.done {
+            "cleaning up after the job, which is done"
+        } else {
+            "running"
+        };
+        format!(
+            "runner {} on this host, {doing} (its heartbeat is {}s old)",
+            self.runner, self.age
+        )
+    }
 }
 
 /// A held lock: dropped or released explicitly; `lost` turns true if another runner took it.
@@ -211,10 +232,7 @@ pub async fn held_by_other(
              it keeps the target until it is done or `backfill reset`",
             h.job, h.runner
         )),
-        Some(h) if !h.dead() && alive_here(&h.runner) => Some(format!(
-            "runner {} on this host, running (its heartbeat is {}s old)",
-            h.runner, h.age
-        )),
+        Some(h) if !h.gone_for_own_job() && alive_here(&h.runner) => Some(h.busy_here()),
         _ => None,
     })
 }
@@ -279,14 +297,11 @@ pub async fn acquire(
                 h.job, h.runner
             ))));
         }
-        if !h.released && alive_here(&h.runner) {
+        if !h.gone_for_own_job() && alive_here(&h.runner) {
             // A process of this host that is running: no heartbeat to wait for.
-            return Err(Error::Stopped(StopReason::LockHeld(format!(
-                "runner {} on this host, running (its heartbeat is {}s old)",
-                h.runner, h.age
-            ))));
+            return Err(Error::Stopped(StopReason::LockHeld(h.busy_here())));
         }
-        if h.dead() {
+        if h.gone_for_own_job() {
             take_over(client, &table, &h.token).await?;
             continue;
         }
@@ -411,9 +426,9 @@ impl ChLock {
     /// The job is done (its record says so): noted in the lock table before anything else of
     /// the clean-up, so that a clean-up cut short leaves a table any job may take over, whatever
     /// store keeps this job's state (another job's runner asks only its own store whether this
-    /// job is done). Only while the lock is still this runner's.
+    /// job is done). Only while the lock is still this runner's. The heartbeat goes on until
+    /// the table is dropped: a runner of this same job waits for the clean-up to end.
     pub async fn mark_done(&self) -> Result<()> {
-        self.heartbeat.abort();
         match holder(&self.client, &self.table).await? {
             Some(h) if h.token == self.token => {
                 append(&self.client, &self.table, &self.job, &self.token, 2).await
