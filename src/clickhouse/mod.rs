@@ -288,11 +288,7 @@ impl ChJob {
     /// the job ends done. Refused before anything is written. (A record from before the cut
     /// was kept says nothing.)
     fn same_cut(&self, records: &[Record]) -> Result<()> {
-        let kept = records
-            .iter()
-            .find(|r| r.chunk == store::JOB_ROW)
-            .and_then(|r| serde_json::from_str::<serde_json::Value>(&r.def).ok())
-            .and_then(|v| v["cut"].as_str().map(str::to_string));
+        let kept = store::job_def(records, "cut");
         match kept {
             Some(kept) if kept != self.cut() => Err(Error::Spec(format!(
                 "clickhouse.chunks / clickhouse.split_column: job {} cuts its chunks as {kept}, \
@@ -913,8 +909,6 @@ impl Backend for ChJob {
 
 /// The job's range, if fixed at its first start (kept in its record).
 fn fixed(records: &[Record]) -> Option<(NaiveDate, NaiveDate)> {
-    let r = records.iter().find(|r| r.chunk == store::JOB_ROW)?;
-    let v = serde_json::from_str::<serde_json::Value>(&r.def).ok()?;
-    let day = |k: &str| v[k].as_str()?.parse::<NaiveDate>().ok();
+    let day = |k: &str| store::job_def(records, k)?.parse::<NaiveDate>().ok();
     Some((day("from")?, day("to")?))
 }

@@ -115,11 +115,7 @@ impl ChJob {
     }
 
     pub(super) fn same_target_name(&self, records: &[Record]) -> Result<()> {
-        let kept = records
-            .iter()
-            .find(|r| r.chunk == store::JOB_ROW)
-            .and_then(|r| serde_json::from_str::<serde_json::Value>(&r.def).ok())
-            .and_then(|v| v["target"].as_str().map(str::to_string));
+        let kept = store::job_def(records, "target");
         match kept {
             Some(kept) if kept != self.target_name() => Err(Error::Spec(format!(
                 "clickhouse.target: job {} has landed its chunks in {kept}, and its state says \
@@ -137,7 +133,5 @@ impl ChJob {
 /// The home-mark token the job's record keeps (none before the mark was kept, or with the
 /// state in ClickHouse).
 fn kept_home(records: &[Record]) -> Option<String> {
-    let r = records.iter().find(|r| r.chunk == store::JOB_ROW)?;
-    let v = serde_json::from_str::<serde_json::Value>(&r.def).ok()?;
-    v["home"].as_str().map(str::to_string)
+    store::job_def(records, "home")
 }

@@ -21,6 +21,14 @@ pub const DONE: &str = "done";
 pub const FAILED: &str = "failed";
 
 pub const JOB_ROW: &str = "";
+
+/// A text field of the job row's `def` (the JSON it keeps of its first start: `target`,
+/// `cut`, `from`, `to`, `home`), if the records hold a job row and it has that field.
+pub fn job_def(records: &[Record], field: &str) -> Option<String> {
+    let r = records.iter().find(|r| r.chunk == JOB_ROW)?;
+    let v = serde_json::from_str::<serde_json::Value>(&r.def).ok()?;
+    v[field].as_str().map(str::to_string)
+}
 pub const PAUSE_ROW: &str = "#pause";
 pub const MERGES_ROW: &str = "#merges";
 /// Present when the next start must restore the target and land every chunk again (written by
