@@ -704,6 +704,7 @@ ch_test! {
         let (code, out, err) = run(&[&"run", &spec_a]);
         assert_eq!(code, 0, "{}", all_output(&out, &err));
         assert!(out.contains("skipped (already done)"), "{}", all_output(&out, &err));
+        pg.drop_db().await;
     }
 }
 
