@@ -570,10 +570,27 @@ limits: {lock_timeout: 1s}
 /// itself) reaches the row. Read committed, the statement read a newer snapshot, found no row
 /// 110, and the moved row was in no batch: the run ended `done`, exit 0, with row 65 not done.
 /// The statement now writes against the walk's snapshot (repeatable read): the moved row
-/// fails it, and the batch locks its keys first, which finds the row under its new key.
+/// fails it, and the batch starts again with the locking walk, which finds the row under its
+/// new key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_moved_inside_a_batch_walked_unlocked_is_still_done_once() {
-    let db = TestDb::new("keymove_free").await;
+    moved_while_its_batch_runs("keymove_free", 11, 110, 65).await;
+}
+
+/// The same with the row moving ahead, past the last key of the range's last batch (50 ->
+/// 200): the locking walk that the batch went back to was bounded by the last key of the
+/// unlocked walk (110), and the range ended `done`, exit 0, without row 200. It now walks from
+/// the batch's cursor to the range's end, as any batch does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_moved_ahead_of_the_last_batch_walked_unlocked_is_still_done_once() {
+    moved_while_its_batch_runs("keyahead_free", 50, 50, 200).await;
+}
+
+/// Row `from` of 10, 20, ... 110 gets the key `to` while the job's first batch (of `size`
+/// keys: 11 fills it, more leaves it short, the range's last) waits in its walk (`where`
+/// sleeps on key 110); every row ends done once.
+async fn moved_while_its_batch_runs(name: &str, size: i64, from: i64, to: i64) {
+    let db = TestDb::new(name).await;
     let c = db.client().await;
     c.batch_execute(
         "CREATE TABLE t (id bigint PRIMARY KEY, done boolean NOT NULL DEFAULT false,
@@ -584,15 +601,87 @@ async fn a_key_moved_inside_a_batch_walked_unlocked_is_still_done_once() {
     .await
     .unwrap();
     let spec = db.spec(
-        "keymove_free.yaml",
-        "name: keymove_free
+        &format!("{name}.yaml"),
+        &format!(
+            "name: {name}
 postgres:
   url: $URL
   table: t
   key: id
   where: NOT done AND (id <> 110 OR pg_sleep(1.5) IS NOT NULL)
   statement: UPDATE t SET done = true, n = n + 1 WHERE id = ANY($1)
-batch: {size: 11, target: 0}
+batch: {{size: {size}, target: 0}}
+"
+        ),
+    );
+    let mut r = spawn(db.dir.path(), "run", &[], &spec);
+    r.wait_until(
+        "the walk to reach key 110",
+        Duration::from_secs(30),
+        Duration::from_millis(10),
+        async || {
+            count(
+                &c,
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event = 'PgSleep'
+                    AND application_name LIKE 'backfill:%'",
+            )
+            .await
+                > 0
+        },
+    )
+    .await;
+    c.execute("UPDATE t SET id = $2 WHERE id = $1", &[&from, &to])
+        .await
+        .unwrap();
+    let (code, out, err) = r.finish(Duration::from_secs(60)).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM t WHERE NOT done OR n <> 1").await,
+        0,
+        "{out}\n{err}"
+    );
+    assert_eq!(count(&c, "SELECT count(*) FROM t").await, 11);
+    drop(c);
+    db.drop_db().await;
+}
+
+/// A trigger that inserts a row unless one exists reads, under the unlocked walk's repeatable
+/// read, the snapshot of the walk: a row the application committed since is not there, the
+/// INSERT hits it, and the job failed (unique violation, exit 1) where read committed sees the
+/// row. A try that fails on anything but a lost connection or a statement timeout now starts
+/// the batch again with the locking walk, read committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_that_reads_past_the_walks_snapshot_does_not_fail_the_job() {
+    let db = TestDb::new("trigger_seen").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE TABLE seen (grp int PRIMARY KEY);
+         CREATE TABLE t (id bigint PRIMARY KEY, grp int NOT NULL,
+                         done boolean NOT NULL DEFAULT false);
+         INSERT INTO t (id, grp) SELECT g * 10, 7 FROM generate_series(1, 11) g;
+         ANALYZE t;
+         CREATE FUNCTION note_grp() RETURNS trigger LANGUAGE plpgsql AS $f$
+         BEGIN
+           IF NOT EXISTS (SELECT 1 FROM seen WHERE grp = NEW.grp) THEN
+             INSERT INTO seen VALUES (NEW.grp);
+           END IF;
+           RETURN NEW;
+         END $f$;
+         CREATE TRIGGER note AFTER UPDATE ON t FOR EACH ROW EXECUTE FUNCTION note_grp();",
+    )
+    .await
+    .unwrap();
+    let spec = db.spec(
+        "trigger_seen.yaml",
+        "name: trigger_seen
+postgres:
+  url: $URL
+  table: t
+  key: id
+  where: NOT done AND (id <> 110 OR pg_sleep(1.5) IS NOT NULL)
+  statement: UPDATE t SET done = true WHERE id = ANY($1)
+batch: {size: 50, target: 0}
 ",
     );
     let mut r = spawn(db.dir.path(), "run", &[], &spec);
@@ -612,17 +701,66 @@ batch: {size: 11, target: 0}
         },
     )
     .await;
-    c.batch_execute("UPDATE t SET id = 65 WHERE id = 110")
+    c.batch_execute("INSERT INTO seen VALUES (7)")
         .await
         .unwrap();
     let (code, out, err) = r.finish(Duration::from_secs(60)).await;
     assert_eq!(code, 0, "{out}\n{err}");
-    assert_eq!(
-        count(&c, "SELECT count(*) FROM t WHERE NOT done OR n <> 1").await,
-        0,
-        "{out}\n{err}"
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE NOT done").await, 0);
+    drop(c);
+    db.drop_db().await;
+}
+
+/// A statement whose table's trigger draws from a sequence (what no rollback undoes): a batch
+/// tried on keys walked unlocked that went back to the start ran it twice, and drew twice for
+/// every row before the one the application held (19 draws for 10 rows). Such a statement's
+/// batches lock their keys first, as before the unlocked walk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_that_draws_from_a_sequence_runs_once_per_row() {
+    let db = TestDb::new("draws").await;
+    let c = db.client().await;
+    c.batch_execute(
+        "CREATE SEQUENCE tickets;
+         CREATE TABLE t (id bigint PRIMARY KEY, done boolean NOT NULL DEFAULT false,
+                         ticket bigint);
+         INSERT INTO t (id) SELECT g * 10 FROM generate_series(1, 10) g;
+         ANALYZE t;
+         CREATE FUNCTION ticket() RETURNS trigger LANGUAGE plpgsql AS $f$
+         BEGIN
+           NEW.ticket := nextval('tickets');
+           RETURN NEW;
+         END $f$;
+         CREATE TRIGGER ticket BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION ticket();",
+    )
+    .await
+    .unwrap();
+    let spec = db.spec(
+        "draws.yaml",
+        "name: draws
+postgres:
+  url: $URL
+  table: t
+  key: id
+  where: NOT done
+  statement: UPDATE t SET done = true WHERE id = ANY($1)
+batch: {size: 10, target: 0}
+",
     );
-    assert_eq!(count(&c, "SELECT count(*) FROM t").await, 11);
+    let holder = lock_rows(&db, &[100]).await;
+    let mut r = spawn(db.dir.path(), "run", &[], &spec);
+    wait_cursor_past(&c, "draws", 100, &mut r).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    let (mut code, mut out, mut err) = r.finish(Duration::from_secs(60)).await;
+    if code == 75 {
+        (code, out, err) = common::run(&[&"run", &spec]);
+    }
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(count(&c, "SELECT count(*) FROM t WHERE NOT done").await, 0);
+    assert_eq!(
+        count(&c, "SELECT last_value FROM tickets").await,
+        10,
+        "one draw per row: {out}\n{err}"
+    );
     drop(c);
     db.drop_db().await;
 }

@@ -143,12 +143,12 @@ async fn join(
 /// first on keys walked unlocked, in a REPEATABLE READ transaction: the statement then writes
 /// against the snapshot the walk read, and a row of the batch that another transaction
 /// holds, or changed since (its key moved, say), fails it (lock timeout, serialization
-/// failure) instead of being passed over. Then the batch starts again in READ COMMITTED and
-/// locks its keys first, as any other statement's batch does: the keys up to the last one
-/// walked (however many that is now), passing over and recording those still held. The
-/// cursor ends at that last key either way. Not with `walk_ahead`: a batch walked ahead
-/// reads its snapshot before the batch before it commits its checkpoint, which it then
-/// writes over.
+/// failure) instead of being passed over. Any failure of that try but a lost connection or a
+/// statement timeout (a trigger that reads what the snapshot is too old to hold may fail it
+/// too) sends the batch back to the start: READ COMMITTED, the locking walk, from the same
+/// cursor to the range's end, exactly as any other statement's batch. Not with `walk_ahead`:
+/// a batch walked ahead reads its snapshot before the batch before it commits its
+/// checkpoint, which it then writes over.
 async fn run(
     ctx: &Ctx,
     p: &Prepared,
@@ -171,12 +171,10 @@ async fn run(
         (&p.sql.walk_free, vec![&a.size, &a.from, &a.hi])
     };
     let mut keys = walk(limit, &tx, p, walk_sql, &params).await?;
-    let last = keys.top.clone();
-    let full = (keys.walked as i64) >= a.size;
     let t1 = Instant::now();
     let _ = walked_tx.send(Walked {
-        full,
-        last: last.clone(),
+        full: (keys.walked as i64) >= a.size,
+        last: keys.top.clone(),
     });
     if go.await.is_err() {
         // The transaction rolls back as it is dropped.
@@ -201,17 +199,15 @@ async fn run(
                 exec(limit, &tx, &p.sql.try_keep, what).await?;
                 n
             }
-            Err(Error::Db {
-                kind: DbErrorKind::LockTimeout | DbErrorKind::Serialization,
-                ..
-            }) => {
+            Err(e) if retried_locking(&e) => {
+                tracing::debug!("the batch locks its keys first: {e}");
                 let _ = answered(limit, "rolling the batch back", async {
                     tx.rollback().await.map_err(|e| db_error(what, &e))
                 })
                 .await;
                 tx = begin(limit, conn, false).await?;
                 let params: Vec<&(dyn ToSql + Sync)> =
-                    vec![&i64::MAX, &ctx.job, &a.range_no, &a.from, &last];
+                    vec![&a.size, &ctx.job, &a.range_no, &a.from, &a.hi];
                 keys = walk(limit, &tx, p, &p.sql.walk, &params).await?;
                 match keys.keys {
                     Some(_) => answered(limit, what, statement(&tx, ctx, p, &keys)).await?,
@@ -223,7 +219,9 @@ async fn run(
     } else {
         answered(limit, what, statement(&tx, ctx, p, &keys)).await?
     };
-    let (walked, skipped) = (keys.walked, keys.skipped);
+    // The walk the statement ran on (the second, if the try went back to the start).
+    let (walked, skipped, last) = (keys.walked, keys.skipped, keys.top);
+    let full = (walked as i64) >= a.size;
     let t2 = Instant::now();
     // A short batch scanned to the end of the range: its walk is over. The range is done in
     // the same transaction, or waits for its retry pass if rows were skipped: by this run, or
@@ -290,6 +288,16 @@ async fn run(
             commit: t2.elapsed(),
         },
     }))
+}
+
+/// Whether a failed try of a statement that locks its own rows goes back to the start of its
+/// batch with the locking walk: not when the connection is lost or the statement ran out of
+/// time (it would only take as long again).
+fn retried_locking(e: &Error) -> bool {
+    !matches!(
+        e.db_kind(),
+        None | Some(DbErrorKind::ConnectionLost | DbErrorKind::StatementTimeout)
+    )
 }
 
 /// A walk's answer: the keys to run the statement with and what the walk counted.

@@ -543,21 +543,15 @@ impl Backend for PgJob {
             (_, Ok(false)) => Ok(false),
             _ => Ok(true),
         };
-        let own_locks = match (
-            &info,
-            super::own_locks::written_table(&self.ctx.spec.statement),
-        ) {
-            (Ok(info), Some(name)) => c
-                .query_one(
-                    "SELECT coalesce(to_regclass($1) = to_regclass($2), false)",
-                    &[&name, &info.rel],
-                )
-                .await
-                // A name the server cannot read (it will say so when the statement runs):
-                // the batches lock first.
-                .is_ok_and(|r| r.get::<_, bool>(0)),
-            _ => false,
+        let own_locks = match &info {
+            Ok(info) => super::own_locks::applies(&c, &self.ctx.spec.statement, info).await,
+            Err(_) => false,
         };
+        tracing::debug!(
+            own_locks,
+            "the statement {} the rows it writes itself",
+            if own_locks { "locks" } else { "may not lock" }
+        );
         let _ = c.batch_execute("ROLLBACK").await;
         let info = info?;
         verify?;

@@ -7,11 +7,41 @@
 //! `INSERT ... SELECT` into another table, a `MERGE`, a `WITH` that writes) reads the walked
 //! rows without locking them, so its batches lock first, as before. The name is read here with
 //! sqlparser's Postgres dialect; the server says which table it is (`to_regclass`, in the
-//! job's own session and search path).
+//! job's own session and search path). A try that goes back to the start runs the statement
+//! twice, of which the first is rolled back: a statement that does what no rollback undoes
+//! (calls a volatile function such as `nextval` or `dblink_exec` as written, or writes a table
+//! whose triggers or cascades do: `effects`, `hidden`) always locks first.
 
+use super::table::TableInfo;
 use sqlparser::ast::{FromTable, Statement, TableFactor};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
+
+/// Whether `statement` is one `UPDATE` or `DELETE` of the job's table that does nothing a
+/// rollback leaves behind, as far as the catalog tells. Any failure to tell: no.
+pub async fn applies(c: &tokio_postgres::Client, statement: &str, info: &TableInfo) -> bool {
+    let Some(name) = written_table(statement) else {
+        return false;
+    };
+    let same = c
+        .query_one(
+            "SELECT coalesce(to_regclass($1) = to_regclass($2), false)",
+            &[&name, &info.rel],
+        )
+        .await
+        .is_ok_and(|r| r.get::<_, bool>(0));
+    if !same {
+        return false;
+    }
+    let calls = super::effects::calls_in(c, &serde_json::Value::Null, statement).await;
+    if !calls.is_ok_and(|v| v.is_empty()) {
+        return false;
+    }
+    matches!(
+        super::hidden::effect(c, &info.schema, &info.table, false).await,
+        Ok(None)
+    )
+}
 
 /// The table `statement` updates or deletes from, as written (quoted as needed), when the
 /// statement is exactly one top-level `UPDATE` or single-table `DELETE`.
