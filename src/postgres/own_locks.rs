@@ -23,9 +23,15 @@ pub async fn applies(c: &tokio_postgres::Client, statement: &str, info: &TableIn
     let Some(name) = written_table(statement) else {
         return false;
     };
+    // The job's table itself, a table (not a view that an INSTEAD OF trigger writes), with no
+    // rule that rewrites an UPDATE or DELETE of it into something that may not lock its rows.
     let same = c
         .query_one(
-            "SELECT coalesce(to_regclass($1) = to_regclass($2), false)",
+            "SELECT coalesce(to_regclass($1) = to_regclass($2), false)
+                AND coalesce((SELECT c.relkind IN ('r', 'p') FROM pg_class c
+                               WHERE c.oid = to_regclass($2)), false)
+                AND NOT EXISTS (SELECT 1 FROM pg_rewrite r
+                                 WHERE r.ev_class = to_regclass($2) AND r.ev_type IN ('2', '4'))",
             &[&name, &info.rel],
         )
         .await
