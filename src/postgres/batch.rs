@@ -354,7 +354,8 @@ async fn exec(
     .await
 }
 
-/// The batch's transaction: REPEATABLE READ for a statement tried on keys walked unlocked.
+/// The batch's transaction: REPEATABLE READ for a statement tried on keys walked unlocked,
+/// else the session's default (READ COMMITTED unless the url's options say otherwise).
 async fn begin(
     limit: Option<std::time::Duration>,
     conn: &mut ClientWrapper,
@@ -362,16 +363,15 @@ async fn begin(
 ) -> Result<Transaction<'_>> {
     let what = "starting the batch transaction";
     answered(limit, what, async {
-        let level = if repeatable {
-            IsolationLevel::RepeatableRead
+        let tx = if repeatable {
+            conn.build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .start()
+                .await
         } else {
-            IsolationLevel::ReadCommitted
+            conn.transaction().await
         };
-        conn.build_transaction()
-            .isolation_level(level)
-            .start()
-            .await
-            .map_err(|e| db_error(what, &e))
+        tx.map_err(|e| db_error(what, &e))
     })
     .await
 }
