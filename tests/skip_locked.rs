@@ -717,38 +717,76 @@ batch: {size: 50, target: 0}
 /// batches lock their keys first, as before the unlocked walk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_that_draws_from_a_sequence_runs_once_per_row() {
-    let db = TestDb::new("draws").await;
+    draws_once(
+        "draws",
+        "CREATE FUNCTION ticket() RETURNS trigger LANGUAGE plpgsql AS $f$
+         BEGIN
+           NEW.ticket := nextval('tickets');
+           RETURN NEW;
+         END $f$;
+         CREATE TRIGGER ticket BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION ticket();",
+        "UPDATE t SET done = true WHERE id = ANY($1)",
+    )
+    .await;
+}
+
+/// The same where only the statement's plan shows the draw: a default it fills in (`SET ticket
+/// = DEFAULT`), and a CHECK of the table that calls a function drawing from the sequence. Read
+/// as written, neither statement called anything, and each drew 20 times for 10 rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draw_that_only_the_plan_shows_runs_once_per_row() {
+    draws_once(
+        "draws_default",
+        "ALTER TABLE t ALTER COLUMN ticket SET DEFAULT nextval('tickets');",
+        "UPDATE t SET done = true, ticket = DEFAULT WHERE id = ANY($1)",
+    )
+    .await;
+    draws_once(
+        "draws_check",
+        "CREATE FUNCTION drawn(n bigint) RETURNS boolean LANGUAGE plpgsql VOLATILE AS $f$
+         BEGIN
+           PERFORM nextval('tickets');
+           RETURN true;
+         END $f$;
+         ALTER TABLE t ADD CONSTRAINT drawn CHECK (drawn(id)) NOT VALID;",
+        "UPDATE t SET done = true WHERE id = ANY($1)",
+    )
+    .await;
+}
+
+/// Ten rows (10 ... 100), `setup` run over them, and the job of `statement` while the
+/// application holds row 100 until the cursor has passed it: every row done, and the sequence
+/// `tickets` drawn once per row.
+async fn draws_once(name: &str, setup: &str, statement: &str) {
+    let db = TestDb::new(name).await;
     let c = db.client().await;
     c.batch_execute(
         "CREATE SEQUENCE tickets;
          CREATE TABLE t (id bigint PRIMARY KEY, done boolean NOT NULL DEFAULT false,
                          ticket bigint);
          INSERT INTO t (id) SELECT g * 10 FROM generate_series(1, 10) g;
-         ANALYZE t;
-         CREATE FUNCTION ticket() RETURNS trigger LANGUAGE plpgsql AS $f$
-         BEGIN
-           NEW.ticket := nextval('tickets');
-           RETURN NEW;
-         END $f$;
-         CREATE TRIGGER ticket BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION ticket();",
+         ANALYZE t;",
     )
     .await
     .unwrap();
+    c.batch_execute(setup).await.unwrap();
     let spec = db.spec(
-        "draws.yaml",
-        "name: draws
+        &format!("{name}.yaml"),
+        &format!(
+            "name: {name}
 postgres:
   url: $URL
   table: t
   key: id
   where: NOT done
-  statement: UPDATE t SET done = true WHERE id = ANY($1)
-batch: {size: 10, target: 0}
-",
+  statement: {statement}
+batch: {{size: 10, target: 0}}
+"
+        ),
     );
     let holder = lock_rows(&db, &[100]).await;
     let mut r = spawn(db.dir.path(), "run", &[], &spec);
-    wait_cursor_past(&c, "draws", 100, &mut r).await;
+    wait_cursor_past(&c, name, 100, &mut r).await;
     holder.batch_execute("COMMIT").await.unwrap();
     let (mut code, mut out, mut err) = r.finish(Duration::from_secs(60)).await;
     if code == 75 {

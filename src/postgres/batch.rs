@@ -201,10 +201,11 @@ async fn run(
             }
             Err(e) if retried_locking(&e) => {
                 tracing::debug!("the batch locks its keys first: {e}");
-                let _ = answered(limit, "rolling the batch back", async {
-                    tx.rollback().await.map_err(|e| db_error(what, &e))
+                let undo = "rolling the try back";
+                answered(limit, undo, async {
+                    tx.rollback().await.map_err(|e| db_error(undo, &e))
                 })
-                .await;
+                .await?;
                 tx = begin(limit, conn, false).await?;
                 let params: Vec<&(dyn ToSql + Sync)> =
                     vec![&a.size, &ctx.job, &a.range_no, &a.from, &a.hi];

@@ -9,17 +9,27 @@
 //! sqlparser's Postgres dialect; the server says which table it is (`to_regclass`, in the
 //! job's own session and search path). A try that goes back to the start runs the statement
 //! twice, of which the first is rolled back: a statement that does what no rollback undoes
-//! (calls a volatile function such as `nextval` or `dblink_exec` as written, or writes a table
-//! whose triggers or cascades do: `effects`, `hidden`) always locks first.
+//! (calls a volatile function such as `nextval` or `dblink_exec`, as written or in its plan: a
+//! default it fills in, a CHECK of what it writes; or writes a table whose triggers or
+//! cascades do: `effects`, `hidden`, read as `plan` reads them) always locks first. So does a
+//! session whose transactions are stronger than READ COMMITTED by default.
 
+use super::effects::{calls_in, explain, written_tables};
+use super::hidden::effect;
+use super::mentions::says_default;
+use super::raw::RawValue;
 use super::table::TableInfo;
 use sqlparser::ast::{FromTable, Statement, TableFactor};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
+use tokio_postgres::Client;
+use tokio_postgres::types::ToSql;
 
 /// Whether `statement` is one `UPDATE` or `DELETE` of the job's table that does nothing a
-/// rollback leaves behind, as far as the catalog tells. Any failure to tell: no.
-pub async fn applies(c: &tokio_postgres::Client, statement: &str, info: &TableInfo) -> bool {
+/// rollback leaves behind, as far as the catalog tells, in a session whose transactions are
+/// READ COMMITTED by default (the try's REPEATABLE READ would lower a stronger default). Any
+/// failure to tell: no.
+pub async fn applies(c: &Client, statement: &str, info: &TableInfo) -> bool {
     let Some(name) = written_table(statement) else {
         return false;
     };
@@ -31,7 +41,8 @@ pub async fn applies(c: &tokio_postgres::Client, statement: &str, info: &TableIn
                 AND coalesce((SELECT c.relkind IN ('r', 'p') FROM pg_class c
                                WHERE c.oid = to_regclass($2)), false)
                 AND NOT EXISTS (SELECT 1 FROM pg_rewrite r
-                                 WHERE r.ev_class = to_regclass($2) AND r.ev_type IN ('2', '4'))",
+                                 WHERE r.ev_class = to_regclass($2) AND r.ev_type IN ('2', '4'))
+                AND current_setting('default_transaction_isolation') = 'read committed'",
             &[&name, &info.rel],
         )
         .await
@@ -39,14 +50,44 @@ pub async fn applies(c: &tokio_postgres::Client, statement: &str, info: &TableIn
     if !same {
         return false;
     }
-    let calls = super::effects::calls_in(c, &serde_json::Value::Null, statement).await;
-    if !calls.is_ok_and(|v| v.is_empty()) {
+    // As `plan` reads a statement before it runs a sample of it: unplanned first (planning
+    // may run what it calls), then its plan (defaults it fills in, the CHECKs, policies and
+    // domains of what it writes), then what its writes run out of the plan's sight. The plan
+    // is the generic one, over NULL keys: a custom plan could fold the whole write away.
+    let unplanned = calls_in(c, &serde_json::Value::Null, statement).await;
+    if !unplanned.is_ok_and(|v| v.is_empty()) {
         return false;
     }
-    matches!(
-        super::hidden::effect(c, &info.schema, &info.table, false).await,
-        Ok(None)
-    )
+    if c.batch_execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let none: Option<RawValue> = None;
+    let params: Vec<&(dyn ToSql + Sync)> = (0..info.statement_params)
+        .map(|_| &none as &(dyn ToSql + Sync))
+        .collect();
+    let Ok(Some(doc)) = explain(c, statement, &params, "explaining the statement").await else {
+        return false;
+    };
+    if !calls_in(c, &doc, statement)
+        .await
+        .is_ok_and(|v| v.is_empty())
+    {
+        return false;
+    }
+    let written = written_tables(&doc, statement);
+    if written.is_empty() {
+        return false;
+    }
+    for (schema, table, unseen) in written {
+        let unseen = unseen || says_default(statement);
+        if !matches!(effect(c, schema, table, unseen).await, Ok(None)) {
+            return false;
+        }
+    }
+    true
 }
 
 /// The table `statement` updates or deletes from, as written (quoted as needed), when the
