@@ -258,18 +258,7 @@ ch_test! {
         build_days(&db, 3, 200);
         let reference = source_digest(&db);
         let proxy = FaultProxy::start_http(srv.addr()).await;
-        let held = proxy.add_rule(
-            Rule::new(Fault::HoldUntilReleased)
-                .matching(|r| {
-                    let t = r.text();
-                    // The clean-up's listing of the job's staging tables (see
-                    // `lose_staging_listing`).
-                    t.contains("FROM system.tables")
-                        && t.contains("AND ((startsWith")
-                        && t.contains("_s_")
-                })
-                .nth(1),
-        );
+        let held = proxy.hold_staging_listing();
         let spec = spec_file(&db, "rerun", "rerun", None, "");
         let proxied = spec_file(&db, "rerun_proxied", "rerun", None, "");
         let text = std::fs::read_to_string(&proxied).unwrap().replace(

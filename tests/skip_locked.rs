@@ -41,6 +41,26 @@ async fn wait_cursor_past(c: &Client, job: &str, key: i64, r: &mut Running) {
     .await;
 }
 
+/// Wait (bounded) until the job's walk sleeps in `where` on key 110 (`pg_sleep` there).
+async fn wait_walk_at_110(c: &Client, r: &mut Running) {
+    r.wait_until(
+        "the walk to reach key 110",
+        Duration::from_secs(30),
+        Duration::from_millis(10),
+        async || {
+            count(
+                c,
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database() AND wait_event = 'PgSleep'
+                    AND application_name LIKE 'backfill:%'",
+            )
+            .await
+                > 0
+        },
+    )
+    .await;
+}
+
 /// The number N in the summary's "N rows retried after being locked".
 fn retried_in_summary(out: &str) -> u64 {
     let (head, _) = out
@@ -531,22 +551,7 @@ limits: {lock_timeout: 1s}
     );
     let holder = lock_rows(&db, &[50]).await;
     let mut r = spawn(db.dir.path(), "run", &[], &spec);
-    r.wait_until(
-        "the walk to reach key 110",
-        Duration::from_secs(30),
-        Duration::from_millis(10),
-        async || {
-            count(
-                &c,
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE datname = current_database() AND wait_event = 'PgSleep'
-                    AND application_name LIKE 'backfill:%'",
-            )
-            .await
-                > 0
-        },
-    )
-    .await;
+    wait_walk_at_110(&c, &mut r).await;
     c.batch_execute("UPDATE t SET id = 65 WHERE id = 110")
         .await
         .unwrap();
@@ -615,22 +620,7 @@ batch: {{size: {size}, target: 0}}
         ),
     );
     let mut r = spawn(db.dir.path(), "run", &[], &spec);
-    r.wait_until(
-        "the walk to reach key 110",
-        Duration::from_secs(30),
-        Duration::from_millis(10),
-        async || {
-            count(
-                &c,
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE datname = current_database() AND wait_event = 'PgSleep'
-                    AND application_name LIKE 'backfill:%'",
-            )
-            .await
-                > 0
-        },
-    )
-    .await;
+    wait_walk_at_110(&c, &mut r).await;
     c.execute("UPDATE t SET id = $2 WHERE id = $1", &[&from, &to])
         .await
         .unwrap();
@@ -685,22 +675,7 @@ batch: {size: 50, target: 0}
 ",
     );
     let mut r = spawn(db.dir.path(), "run", &[], &spec);
-    r.wait_until(
-        "the walk to reach key 110",
-        Duration::from_secs(30),
-        Duration::from_millis(10),
-        async || {
-            count(
-                &c,
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE datname = current_database() AND wait_event = 'PgSleep'
-                    AND application_name LIKE 'backfill:%'",
-            )
-            .await
-                > 0
-        },
-    )
-    .await;
+    wait_walk_at_110(&c, &mut r).await;
     c.batch_execute("INSERT INTO seen VALUES (7)")
         .await
         .unwrap();

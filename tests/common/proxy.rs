@@ -130,6 +130,13 @@ struct RuleState {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RuleId(usize);
 
+/// A ClickHouse job's clean-up listing its staging tables (its patterns in parentheses), not
+/// the one a start makes of what lost runners left.
+fn is_staging_listing(r: &HttpRequest) -> bool {
+    let t = r.text();
+    t.contains("FROM system.tables") && t.contains("AND ((startsWith") && t.contains("_s_")
+}
+
 /// One HTTP request as the client sent it (body de-chunked).
 #[derive(Clone, Debug)]
 pub struct HttpRequest {
@@ -378,15 +385,18 @@ impl FaultProxy {
     pub fn lose_staging_listing(&self) -> RuleId {
         self.add_rule(
             Rule::new(Fault::DropResponse)
-                .matching(|r| {
-                    let t = r.text();
-                    // The clean-up's listing (its patterns in parentheses), not the one a
-                    // start makes of what lost runners left.
-                    t.contains("FROM system.tables")
-                        && t.contains("AND ((startsWith")
-                        && t.contains("_s_")
-                })
+                .matching(is_staging_listing)
                 .times(4),
+        )
+    }
+
+    /// Hold a ClickHouse job's first listing of its staging tables (the clean-up after its done
+    /// record) until `release_held`.
+    pub fn hold_staging_listing(&self) -> RuleId {
+        self.add_rule(
+            Rule::new(Fault::HoldUntilReleased)
+                .matching(is_staging_listing)
+                .nth(1),
         )
     }
 
